@@ -1,0 +1,21 @@
+"""hla-convert: softmax video DiTs -> Hadamard Linear Attention.
+
+The public API; each name lives in the module that says what it holds.
+"""
+
+from .config import ConfigError, HLAConfig
+from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
+from .surgery import ConversionError, convert_attention, revert_attention, select_modules
+
+__all__ = [
+    "ConfigError",
+    "ConversionError",
+    "HLAAttention",
+    "HLAConfig",
+    "convert_attention",
+    "hla_layers",
+    "hla_parameters",
+    "revert_attention",
+    "select_modules",
+    "set_attention_mode",
+]

@@ -1,0 +1,205 @@
+"""Feature maps and the attention core that owns the learnable HLA parameters.
+
+An `HLAAttention` replaces the softmax core of one diffusers attention module. It lives at
+`<attention module>.hla`, so its parameters have stable state_dict keys:
+
+    <module>.hla.proj            [H, d, r-1]     hadamard / taylor:  phi(x) = [1, c * x P]
+    <module>.hla.weight          [F, H, d, r]    hadamard / softplus: phi_f(x) = softplus(x W_f + b_f)
+    <module>.hla.bias            [F, H, r]
+    <module>.hla.weight          [1, H, d, m]    linear (m = r**F) and higher_order (m = r):
+    <module>.hla.bias            [1, H, m]       softplus(x W + b) or elu(x W + b) + 1
+
+The same q/k/v can be attended by the teacher (the model's own softmax call, untouched), the
+student (HLA), or both in one pass (`mode`), which is how one copy of the weights serves
+distillation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import HLAConfig
+
+MODES = ("student", "teacher", "both")
+
+
+def _kernels():
+    """The Triton kernels module, or None where Triton or the kernels cannot be imported."""
+    try:
+        import hla_kernels
+    except Exception:  # noqa: BLE001 - no Triton (macOS, Windows) means the reference path
+        return None
+    return hla_kernels if hasattr(hla_kernels, "supports") else None
+
+
+class HLAAttention(nn.Module):
+    """The attention core of one converted layer: q, k [B, H, N, d], v [B, H, N, dv] -> [B, H, N, dv]."""
+
+    def __init__(self, config: HLAConfig, num_heads: int, head_dim: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.mode = "student"
+        # Filled in "both" mode: (teacher output, student output) of the last call, for stage 1.
+        self.last_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        # When set to a list, each call appends (q, k) token samples [M, H, d] for initialisation.
+        self.sample_sink: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.sample_tokens = 256
+        self.calls = 0
+        kind, r, fac = config.kind, config.feature_dim, config.factors
+        if kind == "softmax":
+            return
+        if kind == "hadamard" and config.feature_map == "taylor":
+            proj = torch.zeros(num_heads, head_dim, r - 1)
+            eye = torch.eye(head_dim, r - 1)
+            proj.copy_(eye.expand(num_heads, -1, -1))
+            self.proj = nn.Parameter(proj)
+            return
+        groups = fac if kind == "hadamard" else 1
+        width = r**fac if kind == "linear" else r
+        weight = torch.randn(groups, num_heads, head_dim, width) / math.sqrt(head_dim)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(groups, num_heads, width))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"kind={c.kind}, factors={c.factors}, feature_dim={c.feature_dim}, feature_map={c.feature_map}, heads={self.num_heads}, head_dim={self.head_dim}"
+
+    # -- feature maps ---------------------------------------------------------------------------
+    def features(self, x: torch.Tensor, scale: float) -> list[torch.Tensor]:
+        """x [B, H, N, d] -> one [B, H, N, width] feature tensor per factor (positive where it must be)."""
+        c = self.config
+        if c.kind == "hadamard" and c.feature_map == "taylor":
+            proj = self.proj
+            y = torch.einsum("bhnd,hdr->bhnr", x.to(proj.dtype), proj) * math.sqrt(scale / c.factors)
+            phi = torch.cat([torch.ones_like(y[..., :1]), y], dim=-1)
+            return [phi] * c.factors
+        w = self.weight
+        y = torch.einsum("bhnd,ghdr->gbhnr", x.to(w.dtype), w) + self.bias[:, None, :, None, :]
+        if c.feature_map == "softplus":
+            phi = F.softplus(y)
+        else:  # elu
+            phi = F.elu(y) + 1.0
+        return list(phi.unbind(0))
+
+    # -- the cores ------------------------------------------------------------------------------
+    def student(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        c = self.config
+        qf, kf = self.features(q, scale), self.features(k, scale)
+        if c.kind == "hadamard":
+            kern = _kernels() if q.is_cuda else None
+            if kern is not None and kern.supports(qf, kf, v):
+                return kern.hadamard_attention(qf, kf, v, key_mask, c.eps).to(v.dtype)
+            return ops.hadamard_attention(qf, kf, v, key_mask, c.eps)
+        if c.kind == "linear":
+            return ops.linear_attention(qf[0], kf[0], v, key_mask, c.eps)
+        if c.kind == "higher_order":
+            return ops.higher_order_attention(qf[0], kf[0], v, key_mask, c.normalize, c.eps)
+        raise AssertionError(f"no student for kind {c.kind}")
+
+    def attend(
+        self,
+        teacher: Callable[[], torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        scale: float | None,
+    ) -> torch.Tensor:
+        """Route one softmax call. `teacher()` runs the model's own softmax call unchanged.
+
+        q, k, v: [B, H, N, d]; key_mask bool [B, N] or None. Returns [B, H, N, dv] in v's dtype.
+        """
+        self.calls += 1
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        if self.sample_sink is not None:
+            self.sample_sink.append(_sample_tokens(q, k, key_mask, self.sample_tokens))
+        if self.config.kind == "softmax" or self.mode == "teacher":
+            return teacher()
+        if self.mode == "student":
+            return self.student(q, k, v, key_mask, scale)
+        with torch.no_grad():
+            target = teacher()
+        pred = self.student(q, k, v, key_mask, scale)
+        self.last_pair = (target, pred)
+        # The teacher's output flows on, so every layer sees the teacher's inputs in one pass.
+        return target
+
+    # -- data-driven initialisation ------------------------------------------------------------
+    @torch.no_grad()
+    def initialize_from_samples(self, q: torch.Tensor, k: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Set feature maps from teacher q/k samples [M, H, d] (HLA-MATH.md: principal directions).
+
+        taylor: P = the leading r-1 principal directions of the uncentred q and k, so that
+        (P q).(P k) keeps the largest part of q.k. softplus/elu: each factor's map starts on that
+        subspace (a different rotation per factor), scaled to the samples' spread.
+        """
+        c = self.config
+        if c.kind == "softmax":
+            return
+        x = torch.cat([q, k], dim=0).to(torch.float64).transpose(0, 1)  # [H, M, d]
+        # eigenvectors of the uncentred second moment, largest first
+        cov = x.transpose(1, 2) @ x / x.shape[1]
+        evals, evecs = torch.linalg.eigh(cov)
+        evecs = evecs.flip(-1)
+        if c.kind == "hadamard" and c.feature_map == "taylor":
+            r1 = self.proj.shape[-1]
+            basis = evecs[..., :r1]
+            if r1 > self.head_dim:  # more features than dims: pad with zero directions
+                basis = F.pad(basis, (0, r1 - basis.shape[-1]))
+            self.proj.copy_(basis.to(self.proj.dtype))
+            return
+        groups, heads, d, width = self.weight.shape
+        spread = evals.flip(-1).clamp_min(1e-12).sqrt()[..., : min(d, width)].mean(-1)  # [H]
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        for gi in range(groups):
+            rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+            basis = evecs @ rot  # a rotation of the principal frame, per factor
+            cols = [basis[..., j % d] for j in range(width)]
+            w = torch.stack(cols, dim=-1) / spread[:, None, None]
+            self.weight[gi].copy_(w.to(self.weight.dtype))
+        self.bias.zero_()
+
+
+def _sample_tokens(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic spread of up to `count` kept tokens per call: ([M, H, d], [M, H, d]) on the CPU."""
+    qs, ks = q.detach().transpose(1, 2), k.detach().transpose(1, 2)  # [B, N, H, d]
+    if key_mask is not None:
+        qs, ks = qs[key_mask], ks[key_mask]
+    else:
+        qs, ks = qs.flatten(0, 1), ks.flatten(0, 1)
+    step = max(1, qs.shape[0] // count)
+    return qs[::step][:count].float().cpu(), ks[::step][:count].float().cpu()
+
+
+def hla_layers(model: nn.Module) -> dict[str, HLAAttention]:
+    """Every HLA core in the model, by the name of the attention module that owns it."""
+    return {name[: -len(".hla")]: m for name, m in model.named_modules() if isinstance(m, HLAAttention)}
+
+
+def set_attention_mode(model: nn.Module, mode: str) -> None:
+    """Make every converted layer compute the teacher, the student or both (see HLAAttention.attend)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for layer in hla_layers(model).values():
+        layer.mode = mode
+        layer.last_pair = None
+
+
+def hla_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The learnable HLA parameters by full state_dict key."""
+    return {n: p for n, p in model.named_parameters() if ".hla." in f".{n}"}
+
+
+def describe(layer: HLAAttention) -> dict[str, Any]:
+    return {"heads": layer.num_heads, "head_dim": layer.head_dim, **layer.config.to_dict()}

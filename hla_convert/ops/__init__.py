@@ -1,0 +1,23 @@
+"""The attention math as plain functions: efficient forms beside naive quadratic references.
+
+No nn.Module and no diffusers here. Shapes: q/k features [B, H, N, r], v [B, H, N, dv],
+key_mask bool [B, N] with True = keep.
+"""
+
+from .hadamard import hadamard_attention, hadamard_attention_naive, hadamard_weights, kronecker_features
+from .higher_order import higher_order_attention, higher_order_attention_naive, higher_order_weights
+from .linear import linear_attention, linear_attention_naive
+from .softmax import softmax_attention
+
+__all__ = [
+    "hadamard_attention",
+    "hadamard_attention_naive",
+    "hadamard_weights",
+    "higher_order_attention",
+    "higher_order_attention_naive",
+    "higher_order_weights",
+    "kronecker_features",
+    "linear_attention",
+    "linear_attention_naive",
+    "softmax_attention",
+]

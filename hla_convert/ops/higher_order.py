@@ -1,0 +1,76 @@
+"""Second-order linear attention (Zhang, Qin, Wang, Gu), bidirectional: HLA-MATH.md section 2.
+
+    A = (Q K^T)(Q K^T)^T = Q (K^T K) Q^T, applied to V:
+    o_i = q_i^T S^K C^QV / (q_i^T S^K m^Q + eps)
+    S^K = sum_j k_j k_j^T, C^QV = sum_j q_j v_j^T, m^Q = sum_j q_j
+
+Every token j appears on the key side twice (its k_j in S^K, its q_j and v_j in C^QV and m^Q), so a
+masked token is left out of all three sums. The normaliser sum_l a_il is >= 0 whenever q and k are
+nonnegative features: the layer feeds positive feature maps, never raw q/k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import compute_dtype, key_weights
+
+
+def higher_order_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Efficient form. q, k: [B, H, N, r]; v: [B, H, N, dv]; key_mask bool [B, N] (True = keep).
+
+    normalize=False returns q_i^T S^K C^QV / N^2 (kept tokens), the unnormalised operator scaled to
+    stay O(1) in N.
+    """
+    dt = compute_dtype(q, k, v)
+    out_dtype = v.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    w = key_weights(key_mask, v)
+    kk, qq, vv = (k, q, v) if w is None else (k * w, q * w, v * w)
+    s_k = kk.transpose(-1, -2) @ kk  # [B, H, r, r]
+    c_qv = qq.transpose(-1, -2) @ vv  # [B, H, r, dv]
+    qs = q @ s_k  # [B, H, N, r]
+    num = qs @ c_qv
+    if normalize:
+        m_q = qq.sum(dim=2).unsqueeze(-1)  # [B, H, r, 1]
+        out = num / (qs @ m_q + eps)
+    else:
+        n = v.shape[2] if w is None else w.sum(dim=2, keepdim=True)
+        out = num / (n * n)
+    return out.to(out_dtype)
+
+
+def higher_order_weights(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Explicit A = (Q K_m^T)(Q_m K_m^T)^T with masked tokens zeroed on the key side: [B, H, N, N]."""
+    dt = compute_dtype(q, k)
+    q, k = q.to(dt), k.to(dt)
+    w = key_weights(key_mask, q)
+    qm, km = (q, k) if w is None else (q * w, k * w)
+    return (q @ km.transpose(-1, -2)) @ (qm @ km.transpose(-1, -2)).transpose(-1, -2)
+
+
+def higher_order_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Quadratic reference with the explicit [N, N] second-order weights. Same contract as above."""
+    dt = compute_dtype(q, k, v)
+    a = higher_order_weights(q, k, key_mask)
+    num = a @ v.to(dt)
+    if normalize:
+        out = num / (a.sum(-1, keepdim=True) + eps)
+    else:
+        n = v.shape[2] if key_mask is None else key_mask.sum(-1).to(dt)[:, None, None, None]
+        out = num / (n * n)
+    return out.to(v.dtype)

@@ -1,0 +1,317 @@
+"""The one seam into diffusers models: swap the softmax core of chosen attention modules.
+
+The model's own attention processor keeps running: projections, q/k norms, RoPE, joint text+video
+concatenation and the output projection stay diffusers' code. `convert_attention` wraps each chosen
+module's processor in an `HLAProcessor`, which runs the original processor with two changes:
+
+- the processor's attention backend is pinned to "native" for the call, so that a flash, sage or
+  other backend the user set cannot take the softmax call down a path we do not see;
+- a TorchFunctionMode routes the `scaled_dot_product_attention` call whose keys are the queries'
+  own tokens (self or joint attention; I2V image cross-attention in the same processor passes
+  through) to the module's `HLAAttention` core at `<module>.hla`.
+
+If a converted module's processor never reaches that call (context parallelism, a custom kernel),
+the forward raises instead of silently running softmax.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .config import HLAConfig
+from .layers import HLAAttention, hla_layers
+
+# Self-attention modules converted by default, per architecture (class name of the transformer).
+DEFAULT_INCLUDE: dict[str, tuple[str, ...]] = {
+    "WanTransformer3DModel": ("blocks.*.attn1",),
+    "WanVACETransformer3DModel": ("blocks.*.attn1", "vace_blocks.*.attn1"),
+    "SkyReelsV2Transformer3DModel": ("blocks.*.attn1",),
+    "CogVideoXTransformer3DModel": ("transformer_blocks.*.attn1",),
+    "ConsisIDTransformer3DModel": ("transformer_blocks.*.attn1",),
+    # joint text+video attention in the dual- and single-stream blocks; the text token refiner
+    # attends over a few hundred text tokens only and stays softmax.
+    "HunyuanVideoTransformer3DModel": ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+    "HunyuanVideoFramepackTransformer3DModel": ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+    "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn1",),
+    "MochiTransformer3DModel": ("transformer_blocks.*.attn1",),
+    "AllegroTransformer3DModel": ("transformer_blocks.*.attn1",),
+    "LatteTransformer3DModel": ("transformer_blocks.*.attn1", "temporal_transformer_blocks.*.attn1"),
+    "EasyAnimateTransformer3DModel": ("transformer_blocks.*.attn1",),
+}
+
+
+class ConversionError(ValueError):
+    """A conversion request that cannot be carried out; the message says which part and why."""
+
+
+def _attention_classes() -> tuple[type, ...]:
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    return (Attention, AttentionModuleMixin)
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every diffusers attention module of the model, by name."""
+    classes = _attention_classes()
+    return {name: m for name, m in model.named_modules() if isinstance(m, classes) and hasattr(m, "processor")}
+
+
+def _is_self_attention(module: nn.Module) -> bool:
+    return not bool(getattr(module, "is_cross_attention", False))
+
+
+def default_include(model: nn.Module) -> tuple[str, ...] | None:
+    """The architecture's default patterns, or None: then every non-cross attention module."""
+    return DEFAULT_INCLUDE.get(type(model).__name__)
+
+
+def select_modules(
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> list[str]:
+    """Names of the attention modules that `include`/`exclude` glob patterns pick (see convert_attention)."""
+    mods = attention_modules(model)
+    if not mods:
+        raise ConversionError(f"{type(model).__name__} has no diffusers attention modules to convert")
+    include = list(include) if include else None
+    if include is None:
+        patterns = default_include(model)
+        if patterns is None:
+            chosen = [n for n, m in mods.items() if _is_self_attention(m)]
+        else:
+            chosen = [n for n in mods if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    else:
+        for p in include:
+            if not any(fnmatch.fnmatchcase(n, p) for n in mods):
+                raise ConversionError(f"include pattern {p!r} matches no attention module (e.g. {_examples(mods)})")
+        chosen = [n for n in mods if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    for p in exclude or ():
+        if not any(fnmatch.fnmatchcase(n, p) for n in mods):
+            raise ConversionError(f"exclude pattern {p!r} matches no attention module (e.g. {_examples(mods)})")
+    chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude or ())]
+    if not chosen:
+        raise ConversionError("the include/exclude patterns leave no attention module to convert")
+    return chosen
+
+
+def _examples(mods: Iterable[str]) -> str:
+    names = list(mods)
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def convert_attention(
+    model: nn.Module,
+    config: HLAConfig,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> nn.Module:
+    """Convert, in place, the chosen attention modules of a diffusers transformer; returns the model.
+
+    include / exclude: glob patterns on module names (e.g. "blocks.*.attn1", "blocks.0.*"). With no
+    include, the architecture's self-attention modules (DEFAULT_INCLUDE), or every non-cross
+    attention module for architectures not in that table. Modules left out stay softmax (hybrid).
+    New parameters (float32) are created on the module's device at `<module>.hla`.
+    """
+    if not isinstance(config, HLAConfig):
+        raise ConversionError(f"config must be an HLAConfig, got {type(config).__name__}")
+    mods = attention_modules(model)
+    names = select_modules(model, include, exclude)
+    for name in names:
+        if isinstance(mods[name].processor, HLAProcessor):
+            raise ConversionError(f"{name} is already converted; load the base model again to convert it anew")
+    for name in names:
+        module = mods[name]
+        heads = int(module.heads)
+        head_dim = module.to_q.out_features // heads
+        core = HLAAttention(config, heads, head_dim).to(device=module.to_q.weight.device)
+        module.hla = core
+        module.set_processor(wrap_processor(module.processor))
+    return model
+
+
+def revert_attention(model: nn.Module) -> nn.Module:
+    """Undo convert_attention: original processors back, HLA cores removed."""
+    for name, module in attention_modules(model).items():
+        if isinstance(module.processor, HLAProcessor):
+            module.set_processor(module.processor.inner)
+            del module.hla
+    return model
+
+
+def converted_modules(model: nn.Module) -> list[str]:
+    return list(hla_layers(model))
+
+
+# -- the processor wrapper ----------------------------------------------------------------------
+
+
+class HLAProcessor:
+    """Runs the wrapped diffusers processor with its softmax call routed to `attn.hla`."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    # diffusers sets these on every processor (set_attention_backend, context parallel); they
+    # belong to the wrapped processor.
+    @property
+    def _attention_backend(self):
+        return getattr(self.inner, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.inner._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return getattr(self.inner, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.inner._parallel_config = value
+
+    def _run(self, attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        core = getattr(attn, "hla", None)
+        if not isinstance(core, HLAAttention):
+            raise RuntimeError(f"{type(attn).__name__} has an HLA processor but no .hla core")
+        pinned = hasattr(self.inner, "_attention_backend")
+        saved = getattr(self.inner, "_attention_backend", None)
+        router = _SoftmaxRouter(core)
+        try:
+            if pinned:
+                self.inner._attention_backend = _native_backend()
+            with router:
+                out = self.inner(attn, *args, **kwargs)
+        finally:
+            if pinned:
+                self.inner._attention_backend = saved
+        if router.routed == 0:
+            raise RuntimeError(
+                f"the converted attention ({type(self.inner).__name__}) never reached "
+                "scaled_dot_product_attention, so HLA would be bypassed; context parallelism and custom "
+                "attention kernels are not supported on converted layers"
+            )
+        return out
+
+
+_WRAPPERS: dict[type, type] = {}
+
+
+def wrap_processor(inner: Any) -> HLAProcessor:
+    """An HLAProcessor whose __call__ has the wrapped processor's signature.
+
+    diffusers drops keyword arguments (image_rotary_emb, ...) that the processor's signature does
+    not name, so the wrapper must present the inner one's.
+    """
+    cls = type(inner)
+    sub = _WRAPPERS.get(cls)
+    if sub is None:
+
+        def __call__(self, attn, *args, **kwargs):
+            return self._run(attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(cls.__call__)
+        sub = type(f"HLA{cls.__name__}", (HLAProcessor,), {"__call__": __call__})
+        _WRAPPERS[cls] = sub
+    return sub(inner)
+
+
+def _native_backend():
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return AttentionBackendName.NATIVE
+
+
+_SDPA_PARAMS = inspect.signature(
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
+)
+
+
+class _SoftmaxRouter(TorchFunctionMode):
+    """Sends the self-attention SDPA call of one processor run to an HLA core."""
+
+    def __init__(self, core: HLAAttention):
+        super().__init__()
+        self.core = core
+        self.routed = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        bound = _SDPA_PARAMS.bind(*args, **kwargs).arguments
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        if q.shape[-2] != k.shape[-2]:  # cross-attention inside the same processor (Wan I2V image keys)
+            return func(*args, **kwargs)
+        if bound.get("is_causal") or bound.get("dropout_p", 0.0):
+            raise RuntimeError("converted attention got a causal or dropout softmax call; HLA here is bidirectional")
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        key_mask = key_mask_from_attn_mask(bound.get("attn_mask"), q.shape[0], k.shape[-2])
+        self.routed += 1
+        return self.core.attend(lambda: func(*args, **kwargs), q, k, v, key_mask, bound.get("scale"))
+
+
+def key_mask_from_attn_mask(attn_mask: torch.Tensor | None, batch: int, n_keys: int) -> torch.Tensor | None:
+    """An SDPA mask (bool keep-mask or additive float) -> bool key padding mask [B, Nk], or None.
+
+    Only masks that are the same for every query that keeps any key (key padding, including
+    outer-product masks) have a linear-attention meaning; anything else raises.
+    """
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.dtype == torch.bool:
+        keep = m
+    else:
+        keep = m > -1e4
+        if bool((m[keep].abs() > 1e-6).any()):
+            raise RuntimeError("converted attention got an additive attention bias; only key padding masks are supported")
+    keep = keep.expand(batch if keep.shape[0] == 1 else keep.shape[0], keep.shape[1], keep.shape[2], n_keys)
+    keys = keep.any(dim=2).any(dim=1)  # [B, Nk]
+    rows_used = keep.any(dim=-1, keepdim=True)
+    if bool(((keep != keys[:, None, None, :]) & rows_used).any()):
+        raise RuntimeError("converted attention got a mask that differs between queries; only key padding masks are supported")
+    if bool(keys.all()):
+        return None
+    return keys
+
+
+def attention_flops(tokens: int, heads: int, head_dim: int, config: HLAConfig | None) -> float:
+    """Forward FLOPs of one attention core over `tokens` tokens (multiply-adds counted as 2)."""
+    n, h, d = tokens, heads, head_dim
+    if config is None or config.kind == "softmax":
+        return 4.0 * n * n * d * h
+    r, fac = config.feature_dim, config.factors
+    if config.kind == "hadamard":
+        feats = 2 * 2 * n * d * r * fac
+        return h * (feats + 2 * 2.0 * n * r**fac * (d + 1))
+    if config.kind == "linear":
+        m = r**fac
+        return h * (2 * 2 * n * d * m + 2 * 2.0 * n * m * (d + 1))
+    # higher_order: S^K, C^QV, q S^K, (q S^K) C^QV, plus features
+    return h * (2 * 2 * n * d * r + 2.0 * n * (r * r * 2 + r * d * 2 + r * (d + 1)))
+
+
+__all__ = [
+    "ConversionError",
+    "DEFAULT_INCLUDE",
+    "HLAProcessor",
+    "attention_flops",
+    "attention_modules",
+    "convert_attention",
+    "converted_modules",
+    "key_mask_from_attn_mask",
+    "revert_attention",
+    "select_modules",
+]

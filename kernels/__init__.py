@@ -1,0 +1,1 @@
+"""Triton kernels for hla-convert, installed as `hla_kernels` (see pyproject.toml)."""
