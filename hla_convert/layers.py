@@ -86,8 +86,8 @@ class HLAAttention(nn.Module):
         y = torch.einsum("bhnd,ghdr->gbhnr", x.to(w.dtype), w) + self.bias[:, None, :, None, :]
         if c.feature_map == "softplus":
             phi = F.softplus(y)
-        else:  # elu
-            phi = F.elu(y) + 1.0
+        else:  # elu(y) + 1, written as exp(y) below 0: F.elu(y) + 1 cancels to exactly 0 for y < -17 in float32
+            phi = torch.where(y > 0, y + 1.0, torch.exp(y.clamp(max=0.0)))
         return list(phi.unbind(0))
 
     # -- the cores ------------------------------------------------------------------------------
