@@ -1,0 +1,327 @@
+"""Host side of the Hadamard linear attention kernels: checks, launches, autograd.
+
+Same contract as `hla_convert.ops.hadamard_attention` (HLA-MATH.md section 1) for F = 2:
+
+    a_ij = (q1_i . k1_j) (q2_i . k2_j),   o_i = sum_j a_ij v_j / (sum_j a_ij + eps)
+
+computed as T = sum_j kron(k1_j, k2_j) (x) v_j  [R*R, dv] and z = sum_j kron(k1_j, k2_j)  [R*R],
+o_i = kron(q1_i, q2_i) T / (kron(q1_i, q2_i) z + eps). Forward: one state pass and one readout
+pass. Backward: dq pass (from T, z), dT pass (a state pass over the queries), dk/dv pass.
+Extra memory: T and z (and their gradients, and per-split partials) per head, O(R*R*dv), plus
+O(N) per head for den and the backward's row weights. Never O(N * R * R).
+
+The jitted kernels live in `_hadamard_triton.py` and are loaded per mode: compiled for CUDA
+tensors, interpreted (TRITON_INTERPRET=1) for CPU tensors, decided when called, so importing
+this package never fixes the mode.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+_HALF = (torch.bfloat16, torch.float16)
+_DTYPES = (torch.float32, *_HALF)
+_MODULES: dict[bool, ModuleType] = {}
+
+#: Filled with NaN instead of left uninitialised when True (tests), so unwritten elements show.
+POISON_OUTPUTS = False
+
+# Launch parameters per kernel; `G` is the number of outer Kronecker indices per block (the
+# block of state rows is G * r). GPU values were picked from the sweep in benchmarks/bench_hla.py
+# on an H100 (benchmarks/RESULTS.md). "auto" = derived from r in _kernel_config.
+GPU_CONFIG: dict[str, dict] = {
+    "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "waves": 2},
+    "readout": {"BLOCK_M": 128, "G": 1, "num_warps": 8, "num_stages": 3},
+    "dq": {"BLOCK_M": 128, "G": 1, "num_warps": 8, "num_stages": 3},
+    "dkdv": {"BLOCK_N": 128, "G": 1, "num_warps": 8, "num_stages": 3},
+}
+# Interpreter: tiny blocks so the tests' short sequences cover several blocks and a split state.
+INTERP_CONFIG: dict[str, dict] = {
+    "state": {"BLOCK_N": 8, "G": 2, "split_rows": 16},
+    "readout": {"BLOCK_M": 16, "G": 2},
+    "dq": {"BLOCK_M": 16, "G": 1},
+    "dkdv": {"BLOCK_N": 16, "G": 2},
+}
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET asks for the interpreter (read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _kernels(interpret: bool) -> ModuleType:
+    """The kernel module, jitted for `interpret` (triton reads TRITON_INTERPRET at decoration)."""
+    mod = _MODULES.get(interpret)
+    if mod is not None:
+        return mod
+    name = f"hla_kernels._hadamard_triton_{'interp' if interpret else 'jit'}"
+    path = pathlib.Path(__file__).with_name("_hadamard_triton.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        sys.modules[name] = mod  # triton resolves the kernels' globals through their module
+        spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    _MODULES[interpret] = mod
+    return mod
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def unsupported_reason(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these inputs, or None when they can."""
+    if not _triton_available():
+        return "triton is not installed"
+    if len(q_feats) != len(k_feats):
+        return f"{len(q_feats)} query factors but {len(k_feats)} key factors"
+    if len(q_feats) != 2:
+        return f"order F = {len(q_feats)}: only F = 2 has a kernel"
+    tensors = [*q_feats, *k_feats, v]
+    dev = v.device
+    if any(t.device != dev for t in tensors):
+        return "inputs on different devices"
+    interp = interpreting()
+    if dev.type == "cuda":
+        if interp:
+            return "TRITON_INTERPRET is set: CUDA tensors go to the reference"
+        if torch.cuda.get_device_capability(dev)[0] < 8:
+            return "needs compute capability 8.0 or newer (bf16 tensor cores)"
+    elif not (dev.type == "cpu" and interp):
+        return f"device {dev.type} (CPU only under TRITON_INTERPRET=1)"
+    if any(t.dtype not in _DTYPES for t in tensors):
+        return f"dtypes {[str(t.dtype) for t in tensors]}: need float32, bfloat16 or float16"
+    if v.dim() != 4 or any(t.dim() != 4 for t in tensors):
+        return "tensors must be [B, H, N, r] and [B, H, N, dv]"
+    b, h, n, dv = v.shape
+    r = q_feats[0].shape[-1]
+    if any(tuple(t.shape) != (b, h, n, r) for t in tensors[:-1]):
+        return f"feature shapes {[list(t.shape) for t in tensors[:-1]]} do not match [B, H, N, r] = {[b, h, n, r]}"
+    lo = 2 if interp else 16
+    if not (_pow2(r) and lo <= r <= 64):
+        return f"r = {r}: need a power of two in [{lo}, 64]"
+    if not (_pow2(dv) and lo <= dv <= 128):
+        return f"dv = {dv}: need a power of two in [{lo}, 128]"
+    if n < 1:
+        return "empty sequence"
+    return None
+
+
+def supports(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v: torch.Tensor) -> bool:
+    """True when `hadamard_attention` here can run these inputs (else use the reference)."""
+    return unsupported_reason(q_feats, k_feats, v) is None
+
+
+def _kernel_config(name: str, r: int, interp: bool) -> dict:
+    cfg = dict((INTERP_CONFIG if interp else GPU_CONFIG)[name])
+    if cfg.get("G") == "auto":
+        cfg["G"] = max(1, min(r, 128 // r))
+    cfg["G"] = min(cfg["G"], r)
+    return cfg
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index [B, H, N, C] with free strides except the last, which must be 1."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _s3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dot_setup(tensors: Sequence[torch.Tensor], interp: bool):
+    """(dot operand dtype, fp32 input precision, emulate) for these inputs.
+
+    Half inputs: bf16 operands for both bf16 and fp16 (the state sums N products and would
+    overflow fp16's range). fp32 inputs: 3xTF32, fp32-accurate on the tensor cores.
+    """
+    import triton.language as tl
+
+    if all(t.dtype in _HALF for t in tensors):
+        return tl.bfloat16, None, interp
+    return tl.float32, (None if interp else "tf32x3"), interp
+
+
+def _state(mod, p1, p2, x, w, u, interp, dot):
+    """T [BH, R*R, DV] fp32 and z [BH, R*R] fp32 from the factors p1, p2 and rows x, weights w, u.
+
+    w: None or (tensor, strides) multiplying each row's Kronecker feature; u: None or
+    (tensor, strides), extra weight for z only.
+    """
+    b, h, n, r = p1.shape
+    dv = x.shape[-1]
+    cfg = _kernel_config("state", r, interp)
+    block_n, g = cfg["BLOCK_N"], cfg["G"]
+    n_a = r // g
+    bh = b * h
+    n_blocks = triton_cdiv(n, block_n)
+    if interp:
+        splits = max(1, triton_cdiv(n, cfg["split_rows"]))
+    else:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        want = triton_cdiv(cfg["waves"] * sms, n_a * bh)
+        splits = max(1, min(want, triton_cdiv(n_blocks, 8)))
+    per = triton_cdiv(n_blocks, splits) * block_n
+    splits = triton_cdiv(n, per)
+    a = r * r
+    tpart = torch.empty((splits, bh, a, dv), dtype=torch.float32, device=x.device)
+    zpart = torch.empty((splits, bh, a), dtype=torch.float32, device=x.device)
+    wt, ws = w if w is not None else (x, (0, 0, 0))
+    ut, us = u if u is not None else (x, (0, 0, 0))
+    extra = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    mod._state_kernel[(n_a, bh, splits)](
+        p1, p2, x, wt, ut, tpart, zpart,
+        *_s3(p1), *_s3(p2), *_s3(x), *ws, *us,
+        h, n, per,
+        R=r, DV=dv, G=g, BLOCK_N=block_n, HAS_W=w is not None, HAS_U=u is not None,
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **extra,
+    )
+    if splits == 1:
+        return tpart[0], zpart[0]
+    return tpart.sum(0), zpart.sum(0)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _mask_weights(key_mask: torch.Tensor | None, v: torch.Tensor):
+    if key_mask is None:
+        return None
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be bool [B, N] (True = keep), got {key_mask.dtype}")
+    if key_mask.dim() != 2 or key_mask.shape[0] != v.shape[0] or key_mask.shape[1] != v.shape[2]:
+        raise ValueError(f"key_mask must be [B, N] = {[v.shape[0], v.shape[2]]}, got {list(key_mask.shape)}")
+    return key_mask.to(device=v.device, dtype=torch.float32).contiguous()
+
+
+def _forward(q1, q2, k1, k2, v, wmask, eps):
+    interp = v.device.type != "cuda"
+    mod = _kernels(interp)
+    dot = _dot_setup((q1, q2, k1, k2, v), interp)
+    b, h, n, r = q1.shape
+    dv = v.shape[-1]
+    w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
+    t, z = _state(mod, k1, k2, v, w, None, interp, dot)
+    t_dot = t if dot[0].primitive_bitwidth == 32 else t.to(torch.bfloat16)
+    out = _empty((b, h, n, dv), v.dtype, v.device)
+    den = _empty((b * h, n), torch.float32, v.device)
+    cfg = _kernel_config("readout", r, interp)
+    extra = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    mod._readout_kernel[(triton_cdiv(n, cfg["BLOCK_M"]), b * h)](
+        q1, q2, t_dot, z, out, den,
+        *_s3(q1), *_s3(q2), *_s3(out),
+        h, n, float(eps),
+        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **extra,
+    )
+    return out, den, t_dot, z
+
+
+def _backward(q1, q2, k1, k2, v, wmask, den, t_dot, z, do):
+    interp = v.device.type != "cuda"
+    mod = _kernels(interp)
+    dot = _dot_setup((q1, q2, k1, k2, v), interp)
+    b, h, n, r = q1.shape
+    dv = v.shape[-1]
+    do = _rowmajor(do)
+    dev = v.device
+    # dQ1 doubles as fp32 scratch inside the kernel (see _dq_kernel); cast at the end
+    dq1 = _empty((b, h, n, r), torch.float32, dev)
+    dq2 = _empty(q2.shape, q2.dtype, dev)
+    wb = _empty((2, b * h, n), torch.float32, dev)
+    cfg = _kernel_config("dq", r, interp)
+    extra = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    mod._dq_kernel[(triton_cdiv(n, cfg["BLOCK_M"]), b * h)](
+        q1, q2, t_dot, z, do, den, wb, dq1, dq2,
+        *_s3(q1), *_s3(q2), *_s3(do), *_s3(dq2),
+        h, n,
+        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
+        DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2], **extra,
+    )
+    dq1 = dq1.to(q1.dtype)
+    # dT = sum_i kron(q_i) (x) dO_i / den_i,  dz = sum_i kron(q_i) (-delta_i / den_i)
+    rows = (h * n, n, 1)
+    dt, dz = _state(mod, q1, q2, do, (wb[0], rows), (wb[1], rows), interp, dot)
+    dt_dot = dt if dot[0].primitive_bitwidth == 32 else dt.to(torch.bfloat16)
+    dk1 = _empty(k1.shape, k1.dtype, dev)
+    dk2 = _empty(k2.shape, k2.dtype, dev)
+    dvv = _empty(v.shape, v.dtype, dev)
+    ws = (0, 0, 0) if wmask is None else (wmask.stride(0), 0, wmask.stride(1))
+    cfg = _kernel_config("dkdv", r, interp)
+    extra = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    mod._dkdv_kernel[(triton_cdiv(n, cfg["BLOCK_N"]), b * h)](
+        k1, k2, v, wmask if wmask is not None else v, dt_dot, dz, dk1, dk2, dvv,
+        *_s3(k1), *_s3(k2), *_s3(v), *ws,
+        *_s3(dk1), *_s3(dk2), *_s3(dvv),
+        h, n,
+        R=r, DV=dv, G=cfg["G"], BLOCK_N=cfg["BLOCK_N"], HAS_W=wmask is not None,
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **extra,
+    )
+    return dq1, dq2, dk1, dk2, dvv
+
+
+class _HadamardF2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q1, q2, k1, k2, v, wmask, eps):
+        out, den, t_dot, z = _forward(q1, q2, k1, k2, v, wmask, eps)
+        ctx.save_for_backward(q1, q2, k1, k2, v, wmask, den, t_dot, z)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q1, q2, k1, k2, v, wmask, den, t_dot, z = ctx.saved_tensors
+        grads = _backward(q1, q2, k1, k2, v, wmask, den, t_dot, z, do)
+        need = ctx.needs_input_grad
+        return (*(g if need[i] else None for i, g in enumerate(grads)), None, None)
+
+
+def hadamard_attention(
+    q_feats: Sequence[torch.Tensor],
+    k_feats: Sequence[torch.Tensor],
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Bidirectional Hadamard linear attention on Triton kernels; differentiable.
+
+    q_feats, k_feats: 2 tensors each, [B, H, N, r] (feature maps already applied). v: [B, H, N, dv].
+    key_mask: bool [B, N], True = keep. Returns [B, H, N, dv] in v's dtype; fp32 accumulation.
+    Raises ValueError when `supports` would say False.
+    """
+    reason = unsupported_reason(q_feats, k_feats, v)
+    if reason is not None:
+        raise ValueError(f"hla_kernels.hadamard_attention: {reason}")
+    wmask = _mask_weights(key_mask, v)
+    q1, q2 = (_rowmajor(t) for t in q_feats)
+    k1, k2 = (_rowmajor(t) for t in k_feats)
+    return _HadamardF2.apply(q1, q2, k1, k2, _rowmajor(v), wmask, float(eps))
