@@ -1,0 +1,124 @@
+"""Recipes: every built-in loads into a valid HLAConfig; bad fields are named in the error."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from hla_convert.config import HLAConfig
+from hla_convert.recipes import Recipe, RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
+
+REQUIRED = {"tiny-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "cogvideox-2b", "hunyuanvideo", "ltx-video"}
+
+
+def test_builtin_recipes_load_and_give_valid_configs():
+    names = builtin_recipes()
+    assert REQUIRED <= set(names)
+    for name, desc in names.items():
+        assert desc, f"{name} has no description"
+        r = load_recipe(name)
+        assert r.name == name
+        assert isinstance(r.hla_config(), HLAConfig)
+        # the YAML dump reads back to the same recipe
+        assert parse_recipe(yaml.safe_load(r.to_yaml())) == r
+        assert "#" in recipe_text(name)  # the reasoning is in comments
+
+
+def test_recipe_from_path(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text(recipe_text("tiny-wan").replace("name: tiny-wan", "name: mine"))
+    assert load_recipe(str(p)).name == "mine"
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(RecipeError) as e:
+        load_recipe("no-such-recipe")
+    assert "tiny-wan" in str(e.value) and "wan2.1-t2v-14b" in str(e.value)
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("/nonexistent/recipe.yaml")
+
+
+def _with(path: str, value):
+    data = load_recipe("tiny-wan").to_dict()
+    node = data
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("stage1.lr", "fast", "stage1.lr: must be a positive number, got 'fast'"),
+        ("attention.kind", "foo", "attention.kind: 'foo' is not one of softmax, hadamard, linear, higher_order"),
+        ("attention.factors", 3, "attention.factors: the taylor feature map needs an even number"),
+        ("attention.feature_map", "relu", "attention.feature_map: 'relu' is not allowed for kind 'hadamard'"),
+        ("calibration.source", "web", "calibration.source: 'web' is not one of synthetic, trajectories, folder"),
+        ("calibration.timesteps.distribution", "beta", "calibration.timesteps.distribution: 'beta' is not one of uniform, logit_normal"),
+        ("calibration.timesteps.max", 2.0, "calibration.timesteps.max: must be a number in [0.0, 1.0]"),
+        ("calibration.samples", 0, "calibration.samples: must be a positive integer, got 0"),
+        ("stage1.batch_size", 12, "stage1.batch_size: must be a multiple of calibration.batch_size (8)"),
+        ("stage2.train", "all", "stage2.train: 'all' is not one of hla"),
+        ("stage2.steps", -1, "stage2.steps: must be an integer >= 0, got -1"),
+        ("validation.min_output_cosine", 1.5, "validation.min_output_cosine: must be a number in [-1.0, 1.0]"),
+        ("validation.timestep_buckets", "four", "validation.timestep_buckets: must be a positive integer"),
+        ("attention.exclude", [1], "attention.exclude: must be a list of non-empty strings"),
+    ],
+)
+def test_bad_field_is_named(path, value, message):
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(_with(path, value))
+    assert str(e.value).startswith(message), str(e.value)
+    assert e.value.field == path
+
+
+def test_unknown_fields_and_sections():
+    data = load_recipe("tiny-wan").to_dict()
+    data["stage1"]["stepz"] = 3
+    with pytest.raises(RecipeError, match=r"stage1\.stepz: unknown field; allowed: steps, lr"):
+        parse_recipe(data)
+    data = load_recipe("tiny-wan").to_dict()
+    data["stage3"] = {}
+    with pytest.raises(RecipeError, match="stage3: unknown section"):
+        parse_recipe(data)
+
+
+def test_vae_scales_default_by_architecture():
+    data = load_recipe("wan2.1-t2v-1.3b").to_dict()
+    data["calibration"]["vae_scale_temporal"] = data["calibration"]["vae_scale_spatial"] = None
+    r = parse_recipe(data)
+    assert (r.calibration.vae_scale_temporal, r.calibration.vae_scale_spatial) == (4, 8)
+    assert r.calibration.latent_shape() == (21, 60, 104)
+    data["model"]["architecture"] = "SomethingNew"
+    data["calibration"]["vae_scale_temporal"] = None
+    with pytest.raises(RecipeError, match="calibration.vae_scale_temporal: required"):
+        parse_recipe(data)
+
+
+def test_numbers_as_yaml_strings():
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a recipe author should not have to know that.
+    data = _with("stage1.lr", "1e-4")
+    assert parse_recipe(data).stage1.lr == pytest.approx(1e-4)
+
+
+def test_overrides():
+    r = load_recipe("tiny-wan")
+    o = r.with_overrides(steps=r.stage1.steps * 2)
+    assert o.stage1.steps == 2 * r.stage1.steps and o.stage2.steps == 2 * r.stage2.steps
+    assert r.with_overrides(steps=1).stage2.steps == 1  # stage 2 stays on
+    assert r.with_overrides(steps=10, stage2_steps=0).stage2.steps == 0
+    lin = r.with_overrides(kind="linear")
+    assert lin.hla_config().kind == "linear" and lin.hla_config().feature_map == "elu"
+    assert r.with_overrides(kind="softmax").hla_config().kind == "softmax"
+    assert r.with_overrides(fields={"stage1.lr": 0.01}).stage1.lr == 0.01
+    with pytest.raises(RecipeError, match="attention.kind"):
+        r.with_overrides(kind="foo")
+    with pytest.raises(RecipeError, match="stage1.steps"):
+        r.with_overrides(steps=-2)
+    with pytest.raises(RecipeError, match="stage1.nope: unknown field"):
+        r.with_overrides(fields={"stage1.nope": 1})
+    with pytest.raises(RecipeError, match="calibration.path: source 'folder' needs"):
+        r.with_overrides(source="folder")
+    assert isinstance(r.with_overrides(source="folder", path="/tmp/x"), Recipe)
