@@ -25,6 +25,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _rsum(x, axis: tl.constexpr):
+    """tl.sum without triton.language.standard: its @jit helpers are compiled or interpreted
+    according to TRITON_INTERPRET when triton itself was imported, and this module must run in
+    either mode whatever that was. The interpreter maps _sum_combine onto numpy's sum."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
 def _mm(a, b, acc, DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
     """acc + a @ b with operands rounded to DOT_DT and fp32 accumulation.
 
@@ -60,12 +68,12 @@ def _kron(cols, last, BLOCK: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
 def _kron_grads(dkk, cols, last, BLOCK: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
     """Back through _kron: dkk [BLOCK, G * R] -> (dcols [BLOCK, G], dlast [BLOCK, R])."""
     if G == 1:
-        dcols = tl.reshape(tl.sum(dkk * last, axis=1), (BLOCK, 1))
+        dcols = tl.reshape(_rsum(dkk * last, axis=1), (BLOCK, 1))
         dlast = tl.reshape(cols, (BLOCK,))[:, None] * dkk
     else:
         d3 = tl.reshape(dkk, (BLOCK, G, R))
-        dcols = tl.sum(d3 * last[:, None, :], axis=2)
-        dlast = tl.sum(d3 * cols[:, :, None], axis=1)
+        dcols = _rsum(d3 * last[:, None, :], axis=2)
+        dlast = _rsum(d3 * cols[:, :, None], axis=1)
     return dcols, dlast
 
 
@@ -95,8 +103,8 @@ def _state_kernel(
     p2 = P2 + b * s2b + h * s2h
     x_ptr = X + b * sxb + h * sxh
 
-    acc = tl.zeros((BLOCK_A, DV), dtype=tl.float32)
-    zacc = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    acc = tl.full((BLOCK_A, DV), 0.0, tl.float32)
+    zacc = tl.full((BLOCK_A,), 0.0, tl.float32)
     n_start = sp * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -114,7 +122,7 @@ def _state_kernel(
         if HAS_U:
             u = tl.load(U + b * sub + h * suh + offs_n * sun, mask=nmask, other=0.0).to(tl.float32)
             kz = kz * u[:, None]
-        zacc += tl.sum(kz, axis=0)
+        zacc += _rsum(kz, axis=0)
 
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     n_rows = n_a * BLOCK_A
@@ -149,8 +157,8 @@ def _readout_kernel(
     t_ptr = T + bh * A * DV
     z_ptr = Z + bh * A
 
-    acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
-    dacc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
+    dacc = tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32)
     for o0 in range(0, R, G):
         cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
         qq = _kron(cols, last, BLOCK_M, G, R).to(DOT_DT)
@@ -159,7 +167,7 @@ def _readout_kernel(
         acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
         z = tl.load(z_ptr + rows)
         dacc += qq.to(tl.float32) * z[None, :]
-    den = tl.sum(dacc, axis=1) + eps
+    den = _rsum(dacc, axis=1) + eps
     out = acc / den[:, None]
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_c[None, :], out.to(Out.dtype.element_ty), mask=mmask[:, None])
     tl.store(Den + bh * N + offs_m, den, mask=mmask)
@@ -204,16 +212,16 @@ def _dq_kernel(
     t_ptr = T + bh * A * DV
     # dQ1 is an fp32 [B*H, N, R] scratch (contiguous) that ends as the gradient
     e1_ptr = dQ1 + bh * N * R + offs_m[:, None] * R
-    e2 = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    num_do = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    e2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
+    num_do = tl.full((BLOCK_M,), 0.0, tl.float32)
     for o0 in range(0, R, G):
         cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        e = _mm(do, tl.trans(t), tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32), DOT_DT, PREC, EMU)
+        e = _mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
         e1, de2 = _kron_grads(e, cols, last, BLOCK_M, G, R)
         e2 += de2
-        num_do += tl.sum(e1 * cols, axis=1)
+        num_do += _rsum(e1 * cols, axis=1)
         tl.store(e1_ptr + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
 
     den = tl.load(Den + bh * N + offs_m, mask=mmask, other=1.0)
@@ -272,8 +280,8 @@ def _dkdv_kernel(
     t_ptr = dT + bh * A * DV
     z_ptr = dZ + bh * A
     dk1_ptr = dK1 + b * sg1b + h * sg1h
-    dv_acc = tl.zeros((BLOCK_N, DV), dtype=tl.float32)
-    dlast = tl.zeros((BLOCK_N, R), dtype=tl.float32)
+    dv_acc = tl.full((BLOCK_N, DV), 0.0, tl.float32)
+    dlast = tl.full((BLOCK_N, R), 0.0, tl.float32)
     for o0 in range(0, R, G):
         cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
         kk = _kron(cols, last, BLOCK_N, G, R)
@@ -281,7 +289,7 @@ def _dkdv_kernel(
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
         z = tl.load(z_ptr + rows)
         dv_acc = _mm(kk, t, dv_acc, DOT_DT, PREC, EMU)
-        dkk = _mm(v, tl.trans(t), tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32) + z[None, :], DOT_DT, PREC, EMU)
+        dkk = _mm(v, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
         dcols, dl = _kron_grads(dkk, cols, last, BLOCK_N, G, R)
         dlast += dl
         tl.store(dk1_ptr + offs_n[:, None] * sg1n + (o0 + offs_g)[None, :], (dcols * w[:, None]).to(dK1.dtype.element_ty), mask=nmask[:, None])
