@@ -3,11 +3,17 @@
 The public API; each name lives in the module that says what it holds.
 """
 
+from .adapter import AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
 from .config import ConfigError, HLAConfig
 from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
 from .surgery import ConversionError, convert_attention, revert_attention, select_modules
 
 __all__ = [
+    "AdapterError",
+    "fingerprint_weights",
+    "load_adapter",
+    "read_adapter_info",
+    "save_adapter",
     "ConfigError",
     "ConversionError",
     "HLAAttention",

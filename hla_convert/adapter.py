@@ -1,0 +1,189 @@
+"""The adapter: only the HLA weights, as safetensors, bound to the base model they were made for.
+
+A folder holds two files (peft's shape: a config JSON plus a safetensors of the new weights):
+
+    adapter_model.safetensors   HLA parameters under their model state_dict keys
+                                (e.g. "blocks.0.attn1.hla.proj"); header metadata below
+    hla_config.json             the same metadata as readable JSON
+
+Metadata: format ("hla-convert-adapter"), format_version, base_source (Hub ID or path),
+base_revision, base_fingerprint (see fingerprint_weights), config (HLAConfig JSON) and modules
+(the converted attention modules). The safetensors header is authoritative; both are written
+atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from .checkpoints import atomic_write_bytes, atomic_write_text
+from .config import ConfigError, HLAConfig
+from .layers import hla_layers, hla_parameters
+from .surgery import ConversionError, convert_attention, revert_attention
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "hla_config.json"
+FORMAT = "hla-convert-adapter"
+FORMAT_VERSION = 1
+_SAMPLES_PER_TENSOR = 4096
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be saved or loaded; the message is one line saying why."""
+
+
+def fingerprint_weights(model: nn.Module) -> str:
+    """A short hash of the base weights (HLA parameters excluded), the same in any float dtype or device.
+
+    Names, shapes and an evenly strided sample of each tensor's values rounded to bfloat16 are
+    hashed: rounding makes a bf16 copy of an fp32 base match it, sampling keeps a 14B model fast.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".hla." in f".{name}":
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR]
+        if sample.is_floating_point():
+            sample = sample.to(torch.bfloat16).view(torch.int16)
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(sample.cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _adapter_metadata(model: nn.Module, base_source: str | None, base_revision: str | None) -> dict[str, Any]:
+    layers = hla_layers(model)
+    if not layers:
+        raise AdapterError("the model has no converted attention layers to save; call convert_attention first")
+    configs = {layer.config for layer in layers.values()}
+    if len(configs) != 1:
+        raise AdapterError("the converted layers use different HLAConfigs; an adapter holds one config")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_source": base_source,
+        "base_revision": base_revision,
+        "base_fingerprint": fingerprint_weights(model),
+        "base_class": type(model).__name__,
+        "config": configs.pop().to_dict(),
+        "modules": sorted(layers),
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    base_source: str | None = None,
+    base_revision: str | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model's HLA parameters and metadata to `directory`; returns the safetensors path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = _adapter_metadata(model, base_source, base_revision)
+    if extra_metadata:
+        meta["extra"] = extra_metadata
+    tensors = {k: p.detach().to("cpu", torch.float32).contiguous() for k, p in hla_parameters(model).items()}
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    path = directory / ADAPTER_FILE
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=header))
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_adapter_info(directory: str | Path) -> dict[str, Any]:
+    """The adapter's metadata (format_version, base_source, base_revision, base_fingerprint, config, modules)."""
+    path = Path(directory) / ADAPTER_FILE
+    if not path.is_file():
+        raise AdapterError(f"{directory} holds no {ADAPTER_FILE}: not an hla-convert adapter folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path} is corrupt or truncated ({_first_line(exc)})") from None
+    try:
+        meta = {k: json.loads(v) for k, v in header.items()}
+    except ValueError:
+        raise AdapterError(f"{path} has unreadable metadata: not written by hla-convert") from None
+    if meta.get("format") != FORMAT:
+        raise AdapterError(f"{path} is not an hla-convert adapter (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(
+            f"{path} has adapter format version {meta.get('format_version')!r}; this hla-convert reads version {FORMAT_VERSION}"
+        )
+    for key in ("base_fingerprint", "config", "modules"):
+        if key not in meta:
+            raise AdapterError(f"{path} metadata lacks {key!r}")
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{path} is corrupt or truncated ({_first_line(exc)})") from None
+
+
+def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool = True) -> nn.Module:
+    """Convert `base_model` as the adapter says and load its weights; returns the model.
+
+    The base's fingerprint must match the one recorded at save time (check_base=False skips it,
+    for deliberate transfers to fine-tuned bases).
+    """
+    directory = Path(directory)
+    meta = read_adapter_info(directory)
+    if hla_layers(base_model):
+        raise AdapterError("the base model is already converted; load the adapter onto an unconverted base")
+    if check_base:
+        found = fingerprint_weights(base_model)
+        if found != meta["base_fingerprint"]:
+            raise AdapterError(
+                f"the adapter was made for a different base ({meta.get('base_source') or 'unknown'}, "
+                f"fingerprint {meta['base_fingerprint']}); this model's fingerprint is {found}"
+            )
+    try:
+        config = HLAConfig.from_dict(meta["config"])
+    except (ConfigError, TypeError) as exc:
+        raise AdapterError(f"{directory / ADAPTER_FILE} has an invalid config: {exc}") from None
+    tensors = _load_tensors(directory / ADAPTER_FILE)
+    try:
+        convert_attention(base_model, config, include=list(meta["modules"]))
+    except ConversionError as exc:
+        raise AdapterError(f"the adapter does not fit this model: {exc}") from None
+    params = hla_parameters(base_model)
+    problem = _mismatch(params, tensors)
+    if problem:
+        revert_attention(base_model)
+        raise AdapterError(f"{directory / ADAPTER_FILE} does not match the converted model: {problem}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.dtype))
+    return base_model
+
+
+def _mismatch(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str | None:
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        return f"missing {len(missing)} key(s), e.g. {missing[0]}"
+    extra = sorted(set(tensors) - set(params))
+    if extra:
+        return f"{len(extra)} unexpected key(s), e.g. {extra[0]}"
+    for name, p in params.items():
+        if tensors[name].shape != p.shape:
+            return f"{name} has shape {list(tensors[name].shape)}, the model expects {list(p.shape)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
