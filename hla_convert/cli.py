@@ -1,0 +1,660 @@
+"""The `hla-convert` command line: parse, call the stages in order, render progress and tables.
+
+Every command shares these exit codes (EXIT_* below), so scripts can trust them:
+
+    0  ok
+    1  drift: the converted model's output drift is over the recipe's thresholds
+    2  bad input: usage, unknown recipe or recipe field, unknown or unreachable model, an --out
+       that cannot be used, a corrupt or mismatched adapter or checkpoint
+    3  the run failed: training diverged (NaN/inf loss) or the model could not run; the last good
+       checkpoint is kept in DIR/.hla_work, and `--resume` continues from it
+    130 interrupted (Ctrl-C); `--resume` continues from the last checkpoint
+
+Errors are one line on stderr (prefix "hla-convert: error:"), never a traceback; set
+HLA_CONVERT_DEBUG=1 to get the traceback of a failed run. Progress goes to stderr, tables and
+`--json` documents to stdout (with `--json`, stdout holds that one document and nothing else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import ClickException, UsageError
+
+EXIT_OK = 0
+EXIT_DRIFT = 1
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+DEMO_RECIPE = "tiny-wan"
+
+_EXIT_CODES_HELP = (
+    "Exit codes: 0 ok; 1 drift over the recipe's thresholds; 2 bad input (usage, recipe, model, "
+    "--out, adapter); 3 the run failed (diverged; the last checkpoint is kept, --resume continues); "
+    "130 interrupted."
+)
+
+
+class CommandFailed(Exception):
+    """Stop a command with one line on stderr and an exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class _Group(TyperGroup):
+    """Usage errors as one line and exit 2 (click's own code), like every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx is not None else "hla-convert"
+            if exc.format_message():  # empty when the help was shown for a bare `hla-convert`
+                _error_line(f"{exc.format_message()} (see {cmd} --help)")
+            code = EXIT_BAD_INPUT
+        except ClickException as exc:
+            _error_line(exc.format_message())
+            code = exc.exit_code
+        except typer.Abort:
+            _error_line("interrupted")
+            code = EXIT_INTERRUPTED
+        code = code if isinstance(code, int) else EXIT_OK
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="hla-convert",
+    help=(
+        "Convert a softmax-attention video diffusion transformer (diffusers) to Hadamard Linear "
+        "Attention: swap the self-attention core, distil it on calibration inputs, check the output "
+        "drift and save a safetensors adapter.\n\n" + _EXIT_CODES_HELP
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def main() -> None:
+    """Console-script entry point (`hla-convert`)."""
+    app()
+
+
+def _error_line(message: str) -> None:
+    text = " ".join(str(message).split())
+    print(f"hla-convert: error: {text}", file=sys.stderr, flush=True)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+# -- errors -> exit codes -------------------------------------------------------------------------
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from .adapter import AdapterError
+    from .calibration import CalibrationError
+    from .checkpoints import CheckpointError
+    from .config import ConfigError
+    from .loading import ModelLoadError
+    from .output import OutputError
+    from .recipes import RecipeError
+    from .surgery import ConversionError
+
+    return (AdapterError, CalibrationError, CheckpointError, ConfigError, ModelLoadError, OutputError, RecipeError, ConversionError)
+
+
+def _run_failed_types() -> tuple[type[BaseException], ...]:
+    from .distill import DistillError
+
+    return (DistillError,)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """--stop-after-steps: the same path as a Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _command(name: str, json_mode: bool, resume_hint: str | None = None) -> Iterator[dict[str, Any]]:
+    """Run a command body: map exceptions to exit codes, keep stdout clean in --json mode.
+
+    The body fills the yielded dict (the --json document) and sets its "exit_code".
+    """
+    doc: dict[str, Any] = {"command": name, "exit_code": EXIT_OK}
+    real_stdout = sys.stdout
+    code = EXIT_OK
+    try:
+        # In --json mode anything a library prints goes to stderr: stdout is the document alone.
+        with contextlib.redirect_stdout(sys.stderr) if json_mode else contextlib.nullcontext():
+            yield doc
+        code = doc["exit_code"]
+    except CommandFailed as exc:
+        code, doc["error"] = exc.code, str(exc)
+    except KeyboardInterrupt:
+        code, doc["error"] = EXIT_INTERRUPTED, "interrupted" + (f"; continue with: {resume_hint}" if resume_hint else "")
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
+        if isinstance(exc, (typer.Exit, SystemExit)):
+            raise
+        if isinstance(exc, _bad_input_types()):
+            code, doc["error"] = EXIT_BAD_INPUT, str(exc)
+        else:
+            failed = _failure_message(exc)
+            code = EXIT_RUN_FAILED
+            doc["error"] = failed + (f"; the last good checkpoint is kept: {resume_hint}" if resume_hint else "")
+            if os.environ.get("HLA_CONVERT_DEBUG"):
+                traceback.print_exc(file=sys.stderr)
+    doc["exit_code"] = code
+    if "error" in doc:
+        _error_line(doc["error"])
+    if json_mode:
+        real_stdout.write(json.dumps(doc, indent=2, default=str, allow_nan=False) + "\n")
+        real_stdout.flush()
+    if code != EXIT_OK:
+        raise typer.Exit(code)
+
+
+def _failure_message(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, _run_failed_types()):
+        return f"the run failed: {first}"
+    hint = "" if os.environ.get("HLA_CONVERT_DEBUG") else " (HLA_CONVERT_DEBUG=1 shows the traceback)"
+    return f"the run failed: {type(exc).__name__}: {first}{hint}"
+
+
+# -- progress -------------------------------------------------------------------------------------
+
+_ENGINE_STAGES = {
+    "calibration": "calibration inputs",
+    "init": "initialise feature maps",
+    "stage1": "attention transfer",
+    "stage2": "output distillation",
+    "drift": "held-out drift",
+    "sampling": "sampling runs",
+}
+
+
+class StageProgress:
+    """One Rich bar per stage on stderr, plus one per engine sub-stage reported through the callback.
+
+    `callback(stage, step, total, info)` is the engine's progress signature. stop_after_steps (tests)
+    raises a KeyboardInterrupt once that many training steps (stage 1 + stage 2) have run: the same
+    path as a Ctrl-C or a killed run.
+    """
+
+    def __init__(self, console: Console, stop_after_steps: int | None = None):
+        self.progress = Progress(
+            TextColumn("{task.description:<28}"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+        )
+        self.seconds: dict[str, float] = {}
+        self._sub: dict[str, int] = {}
+        self._train_steps: dict[str, int] = {}
+        self.stop_after_steps = stop_after_steps
+
+    def __enter__(self) -> "StageProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        task = self.progress.add_task(name, total=1, info="")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.progress.update(task, completed=1, info=f"{self.seconds[name]:.1f}s")
+
+    def callback(self, stage: str, step: int, total: int, info: dict[str, Any] | None = None) -> None:
+        label = "  " + _ENGINE_STAGES.get(stage, stage)
+        task = self._sub.get(stage)
+        if task is None:
+            task = self._sub[stage] = self.progress.add_task(label, total=max(int(total or 1), 1), info="")
+        text = " ".join(f"{k} {_short(v)}" for k, v in (info or {}).items() if isinstance(v, (int, float, str)))
+        self.progress.update(task, completed=step, total=max(int(total or 1), 1), info=text)
+        if stage in ("stage1", "stage2"):
+            self._train_steps[stage] = step
+            if self.stop_after_steps is not None and sum(self._train_steps.values()) >= self.stop_after_steps:
+                raise _Interrupted(f"stopped after {self.stop_after_steps} steps (--stop-after-steps)")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+def _drift_table(report: dict[str, Any], saved: dict[str, Any] | None = None, title: str = "Output drift (held-out)") -> Table:
+    from .output import drift_rows
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if saved is not None:
+        table.add_column("at convert", justify="right")
+    table.add_column("threshold", justify="right")
+    table.add_column("")
+    before = {m: v for m, v, _, _ in drift_rows(saved)} if saved else {}
+    for metric, value, limit, verdict in drift_rows(report):
+        style = "red" if verdict == "FAIL" else "green" if verdict == "pass" else ""
+        cells = [metric, value] + ([before.get(metric, "-")] if saved is not None else []) + [limit, verdict]
+        table.add_row(*cells, style=style)
+    return table
+
+
+def _verdict_line(report: dict[str, Any]) -> str:
+    if report.get("passed"):
+        return "[green]drift within the recipe's thresholds[/green]"
+    failures = report.get("failures") or []
+    return "[red]drift over the recipe's thresholds: " + "; ".join(map(str, failures)) + "[/red]"
+
+
+# -- shared option handling -----------------------------------------------------------------------
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_recipe(recipe: str | None, model: str | None):
+    """--recipe, or the built-in recipe made for MODEL (the demo's, or one whose model.hub_id is MODEL)."""
+    from .recipes import builtin_recipes, load_recipe
+
+    if recipe is not None:
+        return _load_recipe(recipe)
+    if model is None:
+        return _load_recipe(DEMO_RECIPE)
+    for name in builtin_recipes():
+        candidate = load_recipe(name)
+        if candidate.model.hub_id and candidate.model.hub_id == model:
+            return candidate
+    raise CommandFailed(
+        f"no built-in recipe is made for {model!r}; pass --recipe NAME|PATH (built-in: {', '.join(builtin_recipes())})",
+        EXIT_BAD_INPUT,
+    )
+
+
+def _load_recipe(name_or_path: str):
+    from .recipes import RecipeError, load_recipe
+
+    try:
+        return load_recipe(name_or_path)
+    except RecipeError as exc:
+        where = f"recipe {name_or_path}"
+        raise CommandFailed(f"{where}: {exc}" if exc.field else str(exc), EXIT_BAD_INPUT) from None
+
+
+def _override(recipe, where: str, **kwargs):
+    from .recipes import RecipeError
+
+    try:
+        return recipe.with_overrides(**kwargs)
+    except RecipeError as exc:
+        raise CommandFailed(f"{where}: {exc}", EXIT_BAD_INPUT) from None
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="[MODEL]",
+        help="Hub ID (owner/name) or local diffusers folder: a full pipeline or a bare transformer. "
+        "Left out: the embedded demo model (a tiny Wan transformer).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there (progress and errors stay on stderr).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device, e.g. cuda, cuda:1, cpu. Default: cuda when available, else cpu.", show_default=False)]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", help="Weights dtype: float32, bfloat16 (bf16) or float16 (fp16). Default: the checkpoint's own.", show_default=False),
+]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of MODEL.", show_default=False)]
+SubfolderOpt = Annotated[
+    str | None,
+    typer.Option("--subfolder", help="Subfolder of MODEL holding the transformer (found by itself for pipelines).", show_default=False),
+]
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  hla-convert convert --out demo-hla\n\n"
+        "  hla-convert convert Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe wan2.1-t2v-1.3b --out wan-hla --dtype bf16\n\n"
+        "  hla-convert convert ./my-pipeline --recipe my-recipe.yaml --out wan-hla --resume\n\n" + _EXIT_CODES_HELP
+    )
+)
+def convert(
+    model: ModelArg = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Built-in recipe name (see `hla-convert recipes`) or the path of a recipe YAML. Default: the "
+            "built-in recipe made for MODEL (tiny-wan for the demo).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder: adapter_model.safetensors, hla_config.json, recipe.yaml, drift_report.json, "
+            "README.md (model card). Must be empty or missing, unless --overwrite or --resume.",
+            show_default=False,
+        ),
+    ] = ...,  # type: ignore[assignment]
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=0, help="Stage-1 (attention transfer) steps; stage 2 is scaled in proportion. Default: the recipe's.", show_default=False),
+    ] = None,
+    attention: Annotated[
+        str | None,
+        typer.Option(
+            "--attention",
+            help="Override the recipe's attention kind: hadamard, linear (same state size), higher_order or softmax "
+            "(identity conversion). For comparisons.",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
+    subfolder: SubfolderOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint (same MODEL, recipe and options).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the hla-convert output already in --out (other files are never deleted).")] = False,
+    json_out: JsonOpt = False,
+    stop_after_steps: Annotated[int | None, typer.Option("--stop-after-steps", hidden=True, min=1)] = None,
+) -> None:
+    """Convert MODEL's self-attention to HLA, distil it, check the drift, save the adapter.
+
+    Stages, each with a progress bar: load -> convert -> calibrate -> distil (attention transfer,
+    then output distillation) -> validate (held-out drift) -> save. Training checkpoints go to
+    OUT/.hla_work while the run lasts; after the save that folder is removed. A run that was
+    killed, interrupted or diverged keeps it: `--resume` continues from the last checkpoint.
+    """
+    resume_hint = f"hla-convert convert {model + ' ' if model else ''}--out {out} --resume (same options)"
+    with _command("convert", json_out, resume_hint) as doc:
+        from . import calibration, distill, drift
+        from .loading import load_transformer
+        from .output import pipeline_class_for, prepare_output, run_identity, save_output
+        from .surgery import convert_attention
+
+        rec = _resolve_recipe(recipe, model)
+        rec = _override(rec, f"recipe {rec.name}", steps=steps, kind=attention)
+        recipe_yaml = rec.to_yaml()
+        work = prepare_output(out, run_identity(model or "<demo>", revision, subfolder, recipe_yaml, dtype), overwrite, resume)
+        dev = device or _default_device()
+        console = _stderr()
+        doc.update(out_dir=str(out.resolve()), recipe=rec.name, resumed=resume)
+        with StageProgress(console, stop_after_steps) as bars:
+            with bars.stage("load"):
+                loaded = load_transformer(model, revision=revision, subfolder=subfolder, dtype=dtype, device=dev)
+            net = loaded.transformer
+            with bars.stage("convert"):
+                config = rec.hla_config()
+                convert_attention(net, config, include=rec.attention.include, exclude=rec.attention.exclude)
+            with bars.stage("calibrate"):
+                inputs = {
+                    split: calibration.build_inputs(
+                        net, rec, split, pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=bars.callback
+                    )
+                    for split in ("train", "heldout")
+                }
+                train, heldout = inputs["train"], inputs["heldout"]
+            with bars.stage("distil"):
+                distill.initialize_feature_maps(net, train, progress=bars.callback)
+                stage1 = distill.attention_transfer(net, train, rec, work_dir=work, resume=resume, progress=bars.callback)
+                stage2 = distill.output_distillation(net, train, rec, work_dir=work, resume=resume, progress=bars.callback)
+            with bars.stage("validate"):
+                report = drift.measure_drift(net, heldout, rec, progress=bars.callback).to_dict()
+            report["training"] = {"stage1": stage1, "stage2": stage2}
+            with bars.stage("save"):
+                saved = save_output(
+                    out,
+                    net,
+                    base_source=loaded.source,
+                    base_revision=loaded.revision,
+                    base_subfolder=subfolder,
+                    base_class=type(net).__name__,
+                    pipeline_class=pipeline_class_for(type(net).__name__, loaded.pipeline_dir),
+                    recipe_name=rec.name,
+                    recipe_yaml=recipe_yaml,
+                    report=report,
+                )
+        doc.update(
+            model={"source": loaded.source, "revision": loaded.revision, "class": type(net).__name__, "demo": loaded.is_demo},
+            attention=config.to_dict(),
+            drift=report,
+            passed=bool(report.get("passed")),
+            files=saved.files,
+            seconds=bars.seconds,
+        )
+        if not json_out:
+            con = _stdout()
+            con.print(_drift_table(report))
+            con.print(_verdict_line(report))
+            con.print(f"saved to {out}/ ({', '.join(saved.files)})")
+        doc["exit_code"] = EXIT_OK if report.get("passed") else EXIT_DRIFT
+
+
+_THRESHOLD_OPTS = {
+    "max_attention_rel_l2": "--max-attention-rel-l2",
+    "max_output_rel_l2": "--max-output-rel-l2",
+    "min_output_cosine": "--min-output-cosine",
+    "max_latent_rel_l2": "--max-latent-rel-l2",
+    "min_latent_psnr": "--min-latent-psnr",
+}
+
+
+def _threshold(name: str, text: str) -> Any:
+    return typer.Option(_THRESHOLD_OPTS[name], help=text, show_default=False)
+
+
+@app.command(epilog="Example:\n\n  hla-convert validate demo-hla --json\n\n" + _EXIT_CODES_HELP)
+def validate(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="An output folder written by `hla-convert convert`.", show_default=False)],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Load the base model from here (Hub ID or folder) instead of the one the adapter records.", show_default=False),
+    ] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    max_attention_rel_l2: Annotated[float | None, _threshold("max_attention_rel_l2", "Override the recipe's max attention relative L2.")] = None,
+    max_output_rel_l2: Annotated[float | None, _threshold("max_output_rel_l2", "Override the recipe's max output relative L2.")] = None,
+    min_output_cosine: Annotated[float | None, _threshold("min_output_cosine", "Override the recipe's min output cosine.")] = None,
+    max_latent_rel_l2: Annotated[float | None, _threshold("max_latent_rel_l2", "Override the recipe's max sampled-latent relative L2.")] = None,
+    min_latent_psnr: Annotated[float | None, _threshold("min_latent_psnr", "Override the recipe's min sampled-latent PSNR (dB).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-check a saved conversion against its base model on the recipe's held-out inputs.
+
+    Loads the base the adapter records (or --base), checks its weight fingerprint, loads the HLA
+    weights, measures the drift again and compares it with the thresholds of the saved recipe.yaml
+    (each overridable here). Exit 0 within the thresholds, 1 over them, 2 for a bad folder.
+    """
+    with _command("validate", json_out) as doc:
+        from . import calibration, drift
+        from .adapter import load_adapter
+        from .loading import load_transformer
+        from .output import base_of, read_output
+
+        info, recipe_path, saved = read_output(directory)
+        thresholds = {
+            f"validation.{k}": v
+            for k, v in dict(
+                max_attention_rel_l2=max_attention_rel_l2,
+                max_output_rel_l2=max_output_rel_l2,
+                min_output_cosine=min_output_cosine,
+                max_latent_rel_l2=max_latent_rel_l2,
+                min_latent_psnr=min_latent_psnr,
+            ).items()
+            if v is not None
+        }
+        rec = _load_recipe(str(recipe_path))
+        rec = _override(rec, "threshold options", fields=thresholds)
+        source, revision, subfolder = (base, None, None) if base else base_of(info)
+        dev = device or _default_device()
+        doc.update(out_dir=str(directory.resolve()), recipe=rec.name, base=info.get("base_source"))
+        with StageProgress(_stderr()) as bars:
+            with bars.stage("load"):
+                loaded = load_transformer(source, revision=revision, subfolder=subfolder, dtype=dtype, device=dev)
+                net = load_adapter(loaded.transformer, directory).to(dev)
+            with bars.stage("calibrate"):
+                heldout = calibration.build_inputs(
+                    net, rec, "heldout", pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=bars.callback
+                )
+            with bars.stage("validate"):
+                report = drift.measure_drift(net, heldout, rec, progress=bars.callback).to_dict()
+        doc.update(drift=report, passed=bool(report.get("passed")), seconds=bars.seconds)
+        if not json_out:
+            con = _stdout()
+            con.print(_drift_table(report, saved=saved or None))
+            con.print(_verdict_line(report))
+        doc["exit_code"] = EXIT_OK if report.get("passed") else EXIT_DRIFT
+
+
+@app.command(epilog="Example:\n\n  hla-convert inspect Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 81 --height 480 --width 832\n\n" + _EXIT_CODES_HELP)
+def inspect(
+    model: ModelArg = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", "-r", help="Recipe deciding which modules convert and to what (default: the one made for MODEL).", show_default=False),
+    ] = None,
+    frames: Annotated[int | None, typer.Option("--frames", "-f", min=1, help="Video frames (pixels). Default: the recipe's calibration size.", show_default=False)] = None,
+    height: Annotated[int | None, typer.Option("--height", min=1, help="Video height in pixels. Default: the recipe's.", show_default=False)] = None,
+    width: Annotated[int | None, typer.Option("--width", min=1, help="Video width in pixels. Default: the recipe's.", show_default=False)] = None,
+    revision: RevisionOpt = None,
+    subfolder: SubfolderOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Attention modules, which the recipe converts, tokens and attention FLOPs before/after.
+
+    Lists MODEL's attention modules (self and cross), marks the ones the recipe converts, counts
+    the tokens one self-attention sees at the given video size (default: the recipe's calibration
+    size) and the self-attention FLOPs per forward with softmax and after conversion.
+    Only the model's config is read: no weights are loaded or downloaded.
+    """
+    with _command("inspect", json_out) as doc:
+        from .pipeline_loading import inspect_model
+
+        rec = _resolve_recipe(recipe, model)
+        sizes = {f"calibration.{k}": v for k, v in dict(frames=frames, height=height, width=width).items() if v is not None}
+        rec = _override(rec, "video size options", fields=sizes)
+        report = inspect_model(model, rec, revision=revision, subfolder=subfolder)
+        doc.update(report)
+        if not json_out:
+            _print_inspection(report)
+
+
+def _print_inspection(r: dict[str, Any]) -> None:
+    con = _stdout()
+    v = r["video"]
+    con.print(f"[bold]{r['model']}[/bold] ({r['class']}), recipe [bold]{r['recipe']}[/bold]")
+    con.print(
+        f"video {v['frames']} x {v['height']} x {v['width']} px -> latent {' x '.join(map(str, v['latent']))} "
+        f"-> {r['tokens']:,} tokens per self-attention"
+        + (f" (+ {r['text_tokens']} text tokens in joint attention)" if r.get("text_tokens") else "")
+    )
+    table = Table(title="Attention modules", title_justify="left")
+    table.add_column("module", no_wrap=True, min_width=max(len(m["name"]) for m in r["modules"]))
+    for col, just in (("type", "left"), ("heads x dim", "right"), ("converts to", "left"), ("GFLOP before", "right"), ("GFLOP after", "right")):
+        table.add_column(col, justify=just)
+    for m in r["modules"]:
+        table.add_row(
+            m["name"],
+            m["type"],
+            f"{m['heads']} x {m['head_dim']}",
+            m["converts_to"] or "-",
+            _gflops(m["flops_before"]),
+            _gflops(m["flops_after"]),
+        )
+    con.print(table)
+    f = r["flops"]
+    con.print(
+        f"self-attention FLOPs per forward: {_gflops(f['before'])} G softmax -> {_gflops(f['after'])} G converted "
+        f"({f['speedup']:.1f}x fewer); {len(r['converted'])} of {len(r['modules'])} attention modules convert"
+    )
+
+
+def _gflops(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e9:,.3f}"
+
+
+@app.command()
+def recipes(
+    name: Annotated[str | None, typer.Argument(metavar="[NAME]", help="A built-in recipe to print in full (YAML, with its comments).", show_default=False)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the built-in recipes, or print one.
+
+    A recipe says which attention modules convert and to what, how calibration inputs are made, how
+    long each distillation stage runs and the drift thresholds. Copy one, edit it and pass its path
+    to `convert --recipe`.
+    """
+    with _command("recipes", json_out) as doc:
+        from .recipes import RecipeError, builtin_recipes, recipe_text
+
+        if name is None:
+            listing = builtin_recipes()
+            doc["recipes"] = listing
+            if not json_out:
+                table = Table(title="Built-in recipes", title_justify="left")
+                table.add_column("name")
+                table.add_column("description")
+                for n, d in listing.items():
+                    table.add_row(n, d)
+                _stdout().print(table)
+            return
+        if name not in builtin_recipes():
+            _load_recipe(name)  # a path or an unknown name: the recipe loader says which
+        try:
+            text = recipe_text(name)
+        except RecipeError as exc:
+            raise CommandFailed(str(exc), EXIT_BAD_INPUT) from None
+        doc.update(name=name, yaml=text)
+        if not json_out:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+__all__ = ["app", "main", "StageProgress", "EXIT_OK", "EXIT_DRIFT", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED", "EXIT_INTERRUPTED"]

@@ -1,0 +1,134 @@
+"""What a model's config says without loading its weights: the module tree, tokens and FLOPs.
+
+`hla-convert inspect` must answer for a 14B model in seconds and without downloading 28 GB, so the
+transformer is built from its config.json on the meta device (no storage, no weights read).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .loading import DEMO_MODEL_NAME, DEMO_MODEL_PATH, _HUB_ID, LoadedModel, ModelLoadError, _hub_component, _local_component, _transformer_class
+
+# Architectures whose converted self-attention also attends over the text tokens (joint attention).
+JOINT_TEXT_ATTENTION = (
+    "CogVideoXTransformer3DModel",
+    "ConsisIDTransformer3DModel",
+    "HunyuanVideoTransformer3DModel",
+    "HunyuanVideoFramepackTransformer3DModel",
+    "MochiTransformer3DModel",
+)
+
+
+def load_skeleton(model: str | None, revision: str | None = None, subfolder: str | None = None) -> LoadedModel:
+    """MODEL's transformer (the same resolution as loading.load_transformer) with meta-device weights."""
+    from accelerate import init_empty_weights
+
+    is_demo = model is None
+    if is_demo:
+        model = str(DEMO_MODEL_PATH)
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        path = path.resolve()
+        name, sub, pipeline = _local_component(path, subfolder)
+        source = str(path)
+    elif path.exists():
+        raise ModelLoadError(f"{model} is a file; MODEL must be a folder or a Hub ID")
+    elif _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+        name, sub, pipeline = _hub_component(model, revision, subfolder)
+        source = model
+    else:
+        raise ModelLoadError(f"{model!r} is neither an existing folder nor a Hub ID of the form owner/name")
+    cls = _transformer_class(name, source)
+    try:
+        config = cls.load_config(source, **{k: v for k, v in {"subfolder": sub, "revision": revision}.items() if v})
+        with init_empty_weights():
+            transformer = cls.from_config(config)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not build {name} from the config of {source}: {first}") from None
+    return LoadedModel(
+        transformer=transformer,
+        source=DEMO_MODEL_NAME if is_demo else source,
+        revision=revision,
+        subfolder=sub,
+        pipeline_dir=pipeline,
+        is_demo=is_demo,
+    )
+
+
+def patch_sizes(config: Any) -> tuple[int, int, int]:
+    """(temporal, height, width) patch size of a video transformer config."""
+    p = config.get("patch_size", 1) if hasattr(config, "get") else getattr(config, "patch_size", 1)
+    if isinstance(p, (list, tuple)):
+        if len(p) == 3:
+            return int(p[0]), int(p[1]), int(p[2])
+        if len(p) == 2:
+            return 1, int(p[0]), int(p[1])
+        p = p[0]
+    pt = config.get("patch_size_t") if hasattr(config, "get") else getattr(config, "patch_size_t", None)
+    return int(pt or 1), int(p or 1), int(p or 1)
+
+
+def video_tokens(model: nn.Module, latent: tuple[int, int, int]) -> int:
+    """Video tokens one self-attention sees for a latent of (frames, height, width)."""
+    pt, ph, pw = patch_sizes(model.config)
+    f, h, w = latent
+    return -(-f // pt) * (h // ph) * (w // pw)
+
+
+def inspect_model(model: str | None, recipe, revision: str | None = None, subfolder: str | None = None) -> dict[str, Any]:
+    """Attention modules, which the recipe converts, tokens and attention FLOPs (a JSON-able dict)."""
+    from .surgery import _is_self_attention, attention_flops, attention_modules, select_modules
+
+    loaded = load_skeleton(model, revision=revision, subfolder=subfolder)
+    net = loaded.transformer
+    cal = recipe.calibration
+    latent = cal.latent_shape()
+    tokens = video_tokens(net, latent)
+    text_tokens = cal.text_len if type(net).__name__ in JOINT_TEXT_ATTENTION else 0
+    n = tokens + text_tokens
+    config = recipe.hla_config()
+    chosen = set(select_modules(net, recipe.attention.include, recipe.attention.exclude))
+    rows = []
+    before = after = 0.0
+    for name, module in attention_modules(net).items():
+        heads = int(module.heads)
+        head_dim = module.to_q.out_features // heads
+        self_attn = _is_self_attention(module)
+        row: dict[str, Any] = {
+            "name": name,
+            "type": "self" if self_attn else "cross",
+            "heads": heads,
+            "head_dim": head_dim,
+            "converts_to": config.kind if name in chosen else None,
+            "flops_before": None,
+            "flops_after": None,
+        }
+        if self_attn:
+            # Cross-attention cost depends on the prompt length and is not converted: not counted.
+            row["flops_before"] = attention_flops(n, heads, head_dim, None)
+            row["flops_after"] = attention_flops(n, heads, head_dim, config if name in chosen else None)
+            before += row["flops_before"]
+            after += row["flops_after"]
+        rows.append(row)
+    return {
+        "model": loaded.source,
+        "class": type(net).__name__,
+        "recipe": recipe.name,
+        "attention": config.to_dict(),
+        "video": {"frames": cal.frames, "height": cal.height, "width": cal.width, "latent": list(latent)},
+        "patch_size": list(patch_sizes(net.config)),
+        "tokens": tokens,
+        "text_tokens": text_tokens,
+        "modules": rows,
+        "converted": sorted(chosen),
+        "flops": {"before": before, "after": after, "speedup": before / after if after else None},
+    }
+
+
+__all__ = ["inspect_model", "load_skeleton", "patch_sizes", "video_tokens"]
