@@ -133,7 +133,7 @@ class CalibrationSpec:
 class Stage1Spec:
     steps: int = 200
     lr: float = 1e-3
-    batch_size: int = 1
+    batch_size: int | None = None  # null: calibration.batch_size
     checkpoint_every: int = 50
     grad_clip: float = 1.0
 
@@ -142,7 +142,7 @@ class Stage1Spec:
 class Stage2Spec:
     steps: int = 0
     lr: float = 1e-4
-    batch_size: int = 1
+    batch_size: int | None = None  # null: calibration.batch_size
     checkpoint_every: int = 50
     grad_clip: float = 1.0
     train: str = "hla"
@@ -318,6 +318,8 @@ def _optional(check):
 def _section(path: str, data: Any, cls: type, checks: dict[str, Any]) -> Any:
     if data is None:
         data = {}
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):  # a default nested section
+        data = dataclasses.asdict(data)
     if not isinstance(data, dict):
         raise RecipeError(path, f"must be a mapping of fields ({', '.join(checks)}), got {type(data).__name__}")
     unknown = [k for k in data if k not in checks]
@@ -375,7 +377,7 @@ _CALIBRATION = {
 _STAGE1 = {
     "steps": lambda p, v: _integer(p, v, 0),
     "lr": lambda p, v: _number(p, v, positive=True),
-    "batch_size": _integer,
+    "batch_size": _optional(_integer),
     "checkpoint_every": _integer,
     "grad_clip": lambda p, v: _number(p, v, positive=True),
 }
@@ -452,7 +454,10 @@ def _check_together(r: Recipe) -> None:
     if c.timesteps.min >= c.timesteps.max:
         raise RecipeError("calibration.timesteps.max", f"must be greater than min ({c.timesteps.min}), got {c.timesteps.max}")
     for stage in ("stage1", "stage2"):
-        bs = getattr(r, stage).batch_size
+        spec = getattr(r, stage)
+        if spec.batch_size is None:
+            spec.batch_size = c.batch_size
+        bs = spec.batch_size
         if bs % c.batch_size:
             raise RecipeError(
                 f"{stage}.batch_size",
