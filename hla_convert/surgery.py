@@ -45,6 +45,17 @@ DEFAULT_INCLUDE: dict[str, tuple[str, ...]] = {
     "AllegroTransformer3DModel": ("transformer_blocks.*.attn1",),
     "LatteTransformer3DModel": ("transformer_blocks.*.attn1", "temporal_transformer_blocks.*.attn1"),
     "EasyAnimateTransformer3DModel": ("transformer_blocks.*.attn1",),
+    "CosmosTransformer3DModel": ("transformer_blocks.*.attn1",),
+    "ChronoEditTransformer3DModel": ("blocks.*.attn1",),
+    "HeliosTransformer3DModel": ("blocks.*.attn1",),
+    # the text token refiner stays softmax, as for HunyuanVideo
+    "HunyuanVideo15Transformer3DModel": ("transformer_blocks.*.attn",),
+    # These attention classes have no is_cross_attention flag, so the fallback would pick their
+    # text (and audio-video) cross-attention too. Video self-attention only; audio stays softmax.
+    "LTX2VideoTransformer3DModel": ("transformer_blocks.*.attn1",),
+    "MotifVideoTransformer3DModel": ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+    "Kandinsky5Transformer3DModel": ("visual_transformer_blocks.*.self_attention",),
+    "Kandinsky6Transformer3DModel": ("visual_transformer_blocks.*.video_dec_block.self_attention",),
 }
 
 
