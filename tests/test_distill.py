@@ -1,0 +1,155 @@
+"""Distillation: stage 1 lowers the attention-transfer loss touching only HLA weights; resume is exact; NaN stops cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hla_convert import convert_attention, hla_parameters
+from hla_convert.calibration import build_inputs
+from hla_convert.checkpoints import checkpoint_path, load_checkpoint
+from hla_convert.distill import DistillError, attention_transfer, initialize_feature_maps, output_distillation
+from hla_convert.layers import hla_layers
+from hla_convert.recipes import parse_recipe
+from tiny_models import tiny_model
+
+
+def recipe(**over):
+    data = {
+        "name": "t",
+        "model": {"architecture": "WanTransformer3DModel"},
+        "attention": {"kind": "hadamard", "feature_dim": 8},
+        "calibration": {"frames": 5, "height": 64, "width": 64, "samples": 16, "heldout": 4, "batch_size": 4, "text_len": 6},
+        "stage1": {"steps": 40, "lr": 5e-3, "batch_size": 8, "checkpoint_every": 10},
+        "stage2": {"steps": 12, "lr": 1e-3, "batch_size": 4, "checkpoint_every": 5, "gradient_checkpointing": True},
+    }
+    for path, value in over.items():
+        section, key = path.split("__")
+        data[section][key] = value
+    return parse_recipe(data)
+
+
+def converted(rec):
+    model = tiny_model("wan")
+    convert_attention(model, rec.hla_config())
+    inputs = build_inputs(model, rec, "train")
+    initialize_feature_maps(model, inputs)
+    return model, inputs
+
+
+def base_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".hla." not in k}
+
+
+def hla_state(model):
+    return {k: v.detach().clone() for k, v in hla_parameters(model).items()}
+
+
+def test_initialisation_sets_feature_maps_from_teacher_samples():
+    rec = recipe()
+    model = tiny_model("wan")
+    convert_attention(model, rec.hla_config())
+    before = hla_state(model)
+    info = initialize_feature_maps(model, build_inputs(model, rec, "train"))
+    assert info["layers"] == 2 and info["tokens"] > 0
+    assert all(not torch.equal(before[k], v) for k, v in hla_state(model).items())
+    assert all(layer.sample_sink is None and layer.mode == "student" for layer in hla_layers(model).values())
+
+
+def test_stage1_lowers_loss_and_only_hla_weights_change(tmp_path):
+    rec = recipe()
+    model, inputs = converted(rec)
+    base, hla = base_state(model), hla_state(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    seen = []
+    out = attention_transfer(model, inputs, rec, tmp_path, progress=lambda *a: seen.append(a))
+    assert out["steps"] == out["steps_run"] == 40
+    assert out["final_loss"] < 0.8 * out["initial_loss"], out["loss_history"]
+    assert set(out["layers"]) == {"blocks.0.attn1", "blocks.1.attn1"}
+    for k, v in base_state(model).items():
+        assert torch.equal(v, base[k]), f"base weight {k} changed"
+    assert all(not torch.equal(v, hla[k]) for k, v in hla_state(model).items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert [s[:3] for s in seen] == [("stage1", i, 40) for i in range(1, 41)]
+    assert "loss" in seen[-1][3]
+    tensors, state = load_checkpoint(checkpoint_path(tmp_path, "stage1"))
+    assert state["step"] == 40 and state["stage"] == "stage1"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_stage2_lowers_output_loss_and_only_hla_weights_change(tmp_path):
+    rec = recipe()
+    model, inputs = converted(rec)
+    attention_transfer(model, inputs, rec.with_overrides(steps=10, stage2_steps=rec.stage2.steps), tmp_path)
+    base = base_state(model)
+    out = output_distillation(model, inputs, rec.with_overrides(steps=10, stage2_steps=rec.stage2.steps), tmp_path)
+    assert out["steps_run"] == 12 and out["final_loss"] < out["initial_loss"]
+    for k, v in base_state(model).items():
+        assert torch.equal(v, base[k])
+    assert not model.is_gradient_checkpointing
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, stage):
+    rec = recipe()
+
+    def run(work, stop_at=None, resume=False):
+        model, inputs = converted(rec)
+
+        def progress(st, step, total, info):
+            if st == stage and step == stop_at:
+                raise Interrupt  # killed mid-run: after step 17 (last checkpoint at 15 / 10)
+
+        attention_transfer(model, inputs, rec, work, resume=resume, progress=progress)
+        output_distillation(model, inputs, rec, work, resume=resume, progress=progress)
+        return model
+
+    reference = hla_state(run(tmp_path / "a"))
+    stop = 17 if stage == "stage1" else 7
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", stop_at=stop)
+    _, state = load_checkpoint(checkpoint_path(tmp_path / "b", stage))
+    assert state["step"] == (10 if stage == "stage1" else 5)
+    resumed = hla_state(run(tmp_path / "b", resume=True))
+    for k, v in reference.items():
+        assert torch.equal(v, resumed[k]), f"{k} differs after resume"
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path):
+    rec = recipe()
+    model, inputs = converted(rec)
+    attention_transfer(model, inputs, rec.with_overrides(steps=10, stage2_steps=0), tmp_path)
+    with pytest.raises(DistillError, match="different recipe"):
+        attention_transfer(model, inputs, rec.with_overrides(steps=10, fields={"stage1.lr": 1e-2}), tmp_path, resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    rec = recipe()
+    model, inputs = converted(rec)
+    first = next(iter(hla_parameters(model).values()))
+
+    def poison(stage, step, total, info):
+        if step == 10:
+            with torch.no_grad():
+                first.fill_(float("nan"))
+
+    with pytest.raises(DistillError) as e:
+        attention_transfer(model, inputs, rec, tmp_path, progress=poison)
+    msg = str(e.value)
+    assert msg.startswith("stage 1 step 11: loss is nan; the last good checkpoint (step 10) is kept in")
+    assert str(tmp_path) in msg
+    tensors, state = load_checkpoint(checkpoint_path(tmp_path, "stage1"))
+    assert state["step"] == 10
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("param."))
+
+
+def test_softmax_kind_has_nothing_to_train(tmp_path):
+    rec = recipe(attention__kind="softmax")
+    model, inputs = converted(rec)
+    assert attention_transfer(model, inputs, rec, tmp_path)["skipped"]
+    assert output_distillation(model, inputs, rec, tmp_path)["skipped"]
