@@ -1,0 +1,89 @@
+"""Drift report: identity conversion has zero drift and passes; an untrained student fails tight thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from hla_convert import convert_attention
+from hla_convert.calibration import build_inputs
+from hla_convert.distill import attention_transfer, initialize_feature_maps
+from hla_convert.drift import PSNR_IDENTICAL, DriftReport, check_thresholds, measure_drift
+from hla_convert.layers import hla_layers
+from hla_convert.recipes import parse_recipe
+from tiny_models import tiny_model
+
+
+def recipe(kind="hadamard", **validation):
+    val = {"sampling_steps": 3, "timestep_buckets": 2}
+    val.update(validation)
+    return parse_recipe(
+        {
+            "name": "t",
+            "model": {"architecture": "WanTransformer3DModel"},
+            "attention": {"kind": kind, "feature_dim": 8},
+            "calibration": {"frames": 5, "height": 64, "width": 64, "samples": 16, "heldout": 8, "batch_size": 4, "text_len": 6},
+            "stage1": {"steps": 40, "lr": 5e-3, "batch_size": 8},
+            "validation": val,
+        }
+    )
+
+
+def setup(rec):
+    model = tiny_model("wan")
+    convert_attention(model, rec.hla_config())
+    return model, build_inputs(model, rec, "heldout")
+
+
+def test_softmax_conversion_has_zero_drift_and_passes():
+    rec = recipe("softmax", max_attention_rel_l2=0.0, max_output_rel_l2=0.0, min_output_cosine=0.9999, max_latent_rel_l2=0.0, min_latent_psnr=100.0)
+    model, held = setup(rec)
+    report = measure_drift(model, held, rec, scheduler=FlowMatchEulerDiscreteScheduler())
+    assert report.passed and report.failures == []
+    assert report.attention == {"blocks.0.attn1": 0.0, "blocks.1.attn1": 0.0}
+    assert report.output_rel_l2 == 0.0 and report.output_cosine == pytest.approx(1.0, abs=1e-6)
+    assert sum(b["samples"] for b in report.buckets) == 8 == report.heldout_samples
+    assert report.sampling["rel_l2"] == 0.0 and report.sampling["psnr_db"] == PSNR_IDENTICAL
+    doc = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert doc["passed"] is True and doc["table"]
+
+
+def test_untrained_student_fails_tight_thresholds_and_report_round_trips():
+    rec = recipe(max_attention_rel_l2=0.01, max_output_rel_l2=0.001, min_output_cosine=0.99999, max_latent_rel_l2=1e-4, min_latent_psnr=90.0)
+    model, held = setup(rec)
+    report = measure_drift(model, held, rec, scheduler=FlowMatchEulerDiscreteScheduler())
+    assert not report.passed
+    text = "\n".join(report.failures)
+    for key in ("max_attention_rel_l2", "max_output_rel_l2", "min_output_cosine", "max_latent_rel_l2", "min_latent_psnr"):
+        assert f"validation.{key}" in text
+    assert all(0 < v < 10 for v in report.attention.values())
+    assert 0 < report.output_rel_l2 < 1 and -1 <= report.output_cosine < 1
+    assert 0 < report.sampling["psnr_db"] < PSNR_IDENTICAL
+    assert all(layer.mode == "student" and layer.last_pair is None for layer in hla_layers(model).values())
+    doc = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    again = DriftReport.from_dict(doc)
+    assert again.failures == report.failures and again.attention == report.attention
+    assert check_thresholds(doc, rec.validation) == report.failures
+    assert check_thresholds(doc, {"max_output_rel_l2": 10.0}) == []  # validate re-checks with other thresholds
+    assert any(row["ok"] is False for row in report.summary_rows())
+
+
+def test_training_reduces_drift(tmp_path):
+    rec = recipe()
+    model, held = setup(rec)
+    train = build_inputs(model, rec, "train")
+    initialize_feature_maps(model, train)
+    before = measure_drift(model, held, rec)
+    attention_transfer(model, train, rec, tmp_path)
+    after = measure_drift(model, held, rec)
+    assert after.sampling is None  # no scheduler given
+    assert after.attention_mean < before.attention_mean
+    assert after.output_rel_l2 < before.output_rel_l2
+
+
+def test_from_dict_rejects_other_json():
+    with pytest.raises(ValueError, match="not a drift report"):
+        DriftReport.from_dict({"passed": True})
