@@ -83,10 +83,15 @@ def _state_kernel(
     s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn, sub, suh, sun,
     H, N, n_per_split,
     R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_U: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_U: tl.constexpr, TRANS_ACC: tl.constexpr, Z_ELEM: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    """Partial state of one (outer block, head, split): Tpart[split, bh, a, :], Zpart[split, bh, a]."""
+    """Partial state of one (outer block, head, split): Tpart[split, bh, a, :], Zpart[split, bh, a].
+
+    TRANS_ACC: accumulate T^T = X^T kk (kk as the smem operand) instead of T = kk^T X.
+    Z_ELEM: accumulate z elementwise over [BLOCK_N, BLOCK_A] and reduce once at the end,
+    instead of a cross-row reduction every step.
+    """
     pid_a = tl.program_id(0)
     bh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -103,8 +108,14 @@ def _state_kernel(
     p2 = P2 + b * s2b + h * s2h
     x_ptr = X + b * sxb + h * sxh
 
-    acc = tl.full((BLOCK_A, DV), 0.0, tl.float32)
-    zacc = tl.full((BLOCK_A,), 0.0, tl.float32)
+    if TRANS_ACC:
+        acc = tl.full((DV, BLOCK_A), 0.0, tl.float32)
+    else:
+        acc = tl.full((BLOCK_A, DV), 0.0, tl.float32)
+    if Z_ELEM:
+        zacc = tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32)
+    else:
+        zacc = tl.full((BLOCK_A,), 0.0, tl.float32)
     n_start = sp * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -117,18 +128,30 @@ def _state_kernel(
             cols = cols * w[:, None]
         kk = _kron(cols, last, BLOCK_N, G, R).to(DOT_DT)
         x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None], other=0.0)
-        acc = _mm(tl.trans(kk), x, acc, DOT_DT, PREC, EMU)
+        if TRANS_ACC:
+            acc = _mm(tl.trans(x), kk, acc, DOT_DT, PREC, EMU)
+        else:
+            acc = _mm(tl.trans(kk), x, acc, DOT_DT, PREC, EMU)
         kz = kk.to(tl.float32)
         if HAS_U:
             u = tl.load(U + b * sub + h * suh + offs_n * sun, mask=nmask, other=0.0).to(tl.float32)
             kz = kz * u[:, None]
-        zacc += _rsum(kz, axis=0)
+        if Z_ELEM:
+            zacc += kz
+        else:
+            zacc += _rsum(kz, axis=0)
 
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     n_rows = n_a * BLOCK_A
     base = sp * n_bh + bh
-    tl.store(Tpart + (base * n_rows + offs_a)[:, None] * DV + offs_c[None, :], acc)
-    tl.store(Zpart + base * n_rows + offs_a, zacc)
+    if TRANS_ACC:
+        tl.store(Tpart + (base * n_rows + offs_a)[None, :] * DV + offs_c[:, None], acc)
+    else:
+        tl.store(Tpart + (base * n_rows + offs_a)[:, None] * DV + offs_c[None, :], acc)
+    if Z_ELEM:
+        tl.store(Zpart + base * n_rows + offs_a, _rsum(zacc, axis=0))
+    else:
+        tl.store(Zpart + base * n_rows + offs_a, zacc)
 
 
 @triton.jit

@@ -18,7 +18,6 @@ this package never fixes the mode.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import pathlib
 import sys
@@ -35,13 +34,25 @@ _MODULES: dict[bool, ModuleType] = {}
 POISON_OUTPUTS = False
 
 # Launch parameters per kernel; `G` is the number of outer Kronecker indices per block (the
-# block of state rows is G * r). GPU values were picked from the sweep in benchmarks/bench_hla.py
-# on an H100 (benchmarks/RESULTS.md). "auto" = derived from r in _kernel_config.
+# block of state rows is G * r; "auto" = 128 // r). GPU values were picked from the sweep in
+# benchmarks/bench_hla.py on an H100 (benchmarks/RESULTS.md) for bf16, r = 32, dv = 128.
 GPU_CONFIG: dict[str, dict] = {
-    "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "waves": 2},
+    "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "Z_ELEM": True, "min_blocks": 8},
     "readout": {"BLOCK_M": 128, "G": 1, "num_warps": 8, "num_stages": 3},
     "dq": {"BLOCK_M": 128, "G": 1, "num_warps": 8, "num_stages": 3},
     "dkdv": {"BLOCK_N": 128, "G": 1, "num_warps": 8, "num_stages": 3},
+}
+# fp32 operands take twice the registers and shared memory: smaller tiles, fewer stages
+# (the fp32 path is for exactness, not speed; 3xTF32 dots).
+GPU_CONFIG_FP32: dict[str, dict] = {
+    "state": {"BLOCK_N": 32, "G": "auto64", "num_warps": 4, "num_stages": 2},
+    "readout": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2},
+    "dq": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2},
+    "dkdv": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+}
+# r = 64: the larger feature tiles need registers; halve the state's token block.
+GPU_CONFIG_R64: dict[str, dict] = {
+    "state": {"BLOCK_N": 32},
 }
 # Interpreter: tiny blocks so the tests' short sequences cover several blocks and a split state.
 INTERP_CONFIG: dict[str, dict] = {
@@ -135,10 +146,19 @@ def supports(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v
     return unsupported_reason(q_feats, k_feats, v) is None
 
 
-def _kernel_config(name: str, r: int, interp: bool) -> dict:
-    cfg = dict((INTERP_CONFIG if interp else GPU_CONFIG)[name])
+def _kernel_config(name: str, r: int, interp: bool, fp32: bool = False) -> dict:
+    if interp:
+        cfg = dict(INTERP_CONFIG[name])
+    else:
+        cfg = dict(GPU_CONFIG[name])
+        if r >= 64:
+            cfg.update(GPU_CONFIG_R64.get(name, {}))
+        if fp32:
+            cfg.update(GPU_CONFIG_FP32.get(name, {}))
     if cfg.get("G") == "auto":
-        cfg["G"] = max(1, min(r, 128 // r))
+        cfg["G"] = max(1, 128 // r)
+    elif cfg.get("G") == "auto64":
+        cfg["G"] = max(1, 64 // r)
     cfg["G"] = min(cfg["G"], r)
     return cfg
 
@@ -171,39 +191,69 @@ def _dot_setup(tensors: Sequence[torch.Tensor], interp: bool):
     return tl.float32, (None if interp else "tf32x3"), interp
 
 
-def _state(mod, p1, p2, x, w, u, interp, dot):
-    """T [BH, R*R, DV] fp32 and z [BH, R*R] fp32 from the factors p1, p2 and rows x, weights w, u.
+def _launch_extra(cfg: dict, interp: bool) -> dict:
+    return {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
-    w: None or (tensor, strides) multiplying each row's Kronecker feature; u: None or
-    (tensor, strides), extra weight for z only.
+
+def _splits(n: int, block_n: int, programs: int, device: torch.device, cfg: dict, interp: bool) -> int:
+    """How many programs share the sum over tokens of one state block.
+
+    Enough that the grid fills the GPU in whole waves (one program per SM at a time), never so
+    many that a program gets fewer than `min_blocks` token blocks.
+    """
+    n_blocks = triton_cdiv(n, block_n)
+    if interp:
+        return max(1, triton_cdiv(n, cfg["split_rows"]))
+    sms = _sm_count(device)
+    most = max(1, n_blocks // cfg.get("min_blocks", 8))
+    best, best_score = 1, -1.0
+    for s in range(1, min(most, 64) + 1):
+        p = programs * s
+        waves = triton_cdiv(p, sms)
+        # fraction of SM time doing work, minus a small charge for each extra partial to sum
+        score = p / (waves * sms) - 0.01 * s
+        if score > best_score:
+            best, best_score = s, score
+    return best
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _state(mod, p1, p2, x, w, u, interp, dot):
+    """T [BH, R*R, DV] fp32 and z [BH, R*R] fp32: T[a] = sum_n kk[n, a] w_n x_n, z[a] = sum_n kk[n, a] w_n u_n.
+
+    p1, p2: factors [B, H, N, R]; x: rows [B, H, N, DV]; w, u: None (all ones) or
+    (tensor, (stride_b, stride_h, stride_n)).
     """
     b, h, n, r = p1.shape
     dv = x.shape[-1]
-    cfg = _kernel_config("state", r, interp)
+    cfg = _kernel_config("state", r, interp, _is_fp32(dot))
     block_n, g = cfg["BLOCK_N"], cfg["G"]
     n_a = r // g
     bh = b * h
-    n_blocks = triton_cdiv(n, block_n)
-    if interp:
-        splits = max(1, triton_cdiv(n, cfg["split_rows"]))
-    else:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        want = triton_cdiv(cfg["waves"] * sms, n_a * bh)
-        splits = max(1, min(want, triton_cdiv(n_blocks, 8)))
-    per = triton_cdiv(n_blocks, splits) * block_n
+    splits = _splits(n, block_n, n_a * bh, x.device, cfg, interp)
+    per = triton_cdiv(triton_cdiv(n, block_n), splits) * block_n
     splits = triton_cdiv(n, per)
     a = r * r
     tpart = torch.empty((splits, bh, a, dv), dtype=torch.float32, device=x.device)
     zpart = torch.empty((splits, bh, a), dtype=torch.float32, device=x.device)
     wt, ws = w if w is not None else (x, (0, 0, 0))
     ut, us = u if u is not None else (x, (0, 0, 0))
-    extra = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     mod._state_kernel[(n_a, bh, splits)](
         p1, p2, x, wt, ut, tpart, zpart,
         *_s3(p1), *_s3(p2), *_s3(x), *ws, *us,
         h, n, per,
         R=r, DV=dv, G=g, BLOCK_N=block_n, HAS_W=w is not None, HAS_U=u is not None,
-        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **extra,
+        TRANS_ACC=cfg.get("TRANS_ACC", False), Z_ELEM=cfg.get("Z_ELEM", True),
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
     )
     if splits == 1:
         return tpart[0], zpart[0]
@@ -224,26 +274,81 @@ def _mask_weights(key_mask: torch.Tensor | None, v: torch.Tensor):
     return key_mask.to(device=v.device, dtype=torch.float32).contiguous()
 
 
-def _forward(q1, q2, k1, k2, v, wmask, eps):
-    interp = v.device.type != "cuda"
-    mod = _kernels(interp)
-    dot = _dot_setup((q1, q2, k1, k2, v), interp)
+def _is_fp32(dot) -> bool:
+    return dot[0].primitive_bitwidth == 32
+
+
+def _to_dot(t: torch.Tensor, dot) -> torch.Tensor:
+    return t if dot[0].primitive_bitwidth == 32 else t.to(torch.bfloat16)
+
+
+def _readout(mod, q1, q2, t_dot, z, out_dtype, eps, interp, dot):
+    """O [B, H, N, DV] in out_dtype and den [B*H, N] fp32 from the state."""
     b, h, n, r = q1.shape
-    dv = v.shape[-1]
-    w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
-    t, z = _state(mod, k1, k2, v, w, None, interp, dot)
-    t_dot = t if dot[0].primitive_bitwidth == 32 else t.to(torch.bfloat16)
-    out = _empty((b, h, n, dv), v.dtype, v.device)
-    den = _empty((b * h, n), torch.float32, v.device)
-    cfg = _kernel_config("readout", r, interp)
-    extra = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    dv = t_dot.shape[-1]
+    out = _empty((b, h, n, dv), out_dtype, q1.device)
+    den = _empty((b * h, n), torch.float32, q1.device)
+    cfg = _kernel_config("readout", r, interp, _is_fp32(dot))
     mod._readout_kernel[(triton_cdiv(n, cfg["BLOCK_M"]), b * h)](
         q1, q2, t_dot, z, out, den,
         *_s3(q1), *_s3(q2), *_s3(out),
         h, n, float(eps),
         R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
-        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **extra,
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
     )
+    return out, den
+
+
+def _dq(mod, q1, q2, t_dot, z, do, den, interp, dot):
+    """(dQ1 fp32, dQ2, wb [2, B*H, N] = [1 / den, -delta]) from the state and dO."""
+    b, h, n, r = q1.shape
+    dv = do.shape[-1]
+    dev = q1.device
+    # dQ1 doubles as fp32 scratch inside the kernel (see _dq_kernel)
+    dq1 = _empty((b, h, n, r), torch.float32, dev)
+    dq2 = _empty(q2.shape, q2.dtype, dev)
+    wb = _empty((2, b * h, n), torch.float32, dev)
+    cfg = _kernel_config("dq", r, interp, _is_fp32(dot))
+    mod._dq_kernel[(triton_cdiv(n, cfg["BLOCK_M"]), b * h)](
+        q1, q2, t_dot, z, do, den, wb, dq1, dq2,
+        *_s3(q1), *_s3(q2), *_s3(do), *_s3(dq2),
+        h, n,
+        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
+        DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2],
+        **_launch_extra(cfg, interp),
+    )
+    return dq1, dq2, wb
+
+
+def _dkdv(mod, k1, k2, v, wmask, dt_dot, dz, interp, dot):
+    """(dK1, dK2, dV) from dT, dz."""
+    b, h, n, r = k1.shape
+    dv = v.shape[-1]
+    dev = v.device
+    dk1 = _empty(k1.shape, k1.dtype, dev)
+    dk2 = _empty(k2.shape, k2.dtype, dev)
+    dvv = _empty(v.shape, v.dtype, dev)
+    ws = (0, 0, 0) if wmask is None else (wmask.stride(0), 0, wmask.stride(1))
+    cfg = _kernel_config("dkdv", r, interp, _is_fp32(dot))
+    mod._dkdv_kernel[(triton_cdiv(n, cfg["BLOCK_N"]), b * h)](
+        k1, k2, v, wmask if wmask is not None else v, dt_dot, dz, dk1, dk2, dvv,
+        *_s3(k1), *_s3(k2), *_s3(v), *ws,
+        *_s3(dk1), *_s3(dk2), *_s3(dvv),
+        h, n,
+        R=r, DV=dv, G=cfg["G"], BLOCK_N=cfg["BLOCK_N"], HAS_W=wmask is not None,
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
+    )
+    return dk1, dk2, dvv
+
+
+def _forward(q1, q2, k1, k2, v, wmask, eps):
+    interp = v.device.type != "cuda"
+    mod = _kernels(interp)
+    dot = _dot_setup((q1, q2, k1, k2, v), interp)
+    w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
+    t, z = _state(mod, k1, k2, v, w, None, interp, dot)
+    t_dot = _to_dot(t, dot)
+    out, den = _readout(mod, q1, q2, t_dot, z, v.dtype, eps, interp, dot)
     return out, den, t_dot, z
 
 
@@ -252,42 +357,13 @@ def _backward(q1, q2, k1, k2, v, wmask, den, t_dot, z, do):
     mod = _kernels(interp)
     dot = _dot_setup((q1, q2, k1, k2, v), interp)
     b, h, n, r = q1.shape
-    dv = v.shape[-1]
     do = _rowmajor(do)
-    dev = v.device
-    # dQ1 doubles as fp32 scratch inside the kernel (see _dq_kernel); cast at the end
-    dq1 = _empty((b, h, n, r), torch.float32, dev)
-    dq2 = _empty(q2.shape, q2.dtype, dev)
-    wb = _empty((2, b * h, n), torch.float32, dev)
-    cfg = _kernel_config("dq", r, interp)
-    extra = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    mod._dq_kernel[(triton_cdiv(n, cfg["BLOCK_M"]), b * h)](
-        q1, q2, t_dot, z, do, den, wb, dq1, dq2,
-        *_s3(q1), *_s3(q2), *_s3(do), *_s3(dq2),
-        h, n,
-        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
-        DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2], **extra,
-    )
-    dq1 = dq1.to(q1.dtype)
+    dq1, dq2, wb = _dq(mod, q1, q2, t_dot, z, do, den, interp, dot)
     # dT = sum_i kron(q_i) (x) dO_i / den_i,  dz = sum_i kron(q_i) (-delta_i / den_i)
     rows = (h * n, n, 1)
     dt, dz = _state(mod, q1, q2, do, (wb[0], rows), (wb[1], rows), interp, dot)
-    dt_dot = dt if dot[0].primitive_bitwidth == 32 else dt.to(torch.bfloat16)
-    dk1 = _empty(k1.shape, k1.dtype, dev)
-    dk2 = _empty(k2.shape, k2.dtype, dev)
-    dvv = _empty(v.shape, v.dtype, dev)
-    ws = (0, 0, 0) if wmask is None else (wmask.stride(0), 0, wmask.stride(1))
-    cfg = _kernel_config("dkdv", r, interp)
-    extra = {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    mod._dkdv_kernel[(triton_cdiv(n, cfg["BLOCK_N"]), b * h)](
-        k1, k2, v, wmask if wmask is not None else v, dt_dot, dz, dk1, dk2, dvv,
-        *_s3(k1), *_s3(k2), *_s3(v), *ws,
-        *_s3(dk1), *_s3(dk2), *_s3(dvv),
-        h, n,
-        R=r, DV=dv, G=cfg["G"], BLOCK_N=cfg["BLOCK_N"], HAS_W=wmask is not None,
-        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **extra,
-    )
-    return dq1, dq2, dk1, dk2, dvv
+    dk1, dk2, dvv = _dkdv(mod, k1, k2, v, wmask, _to_dot(dt, dot), dz, interp, dot)
+    return dq1.to(q1.dtype), dq2, dk1, dk2, dvv
 
 
 class _HadamardF2(torch.autograd.Function):

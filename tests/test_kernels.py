@@ -96,11 +96,12 @@ def test_interpreter_fp16_forward(interp):
     _check(q, k, v, do, mask, TOL[torch.float16], grads=False)
 
 
-@pytest.mark.parametrize("g", [1, 4])
-def test_interpreter_block_shapes(interp, monkeypatch, g):
-    """Every kernel with one and with several outer Kronecker indices per block."""
+@pytest.mark.parametrize("g,trans_acc,z_elem", [(1, True, False), (4, False, True)])
+def test_interpreter_block_shapes(interp, monkeypatch, g, trans_acc, z_elem):
+    """Every kernel with one and with several outer Kronecker indices per block, and the
+    state kernel's two accumulator orientations and two ways of summing z."""
     cfg = {name: dict(c, G=g) for name, c in hk.INTERP_CONFIG.items()}
-    cfg["state"]["split_rows"] = 24  # uneven splits
+    cfg["state"].update(split_rows=24, TRANS_ACC=trans_acc, Z_ELEM=z_elem)  # uneven splits
     monkeypatch.setattr(hk, "INTERP_CONFIG", cfg)
     q, k, v, do, mask = _inputs(1, 2, 37, 4, 16, torch.float32, masked=True, seed=3)
     _check(q, k, v, do, mask, TOL[torch.float32])
@@ -176,9 +177,11 @@ def test_mask_validation(interp):
         hla_kernels.hadamard_attention(q, k, v, torch.ones(1, 7, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("r", [16, 32, 64])
-@pytest.mark.parametrize("dv", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+GPU_CASES = [(r, dv, torch.bfloat16) for r in (16, 32, 64) for dv in (64, 128)] + [
+    (16, 64, torch.float32), (32, 128, torch.float32), (64, 64, torch.float32), (32, 128, torch.float16)]
+
+
+@pytest.mark.parametrize("r,dv,dtype", GPU_CASES)
 def test_gpu_forward_backward(gpu, r, dv, dtype):
     q, k, v, do, mask = _inputs(2, 3, 1000, r, dv, dtype, device="cuda", masked=True, seed=r + dv)
     _check(q, k, v, do, mask, TOL[dtype])
