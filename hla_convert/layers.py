@@ -65,7 +65,9 @@ class HLAAttention(nn.Module):
             return
         groups = fac if kind == "hadamard" else 1
         width = r**fac if kind == "linear" else r
-        weight = torch.randn(groups, num_heads, head_dim, width) / math.sqrt(head_dim)
+        # seeded: two conversions of the same base start from the same weights
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(groups, num_heads, head_dim, width, generator=gen) / math.sqrt(head_dim)
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(groups, num_heads, width))
 
