@@ -67,7 +67,14 @@ def _attention_classes() -> tuple[type, ...]:
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return (Attention, AttentionModuleMixin)
+    classes: tuple[type, ...] = (Attention, AttentionModuleMixin)
+    try:  # Mochi's attention predates the mixin
+        from diffusers.models.attention_processor import MochiAttention
+
+        classes += (MochiAttention,)
+    except ImportError:
+        pass
+    return classes
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -140,20 +147,47 @@ def convert_attention(
             raise ConversionError(f"{name} is already converted; load the base model again to convert it anew")
     for name in names:
         module = mods[name]
-        heads = int(module.heads)
-        head_dim = module.to_q.out_features // heads
-        core = HLAAttention(config, heads, head_dim).to(device=module.to_q.weight.device)
+        heads, to_q = _heads_and_query(module, name)
+        core = HLAAttention(config, heads, to_q.out_features // heads).to(device=to_q.weight.device)
         module.hla = core
-        module.set_processor(wrap_processor(module.processor))
+        _set_processor(module, wrap_processor(module.processor))
+        module._hla_guard = module.register_forward_pre_hook(_check_processor)
     return model
+
+
+def _heads_and_query(module: nn.Module, name: str) -> tuple[int, nn.Linear]:
+    """Head count and query projection, under either of the names diffusers' attention classes use."""
+    heads = getattr(module, "heads", None) or getattr(module, "num_heads", None)
+    to_q = getattr(module, "to_q", None) or getattr(module, "to_query", None)
+    if not heads or not isinstance(to_q, nn.Linear):
+        raise ConversionError(f"{name} ({type(module).__name__}) has no head count or query projection the seam knows")
+    return int(heads), to_q
+
+
+def _set_processor(module: nn.Module, processor: Any) -> None:
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
+
+
+def _check_processor(module: nn.Module, args: Any) -> None:
+    """A converted module whose processor was replaced afterwards (set_attn_processor) must not run softmax silently."""
+    if not isinstance(module.processor, HLAProcessor):
+        raise RuntimeError(
+            f"{type(module).__name__} was converted to HLA but its processor was replaced by "
+            f"{type(module.processor).__name__}; call hla_convert.revert_attention first to go back to softmax"
+        )
 
 
 def revert_attention(model: nn.Module) -> nn.Module:
     """Undo convert_attention: original processors back, HLA cores removed."""
     for name, module in attention_modules(model).items():
-        if isinstance(module.processor, HLAProcessor):
-            module.set_processor(module.processor.inner)
-            del module.hla
+        if isinstance(getattr(module, "hla", None), HLAAttention):
+            if isinstance(module.processor, HLAProcessor):
+                _set_processor(module, module.processor.inner)
+            module._hla_guard.remove()
+            del module._hla_guard, module.hla
     return model
 
 
