@@ -140,7 +140,7 @@ def ceilings():
     x = torch.randn(2**28, device=DEV)  # 1 GiB
     y = torch.empty_like(x)
     ms_c = bench(lambda: y.copy_(x))
-    bw = 2 * x.numel() * 4 / ms_c / 1e9
+    bw = 2 * x.numel() * 4 / ms_c / 1e6
     del a, b, x, y
     return {"bf16_matmul_tflops": mm, "copy_gbs": bw}
 
@@ -175,36 +175,45 @@ def check(n, dtype, grads, mask_frac=0.1, seed=1):
 # ------------------------------------------------------------------------------------- sweeps
 SWEEP = {
     "state": [
-        dict(BLOCK_N=64, G=4, num_warps=8, num_stages=3, TRANS_ACC=False, Z_ELEM=True),
-        dict(BLOCK_N=64, G=4, num_warps=8, num_stages=3, TRANS_ACC=True, Z_ELEM=True),
-        dict(BLOCK_N=64, G=4, num_warps=8, num_stages=3, TRANS_ACC=False, Z_ELEM=False),
-        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=2, TRANS_ACC=False, Z_ELEM=True),
-        dict(BLOCK_N=64, G=2, num_warps=4, num_stages=3, TRANS_ACC=False, Z_ELEM=True),
-        dict(BLOCK_N=32, G=4, num_warps=4, num_stages=4, TRANS_ACC=False, Z_ELEM=True),
-        dict(BLOCK_N=64, G=8, num_warps=8, num_stages=2, TRANS_ACC=False, Z_ELEM=True),
+        dict(BLOCK_N=64, G=4, num_warps=8, num_stages=3, TRANS_ACC=False),
+        dict(BLOCK_N=64, G=4, num_warps=8, num_stages=3, TRANS_ACC=True),
+        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=3, TRANS_ACC=False),
+        dict(BLOCK_N=64, G=8, num_warps=8, num_stages=3, TRANS_ACC=False),
+        dict(BLOCK_N=128, G=2, num_warps=4, num_stages=3, TRANS_ACC=False),
+        dict(BLOCK_N=64, G=4, num_warps=4, num_stages=4, TRANS_ACC=False),
+        dict(BLOCK_N=32, G=8, num_warps=8, num_stages=4, TRANS_ACC=False),
+    ],
+    "dstate": [
+        dict(BLOCK_N=64, G=4, num_warps=8, num_stages=3, TRANS_ACC=False),
+        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=3, TRANS_ACC=False),
+        dict(BLOCK_N=64, G=8, num_warps=8, num_stages=3, TRANS_ACC=False),
+    ],
+    "zstate": [
+        dict(BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_N=128, num_warps=4, num_stages=3),
+        dict(BLOCK_N=128, num_warps=8, num_stages=2),
     ],
     "readout": [
-        dict(BLOCK_M=128, G=1, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, G=2, num_warps=8, num_stages=3),
         dict(BLOCK_M=128, G=1, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, G=1, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, G=1, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, G=2, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, G=1, num_warps=8, num_stages=3),
         dict(BLOCK_M=256, G=1, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, G=4, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, G=1, num_warps=8, num_stages=4),
-    ],
-    "dq": [
-        dict(BLOCK_M=128, G=1, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, G=2, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, G=1, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, G=1, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, G=2, num_warps=4, num_stages=3),
     ],
+    "dq": [
+        dict(BLOCK_M=128, G=2, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, G=4, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, G=2, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, G=4, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, G=2, num_warps=8, num_stages=4),
+    ],
     "dkdv": [
-        dict(BLOCK_N=128, G=1, num_warps=8, num_stages=3),
-        dict(BLOCK_N=128, G=2, num_warps=8, num_stages=3),
-        dict(BLOCK_N=128, G=1, num_warps=4, num_stages=3),
-        dict(BLOCK_N=64, G=1, num_warps=4, num_stages=3),
         dict(BLOCK_N=64, G=2, num_warps=4, num_stages=3),
+        dict(BLOCK_N=64, G=4, num_warps=4, num_stages=3),
+        dict(BLOCK_N=128, G=2, num_warps=8, num_stages=3),
+        dict(BLOCK_N=64, G=2, num_warps=4, num_stages=4),
+        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=3),
     ],
 }
 
@@ -218,19 +227,22 @@ def kernel_parts(n, dtype=torch.bfloat16, r=R):
     do = torch.randn_like(v)
     mod = HK._kernels(False)
     dot = HK._dot_setup((q1, q2, k1, k2, v), False)
-    t, z = HK._state(mod, k1, k2, v, None, None, False, dot)
+    t = HK._state(mod, k1, k2, v, None, False, dot)
+    z = HK._zstate(mod, k1, k2, None, False)
     t_dot = HK._to_dot(t, dot)
     out, den = HK._readout(mod, q1, q2, t_dot, z, v.dtype, 1e-6, False, dot)
     _, _, wb = HK._dq(mod, q1, q2, t_dot, z, do, den, False, dot)
     rows = (H * n, n, 1)
-    dt, dz = HK._state(mod, q1, q2, do, (wb[0], rows), (wb[1], rows), False, dot)
+    dt = HK._state(mod, q1, q2, do, (wb[0], rows), False, dot, name="dstate")
+    dz = HK._zstate(mod, q1, q2, (wb[1], rows), False)
     dt_dot = HK._to_dot(dt, dot)
     unit = 2 * B * H * n * r * r * D
     return {
-        "state": (lambda: HK._state(mod, k1, k2, v, None, None, False, dot), unit),
+        "state": (lambda: HK._state(mod, k1, k2, v, None, False, dot), unit),
+        "zstate": (lambda: HK._zstate(mod, k1, k2, None, False), 2 * B * H * n * r * r),
         "readout": (lambda: HK._readout(mod, q1, q2, t_dot, z, v.dtype, 1e-6, False, dot), unit),
         "dq": (lambda: HK._dq(mod, q1, q2, t_dot, z, do, den, False, dot), unit),
-        "dT": (lambda: HK._state(mod, q1, q2, do, (wb[0], rows), (wb[1], rows), False, dot), unit),
+        "dstate": (lambda: HK._state(mod, q1, q2, do, (wb[0], rows), False, dot, name="dstate"), unit),
         "dkdv": (lambda: HK._dkdv(mod, k1, k2, v, None, dt_dot, dz, False, dot), 2 * unit),
     }
 
@@ -411,7 +423,18 @@ def main():
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     ap.add_argument("--no-baselines", action="store_true", help="only the HLA kernel and features")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", ""), help="git commit to record")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="only run the kernel's forward+backward 3 times at this N (for ncu), then exit")
     args = ap.parse_args()
+    if args.profile:
+        xq, xk, v, w, bias, _ = make_inputs(args.profile)
+        with torch.no_grad():
+            leaves = [t.requires_grad_() for t in features(xq, w, bias) + features(xk, w, bias)] + [v.requires_grad_()]
+        do = torch.randn_like(v)
+        for _ in range(3):
+            torch.autograd.grad(HLA.hadamard_attention(leaves[:2], leaves[2:4], leaves[4]), leaves, do)
+        torch.cuda.synchronize()
+        return
     ns = [int(x) for x in args.ns.split(",")]
     t0 = time.time()
     commit = args.commit

@@ -9,13 +9,18 @@ BLOCK_A = G * R rows of the state; its [rows, BLOCK_A] slice of kk is built in r
 [rows, G] slice of P1 and the [rows, R] tile of P2 and goes straight into tl.dot. No [N, R * R]
 tensor exists anywhere.
 
+The normaliser's state z[a] = sum_n kk[n, a] is the [R, R] matrix Z = P1^T diag(w) P2, a small
+GEMM of its own (_zstate_kernel, fp32): the big kernels never reduce over kk elementwise, and
+the readout gets den = rowsum(Q1 * (Q2 Z^T)) from two small dots instead of an R*R-long sum.
+
 Kernels:
-  _state_kernel    T[a, :] = sum_n kk[n, a] w_n X[n, :],  z[a] = sum_n kk[n, a] w_n u_n
-                   (forward: X = V, w = key mask, u = 1; backward: X = dO, w = 1 / den,
-                   u = -delta; the sum over n is split over programs, partials summed on the host)
+  _state_kernel    T[a, :] = sum_n kk[n, a] w_n X[n, :]
+                   (forward: X = V, w = key mask; backward: X = dO, w = 1 / den)
+  _zstate_kernel   Z = sum_n w_n P1[n] P2[n]^T   (forward: w = mask; backward: w = -delta / den)
+                   both split the sum over n across programs; partials are summed on the host
   _readout_kernel  O = (kk_q T) / (kk_q z + eps), also saves den
-  _dq_kernel       dP1, dP2 of the queries from T, z, dO, den; writes [1 / den, -delta]
-  _dkdv_kernel     dP1, dP2 of the keys and dV from dT, dz, V
+  _dq_kernel       dP1, dP2 of the queries from T, Z, dO, den; writes [1 / den, -delta / den]
+  _dkdv_kernel     dP1, dP2 of the keys and dV from dT, dZ, V
 """
 
 from __future__ import annotations
@@ -33,13 +38,34 @@ def _rsum(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _round_emu(x, DT: tl.constexpr):
+    """x (fp32) rounded to DT, kept in fp32. The interpreter truncates fp32 -> bf16 casts (the
+    GPU rounds to nearest even), so under EMU bf16 rounding is done on the bits."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _store_cast(x, DT: tl.constexpr, EMU: tl.constexpr):
+    """x cast to the output dtype DT, rounding to nearest also in the interpreter."""
+    if EMU:
+        return _round_emu(x.to(tl.float32), DT).to(DT)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
 def _mm(a, b, acc, DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
     """acc + a @ b with operands rounded to DOT_DT and fp32 accumulation.
 
     EMU (interpreter only): numpy has no bfloat16 matmul, so round to DOT_DT and multiply in fp32.
     """
     if EMU:
-        return tl.dot(a.to(DOT_DT).to(tl.float32), b.to(DOT_DT).to(tl.float32), acc)
+        return tl.dot(_round_emu(a.to(tl.float32), DOT_DT), _round_emu(b.to(tl.float32), DOT_DT), acc)
     else:
         if PREC is None:
             return tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc)
@@ -49,10 +75,10 @@ def _mm(a, b, acc, DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
 
 @triton.jit
 def _outer_cols(P1, s1n, offs_n, nmask, o0, G: tl.constexpr):
-    """[BLOCK, G] slice P1[offs_n, o0 : o0 + G] in fp32 (zero outside the rows)."""
+    """[BLOCK, G] slice P1[offs_n, o0 : o0 + G] in its own dtype (zero outside the rows)."""
     offs_g = tl.arange(0, G)
     ptrs = P1 + offs_n[:, None] * s1n + (o0 + offs_g)[None, :]
-    return tl.load(ptrs, mask=nmask[:, None], other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=nmask[:, None], other=0.0)
 
 
 @triton.jit
@@ -62,6 +88,19 @@ def _kron(cols, last, BLOCK: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
         return tl.reshape(cols, (BLOCK,))[:, None] * last
     else:
         return tl.reshape(cols[:, :, None] * last[:, None, :], (BLOCK, G * R))
+
+
+@triton.jit
+def _kron_dot(cols, last, BLOCK: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DOT_DT: tl.constexpr, EMU: tl.constexpr):
+    """_kron rounded to the dot operand dtype. Half dtypes multiply in DOT_DT (one rounding,
+    the same as an fp32 product rounded once, and packed instructions); the interpreter has no
+    bf16 arithmetic, so there the product is taken in fp32 and rounded."""
+    if EMU:
+        return _round_emu(_kron(cols.to(tl.float32), last.to(tl.float32), BLOCK, G, R), DOT_DT)
+    elif DOT_DT == tl.float32:
+        return _kron(cols.to(tl.float32), last.to(tl.float32), BLOCK, G, R)
+    else:
+        return _kron(cols.to(DOT_DT), last.to(DOT_DT), BLOCK, G, R)
 
 
 @triton.jit
@@ -79,18 +118,16 @@ def _kron_grads(dkk, cols, last, BLOCK: tl.constexpr, G: tl.constexpr, R: tl.con
 
 @triton.jit
 def _state_kernel(
-    P1, P2, X, W, U, Tpart, Zpart,
-    s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn, sub, suh, sun,
+    P1, P2, X, W, Tpart,
+    s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn,
     H, N, n_per_split,
     R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_U: tl.constexpr, TRANS_ACC: tl.constexpr, Z_ELEM: tl.constexpr,
+    HAS_W: tl.constexpr, TRANS_ACC: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    """Partial state of one (outer block, head, split): Tpart[split, bh, a, :], Zpart[split, bh, a].
+    """Partial state of one (outer block, head, split): Tpart[split, bh, a, :].
 
-    TRANS_ACC: accumulate T^T = X^T kk (kk as the smem operand) instead of T = kk^T X.
-    Z_ELEM: accumulate z elementwise over [BLOCK_N, BLOCK_A] and reduce once at the end,
-    instead of a cross-row reduction every step.
+    TRANS_ACC: accumulate T^T = X^T kk (kk as the shared-memory operand) instead of T = kk^T X.
     """
     pid_a = tl.program_id(0)
     bh = tl.program_id(1)
@@ -112,34 +149,22 @@ def _state_kernel(
         acc = tl.full((DV, BLOCK_A), 0.0, tl.float32)
     else:
         acc = tl.full((BLOCK_A, DV), 0.0, tl.float32)
-    if Z_ELEM:
-        zacc = tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32)
-    else:
-        zacc = tl.full((BLOCK_A,), 0.0, tl.float32)
     n_start = sp * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < n_end
-        last = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        last = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
         cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
         if HAS_W:
-            w = tl.load(W + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0).to(tl.float32)
-            cols = cols * w[:, None]
-        kk = _kron(cols, last, BLOCK_N, G, R).to(DOT_DT)
+            w = tl.load(W + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0)
+            cols = cols.to(tl.float32) * w[:, None]
+        kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
         x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None], other=0.0)
         if TRANS_ACC:
             acc = _mm(tl.trans(x), kk, acc, DOT_DT, PREC, EMU)
         else:
             acc = _mm(tl.trans(kk), x, acc, DOT_DT, PREC, EMU)
-        kz = kk.to(tl.float32)
-        if HAS_U:
-            u = tl.load(U + b * sub + h * suh + offs_n * sun, mask=nmask, other=0.0).to(tl.float32)
-            kz = kz * u[:, None]
-        if Z_ELEM:
-            zacc += kz
-        else:
-            zacc += _rsum(kz, axis=0)
 
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     n_rows = n_a * BLOCK_A
@@ -148,10 +173,40 @@ def _state_kernel(
         tl.store(Tpart + (base * n_rows + offs_a)[None, :] * DV + offs_c[:, None], acc)
     else:
         tl.store(Tpart + (base * n_rows + offs_a)[:, None] * DV + offs_c[None, :], acc)
-    if Z_ELEM:
-        tl.store(Zpart + base * n_rows + offs_a, _rsum(zacc, axis=0))
-    else:
-        tl.store(Zpart + base * n_rows + offs_a, zacc)
+
+
+@triton.jit
+def _zstate_kernel(
+    P1, P2, W, Zpart,
+    s1b, s1h, s1n, s2b, s2h, s2n, swb, swh, swn,
+    H, N, n_per_split,
+    R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, EMU: tl.constexpr,
+):
+    """Zpart[split, bh] = sum over the split's rows of w_n P1[n] P2[n]^T, [R, R] in fp32 (ieee)."""
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    n_bh = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    offs_r = tl.arange(0, R)
+    p1 = P1 + b * s1b + h * s1h
+    p2 = P2 + b * s2b + h * s2h
+    acc = tl.full((R, R), 0.0, tl.float32)
+    n_start = sp * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < n_end
+        a = tl.load(p1 + offs_n[:, None] * s1n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        c = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(W + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0)
+            a = a * w[:, None]
+        if EMU:
+            acc = tl.dot(tl.trans(a), c, acc)
+        else:
+            acc = tl.dot(tl.trans(a), c, acc, input_precision="ieee")
+    tl.store(Zpart + (sp * n_bh + bh) * R * R + offs_r[:, None] * R + offs_r[None, :], acc)
 
 
 @triton.jit
@@ -160,9 +215,9 @@ def _readout_kernel(
     s1b, s1h, s1n, s2b, s2h, s2n, sob, soh, son,
     H, N, eps,
     R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
-    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    """Out[rows] = (kk_q T) / (kk_q z + eps); Den[bh, rows] = kk_q z + eps."""
+    """Out[rows] = (kk_q T) / den, den = kk_q z + eps = rowsum(Q1 * (Q2 Z^T)) + eps; saves den."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -176,23 +231,26 @@ def _readout_kernel(
     offs_c = tl.arange(0, DV)
     offs_ab = tl.arange(0, BLOCK_A)
     p1 = Q1 + b * s1b + h * s1h
-    last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+    last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
     t_ptr = T + bh * A * DV
-    z_ptr = Z + bh * A
 
     acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
-    dacc = tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32)
     for o0 in range(0, R, G):
         cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
-        qq = _kron(cols, last, BLOCK_M, G, R).to(DOT_DT)
+        qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
         acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
-        z = tl.load(z_ptr + rows)
-        dacc += qq.to(tl.float32) * z[None, :]
-    den = _rsum(dacc, axis=1) + eps
+
+    first = tl.load(p1 + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+    zmat = tl.load(Z + bh * A + offs_r[:, None] * R + offs_r[None, :])  # Z[a1, a2]
+    if EMU:
+        zq = tl.dot(last.to(tl.float32), tl.trans(zmat))
+    else:
+        zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
+    den = _rsum(first * zq, axis=1) + eps
     out = acc / den[:, None]
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_c[None, :], out.to(Out.dtype.element_ty), mask=mmask[:, None])
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_c[None, :], _store_cast(out, Out.dtype.element_ty, EMU), mask=mmask[:, None])
     tl.store(Den + bh * N + offs_m, den, mask=mmask)
 
 
@@ -212,7 +270,7 @@ def _dq_kernel(
     dQ1 = (E1 - delta (Q2 Z^T)) / den, dQ2 = (E2 - delta (Q1 Z)) / den, where E1, E2 are E pulled
     back through the Kronecker product. E1 is built column block by column block in dQ1 (fp32)
     and corrected in place after a barrier.
-    Also writes Wb[0, bh, rows] = 1 / den and Wb[1, bh, rows] = -delta for the dT pass.
+    Also writes Wb[0, bh, rows] = 1 / den and Wb[1, bh, rows] = -delta / den for the dT, dZ passes.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -230,7 +288,9 @@ def _dq_kernel(
     offs_g = tl.arange(0, G)
     p1 = Q1 + b * s1b + h * s1h
     last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
-    do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0).to(DOT_DT)
+    do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
+    if not EMU:
+        do = do.to(DOT_DT)  # once, not in every _mm
 
     t_ptr = T + bh * A * DV
     # dQ1 is an fp32 [B*H, N, R] scratch (contiguous) that ends as the gradient
@@ -238,7 +298,7 @@ def _dq_kernel(
     e2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
     num_do = tl.full((BLOCK_M,), 0.0, tl.float32)
     for o0 in range(0, R, G):
-        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
+        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
         e = _mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
@@ -251,7 +311,7 @@ def _dq_kernel(
     rden = 1.0 / den
     delta = num_do * rden
     tl.store(Wb + bh * N + offs_m, rden, mask=mmask)
-    tl.store(Wb + (n_bh + bh) * N + offs_m, -delta, mask=mmask)
+    tl.store(Wb + (n_bh + bh) * N + offs_m, -delta * rden, mask=mmask)
 
     zmat = tl.load(Z + bh * A + offs_r[:, None] * R + offs_r[None, :])  # Z[a1, a2]
     first = tl.load(p1 + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
@@ -262,7 +322,7 @@ def _dq_kernel(
         zq1 = tl.dot(last, tl.trans(zmat), input_precision=SMALL_PREC)
         zq2 = tl.dot(first, zmat, input_precision=SMALL_PREC)
     dq2 = (e2 - delta[:, None] * zq2) * rden[:, None]
-    tl.store(dQ2 + b * sg2b + h * sg2h + offs_m[:, None] * sg2n + offs_r[None, :], dq2.to(dQ2.dtype.element_ty), mask=mmask[:, None])
+    tl.store(dQ2 + b * sg2b + h * sg2h + offs_m[:, None] * sg2n + offs_r[None, :], _store_cast(dq2, dQ2.dtype.element_ty, EMU), mask=mmask[:, None])
     tl.debug_barrier()  # the E1 columns written above by other threads of this program
     e1 = tl.load(e1_ptr + offs_r[None, :], mask=mmask[:, None], other=0.0)
     dq1 = (e1 - delta[:, None] * zq1) * rden[:, None]
@@ -294,7 +354,9 @@ def _dkdv_kernel(
     offs_g = tl.arange(0, G)
     p1 = K1 + b * s1b + h * s1h
     last = tl.load(K2 + b * s2b + h * s2h + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0).to(DOT_DT)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0)
+    if not EMU:
+        v = v.to(DOT_DT)
     if HAS_W:
         w = tl.load(W + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0).to(tl.float32)
     else:
@@ -306,8 +368,8 @@ def _dkdv_kernel(
     dv_acc = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     dlast = tl.full((BLOCK_N, R), 0.0, tl.float32)
     for o0 in range(0, R, G):
-        cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
-        kk = _kron(cols, last, BLOCK_N, G, R)
+        cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G).to(tl.float32)
+        kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
         z = tl.load(z_ptr + rows)
@@ -315,6 +377,6 @@ def _dkdv_kernel(
         dkk = _mm(v, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
         dcols, dl = _kron_grads(dkk, cols, last, BLOCK_N, G, R)
         dlast += dl
-        tl.store(dk1_ptr + offs_n[:, None] * sg1n + (o0 + offs_g)[None, :], (dcols * w[:, None]).to(dK1.dtype.element_ty), mask=nmask[:, None])
-    tl.store(dK2 + b * sg2b + h * sg2h + offs_n[:, None] * sg2n + offs_r[None, :], (dlast * w[:, None]).to(dK2.dtype.element_ty), mask=nmask[:, None])
-    tl.store(dV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_c[None, :], (dv_acc * w[:, None]).to(dV.dtype.element_ty), mask=nmask[:, None])
+        tl.store(dk1_ptr + offs_n[:, None] * sg1n + (o0 + offs_g)[None, :], _store_cast(dcols * w[:, None], dK1.dtype.element_ty, EMU), mask=nmask[:, None])
+    tl.store(dK2 + b * sg2b + h * sg2h + offs_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
+    tl.store(dV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_c[None, :], _store_cast(dv_acc * w[:, None], dV.dtype.element_ty, EMU), mask=nmask[:, None])

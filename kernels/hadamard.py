@@ -37,26 +37,33 @@ POISON_OUTPUTS = False
 # block of state rows is G * r; "auto" = 128 // r). GPU values were picked from the sweep in
 # benchmarks/bench_hla.py on an H100 (benchmarks/RESULTS.md) for bf16, r = 32, dv = 128.
 GPU_CONFIG: dict[str, dict] = {
-    "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "Z_ELEM": True, "min_blocks": 8},
-    "readout": {"BLOCK_M": 128, "G": 1, "num_warps": 8, "num_stages": 3},
-    "dq": {"BLOCK_M": 128, "G": 1, "num_warps": 8, "num_stages": 3},
-    "dkdv": {"BLOCK_N": 128, "G": 1, "num_warps": 8, "num_stages": 3},
+    "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "min_blocks": 8},
+    "dstate": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "min_blocks": 8},
+    "zstate": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "min_blocks": 4},
+    "readout": {"BLOCK_M": 128, "G": 1, "num_warps": 4, "num_stages": 3},
+    "dq": {"BLOCK_M": 128, "G": 2, "num_warps": 8, "num_stages": 3},
+    "dkdv": {"BLOCK_N": 64, "G": 2, "num_warps": 4, "num_stages": 3},
 }
 # fp32 operands take twice the registers and shared memory: smaller tiles, fewer stages
 # (the fp32 path is for exactness, not speed; 3xTF32 dots).
 GPU_CONFIG_FP32: dict[str, dict] = {
     "state": {"BLOCK_N": 32, "G": "auto64", "num_warps": 4, "num_stages": 2},
-    "readout": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2},
-    "dq": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2},
-    "dkdv": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dstate": {"BLOCK_N": 32, "G": "auto64", "num_warps": 4, "num_stages": 2},
+    "readout": {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 2},
+    "dq": {"BLOCK_M": 64, "G": 1, "num_warps": 4, "num_stages": 2},
+    "dkdv": {"BLOCK_N": 64, "G": 1, "num_warps": 4, "num_stages": 2},
 }
-# r = 64: the larger feature tiles need registers; halve the state's token block.
+# r = 64: the larger feature tiles need registers (these avoid spills in ptxas -v).
 GPU_CONFIG_R64: dict[str, dict] = {
     "state": {"BLOCK_N": 32},
+    "dstate": {"BLOCK_N": 32},
+    "readout": {"num_warps": 8},
 }
 # Interpreter: tiny blocks so the tests' short sequences cover several blocks and a split state.
 INTERP_CONFIG: dict[str, dict] = {
     "state": {"BLOCK_N": 8, "G": 2, "split_rows": 16},
+    "dstate": {"BLOCK_N": 8, "G": 1, "split_rows": 24},
+    "zstate": {"BLOCK_N": 8, "split_rows": 16},
     "readout": {"BLOCK_M": 16, "G": 2},
     "dq": {"BLOCK_M": 16, "G": 1},
     "dkdv": {"BLOCK_N": 16, "G": 2},
@@ -159,7 +166,8 @@ def _kernel_config(name: str, r: int, interp: bool, fp32: bool = False) -> dict:
         cfg["G"] = max(1, 128 // r)
     elif cfg.get("G") == "auto64":
         cfg["G"] = max(1, 64 // r)
-    cfg["G"] = min(cfg["G"], r)
+    if "G" in cfg:
+        cfg["G"] = min(cfg["G"], r)
     return cfg
 
 
@@ -227,37 +235,52 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[idx]
 
 
-def _state(mod, p1, p2, x, w, u, interp, dot):
-    """T [BH, R*R, DV] fp32 and z [BH, R*R] fp32: T[a] = sum_n kk[n, a] w_n x_n, z[a] = sum_n kk[n, a] w_n u_n.
+def _state(mod, p1, p2, x, w, interp, dot, name="state"):
+    """T [BH, R*R, DV] fp32: T[a] = sum_n kk[n, a] w_n x_n.
 
-    p1, p2: factors [B, H, N, R]; x: rows [B, H, N, DV]; w, u: None (all ones) or
-    (tensor, (stride_b, stride_h, stride_n)).
+    p1, p2: factors [B, H, N, R]; x: rows [B, H, N, DV]; w: None (all ones) or
+    (tensor, (stride_b, stride_h, stride_n)). `name` picks the launch config ("state" for the
+    forward, "dstate" for the backward's dT).
     """
     b, h, n, r = p1.shape
     dv = x.shape[-1]
-    cfg = _kernel_config("state", r, interp, _is_fp32(dot))
+    cfg = _kernel_config(name, r, interp, _is_fp32(dot))
     block_n, g = cfg["BLOCK_N"], cfg["G"]
     n_a = r // g
     bh = b * h
     splits = _splits(n, block_n, n_a * bh, x.device, cfg, interp)
     per = triton_cdiv(triton_cdiv(n, block_n), splits) * block_n
     splits = triton_cdiv(n, per)
-    a = r * r
-    tpart = torch.empty((splits, bh, a, dv), dtype=torch.float32, device=x.device)
-    zpart = torch.empty((splits, bh, a), dtype=torch.float32, device=x.device)
+    tpart = torch.empty((splits, bh, r * r, dv), dtype=torch.float32, device=x.device)
     wt, ws = w if w is not None else (x, (0, 0, 0))
-    ut, us = u if u is not None else (x, (0, 0, 0))
     mod._state_kernel[(n_a, bh, splits)](
-        p1, p2, x, wt, ut, tpart, zpart,
-        *_s3(p1), *_s3(p2), *_s3(x), *ws, *us,
+        p1, p2, x, wt, tpart,
+        *_s3(p1), *_s3(p2), *_s3(x), *ws,
         h, n, per,
-        R=r, DV=dv, G=g, BLOCK_N=block_n, HAS_W=w is not None, HAS_U=u is not None,
-        TRANS_ACC=cfg.get("TRANS_ACC", False), Z_ELEM=cfg.get("Z_ELEM", True),
+        R=r, DV=dv, G=g, BLOCK_N=block_n, HAS_W=w is not None, TRANS_ACC=cfg.get("TRANS_ACC", False),
         DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
     )
-    if splits == 1:
-        return tpart[0], zpart[0]
-    return tpart.sum(0), zpart.sum(0)
+    return tpart[0] if splits == 1 else tpart.sum(0)
+
+
+def _zstate(mod, p1, p2, w, interp):
+    """Z [BH, R*R] fp32 (row-major [R, R]): Z[a1, a2] = sum_n w_n p1[n, a1] p2[n, a2]."""
+    b, h, n, r = p1.shape
+    cfg = _kernel_config("zstate", r, interp)
+    block_n = cfg["BLOCK_N"]
+    bh = b * h
+    splits = _splits(n, block_n, bh, p1.device, cfg, interp)
+    per = triton_cdiv(triton_cdiv(n, block_n), splits) * block_n
+    splits = triton_cdiv(n, per)
+    zpart = torch.empty((splits, bh, r * r), dtype=torch.float32, device=p1.device)
+    wt, ws = w if w is not None else (p1, (0, 0, 0))
+    mod._zstate_kernel[(bh, splits)](
+        p1, p2, wt, zpart,
+        *_s3(p1), *_s3(p2), *ws,
+        h, n, per,
+        R=r, BLOCK_N=block_n, HAS_W=w is not None, EMU=interp, **_launch_extra(cfg, interp),
+    )
+    return zpart[0] if splits == 1 else zpart.sum(0)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -294,13 +317,14 @@ def _readout(mod, q1, q2, t_dot, z, out_dtype, eps, interp, dot):
         *_s3(q1), *_s3(q2), *_s3(out),
         h, n, float(eps),
         R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
-        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
+        DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2],
+        **_launch_extra(cfg, interp),
     )
     return out, den
 
 
 def _dq(mod, q1, q2, t_dot, z, do, den, interp, dot):
-    """(dQ1 fp32, dQ2, wb [2, B*H, N] = [1 / den, -delta]) from the state and dO."""
+    """(dQ1 fp32, dQ2, wb [2, B*H, N] = [1 / den, -delta / den]) from the state and dO."""
     b, h, n, r = q1.shape
     dv = do.shape[-1]
     dev = q1.device
@@ -346,7 +370,8 @@ def _forward(q1, q2, k1, k2, v, wmask, eps):
     mod = _kernels(interp)
     dot = _dot_setup((q1, q2, k1, k2, v), interp)
     w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
-    t, z = _state(mod, k1, k2, v, w, None, interp, dot)
+    t = _state(mod, k1, k2, v, w, interp, dot)
+    z = _zstate(mod, k1, k2, w, interp)
     t_dot = _to_dot(t, dot)
     out, den = _readout(mod, q1, q2, t_dot, z, v.dtype, eps, interp, dot)
     return out, den, t_dot, z
@@ -359,9 +384,10 @@ def _backward(q1, q2, k1, k2, v, wmask, den, t_dot, z, do):
     b, h, n, r = q1.shape
     do = _rowmajor(do)
     dq1, dq2, wb = _dq(mod, q1, q2, t_dot, z, do, den, interp, dot)
-    # dT = sum_i kron(q_i) (x) dO_i / den_i,  dz = sum_i kron(q_i) (-delta_i / den_i)
+    # dT = sum_i kron(q_i) (x) dO_i / den_i,  dZ = sum_i kron(q_i) (-delta_i / den_i)
     rows = (h * n, n, 1)
-    dt, dz = _state(mod, q1, q2, do, (wb[0], rows), (wb[1], rows), interp, dot)
+    dt = _state(mod, q1, q2, do, (wb[0], rows), interp, dot, name="dstate")
+    dz = _zstate(mod, q1, q2, (wb[1], rows), interp)
     dk1, dk2, dvv = _dkdv(mod, k1, k2, v, wmask, _to_dot(dt, dot), dz, interp, dot)
     return dq1.to(q1.dtype), dq2, dk1, dk2, dvv
 

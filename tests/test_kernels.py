@@ -96,12 +96,13 @@ def test_interpreter_fp16_forward(interp):
     _check(q, k, v, do, mask, TOL[torch.float16], grads=False)
 
 
-@pytest.mark.parametrize("g,trans_acc,z_elem", [(1, True, False), (4, False, True)])
-def test_interpreter_block_shapes(interp, monkeypatch, g, trans_acc, z_elem):
-    """Every kernel with one and with several outer Kronecker indices per block, and the
-    state kernel's two accumulator orientations and two ways of summing z."""
+@pytest.mark.parametrize("g,trans_acc", [(1, True), (4, False)])
+def test_interpreter_block_shapes(interp, monkeypatch, g, trans_acc):
+    """Every kernel with one and with several outer Kronecker indices per block, and both
+    accumulator orientations of the state kernel."""
     cfg = {name: dict(c, G=g) for name, c in hk.INTERP_CONFIG.items()}
-    cfg["state"].update(split_rows=24, TRANS_ACC=trans_acc, Z_ELEM=z_elem)  # uneven splits
+    for name in ("state", "dstate"):
+        cfg[name].update(split_rows=24, TRANS_ACC=trans_acc)  # uneven splits
     monkeypatch.setattr(hk, "INTERP_CONFIG", cfg)
     q, k, v, do, mask = _inputs(1, 2, 37, 4, 16, torch.float32, masked=True, seed=3)
     _check(q, k, v, do, mask, TOL[torch.float32])
