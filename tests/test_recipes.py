@@ -59,7 +59,7 @@ def _with(path: str, value):
         ("calibration.timesteps.distribution", "beta", "calibration.timesteps.distribution: 'beta' is not one of uniform, logit_normal"),
         ("calibration.timesteps.max", 2.0, "calibration.timesteps.max: must be a number in [0.0, 1.0]"),
         ("calibration.samples", 0, "calibration.samples: must be a positive integer, got 0"),
-        ("stage1.batch_size", 12, "stage1.batch_size: must be a multiple of calibration.batch_size (8)"),
+        ("stage1.batch_size", 6, "stage1.batch_size: must be a multiple of calibration.batch_size (4)"),
         ("stage2.train", "all", "stage2.train: 'all' is not one of hla"),
         ("stage2.steps", -1, "stage2.steps: must be an integer >= 0, got -1"),
         ("validation.min_output_cosine", 1.5, "validation.min_output_cosine: must be a number in [-1.0, 1.0]"),
