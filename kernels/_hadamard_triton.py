@@ -122,7 +122,7 @@ def _state_kernel(
     s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn,
     H, N, n_per_split,
     R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_W: tl.constexpr, TRANS_ACC: tl.constexpr,
+    HAS_W: tl.constexpr, TRANS_ACC: tl.constexpr, PREFETCH: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     """Partial state of one (outer block, head, split): Tpart[split, bh, a, :].
@@ -151,20 +151,48 @@ def _state_kernel(
         acc = tl.full((BLOCK_A, DV), 0.0, tl.float32)
     n_start = sp * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
+    w_ptr = W + b * swb + h * swh
+    # PREFETCH: the feature tiles of the next step are loaded a step ahead (registers), so their
+    # L2 latency hides behind this step's MMA; Triton pipelines only the loads that feed tl.dot
+    # directly (X), and these go through the Kronecker product first.
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    nmask = offs_n < n_end
+    last = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+    cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
+    if HAS_W:
+        w = tl.load(w_ptr + offs_n * swn, mask=nmask, other=0.0)
+    else:
+        w = tl.full((BLOCK_N,), 1.0, tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < n_end
-        last = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
-        cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
+        if PREFETCH:
+            nxt = offs_n + BLOCK_N
+            nmask_nxt = nxt < n_end
+            last_nxt = tl.load(p2 + nxt[:, None] * s2n + offs_r[None, :], mask=nmask_nxt[:, None], other=0.0)
+            cols_nxt = _outer_cols(p1, s1n, nxt, nmask_nxt, o0, G)
+            if HAS_W:
+                w_nxt = tl.load(w_ptr + nxt * swn, mask=nmask_nxt, other=0.0)
+            else:
+                w_nxt = w
+        else:
+            last = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
+            if HAS_W:
+                w = tl.load(w_ptr + offs_n * swn, mask=nmask, other=0.0)
         if HAS_W:
-            w = tl.load(W + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0)
-            cols = cols.to(tl.float32) * w[:, None]
-        kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
+            kk = _kron_dot(cols.to(tl.float32) * w[:, None], last, BLOCK_N, G, R, DOT_DT, EMU)
+        else:
+            kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
         x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None], other=0.0)
         if TRANS_ACC:
             acc = _mm(tl.trans(x), kk, acc, DOT_DT, PREC, EMU)
         else:
             acc = _mm(tl.trans(kk), x, acc, DOT_DT, PREC, EMU)
+        if PREFETCH:
+            last = last_nxt
+            cols = cols_nxt
+            w = w_nxt
 
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     n_rows = n_a * BLOCK_A
@@ -214,7 +242,7 @@ def _readout_kernel(
     Q1, Q2, T, Z, Out, Den,
     s1b, s1h, s1n, s2b, s2h, s2n, sob, soh, son,
     H, N, eps,
-    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, PREFETCH: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     """Out[rows] = (kk_q T) / den, den = kk_q z + eps = rowsum(Q1 * (Q2 Z^T)) + eps; saves den."""
@@ -235,12 +263,18 @@ def _readout_kernel(
     t_ptr = T + bh * A * DV
 
     acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
+    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G)
     for o0 in range(0, R, G):
-        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
+        if PREFETCH:  # next step's query columns, a step ahead (see _state_kernel)
+            cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
+        else:
+            cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
         qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
         acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
+        if PREFETCH:
+            cols = cols_nxt
 
     first = tl.load(p1 + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
     zmat = tl.load(Z + bh * A + offs_r[:, None] * R + offs_r[None, :])  # Z[a1, a2]

@@ -34,15 +34,15 @@ _MODULES: dict[bool, ModuleType] = {}
 POISON_OUTPUTS = False
 
 # Launch parameters per kernel; `G` is the number of outer Kronecker indices per block (the
-# block of state rows is G * r; "auto" = 128 // r). GPU values were picked from the sweep in
+# block of state rows is G * r; "auto" = 256 // r). GPU values were picked from the sweep in
 # benchmarks/bench_hla.py on an H100 (benchmarks/RESULTS.md) for bf16, r = 32, dv = 128.
 GPU_CONFIG: dict[str, dict] = {
-    "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "min_blocks": 8},
-    "dstate": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "min_blocks": 8},
+    "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": True, "min_blocks": 8},
+    "dstate": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": True, "min_blocks": 8},
     "zstate": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "min_blocks": 4},
-    "readout": {"BLOCK_M": 128, "G": 1, "num_warps": 4, "num_stages": 3},
+    "readout": {"BLOCK_M": 128, "G": 2, "num_warps": 4, "num_stages": 3, "PREFETCH": True},
     "dq": {"BLOCK_M": 128, "G": 2, "num_warps": 8, "num_stages": 3},
-    "dkdv": {"BLOCK_N": 64, "G": 2, "num_warps": 4, "num_stages": 3},
+    "dkdv": {"BLOCK_N": 128, "G": 4, "num_warps": 8, "num_stages": 3},
 }
 # fp32 operands take twice the registers and shared memory: smaller tiles, fewer stages
 # (the fp32 path is for exactness, not speed; 3xTF32 dots).
@@ -56,7 +56,7 @@ GPU_CONFIG_FP32: dict[str, dict] = {
 # r = 64: the larger feature tiles need registers (these avoid spills in ptxas -v).
 GPU_CONFIG_R64: dict[str, dict] = {
     "state": {"BLOCK_N": 32},
-    "dstate": {"BLOCK_N": 32},
+    "dstate": {"BLOCK_N": 32, "G": 2},
     "readout": {"num_warps": 8},
 }
 # Interpreter: tiny blocks so the tests' short sequences cover several blocks and a split state.
@@ -162,8 +162,8 @@ def _kernel_config(name: str, r: int, interp: bool, fp32: bool = False) -> dict:
             cfg.update(GPU_CONFIG_R64.get(name, {}))
         if fp32:
             cfg.update(GPU_CONFIG_FP32.get(name, {}))
-    if cfg.get("G") == "auto":
-        cfg["G"] = max(1, 128 // r)
+    if cfg.get("G") == "auto":  # 256 state rows per program: halves the re-reads of X vs 128
+        cfg["G"] = max(1, 256 // r)
     elif cfg.get("G") == "auto64":
         cfg["G"] = max(1, 64 // r)
     if "G" in cfg:
@@ -258,6 +258,7 @@ def _state(mod, p1, p2, x, w, interp, dot, name="state"):
         *_s3(p1), *_s3(p2), *_s3(x), *ws,
         h, n, per,
         R=r, DV=dv, G=g, BLOCK_N=block_n, HAS_W=w is not None, TRANS_ACC=cfg.get("TRANS_ACC", False),
+        PREFETCH=cfg.get("PREFETCH", True),
         DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
     )
     return tpart[0] if splits == 1 else tpart.sum(0)
@@ -316,7 +317,7 @@ def _readout(mod, q1, q2, t_dot, z, out_dtype, eps, interp, dot):
         q1, q2, t_dot, z, out, den,
         *_s3(q1), *_s3(q2), *_s3(out),
         h, n, float(eps),
-        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
+        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"], PREFETCH=cfg.get("PREFETCH", True),
         DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2],
         **_launch_extra(cfg, interp),
     )
