@@ -174,30 +174,21 @@ def check(n, dtype, grads, mask_frac=0.1, seed=1):
 
 # ------------------------------------------------------------------------------------- sweeps
 SWEEP = {
-    "state": [
-        dict(BLOCK_N=64, G=8, num_warps=8, num_stages=3, TRANS_ACC=False, PREFETCH=True),
-        dict(BLOCK_N=64, G=8, num_warps=8, num_stages=3, TRANS_ACC=False, PREFETCH=False),
-        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=3, TRANS_ACC=False, PREFETCH=True),
-        dict(BLOCK_N=64, G=8, num_warps=8, num_stages=4, TRANS_ACC=False, PREFETCH=True),
-        dict(BLOCK_N=64, G=4, num_warps=8, num_stages=3, TRANS_ACC=True, PREFETCH=True),
+    "zstate": [
+        dict(per_sm=4),
+        dict(per_sm=1),
     ],
-    "dstate": [
-        dict(BLOCK_N=64, G=8, num_warps=8, num_stages=3, TRANS_ACC=False, PREFETCH=True),
-        dict(BLOCK_N=64, G=8, num_warps=8, num_stages=3, TRANS_ACC=False, PREFETCH=False),
-        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=3, TRANS_ACC=False, PREFETCH=True),
-    ],
-    "readout": [
-        dict(BLOCK_M=128, G=2, num_warps=4, num_stages=3, PREFETCH=True),
-        dict(BLOCK_M=128, G=2, num_warps=4, num_stages=3, PREFETCH=False),
-        dict(BLOCK_M=64, G=2, num_warps=4, num_stages=3, PREFETCH=True),
-        dict(BLOCK_M=128, G=2, num_warps=4, num_stages=4, PREFETCH=True),
+    "dq": [
+        dict(BLOCK_M=128, G=2, num_warps=8, num_stages=3, PREFETCH=False),
+        dict(BLOCK_M=128, G=2, num_warps=8, num_stages=3, PREFETCH=True),
     ],
     "dkdv": [
-        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=3),
-        dict(BLOCK_N=64, G=2, num_warps=4, num_stages=4),
-        dict(BLOCK_N=128, G=2, num_warps=8, num_stages=4),
+        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=3, PREFETCH=False),
+        dict(BLOCK_N=128, G=4, num_warps=8, num_stages=3, PREFETCH=True),
     ],
 }
+# Earlier sweeps (benchmarks/RESULTS.md) settled the state, dT-state and readout configs; these
+# are the open questions of the last run.
 
 
 def kernel_parts(n, dtype=torch.bfloat16, r=R):

@@ -293,7 +293,7 @@ def _dq_kernel(
     Q1, Q2, T, Z, dO, Den, Wb, dQ1, dQ2,
     s1b, s1h, s1n, s2b, s2h, s2n, sdob, sdoh, sdon, sg2b, sg2h, sg2n,
     H, N,
-    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, PREFETCH: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     """Query-feature gradients.
@@ -331,8 +331,12 @@ def _dq_kernel(
     e1_ptr = dQ1 + bh * N * R + offs_m[:, None] * R
     e2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
     num_do = tl.full((BLOCK_M,), 0.0, tl.float32)
+    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G).to(tl.float32)
     for o0 in range(0, R, G):
-        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
+        if PREFETCH:  # next step's query columns, a step ahead (see _state_kernel)
+            cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G).to(tl.float32)
+        else:
+            cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
         e = _mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
@@ -340,6 +344,8 @@ def _dq_kernel(
         e2 += de2
         num_do += _rsum(e1 * cols, axis=1)
         tl.store(e1_ptr + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
+        if PREFETCH:
+            cols = cols_nxt
 
     den = tl.load(Den + bh * N + offs_m, mask=mmask, other=1.0)
     rden = 1.0 / den
@@ -370,7 +376,7 @@ def _dkdv_kernel(
     sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, sdvb, sdvh, sdvn,
     H, N,
     R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr,
-    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+    PREFETCH: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     """Key-feature and value gradients: dV = w kk dT, dkk = w (V dT^T + dz^T)."""
     pid_n = tl.program_id(0)
@@ -401,8 +407,12 @@ def _dkdv_kernel(
     dk1_ptr = dK1 + b * sg1b + h * sg1h
     dv_acc = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     dlast = tl.full((BLOCK_N, R), 0.0, tl.float32)
+    cols = _outer_cols(p1, s1n, offs_n, nmask, 0, G).to(tl.float32)
     for o0 in range(0, R, G):
-        cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G).to(tl.float32)
+        if PREFETCH:  # next step's key columns, a step ahead (see _state_kernel)
+            cols_nxt = _outer_cols(p1, s1n, offs_n, nmask & (o0 + G < R), o0 + G, G).to(tl.float32)
+        else:
+            cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G).to(tl.float32)
         kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
@@ -412,5 +422,7 @@ def _dkdv_kernel(
         dcols, dl = _kron_grads(dkk, cols, last, BLOCK_N, G, R)
         dlast += dl
         tl.store(dk1_ptr + offs_n[:, None] * sg1n + (o0 + offs_g)[None, :], _store_cast(dcols * w[:, None], dK1.dtype.element_ty, EMU), mask=nmask[:, None])
+        if PREFETCH:
+            cols = cols_nxt
     tl.store(dK2 + b * sg2b + h * sg2h + offs_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     tl.store(dV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_c[None, :], _store_cast(dv_acc * w[:, None], dV.dtype.element_ty, EMU), mask=nmask[:, None])

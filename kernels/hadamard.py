@@ -38,11 +38,11 @@ POISON_OUTPUTS = False
 # benchmarks/bench_hla.py on an H100 (benchmarks/RESULTS.md) for bf16, r = 32, dv = 128.
 GPU_CONFIG: dict[str, dict] = {
     "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": True, "min_blocks": 8},
-    "dstate": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": True, "min_blocks": 8},
-    "zstate": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "min_blocks": 4},
-    "readout": {"BLOCK_M": 128, "G": 2, "num_warps": 4, "num_stages": 3, "PREFETCH": True},
-    "dq": {"BLOCK_M": 128, "G": 2, "num_warps": 8, "num_stages": 3},
-    "dkdv": {"BLOCK_N": 128, "G": 4, "num_warps": 8, "num_stages": 3},
+    "dstate": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": False, "min_blocks": 8},
+    "zstate": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "min_blocks": 4, "per_sm": 4},
+    "readout": {"BLOCK_M": 128, "G": 2, "num_warps": 4, "num_stages": 3, "PREFETCH": False},
+    "dq": {"BLOCK_M": 128, "G": 2, "num_warps": 8, "num_stages": 3, "PREFETCH": False},
+    "dkdv": {"BLOCK_N": 128, "G": 4, "num_warps": 8, "num_stages": 3, "PREFETCH": False},
 }
 # fp32 operands take twice the registers and shared memory: smaller tiles, fewer stages
 # (the fp32 path is for exactness, not speed; 3xTF32 dots).
@@ -58,6 +58,7 @@ GPU_CONFIG_R64: dict[str, dict] = {
     "state": {"BLOCK_N": 32},
     "dstate": {"BLOCK_N": 32, "G": 2},
     "readout": {"num_warps": 8},
+    "dkdv": {"G": 1},
 }
 # Interpreter: tiny blocks so the tests' short sequences cover several blocks and a split state.
 INTERP_CONFIG: dict[str, dict] = {
@@ -206,20 +207,20 @@ def _launch_extra(cfg: dict, interp: bool) -> dict:
 def _splits(n: int, block_n: int, programs: int, device: torch.device, cfg: dict, interp: bool) -> int:
     """How many programs share the sum over tokens of one state block.
 
-    Enough that the grid fills the GPU in whole waves (one program per SM at a time), never so
-    many that a program gets fewer than `min_blocks` token blocks.
+    Enough that the grid fills the GPU in whole waves (`per_sm` programs resident per SM), never
+    so many that a program gets fewer than `min_blocks` token blocks.
     """
     n_blocks = triton_cdiv(n, block_n)
     if interp:
         return max(1, triton_cdiv(n, cfg["split_rows"]))
-    sms = _sm_count(device)
+    slots = _sm_count(device) * cfg.get("per_sm", 1)  # programs resident at once
     most = max(1, n_blocks // cfg.get("min_blocks", 8))
     best, best_score = 1, -1.0
     for s in range(1, min(most, 64) + 1):
         p = programs * s
-        waves = triton_cdiv(p, sms)
+        waves = triton_cdiv(p, slots)
         # fraction of SM time doing work, minus a small charge for each extra partial to sum
-        score = p / (waves * sms) - 0.01 * s
+        score = p / (waves * slots) - 0.01 * s / cfg.get("per_sm", 1)
         if score > best_score:
             best, best_score = s, score
     return best
@@ -338,7 +339,7 @@ def _dq(mod, q1, q2, t_dot, z, do, den, interp, dot):
         q1, q2, t_dot, z, do, den, wb, dq1, dq2,
         *_s3(q1), *_s3(q2), *_s3(do), *_s3(dq2),
         h, n,
-        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
+        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"], PREFETCH=cfg.get("PREFETCH", False),
         DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2],
         **_launch_extra(cfg, interp),
     )
@@ -361,7 +362,7 @@ def _dkdv(mod, k1, k2, v, wmask, dt_dot, dz, interp, dot):
         *_s3(dk1), *_s3(dk2), *_s3(dvv),
         h, n,
         R=r, DV=dv, G=cfg["G"], BLOCK_N=cfg["BLOCK_N"], HAS_W=wmask is not None,
-        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
+        PREFETCH=cfg.get("PREFETCH", False), DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
     )
     return dk1, dk2, dvv
 

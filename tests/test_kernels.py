@@ -99,7 +99,8 @@ def test_interpreter_fp16_forward(interp):
 @pytest.mark.parametrize("g,trans_acc,prefetch", [(1, True, False), (4, False, True)])
 def test_interpreter_block_shapes(interp, monkeypatch, g, trans_acc, prefetch):
     """Every kernel with one and with several outer Kronecker indices per block, both
-    accumulator orientations of the state kernel, with and without the register prefetch."""
+    accumulator orientations of the state kernel, with and without the register prefetch
+    (state, readout, dq, dk/dv)."""
     cfg = {name: dict(c, G=g, PREFETCH=prefetch) for name, c in hk.INTERP_CONFIG.items()}
     for name in ("state", "dstate"):
         cfg[name].update(split_rows=24, TRANS_ACC=trans_acc)  # uneven splits
