@@ -8,7 +8,7 @@ Every command shares these exit codes (EXIT_* below), so scripts can trust them:
        that cannot be used, a corrupt or mismatched adapter or checkpoint
     3  the run failed: training diverged (NaN/inf loss) or the model could not run; the last good
        checkpoint is kept in DIR/.hla_work, and `--resume` continues from it
-    130 interrupted (Ctrl-C); `--resume` continues from the last checkpoint
+    130 interrupted (Ctrl-C, SIGTERM); `--resume` continues from the last checkpoint
 
 Errors are one line on stderr (prefix "hla-convert: error:"), never a traceback; set
 HLA_CONVERT_DEBUG=1 to get the traceback of a failed run. Progress goes to stderr, tables and
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -101,7 +102,14 @@ app = typer.Typer(
 
 def main() -> None:
     """Console-script entry point (`hla-convert`)."""
+    # A SIGTERM (a job scheduler, `timeout`, `kill`) ends a run like Ctrl-C: one line, exit 130,
+    # the work folder kept for --resume.
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _error_line(message: str) -> None:
@@ -202,8 +210,14 @@ _ENGINE_STAGES = {
 }
 
 
+# What of the engine's progress info fits on a bar's line.
+_SHOWN_INFO = ("loss", "split", "sampling")
+
+
 class StageProgress:
-    """One Rich bar per stage on stderr, plus one per engine sub-stage reported through the callback.
+    """Progress on stderr: one Rich bar per stage and per engine sub-stage on a terminal; plain
+    lines (each stage's end, training every ~10%) where stderr is a log file or a CI pipe, since a
+    live display there shows nothing until the end.
 
     `callback(stage, step, total, info)` is the engine's progress signature. stop_after_steps (tests)
     raises a KeyboardInterrupt once that many training steps (stage 1 + stage 2) have run: the same
@@ -211,16 +225,20 @@ class StageProgress:
     """
 
     def __init__(self, console: Console, stop_after_steps: int | None = None):
+        self.console = console
+        self.live = console.is_terminal
         self.progress = Progress(
-            TextColumn("{task.description:<28}"),
-            BarColumn(bar_width=30),
+            TextColumn("{task.description:<26}"),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[info]}"),
             console=console,
+            disable=not self.live,
         )
         self.seconds: dict[str, float] = {}
         self._sub: dict[str, int] = {}
+        self._logged: dict[str, int] = {}
         self._train_steps: dict[str, int] = {}
         self.stop_after_steps = stop_after_steps
 
@@ -238,14 +256,22 @@ class StageProgress:
         yield
         self.seconds[name] = round(time.perf_counter() - start, 3)
         self.progress.update(task, completed=1, info=f"{self.seconds[name]:.1f}s")
+        if not self.live:
+            self.console.print(f"{name}: done in {self.seconds[name]:.1f}s")
 
     def callback(self, stage: str, step: int, total: int, info: dict[str, Any] | None = None) -> None:
-        label = "  " + _ENGINE_STAGES.get(stage, stage)
+        label = _ENGINE_STAGES.get(stage, stage)
+        total = max(int(total or 1), 1)
+        text = " ".join(f"{k} {_short(v)}" for k, v in (info or {}).items() if k in _SHOWN_INFO)
         task = self._sub.get(stage)
         if task is None:
-            task = self._sub[stage] = self.progress.add_task(label, total=max(int(total or 1), 1), info="")
-        text = " ".join(f"{k} {_short(v)}" for k, v in (info or {}).items() if isinstance(v, (int, float, str)))
-        self.progress.update(task, completed=step, total=max(int(total or 1), 1), info=text)
+            task = self._sub[stage] = self.progress.add_task("  " + label, total=total, info="")
+        self.progress.update(task, completed=step, total=total, info=text)
+        if not self.live and stage in ("stage1", "stage2"):
+            tenth = step * 10 // total
+            if tenth > self._logged.get(stage, 0) or step == total:
+                self._logged[stage] = tenth
+                self.console.print(f"  {label}: step {step}/{total} {text}")
         if stage in ("stage1", "stage2"):
             self._train_steps[stage] = step
             if self.stop_after_steps is not None and sum(self._train_steps.values()) >= self.stop_after_steps:
@@ -277,11 +303,14 @@ def _drift_table(report: dict[str, Any], saved: dict[str, Any] | None = None, ti
     return table
 
 
-def _verdict_line(report: dict[str, Any]) -> str:
+def _print_verdict(con: Console, report: dict[str, Any]) -> None:
     if report.get("passed"):
-        return "[green]drift within the recipe's thresholds[/green]"
+        con.print("[green]drift within the recipe's thresholds[/green]")
+        return
     failures = report.get("failures") or []
-    return "[red]drift over the recipe's thresholds: " + "; ".join(map(str, failures)) + "[/red]"
+    con.print(f"[red]drift over the recipe's thresholds ({len(failures)} check(s) failed):[/red]")
+    for failure in failures:
+        con.print(f"  - {failure}", highlight=False)
 
 
 # -- shared option handling -----------------------------------------------------------------------
@@ -416,14 +445,16 @@ def convert(
     resume_hint = f"hla-convert convert {model + ' ' if model else ''}--out {out} --resume (same options)"
     with _command("convert", json_out, resume_hint) as doc:
         from . import calibration, distill, drift
-        from .loading import load_transformer
-        from .output import pipeline_class_for, prepare_output, run_identity, save_output
+        from .loading import load_transformer, parse_dtype
+        from .pipeline_loading import load_scheduler
+        from .output import check_output, run_identity, save_output, start_run
         from .surgery import convert_attention
 
         rec = _resolve_recipe(recipe, model)
         rec = _override(rec, f"recipe {rec.name}", steps=steps, kind=attention)
-        recipe_yaml = rec.to_yaml()
-        work = prepare_output(out, run_identity(model or "<demo>", revision, subfolder, recipe_yaml, dtype), overwrite, resume)
+        run = run_identity(model, revision, subfolder, rec, dtype)
+        check_output(out, run, overwrite, resume)  # refuse a bad --out before loading the model
+        parse_dtype(dtype)
         dev = device or _default_device()
         console = _stderr()
         doc.update(out_dir=str(out.resolve()), recipe=rec.name, resumed=resume)
@@ -434,6 +465,7 @@ def convert(
             with bars.stage("convert"):
                 config = rec.hla_config()
                 convert_attention(net, config, include=rec.attention.include, exclude=rec.attention.exclude)
+            work = start_run(out, run, overwrite, resume)
             with bars.stage("calibrate"):
                 inputs = {
                     split: calibration.build_inputs(
@@ -447,21 +479,11 @@ def convert(
                 stage1 = distill.attention_transfer(net, train, rec, work_dir=work, resume=resume, progress=bars.callback)
                 stage2 = distill.output_distillation(net, train, rec, work_dir=work, resume=resume, progress=bars.callback)
             with bars.stage("validate"):
-                report = drift.measure_drift(net, heldout, rec, progress=bars.callback).to_dict()
+                scheduler = load_scheduler(loaded)
+                report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=bars.callback).to_dict()
             report["training"] = {"stage1": stage1, "stage2": stage2}
             with bars.stage("save"):
-                saved = save_output(
-                    out,
-                    net,
-                    base_source=loaded.source,
-                    base_revision=loaded.revision,
-                    base_subfolder=subfolder,
-                    base_class=type(net).__name__,
-                    pipeline_class=pipeline_class_for(type(net).__name__, loaded.pipeline_dir),
-                    recipe_name=rec.name,
-                    recipe_yaml=recipe_yaml,
-                    report=report,
-                )
+                saved = save_output(out, net, loaded, rec, report)
         doc.update(
             model={"source": loaded.source, "revision": loaded.revision, "class": type(net).__name__, "demo": loaded.is_demo},
             attention=config.to_dict(),
@@ -473,7 +495,7 @@ def convert(
         if not json_out:
             con = _stdout()
             con.print(_drift_table(report))
-            con.print(_verdict_line(report))
+            _print_verdict(con, report)
             con.print(f"saved to {out}/ ({', '.join(saved.files)})")
         doc["exit_code"] = EXIT_OK if report.get("passed") else EXIT_DRIFT
 
@@ -518,6 +540,7 @@ def validate(
         from .adapter import load_adapter
         from .loading import load_transformer
         from .output import base_of, read_output
+        from .pipeline_loading import load_scheduler
 
         info, recipe_path, saved = read_output(directory)
         thresholds = {
@@ -545,12 +568,12 @@ def validate(
                     net, rec, "heldout", pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=bars.callback
                 )
             with bars.stage("validate"):
-                report = drift.measure_drift(net, heldout, rec, progress=bars.callback).to_dict()
+                report = drift.measure_drift(net, heldout, rec, scheduler=load_scheduler(loaded), progress=bars.callback).to_dict()
         doc.update(drift=report, passed=bool(report.get("passed")), seconds=bars.seconds)
         if not json_out:
             con = _stdout()
             con.print(_drift_table(report, saved=saved or None))
-            con.print(_verdict_line(report))
+            _print_verdict(con, report)
         doc["exit_code"] = EXIT_OK if report.get("passed") else EXIT_DRIFT
 
 

@@ -30,6 +30,8 @@ from torch import nn
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter, read_adapter_info, save_adapter
 from .checkpoints import atomic_write_text, write_json_atomic
+from .loading import DEMO_MODEL_NAME, LoadedModel
+from .recipes import Recipe
 
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "drift_report.json"
@@ -61,14 +63,14 @@ class OutputError(ValueError):
 # -- starting, resuming and finishing a run ----------------------------------------------------
 
 
-def run_identity(model: str, revision: str | None, subfolder: str | None, recipe_yaml: str, dtype: str | None) -> dict[str, Any]:
+def run_identity(model: str | None, revision: str | None, subfolder: str | None, recipe: Recipe, dtype: str | None) -> dict[str, Any]:
     """What makes two invocations the same run (device and progress display do not)."""
     return {
-        "model": model,
+        "model": model or DEMO_MODEL_NAME,
         "revision": revision,
         "subfolder": subfolder,
         "dtype": dtype,
-        "recipe_sha256": hashlib.sha256(recipe_yaml.encode()).hexdigest(),
+        "recipe_sha256": hashlib.sha256(recipe.to_yaml().encode()).hexdigest(),
     }
 
 
@@ -77,31 +79,30 @@ def _ours(entry: Path) -> bool:
     return name in OUTPUT_FILES or name == WORK_DIR or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def prepare_output(out: str | Path, run: dict[str, Any], overwrite: bool = False, resume: bool = False) -> Path:
-    """Make `out` ready for the run and return its work folder (`out/.hla_work`).
+def check_output(out: str | Path, run: dict[str, Any], overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse an `out` the run cannot use, before any slow work; changes nothing on disk.
 
-    A missing or empty `out` is created. A non-empty one is refused unless `overwrite` (only when
+    A missing or empty `out` is fine. A non-empty one is refused unless `overwrite` (only when
     everything in it is an hla-convert output: the tool never deletes files it did not write) or
     `resume` (only when it holds the unfinished work of the same run).
     """
     out = Path(out)
-    work = out / WORK_DIR
     if overwrite and resume:
         raise OutputError("--overwrite and --resume exclude each other: resume keeps the run, overwrite discards it")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder")
     entries = sorted(out.iterdir()) if out.is_dir() else []
     if resume:
-        saved = _read_run(work)
+        saved = _read_run(out / WORK_DIR)
         if saved is None:
             if (out / ADAPTER_FILE).is_file() and (out / REPORT_FILE).is_file():
                 raise OutputError(f"{out} holds a finished conversion, nothing to resume; use --overwrite to run it again")
             raise OutputError(f"{out} holds no interrupted run to resume ({WORK_DIR}/{RUN_FILE} is missing)")
         diff = [k for k in sorted(set(run) | set(saved)) if run.get(k) != saved.get(k)]
         if diff:
-            what = ", ".join(f"{k} {saved.get(k)!r} -> {run.get(k)!r}" if k != "recipe_sha256" else "recipe" for k in diff)
-            raise OutputError(f"{out} holds a different run ({what} differ); resume it with the same MODEL, recipe and options")
-        return work
+            what = ", ".join("recipe" if k == "recipe_sha256" else f"{k} {saved.get(k)!r} -> {run.get(k)!r}" for k in diff)
+            raise OutputError(f"{out} holds a different run ({what}); resume it with the same MODEL, recipe and options")
+        return
     if entries:
         if not overwrite:
             raise OutputError(f"--out {out} is not empty; pass --overwrite to replace it or --resume to continue its run")
@@ -111,8 +112,18 @@ def prepare_output(out: str | Path, run: dict[str, Any], overwrite: bool = False
                 f"--out {out} holds files hla-convert did not write ({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}); refusing to overwrite it, choose another folder"
             )
-        for e in entries:
-            shutil.rmtree(e) if e.is_dir() else e.unlink()
+
+
+def start_run(out: str | Path, run: dict[str, Any], overwrite: bool = False, resume: bool = False) -> Path:
+    """Check `out` (check_output), clear it for a new run or keep it for a resumed one; returns the
+    work folder `out/.hla_work` holding run.json and the training checkpoints."""
+    check_output(out, run, overwrite, resume)
+    out = Path(out)
+    work = out / WORK_DIR
+    if resume:
+        return work
+    for entry in sorted(out.iterdir()) if out.is_dir() else []:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / RUN_FILE, run)
     return work
@@ -135,50 +146,35 @@ class SavedRun:
     files: list[str]
 
 
-def save_output(
-    out: str | Path,
-    model: nn.Module,
-    *,
-    base_source: str,
-    base_revision: str | None,
-    base_subfolder: str | None,
-    base_class: str,
-    pipeline_class: str | None,
-    recipe_name: str,
-    recipe_yaml: str,
-    report: dict[str, Any],
-    keep_work: bool = False,
-) -> SavedRun:
+def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: Recipe, report: dict[str, Any]) -> SavedRun:
     """Write the adapter, recipe, drift report and model card; then drop the work folder.
 
     The work folder goes last, so a run killed while saving is still resumable.
     """
     out = Path(out)
-    extra = {"recipe": recipe_name, "base_subfolder": base_subfolder, "pipeline_class": pipeline_class}
-    save_adapter(model, out, base_source=base_source, base_revision=base_revision, extra_metadata=extra)
-    atomic_write_text(out / RECIPE_FILE, recipe_yaml)
+    pipeline_class = pipeline_class_for(type(model).__name__, loaded)
+    extra = {
+        "recipe": recipe.name,
+        "base_subfolder": loaded.subfolder,
+        "pipeline": loaded.pipeline_dir,
+        "pipeline_class": pipeline_class,
+    }
+    save_adapter(model, out, base_source=loaded.source, base_revision=loaded.revision, extra_metadata=extra)
+    atomic_write_text(out / RECIPE_FILE, recipe.to_yaml())
     write_json_atomic(out / REPORT_FILE, report)
-    card = model_card(
-        base_source=base_source,
-        base_revision=base_revision,
-        base_class=base_class,
-        pipeline_class=pipeline_class,
-        recipe_name=recipe_name,
-        config=read_adapter_info(out)["config"],
-        report=report,
-    )
+    card = model_card(read_adapter_info(out), report)
     atomic_write_text(out / CARD_FILE, card)
-    if not keep_work:
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return SavedRun(out, [name for name in OUTPUT_FILES if (out / name).is_file()])
 
 
-def pipeline_class_for(transformer_class: str, pipeline_dir: str | None) -> str | None:
+def pipeline_class_for(transformer_class: str, loaded: LoadedModel) -> str | None:
     """The diffusers pipeline class to load the converted transformer into, when one is known."""
-    if pipeline_dir:
-        index = Path(pipeline_dir) / "model_index.json"
+    if loaded.is_demo:
+        return None  # the demo is a bare transformer in pixel space: no VAE, no text encoder
+    if loaded.pipeline_dir and Path(loaded.pipeline_dir).is_dir():
         try:
-            name = json.loads(index.read_text()).get("_class_name")
+            name = json.loads((Path(loaded.pipeline_dir) / "model_index.json").read_text()).get("_class_name")
         except (OSError, ValueError):
             name = None
         if name:
@@ -258,19 +254,13 @@ def _version() -> str:
         return "(source checkout)"
 
 
-def drift_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(metric, value, threshold, verdict) rows of a drift report, for tables."""
-    metrics = report.get("metrics") or {}
-    thresholds = report.get("thresholds") or {}
+def drift_rows(report: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """(metric, value, threshold, verdict) rows of a drift report's table, formatted for display."""
     rows = []
-    for name in metrics:
-        value = metrics[name]
-        limit = thresholds.get(name)
-        if limit is None:
-            verdict = ""
-        else:
-            verdict = "pass" if value is not None and value <= limit else "FAIL"
-        rows.append((name, _fmt(value), _fmt(limit) if limit is not None else "-", verdict))
+    for row in (report or {}).get("table") or []:
+        ok, limit = row.get("ok"), row.get("threshold")
+        verdict = "" if ok is None else "pass" if ok else "FAIL"
+        rows.append((str(row["metric"]), _fmt(row["value"]), "-" if limit is None else _fmt(limit), verdict))
     return rows
 
 
@@ -280,61 +270,64 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def model_card(
-    *,
-    base_source: str,
-    base_revision: str | None,
-    base_class: str,
-    pipeline_class: str | None,
-    recipe_name: str,
-    config: dict[str, Any],
-    report: dict[str, Any],
-) -> str:
-    version = _version()
+def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
+    """README.md of an output folder: base model, recipe, drift table, how to load it."""
+    extra = info.get("extra") or {}
+    base = info.get("base_source") or "the base model"
+    revision = info.get("base_revision")
+    pipeline_class, pipeline = extra.get("pipeline_class"), extra.get("pipeline")
+    recipe_name = extra.get("recipe", "?")
     passed = report.get("passed")
     verdict = "passed" if passed else "FAILED" if passed is not None else "not checked"
-    rev = f" (revision `{base_revision}`)" if base_revision else ""
     table = ["| metric | value | threshold | |", "|---|---|---|---|"]
     table += [f"| {m} | {v} | {t} | {ok} |" for m, v, t, ok in drift_rows(report)]
-    cfg = ", ".join(f"{k}={v}" for k, v in config.items())
+    failures = [f"- {f}" for f in report.get("failures") or []]
+    cfg = ", ".join(f"{k}={v}" for k, v in (info.get("config") or {}).items())
+    front = ["---", "library_name: diffusers"]
+    if "/" in base and not Path(base).is_absolute() and not base.startswith("hla-convert/"):
+        front.append(f"base_model: {base}")  # a Hub ID, which the Hub links to
+    front += ["tags: [hla-convert, hadamard-linear-attention, linear-attention, video-diffusion]", "---"]
+    use = [
+        "```python",
+        "from hla_convert import load_converted",
+        "",
+        "# loads the base model, converts its attention, loads the HLA weights",
+        'transformer = load_converted("<this folder>")',
+    ]
+    if pipeline_class:
+        source = f'"{pipeline}"' if pipeline else f'"<a {pipeline_class} folder or Hub ID>"'
+        use[1:1] = [f"from diffusers import {pipeline_class}"]
+        use += [f"pipe = {pipeline_class}.from_pretrained({source}, transformer=transformer)"]
+    elif info.get("base_source") == DEMO_MODEL_NAME:
+        use += [
+            "# the demo model is a bare pixel-space transformer (no VAE, no text encoder):",
+            "# call it as in hla_convert.demo_data.flow_matching_inputs",
+        ]
+    use += ["```"]
     lines = [
-        "---",
-        f"base_model: {base_source}",
-        "library_name: diffusers",
-        "tags: [hla-convert, hadamard-linear-attention, linear-attention, video-diffusion]",
-        "---",
+        *front,
         "",
-        f"# {base_source} with Hadamard Linear Attention",
+        f"# {base} with Hadamard Linear Attention",
         "",
-        f"The self-attention of `{base_source}`{rev} ({base_class}) converted to HLA by "
-        f"hla-convert {version} and distilled with the recipe `{recipe_name}` (in `{RECIPE_FILE}`).",
+        f"The self-attention of `{base}`{f' (revision `{revision}`)' if revision else ''} "
+        f"({info.get('base_class', 'transformer')}) converted to HLA by hla-convert {_version()} and "
+        f"distilled with the recipe `{recipe_name}` (in `{RECIPE_FILE}`).",
         "",
-        f"Attention: {cfg}.",
+        f"Attention: {cfg}. Converted modules: {len(info.get('modules') or [])}.",
         "",
         f"## Output drift on held-out inputs: {verdict}",
         "",
         *table,
+        *([""] + failures if failures else []),
         "",
         f"The full report is in `{REPORT_FILE}`; `hla-convert validate <this folder>` measures it again.",
         "",
         "## Use it",
         "",
-        "```python",
-        "from hla_convert import load_converted",
-        "",
-        'transformer = load_converted("<this folder>")   # loads the base, converts it, loads the HLA weights',
-    ]
-    if pipeline_class:
-        lines += [
-            f"from diffusers import {pipeline_class}",
-            "",
-            f'pipe = {pipeline_class}.from_pretrained("{base_source}", transformer=transformer)',
-        ]
-    lines += [
-        "```",
+        *use,
         "",
         "`load_converted(folder, base=None, device=None, dtype=None)`: pass `base=` when the base model "
-        "lives elsewhere now; its weights must match the fingerprint in `hla_config.json`.",
+        f"lives elsewhere now; its weights must match the fingerprint in `{CONFIG_FILE}`.",
         "",
         "## Files",
         "",
@@ -353,8 +346,9 @@ __all__ = [
     "load_converted",
     "model_card",
     "pipeline_class_for",
-    "prepare_output",
+    "check_output",
     "read_output",
     "run_identity",
     "save_output",
+    "start_run",
 ]

@@ -1,11 +1,14 @@
-"""What a model's config says without loading its weights: the module tree, tokens and FLOPs.
+"""The parts of a model around its transformer that the CLI needs, without loading weights.
 
-`hla-convert inspect` must answer for a 14B model in seconds and without downloading 28 GB, so the
-transformer is built from its config.json on the meta device (no storage, no weights read).
+- `inspect_model`: the module tree, tokens and FLOPs. `hla-convert inspect` must answer for a 14B
+  model in seconds and without downloading 28 GB, so the transformer is built from its config.json
+  on the meta device (no storage, no weights read).
+- `load_scheduler`: the pipeline's noise scheduler, for the drift check's sampling runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,33 @@ def load_skeleton(model: str | None, revision: str | None = None, subfolder: str
         pipeline_dir=pipeline,
         is_demo=is_demo,
     )
+
+
+def load_scheduler(loaded: LoadedModel) -> Any | None:
+    """The scheduler the model samples with: the pipeline's own (config only), the demo's
+    rectified-flow Euler scheduler, or None for a bare transformer (then no sampling check)."""
+    import diffusers
+
+    if loaded.is_demo:
+        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    if not loaded.pipeline_dir:
+        return None
+    where = loaded.pipeline_dir
+    try:
+        if Path(where).is_dir():
+            index = json.loads((Path(where) / "model_index.json").read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index = json.loads(Path(hf_hub_download(where, "model_index.json", revision=loaded.revision)).read_text())
+        entry = index.get("scheduler")
+        cls = getattr(diffusers, entry[1]) if isinstance(entry, list) and len(entry) == 2 else None
+        if cls is None:
+            return None
+        return cls.from_pretrained(where, subfolder="scheduler", **({"revision": loaded.revision} if loaded.revision else {}))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load the scheduler of {where}: {first}") from None
 
 
 def patch_sizes(config: Any) -> tuple[int, int, int]:
@@ -131,4 +161,4 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
     }
 
 
-__all__ = ["inspect_model", "load_skeleton", "patch_sizes", "video_tokens"]
+__all__ = ["inspect_model", "load_scheduler", "load_skeleton", "patch_sizes", "video_tokens"]

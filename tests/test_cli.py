@@ -1,0 +1,275 @@
+"""The `hla-convert` command line, end to end on the embedded demo model.
+
+One short conversion (a test recipe: the demo's, with few samples and steps) is shared by the
+tests; it runs as a real subprocess of the installed `hla-convert` entry point. Everything else goes
+through typer's CliRunner, in process. Exit codes: 0 ok, 1 drift, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from hla_convert.cli import app
+from hla_convert.recipes import load_recipe
+from tiny_models import tiny_wan
+
+runner = CliRunner()
+
+# The demo recipe, cut down to a few seconds: 6 + 2 training steps, checkpoints every 2 and 1.
+FAST = {
+    "calibration.samples": 8,
+    "calibration.heldout": 4,
+    "calibration.batch_size": 2,
+    "stage1.steps": 6,
+    "stage1.batch_size": 2,
+    "stage1.checkpoint_every": 2,
+    "stage2.steps": 2,
+    "stage2.batch_size": 2,
+    "stage2.checkpoint_every": 1,
+    "validation.sampling_steps": 2,
+    # Loose enough that 8 steps pass; the fail case tightens one threshold from the command line.
+    "validation.max_attention_rel_l2": 10.0,
+    "validation.max_output_rel_l2": 10.0,
+    "validation.min_output_cosine": -1.0,
+    "validation.max_latent_rel_l2": 10.0,
+    "validation.min_latent_psnr": -100.0,
+}
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code: int = 2, contains: str | None = None) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("hla-convert: error: "), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    if contains is not None:
+        assert contains in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def fast_recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "fast.yaml"
+    path.write_text(load_recipe("tiny-wan").with_overrides(fields=FAST).to_yaml())
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, fast_recipe) -> tuple[Path, dict]:
+    """A finished conversion of the demo, made by the installed console script (a real subprocess)."""
+    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the hla-convert console script is not installed"
+    out = tmp_path_factory.mktemp("runs") / "demo-hla"
+    proc = subprocess.run(
+        [exe, "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # stdout holds the one JSON document and nothing else
+    return out, doc
+
+
+# -- convert ------------------------------------------------------------------------------------
+
+
+def test_convert_writes_the_output_folder(converted):
+    out, doc = converted
+    assert doc["command"] == "convert" and doc["exit_code"] == 0 and doc["passed"] is True
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["README.md", "adapter_model.safetensors", "drift_report.json", "hla_config.json", "recipe.yaml"])
+    report = json.loads((out / "drift_report.json").read_text())
+    assert report["passed"] is True and report["training"]["stage1"]
+    card = (out / "README.md").read_text()
+    assert "hla-convert/demo-wan-tiny" in card and "load_converted" in card and "| metric |" in card
+    assert load_recipe(str(out / "recipe.yaml")).stage1.steps == FAST["stage1.steps"]
+    assert set(doc["seconds"]) == {"load", "convert", "calibrate", "distil", "validate", "save"}
+
+
+def test_load_converted_gives_the_converted_transformer(converted):
+    from hla_convert import hla_layers
+    from hla_convert.output import load_converted
+
+    out, _ = converted
+    model = load_converted(out)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    state = model.state_dict()
+    assert hla_layers(model) and weights
+    for name, tensor in weights.items():
+        assert torch.equal(state[name].float(), tensor)
+
+
+def test_refuses_a_non_empty_out_unless_overwrite(converted, tmp_path, fast_recipe):
+    out, _ = converted
+    assert_one_line_error(invoke("convert", "--recipe", fast_recipe, "--out", out), contains="not empty")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert_one_line_error(invoke("convert", "--recipe", fast_recipe, "--out", foreign, "--overwrite"), contains="did not write")
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# -- validate -----------------------------------------------------------------------------------
+
+
+def test_validate_passes_and_fails_on_a_tight_threshold(converted):
+    out, _ = converted
+    ok = invoke("validate", out, "--device", "cpu", "--json")
+    assert ok.exit_code == 0, ok.stderr
+    doc = json.loads(ok.stdout)
+    assert doc["passed"] is True
+    saved = json.loads((out / "drift_report.json").read_text())
+    again = {row["metric"]: row["value"] for row in doc["drift"]["table"]}
+    for row in saved["table"]:  # the held-out inputs are seeded: the same drift again
+        assert again[row["metric"]] == pytest.approx(row["value"], rel=1e-4, abs=1e-6)
+
+    tight = invoke("validate", out, "--device", "cpu", "--max-output-rel-l2", "1e-9")
+    assert tight.exit_code == 1, tight.stderr
+    assert "FAIL" in tight.stdout
+
+
+def test_validate_refuses_corrupt_and_mismatched_adapters(converted, tmp_path):
+    out, _ = converted
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    data = (broken / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(invoke("validate", broken, "--device", "cpu"), contains="corrupt")
+
+    other = tmp_path / "other-base"
+    tiny_wan().save_pretrained(other)
+    assert_one_line_error(invoke("validate", out, "--base", other, "--device", "cpu"), contains="different base")
+
+
+def test_validate_refuses_a_folder_without_a_conversion(tmp_path):
+    assert_one_line_error(invoke("validate", tmp_path), contains="adapter")
+    assert_one_line_error(invoke("validate", tmp_path / "missing"))
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def test_resume_after_an_interrupted_run_gives_the_same_adapter(tmp_path, fast_recipe):
+    # The reference runs in this process too: CPU float sums depend on the thread count, which the
+    # test process and a subprocess need not share.
+    reference = tmp_path / "uninterrupted"
+    assert invoke("convert", "--recipe", fast_recipe, "--out", reference, "--device", "cpu").exit_code == 0
+    out = tmp_path / "interrupted"
+    stopped = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--stop-after-steps", "4")
+    assert stopped.exit_code == 130, stopped.stderr
+    assert "--resume" in stopped.stderr
+    assert (out / ".hla_work" / "stage1.checkpoint.safetensors").is_file()
+    assert not (out / "adapter_model.safetensors").exists()
+
+    again = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu")
+    assert_one_line_error(again, contains="--resume")
+
+    resumed = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    doc = json.loads(resumed.stdout)
+    assert doc["resumed"] is True and doc["drift"]["training"]["stage1"]["resumed_from"] == 4
+    assert not (out / ".hla_work").exists()
+    got = load_file(str(out / "adapter_model.safetensors"))
+    want = load_file(str(reference / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_resume_refuses_a_different_run_and_a_finished_one(converted, tmp_path, fast_recipe):
+    out, _ = converted
+    assert_one_line_error(invoke("convert", "--recipe", fast_recipe, "--out", out, "--resume"), contains="nothing to resume")
+    stopped = tmp_path / "stopped"
+    invoke("convert", "--recipe", fast_recipe, "--out", stopped, "--device", "cpu", "--stop-after-steps", "2")
+    line = assert_one_line_error(
+        invoke("convert", "--recipe", fast_recipe, "--out", stopped, "--steps", "3", "--resume"), contains="different run"
+    )
+    assert "recipe" in line
+
+
+# -- bad input: one line on stderr, exit 2, no traceback ----------------------------------------
+
+
+def test_usage_errors(tmp_path):
+    assert_one_line_error(invoke("convert", "--bogus"), contains="--bogus")
+    assert_one_line_error(invoke("convert"), contains="--out")
+    assert_one_line_error(invoke("convert", "--out", tmp_path / "o", "--resume", "--overwrite"), contains="exclude")
+    assert_one_line_error(invoke("convert", "--out", tmp_path / "o", "--steps", "many"))
+    assert_one_line_error(invoke("frobnicate"))
+
+
+def test_recipe_errors(tmp_path):
+    assert_one_line_error(invoke("convert", "--recipe", "no-such-recipe", "--out", tmp_path / "o"), contains="unknown recipe")
+    bad = tmp_path / "bad.yaml"
+    data = load_recipe("tiny-wan").to_dict()
+    data["stage1"]["lr"] = "fast"
+    bad.write_text(yaml.safe_dump(data))
+    assert_one_line_error(invoke("convert", "--recipe", bad, "--out", tmp_path / "o"), contains="stage1.lr")
+    bad.write_text("name: [unclosed\n")
+    assert_one_line_error(invoke("convert", "--recipe", bad, "--out", tmp_path / "o"), contains="YAML")
+    assert_one_line_error(invoke("convert", "--attention", "quadratic", "--out", tmp_path / "o"), contains="attention.kind")
+    assert_one_line_error(invoke("recipes", "no-such-recipe"), contains="unknown recipe")
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_errors(tmp_path, monkeypatch):
+    assert_one_line_error(invoke("convert", tmp_path / "nowhere", "--recipe", "tiny-wan", "--out", tmp_path / "o"))
+    # No network here: offline mode answers at once instead of retrying the Hub for ~50 s.
+    # (huggingface_hub reads HF_HUB_OFFLINE when imported, so the environment variable is too late.)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert_one_line_error(
+        invoke("convert", "nobody-here/no-such-model", "--recipe", "tiny-wan", "--out", tmp_path / "o"), contains="no-such-model"
+    )
+    assert_one_line_error(invoke("convert", "nobody-here/no-such-model", "--out", tmp_path / "o"), contains="--recipe")
+    assert_one_line_error(invoke("convert", "--out", tmp_path / "o", "--dtype", "float7"), contains="float7")
+    assert_one_line_error(invoke("inspect", tmp_path / "nowhere", "--recipe", "tiny-wan"))
+    # a failed load leaves nothing behind: the same --out works at once
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+# -- inspect and recipes ------------------------------------------------------------------------
+
+
+def test_inspect_the_demo_as_json():
+    result = invoke("inspect", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["class"] == "WanTransformer3DModel" and doc["tokens"] > 0
+    assert doc["converted"] and all(m["converts_to"] == "hadamard" for m in doc["modules"] if m["name"] in doc["converted"])
+    assert doc["flops"]["before"] > 0 and doc["flops"]["after"] > 0
+    bigger = json.loads(invoke("inspect", "--frames", "16", "--height", "32", "--width", "32", "--json").stdout)
+    assert bigger["tokens"] == 8 * doc["tokens"]
+
+
+def test_recipes_lists_and_prints():
+    listing = invoke("recipes", "--json")
+    assert listing.exit_code == 0
+    names = json.loads(listing.stdout)["recipes"]
+    assert "tiny-wan" in names
+    shown = invoke("recipes", "tiny-wan")
+    assert shown.exit_code == 0 and shown.stdout.startswith("name: tiny-wan")
+
+
+def test_help_reads_like_a_manual():
+    for cmd in ("convert", "validate", "inspect", "recipes"):
+        result = invoke(cmd, "--help")
+        assert result.exit_code == 0
+    assert "Exit codes" in invoke("convert", "--help").stdout
