@@ -242,7 +242,7 @@ def _readout_kernel(
     Q1, Q2, T, Z, Out, Den,
     s1b, s1h, s1n, s2b, s2h, s2n, sob, soh, son,
     H, N, eps,
-    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, PREFETCH: tl.constexpr,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     """Out[rows] = (kk_q T) / den, den = kk_q z + eps = rowsum(Q1 * (Q2 Z^T)) + eps; saves den."""
@@ -263,18 +263,18 @@ def _readout_kernel(
     t_ptr = T + bh * A * DV
 
     acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
+    # The next step's query columns are loaded a step ahead (see _state_kernel). Always: the
+    # variant that loads them in-step gave wrong outputs at N >= 8192 on an H100 with Triton 3.6
+    # (bf16, BLOCK_M 128, G 2, 4 warps; right in the interpreter and at N = 1000), cause unknown;
+    # benchmarks/RESULTS.md, run 4.
     cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G)
     for o0 in range(0, R, G):
-        if PREFETCH:  # next step's query columns, a step ahead (see _state_kernel)
-            cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
-        else:
-            cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
+        cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
         qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
         acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
-        if PREFETCH:
-            cols = cols_nxt
+        cols = cols_nxt
 
     first = tl.load(p1 + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
     zmat = tl.load(Z + bh * A + offs_r[:, None] * R + offs_r[None, :])  # Z[a1, a2]

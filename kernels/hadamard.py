@@ -39,8 +39,8 @@ POISON_OUTPUTS = False
 GPU_CONFIG: dict[str, dict] = {
     "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": True, "min_blocks": 8},
     "dstate": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": False, "min_blocks": 8},
-    "zstate": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "min_blocks": 4, "per_sm": 4},
-    "readout": {"BLOCK_M": 128, "G": 2, "num_warps": 4, "num_stages": 3, "PREFETCH": False},
+    "zstate": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "min_blocks": 4, "per_sm": 1},
+    "readout": {"BLOCK_M": 128, "G": 2, "num_warps": 4, "num_stages": 3},
     "dq": {"BLOCK_M": 128, "G": 2, "num_warps": 8, "num_stages": 3, "PREFETCH": False},
     "dkdv": {"BLOCK_N": 128, "G": 4, "num_warps": 8, "num_stages": 3, "PREFETCH": False},
 }
@@ -318,7 +318,7 @@ def _readout(mod, q1, q2, t_dot, z, out_dtype, eps, interp, dot):
         q1, q2, t_dot, z, out, den,
         *_s3(q1), *_s3(q2), *_s3(out),
         h, n, float(eps),
-        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"], PREFETCH=cfg.get("PREFETCH", True),
+        R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
         DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2],
         **_launch_extra(cfg, interp),
     )
