@@ -23,6 +23,12 @@ import torch
 _STATE_KEY = "hla_convert_checkpoint"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not belong to this run; the message says which and why."""
 
@@ -37,6 +43,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file owner-only; give it the mode a plain open() would (shared checkpoints)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
         try:
