@@ -6,6 +6,7 @@ The public API; each name lives in the module that says what it holds.
 from .adapter import AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
 from .config import ConfigError, HLAConfig
 from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
+from .output import load_converted
 from .surgery import ConversionError, convert_attention, revert_attention, select_modules
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "convert_attention",
     "hla_layers",
     "hla_parameters",
+    "load_converted",
     "revert_attention",
     "select_modules",
     "set_attention_mode",
