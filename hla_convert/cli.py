@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -152,10 +153,11 @@ class _Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _command(name: str, json_mode: bool, resume_hint: str | None = None) -> Iterator[dict[str, Any]]:
+def _command(name: str, json_mode: bool, resume_hint: Callable[[], str | None] | None = None) -> Iterator[dict[str, Any]]:
     """Run a command body: map exceptions to exit codes, keep stdout clean in --json mode.
 
-    The body fills the yielded dict (the --json document) and sets its "exit_code".
+    The body fills the yielded dict (the --json document) and sets its "exit_code". resume_hint()
+    gives the command that continues an unfinished run, or None when there is nothing to continue.
     """
     doc: dict[str, Any] = {"command": name, "exit_code": EXIT_OK}
     real_stdout = sys.stdout
@@ -168,16 +170,15 @@ def _command(name: str, json_mode: bool, resume_hint: str | None = None) -> Iter
     except CommandFailed as exc:
         code, doc["error"] = exc.code, str(exc)
     except KeyboardInterrupt:
-        code, doc["error"] = EXIT_INTERRUPTED, "interrupted" + (f"; continue with: {resume_hint}" if resume_hint else "")
+        hint = resume_hint() if resume_hint else None
+        code, doc["error"] = EXIT_INTERRUPTED, "interrupted" + (f"; continue with: {hint}" if hint else "")
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         if isinstance(exc, (typer.Exit, SystemExit)):
             raise
         if isinstance(exc, _bad_input_types()):
             code, doc["error"] = EXIT_BAD_INPUT, str(exc)
         else:
-            failed = _failure_message(exc)
-            code = EXIT_RUN_FAILED
-            doc["error"] = failed + (f"; the last good checkpoint is kept: {resume_hint}" if resume_hint else "")
+            code, doc["error"] = EXIT_RUN_FAILED, _failure_message(exc, resume_hint)
             if os.environ.get("HLA_CONVERT_DEBUG"):
                 traceback.print_exc(file=sys.stderr)
     doc["exit_code"] = code
@@ -190,12 +191,15 @@ def _command(name: str, json_mode: bool, resume_hint: str | None = None) -> Iter
         raise typer.Exit(code)
 
 
-def _failure_message(exc: BaseException) -> str:
+def _failure_message(exc: BaseException, resume_hint: Callable[[], str | None] | None) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, _run_failed_types()):
-        return f"the run failed: {first}"
-    hint = "" if os.environ.get("HLA_CONVERT_DEBUG") else " (HLA_CONVERT_DEBUG=1 shows the traceback)"
-    return f"the run failed: {type(exc).__name__}: {first}{hint}"
+        # Training diverged (the engine's message says where and which checkpoint is kept). The same
+        # recipe would diverge again from that checkpoint, so no --resume hint.
+        return f"the run failed: {first}; change the recipe (e.g. a lower learning rate) and run again with --overwrite"
+    hint = resume_hint() if resume_hint else None
+    debug = "" if os.environ.get("HLA_CONVERT_DEBUG") else " (HLA_CONVERT_DEBUG=1 shows the traceback)"
+    return f"the run failed: {type(exc).__name__}: {first}{debug}" + (f"; once fixed, continue with: {hint}" if hint else "")
 
 
 # -- progress -------------------------------------------------------------------------------------
@@ -442,7 +446,19 @@ def convert(
     OUT/.hla_work while the run lasts; after the save that folder is removed. A run that was
     killed, interrupted or diverged keeps it: `--resume` continues from the last checkpoint.
     """
-    resume_hint = f"hla-convert convert {model + ' ' if model else ''}--out {out} --resume (same options)"
+    def resume_hint() -> str | None:
+        from .output import RUN_FILE, WORK_DIR
+
+        if not (out / WORK_DIR / RUN_FILE).is_file():
+            return None
+        options = {
+            "--recipe": recipe, "--steps": steps, "--attention": attention, "--device": device,
+            "--dtype": dtype, "--revision": revision, "--subfolder": subfolder,
+        }
+        words = ["hla-convert", "convert", *([model] if model else []), "--out", str(out)]
+        words += [w for k, v in options.items() if v is not None for w in (k, str(v))]
+        return shlex.join([*words, "--resume"])
+
     with _command("convert", json_out, resume_hint) as doc:
         from . import calibration, distill, drift
         from .loading import load_transformer, parse_dtype

@@ -53,10 +53,12 @@ def invoke(*args: str):
 
 def assert_one_line_error(result, code: int = 2, contains: str | None = None) -> str:
     assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    if code != 2:  # a run that failed on its way has logged its progress first
+        lines = lines[-1:]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("hla-convert: error: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
     if contains is not None:
         assert contains in lines[0], lines[0]
     return lines[0]
@@ -103,8 +105,7 @@ def test_convert_writes_the_output_folder(converted):
 
 
 def test_load_converted_gives_the_converted_transformer(converted):
-    from hla_convert import hla_layers
-    from hla_convert.output import load_converted
+    from hla_convert import hla_layers, load_converted
 
     out, _ = converted
     model = load_converted(out)
@@ -203,6 +204,17 @@ def test_resume_refuses_a_different_run_and_a_finished_one(converted, tmp_path, 
     assert "recipe" in line
 
 
+def test_a_diverging_run_stops_with_exit_3_and_keeps_its_checkpoint(tmp_path, fast_recipe):
+    recipe = tmp_path / "diverges.yaml"
+    fields = {"stage1.lr": 1e30, "stage1.grad_clip": 1e30, "stage1.checkpoint_every": 1}
+    recipe.write_text(load_recipe(str(fast_recipe)).with_overrides(fields=fields).to_yaml())
+    out = tmp_path / "out"
+    line = assert_one_line_error(invoke("convert", "--recipe", recipe, "--out", out, "--device", "cpu"), code=3)
+    assert "loss is nan" in line and "step 1" in line
+    assert (out / ".hla_work" / "stage1.checkpoint.safetensors").is_file()
+    assert not (out / "adapter_model.safetensors").exists()
+
+
 # -- bad input: one line on stderr, exit 2, no traceback ----------------------------------------
 
 
@@ -241,8 +253,46 @@ def test_model_errors(tmp_path, monkeypatch):
     assert_one_line_error(invoke("convert", "nobody-here/no-such-model", "--out", tmp_path / "o"), contains="--recipe")
     assert_one_line_error(invoke("convert", "--out", tmp_path / "o", "--dtype", "float7"), contains="float7")
     assert_one_line_error(invoke("inspect", tmp_path / "nowhere", "--recipe", "tiny-wan"))
+    # --json: the error is also the one document on stdout, for scripts
+    result = invoke("convert", tmp_path / "nowhere", "--recipe", "tiny-wan", "--out", tmp_path / "o", "--json")
+    line = assert_one_line_error(result)
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == 2 and doc["error"] in line
     # a failed load leaves nothing behind: the same --out works at once
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+# -- a local pipeline folder ---------------------------------------------------------------------
+
+
+def test_convert_a_pipeline_folder(tmp_path, fast_recipe):
+    """MODEL as a pipeline folder: its transformer converts, its scheduler drives the sampling check,
+    and the model card loads the result into that pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tmp_path / "wan-pipe"
+    tiny_wan().save_pretrained(pipe / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(pipe / "scheduler")
+    (pipe / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }))
+    recipe = tmp_path / "gaussian.yaml"
+    fields = {"calibration.synthetic": "gaussian", "calibration.frames": 5, "calibration.height": 32, "calibration.width": 32,
+              "calibration.vae_scale_temporal": 4, "calibration.vae_scale_spatial": 8}
+    recipe.write_text(load_recipe(str(fast_recipe)).with_overrides(fields=fields).to_yaml())
+    out = tmp_path / "out"
+    result = invoke("convert", pipe, "--recipe", recipe, "--out", out, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["model"]["source"] == str(pipe.resolve())
+    assert doc["drift"]["sampling"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    card = (out / "README.md").read_text()
+    assert f'WanPipeline.from_pretrained("{pipe.resolve()}", transformer=transformer)' in card
+    assert invoke("validate", out, "--device", "cpu").exit_code == 0
+    inspected = json.loads(invoke("inspect", pipe, "--recipe", recipe, "--json").stdout)
+    assert inspected["tokens"] == 2 * 2 * 2 and len(inspected["converted"]) == 2
 
 
 # -- inspect and recipes ------------------------------------------------------------------------
