@@ -161,6 +161,7 @@ def _command(name: str, json_mode: bool, resume_hint: Callable[[], str | None] |
     """
     doc: dict[str, Any] = {"command": name, "exit_code": EXIT_OK}
     real_stdout = sys.stdout
+    _quiet_hub_retries()
     code = EXIT_OK
     try:
         # In --json mode anything a library prints goes to stderr: stdout is the document alone.
@@ -189,6 +190,16 @@ def _command(name: str, json_mode: bool, resume_hint: Callable[[], str | None] |
         real_stdout.flush()
     if code != EXIT_OK:
         raise typer.Exit(code)
+
+
+def _quiet_hub_retries() -> None:
+    """huggingface_hub logs every retry of an unreachable Hub as a warning; the load error that
+    follows is the one line that matters."""
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover
+        return
+    hub_logging.set_verbosity_error()
 
 
 def _failure_message(exc: BaseException, resume_hint: Callable[[], str | None] | None) -> str:

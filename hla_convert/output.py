@@ -190,6 +190,8 @@ def read_output(out: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     out = Path(out)
     if not out.is_dir():
         raise OutputError(f"{out} is not a folder")
+    if not (out / ADAPTER_FILE).is_file() and (out / WORK_DIR / RUN_FILE).is_file():
+        raise OutputError(f"{out} holds an unfinished conversion; finish it with `hla-convert convert ... --out {out} --resume`")
     info = read_adapter_info(out)
     recipe = out / RECIPE_FILE
     if not recipe.is_file():

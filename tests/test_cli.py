@@ -180,6 +180,7 @@ def test_resume_after_an_interrupted_run_gives_the_same_adapter(tmp_path, fast_r
 
     again = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu")
     assert_one_line_error(again, contains="--resume")
+    assert_one_line_error(invoke("validate", out), contains="unfinished")
 
     resumed = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume", "--json")
     assert resumed.exit_code == 0, resumed.stderr
