@@ -4,11 +4,12 @@ Same contract as `hla_convert.ops.hadamard_attention` (HLA-MATH.md section 1) fo
 
     a_ij = (q1_i . k1_j) (q2_i . k2_j),   o_i = sum_j a_ij v_j / (sum_j a_ij + eps)
 
-computed as T = sum_j kron(k1_j, k2_j) (x) v_j  [R*R, dv] and z = sum_j kron(k1_j, k2_j)  [R*R],
-o_i = kron(q1_i, q2_i) T / (kron(q1_i, q2_i) z + eps). Forward: one state pass and one readout
-pass. Backward: dq pass (from T, z), dT pass (a state pass over the queries), dk/dv pass.
-Extra memory: T and z (and their gradients, and per-split partials) per head, O(R*R*dv), plus
-O(N) per head for den and the backward's row weights. Never O(N * R * R).
+computed as T = sum_j kron(k1_j, k2_j) (x) v_j  [R*R, dv] and Z = sum_j k1_j k2_j^T [R, R]
+(z = vec Z = sum_j kron(k1_j, k2_j)), o_i = kron(q1_i, q2_i) T / (q1_i^T Z q2_i + eps).
+Forward: state pass, Z pass, readout pass. Backward: dq pass (from T, Z), dT pass (a state pass
+over the queries), dZ pass, dk/dv pass. Extra memory: T, Z, their gradients and per-split
+partials, O(R*R*dv) per head; O(N) per head for den and the backward's row weights; an fp32
+dq1 scratch, O(N*R). Never O(N * R * R). docs/kernels.md has the design and the numbers.
 
 The jitted kernels live in `_hadamard_triton.py` and are loaded per mode: compiled for CUDA
 tensors, interpreted (TRITON_INTERPRET=1) for CPU tensors, decided when called, so importing
@@ -34,8 +35,9 @@ _MODULES: dict[bool, ModuleType] = {}
 POISON_OUTPUTS = False
 
 # Launch parameters per kernel; `G` is the number of outer Kronecker indices per block (the
-# block of state rows is G * r; "auto" = 256 // r). GPU values were picked from the sweep in
-# benchmarks/bench_hla.py on an H100 (benchmarks/RESULTS.md) for bf16, r = 32, dv = 128.
+# block of state rows is G * r; "auto" = 256 // r). GPU values were picked from the sweeps in
+# benchmarks/bench_hla.py on an H100 (benchmarks/RESULTS.md) for bf16, r = 32, dv = 128, and
+# then went through the checks; a sweep alone only times (one 1%-faster pick was wrong, run 4).
 GPU_CONFIG: dict[str, dict] = {
     "state": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": True, "min_blocks": 8},
     "dstate": {"BLOCK_N": 64, "G": "auto", "num_warps": 8, "num_stages": 3, "TRANS_ACC": False, "PREFETCH": False, "min_blocks": 8},
