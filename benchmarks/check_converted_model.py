@@ -92,7 +92,20 @@ def time_ms(fn, reps: int = 10) -> float:
     return times[len(times) // 2]
 
 
-def bench_wan_shaped(device: str) -> dict:
+def top_kernels(fn, count: int = 8) -> list[tuple[str, float]]:
+    """The CUDA kernels that take the most time in one call of fn: [(name, ms)]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:count]
+    return [(e.key[:80], round(e.device_time_total / 1000, 3)) for e in rows]
+
+
+def bench_wan_shaped(device: str, profile: bool = False) -> dict:
     from diffusers import WanTransformer3DModel
 
     from hla_convert import HLAConfig, convert_attention, hla_parameters
@@ -125,11 +138,15 @@ def bench_wan_shaped(device: str) -> dict:
         p.requires_grad_(False)
     res = {"tokens": tokens, "blocks": 2}
     res["softmax_forward_ms"] = time_ms(fwd)
+    if profile:
+        res["softmax_forward_top_kernels"] = top_kernels(fwd)
     x.requires_grad_(True)
     res["softmax_fwd_bwd_ms"] = time_ms(fwd_bwd([x]))
     x.requires_grad_(False)
     convert_attention(model, HLAConfig(kind="hadamard", factors=2, feature_dim=32, feature_map="softplus"))
     res["hla_forward_ms"] = time_ms(fwd)
+    if profile:
+        res["hla_forward_top_kernels"] = top_kernels(fwd)
     params = list(hla_parameters(model).values())
     for p in params:
         p.requires_grad_(True)
@@ -141,6 +158,7 @@ def bench_wan_shaped(device: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", action="store_true", help="also list the slowest CUDA kernels of each forward")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -149,7 +167,7 @@ def main() -> int:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     results["demo"] = check_demo(device)
     print("demo:", json.dumps(results["demo"]), flush=True)
-    results["wan_1_3b_shaped"] = bench_wan_shaped(device)
+    results["wan_1_3b_shaped"] = bench_wan_shaped(device, args.profile)
     print("wan-1.3b-shaped (2 blocks):", json.dumps(results["wan_1_3b_shaped"]), flush=True)
     if args.json:
         with open(args.json, "w") as fh:

@@ -100,8 +100,11 @@ class HLAAttention(nn.Module):
         qf, kf = self.features(q, scale), self.features(k, scale)
         if c.kind == "hadamard":
             kern = _kernels() if q.is_cuda else None
-            if kern is not None and kern.supports(qf, kf, v):
-                return kern.hadamard_attention(qf, kf, v, key_mask, c.eps).to(v.dtype)
+            if kern is not None:
+                # the kernels take features in the activations' dtype (bf16 tensor cores), fp32 inside
+                qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
+                if kern.supports(qk, kk, v):
+                    return kern.hadamard_attention(qk, kk, v, key_mask, c.eps)
             return ops.hadamard_attention(qf, kf, v, key_mask, c.eps)
         if c.kind == "linear":
             return ops.linear_attention(qf[0], kf[0], v, key_mask, c.eps)
