@@ -6,8 +6,9 @@ Every command shares these exit codes (EXIT_* below), so scripts can trust them:
     1  drift: the converted model's output drift is over the recipe's thresholds
     2  bad input: usage, unknown recipe or recipe field, unknown or unreachable model, an --out
        that cannot be used, a corrupt or mismatched adapter or checkpoint
-    3  the run failed: training diverged (NaN/inf loss) or the model could not run; the last good
-       checkpoint is kept in DIR/.hla_work, and `--resume` continues from it
+    3  the run failed: training diverged (NaN/inf loss: the checkpoints so far stay in
+       DIR/.hla_work; change the recipe and run again) or the model could not run (fix the cause,
+       then `--resume` continues from the last checkpoint)
     130 interrupted (Ctrl-C, SIGTERM); `--resume` continues from the last checkpoint
 
 Errors are one line on stderr (prefix "hla-convert: error:"), never a traceback; set
@@ -50,8 +51,8 @@ DEMO_RECIPE = "tiny-wan"
 
 _EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 drift over the recipe's thresholds; 2 bad input (usage, recipe, model, "
-    "--out, adapter); 3 the run failed (diverged; the last checkpoint is kept, --resume continues); "
-    "130 interrupted."
+    "--out, adapter); 3 the run failed (training diverged, or the model could not run); 130 interrupted "
+    "(--resume continues from the last checkpoint)."
 )
 
 
@@ -148,8 +149,8 @@ def _run_failed_types() -> tuple[type[BaseException], ...]:
     return (DistillError,)
 
 
-class _Interrupted(KeyboardInterrupt):
-    """--stop-after-steps: the same path as a Ctrl-C."""
+class _StopAfterSteps(KeyboardInterrupt):
+    """--stop-after-steps (tests): the same path as a Ctrl-C or a killed run."""
 
 
 @contextlib.contextmanager
@@ -221,7 +222,6 @@ _ENGINE_STAGES = {
     "stage1": "attention transfer",
     "stage2": "output distillation",
     "drift": "held-out drift",
-    "sampling": "sampling runs",
 }
 
 
@@ -290,7 +290,7 @@ class StageProgress:
         if stage in ("stage1", "stage2"):
             self._train_steps[stage] = step
             if self.stop_after_steps is not None and sum(self._train_steps.values()) >= self.stop_after_steps:
-                raise _Interrupted(f"stopped after {self.stop_after_steps} steps (--stop-after-steps)")
+                raise _StopAfterSteps()
 
 
 def _short(v: Any) -> str:
@@ -300,10 +300,11 @@ def _short(v: Any) -> str:
 # -- rendering ------------------------------------------------------------------------------------
 
 
-def _drift_table(report: dict[str, Any], saved: dict[str, Any] | None = None, title: str = "Output drift (held-out)") -> Table:
+def _drift_table(report: dict[str, Any], saved: dict[str, Any] | None = None) -> Table:
+    """The drift report as a table; `saved` adds the values measured at convert time (validate)."""
     from .output import drift_rows
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title="Output drift (held-out)", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     if saved is not None:
@@ -455,7 +456,7 @@ def convert(
     Stages, each with a progress bar: load -> convert -> calibrate -> distil (attention transfer,
     then output distillation) -> validate (held-out drift) -> save. Training checkpoints go to
     OUT/.hla_work while the run lasts; after the save that folder is removed. A run that was
-    killed, interrupted or diverged keeps it: `--resume` continues from the last checkpoint.
+    killed or interrupted keeps it, and `--resume` continues from the last checkpoint.
     """
     def resume_hint() -> str | None:
         from .output import RUN_FILE, WORK_DIR
@@ -527,17 +528,8 @@ def convert(
         doc["exit_code"] = EXIT_OK if report.get("passed") else EXIT_DRIFT
 
 
-_THRESHOLD_OPTS = {
-    "max_attention_rel_l2": "--max-attention-rel-l2",
-    "max_output_rel_l2": "--max-output-rel-l2",
-    "min_output_cosine": "--min-output-cosine",
-    "max_latent_rel_l2": "--max-latent-rel-l2",
-    "min_latent_psnr": "--min-latent-psnr",
-}
-
-
-def _threshold(name: str, text: str) -> Any:
-    return typer.Option(_THRESHOLD_OPTS[name], help=text, show_default=False)
+def _threshold(flag: str, text: str) -> Any:
+    return typer.Option(flag, help=f"Override the recipe's {text}.", show_default=False)
 
 
 @app.command(epilog="Example:\n\n  hla-convert validate demo-hla --json\n\n" + _EXIT_CODES_HELP)
@@ -549,11 +541,11 @@ def validate(
     ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    max_attention_rel_l2: Annotated[float | None, _threshold("max_attention_rel_l2", "Override the recipe's max attention relative L2.")] = None,
-    max_output_rel_l2: Annotated[float | None, _threshold("max_output_rel_l2", "Override the recipe's max output relative L2.")] = None,
-    min_output_cosine: Annotated[float | None, _threshold("min_output_cosine", "Override the recipe's min output cosine.")] = None,
-    max_latent_rel_l2: Annotated[float | None, _threshold("max_latent_rel_l2", "Override the recipe's max sampled-latent relative L2.")] = None,
-    min_latent_psnr: Annotated[float | None, _threshold("min_latent_psnr", "Override the recipe's min sampled-latent PSNR (dB).")] = None,
+    max_attention_rel_l2: Annotated[float | None, _threshold("--max-attention-rel-l2", "max attention relative L2")] = None,
+    max_output_rel_l2: Annotated[float | None, _threshold("--max-output-rel-l2", "max output relative L2")] = None,
+    min_output_cosine: Annotated[float | None, _threshold("--min-output-cosine", "min output cosine")] = None,
+    max_latent_rel_l2: Annotated[float | None, _threshold("--max-latent-rel-l2", "max sampled-latent relative L2")] = None,
+    min_latent_psnr: Annotated[float | None, _threshold("--min-latent-psnr", "min sampled-latent PSNR (dB)")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Re-check a saved conversion against its base model on the recipe's held-out inputs.
