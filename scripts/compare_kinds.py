@@ -73,6 +73,16 @@ def run(exe: str, recipe: Path, kind: str, out: Path, steps: int | None) -> tupl
     return cmd, json.loads(proc.stdout), seconds
 
 
+def git_commit() -> str:
+    """The checkout's commit, for the record."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
 def hla_parameter_count(out: Path) -> int:
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
@@ -163,7 +173,7 @@ def main() -> None:
             "",
             *verdicts,
             "",
-            "Commands (one per kind and seed; the recipe files are the named recipe with calibration.seed set):",
+            f"Commands (one per kind and seed; the recipe files are the named recipe with calibration.seed set), made at {git_commit()}:",
             "",
             "```",
             shlex.join(["python", "scripts/compare_kinds.py", *sys.argv[1:]]),
