@@ -65,6 +65,8 @@ class OutputError(ValueError):
 
 def run_identity(model: str | None, revision: str | None, subfolder: str | None, recipe: Recipe, dtype: str | None) -> dict[str, Any]:
     """What makes two invocations the same run (device and progress display do not)."""
+    if model is not None and Path(model).expanduser().is_dir():
+        model = str(Path(model).expanduser().resolve())  # ./pipe and /abs/pipe are the same model
     return {
         "model": model or DEMO_MODEL_NAME,
         "revision": revision,

@@ -52,8 +52,7 @@ def load_skeleton(model: str | None, revision: str | None = None, subfolder: str
         with init_empty_weights():
             transformer = cls.from_config(config)
     except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not build {name} from the config of {source}: {first}") from None
+        raise ModelLoadError(f"could not build {name} from the config of {source}: {_first_line(exc)}") from None
     return LoadedModel(
         transformer=transformer,
         source=DEMO_MODEL_NAME if is_demo else source,
@@ -87,8 +86,12 @@ def load_scheduler(loaded: LoadedModel) -> Any | None:
             return None
         return cls.from_pretrained(where, subfolder="scheduler", **({"revision": loaded.revision} if loaded.revision else {}))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load the scheduler of {where}: {first}") from None
+        raise ModelLoadError(f"could not load the scheduler of {where}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def patch_sizes(config: Any) -> tuple[int, int, int]:
