@@ -26,6 +26,7 @@ from torch import nn
 
 from .checkpoints import atomic_write_bytes, atomic_write_text
 from .config import ConfigError, HLAConfig
+from .errors import first_line
 from .layers import hla_layers, hla_parameters
 from .surgery import ConversionError, convert_attention, revert_attention
 
@@ -109,7 +110,7 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{path} is corrupt or truncated ({_first_line(exc)})") from None
+        raise AdapterError(f"{path} is corrupt or truncated ({first_line(exc)})") from None
     try:
         meta = {k: json.loads(v) for k, v in header.items()}
     except ValueError:
@@ -131,7 +132,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterError(f"{path} is corrupt or truncated ({_first_line(exc)})") from None
+        raise AdapterError(f"{path} is corrupt or truncated ({first_line(exc)})") from None
 
 
 def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool = True) -> nn.Module:
@@ -182,8 +183,3 @@ def _mismatch(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
         if tensors[name].shape != p.shape:
             return f"{name} has shape {list(tensors[name].shape)}, the model expects {list(p.shape)}"
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

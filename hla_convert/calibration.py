@@ -21,10 +21,8 @@ trajectories, different prompts), so held-out inputs are never training inputs.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import first_line
+
 DEMO_MODEL_PATH = Path(__file__).resolve().parent / "demo_model"
 DEMO_MODEL_NAME = "hla-convert/demo-wan-tiny"
 
@@ -99,17 +101,17 @@ def _hub_component(repo: str, revision: str | None, subfolder: str | None) -> tu
     def fetch(filename: str, sub: str | None) -> dict | None:
         try:
             path = hf_hub_download(repo, filename, subfolder=sub, revision=revision)
-        except EntryNotFoundError:
-            return None
-        except RepositoryNotFoundError:
-            raise ModelLoadError(f"{repo!r} is not a model on the Hugging Face Hub (or it is private)") from None
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError in newer huggingface_hub: first
             raise ModelLoadError(
                 f"could not reach the Hugging Face Hub for {repo!r} and it is not in the local cache; "
                 "pass a local folder instead"
             ) from None
+        except EntryNotFoundError:
+            return None
+        except RepositoryNotFoundError:
+            raise ModelLoadError(f"{repo!r} is not a model on the Hugging Face Hub (or it is private)") from None
         except (HfHubHTTPError, OSError) as exc:
-            raise ModelLoadError(f"could not fetch {repo!r} from the Hugging Face Hub: {str(exc).splitlines()[0]}") from None
+            raise ModelLoadError(f"could not fetch {repo!r} from the Hugging Face Hub: {first_line(exc)}") from None
         return _read_json(Path(path))
 
     if not subfolder:
@@ -125,15 +127,28 @@ def _hub_component(repo: str, revision: str | None, subfolder: str | None) -> tu
     return config["_class_name"], subfolder, None
 
 
-def load_transformer(
-    model: str | None,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = None,
-) -> LoadedModel:
-    """Load the video transformer of MODEL (see module docstring) in eval mode; None = the demo model."""
-    torch_dtype = parse_dtype(dtype)
+@dataclass(frozen=True)
+class ModelRef:
+    """Where MODEL's transformer is, before anything heavy is read."""
+
+    cls: type  # the diffusers model class named by its config
+    path: str  # what from_pretrained takes: an absolute folder or a Hub ID
+    subfolder: str | None
+    revision: str | None
+    pipeline_dir: str | None
+    is_demo: bool
+
+    @property
+    def source(self) -> str:
+        """The base model's name as recorded in adapters and reports."""
+        return DEMO_MODEL_NAME if self.is_demo else self.path
+
+    def pretrained_kwargs(self) -> dict:
+        return {k: v for k, v in {"subfolder": self.subfolder, "revision": self.revision}.items() if v}
+
+
+def resolve_model(model: str | None, revision: str | None = None, subfolder: str | None = None) -> ModelRef:
+    """Find MODEL's transformer (see module docstring) from its config files only; no weights read."""
     is_demo = model is None
     if is_demo:
         model = str(DEMO_MODEL_PATH)
@@ -145,33 +160,48 @@ def load_transformer(
         if revision:
             raise ModelLoadError(f"--revision applies to Hub IDs, not to the local folder {path}")
         name, sub, pipeline = _local_component(path, subfolder)
-        source = str(path)
+        where = str(path)
     elif path.exists():
         raise ModelLoadError(f"{model} is a file; MODEL must be a folder or a Hub ID")
     elif _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
         name, sub, pipeline = _hub_component(model, revision, subfolder)
-        source = model
+        where = model
     else:
         raise ModelLoadError(f"{model!r} is neither an existing folder nor a Hub ID of the form owner/name")
-    cls = _transformer_class(name, source)
-    kwargs = {"subfolder": sub, "revision": revision}
+    return ModelRef(_transformer_class(name, where), where, sub, revision, pipeline, is_demo)
+
+
+def load_transformer(
+    model: str | None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """Load the video transformer of MODEL (see module docstring) in eval mode; None = the demo model."""
+    torch_dtype = parse_dtype(dtype)
+    ref = resolve_model(model, revision, subfolder)
+    kwargs = ref.pretrained_kwargs()
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
-        transformer = cls.from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None})
+        transformer = ref.cls.from_pretrained(ref.path, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load {name} from {source}: {first}") from None
+        raise ModelLoadError(f"could not load {ref.cls.__name__} from {ref.path}: {first_line(exc)}") from None
     if device is not None:
         transformer.to(device)
     transformer.eval()
+    return loaded_from(ref, transformer)
+
+
+def loaded_from(ref: ModelRef, transformer: nn.Module) -> LoadedModel:
     return LoadedModel(
         transformer=transformer,
-        source=DEMO_MODEL_NAME if is_demo else source,
-        revision=revision,
-        subfolder=sub,
-        pipeline_dir=pipeline,
-        is_demo=is_demo,
+        source=ref.source,
+        revision=ref.revision,
+        subfolder=ref.subfolder,
+        pipeline_dir=ref.pipeline_dir,
+        is_demo=ref.is_demo,
     )
 
 

@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .loading import DEMO_MODEL_NAME, DEMO_MODEL_PATH, _HUB_ID, LoadedModel, ModelLoadError, _hub_component, _local_component, _transformer_class
+from .errors import first_line
+from .loading import LoadedModel, ModelLoadError, loaded_from, resolve_model
 
 # Architectures whose converted self-attention also attends over the text tokens (joint attention).
 JOINT_TEXT_ATTENTION = (
@@ -28,39 +28,17 @@ JOINT_TEXT_ATTENTION = (
 
 
 def load_skeleton(model: str | None, revision: str | None = None, subfolder: str | None = None) -> LoadedModel:
-    """MODEL's transformer (the same resolution as loading.load_transformer) with meta-device weights."""
+    """MODEL's transformer (resolved as loading.load_transformer does) with meta-device weights."""
     from accelerate import init_empty_weights
 
-    is_demo = model is None
-    if is_demo:
-        model = str(DEMO_MODEL_PATH)
-    path = Path(os.path.expanduser(model))
-    if path.is_dir():
-        path = path.resolve()
-        name, sub, pipeline = _local_component(path, subfolder)
-        source = str(path)
-    elif path.exists():
-        raise ModelLoadError(f"{model} is a file; MODEL must be a folder or a Hub ID")
-    elif _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
-        name, sub, pipeline = _hub_component(model, revision, subfolder)
-        source = model
-    else:
-        raise ModelLoadError(f"{model!r} is neither an existing folder nor a Hub ID of the form owner/name")
-    cls = _transformer_class(name, source)
+    ref = resolve_model(model, revision, subfolder)
     try:
-        config = cls.load_config(source, **{k: v for k, v in {"subfolder": sub, "revision": revision}.items() if v})
+        config = ref.cls.load_config(ref.path, **ref.pretrained_kwargs())
         with init_empty_weights():
-            transformer = cls.from_config(config)
+            transformer = ref.cls.from_config(config)
     except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"could not build {name} from the config of {source}: {_first_line(exc)}") from None
-    return LoadedModel(
-        transformer=transformer,
-        source=DEMO_MODEL_NAME if is_demo else source,
-        revision=revision,
-        subfolder=sub,
-        pipeline_dir=pipeline,
-        is_demo=is_demo,
-    )
+        raise ModelLoadError(f"could not build {ref.cls.__name__} from the config of {ref.path}: {first_line(exc)}") from None
+    return loaded_from(ref, transformer)
 
 
 def load_scheduler(loaded: LoadedModel) -> Any | None:
@@ -86,12 +64,7 @@ def load_scheduler(loaded: LoadedModel) -> Any | None:
             return None
         return cls.from_pretrained(where, subfolder="scheduler", **({"revision": loaded.revision} if loaded.revision else {}))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise ModelLoadError(f"could not load the scheduler of {where}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ModelLoadError(f"could not load the scheduler of {where}: {first_line(exc)}") from None
 
 
 def patch_sizes(config: Any) -> tuple[int, int, int]:
@@ -116,7 +89,7 @@ def video_tokens(model: nn.Module, latent: tuple[int, int, int]) -> int:
 
 def inspect_model(model: str | None, recipe, revision: str | None = None, subfolder: str | None = None) -> dict[str, Any]:
     """Attention modules, which the recipe converts, tokens and attention FLOPs (a JSON-able dict)."""
-    from .surgery import _is_self_attention, attention_flops, attention_modules, select_modules
+    from .surgery import _heads_and_query, _is_self_attention, attention_flops, attention_modules, select_modules
 
     loaded = load_skeleton(model, revision=revision, subfolder=subfolder)
     net = loaded.transformer
@@ -130,8 +103,8 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
     rows = []
     before = after = 0.0
     for name, module in attention_modules(net).items():
-        heads = int(module.heads)
-        head_dim = module.to_q.out_features // heads
+        heads, to_q = _heads_and_query(module, name)
+        head_dim = to_q.out_features // heads
         self_attn = _is_self_attention(module)
         row: dict[str, Any] = {
             "name": name,

@@ -27,7 +27,6 @@ allowed: "stage1.lr: must be a positive number, got 'fast'".
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.resources
 import math

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from hla_convert import convert_attention

@@ -12,7 +12,6 @@ with NaN before each run, so any element a kernel leaves unwritten fails.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
