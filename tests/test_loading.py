@@ -83,7 +83,8 @@ def test_unreachable_hub_id_gives_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelLoadError) as err:
         load_transformer("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in str(err.value) and "\n" not in str(err.value)
+    assert "could not reach the Hugging Face Hub for 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_dtype_names():
