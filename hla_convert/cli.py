@@ -514,6 +514,8 @@ def convert(
                 saved = save_output(out, net, loaded, rec, report)
         doc.update(
             model={"source": loaded.source, "revision": loaded.revision, "class": type(net).__name__, "demo": loaded.is_demo},
+            device=str(dev),
+            dtype=str(net.dtype).removeprefix("torch."),
             attention=config.to_dict(),
             drift=report,
             passed=bool(report.get("passed")),

@@ -94,6 +94,7 @@ def converted(tmp_path_factory, fast_recipe) -> tuple[Path, dict]:
 def test_convert_writes_the_output_folder(converted):
     out, doc = converted
     assert doc["command"] == "convert" and doc["exit_code"] == 0 and doc["passed"] is True
+    assert doc["device"] == "cpu" and doc["dtype"] == "float32"
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["README.md", "adapter_model.safetensors", "drift_report.json", "hla_config.json", "recipe.yaml"])
     report = json.loads((out / "drift_report.json").read_text())
