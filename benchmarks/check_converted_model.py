@@ -155,6 +155,41 @@ def bench_wan_shaped(device: str, profile: bool = False) -> dict:
     return res
 
 
+def bench_layers(device: str) -> dict:
+    """One converted attention core (HLAAttention.student: feature maps + attention), B=1, H=12,
+    D=128, N=32,760, bf16 q/k/v, float32 parameters as after convert_attention: forward and
+    forward+backward (gradients into q, k, v and the HLA parameters), against flash SDPA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hla_convert import HLAConfig, HLAAttention
+
+    n, h, d = 32760, 12, 128
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    do = torch.randn_like(v)
+    res: dict = {"tokens": n, "heads": h, "head_dim": d}
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(*leaves)
+
+    with torch.no_grad():
+        res["sdpa_flash_forward_ms"] = time_ms(sdpa)
+    res["sdpa_flash_fwd_bwd_ms"] = time_ms(lambda: sdpa().backward(do))
+    for name, cfg in {
+        "hadamard_r32_softplus": HLAConfig(kind="hadamard", factors=2, feature_dim=32, feature_map="softplus"),
+        "hadamard_r64_taylor": HLAConfig(kind="hadamard", factors=2, feature_dim=64, feature_map="taylor"),
+        "higher_order_r32": HLAConfig(kind="higher_order", feature_dim=32),
+    }.items():
+        core = HLAAttention(cfg, h, d).to(device)
+        scale = d**-0.5
+        with torch.no_grad():
+            res[f"{name}_forward_ms"] = time_ms(lambda: core.student(q, k, v, None, scale))
+        res[f"{name}_fwd_bwd_ms"] = time_ms(lambda: core.student(*leaves, None, scale).backward(do))
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
@@ -167,6 +202,8 @@ def main() -> int:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     results["demo"] = check_demo(device)
     print("demo:", json.dumps(results["demo"]), flush=True)
+    results["layers"] = bench_layers(device)
+    print("one attention core:", json.dumps(results["layers"]), flush=True)
     results["wan_1_3b_shaped"] = bench_wan_shaped(device, args.profile)
     print("wan-1.3b-shaped (2 blocks):", json.dumps(results["wan_1_3b_shaped"]), flush=True)
     if args.json:

@@ -79,13 +79,14 @@ class HLAAttention(nn.Module):
     def features(self, x: torch.Tensor, scale: float) -> list[torch.Tensor]:
         """x [B, H, N, d] -> one [B, H, N, width] feature tensor per factor (positive where it must be)."""
         c = self.config
+        # Half-precision activations keep their dtype (tensor-core GEMMs, no float32 copy of x; the
+        # float32 parameters receive float32 gradients through the cast), as autocast would do.
+        dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else next(self.parameters()).dtype
         if c.kind == "hadamard" and c.feature_map == "taylor":
-            proj = self.proj
-            y = torch.einsum("bhnd,hdr->bhnr", x.to(proj.dtype), proj) * math.sqrt(scale / c.factors)
+            y = torch.einsum("bhnd,hdr->bhnr", x.to(dt), self.proj.to(dt)) * math.sqrt(scale / c.factors)
             phi = torch.cat([torch.ones_like(y[..., :1]), y], dim=-1)
             return [phi] * c.factors
-        w = self.weight
-        y = torch.einsum("bhnd,ghdr->gbhnr", x.to(w.dtype), w) + self.bias[:, None, :, None, :]
+        y = torch.einsum("bhnd,ghdr->gbhnr", x.to(dt), self.weight.to(dt)) + self.bias.to(dt)[:, None, :, None, :]
         if c.feature_map == "softplus":
             phi = F.softplus(y)
         else:  # elu(y) + 1, written as exp(y) below 0: F.elu(y) + 1 cancels to exactly 0 for y < -17 in float32

@@ -26,25 +26,28 @@ def higher_order_attention(
 ) -> torch.Tensor:
     """Efficient form. q, k: [B, H, N, r]; v: [B, H, N, dv]; key_mask bool [B, N] (True = keep).
 
+    Three passes over the tokens: S^K and C^QV are GEMMs in the inputs' own dtype (float32
+    accumulation inside; no float32 copy of v), the small [r, dv + 1] product
+    W = S^K [C^QV | m^Q] is formed in float32 (float64 for float64 inputs), and one readout GEMM
+    q W gives numerator and normaliser together.
+
     normalize=False returns q_i^T S^K C^QV / N^2 (kept tokens), the unnormalised operator scaled to
     stay O(1) in N.
     """
     dt = compute_dtype(q, k, v)
-    out_dtype = v.dtype
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
     w = key_weights(key_mask, v)
-    kk, qq, vv = (k, q, v) if w is None else (k * w, q * w, v * w)
-    s_k = kk.transpose(-1, -2) @ kk  # [B, H, r, r]
-    c_qv = qq.transpose(-1, -2) @ vv  # [B, H, r, dv]
-    qs = q @ s_k  # [B, H, N, r]
-    num = qs @ c_qv
+    kk, qq, vv = (k, q, v) if w is None else (k * w.to(k.dtype), q * w.to(q.dtype), v * w)
+    s_k = (kk.transpose(-1, -2) @ kk).to(dt)  # [B, H, r, r]
+    c_qv = (qq.transpose(-1, -2) @ vv.to(qq.dtype)).to(dt)  # [B, H, r, dv]
+    m_q = qq.to(dt).sum(dim=2).unsqueeze(-1)  # [B, H, r, 1]
+    wmat = s_k @ torch.cat([c_qv, m_q], dim=-1)  # [B, H, r, dv + 1]
+    nd = q.to(dt) @ wmat  # [B, H, N, dv + 1]
     if normalize:
-        m_q = qq.sum(dim=2).unsqueeze(-1)  # [B, H, r, 1]
-        out = num / (qs @ m_q + eps)
+        out = nd[..., :-1] / (nd[..., -1:] + eps)
     else:
-        n = v.shape[2] if w is None else w.sum(dim=2, keepdim=True)
-        out = num / (n * n)
-    return out.to(out_dtype)
+        n = v.shape[2] if w is None else w.to(dt).sum(dim=2, keepdim=True)
+        out = nd[..., :-1] / (n * n)
+    return out.to(v.dtype)
 
 
 def higher_order_weights(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
