@@ -83,15 +83,18 @@ class HLAAttention(nn.Module):
         # float32 parameters receive float32 gradients through the cast), as autocast would do.
         dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else next(self.parameters()).dtype
         if c.kind == "hadamard" and c.feature_map == "taylor":
-            y = torch.einsum("bhnd,hdr->bhnr", x.to(dt), self.proj.to(dt)) * math.sqrt(scale / c.factors)
+            y = torch.matmul(x.to(dt), self.proj.to(dt)) * math.sqrt(scale / c.factors)
             phi = torch.cat([torch.ones_like(y[..., :1]), y], dim=-1)
             return [phi] * c.factors
-        y = torch.einsum("bhnd,ghdr->gbhnr", x.to(dt), self.weight.to(dt)) + self.bias.to(dt)[:, None, :, None, :]
+        groups, _, _, width = self.weight.shape
+        # all factors in one batched GEMM over (B, H): x [B, H, N, d] @ [H, d, F*r]; no copy of x
+        w = self.weight.to(dt).permute(1, 2, 0, 3).reshape(self.num_heads, self.head_dim, groups * width)
+        y = torch.matmul(x.to(dt), w) + self.bias.to(dt).transpose(0, 1).reshape(self.num_heads, 1, groups * width)
         if c.feature_map == "softplus":
             phi = F.softplus(y)
         else:  # elu(y) + 1, written as exp(y) below 0: F.elu(y) + 1 cancels to exactly 0 for y < -17 in float32
             phi = torch.where(y > 0, y + 1.0, torch.exp(y.clamp(max=0.0)))
-        return list(phi.unbind(0))
+        return list(phi.split(width, dim=-1))  # [B, H, N, r] views, last dim contiguous
 
     # -- the cores ------------------------------------------------------------------------------
     def student(
