@@ -337,38 +337,14 @@ def _call_kwargs(pipe: Any, **wanted: Any) -> dict[str, Any]:
     return {k: v for k, v in wanted.items() if k in params and v is not None}
 
 
-def trajectory_inputs(
-    model: nn.Module,
-    recipe: Recipe,
-    split: str,
-    pipeline_dir: str,
-    device: Any = "cpu",
-    progress: Callable[[str, int, int, dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Inputs recorded from the pipeline's own denoising loops, with `model` as its transformer.
-
-    The pipeline is loaded from `pipeline_dir` with `transformer=model` (no second copy of the
-    weights); converted layers run in teacher mode while recording, so the trajectories are the
-    original model's. Each run uses one prompt and recipe.calibration.trajectory_steps steps; every
-    transformer call (classifier-free guidance halves included) gives samples, of which a seeded
-    choice of `samples` (or `heldout`) is kept.
-    """
+def load_pipeline(model: nn.Module, pipeline_dir: str, device: Any = "cpu") -> Any:
+    """The diffusers pipeline of `pipeline_dir` with `model` as its transformer, on `device`."""
+    import diffusers
     from diffusers import DiffusionPipeline
 
-    from .layers import hla_layers
-
-    cal = recipe.calibration
-    want = cal.samples if split == "train" else cal.heldout
-    if cal.prompts:
-        n_held = max(1, len(cal.prompts) // 4) if len(cal.prompts) > 1 else 0
-        prompts = list(cal.prompts[len(cal.prompts) - n_held :] if split == "heldout" and n_held else cal.prompts[: len(cal.prompts) - n_held])
-    else:
-        prompts = list(TRAIN_PROMPTS if split == "train" else HELDOUT_PROMPTS)
     try:
         # The concrete class, not DiffusionPipeline: only its from_pretrained takes our transformer
         # in place of loading another copy.
-        import diffusers
-
         name = DiffusionPipeline.load_config(pipeline_dir)["_class_name"]
         cls = getattr(diffusers, name, None) or DiffusionPipeline
         pipe = cls.from_pretrained(pipeline_dir, transformer=model)
@@ -379,6 +355,38 @@ def trajectory_inputs(
     pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def trajectory_inputs(
+    model: nn.Module,
+    recipe: Recipe,
+    split: str,
+    pipeline_dir: str,
+    device: Any = "cpu",
+    progress: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+    pipe: Any = None,
+) -> list[dict[str, Any]]:
+    """Inputs recorded from the pipeline's own denoising loops, with `model` as its transformer.
+
+    The pipeline is loaded from `pipeline_dir` with `transformer=model` (no second copy of the
+    weights); converted layers run in teacher mode while recording, so the trajectories are the
+    original model's. `pipe`: the pipeline already loaded by `load_pipeline`, so that both splits
+    share one load of the text encoder and VAE. Each run uses one prompt and
+    recipe.calibration.trajectory_steps steps; every transformer call (classifier-free guidance halves included) gives samples, of which a seeded
+    choice of `samples` (or `heldout`) is kept.
+    """
+    from .layers import hla_layers
+
+    cal = recipe.calibration
+    want = cal.samples if split == "train" else cal.heldout
+    if cal.prompts:
+        n_held = max(1, len(cal.prompts) // 4) if len(cal.prompts) > 1 else 0
+        prompts = list(cal.prompts[len(cal.prompts) - n_held :] if split == "heldout" and n_held else cal.prompts[: len(cal.prompts) - n_held])
+    else:
+        prompts = list(TRAIN_PROMPTS if split == "train" else HELDOUT_PROMPTS)
+    if pipe is None:
+        pipe = load_pipeline(model, pipeline_dir, device)
     g = split_generator(cal.seed, split)
     layers = hla_layers(model)
     modes = {name: layer.mode for name, layer in layers.items()}
@@ -545,6 +553,7 @@ def build_inputs(
     device: Any = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+    pipe: Any = None,
 ) -> list[dict[str, Any]]:
     """The calibration ("train") or held-out ("heldout") inputs of a recipe, as forward kwargs.
 
@@ -566,10 +575,27 @@ def build_inputs(
                 "calibration.source: 'trajectories' needs the model's full diffusers pipeline (MODEL as a pipeline "
                 "folder or Hub ID, or calibration.path); use source synthetic or folder otherwise"
             )
-        items = trajectory_inputs(model, recipe, split, str(where), device=device, progress=progress)
+        items = trajectory_inputs(model, recipe, split, str(where), device=device, progress=progress, pipe=pipe)
     if progress and source != "trajectories":
         progress("calibration", len(items), len(items), {"split": split})
     return [_to(it, device, dtype) for it in items]
+
+
+def build_input_sets(
+    model: nn.Module,
+    recipe: Recipe,
+    pipeline_dir: str | None = None,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Both splits, {"train": [...], "heldout": [...]}, as build_inputs gives them; with source
+    "trajectories" the pipeline (text encoder, VAE) is loaded once for both."""
+    pipe = None
+    where = recipe.calibration.path or pipeline_dir
+    if recipe.calibration.source == "trajectories" and where:
+        pipe = load_pipeline(model, str(where), device)
+    return {split: build_inputs(model, recipe, split, pipeline_dir, device, dtype, progress, pipe=pipe) for split in SPLITS}
 
 
 __all__ = [
@@ -577,9 +603,11 @@ __all__ = [
     "HELDOUT_PROMPTS",
     "TRAIN_PROMPTS",
     "batch_size_of",
+    "build_input_sets",
     "build_inputs",
     "check_input",
     "load_input_file",
+    "load_pipeline",
     "noise_levels",
     "rebatch",
     "sample_noise_levels",

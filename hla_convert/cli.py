@@ -495,12 +495,9 @@ def convert(
                 convert_attention(net, config, include=rec.attention.include, exclude=rec.attention.exclude)
             work = start_run(out, run, overwrite, resume)
             with bars.stage("calibrate"):
-                inputs = {
-                    split: calibration.build_inputs(
-                        net, rec, split, pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=bars.callback
-                    )
-                    for split in ("train", "heldout")
-                }
+                inputs = calibration.build_input_sets(
+                    net, rec, pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=bars.callback
+                )
                 train, heldout = inputs["train"], inputs["heldout"]
             with bars.stage("distil"):
                 distill.initialize_feature_maps(net, train, progress=bars.callback)

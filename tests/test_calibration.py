@@ -190,3 +190,19 @@ def test_trajectory_capture_from_a_tiny_pipeline(tmp_path):
     assert not any(torch.equal(h["encoder_hidden_states"][0], t["encoder_hidden_states"][i]) for h in held for t in train for i in range(t["hidden_states"].shape[0]))
     out = model(**train[0], return_dict=False)[0]
     assert out.shape == train[0]["hidden_states"].shape
+
+
+def test_both_splits_load_the_pipeline_once(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from hla_convert import calibration
+
+    model = tiny_model("wan")
+    _tiny_wan_pipeline(tmp_path / "pipe", model)
+    recipe = tiny_recipe(source="trajectories", samples=6, heldout=2, batch_size=2, trajectory_steps=2)
+    loads = []
+    real = calibration.load_pipeline
+    monkeypatch.setattr(calibration, "load_pipeline", lambda *a, **k: loads.append(a) or real(*a, **k))
+    sets = calibration.build_input_sets(model, recipe, pipeline_dir=str(tmp_path / "pipe"))
+    assert len(loads) == 1
+    for split in ("train", "heldout"):
+        assert _same_items(sets[split], build_inputs(model, recipe, split, pipeline_dir=str(tmp_path / "pipe")))
