@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +207,3 @@ def set_attention_mode(model: nn.Module, mode: str) -> None:
 def hla_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The learnable HLA parameters by full state_dict key."""
     return {n: p for n, p in model.named_parameters() if ".hla." in f".{n}"}
-
-
-def describe(layer: HLAAttention) -> dict[str, Any]:
-    return {"heads": layer.num_heads, "head_dim": layer.head_dim, **layer.config.to_dict()}
