@@ -171,7 +171,9 @@ class HLAAttention(nn.Module):
         spread = evals.flip(-1).clamp_min(1e-12).sqrt()[..., : min(d, width)].mean(-1)  # [H]
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         for gi in range(groups):
-            rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+            # the generator draws on the CPU (a CPU generator cannot feed CUDA draws); the rotation
+            # then joins the eigenvectors on their device
+            rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0].to(evecs.device)
             basis = evecs @ rot  # a rotation of the principal frame, per factor
             cols = [basis[..., j % d] for j in range(width)]
             w = torch.stack(cols, dim=-1) / spread[:, None, None]
