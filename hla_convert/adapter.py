@@ -41,12 +41,70 @@ class AdapterError(ValueError):
     """An adapter that cannot be saved or loaded; the message is one line saying why."""
 
 
-def fingerprint_weights(model: nn.Module) -> str:
-    """A short hash of the base weights (HLA parameters excluded), the same in any float dtype or device.
+# Fingerprint schemes, told apart by their prefix. "sha256:" (hla-convert <= the first release)
+# hashed a strided sample of each tensor and missed most single-weight changes; adapters that record
+# it still load, checked the old way (fingerprint_matches), and are re-saved with the new scheme.
+FINGERPRINT_PREFIX = "sha256-v2:"
+_LEGACY_PREFIX = "sha256:"
+_CHUNK = 1 << 22  # elements reduced at once: bounds the int64 temporaries to 32 MiB per tensor
 
-    Names, shapes and an evenly strided sample of each tensor's values rounded to bfloat16 are
-    hashed: rounding makes a bf16 copy of an fp32 base match it, sampling keeps a 14B model fast.
+
+def fingerprint_weights(model: nn.Module) -> str:
+    """A short hash of the base weights (HLA parameters excluded) that changes when any weight does.
+
+    The same in any float dtype and on any device: each floating tensor is rounded to bfloat16 (so a
+    bf16 copy of an fp32 base matches it) and its 16-bit patterns are reduced in full, as int64, where
+    the tensor already is: the sum, the sum of squares and a position-weighted sum (which sees two
+    weights swapped). Integer sums wrap modulo 2^64 whatever the order, so they are exact and equal on
+    the CPU and a GPU; a single changed pattern always changes the plain sum. Names, shapes and the
+    kind of dtype are hashed with them. Memory traffic is a few passes over the weights (a 14B model:
+    well under a second on a GPU), with temporaries of at most 32 MiB.
     """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".hla." in f".{name}":
+            continue
+        h.update(f"{name}:{tuple(tensor.shape)}:{_dtype_kind(tensor)}:".encode())
+        h.update(",".join(str(x) for x in _reductions(tensor.detach())).encode() + b";")
+    return FINGERPRINT_PREFIX + h.hexdigest()[:32]
+
+
+def fingerprint_matches(model: nn.Module, recorded: str) -> tuple[bool, str]:
+    """(does `model` match the fingerprint an adapter recorded, the model's fingerprint in that scheme)."""
+    found = _legacy_fingerprint(model) if str(recorded).startswith(_LEGACY_PREFIX) else fingerprint_weights(model)
+    return found == recorded, found
+
+
+def _dtype_kind(tensor: torch.Tensor) -> str:
+    return "float" if tensor.is_floating_point() or tensor.is_complex() else str(tensor.dtype).removeprefix("torch.")
+
+
+def _as_int64_patterns(chunk: torch.Tensor) -> torch.Tensor:
+    if chunk.is_complex():
+        chunk = torch.view_as_real(chunk).reshape(-1)
+    if chunk.is_floating_point():
+        return chunk.to(torch.bfloat16).view(torch.int16).to(torch.int64)
+    return chunk.to(torch.int64)
+
+
+def _reductions(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """(sum, sum of squares, sum of (position + 1) * value) of the tensor's int64 patterns, mod 2^64.
+
+    Computed chunk by chunk on the tensor's device; int64 additions wrap, and addition modulo 2^64
+    is associative, so the result does not depend on how the device orders the sums.
+    """
+    flat = tensor.reshape(-1)
+    total = squares = weighted = 0
+    for start in range(0, flat.numel(), _CHUNK):
+        v = _as_int64_patterns(flat[start : start + _CHUNK])
+        pos = torch.arange(start + 1, start + 1 + v.numel(), dtype=torch.int64, device=v.device)
+        sums = torch.stack([v.sum(), (v * v).sum(), (v * pos).sum()]).tolist()
+        total, squares, weighted = total + sums[0], squares + sums[1], weighted + sums[2]
+    return total % 2**64, squares % 2**64, weighted % 2**64
+
+
+def _legacy_fingerprint(model: nn.Module) -> str:
+    """The first scheme ("sha256:"), kept only to check adapters saved with it."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         if ".hla." in f".{name}":
@@ -58,7 +116,7 @@ def fingerprint_weights(model: nn.Module) -> str:
             sample = sample.to(torch.bfloat16).view(torch.int16)
         h.update(f"{name}:{tuple(tensor.shape)}".encode())
         h.update(sample.cpu().contiguous().numpy().tobytes())
-    return "sha256:" + h.hexdigest()[:32]
+    return _LEGACY_PREFIX + h.hexdigest()[:32]
 
 
 def _adapter_metadata(model: nn.Module, base_source: str | None, base_revision: str | None) -> dict[str, Any]:
@@ -146,8 +204,8 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
     if hla_layers(base_model):
         raise AdapterError("the base model is already converted; load the adapter onto an unconverted base")
     if check_base:
-        found = fingerprint_weights(base_model)
-        if found != meta["base_fingerprint"]:
+        matches, found = fingerprint_matches(base_model, meta["base_fingerprint"])
+        if not matches:
             raise AdapterError(
                 f"the adapter was made for a different base ({meta.get('base_source') or 'unknown'}, "
                 f"fingerprint {meta['base_fingerprint']}); this model's fingerprint is {found}"

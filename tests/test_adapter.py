@@ -61,6 +61,78 @@ def test_fingerprint_ignores_dtype_but_not_weights():
     assert fingerprint_weights(base) != fingerprint_weights(tiny_wan())
 
 
+def wide_wan():
+    """A tiny Wan whose FFN weights ([512, 24]) are bigger than the first fingerprint's 4096-value sample."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=512, num_layers=1, rope_max_seq_len=32,
+    )
+
+
+def _bump_one_weight(model, amount=0.5):
+    with torch.no_grad():  # the last value: one the first scheme's strided sample never looked at
+        model.blocks[0].ffn.net[0].proj.weight[-1, -1] += amount
+    return model
+
+
+def test_fingerprint_sees_any_single_weight_and_a_swap():
+    reference = fingerprint_weights(wide_wan())
+    assert reference.startswith("sha256-v2:")
+    assert fingerprint_weights(_bump_one_weight(wide_wan())) != reference
+    assert fingerprint_weights(_bump_one_weight(wide_wan(), 1e-2)) != reference
+    swapped = wide_wan()
+    with torch.no_grad():  # same values, two places exchanged: only the position-weighted sum sees it
+        w = swapped.blocks[0].attn1.to_q.weight
+        a, b = w[0, 0].clone(), w[1, 1].clone()
+        w[0, 0], w[1, 1] = b, a
+    assert not torch.equal(a, b) and fingerprint_weights(swapped) != reference
+    # a bf16 copy of the fp32 base is the same base
+    assert fingerprint_weights(wide_wan().to(torch.bfloat16)) == reference
+
+
+def test_a_base_with_one_weight_changed_is_refused(tmp_path):
+    model = convert_attention(wide_wan(), HLAConfig(kind="hadamard", feature_dim=4, feature_map="softplus"))
+    save_adapter(model, tmp_path / "ad")
+    with pytest.raises(AdapterError, match="different base"):
+        load_adapter(_bump_one_weight(wide_wan()), tmp_path / "ad")
+    assert hla_parameters(load_adapter(wide_wan().to(torch.bfloat16), tmp_path / "ad"))
+
+
+def test_adapters_with_the_first_fingerprint_scheme_still_load_checked_the_old_way(saved):
+    from hla_convert.adapter import _legacy_fingerprint
+
+    folder, out = saved
+    legacy = _legacy_fingerprint(tiny_wan())
+    assert legacy.startswith("sha256:")
+
+    def set_legacy(meta):
+        meta["base_fingerprint"] = json.dumps(legacy)
+
+    _rewrite_meta(folder, set_legacy)
+    model = load_adapter(tiny_wan(), folder)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs()).sample, out)
+    other = tiny_wan()
+    with torch.no_grad():
+        other.proj_out.weight.mul_(2)
+    with pytest.raises(AdapterError, match="different base"):
+        load_adapter(other, folder)
+
+
+def _rewrite_meta(folder, change):
+    from safetensors import safe_open
+
+    path = folder / ADAPTER_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    change(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
 def test_wrong_base_is_refused(saved):
     folder, _ = saved
     other = tiny_wan()
