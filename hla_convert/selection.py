@@ -1,0 +1,77 @@
+"""Which converted layers go back to exact softmax: a per-layer budget chosen by measured error.
+
+Some layers' attention is much harder for a linear-cost form than others' (LinVideo and Attention
+Surgery choose per layer which to convert; keeping the first and last layer softmax roughly halved
+the drift in the fidelity issue's measurements). A recipe's `attention.softmax_layers: n` gives the
+n converted layers with the largest attention-transfer error after stage 1 back to softmax before
+stage 2, so stage 2 (and its LoRA) trains the model as it will run. The choice is a pure function of
+the model's weights and the inputs, so a resumed run makes the same one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import hla_layers, set_attention_mode
+
+
+@torch.no_grad()
+def measure_layer_errors(model: nn.Module, inputs: Sequence[dict[str, Any]], max_batches: int = 4) -> dict[str, float]:
+    """Attention-transfer error per converted layer: ||student - teacher|| / ||teacher|| over the
+    first `max_batches` inputs, each layer fed the teacher's own activations ("both" mode)."""
+    from .distill import forward, streamed_pairs
+
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+
+    def consume(name: str, target: torch.Tensor, pred: torch.Tensor) -> None:
+        t, p = target.float(), pred.float()
+        num[name] = num.get(name, 0.0) + float((p - t).pow(2).sum())
+        den[name] = den.get(name, 0.0) + float(t.pow(2).sum())
+
+    modes = {n: layer.mode for n, layer in hla_layers(model).items()}
+    try:
+        set_attention_mode(model, "both")
+        with streamed_pairs(model, consume):
+            for item in list(inputs)[:max_batches]:
+                forward(model, item)
+    finally:
+        for n, layer in hla_layers(model).items():
+            layer.mode = modes[n]
+    return {n: (num[n] / max(den[n], 1e-30)) ** 0.5 for n in num}
+
+
+def choose_softmax_layers(errors: dict[str, float], count: int) -> list[str]:
+    """The `count` layers with the largest error (ties: the earlier name), in model order."""
+    if count <= 0:
+        return []
+    ranked = sorted(errors, key=lambda n: (-errors[n], n))[:count]
+    return [n for n in errors if n in ranked]
+
+
+def give_back_to_softmax(
+    model: nn.Module, inputs: Sequence[dict[str, Any]], count: int, max_batches: int = 4
+) -> dict[str, Any]:
+    """Measure every converted layer, revert the `count` worst to softmax; returns
+    {"errors": {layer: rel L2}, "softmax_layers": [names reverted]}. count 0 measures nothing."""
+    from .surgery import ConversionError, revert_attention
+
+    layers = [n for n, layer in hla_layers(model).items() if layer.config.kind != "softmax"]
+    if count <= 0 or not layers:
+        return {"errors": {}, "softmax_layers": []}
+    if count >= len(layers):
+        raise ConversionError(
+            f"attention.softmax_layers is {count} but only {len(layers)} layers are converted: "
+            "at least one must stay converted (convert fewer modules with attention.include instead)"
+        )
+    errors = measure_layer_errors(model, inputs, max_batches)
+    chosen = choose_softmax_layers(errors, count)
+    revert_attention(model, chosen)
+    return {"errors": errors, "softmax_layers": chosen}
+
+
+__all__ = ["choose_softmax_layers", "give_back_to_softmax", "measure_layer_errors"]
