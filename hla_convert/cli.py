@@ -437,8 +437,9 @@ def convert(
         str | None,
         typer.Option(
             "--attention",
-            help="Override the recipe's attention kind: hadamard, linear (same state size), higher_order or softmax "
-            "(identity conversion). For comparisons.",
+            help="Override the recipe's attention kind: hadamard, linear (same state size), higher_order, hybrid "
+            "(exact softmax in a local window of the latent grid + HLA outside; the recipe's attention.window, "
+            "halo, far) or softmax (identity conversion). For comparisons.",
             show_default=False,
         ),
     ] = None,

@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("softmax", "hadamard", "linear", "higher_order")
+KINDS = ("softmax", "hadamard", "linear", "higher_order", "hybrid")
 FEATURE_MAPS = ("taylor", "softplus", "elu")
+# What a hybrid layer uses outside its softmax window (the kind whose feature maps it owns).
+FAR_KINDS = ("hadamard", "linear")
 
 # Feature maps each kind accepts, first = default.
 _KIND_FEATURE_MAPS = {
@@ -21,6 +23,13 @@ _KIND_FEATURE_MAPS = {
     "linear": ("elu", "softplus"),
     "higher_order": ("softplus", "elu"),
 }
+
+
+def _grid_triple(name: str, value: Any) -> tuple[int, int, int]:
+    """(frames, height, width) of non-negative integers; lists (JSON) become tuples."""
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
+        return tuple(value)  # type: ignore[return-value]
+    raise ConfigError(f"{name}: must be 3 integers >= 0 (frames, height, width in latent tokens), got {value!r}")
 
 
 class ConfigError(ValueError):
@@ -33,14 +42,25 @@ class HLAConfig:
 
     kind:         "softmax" (identity conversion, bit-exact), "hadamard" (HLA), "linear"
                   (first-order baseline with the same state size r**factors), "higher_order"
-                  (2nd-order linear attention of Zhang et al.).
-    factors:      F, the number of Hadamard factors (hadamard only; >= 2). With the "taylor"
-                  feature map F must be even so that every attention weight is >= 0.
+                  (2nd-order linear attention of Zhang et al.), "hybrid" (exact softmax inside a
+                  local window of the latent token grid, the `far` kind's weights outside it, one
+                  normaliser; HLA-MATH.md section 4).
+    factors:      F, the number of Hadamard factors (hadamard, and hybrid with far hadamard; >= 2).
+                  With the "taylor" feature map F must be even so that every weight is >= 0.
     feature_dim:  r, the width of each factor's feature map (taylor: 1 + a learned r-1 projection).
     feature_map:  "taylor" ([1, P x], initialised from principal directions), "softplus"
                   (positive learnable affine map), "elu" (elu(W x) + 1). None picks the kind's default.
     eps:          added to the normaliser; every kind's normaliser is >= 0 before it.
     normalize:    higher_order only: divide by the 2nd-order normaliser (recommended).
+    far:          hybrid only: "hadamard" (HLA) or "linear" (first-order, same r**F state) outside
+                  the window. feature_map and factors then follow that kind's rules.
+    window:       hybrid only: the query block in (frames, height, width) latent tokens after
+                  patching; 0 = the whole extent. (1, 0, 0) = the token's own latent frame,
+                  (0, 8, 8) = an 8x8 tube through all frames, (2, 0, 0) = chunks of 2 frames.
+    halo:         hybrid only: widens each block's key window by that many tokens on each side.
+    learn_temperature: every kind but softmax: a learnable per-head log_temp [H] (init 0) scaling
+                  the queries that enter the feature maps, i.e. the similarity the linear/HLA part
+                  sees. Ignored by softmax.
     """
 
     kind: str = "hadamard"
@@ -49,23 +69,35 @@ class HLAConfig:
     feature_map: str | None = None
     eps: float = 1e-6
     normalize: bool = True
+    far: str = "hadamard"
+    window: tuple[int, int, int] = (1, 0, 0)
+    halo: tuple[int, int, int] = (0, 0, 0)
+    learn_temperature: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
-        allowed = _KIND_FEATURE_MAPS[self.kind]
+        if self.far not in FAR_KINDS:
+            raise ConfigError(f"far: {self.far!r} is not one of {', '.join(FAR_KINDS)}")
+        object.__setattr__(self, "window", _grid_triple("window", self.window))
+        object.__setattr__(self, "halo", _grid_triple("halo", self.halo))
+        if not isinstance(self.learn_temperature, bool):
+            raise ConfigError(f"learn_temperature: must be true or false, got {self.learn_temperature!r}")
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize: must be true or false, got {self.normalize!r}")
+        allowed = _KIND_FEATURE_MAPS[self.feature_kind]
         fmap = self.feature_map
         if fmap is None or (self.kind == "softmax"):
             object.__setattr__(self, "feature_map", allowed[0])
         elif fmap not in allowed:
             raise ConfigError(
-                f"feature_map: {fmap!r} is not allowed for kind {self.kind!r}; use one of {', '.join(allowed)}"
+                f"feature_map: {fmap!r} is not allowed for {self._kind_words()}; use one of {', '.join(allowed)}"
             )
         if not isinstance(self.factors, int) or isinstance(self.factors, bool) or self.factors < 1:
             raise ConfigError(f"factors: must be a positive integer, got {self.factors!r}")
-        if self.kind == "hadamard":
+        if self.feature_kind == "hadamard":
             if self.factors < 2:
-                raise ConfigError(f"factors: hadamard needs at least 2 factors, got {self.factors}")
+                raise ConfigError(f"factors: {self._kind_words()} needs at least 2 factors, got {self.factors}")
             if self.factors > 4:
                 raise ConfigError(f"factors: at most 4 are supported (state grows as r**F), got {self.factors}")
             if self.feature_map == "taylor" and self.factors % 2:
@@ -79,9 +111,17 @@ class HLAConfig:
             raise ConfigError(f"eps: must be a positive number, got {self.eps!r}")
 
     @property
+    def feature_kind(self) -> str:
+        """The kind whose feature maps and parameters the layer owns: `far` for hybrid, else kind."""
+        return self.far if self.kind == "hybrid" else self.kind
+
+    def _kind_words(self) -> str:
+        return f"kind {self.kind!r}" if self.kind != "hybrid" else f"kind 'hybrid' with far {self.far!r}"
+
+    @property
     def state_features(self) -> int:
-        """Width of the key-side state per head: r**F for hadamard and its linear twin."""
-        if self.kind in ("hadamard", "linear"):
+        """Width of the key-side state per head: r**F for hadamard and its linear twin (and hybrid)."""
+        if self.feature_kind in ("hadamard", "linear"):
             return self.feature_dim**self.factors
         if self.kind == "higher_order":
             return self.feature_dim

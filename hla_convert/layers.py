@@ -8,6 +8,12 @@ An `HLAAttention` replaces the softmax core of one diffusers attention module. I
     <module>.hla.bias            [F, H, r]
     <module>.hla.weight          [1, H, d, m]    linear (m = r**F) and higher_order (m = r):
     <module>.hla.bias            [1, H, m]       softplus(x W + b) or elu(x W + b) + 1
+    <module>.hla.log_beta        [H]             hybrid: the far part's weight beta = exp(log_beta)
+    <module>.hla.log_temp        [H]             learn_temperature: queries enter the maps times exp(log_temp)
+
+A hybrid layer owns its far kind's feature-map parameters under the same keys. It also needs the
+latent token grid, which surgery's forward pre-hook on the transformer sets on every core
+(`grid`, `text_len`, `text_first`) from the model's input.
 
 The same q/k/v can be attended by the teacher (the model's own softmax call, untouched), the
 student (HLA), or both in one pass (`mode`), which is how one copy of the weights serves
@@ -53,9 +59,20 @@ class HLAAttention(nn.Module):
         self.sample_sink: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.sample_tokens = 256
         self.calls = 0
-        kind, r, fac = config.kind, config.feature_dim, config.factors
+        # The latent token grid (frames, height, width) of the current forward, set by surgery's
+        # pre-hook on the transformer; text_len tokens of text before (text_first) or after it.
+        # grid_error says why there is no grid (an architecture whose input the hook cannot read).
+        self.grid: tuple[int, int, int] | None = None
+        self.text_len = 0
+        self.text_first = True
+        self.grid_error: str | None = None
+        kind, r, fac = config.feature_kind, config.feature_dim, config.factors
         if kind == "softmax":
             return
+        if config.kind == "hybrid":
+            self.log_beta = nn.Parameter(torch.zeros(num_heads))
+        if config.learn_temperature:
+            self.log_temp = nn.Parameter(torch.zeros(num_heads))
         if kind == "hadamard" and config.feature_map == "taylor":
             proj = torch.zeros(num_heads, head_dim, r - 1)
             eye = torch.eye(head_dim, r - 1)
@@ -72,6 +89,8 @@ class HLAAttention(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        if c.kind == "hybrid":
+            return f"kind=hybrid, far={c.far}, window={c.window}, halo={c.halo}, factors={c.factors}, feature_dim={c.feature_dim}, feature_map={c.feature_map}, heads={self.num_heads}, head_dim={self.head_dim}"
         return f"kind={c.kind}, factors={c.factors}, feature_dim={c.feature_dim}, feature_map={c.feature_map}, heads={self.num_heads}, head_dim={self.head_dim}"
 
     # -- feature maps ---------------------------------------------------------------------------
@@ -81,7 +100,7 @@ class HLAAttention(nn.Module):
         # Half-precision activations keep their dtype (tensor-core GEMMs, no float32 copy of x; the
         # float32 parameters receive float32 gradients through the cast), as autocast would do.
         dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else next(self.parameters()).dtype
-        if c.kind == "hadamard" and c.feature_map == "taylor":
+        if c.feature_kind == "hadamard" and c.feature_map == "taylor":
             y = torch.matmul(x.to(dt), self.proj.to(dt)) * math.sqrt(scale / c.factors)
             phi = torch.cat([torch.ones_like(y[..., :1]), y], dim=-1)
             return [phi] * c.factors
@@ -100,7 +119,13 @@ class HLAAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         c = self.config
-        qf, kf = self.features(q, scale), self.features(k, scale)
+        qt = q
+        if c.learn_temperature:
+            # scaling the queries scales the similarity the feature maps see (taylor: exactly q.k)
+            qt = q * self.log_temp.exp().to(q.dtype)[None, :, None, None]
+        qf, kf = self.features(qt, scale), self.features(k, scale)
+        if c.kind == "hybrid":
+            return self._hybrid(q, k, v, qf, kf, key_mask, scale)
         if c.kind == "hadamard":
             kern = _kernels() if q.is_cuda else None
             if kern is not None:
@@ -114,6 +139,27 @@ class HLAAttention(nn.Module):
         if c.kind == "higher_order":
             return ops.higher_order_attention(qf[0], kf[0], v, key_mask, c.normalize, c.eps)
         raise AssertionError(f"no student for kind {c.kind}")
+
+    def _hybrid(self, q, k, v, qf, kf, key_mask, scale) -> torch.Tensor:
+        if self.grid is None:
+            why = f" ({self.grid_error})" if self.grid_error else ""
+            raise RuntimeError(
+                "hybrid attention needs the latent token grid; run the converted model through its forward, "
+                f"not the core alone{why}"
+            )
+        t, h, w = self.grid
+        if t * h * w + self.text_len != q.shape[2]:
+            raise RuntimeError(
+                f"hybrid attention got {q.shape[2]} tokens, but the model's input makes a latent grid of "
+                f"{t}x{h}x{w} = {t * h * w} video tokens + {self.text_len} text tokens; the attention "
+                "does not see the tokens the grid describes"
+            )
+        c = self.config
+        # far linear: one [B, H, N, r**F] feature per side, which the op takes as a 1-factor product
+        return ops.hybrid_attention(
+            q, k, v, qf, kf, scale, self.log_beta, self.grid, c.window, c.halo,
+            self.text_len, self.text_first, key_mask, c.eps,
+        )
 
     def attend(
         self,
@@ -160,7 +206,7 @@ class HLAAttention(nn.Module):
         cov = x.transpose(1, 2) @ x / x.shape[1]
         evals, evecs = torch.linalg.eigh(cov)
         evecs = evecs.flip(-1)
-        if c.kind == "hadamard" and c.feature_map == "taylor":
+        if c.feature_kind == "hadamard" and c.feature_map == "taylor":
             r1 = self.proj.shape[-1]
             basis = evecs[..., :r1]
             if r1 > self.head_dim:  # more features than dims: pad with zero directions

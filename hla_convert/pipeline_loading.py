@@ -96,6 +96,8 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
     cal = recipe.calibration
     latent = cal.latent_shape()
     tokens = video_tokens(net, latent)
+    pt, ph, pw = patch_sizes(net.config)
+    grid = (-(-latent[0] // pt), latent[1] // ph, latent[2] // pw)  # for the hybrid kind's windows
     text_tokens = cal.text_len if type(net).__name__ in JOINT_TEXT_ATTENTION else 0
     n = tokens + text_tokens
     config = recipe.hla_config()
@@ -118,7 +120,9 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
         if self_attn:
             # Cross-attention cost depends on the prompt length and is not converted: not counted.
             row["flops_before"] = attention_flops(n, heads, head_dim, None)
-            row["flops_after"] = attention_flops(n, heads, head_dim, config if name in chosen else None)
+            row["flops_after"] = attention_flops(
+                n, heads, head_dim, config if name in chosen else None, grid=grid, text_tokens=text_tokens
+            )
             before += row["flops_before"]
             after += row["flops_after"]
         rows.append(row)

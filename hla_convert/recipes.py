@@ -6,7 +6,8 @@ out with the reasoning for their values):
 
     name, description
     model:        architecture (expected transformer class name or null), hub_id (or null)
-    attention:    kind, factors, feature_dim, feature_map, eps, normalize (HLAConfig fields),
+    attention:    kind, factors, feature_dim, feature_map, eps, normalize, far, window, halo,
+                  learn_temperature (HLAConfig fields),
                   include (glob list or null: the architecture's default), exclude (kept softmax)
     calibration:  source (synthetic | trajectories | folder), synthetic (gaussian | demo_videos),
                   path, prompts, frames, height, width (pixels), vae_scale_temporal,
@@ -15,8 +16,13 @@ out with the reasoning for their values):
                   timesteps: {distribution (uniform | logit_normal), min, max (noise level t in
                   [0, 1]; model timestep = 1000 t), mean, std (logit_normal), shift}
     stage1:       steps, lr, batch_size, checkpoint_every, grad_clip
-    stage2:       steps (0 = off), lr, batch_size, checkpoint_every, grad_clip, train (hla),
-                  gradient_checkpointing
+    stage2:       steps (0 = off), lr, batch_size, checkpoint_every, grad_clip, train (hla | lora),
+                  gradient_checkpointing, lora_rank (8), lora_alpha (null = rank), lora_targets
+                  (module-name suffixes inside each converted attention module; default to_q,
+                  to_k, to_v, to_out.0), lora_ffn (also the feed-forward linears of the blocks
+                  holding converted modules), lora_lr (null = lr). "lora" trains peft LoRA
+                  adapters on those base linears together with the HLA parameters; the teacher
+                  is the same weights with the adapters disabled (hla_convert.lora)
     validation:   max_attention_rel_l2, max_output_rel_l2, min_output_cosine, max_latent_rel_l2,
                   min_latent_psnr (null = not checked), sampling_steps (0 = no sampling run),
                   timestep_buckets
@@ -31,23 +37,24 @@ import dataclasses
 import importlib.resources
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import KINDS, ConfigError, HLAConfig, _KIND_FEATURE_MAPS
+from .config import FAR_KINDS, KINDS, ConfigError, HLAConfig, _KIND_FEATURE_MAPS
 
 BUILTIN_PACKAGE = "hla_convert.builtin_recipes"
 
 SOURCES = ("synthetic", "trajectories", "folder")
 SYNTHETIC = ("gaussian", "demo_videos")
 DISTRIBUTIONS = ("uniform", "logit_normal")
-# What stage 2 may train. Only the HLA parameters: the teacher is the same weights in "teacher"
-# mode (one copy, DESIGN.md), so training any base weight would move the teacher too — stage 2's
-# own targets, the drift check and the adapter (which holds only HLA weights) would all be wrong.
-STAGE2_TRAIN = ("hla",)
+# What stage 2 may train: the HLA parameters, or those plus LoRA adapters on base linears. Never
+# the base weights themselves: the teacher is the same weights in "teacher" mode (one copy,
+# DESIGN.md), so that would move the teacher too; LoRA adapters are disabled in teacher mode.
+STAGE2_TRAIN = ("hla", "lora")
 
 # (temporal, spatial) compression of each architecture's VAE: latent frames = (frames - 1) / t + 1.
 VAE_SCALES: dict[str, tuple[int, int]] = {
@@ -68,8 +75,27 @@ class RecipeError(ValueError):
     """A bad recipe field. The message starts with the field's dotted path; `.field` holds it."""
 
     def __init__(self, field_path: str, message: str):
-        self.field = field_path
-        super().__init__(f"{field_path}: {message}" if field_path else message)
+        self.field = field_path = _clip(str(field_path), 120)
+        text = f"{field_path}: {message}" if field_path else str(message)
+        super().__init__(_clip(" ".join(text.split()), _MAX_MESSAGE))
+
+
+# A message never carries a whole input: values are shown through _r (a bounded repr), and a whole
+# message is cut at _MAX_MESSAGE characters whatever a check put in it.
+_MAX_MESSAGE = 400
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def _r(value: Any) -> str:
+    """repr(value), bounded (at most ~80 characters per string, a few items per level): safe on any input."""
+    return _clip(_REPR.repr(value), 120)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- sections --------------------------------------------------------------------------------------
@@ -89,8 +115,16 @@ class AttentionSpec:
     feature_map: str | None = None
     eps: float = 1e-6
     normalize: bool = True
+    # hybrid only: the far kind, the softmax window and its halo on the latent token grid
+    far: str = "hadamard"
+    window: list[int] = field(default_factory=lambda: [1, 0, 0])
+    halo: list[int] = field(default_factory=lambda: [0, 0, 0])
+    learn_temperature: bool = False
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
+    # how many converted layers go back to exact softmax after stage 1, worst attention error first
+    # (hla_convert.selection); 0 = none
+    softmax_layers: int = 0
 
 
 @dataclass
@@ -146,6 +180,11 @@ class Stage2Spec:
     grad_clip: float = 1.0
     train: str = "hla"
     gradient_checkpointing: bool = False
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # null: lora_rank (LoRA scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_ffn: bool = False
+    lora_lr: float | None = None  # null: lr
 
 
 @dataclass
@@ -173,7 +212,8 @@ class Recipe:
     def hla_config(self) -> HLAConfig:
         a = self.attention
         return HLAConfig(
-            kind=a.kind, factors=a.factors, feature_dim=a.feature_dim, feature_map=a.feature_map, eps=a.eps, normalize=a.normalize
+            kind=a.kind, factors=a.factors, feature_dim=a.feature_dim, feature_map=a.feature_map, eps=a.eps, normalize=a.normalize,
+            far=a.far, window=tuple(a.window), halo=tuple(a.halo), learn_temperature=a.learn_temperature,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,7 +240,7 @@ class Recipe:
 
         steps:        stage-1 steps. Stage 2 is scaled by the same factor (rounded, at least 1 when
                       it was on, 0 stays 0), so `--steps` shortens or lengthens the whole run in
-                      proportion; pass stage2_steps to set it outright.
+                      proportion; steps=0 turns both stages off. Pass stage2_steps to set it outright.
         kind:         attention kind (the comparison benchmark's `--attention`). The feature map
                       falls back to the new kind's default when the old one is not allowed for it.
         source, path: calibration source and its path (folder of cached inputs, or pipeline).
@@ -211,13 +251,15 @@ class Recipe:
         if steps is not None:
             old1, old2 = data["stage1"]["steps"], data["stage2"]["steps"]
             _set_path(data, "stage1.steps", steps)
-            if stage2_steps is None and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 and old2:
-                data["stage2"]["steps"] = max(1, round(old2 * steps / max(old1, 1)))
+            if stage2_steps is None and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0 and old2:
+                # steps 0 means no training at all: stage 2 goes to 0 too
+                data["stage2"]["steps"] = 0 if steps == 0 else max(1, round(old2 * steps / max(old1, 1)))
         if stage2_steps is not None:
             _set_path(data, "stage2.steps", stage2_steps)
         if kind is not None:
             data["attention"]["kind"] = kind
-            if kind in _KIND_FEATURE_MAPS and data["attention"]["feature_map"] not in _KIND_FEATURE_MAPS[kind]:
+            maps_of = data["attention"].get("far") if kind == "hybrid" else kind  # hybrid: its far kind's maps
+            if maps_of in _KIND_FEATURE_MAPS and data["attention"]["feature_map"] not in _KIND_FEATURE_MAPS[maps_of]:
                 data["attention"]["feature_map"] = None
         if source is not None:
             data["calibration"]["source"] = source
@@ -250,16 +292,20 @@ def _number(path: str, v: Any, *, positive: bool = False, nonneg: bool = False, 
     if lo is not None and hi is not None:
         what = f"a number in [{lo}, {hi}]"
     if isinstance(v, bool) or v is None:
-        raise RecipeError(path, f"must be {what}, got {v!r}")
+        raise RecipeError(path, f"must be {what}, got {_r(v)}")
     if isinstance(v, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
         try:
             v = float(v)
         except ValueError:
-            raise RecipeError(path, f"must be {what}, got {v!r}") from None
-    if not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise RecipeError(path, f"must be {what}, got {v!r}")
+            raise RecipeError(path, f"must be {what}, got {_r(v)}") from None
+    try:
+        finite = isinstance(v, (int, float)) and math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise RecipeError(path, f"must be {what}, got {_r(v)}")
     if (positive and v <= 0) or (nonneg and v < 0) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise RecipeError(path, f"must be {what}, got {v!r}")
+        raise RecipeError(path, f"must be {what}, got {_r(v)}")
     return float(v)
 
 
@@ -269,15 +315,20 @@ def _integer(path: str, v: Any, minimum: int = 1) -> int:
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         else:
-            raise RecipeError(path, f"must be {what}, got {v!r}")
+            raise RecipeError(path, f"must be {what}, got {_r(v)}")
     if v < minimum:
-        raise RecipeError(path, f"must be {what}, got {v!r}")
+        raise RecipeError(path, f"must be {what}, got {_r(v)}")
+    if v > _MAX_INT:
+        raise RecipeError(path, f"must be at most {_MAX_INT}, got {_r(v)}")
     return v
+
+
+_MAX_INT = 2**31 - 1  # counts and sizes past this are typos, and would overflow torch's int32 paths
 
 
 def _choice(path: str, v: Any, allowed: tuple[str, ...]) -> str:
     if v not in allowed:
-        raise RecipeError(path, f"{v!r} is not one of {', '.join(allowed)}")
+        raise RecipeError(path, f"{_r(v)} is not one of {', '.join(allowed)}")
     return v
 
 
@@ -285,7 +336,7 @@ def _optional_str(path: str, v: Any) -> str | None:
     if v is None:
         return None
     if not isinstance(v, str) or not v:
-        raise RecipeError(path, f"must be a non-empty string or null, got {v!r}")
+        raise RecipeError(path, f"must be a non-empty string or null, got {_r(v)}")
     return v
 
 
@@ -297,13 +348,26 @@ def _string_list(path: str, v: Any, nullable: bool) -> list[str] | None:
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s for s in v):
-        raise RecipeError(path, f"must be a list of non-empty strings{' or null' if nullable else ''}, got {v!r}")
+        raise RecipeError(path, f"must be a list of non-empty strings{' or null' if nullable else ''}, got {_r(v)}")
     return list(v)
+
+
+def _nonempty_list(path: str, v: Any) -> list[str]:
+    out = _string_list(path, v, nullable=False)
+    if not out:
+        raise RecipeError(path, "must name at least one module suffix, e.g. [to_q, to_k, to_v, to_out.0]")
+    return out
+
+
+def _grid_triple(path: str, v: Any) -> list[int]:
+    if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        return list(v)
+    raise RecipeError(path, f"must be 3 integers >= 0 ([frames, height, width] in latent tokens, 0 = whole extent), got {_r(v)}")
 
 
 def _bool(path: str, v: Any) -> bool:
     if not isinstance(v, bool):
-        raise RecipeError(path, f"must be true or false, got {v!r}")
+        raise RecipeError(path, f"must be true or false, got {_r(v)}")
     return v
 
 
@@ -341,8 +405,13 @@ _ATTENTION = {
     "feature_map": _optional_str,
     "eps": lambda p, v: _number(p, v, positive=True),
     "normalize": _bool,
+    "far": lambda p, v: _choice(p, v, FAR_KINDS),
+    "window": _grid_triple,
+    "halo": _grid_triple,
+    "learn_temperature": _bool,
     "include": lambda p, v: _string_list(p, v, nullable=True),
     "exclude": lambda p, v: _string_list(p, v, nullable=False),
+    "softmax_layers": lambda p, v: _integer(p, v, 0),
 }
 
 _TIMESTEPS = {
@@ -385,6 +454,11 @@ _STAGE2 = {
     **_STAGE1,
     "train": lambda p, v: _choice(p, v, STAGE2_TRAIN),
     "gradient_checkpointing": _bool,
+    "lora_rank": _integer,
+    "lora_alpha": _optional(lambda p, v: _number(p, v, positive=True)),
+    "lora_targets": lambda p, v: _nonempty_list(p, v),
+    "lora_ffn": _bool,
+    "lora_lr": _optional(lambda p, v: _number(p, v, positive=True)),
 }
 
 _VALIDATION = {
@@ -409,10 +483,10 @@ def parse_recipe(data: Any) -> Recipe:
         raise RecipeError(str(unknown[0]), f"unknown section; allowed: {', '.join(_TOP)}")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise RecipeError("name", f"must be a non-empty string, got {name!r}")
+        raise RecipeError("name", f"must be a non-empty string, got {_r(name)}")
     description = data.get("description") or ""
     if not isinstance(description, str):
-        raise RecipeError("description", f"must be a string, got {description!r}")
+        raise RecipeError("description", f"must be a string, got {_r(description)}")
     model = _section("model", data.get("model"), ModelSpec, _MODEL)
     attention = _section("attention", data.get("attention"), AttentionSpec, _ATTENTION)
     calibration = _section("calibration", data.get("calibration"), CalibrationSpec, _CALIBRATION)
@@ -437,7 +511,7 @@ def _check_together(r: Recipe) -> None:
             if arch not in VAE_SCALES:
                 raise RecipeError(
                     f"calibration.{attr}",
-                    f"required when model.architecture ({arch!r}) is not one with a known VAE: {', '.join(VAE_SCALES)}",
+                    f"required when model.architecture ({_r(arch)}) is not one with a known VAE: {', '.join(VAE_SCALES)}",
                 )
             setattr(c, attr, VAE_SCALES[arch][i])
     if (c.frames - 1) % c.vae_scale_temporal:
@@ -487,11 +561,84 @@ def recipe_text(name: str) -> str:
     if name in files:
         return files[name].read_text(encoding="utf-8")
     if _looks_like_path(name):
-        p = Path(name)
-        if p.is_file():
-            return p.read_text(encoding="utf-8")
-        raise RecipeError("", f"recipe file {name!r} not found")
+        return _read_recipe_file(name)
     raise RecipeError("", _unknown_message(name, files))
+
+
+# What a recipe file may be: a few KB in practice. The bounds make a hostile file (an alias bomb, a
+# huge or deeply nested document) one line of error instead of gigabytes of memory.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # YAML nodes once aliases are expanded (what a walk over the data sees)
+MAX_RECIPE_DEPTH = 32
+
+
+def _read_recipe_file(name: str) -> str:
+    p = Path(name)
+    shown = _r(name)
+    try:
+        if p.is_dir():
+            raise RecipeError("", f"recipe {shown} is a folder, not a YAML file")
+        if not p.exists():
+            raise RecipeError("", f"recipe file {shown} not found")
+        if not p.is_file():
+            raise RecipeError("", f"recipe {shown} is not a regular file")
+        with open(p, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError("", f"recipe file {shown} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError("", f"recipe file {shown} is larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError("", f"recipe file {shown} is not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise RecipeError("", f"recipe file {shown} is empty")
+    return text
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document whose alias-expanded size or depth is past the bounds.
+
+    Aliases share one node in the composed graph, so the graph stays small while anything that walks
+    the data (a check, a repr, a copy) sees every expansion: the expanded size is counted on the graph
+    (memoised per node, so a bomb costs no more to count than to read) before any object is built.
+    """
+
+    def construct_document(self, node):  # noqa: D102
+        _expanded_size(node, {}, 0, set())
+        return super().construct_document(node)
+
+
+def _expanded_size(node, memo: dict[int, int], depth: int, path: set[int]) -> int:
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if depth > MAX_RECIPE_DEPTH:
+        raise RecipeError("", f"the recipe is nested more than {MAX_RECIPE_DEPTH} levels deep: not a recipe")
+    if key in path:
+        raise RecipeError("", "the recipe refers to itself (a recursive YAML alias)")
+    size = 1
+    if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+        path.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else [c for pair in node.value for c in pair]
+        for child in children:
+            size += _expanded_size(child, memo, depth + 1, path)
+            if size > MAX_RECIPE_NODES:
+                raise RecipeError("", f"the recipe expands to more than {MAX_RECIPE_NODES:,} YAML nodes (aliases included): not a recipe")
+        path.discard(key)
+    memo[key] = size
+    return size
+
+
+def parse_yaml(text: str, origin: str = "the recipe") -> Any:
+    """The data of a recipe's YAML text, loaded safely and within the bounds above."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise RecipeError("", f"{origin} is not valid YAML: {_clip(' '.join(str(e).split()), 200)}") from None
+    except RecursionError:
+        raise RecipeError("", f"{origin} is nested too deeply: not a recipe") from None
 
 
 def _looks_like_path(s: str) -> bool:
@@ -499,7 +646,7 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _unknown_message(name: str, files: dict[str, Any]) -> str:
-    return f"unknown recipe {name!r}; built-in recipes: {', '.join(sorted(files))} (or give the path of a YAML file)"
+    return f"unknown recipe {_r(name)}; built-in recipes: {', '.join(sorted(files))} (or give the path of a YAML file)"
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -508,16 +655,12 @@ def load_recipe(name_or_path: str) -> Recipe:
     if name_or_path in files:
         text, origin = files[name_or_path].read_text(encoding="utf-8"), f"built-in recipe {name_or_path}"
     elif _looks_like_path(name_or_path):
-        p = Path(name_or_path)
-        if not p.is_file():
-            raise RecipeError("", f"recipe file {name_or_path!r} not found")
-        text, origin = p.read_text(encoding="utf-8"), str(p)
+        text, origin = _read_recipe_file(name_or_path), _r(str(name_or_path))
     else:
         raise RecipeError("", _unknown_message(name_or_path, files))
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError("", f"{origin} is not valid YAML: {e}") from None
+    data = parse_yaml(text, origin)
+    if data is None:
+        raise RecipeError("", f"recipe file {origin} is empty (no YAML document in it)")
     return parse_recipe(data)
 
 

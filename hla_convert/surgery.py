@@ -152,6 +152,8 @@ def convert_attention(
         module.hla = core
         _set_processor(module, wrap_processor(module.processor))
         module._hla_guard = module.register_forward_pre_hook(_check_processor)
+    if getattr(model, "_hla_grid_hook", None) is None:
+        model._hla_grid_hook = model.register_forward_pre_hook(_set_token_grid, with_kwargs=True)
     return model
 
 
@@ -180,19 +182,101 @@ def _check_processor(module: nn.Module, args: Any) -> None:
         )
 
 
-def revert_attention(model: nn.Module) -> nn.Module:
-    """Undo convert_attention: original processors back, HLA cores removed."""
+def revert_attention(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
+    """Undo convert_attention: original processors back, HLA cores removed.
+
+    names: only these converted modules go back to softmax (the rest stay converted); None = all.
+    """
+    converted = hla_layers(model)
+    if names is not None:
+        unknown = [n for n in names if n not in converted]
+        if unknown:
+            raise ConversionError(f"{unknown[0]} is not a converted attention module")
     for name, module in attention_modules(model).items():
+        if names is not None and name not in names:
+            continue
         if isinstance(getattr(module, "hla", None), HLAAttention):
             if isinstance(module.processor, HLAProcessor):
                 _set_processor(module, module.processor.inner)
             module._hla_guard.remove()
             del module._hla_guard, module.hla
+    hook = getattr(model, "_hla_grid_hook", None)
+    if hook is not None and not hla_layers(model):
+        hook.remove()
+        del model._hla_grid_hook
     return model
 
 
 def converted_modules(model: nn.Module) -> list[str]:
     return list(hla_layers(model))
+
+
+# -- the latent token grid -----------------------------------------------------------------------
+#
+# Hybrid attention needs each token's place on the latent grid (frames x height x width after
+# patching). It is read from the transformer's own input, per architecture, never guessed from N.
+# Layout per class: (video layout of hidden_states, where the joint-attention text tokens sit).
+_GRID_LAYOUTS: dict[str, tuple[str, str | None]] = {
+    "WanTransformer3DModel": ("BCFHW", None),
+    "WanVACETransformer3DModel": ("BCFHW", None),
+    "SkyReelsV2Transformer3DModel": ("BCFHW", None),
+    "CogVideoXTransformer3DModel": ("BFCHW", "first"),
+    "HunyuanVideoTransformer3DModel": ("BCFHW", "last"),
+    "LTXVideoTransformer3DModel": ("packed", None),
+}
+
+
+def token_grid(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[int, int, int], int, bool]:
+    """((frames, height, width) latent tokens, text tokens, text first) for one forward call.
+
+    Raises ValueError (one line, why) for an architecture or input the grid cannot be read from.
+    """
+    name = type(model).__name__
+    layout = _GRID_LAYOUTS.get(name)
+    if layout is None:
+        raise ValueError(f"{name} is not an architecture whose latent token grid hla-convert knows ({', '.join(_GRID_LAYOUTS)})")
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError as exc:
+        raise ValueError(f"could not read {name}'s forward arguments: {exc}") from None
+    x = bound.get("hidden_states")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} was called without a hidden_states tensor")
+    from .pipeline_loading import patch_sizes
+
+    pt, ph, pw = patch_sizes(model.config)
+    shape, text = layout
+    if shape == "packed":
+        dims = [bound.get(k) for k in ("num_frames", "height", "width")]
+        if not all(isinstance(d, int) for d in dims):
+            raise ValueError(f"{name} was called without integer num_frames, height and width")
+        f, h, w = dims
+    elif x.dim() != 5:
+        raise ValueError(f"{name} hidden_states must be a 5-D video latent, got {list(x.shape)}")
+    elif shape == "BCFHW":
+        f, h, w = x.shape[2:]
+    else:
+        f, h, w = x.shape[1], x.shape[3], x.shape[4]
+    grid = (-(-int(f) // pt), int(h) // ph, int(w) // pw)
+    text_len = 0
+    if text is not None:
+        enc = bound.get("encoder_hidden_states")
+        text_len = int(enc.shape[1]) if isinstance(enc, torch.Tensor) else 0
+    return grid, text_len, text == "first"
+
+
+def _set_token_grid(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook on the transformer: tell every HLA core the grid of this call's tokens."""
+    cores = hla_layers(model).values()
+    if not any(core.config.kind == "hybrid" for core in cores):
+        return
+    try:
+        grid, text_len, text_first = token_grid(model, args, kwargs)
+        error = None
+    except ValueError as exc:
+        grid, text_len, text_first, error = None, 0, True, str(exc)
+    for core in cores:
+        core.grid, core.text_len, core.text_first, core.grid_error = grid, text_len, text_first, error
 
 
 # -- the processor wrapper ----------------------------------------------------------------------
@@ -332,12 +416,25 @@ def key_mask_from_attn_mask(attn_mask: torch.Tensor | None, batch: int, n_keys: 
     return keys
 
 
-def attention_flops(tokens: int, heads: int, head_dim: int, config: HLAConfig | None) -> float:
-    """Forward FLOPs of one attention core over `tokens` tokens (multiply-adds counted as 2)."""
+def attention_flops(
+    tokens: int,
+    heads: int,
+    head_dim: int,
+    config: HLAConfig | None,
+    grid: tuple[int, int, int] | None = None,
+    text_tokens: int = 0,
+) -> float:
+    """Forward FLOPs of one attention core over `tokens` tokens (multiply-adds counted as 2).
+
+    hybrid needs the latent grid (frames, height, width) of the video tokens; `tokens` then counts
+    them plus `text_tokens`. Without a grid the hybrid is counted as if its window were everything.
+    """
     n, h, d = tokens, heads, head_dim
     if config is None or config.kind == "softmax":
         return 4.0 * n * n * d * h
     r, fac = config.feature_dim, config.factors
+    if config.kind == "hybrid":
+        return h * _hybrid_flops(n, d, config, grid, text_tokens)
     if config.kind == "hadamard":
         feats = 2 * 2 * n * d * r * fac
         return h * (feats + 2 * 2.0 * n * r**fac * (d + 1))
@@ -346,6 +443,28 @@ def attention_flops(tokens: int, heads: int, head_dim: int, config: HLAConfig | 
         return h * (2 * 2 * n * d * m + 2 * 2.0 * n * m * (d + 1))
     # higher_order: S^K, C^QV, q S^K, (q S^K) C^QV, plus features
     return h * (2 * 2 * n * d * r + 2.0 * n * (r * r * 2 + r * d * 2 + r * (d + 1)))
+
+
+def _hybrid_flops(n: int, d: int, config: HLAConfig, grid: tuple[int, int, int] | None, text: int) -> float:
+    """Per head: window softmax (logits + weighted sum) plus the far part's features, global state,
+    per-block window states and readout (HLA-MATH.md section 4)."""
+    if grid is None:
+        return 4.0 * n * n * d
+    from .ops.hybrid import effective_window
+
+    nv = grid[0] * grid[1] * grid[2]
+    win = effective_window(grid, config.window)
+    blocks, keys = 1, 1
+    for e, w, hl in zip(grid, win, config.halo):
+        blocks *= -(-e // w)
+        keys *= min(e, w + 2 * hl)
+    width = config.state_features
+    maps = 2 * 2 * n * d * config.feature_dim * (config.factors if config.far == "hadamard" else 1)
+    if config.far == "linear":
+        maps = 2 * 2 * n * d * width
+    near = 4.0 * nv * (keys + text) * d + 4.0 * text * n * d
+    far = 2.0 * (d + 1) * width * (nv + blocks * keys + nv)
+    return near + maps + far
 
 
 __all__ = [
@@ -359,4 +478,5 @@ __all__ = [
     "key_mask_from_attn_mask",
     "revert_attention",
     "select_modules",
+    "token_grid",
 ]

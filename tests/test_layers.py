@@ -46,6 +46,17 @@ def test_taylor_init_is_the_leading_principal_directions():
     assert torch.allclose((proj.transpose(1, 2) @ basis).abs(), eye, atol=1e-3)
 
 
+def test_hybrid_taylor_init_is_its_far_kinds_init():
+    """A hybrid layer starts from the same feature maps as the HLA layer it extends; beta = 1."""
+    q, k, _ = _samples_with_subspace(200, rank=3, seed=5)
+    hla = HLAAttention(HLAConfig(kind="hadamard", feature_dim=4), H, D)
+    hybrid = HLAAttention(HLAConfig(kind="hybrid", feature_dim=4, window=(1, 0, 0)), H, D)
+    hla.initialize_from_samples(q, k)
+    hybrid.initialize_from_samples(q, k)
+    assert torch.equal(hybrid.proj, hla.proj)
+    assert torch.equal(hybrid.log_beta, torch.zeros(H))
+
+
 def test_taylor_init_keeps_more_of_qk_than_the_identity_init():
     """What calibration buys: with r-1 < d the PCA projection keeps q.k, the default does not."""
     config = HLAConfig(kind="hadamard", factors=2, feature_dim=3, feature_map="taylor")  # r-1 = 2
@@ -82,8 +93,10 @@ def test_taylor_init_with_more_features_than_dims_pads_with_zero_directions():
         HLAConfig(kind="hadamard", factors=3, feature_dim=3, feature_map="softplus"),
         HLAConfig(kind="linear", factors=2, feature_dim=3, feature_map="elu"),
         HLAConfig(kind="higher_order", feature_dim=4, feature_map="softplus"),
+        HLAConfig(kind="hybrid", far="hadamard", factors=3, feature_dim=3, feature_map="softplus"),
+        HLAConfig(kind="hybrid", far="linear", factors=2, feature_dim=3, feature_map="elu"),
     ],
-    ids=["hadamard-F2-softplus", "hadamard-F3-softplus", "linear-elu", "higher_order-softplus"],
+    ids=["hadamard-F2-softplus", "hadamard-F3-softplus", "linear-elu", "higher_order-softplus", "hybrid-hadamard", "hybrid-linear"],
 )
 def test_positive_map_init_from_samples(config):
     layer = HLAAttention(config, H, D)

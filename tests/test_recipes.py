@@ -122,3 +122,76 @@ def test_overrides():
     with pytest.raises(RecipeError, match="calibration.path: source 'folder' needs"):
         r.with_overrides(source="folder")
     assert isinstance(r.with_overrides(source="folder", path="/tmp/x"), Recipe)
+
+
+def test_steps_zero_turns_both_stages_off():
+    r = load_recipe("tiny-wan")
+    assert r.stage2.steps > 0
+    off = r.with_overrides(steps=0)
+    assert off.stage1.steps == 0 and off.stage2.steps == 0
+
+
+# -- hostile recipe files: bounded work, one short line -------------------------------------------
+
+
+def _alias_bomb(levels: int) -> str:
+    """A few hundred bytes whose aliases expand to 9**levels strings, as the value of stage1.lr."""
+    items = ["&a0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
+    items += [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "name: bomb\nstage1:\n  lr: [" + ", ".join(items) + "]\n"
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path):
+    import time
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(_alias_bomb(10))  # 9**10 = 3.5e9 strings once expanded
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match="more than 100,000 YAML nodes") as e:
+        load_recipe(str(p))
+    assert time.perf_counter() - start < 2 and len(str(e.value)) < 200
+
+
+def test_a_small_alias_expansion_is_shown_bounded(tmp_path):
+    p = tmp_path / "five.yaml"
+    p.write_text(_alias_bomb(5))  # 9**5 = 59,049 nodes: within the bound, a field error
+    with pytest.raises(RecipeError, match="stage1.lr: must be a positive number") as e:
+        load_recipe(str(p))
+    assert len(str(e.value)) <= 400  # was a 481 KB line
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("name: x\nstage1: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+        ("name: x\nstage1: " + "[" * 40 + "]" * 40 + "\n", "nested more than"),
+        (b"name: caf\xe9\n", "not UTF-8"),
+        ("", "is empty"),
+        ("   \n# only a comment\n", "is empty"),
+        ("name: x\nstage1: &s\n  lr: *s\n", "recursive YAML alias"),
+        ("name: x\nstage1:\n  lr: 1" + "0" * 400 + "\n", "stage1.lr: must be a positive number, got 100"),
+        ("name: x\nstage1:\n  steps: 1" + "0" * 40 + "\n", "stage1.steps: must be at most 2147483647"),
+        ("name: x\nattention:\n  kind: " + "k" * 100_000 + "\n", "attention.kind: 'kkk"),
+        ("name: x\n" + "a" * 1000 + ": 1\n", "unknown section"),
+        ("- just\n- a list\n", "must be a mapping"),
+    ],
+)
+def test_hostile_recipe_files_are_one_short_recipe_error(tmp_path, content, message):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(p))
+    assert message in str(e.value) and len(str(e.value)) <= 400 and "\n" not in str(e.value)
+
+
+def test_recipe_file_size_and_kind_are_checked(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("name: x\ndescription: '" + "x" * (1 << 20) + "'\n")
+    with pytest.raises(RecipeError, match="larger than 1 MiB"):
+        load_recipe(str(big))
+    with pytest.raises(RecipeError, match="is a folder"):
+        load_recipe(str(tmp_path))
+    with pytest.raises(RecipeError, match="not a regular file"):
+        load_recipe("/dev/null")
+    with pytest.raises(RecipeError, match="larger than 1 MiB"):
+        recipe_text(str(big))

@@ -46,8 +46,9 @@ STUDENT_CONFIGS = [
     HLAConfig(kind="hadamard", factors=3, feature_dim=3, feature_map="softplus"),
     HLAConfig(kind="linear", factors=2, feature_dim=3),
     HLAConfig(kind="higher_order", feature_dim=4),
+    HLAConfig(kind="hybrid", factors=2, feature_dim=4, window=(1, 0, 0), halo=(0, 1, 1)),
 ]
-STUDENT_IDS = ["hadamard-taylor", "hadamard-softplus-F3", "linear", "higher_order"]
+STUDENT_IDS = ["hadamard-taylor", "hadamard-softplus-F3", "linear", "higher_order", "hybrid"]
 
 _CACHE: dict[str, tuple[torch.nn.Module, dict, torch.Tensor]] = {}
 
@@ -412,8 +413,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         (HLAConfig(kind="hadamard", factors=3, feature_dim=4, feature_map="softplus"), {"weight": (3, 2, 12, 4), "bias": (3, 2, 4)}),
         (HLAConfig(kind="linear", factors=2, feature_dim=3), {"weight": (1, 2, 12, 9), "bias": (1, 2, 9)}),
         (HLAConfig(kind="higher_order", feature_dim=4), {"weight": (1, 2, 12, 4), "bias": (1, 2, 4)}),
+        (
+            HLAConfig(kind="hybrid", far="linear", factors=2, feature_dim=3, learn_temperature=True),
+            {"log_beta": (2,), "log_temp": (2,), "weight": (1, 2, 12, 9), "bias": (1, 2, 9)},
+        ),
     ],
-    ids=["hadamard-taylor", "hadamard-softplus", "linear", "higher_order"],
+    ids=["hadamard-taylor", "hadamard-softplus", "linear", "higher_order", "hybrid-linear"],
 )
 def test_state_dict_keys_and_shapes(config, shapes):
     model, inputs, _ = _base("wan")  # 2 heads x 12 dims

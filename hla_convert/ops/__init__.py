@@ -5,6 +5,7 @@ key_mask bool [B, N] with True = keep.
 """
 
 from .hadamard import hadamard_attention, hadamard_attention_naive, hadamard_weights, kronecker_features
+from .hybrid import hybrid_attention, hybrid_attention_naive, window_mask
 from .higher_order import higher_order_attention, higher_order_attention_naive, higher_order_weights
 from .linear import linear_attention, linear_attention_naive
 from .softmax import softmax_attention
@@ -16,8 +17,11 @@ __all__ = [
     "higher_order_attention",
     "higher_order_attention_naive",
     "higher_order_weights",
+    "hybrid_attention",
+    "hybrid_attention_naive",
     "kronecker_features",
     "linear_attention",
     "linear_attention_naive",
     "softmax_attention",
+    "window_mask",
 ]
