@@ -32,6 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+if str(HERE.parents[1]) not in sys.path:
+    sys.path.insert(1, str(HERE.parents[1]))  # hla_convert (CogVideoX RoPE) from this checkout
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -1,0 +1,416 @@
+"""Fidelity benchmark: convert the benchmark's teacher models with each option, measure what is lost.
+
+    python benchmarks/fidelity/run.py --models wan cogvideox --configs hla hla-lora hybrid-lora \\
+        --seeds 0 1 --out results.json [--steps-scale 1.0] [--device cuda] [--resume]
+    python benchmarks/fidelity/report.py results.json
+
+For each model (a folder written by train_models.py, default benchmarks/fidelity/models/<model>)
+and seed, train and held-out inputs are drawn from the model's own data distribution
+(bench_data.py), written with `hla_convert.calibration.save_inputs` and read back through
+`calibration.source: folder`. Each config is a set of recipe overrides (CONFIGS below) on the
+model's base recipe (recipes/<model>.yaml); the conversion is the library's own: convert_attention,
+build_input_sets, distill.distil (feature-map init, stage 1, the softmax-layer budget, stage 2 with
+LoRA where the recipe says so) and drift.measure_drift — the steps `hla-convert convert` runs; the
+resolved recipe of every run is written beside the results, so
+`hla-convert convert <model folder> --recipe <that yaml> --out X` repeats it.
+
+Measures per (model, config, seed), on >= 32 held-out samples with t evenly spread:
+- denoiser output rel L2 and cosine vs the teacher, per t bucket and mean (measure_drift);
+- denoising loss against the true flow target (noise - x0), student / teacher, per bucket and mean;
+- per-layer attention rel L2 at the end of stage 1 (its summary) and on held-out at the end;
+- sampled videos from the same noise (FlowMatchEuler, shift 1, 20 steps): final-frame rel L2, PSNR;
+- wall seconds per stage.
+
+One JSON record per line, appended and flushed as each run ends (a run killed by a time limit keeps
+the finished ones; --resume skips them). A config whose recipe fields do not exist yet, or whose
+conversion fails, becomes a record with "status": "error" and one line saying why; the rest go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))  # hla_convert from this checkout when it is not installed
+
+import torch  # noqa: E402
+
+import bench_data as bd  # noqa: E402
+import bench_models as bm  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------- configs
+# Recipe overrides by dotted field, on recipes/<model>.yaml. Adding a config is one line.
+LORA = {"stage2.train": "lora"}  # rank 8 on to_q/to_k/to_v/to_out.0, lr = stage2.lr (recipe defaults)
+HYBRID = {"attention.kind": "hybrid", "attention.far": "hadamard", "attention.window": [1, 0, 0]}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "softmax": {"attention.kind": "softmax"},  # sanity: identity conversion, zero drift, loss ratio 1
+    "hla": {},  # the base recipe: hadamard, taylor, F = 2, r = 32, stage 2 on the HLA parameters
+    "hla-lora": {**LORA},
+    "linear-lora": {"attention.kind": "linear", "attention.feature_map": None, **LORA},  # same r^F state
+    "hybrid": {**HYBRID},
+    "hybrid-lora": {**HYBRID, **LORA},
+    "hybrid-linear-lora": {**HYBRID, "attention.far": "linear", "attention.feature_map": None, **LORA},
+    "hybrid-lora-tube": {**HYBRID, "attention.window": [0, 8, 8], **LORA},
+    "hybrid-lora-chunk": {**HYBRID, "attention.window": [2, 0, 0], "attention.halo": [1, 0, 0], **LORA},
+    "hla-softplus-lora": {"attention.feature_map": "softplus", **LORA},  # separate maps per factor
+    "hla-f3-lora": {"attention.feature_map": "softplus", "attention.factors": 3, "attention.feature_dim": 16, **LORA},
+    "hybrid-lora-temp": {**HYBRID, "attention.learn_temperature": True, **LORA},
+    "hybrid-lora-ffn": {**HYBRID, **LORA, "stage2.lora_ffn": True},
+    "hybrid-lora-keep2": {**HYBRID, **LORA, "attention.softmax_layers": 2},
+}
+DEFAULT_CONFIGS = [c for c in CONFIGS if c != "softmax"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SAMPLING_SHIFT = 1.0  # the teachers are trained with t ~ U(0, 1): no shift
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
+        return out + ("+dirty" if dirty and out else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def write_inputs(arch: str, model, spec: bd.VideoSpec, seed: int, n_train: int, n_heldout: int, batch: int, folder: Path) -> None:
+    """Train/held-out inputs of one (model, seed) as the `folder` calibration source, plus the true
+    flow targets of the held-out split (heldout_targets.safetensors: target [N, 3, F, H, W], t [N]).
+
+    Train: t ~ U(0, 1). Held-out: t evenly spread over (0, 1) in a seeded order, so each of the
+    4 buckets has n/4 samples. Separate seed streams: held-out inputs are never training inputs.
+    """
+    from safetensors.torch import save_file
+
+    from hla_convert.calibration import save_inputs
+
+    rope = bm.rotary_emb(model, spec) if arch == "cogvideox" else None
+    for split, n, stream in (("train", n_train, 1), ("heldout", n_heldout, 2)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * stream)
+        t_all = None
+        if split == "heldout":
+            t_all = ((torch.arange(n, dtype=torch.float32) + 0.5) / n)[torch.randperm(n, generator=g)]
+        items, targets, ts = [], [], []
+        for i in range(0, n, batch):
+            b = min(batch, n - i)
+            x0, text, t, noise = bd.sample_training_batch(b, spec, g, None if t_all is None else t_all[i : i + b])
+            x_t, timestep, target = bd.flow_matching(x0, t, noise)
+            items.append(bm.model_inputs(arch, x_t, timestep, text, rope))
+            targets.append(target)
+            ts.append(t)
+        save_inputs(items, folder / split)
+        if split == "heldout":
+            save_file({"target": torch.cat(targets).contiguous(), "t": torch.cat(ts).contiguous()}, str(folder / "heldout_targets.safetensors"))
+    (folder / "DONE").write_text(json.dumps({"arch": arch, "seed": seed, "train": n_train, "heldout": n_heldout, "batch": batch}))
+
+
+def inputs_folder(cache: Path, arch: str, model, spec, seed: int, n_train: int, n_heldout: int, batch: int) -> Path:
+    folder = cache / f"{arch}-seed{seed}-n{n_train}-h{n_heldout}-b{batch}-{spec.frames}x{spec.height}x{spec.width}"
+    if not (folder / "DONE").is_file():
+        write_inputs(arch, model, spec, seed, n_train, n_heldout, batch, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- measures
+
+
+@torch.no_grad()
+def true_target_losses(arch: str, model, heldout: list[dict], targets: torch.Tensor, t: torch.Tensor, buckets: int) -> dict:
+    """Denoising MSE against the true flow target, teacher and student, per sample -> mean and buckets."""
+    from hla_convert.distill import forward
+    from hla_convert.layers import set_attention_mode
+
+    per = {"teacher": [], "student": []}
+    i = 0
+    try:
+        for item in heldout:
+            b = item["hidden_states"].shape[0]
+            target = targets[i : i + b].to(item["hidden_states"].device)
+            i += b
+            for mode in per:
+                set_attention_mode(model, mode)
+                pred = bm.model_output(arch, forward(model, item)).float()
+                per[mode].append((pred - target).pow(2).flatten(1).mean(1).cpu())
+    finally:
+        set_attention_mode(model, "student")
+    teacher, student = torch.cat(per["teacher"]), torch.cat(per["student"])
+    idx = (t * buckets).long().clamp(0, buckets - 1)
+    out_buckets = []
+    for k in range(buckets):
+        sel = idx == k
+        if bool(sel.any()):
+            tl, sl = float(teacher[sel].mean()), float(student[sel].mean())
+            out_buckets.append({"t_min": k / buckets, "t_max": (k + 1) / buckets, "samples": int(sel.sum()), "teacher": tl, "student": sl, "ratio": sl / tl})
+    tl, sl = float(teacher.mean()), float(student.mean())
+    return {"teacher": tl, "student": sl, "ratio": sl / tl, "buckets": out_buckets}
+
+
+def recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSpec, args):
+    """The base recipe with the config's overrides, the run's inputs, seed and step scale."""
+    from hla_convert.recipes import load_recipe
+
+    base = load_recipe(str(HERE / "recipes" / f"{arch}.yaml"))
+    fields = {
+        "calibration.frames": spec.frames,
+        "calibration.height": spec.height,
+        "calibration.width": spec.width,
+        "calibration.text_len": spec.text_len,
+        "calibration.samples": args.train_samples,
+        "calibration.heldout": args.heldout_samples,
+        "calibration.batch_size": args.batch_size,
+        "stage1.batch_size": args.batch_size,
+        "stage2.batch_size": args.batch_size,
+        "stage1.steps": max(1, round(base.stage1.steps * args.steps_scale)),
+        "stage2.steps": max(1, round(base.stage2.steps * args.steps_scale)) if base.stage2.steps else 0,
+        "validation.sampling_steps": args.sampling_steps,
+    }
+    fields.update(CONFIGS[config])
+    return base.with_overrides(source="folder", path=str(folder), seed=seed, fields=fields)
+
+
+def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, args, device: torch.device) -> dict:
+    """Convert, distil and measure one (model, config, seed); the record (status "error" on failure)."""
+    import diffusers
+
+    from hla_convert import calibration, distill, drift
+    from hla_convert.surgery import convert_attention
+
+    record: dict[str, Any] = {"model": arch, "config": config, "seed": seed, "steps_scale": args.steps_scale, "dtype": args.dtype, "overrides": CONFIGS[config]}
+    seconds: dict[str, float] = {}
+    t_run = time.perf_counter()
+    stage = "recipe"
+    try:
+        _, model, spec, info = bm.load_model(model_dir, dtype=DTYPES[args.dtype], device="cpu")
+        t0 = time.perf_counter()
+        stage = "inputs"
+        folder = inputs_folder(cache, arch, model, spec, seed, args.train_samples, args.heldout_samples, args.batch_size)
+        seconds["make_inputs"] = time.perf_counter() - t0
+        stage = "recipe"
+        rec = recipe_for(arch, config, seed, folder, spec, args)
+        record["recipe"] = rec.to_dict()
+        recipe_file = Path(args.out).with_suffix("").as_posix() + f"-recipes/{arch}-{config}-seed{seed}.yaml"
+        Path(recipe_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(recipe_file).write_text(f"# {config} on {arch}: benchmarks/fidelity/run.py, resolved\n" + rec.to_yaml())
+        record["recipe_file"] = recipe_file
+        record["cli_equivalent"] = shlex.join(["hla-convert", "convert", str(model_dir), "--recipe", recipe_file, "--out", f"out-{arch}-{config}-{seed}", "--device", str(device)])
+        model.to(device)
+        stage = "convert"
+        t0 = time.perf_counter()
+        convert_attention(model, rec.hla_config(), include=rec.attention.include, exclude=rec.attention.exclude)
+        seconds["convert"] = time.perf_counter() - t0
+        stage = "calibrate"
+        t0 = time.perf_counter()
+        sets = calibration.build_input_sets(model, rec, device=device, dtype=model.dtype)
+        train, heldout = sets["train"], sets["heldout"]
+        seconds["load_inputs"] = time.perf_counter() - t0
+        stage = "distil"
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="fidelity-") as work:
+            if hasattr(distill, "distil"):
+                summary = distill.distil(model, train, rec, work_dir=work)
+            else:  # a library before distill.distil: the three calls `hla-convert convert` made then
+                summary = {
+                    "init": distill.initialize_feature_maps(model, train),
+                    "stage1": distill.attention_transfer(model, train, rec, work_dir=work),
+                    "stage2": distill.output_distillation(model, train, rec, work_dir=work),
+                }
+        sync(device)
+        seconds["distil"] = time.perf_counter() - t0
+        s1, s2 = summary.get("stage1", {}), summary.get("stage2", {})
+        seconds["stage1"] = float(s1.get("seconds", 0.0))
+        seconds["stage2"] = float(s2.get("seconds", 0.0))
+        seconds["init_and_selection"] = seconds["distil"] - seconds["stage1"] - seconds["stage2"]
+        stage = "drift"
+        t0 = time.perf_counter()
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=bd.NUM_TRAIN_TIMESTEPS, shift=SAMPLING_SHIFT)
+        report = drift.measure_drift(model, heldout, rec, scheduler=scheduler).to_dict()
+        sync(device)
+        seconds["drift"] = time.perf_counter() - t0
+        stage = "loss"
+        t0 = time.perf_counter()
+        from safetensors.torch import load_file
+
+        tgt = load_file(str(folder / "heldout_targets.safetensors"))
+        loss = true_target_losses(arch, model, heldout, tgt["target"], tgt["t"], rec.validation.timestep_buckets)
+        seconds["loss"] = time.perf_counter() - t0
+        out = report["output"]
+        record.update(
+            status="ok",
+            teacher={"dir": str(model_dir), "heldout_loss": info.get("heldout_loss", {}).get("mean"), "training_steps": info.get("training", {}).get("steps")},
+            heldout_samples=report["heldout_samples"],
+            output={
+                "rel_l2": out["rel_l2"],
+                "cosine": out["cosine"],
+                "worst_bucket_rel_l2": max((b["rel_l2"] for b in out["buckets"]), default=0.0),
+                "buckets": out["buckets"],
+            },
+            loss=loss,
+            attention={
+                "stage1_train": s1.get("layers", {}),  # per layer at the last stage-1 step (its batch)
+                "stage1_mean": _mean(s1.get("layers", {})),
+                "final_heldout": report["attention"]["per_layer"],  # layers still converted
+                "final_mean": report["attention"]["mean"],
+                "final_max": report["attention"]["max"],
+            },
+            sampling=report["sampling"],
+            stage1={k: s1.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s1},
+            stage2={k: s2.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s2},
+            selection=summary.get("selection", {}).get("softmax_layers", []) if isinstance(summary.get("selection"), dict) else [],
+            trainable={
+                "hla": sum(p.numel() for n, p in model.named_parameters() if ".hla." in f".{n}"),
+                "lora": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n),
+            },
+        )
+    except Exception as e:  # noqa: BLE001 - one config failing must not end the grid
+        record.update(status="error", error=f"{stage}: {one_line(e)}")
+    finally:
+        with contextlib.suppress(Exception):
+            del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    seconds["total"] = time.perf_counter() - t_run
+    record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    return record
+
+
+def _mean(d: dict) -> float | None:
+    vals = [v for v in d.values() if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def finished(path: Path) -> set[tuple]:
+    done = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                r = json.loads(line)
+                if r.get("status") == "ok":
+                    done.add((r["model"], r["config"], r["seed"], r.get("steps_scale"), r.get("dtype", "float32")))
+    return done
+
+
+def append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(bm.ARCHITECTURES), choices=bm.ARCHITECTURES)
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help=f"any of: {', '.join(CONFIGS)}")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--out", required=True, help="results file (JSON lines, appended)")
+    ap.add_argument("--models-dir", default=str(HERE / "models"), help="folder with <model>/ from train_models.py")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies both stages' steps")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--resume", action="store_true", help="skip (model, config, seed, steps-scale, dtype) already ok in --out")
+    ap.add_argument("--train-samples", type=int, default=1024)
+    ap.add_argument("--heldout-samples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--sampling-steps", type=int, default=20)
+    ap.add_argument("--stop-after-minutes", type=float, default=None, help="start no new run after this long (fit a time limit)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the teacher's weights and activations (HLA and LoRA parameters stay float32)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        print(f"unknown config {unknown[0]!r}; configs: {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    if args.heldout_samples < 4 or args.train_samples < 1:
+        print("--heldout-samples must be >= 4 and --train-samples >= 1", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cache = Path(out.with_suffix("").as_posix() + "-inputs")
+    done = finished(out) if args.resume else set()
+    env = {
+        "command": shlex.join(["python", "benchmarks/fidelity/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "git_commit": git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    t_start = time.time()
+    longest = 0.0
+    todo = sum(1 for a in args.models for sd in args.seeds for c in args.configs if (a, c, sd, args.steps_scale, args.dtype) not in done)
+    ran: list[float] = []
+    for arch in args.models:
+        model_dir = Path(args.models_dir) / arch
+        if not (model_dir / bm.INFO_FILE).is_file():
+            print(f"{model_dir}: no trained {arch} model ({bm.INFO_FILE} missing); run benchmarks/fidelity/train_models.py first", file=sys.stderr)
+            return 2
+        for seed in args.seeds:
+            for config in args.configs:
+                if (arch, config, seed, args.steps_scale, args.dtype) in done:
+                    print(f"{arch:10s} {config:20s} seed {seed}: done already (--resume)", flush=True)
+                    continue
+                elapsed = time.time() - t_start
+                if args.stop_after_minutes is not None and elapsed + longest > args.stop_after_minutes * 60:
+                    print(f"stopping: {elapsed:.0f}s used, the next run may take {longest:.0f}s (--stop-after-minutes); --resume continues", flush=True)
+                    return 0
+                record = run_one(arch, config, seed, model_dir, cache, args, device)
+                record["env"] = env
+                append(out, record)
+                longest = max(longest, record["seconds"]["total"])
+                ran.append(record["seconds"]["total"])
+                s = record["seconds"]
+                if record["status"] == "ok":
+                    print(
+                        f"{arch:10s} {config:20s} seed {seed}: out rel L2 {record['output']['rel_l2']:.4f} "
+                        f"(worst bucket {record['output']['worst_bucket_rel_l2']:.4f}), loss x{record['loss']['ratio']:.3f}, "
+                        f"attn s1 {_fmt(record['attention']['stage1_mean'])} end {record['attention']['final_mean']:.3f}, "
+                        + (f"PSNR {record['sampling']['psnr_db']:.1f} dB, " if record.get("sampling") else "")
+                        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, drift {s['drift']:.1f})",
+                        flush=True,
+                    )
+                else:
+                    print(f"{arch:10s} {config:20s} seed {seed}: ERROR {record['error']} ({s['total']:.1f}s)", flush=True)
+                left = todo - len(ran)
+                if left:
+                    est = left * sum(ran[-4:]) / len(ran[-4:])
+                    print(f"  {len(ran)}/{todo} runs in {time.time() - t_start:.0f}s; about {est / 60:.1f} min for the {left} left at this rate", flush=True)
+    return 0
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
