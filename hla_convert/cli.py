@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import threading
 import shlex
 import signal
 import sys
@@ -65,26 +67,52 @@ class CommandFailed(Exception):
 
 
 class _Group(TyperGroup):
-    """Usage errors as one line and exit 2 (click's own code), like every other bad input."""
+    """Usage errors as one line and exit 2 (click's own code), like every other bad input; with
+    --json anywhere on the command line, also as the one JSON document on stdout."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        words = [str(a) for a in (sys.argv[1:] if args is None else args)]
         try:
             code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
         except UsageError as exc:
             cmd = exc.ctx.command_path if exc.ctx is not None else "hla-convert"
-            if exc.format_message():  # empty when the help was shown for a bare `hla-convert`
-                _error_line(f"{exc.format_message()} (see {cmd} --help)")
+            message = exc.format_message()
+            if message:  # empty when the help was shown for a bare `hla-convert`
+                message = _clip(f"{message} (see {cmd} --help)")
+                _error_line(message)
             code = EXIT_BAD_INPUT
+            _usage_document(words, exc.ctx, code, message or "no command given")
         except ClickException as exc:
-            _error_line(exc.format_message())
+            _error_line(_clip(exc.format_message()))
             code = exc.exit_code
+            _usage_document(words, None, code, _clip(exc.format_message()))
         except typer.Abort:
             _error_line("interrupted")
             code = EXIT_INTERRUPTED
+            _usage_document(words, None, code, "interrupted")
         code = code if isinstance(code, int) else EXIT_OK
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _usage_document(words: list[str], ctx: Any, code: int, message: str) -> None:
+    """The --json document of a command line that never reached its command (click refused it)."""
+    if "--json" not in words or "--help" in words:
+        return
+    command = ctx.info_name if ctx is not None and ctx.parent is not None else next((w for w in words if w in _COMMANDS), None)
+    doc = {"command": command, "exit_code": code, "error": " ".join(message.split())}
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+_COMMANDS = ("convert", "validate", "inspect", "recipes")
+_MAX_MESSAGE = 600  # characters of an error line: a message never carries a whole input
+
+
+def _clip(text: str, limit: int = _MAX_MESSAGE) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 app = typer.Typer(
@@ -115,7 +143,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _error_line(message: str) -> None:
-    text = " ".join(str(message).split())
+    text = _clip(message)
     print(f"hla-convert: error: {text}", file=sys.stderr, flush=True)
 
 
@@ -185,12 +213,25 @@ def _command(name: str, json_mode: bool, resume_hint: Callable[[], str | None] |
                 traceback.print_exc(file=sys.stderr)
     doc["exit_code"] = code
     if "error" in doc:
+        doc["error"] = _clip(doc["error"])
         _error_line(doc["error"])
     if json_mode:
-        real_stdout.write(json.dumps(doc, indent=2, default=str, allow_nan=False) + "\n")
+        real_stdout.write(json.dumps(_finite(doc), indent=2, default=str, allow_nan=False) + "\n")
         real_stdout.flush()
     if code != EXIT_OK:
         raise typer.Exit(code)
+
+
+def _finite(obj: Any) -> Any:
+    """The document with NaN/inf floats as the strings "nan", "inf", "-inf": JSON has no such numbers,
+    and a diverged metric must not cost the document."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _quiet_hub_retries() -> None:
@@ -338,6 +379,93 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_device(device: str | None) -> str:
+    """--device, checked before anything loads: a torch device this machine has (default: cuda when
+    available, else cpu)."""
+    import torch
+
+    if device is None:
+        return _default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise CommandFailed(f"--device {_shown(device)} is not a torch device (e.g. cpu, cuda, cuda:1, mps)", EXIT_BAD_INPUT) from None
+    checks: dict[str, Callable[[], int]] = {
+        "cpu": lambda: 1,
+        "cuda": lambda: torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "mps": lambda: int(bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())),
+        "xpu": lambda: torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0,
+    }
+    if dev.type not in checks:
+        raise CommandFailed(f"--device {_shown(device)}: hla-convert runs on {', '.join(checks)} devices", EXIT_BAD_INPUT)
+    count = checks[dev.type]()
+    if count == 0:
+        raise CommandFailed(f"--device {_shown(device)}: no {dev.type.upper()} device on this machine (try --device cpu)", EXIT_BAD_INPUT)
+    if dev.index is not None and dev.index >= count:
+        raise CommandFailed(f"--device {_shown(device)}: this machine has {count} {dev.type} device(s), numbered from 0", EXIT_BAD_INPUT)
+    return str(dev)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_model_path(model: str | None, flag: str = "MODEL") -> None:
+    """A MODEL that is neither an existing folder nor shaped like a Hub ID is reported as missing,
+    before recipes are looked up or anything loads."""
+    if model is None:
+        return
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        return
+    if path.exists():
+        raise CommandFailed(f"{flag} {_shown(model)} is a file; it must be a diffusers folder or a Hub ID", EXIT_BAD_INPUT)
+    if not _looks_like_hub_id(model):
+        raise CommandFailed(f"{flag} {_shown(model)} does not exist (not a folder, and not a Hub ID of the form owner/name)", EXIT_BAD_INPUT)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    from .loading import _HUB_ID  # the form load_transformer sends to the Hub
+
+    return bool(_HUB_ID.match(model)) and not model.startswith((".", "/", "~"))
+
+
+def _note_sampling(report: dict[str, Any], recipe, scheduler: Any, why: str) -> None:
+    """When the recipe asks for the sampling check and there is no scheduler to run it, say so in
+    the report (its table, and "sampling_not_run" in the JSON) instead of passing in silence."""
+    if scheduler is not None or recipe.validation.sampling_steps <= 0 or report.get("sampling") is not None:
+        return
+    report["sampling_not_run"] = why
+    report.setdefault("table", []).append({"metric": "sampling check (final latent)", "value": "not run", "threshold": None, "ok": None})
+
+
+# Seconds before "trying the Hugging Face Hub" is shown: a cached or offline answer comes sooner.
+_HUB_NOTICE_AFTER_S = 2.0
+
+
+@contextlib.contextmanager
+def _hub_notice(model: str | None) -> Iterator[None]:
+    """Say on stderr that MODEL is being looked up on the Hub, once the lookup takes a while."""
+    if model is None or Path(os.path.expanduser(model)).exists() or not _looks_like_hub_id(model):
+        yield
+        return
+    err = sys.stderr
+    if _HUB_NOTICE_AFTER_S <= 0:
+        print(f"trying the Hugging Face Hub for {_shown(model)} ...", file=err, flush=True)
+        yield
+        return
+    timer = threading.Timer(
+        _HUB_NOTICE_AFTER_S, lambda: print(f"trying the Hugging Face Hub for {_shown(model)} ...", file=err, flush=True)
+    )
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _resolve_recipe(recipe: str | None, model: str | None):
     """--recipe, or the built-in recipe made for MODEL (the demo's, or one whose model.hub_id is MODEL)."""
     from .recipes import builtin_recipes, load_recipe
@@ -346,12 +474,13 @@ def _resolve_recipe(recipe: str | None, model: str | None):
         return _load_recipe(recipe)
     if model is None:
         return _load_recipe(DEMO_RECIPE)
+    _check_model_path(model)
     for name in builtin_recipes():
         candidate = load_recipe(name)
         if candidate.model.hub_id and candidate.model.hub_id == model:
             return candidate
     raise CommandFailed(
-        f"no built-in recipe is made for {model!r}; pass --recipe NAME|PATH (built-in: {', '.join(builtin_recipes())})",
+        f"no built-in recipe is made for {_shown(model)}; pass --recipe NAME|PATH (built-in: {', '.join(builtin_recipes())})",
         EXIT_BAD_INPUT,
     )
 
@@ -431,7 +560,7 @@ def convert(
     ] = ...,  # type: ignore[assignment]
     steps: Annotated[
         int | None,
-        typer.Option("--steps", min=0, help="Stage-1 (attention transfer) steps; stage 2 is scaled in proportion. Default: the recipe's.", show_default=False),
+        typer.Option("--steps", min=0, help="Stage-1 (attention transfer) steps; stage 2 is scaled in proportion (0: no training in either stage). Default: the recipe's.", show_default=False),
     ] = None,
     attention: Annotated[
         str | None,
@@ -479,16 +608,19 @@ def convert(
         from .output import check_output, run_identity, save_output, start_run
         from .surgery import convert_attention
 
+        from .output_guard import output_lock
+
+        # Everything that can be refused is refused here, before the (slow) model load.
+        _check_model_path(model)
         rec = _resolve_recipe(recipe, model)
         rec = _override(rec, f"recipe {rec.name}", steps=steps, kind=attention)
-        run = run_identity(model, revision, subfolder, rec, dtype)
-        check_output(out, run, overwrite, resume)  # refuse a bad --out before loading the model
         parse_dtype(dtype)
-        dev = device or _default_device()
-        console = _stderr()
-        doc.update(out_dir=str(out.resolve()), recipe=rec.name, resumed=resume)
-        with StageProgress(console, stop_after_steps) as bars:
-            with bars.stage("load"):
+        dev = _check_device(device)
+        run = run_identity(model, revision, subfolder, rec, dtype)
+        doc.update(out_dir=str(out.absolute()), recipe=rec.name, resumed=resume)
+        with output_lock(out), StageProgress(_stderr(), stop_after_steps) as bars:
+            check_output(out, run, overwrite, resume)  # under the lock: nothing else changes it now
+            with bars.stage("load"), _hub_notice(model):
                 loaded = load_transformer(model, revision=revision, subfolder=subfolder, dtype=dtype, device=dev)
             net = loaded.transformer
             with bars.stage("convert"):
@@ -507,6 +639,7 @@ def convert(
             with bars.stage("validate"):
                 scheduler = load_scheduler(loaded)
                 report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=bars.callback).to_dict()
+                _note_sampling(report, rec, scheduler, "MODEL is a bare transformer: no pipeline scheduler to sample with")
             report["training"] = {"stage1": stage1, "stage2": stage2}
             with bars.stage("save"):
                 saved = save_output(out, net, loaded, rec, report)
@@ -557,11 +690,12 @@ def validate(
     with _command("validate", json_out) as doc:
         from . import calibration, drift
         from .adapter import load_adapter
-        from .loading import load_transformer
+        from .loading import load_transformer, parse_dtype
         from .output import base_of, read_output
         from .pipeline_loading import load_scheduler
 
         info, recipe_path, saved = read_output(directory)
+        _check_model_path(base, "--base")
         thresholds = {
             f"validation.{k}": v
             for k, v in dict(
@@ -576,10 +710,11 @@ def validate(
         rec = _load_recipe(str(recipe_path))
         rec = _override(rec, "threshold options", fields=thresholds)
         source, revision, subfolder = (base, None, None) if base else base_of(info)
-        dev = device or _default_device()
-        doc.update(out_dir=str(directory.resolve()), recipe=rec.name, base=info.get("base_source"))
+        parse_dtype(dtype)
+        dev = _check_device(device)
+        doc.update(out_dir=str(directory.absolute()), recipe=rec.name, base=info.get("base_source"))
         with StageProgress(_stderr()) as bars:
-            with bars.stage("load"):
+            with bars.stage("load"), _hub_notice(source):
                 loaded = load_transformer(source, revision=revision, subfolder=subfolder, dtype=dtype, device=dev)
                 net = load_adapter(loaded.transformer, directory).to(dev)
             with bars.stage("calibrate"):
@@ -587,7 +722,10 @@ def validate(
                     net, rec, "heldout", pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=bars.callback
                 )
             with bars.stage("validate"):
-                report = drift.measure_drift(net, heldout, rec, scheduler=load_scheduler(loaded), progress=bars.callback).to_dict()
+                scheduler = load_scheduler(loaded)
+                report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=bars.callback).to_dict()
+                why = "--base is a bare transformer" if base else "the base is a bare transformer"
+                _note_sampling(report, rec, scheduler, f"{why}: no pipeline scheduler to sample with (pass a pipeline folder or Hub ID)")
         doc.update(drift=report, passed=bool(report.get("passed")), seconds=bars.seconds)
         if not json_out:
             con = _stdout()
@@ -620,10 +758,12 @@ def inspect(
     with _command("inspect", json_out) as doc:
         from .pipeline_loading import inspect_model
 
+        _check_model_path(model)
         rec = _resolve_recipe(recipe, model)
         sizes = {f"calibration.{k}": v for k, v in dict(frames=frames, height=height, width=width).items() if v is not None}
         rec = _override(rec, "video size options", fields=sizes)
-        report = inspect_model(model, rec, revision=revision, subfolder=subfolder)
+        with _hub_notice(model):
+            report = inspect_model(model, rec, revision=revision, subfolder=subfolder)
         doc.update(report)
         if not json_out:
             _print_inspection(report)

@@ -7,6 +7,8 @@
       recipe.yaml                the recipe exactly as run (command-line overrides applied)
       drift_report.json          held-out drift, thresholds, pass/fail, training summary
       README.md                  the model card
+      .hla-convert-manifest.json every file above with its sha256: what --overwrite may delete
+      .hla-convert.lock          only while a run is going on (output_guard.output_lock)
       .hla_work/                 only while a run is unfinished: run.json + training checkpoints
 
 `.hla_work/` exists from the start of a run until its outputs are saved, then it is removed: a
@@ -14,13 +16,16 @@ folder that still has one is a run that was interrupted (or failed) and that `--
 `run.json` there records what the run is (model, recipe text, dtype), so that `--resume` never
 continues a different run.
 
-Every file is written atomically (temporary file, then rename), so a killed run leaves whole files.
+Every file is written atomically: the outputs are written into `.hla_work/save/`, the manifest
+listing them is put in place, then each file is renamed into the folder; a killed save leaves whole
+files that the manifest lists, and the work folder, so `--resume` finishes it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +36,27 @@ from torch import nn
 from .adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter, read_adapter_info, save_adapter
 from .checkpoints import atomic_write_text, write_json_atomic
 from .loading import DEMO_MODEL_NAME, LoadedModel
+from .output_guard import (
+    LOCK_FILE,
+    MANIFEST_FILE,
+    RUN_FILE,
+    WORK_DIR,
+    OutputError,
+    clear_ours,
+    describe,
+    foreign_entries,
+    read_manifest,
+    read_run_file,
+    run_file_content,
+    sha256_file,
+    write_manifest,
+)
 from .recipes import Recipe
 
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "drift_report.json"
 CARD_FILE = "README.md"
-WORK_DIR = ".hla_work"
-RUN_FILE = "run.json"
+STAGING_DIR = "save"  # in WORK_DIR: the outputs are written here, then renamed into the folder
 OUTPUT_FILES = (ADAPTER_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE, CARD_FILE)
 
 # Pipeline classes per transformer class, for the model card's loading example when the base was a
@@ -56,10 +75,6 @@ PIPELINE_FOR_TRANSFORMER = {
 }
 
 
-class OutputError(ValueError):
-    """An output folder that cannot be used as asked; the message is one line saying why."""
-
-
 # -- starting, resuming and finishing a run ----------------------------------------------------
 
 
@@ -76,68 +91,71 @@ def run_identity(model: str | None, revision: str | None, subfolder: str | None,
     }
 
 
-def _ours(entry: Path) -> bool:
-    name = entry.name
-    return name in OUTPUT_FILES or name == WORK_DIR or (name.startswith(".") and name.endswith(".tmp"))
-
-
 def check_output(out: str | Path, run: dict[str, Any], overwrite: bool = False, resume: bool = False) -> None:
     """Refuse an `out` the run cannot use, before any slow work; changes nothing on disk.
 
-    A missing or empty `out` is fine. A non-empty one is refused unless `overwrite` (only when
-    everything in it is an hla-convert output: the tool never deletes files it did not write) or
-    `resume` (only when it holds the unfinished work of the same run).
+    A missing or empty `out` is fine (the lock file of this run aside). A non-empty one is refused
+    unless `overwrite` (only when everything in it is hla-convert's own: files its manifest lists
+    with unchanged content, its work folder, no symlinks) or `resume` (only when it holds the
+    unfinished work of the same run).
     """
     out = Path(out)
     if overwrite and resume:
         raise OutputError("--overwrite and --resume exclude each other: resume keeps the run, overwrite discards it")
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"--out {out} is a dangling symlink")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder")
-    entries = sorted(out.iterdir()) if out.is_dir() else []
+    try:
+        entries = sorted(e for e in os.listdir(out) if e != LOCK_FILE) if out.is_dir() else []
+    except OSError as exc:
+        raise OutputError(f"--out {out} cannot be read ({exc.strerror or type(exc).__name__})") from None
     if resume:
-        saved = _read_run(out / WORK_DIR)
+        saved = read_run_file(out / WORK_DIR)
         if saved is None:
+            if (out / WORK_DIR).is_symlink():
+                raise OutputError(f"{out / WORK_DIR} is a symlink, not the work folder of a run; nothing to resume")
             if (out / ADAPTER_FILE).is_file() and (out / REPORT_FILE).is_file():
                 raise OutputError(f"{out} holds a finished conversion, nothing to resume; use --overwrite to run it again")
             raise OutputError(f"{out} holds no interrupted run to resume ({WORK_DIR}/{RUN_FILE} is missing)")
         diff = [k for k in sorted(set(run) | set(saved)) if run.get(k) != saved.get(k)]
         if diff:
-            what = ", ".join("recipe" if k == "recipe_sha256" else f"{k} {saved.get(k)!r} -> {run.get(k)!r}" for k in diff)
+            what = ", ".join("recipe" if k == "recipe_sha256" else f"{k} {_short_repr(saved.get(k))} -> {_short_repr(run.get(k))}" for k in diff)
             raise OutputError(f"{out} holds a different run ({what}); resume it with the same MODEL, recipe and options")
         return
     if entries:
         if not overwrite:
             raise OutputError(f"--out {out} is not empty; pass --overwrite to replace it or --resume to continue its run")
-        foreign = [e.name for e in entries if not _ours(e)]
+        foreign = foreign_entries(out)
         if foreign:
+            hint = "" if read_manifest(out) is not None else f" (no {MANIFEST_FILE}: not an hla-convert output folder)"
             raise OutputError(
-                f"--out {out} holds files hla-convert did not write ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); refusing to overwrite it, choose another folder"
+                f"--out {out} holds entries hla-convert did not write: {describe(foreign)}{hint}; "
+                "refusing to overwrite it: move them away or choose another folder"
             )
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def start_run(out: str | Path, run: dict[str, Any], overwrite: bool = False, resume: bool = False) -> Path:
     """Check `out` (check_output), clear it for a new run or keep it for a resumed one; returns the
-    work folder `out/.hla_work` holding run.json and the training checkpoints."""
+    work folder `out/.hla_work` holding run.json and the training checkpoints.
+
+    Only what hla-convert wrote is deleted (see output_guard); the caller holds `out`'s lock.
+    """
     check_output(out, run, overwrite, resume)
     out = Path(out)
     work = out / WORK_DIR
     if resume:
         return work
-    for entry in sorted(out.iterdir()) if out.is_dir() else []:
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if out.is_dir():
+        clear_ours(out)
     work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work / RUN_FILE, run)
+    write_json_atomic(work / RUN_FILE, run_file_content(run))
     return work
-
-
-def _read_run(work: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((work / RUN_FILE).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise OutputError(f"{work / RUN_FILE} is unreadable ({exc}); start the run again with --overwrite") from None
 
 
 @dataclass
@@ -149,11 +167,18 @@ class SavedRun:
 
 
 def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: Recipe, report: dict[str, Any]) -> SavedRun:
-    """Write the adapter, recipe, drift report and model card; then drop the work folder.
+    """Write the adapter, recipe, drift report and model card, and the manifest listing them; then
+    drop the work folder.
 
-    The work folder goes last, so a run killed while saving is still resumable.
+    Everything is written into the work folder first; the manifest (new hashes, plus the hashes of
+    files a killed earlier save left, which are about to be replaced) goes in place before the
+    renames, so whatever moment the run is killed at, every output in the folder is listed. The
+    work folder goes last, so a run killed while saving is still resumable.
     """
     out = Path(out)
+    staging = out / WORK_DIR / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     pipeline_class = pipeline_class_for(type(model).__name__, loaded)
     extra = {
         "recipe": recipe.name,
@@ -161,11 +186,19 @@ def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: 
         "pipeline": loaded.pipeline_dir,
         "pipeline_class": pipeline_class,
     }
-    save_adapter(model, out, base_source=loaded.source, base_revision=loaded.revision, extra_metadata=extra)
-    atomic_write_text(out / RECIPE_FILE, recipe.to_yaml())
-    write_json_atomic(out / REPORT_FILE, report)
-    card = model_card(read_adapter_info(out), report)
-    atomic_write_text(out / CARD_FILE, card)
+    save_adapter(model, staging, base_source=loaded.source, base_revision=loaded.revision, extra_metadata=extra)
+    atomic_write_text(staging / RECIPE_FILE, recipe.to_yaml())
+    write_json_atomic(staging / REPORT_FILE, report)
+    card = model_card(read_adapter_info(staging), report)
+    atomic_write_text(staging / CARD_FILE, card)
+    names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
+    new = {name: sha256_file(staging / name) for name in names}
+    before = read_manifest(out) or {}
+    listed = {name: [new[name]] + [h for h in before.get(name, []) if h != new[name]] for name in names}
+    write_manifest(out, listed, staging)
+    for name in names:
+        os.replace(staging / name, out / name)
+    write_manifest(out, {name: [new[name]] for name in names}, staging)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return SavedRun(out, [name for name in OUTPUT_FILES if (out / name).is_file()])
 
@@ -188,23 +221,67 @@ def pipeline_class_for(transformer_class: str, loaded: LoadedModel) -> str | Non
 
 
 def read_output(out: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
-    """(adapter metadata, recipe.yaml path, saved drift report) of a finished output folder."""
+    """(adapter metadata, recipe.yaml path, saved drift report) of a finished output folder.
+
+    A folder whose run is unfinished (its work folder is still there: killed in training or while
+    saving) points to `--resume`; an hla_config.json that disagrees with the adapter's own metadata
+    is refused, since it is what people read to know what the adapter is.
+    """
     out = Path(out)
     if not out.is_dir():
-        raise OutputError(f"{out} is not a folder")
-    if not (out / ADAPTER_FILE).is_file() and (out / WORK_DIR / RUN_FILE).is_file():
-        raise OutputError(f"{out} holds an unfinished conversion; finish it with `hla-convert convert ... --out {out} --resume`")
+        raise OutputError(f"{out} is not a folder" if out.exists() else f"{out} does not exist")
+    if (out / WORK_DIR).is_dir() and not (out / WORK_DIR).is_symlink():
+        raise OutputError(
+            f"{out} holds an unfinished conversion (its {WORK_DIR} folder is still there: the run was stopped "
+            f"before its save completed); finish it with `hla-convert convert ... --out {out} --resume`"
+        )
     info = read_adapter_info(out)
+    _check_config_file(out)
     recipe = out / RECIPE_FILE
     if not recipe.is_file():
         raise OutputError(f"{out} has no {RECIPE_FILE}: not a folder written by hla-convert convert")
-    try:
-        report = json.loads((out / REPORT_FILE).read_text())
-    except FileNotFoundError:
-        report = {}
-    except (OSError, ValueError) as exc:
-        raise OutputError(f"{out / REPORT_FILE} is unreadable ({exc})") from None
+    report = _read_json_file(out / REPORT_FILE, missing={})
+    table = report.get("table", []) if isinstance(report, dict) else None
+    if not isinstance(table, list) or not all(isinstance(r, dict) and "metric" in r and "value" in r for r in table):
+        raise OutputError(f"{out / REPORT_FILE} is not a drift report written by hla-convert")
     return info, recipe, report
+
+
+_MAX_JSON_BYTES = 16 << 20
+
+
+def _read_json_file(path: Path, missing: Any = None) -> Any:
+    if not path.is_file():
+        if path.exists() or path.is_symlink():
+            raise OutputError(f"{path} is not a regular file")
+        return missing
+    try:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise OutputError(f"{path} is larger than {_MAX_JSON_BYTES >> 20} MiB: not written by hla-convert")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OutputError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise OutputError(f"{path} is unreadable ({type(exc).__name__}: {_short_repr(str(exc))})") from None
+
+
+def _check_config_file(out: Path) -> None:
+    """hla_config.json must say what the adapter's header says (the header is authoritative)."""
+    from safetensors import safe_open
+
+    config = _read_json_file(out / CONFIG_FILE)
+    if config is None:
+        raise OutputError(f"{out} has no {CONFIG_FILE}; the folder is incomplete (run the conversion again)")
+    with safe_open(str(out / ADAPTER_FILE), framework="pt") as f:  # read_adapter_info has checked it
+        header = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    if not isinstance(config, dict):
+        raise OutputError(f"{out / CONFIG_FILE} is not the adapter's metadata (a JSON object)")
+    differ = sorted(k for k in set(config) | set(header) if config.get(k) != header.get(k))
+    if differ:
+        raise OutputError(
+            f"{out / CONFIG_FILE} disagrees with the metadata in {ADAPTER_FILE} ({', '.join(differ[:4])}); "
+            "it was edited or belongs to another adapter: restore it or run the conversion again"
+        )
 
 
 def base_of(info: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
@@ -227,7 +304,9 @@ def load_converted(
     """The converted transformer of an output folder, ready for a diffusers pipeline.
 
     base: where to load the base model from (Hub ID or folder); None = the one the adapter records.
-    Its weights must match the recorded fingerprint.
+    Its weights must match the recorded fingerprint. LoRA weights in the adapter (stage 2
+    `train: lora`) come back as enabled peft adapters; set_attention_mode(model, "teacher")
+    gives the base model again.
 
         pipe = WanPipeline.from_pretrained(base, transformer=load_converted("wan-hla"))
     """

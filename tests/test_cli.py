@@ -7,6 +7,7 @@ through typer's CliRunner, in process. Exit codes: 0 ok, 1 drift, 2 bad input, 1
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -96,7 +97,12 @@ def test_convert_writes_the_output_folder(converted):
     assert doc["command"] == "convert" and doc["exit_code"] == 0 and doc["passed"] is True
     assert doc["device"] == "cpu" and doc["dtype"] == "float32"
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["README.md", "adapter_model.safetensors", "drift_report.json", "hla_config.json", "recipe.yaml"])
+    outputs = sorted(["README.md", "adapter_model.safetensors", "drift_report.json", "hla_config.json", "recipe.yaml"])
+    assert names == sorted([*outputs, ".hla-convert-manifest.json"])  # no lock, no work folder left
+    manifest = json.loads((out / ".hla-convert-manifest.json").read_text())
+    assert sorted(manifest["files"]) == outputs
+    for name, hashes in manifest["files"].items():
+        assert hashes == [hashlib.sha256((out / name).read_bytes()).hexdigest()]
     report = json.loads((out / "drift_report.json").read_text())
     assert report["passed"] is True and report["training"]["stage1"]
     card = (out / "README.md").read_text()
@@ -325,3 +331,122 @@ def test_help_reads_like_a_manual():
         result = invoke(cmd, "--help")
         assert result.exit_code == 0
     assert "Exit codes" in invoke("convert", "--help").stdout
+
+
+# -- issue 13: --json on usage errors, checks before loading, smaller promises -------------------
+
+
+@pytest.mark.parametrize(
+    "args, command, contains",
+    [
+        (["convert", "--json"], "convert", "--out"),
+        (["convert", "--json", "--out", "o", "--steps", "-1"], "convert", "--steps"),
+        (["convert", "--json", "--bogus"], "convert", "--bogus"),
+        (["validate", "somewhere", "--max-output-rel-l2", "abc", "--json"], "validate", "--max-output-rel-l2"),
+        (["inspect", "--frames", "0", "--json"], "inspect", "--frames"),
+        (["recipes", "a", "b", "--json"], "recipes", "unexpected extra argument"),
+        (["frobnicate", "--json"], None, "frobnicate"),
+    ],
+)
+def test_json_usage_errors_still_print_one_document(args, command, contains):
+    result = invoke(*args)
+    line = assert_one_line_error(result, contains=contains)
+    doc = json.loads(result.stdout)  # the whole of stdout is one document
+    assert doc == {"command": command, "exit_code": 2, "error": line.removeprefix("hla-convert: error: ")}
+
+
+def test_bad_devices_are_refused_before_loading(converted, tmp_path):
+    out, _ = converted
+    cases = ["banana", "meta", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in cases:
+        line = assert_one_line_error(invoke("convert", "--out", tmp_path / "o", "--device", device), contains="--device")
+        assert repr(device) in line
+        assert_one_line_error(invoke("validate", out, "--device", device), contains="--device")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_local_model_is_reported_missing(tmp_path):
+    for cmd in (["convert", "--out", tmp_path / "o"], ["inspect"]):
+        line = assert_one_line_error(invoke(cmd[0], tmp_path / "nowhere", *cmd[1:]), contains="does not exist")
+        assert "nowhere" in line and "recipe" not in line
+    (tmp_path / "afile").write_text("x")
+    assert_one_line_error(invoke("convert", tmp_path / "afile", "--out", tmp_path / "o"), contains="is a file")
+
+
+def test_a_hub_lookup_says_so_while_it_waits(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    import hla_convert.cli as cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(cli, "_HUB_NOTICE_AFTER_S", 0.0)  # the notice comes after 2 s; offline answers at once
+    result = invoke("convert", "nobody-here/no-such-model", "--recipe", "tiny-wan", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert lines[0] == "trying the Hugging Face Hub for 'nobody-here/no-such-model' ..."
+    assert lines[-1].startswith("hla-convert: error: ") and "no-such-model" in lines[-1]
+
+
+def test_steps_zero_trains_nothing_in_either_stage(tmp_path, fast_recipe):
+    out = tmp_path / "ünïcode öut ☃"  # a path the file system allows is a path hla-convert takes
+    result = invoke("convert", "--recipe", fast_recipe, "--out", out, "--steps", "0", "--device", "cpu", "--json")
+    assert result.exit_code in (0, 1), result.stderr
+    training = json.loads(result.stdout)["drift"]["training"]
+    assert training["stage1"]["steps"] == 0 and training["stage2"]["steps"] == 0
+    assert training["stage1"].get("steps_run", 0) == 0 and training["stage2"].get("steps_run", 0) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def _demo_folder(path: Path, bump: float = 0.0) -> Path:
+    from hla_convert.loading import load_demo_model
+
+    model = load_demo_model().transformer
+    if bump:
+        name, tensor = max(model.state_dict().items(), key=lambda kv: kv[1].numel())
+        with torch.no_grad():  # the last value of the largest tensor
+            tensor.view(-1)[-1] += bump
+    model.save_pretrained(path)
+    return path
+
+
+def test_validate_base_refuses_one_changed_weight_and_says_when_sampling_is_not_run(converted, tmp_path):
+    out, _ = converted
+    bumped = _demo_folder(tmp_path / "bumped", bump=0.5)
+    assert_one_line_error(invoke("validate", out, "--base", bumped, "--device", "cpu"), contains="different base")
+
+    bare = _demo_folder(tmp_path / "bare")  # the same weights, as a bare transformer: no scheduler
+    result = invoke("validate", out, "--base", bare, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    drift = json.loads(result.stdout)["drift"]
+    assert drift["sampling"] is None and "bare transformer" in drift["sampling_not_run"]
+    assert {"metric": "sampling check (final latent)", "value": "not run", "threshold": None, "ok": None} in drift["table"]
+    table = invoke("validate", out, "--base", bare, "--device", "cpu")
+    assert "not run" in table.stdout
+
+
+def test_validate_refuses_a_tampered_config_and_bad_thresholds(converted, tmp_path):
+    out, _ = converted
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    config = json.loads((tampered / "hla_config.json").read_text())
+    config["config"]["feature_dim"] = 64
+    (tampered / "hla_config.json").write_text(json.dumps(config))
+    assert_one_line_error(invoke("validate", tampered, "--device", "cpu"), contains="hla_config.json disagrees")
+    (tampered / "hla_config.json").unlink()
+    assert_one_line_error(invoke("validate", tampered, "--device", "cpu"), contains="no hla_config.json")
+    shutil.copy(out / "hla_config.json", tampered / "hla_config.json")
+    (tampered / "drift_report.json").unlink()
+    (tampered / "drift_report.json").mkdir()
+    assert_one_line_error(invoke("validate", tampered, "--device", "cpu"), contains="not a regular file")
+    for value in ("nan", "inf", "-1"):
+        assert_one_line_error(invoke("validate", out, "--max-output-rel-l2", value), contains="validation.max_output_rel_l2")
+    assert_one_line_error(invoke("validate", out / "README.md"), contains="not a folder")
+
+
+def test_other_commands_take_hostile_values_as_bad_input(tmp_path):
+    assert_one_line_error(invoke("inspect", "--frames", str(10**12), "--json"), contains="calibration.frames")
+    assert_one_line_error(invoke("recipes", str(tmp_path)), contains="is a folder")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert_one_line_error(invoke("recipes", empty), contains="is empty")
+    assert_one_line_error(invoke("convert", "--recipe", empty, "--out", tmp_path / "o"), contains="is empty")
