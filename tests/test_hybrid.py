@@ -336,6 +336,25 @@ def test_hunyuan_padded_text_stays_invisible():
     assert inputs["encoder_attention_mask"][1, -HUNYUAN_PADDED:].eq(0).all()
 
 
+def test_adapter_round_trip_restores_the_hybrid(tmp_path):
+    from hla_convert.adapter import load_adapter, save_adapter
+
+    model = tiny_model("cogvideox")
+    base = copy.deepcopy(model)
+    inputs = tiny_inputs("cogvideox", model=model)
+    config = _hybrid(window=(1, 0, 0), halo=(0, 1, 1), far="linear", feature_dim=3, learn_temperature=True)
+    convert_attention(model, config)
+    with torch.no_grad():
+        for p in hla_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=_gen(14)) * 0.1)
+        out = forward(model, inputs)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(base, tmp_path)
+    assert all(c.config == config for c in hla_layers(loaded).values())
+    with torch.no_grad():
+        assert torch.equal(forward(loaded, inputs), out)
+
+
 def test_core_alone_or_wrong_token_count_raises():
     layer = HLAAttention(_hybrid(), H, D)
     q = torch.randn(1, H, 8, D)

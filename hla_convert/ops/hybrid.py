@@ -180,8 +180,13 @@ def window_blocks(grid: Grid, window: Sequence[int], halo: Sequence[int], device
     Returns q_idx [nb, Q], q_ok [nb, Q] (the block's queries; padding slots False), k_idx [nb, K],
     k_ok [nb, K] (the block's window keys). Every video token is a valid query of exactly one block.
     """
-    out = _blocks_cpu(_triple("grid", grid, 1), _triple("window", window, 0), _triple("halo", halo, 0))
-    return tuple(t.to(device) for t in out) if device is not None else out
+    return _blocks(_triple("grid", grid, 1), _triple("window", window, 0), _triple("halo", halo, 0), torch.device(device or "cpu"))
+
+
+@lru_cache(maxsize=64)
+def _blocks(grid: Grid, window: tuple[int, int, int], halo: tuple[int, int, int], device: torch.device):
+    # one host-to-device copy per (grid, window, device), not one per layer call
+    return tuple(t.to(device) for t in _blocks_cpu(grid, window, halo))
 
 
 def hybrid_attention(
