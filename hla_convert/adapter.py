@@ -3,13 +3,17 @@
 A folder holds two files (peft's shape: a config JSON plus a safetensors of the new weights):
 
     adapter_model.safetensors   HLA parameters under their model state_dict keys
-                                (e.g. "blocks.0.attn1.hla.proj"); header metadata below
+                                (e.g. "blocks.0.attn1.hla.proj"), and the LoRA weights of a
+                                stage 2 `train: lora` run under "lora." + peft's key
+                                (e.g. "lora.blocks.0.attn1.to_q.lora_A.weight"); header metadata below
     hla_config.json             the same metadata as readable JSON
 
 Metadata: format ("hla-convert-adapter"), format_version, base_source (Hub ID or path),
-base_revision, base_fingerprint (see fingerprint_weights), config (HLAConfig JSON) and modules
-(the converted attention modules). The safetensors header is authoritative; both are written
-atomically (temp file, then rename).
+base_revision, base_fingerprint (see fingerprint_weights; of the base weights, LoRA excluded),
+config (HLAConfig JSON), modules (the converted attention modules) and, only with LoRA weights,
+lora ({"rank", "alpha", "modules": the adapted linear layers}). An adapter without "lora" is
+HLA-only (and older adapters load as before). The safetensors header is authoritative; both are
+written atomically (temp file, then rename).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .checkpoints import atomic_write_bytes, atomic_write_text
 from .config import ConfigError, HLAConfig
 from .errors import first_line
 from .layers import hla_layers, hla_parameters
+from .lora import LORA_PREFIX, LoraError, has_lora, load_lora_state, lora_config, lora_state_dict, remove_lora, without_lora
 from .surgery import ConversionError, convert_attention, revert_attention
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -126,16 +131,21 @@ def _adapter_metadata(model: nn.Module, base_source: str | None, base_revision: 
     configs = {layer.config for layer in layers.values()}
     if len(configs) != 1:
         raise AdapterError("the converted layers use different HLAConfigs; an adapter holds one config")
-    return {
+    with without_lora(model):  # the base the adapter is for has no LoRA wrappers
+        fingerprint = fingerprint_weights(model)
+    meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "base_source": base_source,
         "base_revision": base_revision,
-        "base_fingerprint": fingerprint_weights(model),
+        "base_fingerprint": fingerprint,
         "base_class": type(model).__name__,
         "config": configs.pop().to_dict(),
         "modules": sorted(layers),
     }
+    if has_lora(model):
+        meta["lora"] = lora_config(model)
+    return meta
 
 
 def save_adapter(
@@ -152,6 +162,7 @@ def save_adapter(
     if extra_metadata:
         meta["extra"] = extra_metadata
     tensors = {k: p.detach().to("cpu", torch.float32).contiguous() for k, p in hla_parameters(model).items()}
+    tensors |= {LORA_PREFIX + k: v for k, v in lora_state_dict(model).items()}
     header = {k: json.dumps(v) for k, v in meta.items()}
     path = directory / ADAPTER_FILE
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=header))
@@ -194,14 +205,15 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool = True) -> nn.Module:
-    """Convert `base_model` as the adapter says and load its weights; returns the model.
+    """Convert `base_model` as the adapter says and load its weights (and its LoRA adapters, enabled,
+    when it has them); returns the model.
 
     The base's fingerprint must match the one recorded at save time (check_base=False skips it,
     for deliberate transfers to fine-tuned bases).
     """
     directory = Path(directory)
     meta = read_adapter_info(directory)
-    if hla_layers(base_model):
+    if hla_layers(base_model) or has_lora(base_model):
         raise AdapterError("the base model is already converted; load the adapter onto an unconverted base")
     if check_base:
         matches, found = fingerprint_matches(base_model, meta["base_fingerprint"])
@@ -215,6 +227,10 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
     except (ConfigError, TypeError) as exc:
         raise AdapterError(f"{directory / ADAPTER_FILE} has an invalid config: {exc}") from None
     tensors = _load_tensors(directory / ADAPTER_FILE)
+    lora_tensors = {k[len(LORA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(LORA_PREFIX)}
+    if lora_tensors and not isinstance(meta.get("lora"), dict):
+        raise AdapterError(f"{directory / ADAPTER_FILE} holds {len(lora_tensors)} LoRA weight(s) but its metadata has no lora config")
     try:
         convert_attention(base_model, config, include=list(meta["modules"]))
     except ConversionError as exc:
@@ -227,6 +243,13 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.dtype))
+    if isinstance(meta.get("lora"), dict):
+        try:
+            load_lora_state(base_model, lora_tensors, meta["lora"])
+        except LoraError as exc:
+            remove_lora(base_model)
+            revert_attention(base_model)
+            raise AdapterError(f"{directory / ADAPTER_FILE} does not match the converted model: {exc}") from None
     return base_model
 
 

@@ -9,8 +9,10 @@ gradient is the same as one backward of the summed loss, while only one layer's 
 alive at a time: stage 1 costs the memory of teacher inference. Stage 2 runs the model in
 "teacher" mode under no_grad, then in "student" mode with gradients, and matches the outputs.
 
-Only HLA parameters train, in both stages. The base weights are the teacher; training any of them
-would move the teacher itself (and the adapter holds only the HLA weights).
+Stage 1 trains the HLA parameters only. Stage 2 trains them, and with `stage2.train: lora` also
+peft LoRA adapters on base linear layers (hla_convert.lora), added when stage 2 starts with B = 0
+so that its step 0 is the HLA-only student. The base weights themselves never train: they are
+the teacher; the adapters are disabled in "teacher" mode, so the teacher stays the base model.
 
 Plain torch, not accelerate: on one device without mixed precision (HLA parameters are float32;
 the base model keeps its own dtype) `Accelerator.backward/prepare` add nothing but a wrapper, and
@@ -20,7 +22,7 @@ bit-for-bit deterministic on CPU, which the resume guarantee relies on.
 
 Checkpoints: `<work_dir>/stage1.checkpoint.safetensors` (resp. stage2), one file written
 atomically (temp file + os.replace) every `checkpoint_every` steps and at the end: the HLA
-parameters, the AdamW state, the torch RNG state, the step and the loss history. The batch order
+parameters (and the LoRA ones), the AdamW state, the torch RNG state, the step and the loss history. The batch order
 is a pure function of (seed, stage, step), so a resumed run sees the same batches and ends with
 the same parameters as an uninterrupted one. A killed process leaves the last complete checkpoint.
 """
@@ -41,7 +43,8 @@ from torch import nn
 
 from .checkpoints import checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint
 from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
-from .recipes import Recipe
+from .lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules
+from .recipes import Recipe, RecipeError
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
 _FORMAT = 1
@@ -99,7 +102,8 @@ def _restored_modes(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _only_hla_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
+def _only_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
+    """Only `params` require grad (and the model is in eval mode) inside; flags restored after."""
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     try:
@@ -189,11 +193,14 @@ def _batch_indices(step: int, accumulate: int, n: int, seed: int, stage: str) ->
 
 def _fingerprint(stage: str, recipe: Recipe, params: dict[str, nn.Parameter], n_inputs: int) -> str:
     spec = getattr(recipe, stage)
+    fields = {k: v for k, v in vars(spec).items() if k != "checkpoint_every"}
+    if getattr(spec, "train", None) == "hla":  # unused LoRA settings: keep HLA-only fingerprints as they were
+        fields = {k: v for k, v in fields.items() if not k.startswith("lora_")}
     doc = {
         "stage": stage,
         "attention": recipe.hla_config().to_dict(),
         "params": {n: list(p.shape) for n, p in params.items()},
-        "spec": {k: v for k, v in vars(spec).items() if k != "checkpoint_every"},
+        "spec": fields,
         "calibration_batch": recipe.calibration.batch_size,
         "seed": recipe.calibration.seed,
         "inputs": n_inputs,
@@ -210,24 +217,33 @@ def _run_stage(
     resume: bool,
     progress: Progress | None,
     step_loss: Callable[[dict[str, Any], float], tuple[float, dict[str, float]]],
+    extra: dict[str, nn.Parameter] | None = None,
+    extra_lr: float | None = None,
 ) -> dict[str, Any]:
     """Shared loop. step_loss(item, scale) runs one input, back-propagates scale * loss and returns
-    (loss, per-layer values) as floats."""
+    (loss, per-layer values) as floats. Trains the HLA parameters at spec.lr and `extra` (LoRA)
+    at extra_lr (None: spec.lr), both on the same warm-up + cosine schedule."""
     spec = getattr(recipe, stage)
     label = f"stage {stage[-1]}"
     work_dir = Path(work_dir)
     ckpt = checkpoint_path(work_dir, stage)
-    params = hla_parameters(model)
+    hla = hla_parameters(model)
     summary: dict[str, Any] = {"stage": stage, "steps": spec.steps, "steps_run": 0, "resumed_from": None, "checkpoint": str(ckpt)}
-    if not params or spec.steps == 0:
-        summary.update(steps=0, skipped="no HLA parameters to train" if not params else "steps is 0")
+    if not hla or spec.steps == 0:
+        summary.update(steps=0, skipped="no HLA parameters to train" if not hla else "steps is 0")
         return summary
     if not inputs:
         raise DistillError(f"{stage}: no calibration inputs")
+    extra = extra or {}
+    params = hla | extra
     accumulate = max(1, spec.batch_size // recipe.calibration.batch_size)
     fingerprint = _fingerprint(stage, recipe, params, len(inputs))
     names = list(params)
-    optimizer = torch.optim.AdamW([params[n] for n in names], lr=spec.lr, weight_decay=0.0)
+    groups = [{"params": [hla[n] for n in hla], "lr": spec.lr}]
+    if extra:
+        groups.append({"params": [extra[n] for n in extra], "lr": extra_lr or spec.lr})
+    base_lrs = [g["lr"] for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=0.0)
     start, history, last_layers = 0, [], {}
 
     if resume and ckpt.is_file():
@@ -266,11 +282,11 @@ def _run_stage(
 
     last_saved = start if summary["resumed_from"] is not None else None
     t0 = time.perf_counter()
-    with _only_hla_trainable(model, params), _restored_modes(model):
+    with _only_trainable(model, params), _restored_modes(model):
         for step in range(start, spec.steps):
             lr = _lr_at(step, spec.steps, spec.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = _lr_at(step, spec.steps, base_lr)
             loss, layer_vals = 0.0, {}
             for idx in _batch_indices(step, accumulate, len(inputs), recipe.calibration.seed, stage):
                 item_loss, item_layers = step_loss(inputs[idx], 1.0 / accumulate)
@@ -369,11 +385,19 @@ def output_distillation(
     """Stage 2: the converted model's denoiser output matches the teacher's at the same inputs.
 
     Per input: teacher output under no_grad in "teacher" mode, then the student forward with
-    gradients; loss ||student - teacher||^2 / ||teacher||^2. Trains the HLA parameters only
-    (recipe stage2.train "hla"); stage2.gradient_checkpointing turns on the model's own gradient
+    gradients; loss ||student - teacher||^2 / ||teacher||^2. Trains the HLA parameters (recipe
+    stage2.train "hla"), plus LoRA adapters (train "lora": stage2.lora_rank, lora_alpha,
+    lora_targets, lora_ffn; lr stage2.lora_lr or stage2.lr) that are added here, enabled, with
+    B = 0, and stay on the model (save_adapter stores them). The teacher forward runs with the
+    adapters disabled. stage2.gradient_checkpointing turns on the model's own gradient
     checkpointing for the student forward. Returns the same summary as attention_transfer
-    (its "layers" is empty); steps 0 returns {"skipped": ...}.
+    (its "layers" is empty, "lora" lists the adapted modules); steps 0 returns {"skipped": ...}.
     """
+    spec = recipe.stage2
+    extra: dict[str, nn.Parameter] = {}
+    lora_modules: list[str] = []
+    if spec.train == "lora" and spec.steps > 0 and hla_parameters(model):
+        extra, lora_modules = _stage2_lora(model, recipe)
 
     def step_loss(item: dict[str, Any], scale: float) -> tuple[float, dict[str, float]]:
         set_attention_mode(model, "teacher")
@@ -393,15 +417,62 @@ def output_distillation(
     if checkpointing and not was:
         model.enable_gradient_checkpointing()
     try:
-        return _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss)
+        summary = _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss, extra, spec.lora_lr)
     finally:
         if checkpointing and not was:
             model.disable_gradient_checkpointing()
+    if lora_modules:
+        summary["lora"] = {"modules": lora_modules, "parameters": sum(p.numel() for p in extra.values())}
+    return summary
+
+
+def _stage2_lora(model: nn.Module, recipe: Recipe) -> tuple[dict[str, nn.Parameter], list[str]]:
+    """Add the recipe's LoRA adapter (or accept the same one already there); its parameters and modules."""
+    spec = recipe.stage2
+    alpha = float(spec.lora_alpha if spec.lora_alpha is not None else spec.lora_rank)
+    try:
+        modules = lora_target_modules(model, list(hla_layers(model)), spec.lora_targets, spec.lora_ffn)
+        if has_lora(model):
+            have = lora_config(model)
+            if have != {"rank": spec.lora_rank, "alpha": alpha, "modules": sorted(modules)}:
+                raise DistillError(
+                    f"stage 2: the model already has a LoRA adapter (rank {have['rank']}, {len(have['modules'])} modules) "
+                    "that differs from the recipe's stage2.lora_* settings"
+                )
+        else:
+            add_lora(model, rank=spec.lora_rank, alpha=alpha, modules=modules, seed=recipe.calibration.seed)
+    except LoraError as exc:  # the recipe names layers this model lacks: bad input, not a failed run
+        raise RecipeError("stage2.lora_ffn" if spec.lora_ffn and "feed-forward" in str(exc) else "stage2.lora_targets", str(exc)) from None
+    return lora_parameters(model), modules
+
+
+# -- the whole distil stage ----------------------------------------------------------------------------
+
+
+def distil(
+    model: nn.Module,
+    inputs: Sequence[dict[str, Any]],
+    recipe: Recipe,
+    work_dir: str | Path,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The distil stage as `hla-convert convert` runs it: feature-map init, stage 1, the recipe's
+    per-layer softmax budget (hla_convert.selection), stage 2. Returns {"init", "stage1",
+    "selection", "stage2"} (each stage's summary)."""
+    from .selection import give_back_to_softmax
+
+    init = initialize_feature_maps(model, inputs, progress=progress)
+    stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress)
+    selection = give_back_to_softmax(model, inputs, recipe.attention.softmax_layers)
+    stage2 = output_distillation(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress)
+    return {"init": init, "stage1": stage1, "selection": selection, "stage2": stage2}
 
 
 __all__ = [
     "DistillError",
     "attention_transfer",
+    "distil",
     "forward",
     "initialize_feature_maps",
     "output_distillation",

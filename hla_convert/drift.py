@@ -7,9 +7,11 @@ Metrics (all from one copy of the weights, switching attention modes):
   so this is the layer's own error, not accumulated drift).
 - output: the denoiser output of the student ("student" mode) against the teacher's (the output
   of the same "both" forward, which is exactly the "teacher" mode output: in "both" the teacher's
-  attention flows on). Per sample: relative L2 and cosine similarity of the flattened outputs;
-  reported as means per noise-level bucket (t = timestep / 1000 split into
-  validation.timestep_buckets equal ranges) and over all samples.
+  attention flows on). With LoRA adapters in the model, "both" runs the adapted projections, so
+  the teacher gets its own "teacher" forward (adapters disabled: the base model); the attention
+  errors are then those of the HLA core on the adapted model's q/k/v. Per sample: relative L2
+  and cosine similarity of the flattened outputs; reported as means per noise-level bucket
+  (t = timestep / 1000 split into validation.timestep_buckets equal ranges) and over all samples.
 - sampling (when a scheduler is given and validation.sampling_steps > 0): the first held-out
   batch's conditioning, the same seeded noise, `sampling_steps` scheduler steps in teacher and in
   student mode; the final latents are compared by relative L2 and PSNR. PSNR is
@@ -36,6 +38,7 @@ from torch import nn
 from .calibration import noise_levels
 from .distill import _restored_modes, forward, streamed_pairs
 from .layers import hla_layers, set_attention_mode
+from .lora import has_adapters
 from .recipes import Recipe, ValidationSpec
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
@@ -214,9 +217,13 @@ def measure_drift(
         for name, layer in layers.items():
             if layer.config.kind == "softmax":  # identity conversion: no student, zero drift
                 err2[name], ref2[name] = 0.0, 1.0
+        adapted = has_adapters(model)
         for i, item in enumerate(heldout_inputs):
             set_attention_mode(model, "both")
             with streamed_pairs(model, consume):
+                teacher = forward(model, item)
+            if adapted:
+                set_attention_mode(model, "teacher")
                 teacher = forward(model, item)
             set_attention_mode(model, "student")
             student = forward(model, item)

@@ -244,12 +244,16 @@ def hla_layers(model: nn.Module) -> dict[str, HLAAttention]:
 
 
 def set_attention_mode(model: nn.Module, mode: str) -> None:
-    """Make every converted layer compute the teacher, the student or both (see HLAAttention.attend)."""
+    """Make every converted layer compute the teacher, the student or both (see HLAAttention.attend);
+    "teacher" also disables the LoRA adapters (hla_convert.lora), the others enable them."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for layer in hla_layers(model).values():
         layer.mode = mode
         layer.last_pair = None
+    from .lora import set_lora_enabled  # the teacher is the base model: LoRA adapters off
+
+    set_lora_enabled(model, mode != "teacher")
 
 
 def hla_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

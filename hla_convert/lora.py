@@ -1,0 +1,285 @@
+"""Low-rank adapters (peft LoRA) on the base model's linear layers, for stage 2 `train: lora`.
+
+One copy of the weights serves teacher and student (DESIGN.md): the teacher is the base model
+with the adapters disabled and the softmax core, the student has them enabled and the HLA core.
+`set_attention_mode` switches both at once. peft's LoRA layer with its adapters disabled calls
+the wrapped base layer and nothing else, so the teacher is the base model bit for bit.
+
+The adapters live under the peft adapter name `ADAPTER` ("hla_lora"), so a user's own LoRAs
+loaded into the same model keep theirs. Parameter keys (peft's):
+
+    <module>.lora_A.hla_lora.weight   [rank, in_features]   random (peft default), seeded here
+    <module>.lora_B.hla_lora.weight   [out_features, rank]  zero: a fresh adapter changes nothing
+
+`lora_state_dict` gives them without the adapter name (peft's `get_peft_model_state_dict`
+convention: `<module>.lora_A.weight`), which is what the adapter file stores under `lora.`.
+LoRA weights are kept in float32 whatever the base dtype, like the HLA parameters: bf16 adapter
+updates at lr 1e-4 round away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+ADAPTER = "hla_lora"
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_PREFIX = "lora."  # adapter-file keys: "lora." + lora_state_dict key
+
+
+class LoraError(ValueError):
+    """LoRA cannot be added or loaded as asked; the message is one line saying why."""
+
+
+def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if "peft" not in sys.modules:  # nothing can be adapted yet, and importing peft takes seconds
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether the model carries this project's LoRA adapter."""
+    return ADAPTER in (getattr(model, "peft_config", None) or {})
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether any peft adapter layer (ours or a user's) is in the model: "teacher" mode turns them off."""
+    return bool(_tuner_layers(model))
+
+
+def _feed_forwards(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The block's feed-forward children (diffusers' FeedForward and look-alikes), by child name."""
+    return [(n, m) for n, m in block.named_children() if type(m).__name__.endswith("FeedForward")]
+
+
+def lora_target_modules(
+    model: nn.Module, converted_names: Sequence[str], targets: Sequence[str] = DEFAULT_TARGETS, ffn: bool = False
+) -> list[str]:
+    """The exact names of the linear layers to adapt, in model order.
+
+    targets: module-name suffixes inside each converted attention module ("to_q", "to_out.0");
+    each must name at least one nn.Linear under some converted module. ffn: also every nn.Linear
+    of the feed-forward modules (diffusers FeedForward: Wan `blocks.N.ffn.net.0.proj` and
+    `ffn.net.2`, CogVideoX `transformer_blocks.N.ff.net.0.proj` and `ff.net.2`) of the blocks
+    that hold a converted module; blocks without one (Hunyuan's single blocks fuse theirs into
+    proj_out) are skipped, but at least one must have one.
+    """
+    if not converted_names:
+        raise LoraError("LoRA needs converted attention modules; the model has none")
+    with without_lora(model):  # an adapted layer counts as the linear it wraps, not as its parts
+        return _target_modules(model, converted_names, targets, ffn)
+
+
+def _target_modules(model: nn.Module, converted_names: Sequence[str], targets: Sequence[str], ffn: bool) -> list[str]:
+    modules = dict(model.named_modules())
+    missing = [c for c in converted_names if c not in modules]
+    if missing:
+        raise LoraError(f"no module named {missing[0]!r} in the model")
+    chosen: set[str] = set()
+    for target in targets:
+        found = []
+        for c in converted_names:
+            for n, m in modules[c].named_modules(prefix=c):
+                if isinstance(m, nn.Linear) and ".hla." not in f"{n}." and (n == f"{c}.{target}" or n.endswith(f".{target}")):
+                    found.append(n)
+        if not found:
+            linears = sorted(
+                {n[len(converted_names[0]) + 1 :] for n, m in modules[converted_names[0]].named_modules(prefix=converted_names[0]) if isinstance(m, nn.Linear)}
+            )
+            raise LoraError(
+                f"LoRA target {target!r} matches no linear layer inside the converted attention modules "
+                f"(e.g. {converted_names[0]}, whose linear layers are: {', '.join(linears) or 'none'})"
+            )
+        chosen.update(found)
+    if ffn:
+        blocks = sorted({c.rsplit(".", 1)[0] for c in converted_names if "." in c})
+        found_any = False
+        for b in blocks:
+            for child, ff in _feed_forwards(modules[b]):
+                for n, m in ff.named_modules(prefix=f"{b}.{child}"):
+                    if isinstance(m, nn.Linear):
+                        chosen.add(n)
+                        found_any = True
+        if not found_any:
+            raise LoraError(
+                f"LoRA on the feed-forward layers: no block holding a converted module ({blocks[0] if blocks else 'none'}, ...) "
+                "has a feed-forward module (diffusers FeedForward)"
+            )
+    return [n for n in modules if n in chosen]
+
+
+def add_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    ffn: bool = False,
+    modules: Sequence[str] | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Add this project's LoRA adapter (enabled) to a converted model; returns the adapted module names.
+
+    modules: exact module names (as saved in an adapter); otherwise they come from
+    `lora_target_modules(model, converted modules, targets, ffn)`. alpha None = rank (scale 1).
+    A is drawn under `seed` without touching the global RNG (two conversions start alike and a
+    resumed run's RNG stream is not shifted); B starts at zero, so the student is unchanged.
+    """
+    from peft import LoraConfig
+
+    from .layers import hla_layers
+
+    if has_lora(model):
+        raise LoraError("the model already has the hla-convert LoRA adapter")
+    if modules is None:
+        modules = lora_target_modules(model, list(hla_layers(model)), targets, ffn)
+    modules = list(modules)
+    known = dict(model.named_modules())
+    bad = [n for n in modules if not isinstance(known.get(n), nn.Linear)]
+    if bad:
+        raise LoraError(f"LoRA module {bad[0]!r} is not a linear layer of this model")
+    config = LoraConfig(
+        r=int(rank), lora_alpha=float(alpha if alpha is not None else rank), target_modules=modules, lora_dropout=0.0, bias="none"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hasattr(model, "add_adapter"):  # diffusers ModelMixin: also registers peft_config for its own LoRA API
+            model.add_adapter(config, adapter_name=ADAPTER)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    return modules
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA parameters of this project's adapter, by full parameter name."""
+    marks = (f".lora_A.{ADAPTER}.", f".lora_B.{ADAPTER}.")
+    return {n: p for n, p in model.named_parameters() if any(m in n for m in marks)}
+
+
+def lora_config(model: nn.Module) -> dict[str, Any] | None:
+    """{"rank", "alpha", "modules"} of the model's adapter (what the adapter file records), or None."""
+    if not has_lora(model):
+        return None
+    cfg = model.peft_config[ADAPTER]
+    return {"rank": int(cfg.r), "alpha": float(cfg.lora_alpha), "modules": sorted(cfg.target_modules)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights without the adapter name (`<module>.lora_A.weight`), detached, float32, CPU."""
+    from peft import get_peft_model_state_dict
+
+    if not has_lora(model):
+        return {}
+    sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+
+def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Add the adapter described by `config` ({"rank", "alpha", "modules"}) and load `tensors` (keys as
+    `lora_state_dict` gives them). Missing, extra or misshaped keys raise LoraError and leave no adapter."""
+    from peft import set_peft_model_state_dict
+
+    try:
+        rank, alpha, modules = int(config["rank"]), float(config["alpha"]), list(config["modules"])
+    except (KeyError, TypeError, ValueError):
+        raise LoraError(f"the LoRA config {config!r} lacks rank, alpha or modules") from None
+    add_lora(model, rank=rank, alpha=alpha, modules=modules)
+    expected = {k: v.shape for k, v in lora_state_dict(model).items()}
+    problem = None
+    if missing := sorted(set(expected) - set(tensors)):
+        problem = f"missing {len(missing)} LoRA key(s), e.g. {missing[0]}"
+    elif extra := sorted(set(tensors) - set(expected)):
+        problem = f"{len(extra)} unexpected LoRA key(s), e.g. {extra[0]}"
+    else:
+        for k, shape in expected.items():
+            if tensors[k].shape != shape:
+                problem = f"LoRA weight {k} has shape {list(tensors[k].shape)}, the model expects {list(shape)}"
+                break
+    if problem:
+        remove_lora(model)
+        raise LoraError(problem)
+    result = set_peft_model_state_dict(model, {k: v.float() for k, v in tensors.items()}, adapter_name=ADAPTER)
+    if getattr(result, "unexpected_keys", None):
+        remove_lora(model)
+        raise LoraError(f"{len(result.unexpected_keys)} LoRA key(s) not taken by the model, e.g. {result.unexpected_keys[0]}")
+
+
+def _swap_base(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put each adapted layer's base layer back in its parent; returns (parent, child, wrapper) to undo it."""
+    swapped = []
+    for name, layer in _tuner_layers(model):
+        if ADAPTER not in getattr(layer, "lora_A", {}):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+        swapped.append((parent, child, layer))
+    return swapped
+
+
+@contextlib.contextmanager
+def without_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its LoRA wrappers swapped out for their base layers, so that its state_dict
+    and modules are the base model's (fingerprints of the base); restored on exit."""
+    swapped = _swap_base(model)
+    try:
+        yield model
+    finally:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Drop this project's adapter, leaving the base layers where they were."""
+    _swap_base(model)
+    cfg = getattr(model, "peft_config", None)
+    if isinstance(cfg, dict):
+        cfg.pop(ADAPTER, None)
+        if not cfg:
+            del model.peft_config
+            if hasattr(model, "_hf_peft_config_loaded"):
+                model._hf_peft_config_loaded = False
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Enable or disable every peft adapter layer of the model, leaving requires_grad as it was
+    (peft's toggle also flips requires_grad; the training loop owns that)."""
+    layers = _tuner_layers(model)
+    if not layers:
+        return
+    flags = [(p, p.requires_grad) for _, m in layers for p in m.parameters()]
+    for _, m in layers:
+        m.enable_adapters(enabled)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+__all__ = [
+    "ADAPTER",
+    "DEFAULT_TARGETS",
+    "LORA_PREFIX",
+    "LoraError",
+    "add_lora",
+    "has_adapters",
+    "has_lora",
+    "load_lora_state",
+    "lora_config",
+    "lora_parameters",
+    "lora_state_dict",
+    "lora_target_modules",
+    "remove_lora",
+    "set_lora_enabled",
+    "without_lora",
+]

@@ -1,0 +1,294 @@
+"""LoRA stage: peft adapters on base linears, disabled for the teacher; stage 2, resume, drift, adapter round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hla_convert import convert_attention, hla_parameters, set_attention_mode
+from hla_convert.adapter import ADAPTER_FILE, AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
+from hla_convert.calibration import build_inputs
+from hla_convert.distill import attention_transfer, forward, initialize_feature_maps, output_distillation
+from hla_convert.drift import measure_drift
+from hla_convert.layers import hla_layers
+from hla_convert.lora import (
+    LoraError,
+    add_lora,
+    has_adapters,
+    has_lora,
+    lora_parameters,
+    lora_state_dict,
+    lora_target_modules,
+)
+from hla_convert.recipes import RecipeError, parse_recipe
+from tiny_models import tiny_inputs, tiny_model
+
+
+def recipe(train="lora", **stage2):
+    data = {
+        "name": "t",
+        "model": {"architecture": "WanTransformer3DModel"},
+        "attention": {"kind": "hadamard", "feature_dim": 8},
+        "calibration": {"frames": 5, "height": 64, "width": 64, "samples": 8, "heldout": 4, "batch_size": 4, "text_len": 6},
+        "stage1": {"steps": 10, "lr": 5e-3, "batch_size": 4, "checkpoint_every": 10},
+        "stage2": {"steps": 12, "lr": 1e-3, "batch_size": 4, "checkpoint_every": 5, "train": train,
+                   "lora_rank": 4, "lora_lr": 3e-3, "gradient_checkpointing": True, **stage2},
+    }
+    return parse_recipe(data)
+
+
+def stage1_model(rec):
+    model = tiny_model("wan")
+    convert_attention(model, rec.hla_config())
+    inputs = build_inputs(model, rec, "train")
+    initialize_feature_maps(model, inputs)
+    return model, inputs
+
+
+def _perturb_lora(model, scale=0.1):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _out(model, arch, mode):
+    set_attention_mode(model, mode)
+    with torch.no_grad():
+        return model(**tiny_inputs(arch), return_dict=False)[0]
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch, expect",
+    [
+        ("wan", ["blocks.{i}.attn1.to_q", "blocks.{i}.attn1.to_k", "blocks.{i}.attn1.to_v", "blocks.{i}.attn1.to_out.0",
+                 "blocks.{i}.ffn.net.0.proj", "blocks.{i}.ffn.net.2"]),
+        ("cogvideox", ["transformer_blocks.{i}.attn1.to_q", "transformer_blocks.{i}.attn1.to_k", "transformer_blocks.{i}.attn1.to_v",
+                       "transformer_blocks.{i}.attn1.to_out.0", "transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"]),
+    ],
+)
+def test_target_modules_are_the_attention_projections_and_the_block_ffn(arch, expect):
+    model = tiny_model(arch)
+    convert_attention(model, recipe().hla_config())
+    names = lora_target_modules(model, list(hla_layers(model)), ["to_q", "to_k", "to_v", "to_out.0"], ffn=True)
+    assert names == [e.format(i=i) for i in range(2) for e in expect]
+    no_ffn = lora_target_modules(model, list(hla_layers(model)), ["to_q", "to_v"], ffn=False)
+    assert no_ffn == [e.format(i=i) for i in range(2) for e in (expect[0], expect[2])]
+    # text cross-attention (Wan attn2) is not converted, so it is never adapted
+    assert not any(".attn2." in n for n in names)
+
+
+def test_a_target_that_matches_nothing_is_one_clear_line(tmp_path):
+    model = tiny_model("wan")
+    convert_attention(model, recipe().hla_config())
+    with pytest.raises(LoraError, match=r"'to_qkv' matches no linear layer .*blocks.0.attn1.*to_k, to_out.0, to_q, to_v") as e:
+        lora_target_modules(model, list(hla_layers(model)), ["to_q", "to_qkv"], ffn=False)
+    assert "\n" not in str(e.value)
+    rec = recipe(lora_targets=["to_qkv"])
+    with pytest.raises(RecipeError, match=r"^stage2.lora_targets: LoRA target 'to_qkv'"):
+        output_distillation(model, build_inputs(model, rec, "train"), rec, tmp_path)
+    assert not has_lora(model)
+
+
+# -- teacher = base model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["wan", "cogvideox"])
+def test_teacher_mode_is_the_base_model_bit_for_bit_with_nonzero_lora(arch):
+    base = tiny_model(arch)
+    with torch.no_grad():
+        reference = base(**tiny_inputs(arch), return_dict=False)[0]
+    model = tiny_model(arch)
+    convert_attention(model, recipe().hla_config())
+    student0 = _out(model, arch, "student")
+    add_lora(model, rank=4, ffn=True)
+    assert torch.equal(_out(model, arch, "student"), student0), "a fresh adapter (B = 0) must not change the student"
+    _perturb_lora(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    teacher = _out(model, arch, "teacher")
+    assert teacher.dtype == torch.float32 and torch.equal(teacher, reference)
+    assert not torch.allclose(_out(model, arch, "student"), student0)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags, "mode switches must not touch requires_grad"
+    # the fingerprint of the adapted model's base is the base's
+    from hla_convert.lora import without_lora
+
+    with without_lora(model):
+        assert fingerprint_weights(model) == fingerprint_weights(base)
+
+
+def test_drift_reference_is_the_base_model_with_lora(tmp_path):
+    rec = recipe()
+    model, _ = stage1_model(rec)
+    heldout = build_inputs(model, rec, "heldout")
+    add_lora(model, rank=4)
+    _perturb_lora(model, 0.3)
+    base = tiny_model("wan")
+    report = measure_drift(model, heldout, rec)
+    set_attention_mode(model, "student")
+    rels = []
+    with torch.no_grad():
+        for item in heldout:
+            t, s = forward(base, item).flatten(1), forward(model, item).flatten(1)
+            rels.append((s - t).norm(dim=1) / t.norm(dim=1))
+    expected = float(torch.cat(rels).mean())
+    assert report.output_rel_l2 == pytest.approx(expected, rel=1e-5)
+
+
+# -- stage 2 ---------------------------------------------------------------------------------------
+
+
+def test_stage2_lora_trains_adapters_and_hla_but_never_the_base(tmp_path):
+    rec = recipe()
+    model, inputs = stage1_model(rec)
+    attention_transfer(model, inputs, rec, tmp_path)
+    base = {k: v.clone() for k, v in tiny_model("wan").state_dict().items()}
+    hla = {k: v.detach().clone() for k, v in hla_parameters(model).items()}
+    out = output_distillation(model, inputs, rec, tmp_path)
+    assert has_lora(model) and out["lora"]["modules"][0] == "blocks.0.attn1.to_q"
+    assert out["steps_run"] == 12 and out["final_loss"] < out["initial_loss"]
+    assert all(not torch.equal(v, hla[k]) for k, v in hla_parameters(model).items())
+    assert all(p.abs().sum() > 0 for n, p in lora_parameters(model).items() if ".lora_B." in n), "LoRA B never moved"
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    for k, v in base.items():
+        assert torch.equal(state[k], v), f"base weight {k} changed"
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.is_gradient_checkpointing
+
+
+def test_stage2_hla_only_adds_no_adapter(tmp_path):
+    rec = recipe(train="hla")
+    model, inputs = stage1_model(rec)
+    output_distillation(model, inputs, rec, tmp_path)
+    assert not has_adapters(model)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_lora_resume_matches_an_uninterrupted_run(tmp_path):
+    rec = recipe()
+
+    def run(work, stop_at=None, resume=False):
+        model, inputs = stage1_model(rec)
+
+        def progress(st, step, total, info):
+            if st == "stage2" and step == stop_at:
+                raise Interrupt
+
+        attention_transfer(model, inputs, rec, work, resume=resume, progress=progress)
+        output_distillation(model, inputs, rec, work, resume=resume, progress=progress)
+        return {k: v.detach().clone() for k, v in (hla_parameters(model) | lora_parameters(model)).items()}
+
+    reference = run(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", stop_at=7)
+    resumed = run(tmp_path / "b", resume=True)
+    assert set(resumed) == set(reference) and any(".lora_A." in k for k in reference)
+    for k, v in reference.items():
+        assert torch.equal(v, resumed[k]), f"{k} differs after resume"
+
+
+def test_lora_settings_are_part_of_the_stage2_fingerprint(tmp_path):
+    from hla_convert.distill import DistillError
+
+    rec = recipe()
+    model, inputs = stage1_model(rec)
+    output_distillation(model, inputs, rec.with_overrides(stage2_steps=5), tmp_path)
+    other = rec.with_overrides(stage2_steps=5, fields={"stage2.lora_lr": 1e-2})
+    fresh, _ = stage1_model(rec)
+    with pytest.raises(DistillError, match="different recipe"):
+        output_distillation(fresh, inputs, other, tmp_path, resume=True)
+
+
+# -- adapter round trip ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lora_adapter(tmp_path):
+    rec = recipe(steps=4, lora_ffn=True)
+    model, inputs = stage1_model(rec)
+    output_distillation(model, inputs, rec, tmp_path / "work")
+    _perturb_lora(model, 0.05)  # well away from zero, so a load that skipped LoRA would show
+    student = _out(model, "wan", "student")
+    save_adapter(model, tmp_path / "ad", base_source="tiny/wan")
+    return tmp_path / "ad", student, model
+
+
+def test_lora_adapter_round_trip_gives_identical_student_outputs(lora_adapter):
+    folder, student, trained = lora_adapter
+    info = read_adapter_info(folder)
+    assert info["lora"]["rank"] == 4 and info["lora"]["alpha"] == 4.0
+    assert "blocks.1.ffn.net.2" in info["lora"]["modules"] and len(info["lora"]["modules"]) == 12
+    assert json.loads((folder / "hla_config.json").read_text())["lora"] == info["lora"]
+    assert info["base_fingerprint"] == fingerprint_weights(tiny_model("wan"))
+    keys = set(load_file(str(folder / ADAPTER_FILE)))
+    assert {k for k in keys if k.startswith("lora.")} == {"lora." + k for k in lora_state_dict(trained)}
+    assert "lora.blocks.0.attn1.to_q.lora_A.weight" in keys
+    loaded = load_adapter(tiny_model("wan"), folder)
+    assert torch.equal(_out(loaded, "wan", "student"), student)
+    assert torch.equal(_out(loaded, "wan", "teacher"), _out(tiny_model("wan"), "wan", "teacher"))
+
+
+def _drop_or_add(folder, change):
+    path = folder / ADAPTER_FILE
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda t: t.pop("lora.blocks.1.ffn.net.2.lora_B.weight"), r"missing 1 LoRA key\(s\), e.g. blocks.1.ffn.net.2.lora_B.weight"),
+        (lambda t: t.update({"lora.blocks.0.attn2.to_q.lora_A.weight": torch.zeros(4, 24)}), r"1 unexpected LoRA key\(s\)"),
+        (lambda t: t.update({"lora.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(3, 24)}), r"has shape \[3, 24\]"),
+    ],
+)
+def test_lora_key_mismatch_is_one_line_and_leaves_base_untouched(lora_adapter, change, expect):
+    folder, _, _ = lora_adapter
+    _drop_or_add(folder, change)
+    base = tiny_model("wan")
+    with pytest.raises(AdapterError, match=expect) as e:
+        load_adapter(base, folder)
+    assert "\n" not in str(e.value)
+    assert not hla_layers(base) and not has_adapters(base) and not has_lora(base)
+    assert set(base.state_dict()) == set(tiny_model("wan").state_dict())
+
+
+def test_lora_adapter_refuses_a_different_base(lora_adapter):
+    folder, _, _ = lora_adapter
+    other = tiny_model("wan", seed=1)
+    with pytest.raises(AdapterError, match="different base"):
+        load_adapter(other, folder)
+    assert not has_adapters(other)
+
+
+# -- recipe fields ---------------------------------------------------------------------------------
+
+
+def test_recipe_lora_fields_and_their_errors():
+    rec = recipe()
+    assert rec.stage2.train == "lora" and rec.stage2.lora_rank == 4 and rec.stage2.lora_alpha is None
+    assert rec.stage2.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"] and rec.stage2.lora_ffn is False
+    assert parse_recipe({"name": "x", "model": {"architecture": "WanTransformer3DModel"}}).stage2.lora_lr is None
+    for field, value, msg in [
+        ("train", "all", "'all' is not one of hla, lora"),
+        ("lora_rank", 0, "must be a positive integer"),
+        ("lora_alpha", -1, "must be a positive number"),
+        ("lora_targets", [], "must name at least one module suffix"),
+        ("lora_ffn", "yes", "must be true or false"),
+        ("lora_lr", "fast", "must be a positive number"),
+    ]:
+        with pytest.raises(RecipeError, match=f"^stage2.{field}: {msg}"):
+            recipe(**{field: value})
