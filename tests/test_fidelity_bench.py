@@ -96,3 +96,10 @@ def test_run_records_every_measure_and_softmax_is_exact(tiny_teacher, tmp_path, 
     text = capsys.readouterr().out
     assert "| softmax | 1 | 0.0000 |" in text and "| hla | 1 |" in text
     assert "no-such-field failed: recipe: " in text and "--steps-scale 0.01" in text
+
+    doc = tmp_path / "comparison.md"  # --write replaces only what lies between the markers
+    doc.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n")
+    assert report.main([str(results), "--write", str(doc)]) == 0
+    written = doc.read_text()
+    assert written.startswith("before\n") and written.endswith("after\n") and "old" not in written
+    assert "| hla | 1 |" in written

@@ -1,6 +1,6 @@
 """Markdown tables of a fidelity benchmark results file (run.py's JSON lines), for docs/comparison.md.
 
-    python benchmarks/fidelity/report.py results.json [more.json ...]
+    python benchmarks/fidelity/report.py results.json [more.json ...] [--write docs/comparison.md]
 
 One table per model: each config's measures as mean ± half the range over its seeds (with two
 seeds, the two values are mean - x and mean + x), then the issue's targets per config, the
@@ -188,9 +188,25 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+START, END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between START and END in `path` (the rest of the file is kept)."""
+    doc = path.read_text()
+    if START not in doc or END not in doc:
+        raise ValueError(f"{path}: no {START} ... {END} markers to write between")
+    head, rest = doc.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(f"{head}{START}\n{text}{END}{tail}")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+")
+    ap.add_argument("--write", type=Path, default=None, help=f"also write the tables between {START} and {END} in this file")
     args = ap.parse_args(argv)
     missing = [p for p in args.results if not Path(p).is_file()]
     if missing:
@@ -200,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("no records in " + ", ".join(args.results), file=sys.stderr)
         return 2
-    sys.stdout.write(render(records))
+    text = render(records)
+    sys.stdout.write(text)
+    if args.write:
+        try:
+            write_between_markers(args.write, text)
+        except (OSError, ValueError) as e:
+            print(str(e), file=sys.stderr)
+            return 2
     return 0
 
 
