@@ -171,14 +171,20 @@ def _blocks_cpu(grid: Grid, window: tuple[int, int, int], halo: tuple[int, int, 
 
     q_idx, q_ok = combine(q_axes)
     k_idx, k_ok = combine(k_axes)
-    return q_idx, q_ok, k_idx, k_ok
+    # where each video token's output sits among the blocks' query slots (flattened [nb * Q])
+    flat_ok = q_ok.reshape(-1)
+    slots = flat_ok.nonzero().squeeze(-1)
+    slot_of = torch.empty_like(slots)
+    slot_of[q_idx.reshape(-1)[flat_ok]] = slots
+    return q_idx, q_ok, k_idx, k_ok, slot_of
 
 
 def window_blocks(grid: Grid, window: Sequence[int], halo: Sequence[int], device: torch.device | None = None):
     """The block tiling of the video tokens, in video-token positions 0..T*Hg*Wg-1.
 
     Returns q_idx [nb, Q], q_ok [nb, Q] (the block's queries; padding slots False), k_idx [nb, K],
-    k_ok [nb, K] (the block's window keys). Every video token is a valid query of exactly one block.
+    k_ok [nb, K] (the block's window keys), slot_of [T*Hg*Wg] (each video token's slot in the
+    flattened [nb * Q] query slots). Every video token is a valid query of exactly one block.
     """
     return _blocks(_triple("grid", grid, 1), _triple("window", window, 0), _triple("halo", halo, 0), torch.device(device or "cpu"))
 
@@ -239,7 +245,7 @@ def hybrid_attention(
     state_all = hadamard_state(kf_vid, v_vid, keep[:, vid])  # [B, H, R, dv + 1]
     width = state_all.shape[-2]
 
-    q_idx, q_ok, k_idx, k_ok = window_blocks(grid, window, halo, dev)
+    q_idx, _, k_idx, k_ok, slot_of = window_blocks(grid, window, halo, dev)
     nb, nq = q_idx.shape
     nk = k_idx.shape[1]
     # window keys of each block as full-sequence positions: video keys, then every text key
@@ -283,14 +289,11 @@ def hybrid_attention(
         qq = kronecker_features([f[:, :, c_q.reshape(-1)].to(dt) for f in qf_vid]).view(b, h, nbc, nq, width)
         far = qq @ state_rest  # [B, H, nbc, Q, dv + 1]
         g = beta[..., None] * torch.exp(-c)
-        out = (num + g * far[..., :dv]) / (den + g * far[..., dv:] + eps)
+        # the far normaliser is >= 0 exactly; the subtraction can leave roundoff of either sign
+        out = (num + g * far[..., :dv]) / (den + g * far[..., dv:].clamp_min(0.0) + eps)
         outs.append(out.reshape(b, h, nbc * nq, dv))
     blocked = torch.cat(outs, dim=2)  # [B, H, nb * Q, dv] in block order, padding slots included
-    flat_ok = q_ok.reshape(-1)
-    order = q_idx.reshape(-1)[flat_ok]  # video position of each kept slot
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel(), device=dev)
-    out_vid = blocked[:, :, flat_ok.nonzero().squeeze(-1)[inv]]
+    out_vid = blocked[:, :, slot_of]
 
     if not text_len:
         return out_vid.to(v.dtype)
