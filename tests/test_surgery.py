@@ -385,14 +385,15 @@ def test_replacing_the_processor_after_conversion_does_not_silently_run_softmax(
     assert torch.equal(_run(model, inputs), ref)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("kind", ["hadamard", "hybrid"])  # hybrid: the grid must hold in the recompute
+def test_gradient_checkpointing_gives_the_same_gradients(kind):
     grads = []
     for checkpointing in (False, True):
         model, inputs, _ = _base("wan")
         model.requires_grad_(False)
         with torch.random.fork_rng():  # softplus maps start from random draws
             torch.manual_seed(0)
-            convert_attention(model, HLAConfig(kind="hadamard", factors=2, feature_dim=4, feature_map="softplus"))
+            convert_attention(model, HLAConfig(kind=kind, factors=2, feature_dim=4, feature_map="softplus"))
         if checkpointing:
             model.enable_gradient_checkpointing()
         forward(model, inputs).square().mean().backward()
