@@ -416,6 +416,8 @@ def _check_model_path(model: str | None, flag: str = "MODEL") -> None:
     before recipes are looked up or anything loads."""
     if model is None:
         return
+    if not model.strip():
+        raise CommandFailed(f"{flag} is empty; give a folder or a Hub ID (or leave it out for the demo model)", EXIT_BAD_INPUT)
     path = Path(os.path.expanduser(model))
     if path.is_dir():
         return
@@ -423,6 +425,13 @@ def _check_model_path(model: str | None, flag: str = "MODEL") -> None:
         raise CommandFailed(f"{flag} {_shown(model)} is a file; it must be a diffusers folder or a Hub ID", EXIT_BAD_INPUT)
     if not _looks_like_hub_id(model):
         raise CommandFailed(f"{flag} {_shown(model)} does not exist (not a folder, and not a Hub ID of the form owner/name)", EXIT_BAD_INPUT)
+
+
+def _folder_arg(flag: str, text: str) -> Path:
+    """A folder argument as given; an empty string is refused rather than read as '.'."""
+    if not str(text).strip():
+        raise CommandFailed(f"{flag} is empty; give a folder", EXIT_BAD_INPUT)
+    return Path(text)
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -549,7 +558,7 @@ def convert(
         ),
     ] = None,
     out: Annotated[
-        Path,
+        str,
         typer.Option(
             "--out",
             "-o",
@@ -591,7 +600,7 @@ def convert(
     def resume_hint() -> str | None:
         from .output import RUN_FILE, WORK_DIR
 
-        if not (out / WORK_DIR / RUN_FILE).is_file():
+        if not (Path(out) / WORK_DIR / RUN_FILE).is_file():
             return None
         options = {
             "--recipe": recipe, "--steps": steps, "--attention": attention, "--device": device,
@@ -611,6 +620,7 @@ def convert(
         from .output_guard import output_lock
 
         # Everything that can be refused is refused here, before the (slow) model load.
+        out = _folder_arg("--out", out)
         _check_model_path(model)
         rec = _resolve_recipe(recipe, model)
         rec = _override(rec, f"recipe {rec.name}", steps=steps, kind=attention)
@@ -633,14 +643,12 @@ def convert(
                 )
                 train, heldout = inputs["train"], inputs["heldout"]
             with bars.stage("distil"):
-                distill.initialize_feature_maps(net, train, progress=bars.callback)
-                stage1 = distill.attention_transfer(net, train, rec, work_dir=work, resume=resume, progress=bars.callback)
-                stage2 = distill.output_distillation(net, train, rec, work_dir=work, resume=resume, progress=bars.callback)
+                trained = distill.distil(net, train, rec, work_dir=work, resume=resume, progress=bars.callback)
             with bars.stage("validate"):
                 scheduler = load_scheduler(loaded)
                 report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=bars.callback).to_dict()
                 _note_sampling(report, rec, scheduler, "MODEL is a bare transformer: no pipeline scheduler to sample with")
-            report["training"] = {"stage1": stage1, "stage2": stage2}
+            report["training"] = {k: trained[k] for k in ("stage1", "selection", "stage2")}
             with bars.stage("save"):
                 saved = save_output(out, net, loaded, rec, report)
         doc.update(
@@ -667,7 +675,7 @@ def _threshold(flag: str, text: str) -> Any:
 
 @app.command(epilog="Example:\n\n  hla-convert validate demo-hla --json\n\n" + _EXIT_CODES_HELP)
 def validate(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="An output folder written by `hla-convert convert`.", show_default=False)],
+    directory: Annotated[str, typer.Argument(metavar="DIR", help="An output folder written by `hla-convert convert`.", show_default=False)],
     base: Annotated[
         str | None,
         typer.Option("--base", help="Load the base model from here (Hub ID or folder) instead of the one the adapter records.", show_default=False),
@@ -694,6 +702,7 @@ def validate(
         from .output import base_of, read_output
         from .pipeline_loading import load_scheduler
 
+        directory = _folder_arg("DIR", directory)
         info, recipe_path, saved = read_output(directory)
         _check_model_path(base, "--base")
         thresholds = {
