@@ -418,19 +418,37 @@ def _check_model_path(model: str | None, flag: str = "MODEL") -> None:
         return
     if not model.strip():
         raise CommandFailed(f"{flag} is empty; give a folder or a Hub ID (or leave it out for the demo model)", EXIT_BAD_INPUT)
-    path = Path(os.path.expanduser(model))
-    if path.is_dir():
-        return
-    if path.exists():
+    try:
+        path = Path(os.path.expanduser(model))
+        if path.is_dir():
+            return
+        exists = path.exists()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise CommandFailed(f"{flag} {_shown(model)} is not a usable path ({getattr(exc, 'strerror', None) or exc})", EXIT_BAD_INPUT) from None
+    if exists:
         raise CommandFailed(f"{flag} {_shown(model)} is a file; it must be a diffusers folder or a Hub ID", EXIT_BAD_INPUT)
     if not _looks_like_hub_id(model):
         raise CommandFailed(f"{flag} {_shown(model)} does not exist (not a folder, and not a Hub ID of the form owner/name)", EXIT_BAD_INPUT)
+
+
+def _check_recorded_base(info: dict[str, Any], source: Any, revision: Any, subfolder: Any) -> None:
+    """The base an adapter records must be a usable MODEL (its metadata may have been edited)."""
+    demo = source is None and info.get("base_source")
+    if not demo and not (isinstance(source, str) and source.strip() and len(source) <= 4096):
+        raise CommandFailed(f"the adapter records no usable base model ({_shown(info.get('base_source'))}); pass --base MODEL", EXIT_BAD_INPUT)
+    for what, value in (("revision", revision), ("subfolder", subfolder)):
+        if value is not None and not (isinstance(value, str) and len(value) <= 4096):
+            raise CommandFailed(f"the adapter records an unusable base {what} ({_shown(value)}); pass --base MODEL", EXIT_BAD_INPUT)
+    if not demo:
+        _check_model_path(source, "the adapter's base")
 
 
 def _folder_arg(flag: str, text: str) -> Path:
     """A folder argument as given; an empty string is refused rather than read as '.'."""
     if not str(text).strip():
         raise CommandFailed(f"{flag} is empty; give a folder", EXIT_BAD_INPUT)
+    if "\0" in str(text):
+        raise CommandFailed(f"{flag} {_shown(text)} contains a NUL byte", EXIT_BAD_INPUT)
     return Path(text)
 
 
@@ -719,6 +737,8 @@ def validate(
         rec = _load_recipe(str(recipe_path))
         rec = _override(rec, "threshold options", fields=thresholds)
         source, revision, subfolder = (base, None, None) if base else base_of(info)
+        if not base:
+            _check_recorded_base(info, source, revision, subfolder)
         parse_dtype(dtype)
         dev = _check_device(device)
         doc.update(out_dir=str(directory.absolute()), recipe=rec.name, base=info.get("base_source"))

@@ -45,6 +45,7 @@ from .output_guard import (
     clear_ours,
     describe,
     foreign_entries,
+    lock_holder,
     read_manifest,
     read_run_file,
     run_file_content,
@@ -228,8 +229,15 @@ def read_output(out: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     is refused, since it is what people read to know what the adapter is.
     """
     out = Path(out)
-    if not out.is_dir():
-        raise OutputError(f"{out} is not a folder" if out.exists() else f"{out} does not exist")
+    try:
+        is_dir, exists = out.is_dir(), out.exists()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise OutputError(f"{_short_repr(str(out))} is not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
+    if not is_dir:
+        raise OutputError(f"{out} is not a folder" if exists else f"{out} does not exist")
+    holder = lock_holder(out)
+    if holder is not None:
+        raise OutputError(f"{out} is being written by a running hla-convert ({holder}); validate it once that run has finished")
     if (out / WORK_DIR).is_dir() and not (out / WORK_DIR).is_symlink():
         raise OutputError(
             f"{out} holds an unfinished conversion (its {WORK_DIR} folder is still there: the run was stopped "

@@ -223,7 +223,11 @@ def _create_lock(path: Path) -> None:
 def _stale(path: Path) -> tuple[bool, str]:
     """(is the lock at `path` left by a process that is gone, who holds it in words)."""
     try:
-        raw = path.read_bytes()[:4096]
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            raw = os.read(fd, 4096)  # a lock is a few dozen bytes: never read a whole odd file
+        finally:
+            os.close(fd)
         holder = json.loads(raw.decode("utf-8"))
         pid, host, started = int(holder["pid"]), str(holder["host"]), holder.get("started")
     except FileNotFoundError:
@@ -238,6 +242,15 @@ def _stale(path: Path) -> tuple[bool, str]:
     return not _alive(pid, started), who
 
 
+def lock_holder(out: Path) -> str | None:
+    """Who holds `out`'s lock, in words ("pid 123 on host"), or None when no live run holds it."""
+    path = out / LOCK_FILE
+    if not path.is_file() or path.is_symlink():
+        return None
+    stale, who = _stale(path)
+    return None if stale else who
+
+
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """Hold `out`'s lock while the block runs: create `out` when missing (removed again on the way
@@ -249,7 +262,7 @@ def output_lock(out: Path) -> Iterator[None]:
                 raise OutputError(f"--out {out} exists and is not a folder")
             out.mkdir(parents=True)
             created = True
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise OutputError(f"--out {out} cannot be created ({_reason(exc)})") from None
     path = out / LOCK_FILE
     try:
@@ -288,8 +301,9 @@ def output_lock(out: Path) -> Iterator[None]:
                 out.rmdir()  # only when empty: a run that wrote nothing leaves nothing
 
 
-def _reason(exc: OSError) -> str:
-    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+def _reason(exc: Exception) -> str:
+    code = getattr(exc, "errno", None)
+    return os.strerror(code) if code else str(exc) or type(exc).__name__
 
 
 __all__ = [
@@ -299,6 +313,7 @@ __all__ = [
     "WORK_DIR",
     "clear_ours",
     "foreign_entries",
+    "lock_holder",
     "output_lock",
     "read_manifest",
     "read_run_file",

@@ -450,3 +450,33 @@ def test_other_commands_take_hostile_values_as_bad_input(tmp_path):
     empty.write_text("")
     assert_one_line_error(invoke("recipes", empty), contains="is empty")
     assert_one_line_error(invoke("convert", "--recipe", empty, "--out", tmp_path / "o"), contains="is empty")
+    # an empty string is not "." (the current folder)
+    assert_one_line_error(invoke("convert", "--out", ""), contains="--out is empty")
+    assert_one_line_error(invoke("validate", ""), contains="DIR is empty")
+    assert_one_line_error(invoke("convert", "", "--out", tmp_path / "o"), contains="MODEL is empty")
+    assert_one_line_error(invoke("inspect", " "), contains="MODEL is empty")
+
+
+def test_unusable_paths_and_recorded_bases_are_bad_input(converted, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    long = "x" * 5000  # past the file system's name limit
+    assert_one_line_error(invoke("validate", long), contains="not a usable path")
+    assert_one_line_error(invoke("convert", long, "--out", tmp_path / "o"), contains="not a usable path")
+    assert_one_line_error(invoke("convert", "--out", tmp_path / long), contains="--out")
+    assert_one_line_error(invoke("convert", "--recipe", long + ".yaml", "--out", tmp_path / "o"), contains="cannot be read")
+    assert_one_line_error(invoke("convert", "--out", "o\0o"), contains="NUL byte")
+
+    out, _ = converted
+    for recorded, message in ((None, "no usable base model"), (["a"], "no usable base model"), (long, "no usable base model"),
+                              (str(tmp_path / "gone"), "does not exist")):
+        edited = tmp_path / f"edited-{len(str(recorded))}"
+        shutil.copytree(out, edited)
+        path = edited / "adapter_model.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata())
+        meta["base_source"] = json.dumps(recorded)
+        save_file(load_file(str(path)), str(path), metadata=meta)
+        (edited / "hla_config.json").write_text(json.dumps({k: json.loads(v) for k, v in meta.items()}))
+        assert_one_line_error(invoke("validate", edited, "--device", "cpu"), contains=message)

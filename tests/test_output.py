@@ -221,3 +221,30 @@ def test_a_killed_save_is_listed_resumable_and_validate_points_to_resume(tmp_pat
     assert resumed.exit_code == 0, resumed.stderr
     assert not (out / ".hla_work").exists()
     assert invoke("validate", out, "--device", "cpu").exit_code == 0
+
+
+def test_odd_locks_are_refused_without_reading_them_whole(tmp_path):
+    for name, make in (
+        ("garbage", lambda p: p.write_text("not json")),
+        ("folder", lambda p: p.mkdir()),
+        ("link", lambda p: p.symlink_to("/dev/zero")),
+    ):
+        out = tmp_path / name
+        out.mkdir()
+        make(out / LOCK_FILE)
+        with pytest.raises(OutputError, match="in use by another hla-convert run"):
+            with output_lock(out):
+                pass
+        assert (out / LOCK_FILE).exists() or (out / LOCK_FILE).is_symlink()
+
+
+def test_validate_waits_for_a_running_conversion(tmp_path):
+    out = finished_folder(tmp_path)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": None}))
+        with pytest.raises(OutputError, match=f"being written by a running hla-convert \\(pid {sleeper.pid}"):
+            read_output(out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
