@@ -53,7 +53,7 @@ def test_run_records_every_measure_and_softmax_is_exact(tiny_teacher, tmp_path, 
     results = tmp_path / "results.json"
     argv = ["--models-dir", str(tiny_teacher), "--models", "wan", "--configs", "softmax", "hla", "no-such-field",
             "--seeds", "0", "--out", str(results), "--steps-scale", "0.01", "--device", "cpu", "--train-samples", "8",
-            "--heldout-samples", "8", "--batch-size", "4", "--sampling-steps", "2", "--threads", "1"]  # fmt: skip
+            "--heldout-samples", "8", "--batch-size", "4", "--sampling-steps", "2", "--threads", "1", "--inputs-dir", str(tmp_path / "inputs")]  # fmt: skip
     assert run.main(argv) == 0
     records = {r["config"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert set(records) == {"softmax", "hla", "no-such-field"}

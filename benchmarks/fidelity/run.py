@@ -334,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies both stages' steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resume", action="store_true", help="skip (model, config, seed, steps-scale, dtype) already ok in --out")
+    ap.add_argument(
+        "--inputs-dir",
+        default=str(Path(tempfile.gettempdir()) / "hla-fidelity-inputs"),
+        help="cache of the generated input sets (hundreds of MB; kept out of the results folder)",
+    )
     ap.add_argument("--train-samples", type=int, default=1024)
     ap.add_argument("--heldout-samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cache = Path(out.with_suffix("").as_posix() + "-inputs")
+    cache = Path(args.inputs_dir)
     done = finished(out) if args.resume else set()
     env = {
         "command": shlex.join(["python", "benchmarks/fidelity/run.py", *(argv if argv is not None else sys.argv[1:])]),
