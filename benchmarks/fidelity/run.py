@@ -205,6 +205,8 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
 
     record: dict[str, Any] = {"model": arch, "config": config, "seed": seed, "steps_scale": args.steps_scale, "dtype": args.dtype, "overrides": CONFIGS[config]}
     seconds: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t_run = time.perf_counter()
     stage = "recipe"
     try:
@@ -297,6 +299,8 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         if device.type == "cuda":
             torch.cuda.empty_cache()
     seconds["total"] = time.perf_counter() - t_run
+    if device.type == "cuda":  # teacher + student share one copy of the weights (LoRA: adapters off)
+        record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return record
 
