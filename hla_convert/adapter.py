@@ -1,4 +1,5 @@
-"""The adapter: only the HLA weights, as safetensors, bound to the base model they were made for.
+"""The adapter: only the new weights (HLA, and LoRA after a `train: lora` stage 2), as safetensors,
+bound to the base model they were made for.
 
 A folder holds two files (peft's shape: a config JSON plus a safetensors of the new weights):
 

@@ -35,8 +35,12 @@ def saved(tmp_path):
 
 
 def test_round_trip_is_exact(saved):
+    from hla_convert.lora import has_adapters
+
     folder, out = saved
+    assert "lora" not in read_adapter_info(folder)  # an HLA-only adapter: loads with no LoRA, as before LoRA existed
     model = load_adapter(tiny_wan(), folder)
+    assert not has_adapters(model)
     with torch.no_grad():
         assert torch.equal(model(**inputs()).sample, out)
 
