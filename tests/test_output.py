@@ -248,3 +248,29 @@ def test_validate_waits_for_a_running_conversion(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_kill_9_leaves_a_stale_lock_that_resume_takes_over(tmp_path, fast_recipe):
+    import shutil
+    import signal
+    import time
+
+    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    out = tmp_path / "o"
+    proc = subprocess.Popen([exe, "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / ".hla_work" / "stage1.checkpoint.safetensors").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    if not (out / LOCK_FILE).exists():
+        pytest.skip("the run finished before it could be killed")
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == proc.pid  # left behind by the kill
+    resumed = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert not (out / LOCK_FILE).exists() and not (out / ".hla_work").exists()
