@@ -2,7 +2,7 @@
 `load_converted` read.
 
     DIR/
-      adapter_model.safetensors  the HLA weights + metadata (hla_convert.adapter)
+      adapter_model.safetensors  the HLA weights (and LoRA weights) + metadata (hla_convert.adapter)
       hla_config.json            the same metadata, readable
       recipe.yaml                the recipe exactly as run (command-line overrides applied)
       drift_report.json          held-out drift, thresholds, pass/fail, training summary
@@ -382,7 +382,7 @@ def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
         "```python",
         "from hla_convert import load_converted",
         "",
-        "# loads the base model, converts its attention, loads the HLA weights",
+        "# loads the base model, converts its attention, loads the HLA (and LoRA) weights",
         'transformer = load_converted("<this folder>")',
     ]
     if pipeline_class:
@@ -404,7 +404,13 @@ def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
         f"({info.get('base_class', 'transformer')}) converted to HLA by hla-convert {_version()} and "
         f"distilled with the recipe `{recipe_name}` (in `{RECIPE_FILE}`).",
         "",
-        f"Attention: {cfg}. Converted modules: {len(info.get('modules') or [])}.",
+        f"Attention: {cfg}. Converted modules: {len(info.get('modules') or [])}."
+        + (
+            f" LoRA (rank {info['lora'].get('rank')}, {len(info['lora'].get('modules') or [])} projections) trained in"
+            " stage 2 and saved under `lora.` keys; the teacher is the base with them disabled."
+            if isinstance(info.get("lora"), dict)
+            else ""
+        ),
         "",
         f"## Output drift on held-out inputs: {verdict}",
         "",

@@ -115,10 +115,15 @@ def test_load_converted_gives_the_converted_transformer(converted):
     from hla_convert import hla_layers, load_converted
 
     out, _ = converted
+    from hla_convert.lora import lora_state_dict
+
     model = load_converted(out)
     weights = load_file(str(out / "adapter_model.safetensors"))
-    state = model.state_dict()
+    # the default recipe trains LoRA in stage 2: its weights ride in the same file under `lora.`
+    state = model.state_dict() | {f"lora.{k}": v for k, v in lora_state_dict(model).items()}
     assert hla_layers(model) and weights
+    assert any(k.startswith("lora.") for k in weights) == (load_recipe(str(out / "recipe.yaml")).stage2.train == "lora")
+    assert set(weights) == {k for k in state if ".hla." in k or k.startswith("lora.")}
     for name, tensor in weights.items():
         assert torch.equal(state[name].float(), tensor)
 
@@ -311,7 +316,8 @@ def test_inspect_the_demo_as_json():
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["class"] == "WanTransformer3DModel" and doc["tokens"] > 0
-    assert doc["converted"] and all(m["converts_to"] == "hadamard" for m in doc["modules"] if m["name"] in doc["converted"])
+    kind = load_recipe("tiny-wan").attention.kind
+    assert doc["converted"] and all(m["converts_to"] == kind for m in doc["modules"] if m["name"] in doc["converted"])
     assert doc["flops"]["before"] > 0 and doc["flops"]["after"] > 0
     bigger = json.loads(invoke("inspect", "--frames", "16", "--height", "32", "--width", "32", "--json").stdout)
     assert bigger["tokens"] == 8 * doc["tokens"]

@@ -54,7 +54,7 @@ def _with(path: str, value):
         ("stage1.lr", "fast", "stage1.lr: must be a positive number, got 'fast'"),
         ("attention.kind", "foo", "attention.kind: 'foo' is not one of softmax, hadamard, linear, higher_order"),
         ("attention.factors", 3, "attention.factors: the taylor feature map needs an even number"),
-        ("attention.feature_map", "relu", "attention.feature_map: 'relu' is not allowed for kind 'hadamard'"),
+        ("attention.feature_map", "relu", "attention.feature_map: 'relu' is not allowed for kind 'hybrid' with far 'hadamard'"),
         ("calibration.source", "web", "calibration.source: 'web' is not one of synthetic, trajectories, folder"),
         ("calibration.timesteps.distribution", "beta", "calibration.timesteps.distribution: 'beta' is not one of uniform, logit_normal"),
         ("calibration.timesteps.max", 2.0, "calibration.timesteps.max: must be a number in [0.0, 1.0]"),
