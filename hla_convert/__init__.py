@@ -5,6 +5,8 @@ The public API; each name lives in the module that says what it holds.
 
 from .adapter import AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
 from .config import ConfigError, HLAConfig
+from .conversion import ConversionResult, ProgressEvent, ValidationResult, convert, validate
+from .errors import InputError
 from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
 from .output import load_converted
 from .surgery import ConversionError, convert_attention, revert_attention, select_modules
@@ -16,6 +18,12 @@ __all__ = [
     "read_adapter_info",
     "save_adapter",
     "ConfigError",
+    "ConversionResult",
+    "InputError",
+    "ProgressEvent",
+    "ValidationResult",
+    "convert",
+    "validate",
     "ConversionError",
     "HLAAttention",
     "HLAConfig",

@@ -25,15 +25,12 @@ import os
 import shlex
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -45,18 +42,20 @@ except ImportError:  # pragma: no cover - older typer on click
 from .cli_checks import EXIT_BAD_INPUT, CommandFailed
 from .cli_checks import check_device as _check_device
 from .cli_checks import check_model_path as _check_model_path
-from .cli_checks import check_recorded_base as _check_recorded_base
 from .cli_checks import folder_arg as _folder_arg
 from .cli_checks import hub_notice as _hub_notice
-from .cli_checks import note_sampling as _note_sampling
-from .cli_checks import shown as _shown
+from .cli_display import StageProgress, _StopAfterSteps  # noqa: F401 - _StopAfterSteps: part of the CLI's surface
+from .cli_display import drift_table as _drift_table
+from .cli_display import print_inspection as _print_inspection
+from .cli_display import print_verdict as _print_verdict
+from .cli_display import stderr_console as _stderr
+from .cli_display import stdout_console as _stdout
+from .conversion import DEMO_RECIPE, load_recipe_arg, override_recipe, resolve_recipe
 
 EXIT_OK = 0
 EXIT_DRIFT = 1
 EXIT_RUN_FAILED = 3
 EXIT_INTERRUPTED = 130
-
-DEMO_RECIPE = "tiny-wan"
 
 _EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 drift over the recipe's thresholds; 2 bad input (usage, recipe, model, "
@@ -105,7 +104,7 @@ def _usage_document(words: list[str], ctx: Any, code: int, message: str) -> None
     sys.stdout.flush()
 
 
-_COMMANDS = ("convert", "validate", "inspect", "recipes")
+_COMMANDS = ("convert", "validate", "inspect", "recipes", "sample")
 _MAX_MESSAGE = 600  # characters of an error line: a message never carries a whole input
 
 
@@ -146,14 +145,6 @@ def _error_line(message: str) -> None:
     print(f"hla-convert: error: {text}", file=sys.stderr, flush=True)
 
 
-def _stderr() -> Console:
-    return Console(stderr=True, highlight=False)
-
-
-def _stdout() -> Console:
-    return Console(highlight=False, soft_wrap=False)
-
-
 # -- errors -> exit codes -------------------------------------------------------------------------
 
 
@@ -162,22 +153,19 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from .calibration import CalibrationError
     from .checkpoints import CheckpointError
     from .config import ConfigError
+    from .errors import InputError
     from .loading import ModelLoadError
     from .output import OutputError
     from .recipes import RecipeError
     from .surgery import ConversionError
 
-    return (AdapterError, CalibrationError, CheckpointError, ConfigError, ModelLoadError, OutputError, RecipeError, ConversionError)
+    return (AdapterError, CalibrationError, CheckpointError, ConfigError, InputError, ModelLoadError, OutputError, RecipeError, ConversionError)
 
 
 def _run_failed_types() -> tuple[type[BaseException], ...]:
     from .distill import DistillError
 
     return (DistillError,)
-
-
-class _StopAfterSteps(KeyboardInterrupt):
-    """--stop-after-steps (tests): the same path as a Ctrl-C or a killed run."""
 
 
 @contextlib.contextmanager
@@ -254,160 +242,12 @@ def _failure_message(exc: BaseException, resume_hint: Callable[[], str | None] |
     return f"the run failed: {type(exc).__name__}: {first}{debug}" + (f"; once fixed, continue with: {hint}" if hint else "")
 
 
-# -- progress -------------------------------------------------------------------------------------
-
-_ENGINE_STAGES = {
-    "calibration": "calibration inputs",
-    "init": "initialise feature maps",
-    "stage1": "attention transfer",
-    "stage2": "output distillation",
-    "drift": "held-out drift",
-}
-
-
-# What of the engine's progress info fits on a bar's line.
-_SHOWN_INFO = ("loss", "split", "sampling")
-
-
-class StageProgress:
-    """Progress on stderr: one Rich bar per stage and per engine sub-stage on a terminal; plain
-    lines (each stage's end, training every ~10%) where stderr is a log file or a CI pipe, since a
-    live display there shows nothing until the end.
-
-    `callback(stage, step, total, info)` is the engine's progress signature. stop_after_steps (tests)
-    raises a KeyboardInterrupt once that many training steps (stage 1 + stage 2) have run: the same
-    path as a Ctrl-C or a killed run.
-    """
-
-    def __init__(self, console: Console, stop_after_steps: int | None = None):
-        self.console = console
-        self.live = console.is_terminal
-        self.progress = Progress(
-            TextColumn("{task.description:<26}"),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=console,
-            disable=not self.live,
-        )
-        self.seconds: dict[str, float] = {}
-        self._sub: dict[str, int] = {}
-        self._logged: dict[str, int] = {}
-        self._train_steps: dict[str, int] = {}
-        self.stop_after_steps = stop_after_steps
-
-    def __enter__(self) -> "StageProgress":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        task = self.progress.add_task(name, total=1, info="")
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 3)
-        self.progress.update(task, completed=1, info=f"{self.seconds[name]:.1f}s")
-        if not self.live:
-            self.console.print(f"{name}: done in {self.seconds[name]:.1f}s")
-
-    def callback(self, stage: str, step: int, total: int, info: dict[str, Any] | None = None) -> None:
-        label = _ENGINE_STAGES.get(stage, stage)
-        total = max(int(total or 1), 1)
-        text = " ".join(f"{k} {_short(v)}" for k, v in (info or {}).items() if k in _SHOWN_INFO)
-        task = self._sub.get(stage)
-        if task is None:
-            task = self._sub[stage] = self.progress.add_task("  " + label, total=total, info="")
-        self.progress.update(task, completed=step, total=total, info=text)
-        if not self.live and stage in ("stage1", "stage2"):
-            tenth = step * 10 // total
-            if tenth > self._logged.get(stage, 0) or step == total:
-                self._logged[stage] = tenth
-                self.console.print(f"  {label}: step {step}/{total} {text}")
-        if stage in ("stage1", "stage2"):
-            self._train_steps[stage] = step
-            if self.stop_after_steps is not None and sum(self._train_steps.values()) >= self.stop_after_steps:
-                raise _StopAfterSteps()
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-# -- rendering ------------------------------------------------------------------------------------
-
-
-def _drift_table(report: dict[str, Any], saved: dict[str, Any] | None = None) -> Table:
-    """The drift report as a table; `saved` adds the values measured at convert time (validate)."""
-    from .output import drift_rows
-
-    table = Table(title="Output drift (held-out)", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    if saved is not None:
-        table.add_column("at convert", justify="right")
-    table.add_column("threshold", justify="right")
-    table.add_column("")
-    before = {m: v for m, v, _, _ in drift_rows(saved)} if saved else {}
-    for metric, value, limit, verdict in drift_rows(report):
-        style = "red" if verdict == "FAIL" else "green" if verdict == "pass" else ""
-        cells = [metric, value] + ([before.get(metric, "-")] if saved is not None else []) + [limit, verdict]
-        table.add_row(*cells, style=style)
-    return table
-
-
-def _print_verdict(con: Console, report: dict[str, Any]) -> None:
-    if report.get("passed"):
-        con.print("[green]drift within the recipe's thresholds[/green]")
-        return
-    failures = report.get("failures") or []
-    con.print(f"[red]drift over the recipe's thresholds ({len(failures)} check(s) failed):[/red]")
-    for failure in failures:
-        con.print(f"  - {failure}", highlight=False)
-
-
 # -- shared option handling -----------------------------------------------------------------------
 
 
-def _resolve_recipe(recipe: str | None, model: str | None):
-    """--recipe, or the built-in recipe made for MODEL (the demo's, or one whose model.hub_id is MODEL)."""
-    from .recipes import builtin_recipes, load_recipe
-
-    if recipe is not None:
-        return _load_recipe(recipe)
-    if model is None:
-        return _load_recipe(DEMO_RECIPE)
-    _check_model_path(model)
-    for name in builtin_recipes():
-        candidate = load_recipe(name)
-        if candidate.model.hub_id and candidate.model.hub_id == model:
-            return candidate
-    raise CommandFailed(
-        f"no built-in recipe is made for {_shown(model)}; pass --recipe NAME|PATH (built-in: {', '.join(builtin_recipes())})",
-        EXIT_BAD_INPUT,
-    )
-
-
-def _load_recipe(name_or_path: str):
-    from .recipes import RecipeError, load_recipe
-
-    try:
-        return load_recipe(name_or_path)
-    except RecipeError as exc:
-        where = f"recipe {name_or_path}"
-        raise CommandFailed(f"{where}: {exc}" if exc.field else str(exc), EXIT_BAD_INPUT) from None
-
-
-def _override(recipe, where: str, **kwargs):
-    from .recipes import RecipeError
-
-    try:
-        return recipe.with_overrides(**kwargs)
-    except RecipeError as exc:
-        raise CommandFailed(f"{where}: {exc}", EXIT_BAD_INPUT) from None
+_resolve_recipe = resolve_recipe
+_load_recipe = load_recipe_arg
+_override = override_recipe
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -508,62 +348,29 @@ def convert(
         return shlex.join([*words, "--resume"])
 
     with _command("convert", json_out, resume_hint) as doc:
-        from . import calibration, distill, drift
-        from .loading import load_transformer, parse_dtype
-        from .pipeline_loading import load_scheduler
-        from .output import check_output, run_identity, save_output, start_run
-        from .surgery import convert_attention
-
-        from .output_guard import output_lock
+        from .conversion import plan_conversion, run_conversion
 
         # Everything that can be refused is refused here, before the (slow) model load.
-        out = _folder_arg("--out", out)
-        _check_model_path(model)
-        rec = _resolve_recipe(recipe, model)
-        rec = _override(rec, f"recipe {rec.name}", steps=steps, kind=attention)
-        parse_dtype(dtype)
-        dev = _check_device(device)
-        run = run_identity(model, revision, subfolder, rec, dtype)
-        doc.update(out_dir=str(out.absolute()), recipe=rec.name, resumed=resume)
-        with output_lock(out), StageProgress(_stderr(), stop_after_steps) as bars:
-            check_output(out, run, overwrite, resume)  # under the lock: nothing else changes it now
-            with bars.stage("load"), _hub_notice(model):
-                loaded = load_transformer(model, revision=revision, subfolder=subfolder, dtype=dtype, device=dev)
-            net = loaded.transformer
-            with bars.stage("convert"):
-                config = rec.hla_config()
-                convert_attention(net, config, include=rec.attention.include, exclude=rec.attention.exclude)
-            work = start_run(out, run, overwrite, resume)
-            with bars.stage("calibrate"):
-                inputs = calibration.build_input_sets(
-                    net, rec, pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=bars.callback
-                )
-                train, heldout = inputs["train"], inputs["heldout"]
-            with bars.stage("distil"):
-                trained = distill.distil(net, train, rec, work_dir=work, resume=resume, progress=bars.callback)
-            with bars.stage("validate"):
-                scheduler = load_scheduler(loaded)
-                report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=bars.callback).to_dict()
-                _note_sampling(report, rec, scheduler, "MODEL is a bare transformer: no pipeline scheduler to sample with")
-            report["training"] = {k: trained[k] for k in ("stage1", "selection", "stage2")}
-            with bars.stage("save"):
-                saved = save_output(out, net, loaded, rec, report)
+        plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite)
+        doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, resumed=resume)
+        with StageProgress(_stderr(), stop_after_steps) as bars:
+            result = run_conversion(plan, progress=bars)
         doc.update(
-            model={"source": loaded.source, "revision": loaded.revision, "class": type(net).__name__, "demo": loaded.is_demo},
-            device=str(dev),
-            dtype=str(net.dtype).removeprefix("torch."),
-            attention=config.to_dict(),
-            drift=report,
-            passed=bool(report.get("passed")),
-            files=saved.files,
-            seconds=bars.seconds,
+            model=result.model,
+            device=result.device,
+            dtype=result.dtype,
+            attention=result.attention,
+            drift=result.report,
+            passed=result.passed,
+            files=result.files,
+            seconds=result.seconds,
         )
         if not json_out:
             con = _stdout()
-            con.print(_drift_table(report))
-            _print_verdict(con, report)
-            con.print(f"saved to {out}/ ({', '.join(saved.files)})")
-        doc["exit_code"] = EXIT_OK if report.get("passed") else EXIT_DRIFT
+            con.print(_drift_table(result.report))
+            _print_verdict(con, result.report)
+            con.print(f"saved to {plan.out}/ ({', '.join(result.files)})")
+        doc["exit_code"] = EXIT_OK if result.passed else EXIT_DRIFT
 
 
 def _threshold(flag: str, text: str) -> Any:
@@ -593,53 +400,25 @@ def validate(
     (each overridable here). Exit 0 within the thresholds, 1 over them, 2 for a bad folder.
     """
     with _command("validate", json_out) as doc:
-        from . import calibration, drift
-        from .adapter import load_adapter
-        from .loading import load_transformer, parse_dtype
-        from .output import base_of, read_output
-        from .pipeline_loading import load_scheduler
+        from .conversion import plan_validation, run_validation
 
-        directory = _folder_arg("DIR", directory)
-        info, recipe_path, saved = read_output(directory)
-        _check_model_path(base, "--base")
-        thresholds = {
-            f"validation.{k}": v
-            for k, v in dict(
-                max_attention_rel_l2=max_attention_rel_l2,
-                max_output_rel_l2=max_output_rel_l2,
-                min_output_cosine=min_output_cosine,
-                max_latent_rel_l2=max_latent_rel_l2,
-                min_latent_psnr=min_latent_psnr,
-            ).items()
-            if v is not None
-        }
-        rec = _load_recipe(str(recipe_path))
-        rec = _override(rec, "threshold options", fields=thresholds)
-        source, revision, subfolder = (base, None, None) if base else base_of(info)
-        if not base:
-            _check_recorded_base(info, source, revision, subfolder)
-        parse_dtype(dtype)
-        dev = _check_device(device)
-        doc.update(out_dir=str(directory.absolute()), recipe=rec.name, base=info.get("base_source"))
+        thresholds = dict(
+            max_attention_rel_l2=max_attention_rel_l2,
+            max_output_rel_l2=max_output_rel_l2,
+            min_output_cosine=min_output_cosine,
+            max_latent_rel_l2=max_latent_rel_l2,
+            min_latent_psnr=min_latent_psnr,
+        )
+        plan = plan_validation(directory, base, thresholds, device, dtype)
+        doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, base=plan.info.get("base_source"))
         with StageProgress(_stderr()) as bars:
-            with bars.stage("load"), _hub_notice(source):
-                loaded = load_transformer(source, revision=revision, subfolder=subfolder, dtype=dtype, device=dev)
-                net = load_adapter(loaded.transformer, directory).to(dev)
-            with bars.stage("calibrate"):
-                heldout = calibration.build_inputs(
-                    net, rec, "heldout", pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=bars.callback
-                )
-            with bars.stage("validate"):
-                scheduler = load_scheduler(loaded)
-                report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=bars.callback).to_dict()
-                why = "--base is a bare transformer" if base else "the base is a bare transformer"
-                _note_sampling(report, rec, scheduler, f"{why}: no pipeline scheduler to sample with (pass a pipeline folder or Hub ID)")
-        doc.update(drift=report, passed=bool(report.get("passed")), seconds=bars.seconds)
+            result = run_validation(plan, progress=bars)
+        doc.update(drift=result.report, passed=result.passed, seconds=result.seconds)
         if not json_out:
             con = _stdout()
-            con.print(_drift_table(report, saved=saved or None))
-            _print_verdict(con, report)
-        doc["exit_code"] = EXIT_OK if report.get("passed") else EXIT_DRIFT
+            con.print(_drift_table(result.report, saved=result.saved_report or None))
+            _print_verdict(con, result.report)
+        doc["exit_code"] = EXIT_OK if result.passed else EXIT_DRIFT
 
 
 @app.command(epilog="Example:\n\n  hla-convert inspect Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 81 --height 480 --width 832\n\n" + _EXIT_CODES_HELP)
@@ -677,40 +456,6 @@ def inspect(
             _print_inspection(report)
 
 
-def _print_inspection(r: dict[str, Any]) -> None:
-    con = _stdout()
-    v = r["video"]
-    con.print(f"[bold]{r['model']}[/bold] ({r['class']}), recipe [bold]{r['recipe']}[/bold]")
-    con.print(
-        f"video {v['frames']} x {v['height']} x {v['width']} px -> latent {' x '.join(map(str, v['latent']))} "
-        f"-> {r['tokens']:,} tokens per self-attention"
-        + (f" (+ {r['text_tokens']} text tokens in joint attention)" if r.get("text_tokens") else "")
-    )
-    table = Table(title="Attention modules", title_justify="left")
-    table.add_column("module", no_wrap=True, min_width=max(len(m["name"]) for m in r["modules"]))
-    for col, just in (("type", "left"), ("heads x dim", "right"), ("converts to", "left"), ("GFLOP before", "right"), ("GFLOP after", "right")):
-        table.add_column(col, justify=just)
-    for m in r["modules"]:
-        table.add_row(
-            m["name"],
-            m["type"],
-            f"{m['heads']} x {m['head_dim']}",
-            m["converts_to"] or "-",
-            _gflops(m["flops_before"]),
-            _gflops(m["flops_after"]),
-        )
-    con.print(table)
-    f = r["flops"]
-    con.print(
-        f"self-attention FLOPs per forward: {_gflops(f['before'])} G softmax -> {_gflops(f['after'])} G converted "
-        f"({f['speedup']:.1f}x fewer); {len(r['converted'])} of {len(r['modules'])} attention modules convert"
-    )
-
-
-def _gflops(x: float | None) -> str:
-    return "-" if x is None else f"{x / 1e9:,.3f}"
-
-
 @app.command()
 def recipes(
     name: Annotated[str | None, typer.Argument(metavar="[NAME]", help="A built-in recipe to print in full (YAML, with its comments).", show_default=False)] = None,
@@ -746,5 +491,71 @@ def recipes(
         if not json_out:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
+
+
+@app.command(epilog="Example:\n\n  hla-convert sample demo-hla --seed 3\n\n" + _EXIT_CODES_HELP)
+def sample(
+    directory: Annotated[str, typer.Argument(metavar="DIR", help="An output folder written by `hla-convert convert`.", show_default=False)],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Load the base model from here (Hub ID or folder) instead of the one the adapter records.", show_default=False),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the noise (and of the demo's prompt).")] = 0,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, max=1000, help="Scheduler steps. Default: the recipe's validation.sampling_steps.", show_default=False),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The side-by-side video, .mp4 (needs PyAV or imageio-ffmpeg) or .gif; the contact sheet goes beside it "
+            "as .png. Default: DIR/sample.mp4 where an MP4 encoder is installed, else DIR/sample.gif (listed in DIR's "
+            "manifest and linked from its model card).",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Sample the base model and the conversion from the same noise, side by side.
+
+    Writes a video (teacher | student) and a PNG contact sheet (rows teacher, student; per-frame
+    PSNR under each column). Pixel-space models (the embedded demo) only, for now.
+    """
+    with _command("sample", json_out) as doc:
+        from .output import read_output
+        from .output_guard import output_lock
+        from .sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side
+        from .checkpoints import atomic_write_bytes
+
+        directory = _folder_arg("DIR", directory)
+        info, _, report = read_output(directory)
+        _check_model_path(base, "--base")
+        dev = _check_device(device)
+        try:
+            video = check_video_path(_folder_arg("--out", out) if out is not None else directory / f"sample{default_video_suffix()}")
+            if video.is_dir():
+                raise SampleError(f"--out {str(video)!r} is a folder; give a file name ending in .mp4 or .gif")
+            with _hub_notice(base):
+                result = sample_side_by_side(directory, base=base, seed=seed, steps=steps, device=dev)
+            files = encode_outputs(result, video)
+        except SampleError as exc:
+            raise CommandFailed(str(exc), EXIT_BAD_INPUT) from None
+        if video.parent.resolve() == directory.resolve():
+            with output_lock(directory):
+                add_to_output(directory, info, report, files, result)
+        else:
+            for path, data in files.items():
+                atomic_write_bytes(path, data)
+        result.files = {"video": str(video), "contact_sheet": str(video.with_suffix(".png"))}
+        doc.update(out_dir=str(directory.absolute()), device=str(dev), **result.summary())
+        if not json_out:
+            con = _stdout()
+            psnr = ", ".join("identical" if p >= 200 else f"{p:.1f}" for p in result.psnr_db)
+            con.print(f"teacher | student, {result.steps} steps, seed {seed}" + (f", prompt \"{result.prompt}\"" if result.prompt else ""))
+            con.print(f"per-frame PSNR dB: {psnr}")
+            con.print(f"saved {video} and {video.with_suffix('.png')}")
 
 __all__ = ["app", "main", "StageProgress", "EXIT_OK", "EXIT_DRIFT", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED", "EXIT_INTERRUPTED"]

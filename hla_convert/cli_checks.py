@@ -1,5 +1,6 @@
-"""Checks of the command line's inputs that run before anything slow (a model load, a Hub lookup):
-each refuses bad input with CommandFailed (one line, exit 2)."""
+"""Checks of the command line's inputs (and of hla_convert.convert / validate's arguments) that run
+before anything slow (a model load, a Hub lookup): each refuses bad input with InputError (one
+line; the command line exits 2)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 EXIT_BAD_INPUT = 2
 
@@ -44,7 +47,7 @@ def check_device(device: str | None) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise CommandFailed(f"--device {shown(device)} is not a torch device (e.g. cpu, cuda, cuda:1, mps)", EXIT_BAD_INPUT) from None
+        raise InputError(f"--device {shown(device)} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
     checks: dict[str, Callable[[], int]] = {
         "cpu": lambda: 1,
         "cuda": lambda: torch.cuda.device_count() if torch.cuda.is_available() else 0,
@@ -52,12 +55,12 @@ def check_device(device: str | None) -> str:
         "xpu": lambda: torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0,
     }
     if dev.type not in checks:
-        raise CommandFailed(f"--device {shown(device)}: hla-convert runs on {', '.join(checks)} devices", EXIT_BAD_INPUT)
+        raise InputError(f"--device {shown(device)}: hla-convert runs on {', '.join(checks)} devices")
     count = checks[dev.type]()
     if count == 0:
-        raise CommandFailed(f"--device {shown(device)}: no {dev.type.upper()} device on this machine (try --device cpu)", EXIT_BAD_INPUT)
+        raise InputError(f"--device {shown(device)}: no {dev.type.upper()} device on this machine (try --device cpu)")
     if dev.index is not None and dev.index >= count:
-        raise CommandFailed(f"--device {shown(device)}: this machine has {count} {dev.type} device(s), numbered from 0", EXIT_BAD_INPUT)
+        raise InputError(f"--device {shown(device)}: this machine has {count} {dev.type} device(s), numbered from 0")
     return str(dev)
 
 
@@ -67,28 +70,28 @@ def check_model_path(model: str | None, flag: str = "MODEL") -> None:
     if model is None:
         return
     if not model.strip():
-        raise CommandFailed(f"{flag} is empty; give a folder or a Hub ID (or leave it out for the demo model)", EXIT_BAD_INPUT)
+        raise InputError(f"{flag} is empty; give a folder or a Hub ID (or leave it out for the demo model)")
     try:
         path = Path(os.path.expanduser(model))
         if path.is_dir():
             return
         exists = path.exists()
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
-        raise CommandFailed(f"{flag} {shown(model)} is not a usable path ({getattr(exc, 'strerror', None) or exc})", EXIT_BAD_INPUT) from None
+        raise InputError(f"{flag} {shown(model)} is not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
     if exists:
-        raise CommandFailed(f"{flag} {shown(model)} is a file; it must be a diffusers folder or a Hub ID", EXIT_BAD_INPUT)
+        raise InputError(f"{flag} {shown(model)} is a file; it must be a diffusers folder or a Hub ID")
     if not looks_like_hub_id(model):
-        raise CommandFailed(f"{flag} {shown(model)} does not exist (not a folder, and not a Hub ID of the form owner/name)", EXIT_BAD_INPUT)
+        raise InputError(f"{flag} {shown(model)} does not exist (not a folder, and not a Hub ID of the form owner/name)")
 
 
 def check_recorded_base(info: dict[str, Any], source: Any, revision: Any, subfolder: Any) -> None:
     """The base an adapter records must be a usable MODEL (its metadata may have been edited)."""
     demo = source is None and info.get("base_source")
     if not demo and not (isinstance(source, str) and source.strip() and len(source) <= 4096):
-        raise CommandFailed(f"the adapter records no usable base model ({shown(info.get('base_source'))}); pass --base MODEL", EXIT_BAD_INPUT)
+        raise InputError(f"the adapter records no usable base model ({shown(info.get('base_source'))}); pass --base MODEL")
     for what, value in (("revision", revision), ("subfolder", subfolder)):
         if value is not None and not (isinstance(value, str) and len(value) <= 4096):
-            raise CommandFailed(f"the adapter records an unusable base {what} ({shown(value)}); pass --base MODEL", EXIT_BAD_INPUT)
+            raise InputError(f"the adapter records an unusable base {what} ({shown(value)}); pass --base MODEL")
     if not demo:
         check_model_path(source, "the adapter's base")
 
@@ -96,9 +99,9 @@ def check_recorded_base(info: dict[str, Any], source: Any, revision: Any, subfol
 def folder_arg(flag: str, text: str) -> Path:
     """A folder argument as given; an empty string is refused rather than read as '.'."""
     if not str(text).strip():
-        raise CommandFailed(f"{flag} is empty; give a folder", EXIT_BAD_INPUT)
+        raise InputError(f"{flag} is empty; give a folder")
     if "\0" in str(text):
-        raise CommandFailed(f"{flag} {shown(text)} contains a NUL byte", EXIT_BAD_INPUT)
+        raise InputError(f"{flag} {shown(text)} contains a NUL byte")
     return Path(text)
 
 
@@ -147,6 +150,7 @@ __all__ = [
     "CommandFailed",
     "EXIT_BAD_INPUT",
     "HUB_NOTICE_AFTER_S",
+    "InputError",
     "check_device",
     "check_model_path",
     "check_recorded_base",

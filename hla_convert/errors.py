@@ -7,3 +7,10 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class InputError(ValueError):
+    """A bad argument to hla_convert.convert / validate (or the matching command-line input): a
+    device this machine lacks, a MODEL that is neither a folder nor a Hub ID, an empty folder name,
+    a recipe that cannot be loaded or overridden. The message is one line; it names the command
+    line's flag (--device, --out, MODEL), which is the argument of the same name in Python."""
