@@ -1,0 +1,140 @@
+"""hla_convert.convert / validate, the one-call Python API, on the embedded demo model: the same
+run as the `hla-convert convert` command (same report, same files), its progress events, its
+errors for bad input, and a validate round trip.
+
+Both the library run and the CLI run happen in this process: CPU float sums depend on the thread
+count, which a subprocess need not share.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import FAST, invoke
+
+import hla_convert
+from hla_convert.conversion import STAGES
+from hla_convert.output_guard import OutputError
+from hla_convert.recipes import load_recipe
+
+
+@pytest.fixture(scope="module")
+def fast_recipe_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "fast.yaml"
+    path.write_text(load_recipe("tiny-wan").with_overrides(fields=FAST).to_yaml())
+    return path
+
+
+@pytest.fixture(scope="module")
+def library_run(tmp_path_factory, fast_recipe_file):
+    events = []
+    out = tmp_path_factory.mktemp("lib") / "demo-hla"
+    result = hla_convert.convert(recipe=str(fast_recipe_file), out=out, device="cpu", progress=events.append)
+    return out, result, events
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, fast_recipe_file):
+    out = tmp_path_factory.mktemp("cli") / "demo-hla"
+    done = invoke("convert", "--recipe", fast_recipe_file, "--out", out, "--device", "cpu", "--json")
+    assert done.exit_code == 0, done.stderr
+    return out, json.loads(done.stdout)
+
+
+def test_convert_gives_what_the_cli_reports(library_run, cli_run):
+    out, result, _ = library_run
+    cli_out, doc = cli_run
+    assert result.passed is True and result.out_dir == out.absolute()
+    assert _measured(result.report) == _measured(doc["drift"])  # the same numbers, to the last bit
+    assert result.files == doc["files"] and result.recipe == doc["recipe"] == "tiny-wan"
+    mine = json.loads(json.dumps([result.model, result.device, result.dtype, result.attention]))
+    assert mine == [doc["model"], doc["device"], doc["dtype"], doc["attention"]]
+    assert list(result.seconds) == list(STAGES) == list(doc["seconds"])
+    # the same folder: the same files, the same adapter weights, the report as returned
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in cli_out.iterdir())
+    got, want = load_file(str(out / "adapter_model.safetensors")), load_file(str(cli_out / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "drift_report.json").read_text()) == json.loads(json.dumps(result.report))
+
+
+def _measured(report: dict) -> dict:
+    """A report without what differs between two identical runs: wall times, checkpoint paths."""
+    report = json.loads(json.dumps(report))
+    for stage in ("stage1", "stage2"):
+        for key in ("seconds", "checkpoint"):
+            report["training"][stage].pop(key)
+    return report
+
+
+def test_progress_events_bracket_each_stage_in_order(library_run):
+    _, result, events = library_run
+    bracket = [(e.kind, e.stage) for e in events if e.kind != "step"]
+    assert bracket == [(kind, stage) for stage in STAGES for kind in ("start", "end")]
+    ends = {e.stage: e.seconds for e in events if e.kind == "end"}
+    assert ends == result.seconds
+    steps = [e for e in events if e.kind == "step" and e.stage == "stage1"]
+    assert [e.step for e in steps] == list(range(1, FAST["stage1.steps"] + 1))
+    assert all(e.total == FAST["stage1.steps"] and isinstance(e.info["loss"], float) for e in steps)
+
+
+def test_bad_input_raises_one_line_errors_before_loading(library_run, tmp_path):
+    out, _, _ = library_run
+    fresh = tmp_path / "o"
+    cases = [
+        (dict(out=fresh, device="banana"), hla_convert.InputError, "--device"),
+        (dict(model=str(tmp_path / "nowhere"), recipe="tiny-wan", out=fresh), hla_convert.InputError, "does not exist"),
+        (dict(out=""), hla_convert.InputError, "--out is empty"),
+        (dict(out=None), hla_convert.InputError, "--out"),
+        (dict(recipe="no-such-recipe", out=fresh), hla_convert.InputError, "unknown recipe"),
+        (dict(attention="quadratic", out=fresh), hla_convert.InputError, "attention.kind"),
+        (dict(out=fresh, dtype="float7"), ValueError, "float7"),
+        (dict(out=out, device="cpu"), OutputError, "not empty"),
+        (dict(out=out, device="cpu", resume=True), OutputError, "nothing to resume"),
+    ]
+    for kwargs, error, contains in cases:
+        with pytest.raises(error) as info:
+            hla_convert.convert(**kwargs)
+        message = str(info.value)
+        assert contains in message and "\n" not in message, (kwargs, message)
+    assert not fresh.exists()
+
+
+def test_validate_round_trip(library_run):
+    out, result, _ = library_run
+    again = hla_convert.validate(out, device="cpu")
+    assert again.passed is True and again.recipe == result.recipe and again.out_dir == out.absolute()
+    assert again.saved_report == json.loads(json.dumps(result.report))
+    saved = {row["metric"]: row["value"] for row in result.report["table"]}
+    for row in again.report["table"]:  # the held-out inputs are seeded: the same drift again
+        assert row["value"] == pytest.approx(saved[row["metric"]], rel=1e-4, abs=1e-6)
+    assert list(again.seconds) == ["load", "calibrate", "validate"]
+
+    tight = hla_convert.validate(out, thresholds={"max_output_rel_l2": 1e-9}, device="cpu")
+    assert tight.passed is False and any("output" in f for f in tight.report["failures"])
+    with pytest.raises(hla_convert.InputError, match="validation.max_output_rel_l2"):
+        hla_convert.validate(out, thresholds={"max_output_rel_l2": -1.0})
+    with pytest.raises(OutputError, match="does not exist"):
+        hla_convert.validate(out.parent / "missing")
+
+
+def test_an_interrupted_call_resumes_to_the_same_adapter(library_run, fast_recipe_file, tmp_path):
+    reference, _, _ = library_run
+    out = tmp_path / "interrupted"
+
+    def stop_at_step_4(event):  # what a Ctrl-C in the middle of stage 1 does
+        if event.kind == "step" and event.stage == "stage1" and event.step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hla_convert.convert(recipe=str(fast_recipe_file), out=out, device="cpu", progress=stop_at_step_4)
+    assert not (out / ".hla-convert.lock").exists() and (out / ".hla_work" / "stage1.checkpoint.safetensors").is_file()
+    with pytest.raises(OutputError, match="resume"):
+        hla_convert.convert(recipe=str(fast_recipe_file), out=out, device="cpu")
+
+    result = hla_convert.convert(recipe=str(fast_recipe_file), out=out, device="cpu", resume=True)
+    assert result.resumed and result.report["training"]["stage1"]["resumed_from"] == 4
+    got, want = load_file(str(out / "adapter_model.safetensors")), load_file(str(reference / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
