@@ -8,9 +8,9 @@ JSON and exit codes), for scripts and notebooks.
     if not result.passed:
         sys.exit(result.report["failures"])
 
-Bad arguments raise InputError; an output folder that cannot be used OutputError; a recipe,
-model, adapter or checkpoint that cannot be used RecipeError, ModelLoadError, AdapterError,
-CheckpointError, ...: each a ValueError with a one-line message (the messages name the command
+Bad arguments (a bad recipe or recipe field included) raise InputError; an output folder that
+cannot be used OutputError; a model, adapter or checkpoint that cannot be used ModelLoadError,
+AdapterError, CheckpointError, ...: each a ValueError with a one-line message (the messages name the command
 line's flags: --out is `out`, MODEL is `model`). A diverged training run raises DistillError; an
 interrupted one (KeyboardInterrupt) keeps OUT/.hla_work, and `resume=True` continues it.
 """
