@@ -88,6 +88,23 @@ def streamed_pairs(model: nn.Module, consume: Callable[[str, torch.Tensor, torch
             layer.last_pair = None
 
 
+class LayerErrors:
+    """A `streamed_pairs` consumer that sums ||pred - target||^2 and ||target||^2 per layer (float32,
+    no gradient); `rel_l2()` gives each layer's relative L2 over everything it has seen."""
+
+    def __init__(self) -> None:
+        self.err2: dict[str, float] = {}
+        self.ref2: dict[str, float] = {}
+
+    def __call__(self, name: str, target: torch.Tensor, pred: torch.Tensor) -> None:
+        t, p = target.detach().float(), pred.detach().float()
+        self.err2[name] = self.err2.get(name, 0.0) + float((p - t).pow(2).sum())
+        self.ref2[name] = self.ref2.get(name, 0.0) + float(t.pow(2).sum())
+
+    def rel_l2(self) -> dict[str, float]:
+        return {n: math.sqrt(self.err2[n] / max(self.ref2[n], 1e-30)) for n in self.err2}
+
+
 @contextlib.contextmanager
 def _restored_modes(model: nn.Module) -> Iterator[None]:
     layers = hla_layers(model)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .calibration import noise_levels
-from .distill import _restored_modes, forward, streamed_pairs
+from .distill import LayerErrors, _restored_modes, forward, streamed_pairs
 from .layers import hla_layers, set_attention_mode
 from .lora import has_adapters
 from .recipes import Recipe, ValidationSpec
@@ -199,28 +199,22 @@ def measure_drift(
     """Drift of the converted model on held-out inputs; see the module docstring for the metrics."""
     val = recipe.validation
     n_buckets = val.timestep_buckets
-    err2: dict[str, float] = {}
-    ref2: dict[str, float] = {}
+    errors = LayerErrors()
     rels: list[torch.Tensor] = []
     coss: list[torch.Tensor] = []
     levels: list[torch.Tensor] = []
     with_sampling = scheduler is not None and val.sampling_steps > 0 and bool(heldout_inputs)
     total = len(heldout_inputs) + (2 if with_sampling else 0)
 
-    def consume(name: str, target: torch.Tensor, pred: torch.Tensor) -> None:
-        t, p = target.float(), pred.float()
-        err2[name] = err2.get(name, 0.0) + float((p - t).pow(2).sum())
-        ref2[name] = ref2.get(name, 0.0) + float(t.pow(2).sum())
-
     layers = hla_layers(model)
     with _restored_modes(model), torch.no_grad():
         for name, layer in layers.items():
             if layer.config.kind == "softmax":  # identity conversion: no student, zero drift
-                err2[name], ref2[name] = 0.0, 1.0
+                errors.err2[name], errors.ref2[name] = 0.0, 1.0
         adapted = has_adapters(model)
         for i, item in enumerate(heldout_inputs):
             set_attention_mode(model, "both")
-            with streamed_pairs(model, consume):
+            with streamed_pairs(model, errors):
                 teacher = forward(model, item)
             if adapted:
                 set_attention_mode(model, "teacher")
@@ -276,7 +270,7 @@ def measure_drift(
             }
         )
     report = DriftReport(
-        attention={n: math.sqrt(err2[n] / max(ref2[n], 1e-30)) for n in err2},
+        attention=errors.rel_l2(),
         buckets=buckets,
         output_rel_l2=float(rel_all.mean()) if rel_all.numel() else 0.0,
         output_cosine=float(cos_all.mean()) if cos_all.numel() else 1.0,

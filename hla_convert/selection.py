@@ -23,26 +23,15 @@ from .layers import hla_layers, set_attention_mode
 def measure_layer_errors(model: nn.Module, inputs: Sequence[dict[str, Any]], max_batches: int = 4) -> dict[str, float]:
     """Attention-transfer error per converted layer: ||student - teacher|| / ||teacher|| over the
     first `max_batches` inputs, each layer fed the teacher's own activations ("both" mode)."""
-    from .distill import forward, streamed_pairs
+    from .distill import LayerErrors, _restored_modes, forward, streamed_pairs
 
-    num: dict[str, float] = {}
-    den: dict[str, float] = {}
-
-    def consume(name: str, target: torch.Tensor, pred: torch.Tensor) -> None:
-        t, p = target.float(), pred.float()
-        num[name] = num.get(name, 0.0) + float((p - t).pow(2).sum())
-        den[name] = den.get(name, 0.0) + float(t.pow(2).sum())
-
-    modes = {n: layer.mode for n, layer in hla_layers(model).items()}
-    try:
+    errors = LayerErrors()
+    with _restored_modes(model):
         set_attention_mode(model, "both")
-        with streamed_pairs(model, consume):
+        with streamed_pairs(model, errors):
             for item in list(inputs)[:max_batches]:
                 forward(model, item)
-    finally:
-        for n, layer in hla_layers(model).items():
-            layer.mode = modes[n]
-    return {n: (num[n] / max(den[n], 1e-30)) ** 0.5 for n in num}
+    return errors.rel_l2()
 
 
 def choose_softmax_layers(errors: dict[str, float], count: int) -> list[str]:
