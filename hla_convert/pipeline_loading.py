@@ -41,13 +41,20 @@ def load_skeleton(model: str | None, revision: str | None = None, subfolder: str
     return loaded_from(ref, transformer)
 
 
+def demo_scheduler() -> Any:
+    """The embedded demo's sampler: rectified-flow Euler, no shift (it was trained with t ~ U(0, 1))."""
+    import diffusers
+
+    return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
 def load_scheduler(loaded: LoadedModel) -> Any | None:
     """The scheduler the model samples with: the pipeline's own (config only), the demo's
     rectified-flow Euler scheduler, or None for a bare transformer (then no sampling check)."""
     import diffusers
 
     if loaded.is_demo:
-        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        return demo_scheduler()
     if not loaded.pipeline_dir:
         return None
     where = loaded.pipeline_dir

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .checkpoints import atomic_write_bytes
+from .drift import PSNR_IDENTICAL  # dB reported for identical frames, as in the drift report
 
-PSNR_IDENTICAL = 200.0  # dB reported for identical frames (as the drift report does)
 MIN_FRAME_PX = 128  # tiny frames are upscaled (nearest) to at least this many pixels a side
 SEPARATOR_PX = 4
 FPS = 4
@@ -146,10 +146,9 @@ def sample_side_by_side(
         )
     if steps is None:
         steps = load_recipe(str(recipe_path)).validation.sampling_steps or DEFAULT_STEPS
-    import diffusers
+    from .pipeline_loading import demo_scheduler
 
-    # The demo's scheduler, as pipeline_loading.load_scheduler gives it for the drift check.
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    scheduler = demo_scheduler()  # the drift check's, through pipeline_loading.load_scheduler
     item, prompt = demo_inputs(seed)
     if inputs is not None:
         item = {**item, **inputs}
