@@ -42,6 +42,9 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 import bench_data as bd  # noqa: E402
 import bench_models as bm  # noqa: E402
 
+sys.path.insert(2, str(HERE.parents[1] / "scripts"))
+from train_demo_model import param_groups  # noqa: E402  (the demo's AdamW groups: q/k norm gains faster)
+
 T_BUCKETS = 4
 
 
@@ -97,25 +100,6 @@ def attention_entropy(arch, model, batches) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def param_groups(model, qk_norm_lr_mult: float) -> list[dict]:
-    """Matrices with weight decay; biases and norms without; self-attention q/k norm gains at a
-    higher rate (with normalised q and k the logits are bounded by these gains: a faster rate lets
-    attention sharpen within a short run, see docs/demo_model.md)."""
-    decay, no_decay, qk_gain = [], [], []
-    for name, p in model.named_parameters():
-        if ".attn1.norm_q." in name or ".attn1.norm_k." in name:
-            qk_gain.append(p)
-        elif p.ndim < 2 or "norm" in name or "scale_shift" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": 0.01, "lr_mult": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
-        {"params": qk_gain, "weight_decay": 0.0, "lr_mult": qk_norm_lr_mult},
-    ]
-
-
 def lr_factor(progress: float, step: int, warmup: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine from 1 to 0.05 over the run's progress."""
     if step < warmup:
@@ -162,7 +146,7 @@ def train_one(arch: str, args, spec: bd.VideoSpec, device: torch.device) -> dict
     model = bm.build_model(arch, spec, seed, args.tiny).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{arch}] {bm.CLASSES[arch]}: {n_params:,} parameters, {bm.video_tokens(arch, spec)} video tokens", flush=True)
-    opt = torch.optim.AdamW(param_groups(model, args.qk_norm_lr_mult), lr=args.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(param_groups(model, args.lr, args.qk_norm_lr_mult), lr=args.lr, betas=(0.9, 0.99))
     g = torch.Generator(device=device).manual_seed(seed + 1)
     rope = bm.rotary_emb(model, spec, device) if arch == "cogvideox" else None
     amp = device.type == "cuda"
