@@ -115,7 +115,7 @@ def test_adapters_with_the_first_fingerprint_scheme_still_load_checked_the_old_w
     def set_legacy(meta):
         meta["base_fingerprint"] = json.dumps(legacy)
 
-    _rewrite_meta(folder, set_legacy)
+    _rewrite(folder, change_meta=set_legacy)
     model = load_adapter(tiny_wan(), folder)
     with torch.no_grad():
         assert torch.equal(model(**inputs()).sample, out)
@@ -124,17 +124,6 @@ def test_adapters_with_the_first_fingerprint_scheme_still_load_checked_the_old_w
         other.proj_out.weight.mul_(2)
     with pytest.raises(AdapterError, match="different base"):
         load_adapter(other, folder)
-
-
-def _rewrite_meta(folder, change):
-    from safetensors import safe_open
-
-    path = folder / ADAPTER_FILE
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-    tensors = load_file(str(path))
-    change(meta)
-    save_file(tensors, str(path), metadata=meta)
 
 
 def test_wrong_base_is_refused(saved):
@@ -146,14 +135,18 @@ def test_wrong_base_is_refused(saved):
         load_adapter(other, folder)
 
 
-def _rewrite(folder, change):
-    path = folder / ADAPTER_FILE
+def _rewrite(folder, change=None, change_meta=None):
+    """Rewrite the adapter file with its tensors and/or its header metadata changed in place."""
     from safetensors import safe_open
 
+    path = folder / ADAPTER_FILE
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
+        meta = dict(f.metadata())
     tensors = load_file(str(path))
-    change(tensors)
+    if change is not None:
+        change(tensors)
+    if change_meta is not None:
+        change_meta(meta)
     save_file(tensors, str(path), metadata=meta)
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hla_convert import convert_attention, hla_parameters, set_attention_mode
 from hla_convert.adapter import ADAPTER_FILE, AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
@@ -24,6 +24,7 @@ from hla_convert.lora import (
     lora_target_modules,
 )
 from hla_convert.recipes import RecipeError, parse_recipe
+from test_adapter import _rewrite
 from tiny_models import tiny_inputs, tiny_model
 
 
@@ -236,17 +237,6 @@ def test_lora_adapter_round_trip_gives_identical_student_outputs(lora_adapter):
     assert torch.equal(_out(loaded, "wan", "teacher"), _out(tiny_model("wan"), "wan", "teacher"))
 
 
-def _drop_or_add(folder, change):
-    path = folder / ADAPTER_FILE
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path), metadata=meta)
-
-
 @pytest.mark.parametrize(
     "change, expect",
     [
@@ -257,7 +247,7 @@ def _drop_or_add(folder, change):
 )
 def test_lora_key_mismatch_is_one_line_and_leaves_base_untouched(lora_adapter, change, expect):
     folder, _, _ = lora_adapter
-    _drop_or_add(folder, change)
+    _rewrite(folder, change)
     base = tiny_model("wan")
     with pytest.raises(AdapterError, match=expect) as e:
         load_adapter(base, folder)
