@@ -24,7 +24,6 @@ import json
 import shlex
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,11 +36,11 @@ try:  # typer >= 0.22 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import ClickException, UsageError
 
+from .checks import check_device as _check_device
+from .checks import check_model_path as _check_model_path
+from .checks import folder_arg as _folder_arg
+from .checks import hub_notice as _hub_notice
 from .cli_checks import EXIT_BAD_INPUT, CommandFailed
-from .cli_checks import check_device as _check_device
-from .cli_checks import check_model_path as _check_model_path
-from .cli_checks import folder_arg as _folder_arg
-from .cli_checks import hub_notice as _hub_notice
 from .cli_display import StageProgress, _StopAfterSteps  # noqa: F401 - _StopAfterSteps: part of the CLI's surface
 from .cli_display import drift_table as _drift_table
 from .cli_display import print_inspection as _print_inspection

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli_checks import check_device, check_model_path, check_recorded_base, folder_arg, hub_notice, note_sampling, shown
+from .checks import check_device, check_model_path, check_recorded_base, folder_arg, hub_notice, note_sampling, shown
 from .errors import InputError
 from .recipes import Recipe
 

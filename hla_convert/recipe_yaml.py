@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .recipes import RecipeError, _clip, _r
+from .recipe_schema import RecipeError, _clip, _r
 
 # What a recipe file may be: a few KB in practice. The bounds make a hostile file (an alias bomb, a
 # huge or deeply nested document) one line of error instead of gigabytes of memory.

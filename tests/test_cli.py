@@ -382,7 +382,7 @@ def test_a_missing_local_model_is_reported_missing(tmp_path):
 def test_a_hub_lookup_says_so_while_it_waits(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    import hla_convert.cli_checks as checks
+    import hla_convert.checks as checks
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(checks, "HUB_NOTICE_AFTER_S", 0.0)  # the notice comes after 2 s; offline answers at once

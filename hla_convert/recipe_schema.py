@@ -1,0 +1,300 @@
+"""The recipe schema: its sections as dataclasses, their defaults, RecipeError.
+
+Recipes say what to convert, how to calibrate, distil and validate, per model family.
+
+A recipe is a YAML file with the sections below (every field optional unless marked; the
+built-in recipes in `recipes/*.yaml`, installed as `hla_convert.builtin_recipes`, write them all
+out with the reasoning for their values):
+
+    name, description
+    model:        architecture (expected transformer class name or null), hub_id (or null)
+    attention:    kind, factors, feature_dim, feature_map, eps, normalize, far, window, halo,
+                  learn_temperature (HLAConfig fields),
+                  include (glob list or null: the architecture's default), exclude (kept softmax)
+    calibration:  source (synthetic | trajectories | folder), synthetic (gaussian | demo_videos),
+                  path, prompts, frames, height, width (pixels), vae_scale_temporal,
+                  vae_scale_spatial (null: the architecture's VAE), samples, heldout, batch_size,
+                  text_len, trajectory_steps, seed,
+                  timesteps: {distribution (uniform | logit_normal), min, max (noise level t in
+                  [0, 1]; model timestep = 1000 t), mean, std (logit_normal), shift}
+    stage1:       steps, lr, batch_size, checkpoint_every, grad_clip
+    stage2:       steps (0 = off), lr, batch_size, checkpoint_every, grad_clip, train (hla | lora),
+                  gradient_checkpointing, lora_rank (8), lora_alpha (null = rank), lora_targets
+                  (module-name suffixes inside each converted attention module; default to_q,
+                  to_k, to_v, to_out.0), lora_ffn (also the feed-forward linears of the blocks
+                  holding converted modules), lora_lr (null = lr). "lora" trains peft LoRA
+                  adapters on those base linears together with the HLA parameters; the teacher
+                  is the same weights with the adapters disabled (hla_convert.lora)
+    validation:   max_attention_rel_l2, max_output_rel_l2, min_output_cosine, max_latent_rel_l2,
+                  min_latent_psnr (null = not checked), sampling_steps (0 = no sampling run),
+                  timestep_buckets
+
+A bad field raises RecipeError whose message starts with the field's dotted path and says what is
+allowed: "stage1.lr: must be a positive number, got 'fast'". The checks are in recipe_checks,
+loading (built-in names, files) in recipes, which also re-exports this module's public names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import reprlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .config import _KIND_FEATURE_MAPS, HLAConfig
+
+BUILTIN_PACKAGE = "hla_convert.builtin_recipes"
+
+SOURCES = ("synthetic", "trajectories", "folder")
+SYNTHETIC = ("gaussian", "demo_videos")
+DISTRIBUTIONS = ("uniform", "logit_normal")
+# What stage 2 may train: the HLA parameters, or those plus LoRA adapters on base linears. Never
+# the base weights themselves: the teacher is the same weights in "teacher" mode (one copy,
+# DESIGN.md), so that would move the teacher too; LoRA adapters are disabled in teacher mode.
+STAGE2_TRAIN = ("hla", "lora")
+
+# (temporal, spatial) compression of each architecture's VAE: latent frames = (frames - 1) / t + 1.
+VAE_SCALES: dict[str, tuple[int, int]] = {
+    "WanTransformer3DModel": (4, 8),
+    "WanVACETransformer3DModel": (4, 8),
+    "SkyReelsV2Transformer3DModel": (4, 8),
+    "CogVideoXTransformer3DModel": (4, 8),
+    "ConsisIDTransformer3DModel": (4, 8),
+    "HunyuanVideoTransformer3DModel": (4, 8),
+    "HunyuanVideoFramepackTransformer3DModel": (4, 8),
+    "LTXVideoTransformer3DModel": (8, 32),
+    "MochiTransformer3DModel": (6, 8),
+    "AllegroTransformer3DModel": (4, 8),
+}
+
+
+class RecipeError(ValueError):
+    """A bad recipe field. The message starts with the field's dotted path; `.field` holds it."""
+
+    def __init__(self, field_path: str, message: str):
+        self.field = field_path = _clip(str(field_path), 120)
+        text = f"{field_path}: {message}" if field_path else str(message)
+        super().__init__(_clip(" ".join(text.split()), _MAX_MESSAGE))
+
+
+# A message never carries a whole input: values are shown through _r (a bounded repr), and a whole
+# message is cut at _MAX_MESSAGE characters whatever a check put in it.
+_MAX_MESSAGE = 400
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def _r(value: Any) -> str:
+    """repr(value), bounded (at most ~80 characters per string, a few items per level): safe on any input."""
+    return _clip(_REPR.repr(value), 120)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- sections --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSpec:
+    architecture: str | None = None
+    hub_id: str | None = None
+
+
+@dataclass
+class AttentionSpec:
+    kind: str = "hadamard"
+    factors: int = 2
+    feature_dim: int = 32
+    feature_map: str | None = None
+    eps: float = 1e-6
+    normalize: bool = True
+    # hybrid only: the far kind, the softmax window and its halo on the latent token grid
+    far: str = "hadamard"
+    window: list[int] = field(default_factory=lambda: [1, 0, 0])
+    halo: list[int] = field(default_factory=lambda: [0, 0, 0])
+    learn_temperature: bool = False
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    # how many converted layers go back to exact softmax after stage 1, worst attention error first
+    # (hla_convert.selection); 0 = none
+    softmax_layers: int = 0
+
+
+@dataclass
+class TimestepSpec:
+    distribution: str = "uniform"
+    min: float = 0.0
+    max: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+
+
+@dataclass
+class CalibrationSpec:
+    source: str = "synthetic"
+    synthetic: str = "gaussian"
+    path: str | None = None
+    prompts: list[str] | None = None
+    frames: int = 1
+    height: int = 64
+    width: int = 64
+    vae_scale_temporal: int | None = None
+    vae_scale_spatial: int | None = None
+    samples: int = 16
+    heldout: int = 4
+    batch_size: int = 1
+    text_len: int = 16
+    trajectory_steps: int = 8
+    seed: int = 0
+    timesteps: TimestepSpec = field(default_factory=TimestepSpec)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the latent the VAE would make of frames x height x width pixels."""
+        vt, vs = self.vae_scale_temporal or 1, self.vae_scale_spatial or 1
+        return (self.frames - 1) // vt + 1, self.height // vs, self.width // vs
+
+
+@dataclass
+class Stage1Spec:
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int | None = None  # null: calibration.batch_size
+    checkpoint_every: int = 50
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Stage2Spec:
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int | None = None  # null: calibration.batch_size
+    checkpoint_every: int = 50
+    grad_clip: float = 1.0
+    train: str = "hla"
+    gradient_checkpointing: bool = False
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # null: lora_rank (LoRA scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_ffn: bool = False
+    lora_lr: float | None = None  # null: lr
+
+
+@dataclass
+class ValidationSpec:
+    max_attention_rel_l2: float | None = None
+    max_output_rel_l2: float | None = None
+    min_output_cosine: float | None = None
+    max_latent_rel_l2: float | None = None
+    min_latent_psnr: float | None = None
+    sampling_steps: int = 0
+    timestep_buckets: int = 4
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    stage1: Stage1Spec = field(default_factory=Stage1Spec)
+    stage2: Stage2Spec = field(default_factory=Stage2Spec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+
+    def hla_config(self) -> HLAConfig:
+        a = self.attention
+        return HLAConfig(
+            kind=a.kind, factors=a.factors, feature_dim=a.feature_dim, feature_map=a.feature_map, eps=a.eps, normalize=a.normalize,
+            far=a.far, window=tuple(a.window), halo=tuple(a.halo), learn_temperature=a.learn_temperature,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Recipe":
+        from .recipe_checks import parse_recipe
+
+        return parse_recipe(data)
+
+    def with_overrides(
+        self,
+        steps: int | None = None,
+        kind: str | None = None,
+        stage2_steps: int | None = None,
+        source: str | None = None,
+        path: str | None = None,
+        seed: int | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> "Recipe":
+        """A validated copy with command-line overrides applied.
+
+        steps:        stage-1 steps. Stage 2 is scaled by the same factor (rounded, at least 1 when
+                      it was on, 0 stays 0), so `--steps` shortens or lengthens the whole run in
+                      proportion; steps=0 turns both stages off. Pass stage2_steps to set it outright.
+        kind:         attention kind (the comparison benchmark's `--attention`). The feature map
+                      falls back to the new kind's default when the old one is not allowed for it.
+        source, path: calibration source and its path (folder of cached inputs, or pipeline).
+        seed:         calibration seed.
+        fields:       any other field by dotted path, e.g. {"stage1.lr": 3e-4}.
+        """
+        data = self.to_dict()
+        if steps is not None:
+            old1, old2 = data["stage1"]["steps"], data["stage2"]["steps"]
+            _set_path(data, "stage1.steps", steps)
+            if stage2_steps is None and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0 and old2:
+                # steps 0 means no training at all: stage 2 goes to 0 too
+                data["stage2"]["steps"] = 0 if steps == 0 else max(1, round(old2 * steps / max(old1, 1)))
+        if stage2_steps is not None:
+            _set_path(data, "stage2.steps", stage2_steps)
+        if kind is not None:
+            data["attention"]["kind"] = kind
+            maps_of = data["attention"].get("far") if kind == "hybrid" else kind  # hybrid: its far kind's maps
+            if maps_of in _KIND_FEATURE_MAPS and data["attention"]["feature_map"] not in _KIND_FEATURE_MAPS[maps_of]:
+                data["attention"]["feature_map"] = None
+        if source is not None:
+            data["calibration"]["source"] = source
+        if path is not None:
+            data["calibration"]["path"] = str(path)
+        if seed is not None:
+            data["calibration"]["seed"] = seed
+        for key, value in (fields or {}).items():
+            _set_path(data, key, value)
+        from .recipe_checks import parse_recipe  # it imports this module
+
+        return parse_recipe(data)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise RecipeError(".".join(parts[: i + 1]), f"not a section; sections: {', '.join(k for k, v in node.items() if isinstance(v, dict))}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise RecipeError(dotted, f"unknown field; allowed: {', '.join(node)}")
+    node[parts[-1]] = value
+
+
+__all__ = [
+    "AttentionSpec",
+    "CalibrationSpec",
+    "ModelSpec",
+    "Recipe",
+    "RecipeError",
+    "Stage1Spec",
+    "Stage2Spec",
+    "TimestepSpec",
+    "ValidationSpec",
+]
