@@ -77,13 +77,26 @@ def hadamard_attention(
     v: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    causal: bool = False,
+    chunk_size: int | None = None,
+    block_size: int = 1,
 ) -> torch.Tensor:
     """Bidirectional Hadamard linear attention, efficient form.
 
     q_feats, k_feats: F tensors [B, H, N, r] (the feature maps already applied).
     v: [B, H, N, dv]. key_mask: bool [B, N], True = keep. Returns [B, H, N, dv] in v's dtype,
     accumulated in float32 (float64 when any input is float64).
+
+    causal=True: the (block-)causal form of ops/causal_hadamard.py, chunked (chunk_size tokens,
+    block_size tokens per causal block; 1 = token-level causal).
     """
+    if causal:
+        from .causal_hadamard import hadamard_causal  # imported here: it builds on this module
+
+        return hadamard_causal(q_feats, k_feats, v, key_mask, eps, chunk_size, block_size)
+    if chunk_size is not None or block_size != 1:
+        raise ValueError("chunk_size and block_size apply to causal=True only")
     _check_feats(q_feats, k_feats, v)
     state = hadamard_state(k_feats, v, key_mask)
     return hadamard_readout(q_feats, state, eps).to(v.dtype)
@@ -105,8 +118,15 @@ def hadamard_attention_naive(
     v: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    causal: bool = False,
+    block_size: int = 1,
 ) -> torch.Tensor:
     """Quadratic reference: explicit [N, N] Hadamard weights. Same contract as hadamard_attention."""
+    if causal:
+        from .causal_hadamard import hadamard_causal_naive  # imported here: it builds on this module
+
+        return hadamard_causal_naive(q_feats, k_feats, v, key_mask, eps, block_size)
     _check_feats(q_feats, k_feats, v)
     a = hadamard_weights(q_feats, k_feats)
     if key_mask is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._common import compute_dtype, key_weights
+from .causal import higher_order_causal, higher_order_causal_naive
 
 
 def higher_order_attention(
@@ -23,8 +24,17 @@ def higher_order_attention(
     key_mask: torch.Tensor | None = None,
     normalize: bool = True,
     eps: float = 1e-6,
+    *,
+    causal: bool = False,
+    decay: float | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    block_size: int = 1,
 ) -> torch.Tensor:
     """Efficient form. q, k: [B, H, N, r]; v: [B, H, N, dv]; key_mask bool [B, N] (True = keep).
+
+    causal=True: the masked (block-)causal form of ops/causal.py, chunk-parallel (chunk_size
+    tokens, default 64; block_size tokens per causal block, 1 = token-level; decay gamma in (0, 1],
+    a float or [H]). decay and chunk_size mean nothing bidirectionally and are refused there.
 
     Three passes over the tokens: S^K and C^QV are GEMMs in the inputs' own dtype (float32
     accumulation inside; no float32 copy of v), the small [r, dv + 1] product
@@ -34,6 +44,10 @@ def higher_order_attention(
     normalize=False returns q_i^T S^K C^QV / N^2 (kept tokens), the unnormalised operator scaled to
     stay O(1) in N.
     """
+    if causal:
+        return higher_order_causal(q, k, v, key_mask, normalize, eps, decay, chunk_size, block_size)
+    if decay is not None or chunk_size is not None or block_size != 1:
+        raise ValueError("decay, chunk_size and block_size apply to causal=True only")
     dt = compute_dtype(q, k, v)
     w = key_weights(key_mask, v)
     kk, qq, vv = (k, q, v) if w is None else (k * w.to(k.dtype), q * w.to(q.dtype), v * w)
@@ -66,8 +80,14 @@ def higher_order_attention_naive(
     key_mask: torch.Tensor | None = None,
     normalize: bool = True,
     eps: float = 1e-6,
+    *,
+    causal: bool = False,
+    decay: float | torch.Tensor | None = None,
+    block_size: int = 1,
 ) -> torch.Tensor:
     """Quadratic reference with the explicit [N, N] second-order weights. Same contract as above."""
+    if causal:
+        return higher_order_causal_naive(q, k, v, key_mask, normalize, eps, decay, block_size)
     dt = compute_dtype(q, k, v)
     a = higher_order_weights(q, k, key_mask)
     num = a @ v.to(dt)
