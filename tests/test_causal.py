@@ -194,3 +194,20 @@ def test_float32_chunked_stays_close_on_a_long_sequence():
     qf, kf = [q.float(), q.float()], [k.float(), k.float()]
     ref = ops.hadamard_attention([q, q], [k, k], v, causal=True, chunk_size=64)
     assert _rel(ops.hadamard_attention(qf, kf, v.float(), causal=True, chunk_size=64).double(), ref) < 1e-5
+
+
+def test_hybrid_block_causal_equals_naive_and_its_limits():
+    """Exact softmax in the own block + HLA for earlier blocks; one block = softmax."""
+    q, k, v, mask = _inputs(12, n=24)
+    qf, kf = [q, q], [k, k]
+    log_beta = torch.tensor([0.0, -1.0, 0.5], dtype=torch.float64)
+    for key_mask in (None, mask):
+        for bs in (1, 5, 6):
+            ref = CH.hybrid_block_causal_naive(q, k, v, qf, kf, 0.5, log_beta, bs, key_mask)
+            assert _rel(CH.hybrid_block_causal(q, k, v, qf, kf, 0.5, log_beta, bs, key_mask), ref) < TOL
+    soft = torch.softmax(0.5 * q @ k.transpose(-1, -2), dim=-1) @ v
+    assert _rel(CH.hybrid_block_causal(q, k, v, qf, kf, 0.5, log_beta, 24, eps=0.0), soft) < TOL
+    # the first block is plain softmax over itself, later blocks see earlier ones through HLA
+    out = CH.hybrid_block_causal(q, k, v, qf, kf, 0.5, log_beta, 6, eps=0.0)
+    first = torch.softmax(0.5 * q[:, :, :6] @ k[:, :, :6].transpose(-1, -2), dim=-1) @ v[:, :, :6]
+    assert _rel(out[:, :, :6], first) < TOL

@@ -30,6 +30,7 @@ import torch
 
 from ._common import compute_dtype, key_weights
 from .hadamard import _check_feats, hadamard_weights, kronecker_features
+from .hybrid import SHIFT_FLOOR
 
 DEFAULT_CHUNK = 128
 
@@ -151,6 +152,96 @@ def hadamard_causal(
         if state is not None:
             nd = nd + kronecker_features([qq[:, :, sl] for qq in qf]) @ state
         new = kronecker_features([kk[:, :, sl] for kk in kf]).transpose(-1, -2) @ v1[:, :, sl]
+        state = new if state is None else state + new
+        outs.append(nd[..., :-1] / (nd[..., -1:] + eps))
+    return torch.cat(outs, dim=2).to(v.dtype)
+
+
+# -- hybrid, block-causal -------------------------------------------------------------------------
+
+
+def _hybrid_check(q, k, v, q_feats, k_feats, log_beta):
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be [B, H, N, d] and v [B, H, N, dv] alike, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    _check_feats(q_feats, k_feats, v)
+    if log_beta.shape != (q.shape[1],):
+        raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
+
+
+def hybrid_block_causal_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feats: Sequence[torch.Tensor],
+    k_feats: Sequence[torch.Tensor],
+    scale: float,
+    log_beta: torch.Tensor,
+    block_size: int,
+    key_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Quadratic reference of hybrid_block_causal with explicit [N, N] logits and masks."""
+    _hybrid_check(q, k, v, q_feats, k_feats, log_beta)
+    bs = _block(block_size)
+    dt = compute_dtype(q, k, v, *q_feats)
+    n = q.shape[2]
+    p = torch.arange(n, device=q.device) // bs
+    keep = torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    keep = keep[:, None, None, :]
+    near = (p[None, :] == p[:, None]) & keep
+    far = (p[None, :] < p[:, None]) & keep
+    s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
+    a = hadamard_weights(q_feats, k_feats).to(dt)
+    c = s.masked_fill(~near, float("-inf")).amax(-1, keepdim=True).clamp_min(-SHIFT_FLOOR)
+    beta = log_beta.to(dt).exp()[None, :, None, None]
+    w = torch.exp(s - c).masked_fill(~near, 0.0) + beta * torch.exp(-c) * a.masked_fill(~far, 0.0)
+    return ((w @ v.to(dt)) / (w.sum(-1, keepdim=True) + eps)).to(v.dtype)
+
+
+def hybrid_block_causal(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feats: Sequence[torch.Tensor],
+    k_feats: Sequence[torch.Tensor],
+    scale: float,
+    log_beta: torch.Tensor,
+    block_size: int,
+    key_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Block-causal hybrid: exact softmax inside the query's own causal block, HLA for earlier blocks.
+
+    q, k [B, H, N, d], v [B, H, N, dv]; q_feats, k_feats the far part's features (F tensors
+    [B, H, N, r], or one [B, H, N, m] for a linear far kind); log_beta [H]. With c_i the window's
+    shifted max (ops/hybrid.py, one scale) and T_{<b} the HLA state of the blocks before i's:
+
+        o_i = (sum_{j in b(i)} e^{s_ij - c_i} v_j + beta e^{-c_i} phi(q_i) T_{<b}[:dv])
+              / (sum_{j in b(i)} e^{s_ij - c_i} + beta e^{-c_i} phi(q_i) T_{<b}[dv] + eps)
+
+    One pass over the blocks with a running state: the streaming form.
+    """
+    _hybrid_check(q, k, v, q_feats, k_feats, log_beta)
+    bs = _block(block_size)
+    dt = compute_dtype(q, k, v, *q_feats)
+    b, h, n, dv = v.shape
+    v1 = _v1(v, key_mask, dt)
+    beta = log_beta.to(dt).exp()[None, :, None, None]
+    state = None
+    outs = []
+    for t0 in range(0, n, bs):
+        sl = slice(t0, t0 + bs)
+        logits = (q[:, :, sl].to(dt) @ k[:, :, sl].to(dt).transpose(-1, -2)) * scale
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, sl], float("-inf"))
+        # the shift cancels between num and den (up to eps), so it carries no gradient
+        c = logits.detach().amax(-1, keepdim=True).clamp_min(-SHIFT_FLOOR)
+        pw = torch.exp(logits - c)
+        nd = torch.cat([pw @ v[:, :, sl].to(dt), pw.sum(-1, keepdim=True)], dim=-1)
+        if state is not None:
+            far = kronecker_features([f[:, :, sl].to(dt) for f in q_feats]) @ state
+            nd = nd + beta * torch.exp(-c) * far
+        new = kronecker_features([f[:, :, sl].to(dt) for f in k_feats]).transpose(-1, -2) @ v1[:, :, sl]
         state = new if state is None else state + new
         outs.append(nd[..., :-1] / (nd[..., -1:] + eps))
     return torch.cat(outs, dim=2).to(v.dtype)
