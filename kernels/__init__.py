@@ -8,9 +8,26 @@
     unsupported_reason(q_feats, k_feats, v) -> str | None
         the reason behind supports() == False.
 
+    hybrid_attention(q, k, v, q_feats, k_feats, scale, log_beta, grid, window, halo=(0, 0, 0),
+                     text_len=0, text_first=True, key_mask=None, eps=1e-6)
+        hybrid attention (exact softmax in whole-latent-frame windows + Hadamard HLA F = 2 outside,
+        one normaliser), forward and backward; same contract as hla_convert.ops.hybrid_attention.
+    hybrid_supports(...) / hybrid_unsupported_reason(...)
+        the same questions for hybrid_attention (other windows, halos, far kinds: the reference).
+
 Kernels run on CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (read when called).
 """
 
 from .hadamard import hadamard_attention, supports, unsupported_reason
+from .hybrid import hybrid_attention
+from .hybrid import supports as hybrid_supports
+from .hybrid import unsupported_reason as hybrid_unsupported_reason
 
-__all__ = ["hadamard_attention", "supports", "unsupported_reason"]
+__all__ = [
+    "hadamard_attention",
+    "hybrid_attention",
+    "hybrid_supports",
+    "hybrid_unsupported_reason",
+    "supports",
+    "unsupported_reason",
+]

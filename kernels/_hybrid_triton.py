@@ -1,0 +1,429 @@
+"""Triton kernels for hybrid attention: exact softmax inside a window of whole latent frames, Hadamard
+HLA (F = 2) outside it, one normaliser (HLA-MATH.md section 4; reference hla_convert.ops.hybrid).
+
+Loaded by `hla_kernels.hybrid` through importlib, once per mode (compiled or interpreted), after
+the Hadamard kernel module of the same mode, whose @jit helpers (_mm, _kron_dot, ...) these reuse.
+
+Layout. Per head the N tokens are TL text tokens at t0 and NB * L video tokens at v0, where video
+block `blk` (the queries that share one key window) is the L tokens v0 + blk * L + [0, L). The
+window of a video query is its block's L keys plus every text key; a text query's window is all N
+keys (exact softmax, no far part). Programs run over (tile, blk, batch * head) with blk = NB for
+the text queries (or keys), so no tile straddles two windows.
+
+The one-scale normaliser, in log2 units (s2 = q.k * scale * log2(e), the shift c2 = c * log2(e)):
+
+    o_i = (sum_W 2^(s2_ij - c2_i) v_j + beta 2^(-c2_i) F_i) / (sum_W 2^(s2_ij - c2_i) + beta 2^(-c2_i) Fd_i + eps)
+
+with F_i = kron(q1_i, q2_i) T_rest(blk), Fd_i = max(kron(q1_i, q2_i) . z_rest(blk), 0). The shift
+c2_i = max(max_j s2_ij, FLOOR2) is what the online softmax's running max ends at when it starts at
+FLOOR2 = -30 log2(e) instead of -inf; so the far part is simply the accumulator's initial value,
+beta 2^(-FLOOR2) (F_i, Fd_i), and the usual rescaling applies 2^(FLOOR2 - c2_i) to it. One
+accumulator, no second pass.
+
+Saved for the backward: M[i] = c2_i and Dn[i] = den_i + eps. With p_ij = 2^(s2_ij - c2_i) / Dn_i
+and delta_i = dO_i . o_i, the window part's gradients are flash attention's (ds = p (dp - delta));
+the far part's are the Hadamard kernel's with row weights w_i = beta 2^(-c2_i) / Dn_i:
+dkk_q = w (dO T_rest^T - delta z_rest^T), dT_rest(blk) = sum_{i in blk} kk_q,i (x) w_i dO_i, and a
+video key of block blk receives dT_eff(blk) = sum_b dT_rest(b) - dT_rest(blk) (it is in T_all and
+in its own T_window). d log_beta = sum_i w_i (dO_i . F_i - delta_i Fd_i).
+
+Kernels:
+  _hyb_fwd_kernel   O, M, Dn
+  _hyb_dq_kernel    dQ (window part), dQ1, dQ2 (far part), Wb = [w, -w delta], per-row d log_beta
+  _hyb_dkdv_kernel  dK, dV (window part + far part's dV), dK1, dK2 (far part)
+The far part's states (T_window per block, and dT_rest) come from the Hadamard module's
+_state_kernel / _zstate_kernel with one split per block.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+import triton.language as tl
+
+# the Hadamard kernel module of the same mode (the host loads it first)
+_h = sys.modules[__name__.replace("_hybrid_triton", "_hadamard_triton")]
+_rsum = _h._rsum
+_mm = _h._mm
+_store_cast = _h._store_cast
+_outer_cols = _h._outer_cols
+_kron_dot = _h._kron_dot
+_kron_grads = _h._kron_grads
+_round_emu = _h._round_emu
+
+
+@triton.jit
+def _rmax(x, axis: tl.constexpr):
+    """tl.max without triton.language.standard's @jit wrapper (see _hadamard_triton._rsum)."""
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _qk(a, b, EMU: tl.constexpr, PREC: tl.constexpr):
+    """a @ b^T in fp32 from operands in their own dtype (half: tensor cores; fp32: PREC)."""
+    if EMU:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)))
+    elif PREC is None:
+        return tl.dot(a, tl.trans(b))
+    else:
+        return tl.dot(a, tl.trans(b), input_precision=PREC)
+
+
+@triton.jit
+def _pv(p, v, acc, EMU: tl.constexpr, PREC: tl.constexpr):
+    """acc + p @ v, p cast to v's dtype (flash attention's P V)."""
+    if EMU:
+        return tl.dot(_round_emu(p, v.dtype), v.to(tl.float32), acc)
+    elif PREC is None:
+        return tl.dot(p.to(v.dtype), v, acc)
+    else:
+        return tl.dot(p, v, acc, input_precision=PREC)
+
+
+@triton.jit
+def _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, lo, hi, sk, sv, qk_scale,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+                EMU: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over keys lo..hi-1 (log2 units), continuing (acc, l_i, m_i)."""
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, DV)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hi
+        k = tl.load(k_ptr + offs_n[:, None] * sk + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
+        if HAS_KM:
+            nmask = nmask & (tl.load(km_ptr + offs_n, mask=nmask, other=0.0) > 0)
+        s = _qk(q, k, EMU, PREC) * qk_scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, _rmax(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + _rsum(p, 1)
+        acc = _pv(p, v, acc * alpha[:, None], EMU, PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _far_readout(q1_ptr, q2_ptr, s1n, s2n, offs_m, mmask, t_ptr, z_ptr,
+                 R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                 DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr):
+    """(kk_q T [BLOCK_M, DV], kk_q . z [BLOCK_M]) for one block's T_rest, Z_rest (fp32 results)."""
+    BLOCK_A: tl.constexpr = G * R
+    offs_r = tl.arange(0, R)
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    last = tl.load(q2_ptr + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
+    acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
+    cols = _outer_cols(q1_ptr, s1n, offs_m, mmask, 0, G)
+    for o0 in range(0, R, G):
+        cols_nxt = _outer_cols(q1_ptr, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
+        qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
+        cols = cols_nxt
+    first = tl.load(q1_ptr + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+    zmat = tl.load(z_ptr + offs_r[:, None] * R + offs_r[None, :])
+    if EMU:
+        zq = tl.dot(last.to(tl.float32), tl.trans(zmat))
+    else:
+        zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
+    return acc, _rsum(first * zq, axis=1)
+
+
+@triton.jit
+def _hyb_fwd_kernel(
+    Q, K, V, Q1, Q2, Trest, Zrest, KM, Beta, Out, Mst, Dst,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sob, soh, son, skmb,
+    H, N, L, NB, v0, t0, TL, qk_scale, eps, floor2, far_init,
+    D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
+):
+    """One tile of BLOCK_M queries of video block `blk` (or of the text queries, blk = NB)."""
+    pid_m = tl.program_id(0)
+    blk = tl.program_id(1)
+    bh = tl.program_id(2)
+    n_bh = tl.num_programs(2)
+    b = bh // H
+    h = bh % H
+    is_video = blk < NB
+    q_lo = tl.where(is_video, v0 + blk * L, t0)
+    q_len = tl.where(is_video, L, TL)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < q_len
+    rows = q_lo + offs_m
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, DV)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=mmask[:, None], other=0.0)
+    k_ptr = K + b * skb + h * skh
+    v_ptr = V + b * svb + h * svh
+    km_ptr = KM + b * skmb
+
+    m_i = tl.full((BLOCK_M,), 0.0, tl.float32) + floor2
+    if is_video:
+        # the far part as the accumulator's initial value, at the shift floor2 (see the module doc)
+        state = (blk * n_bh + bh).to(tl.int64)
+        acc, fden = _far_readout(Q1 + b * s1b + h * s1h, Q2 + b * s2b + h * s2h, s1n, s2n, rows, mmask,
+                                 Trest + state * (R * R * DV), Zrest + state * (R * R),
+                                 R, DV, G, BLOCK_M, DOT_DT, PREC, SMALL_PREC, EMU)
+        g0 = tl.load(Beta + h) * far_init
+        acc = acc * g0
+        l_i = tl.maximum(fden, 0.0) * g0
+        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, q_lo, q_lo + L, skn, svn, qk_scale,
+                                    D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, t0, t0 + TL, skn, svn, qk_scale,
+                                    D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+    else:
+        acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
+        l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, 0, N, skn, svn, qk_scale,
+                                    D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+    den = l_i + eps
+    out = acc / den[:, None]
+    tl.store(Out + b * sob + h * soh + rows[:, None] * son + offs_c[None, :], _store_cast(out, Out.dtype.element_ty, EMU), mask=mmask[:, None])
+    tl.store(Mst + bh * N + rows, m_i, mask=mmask)
+    tl.store(Dst + bh * N + rows, den, mask=mmask)
+
+
+@triton.jit
+def _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, lo, hi, sk, sv, qk_scale,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+               EMU: tl.constexpr, PREC: tl.constexpr):
+    """dq += sum_j ds_ij k_j over keys lo..hi-1, ds = p (dp - delta), p = 2^(s2 - m) / den."""
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, DV)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hi
+        k = tl.load(k_ptr + offs_n[:, None] * sk + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
+        if HAS_KM:
+            nmask = nmask & (tl.load(km_ptr + offs_n, mask=nmask, other=0.0) > 0)
+        s = _qk(q, k, EMU, PREC) * qk_scale
+        p = tl.where(nmask[None, :], tl.math.exp2(s - m_i[:, None]), 0.0) * rden[:, None]
+        dp = _qk(do, v, EMU, PREC)
+        ds = p * (dp - delta[:, None])
+        dq = _pv(ds, k, dq, EMU, PREC)
+    return dq
+
+
+@triton.jit
+def _hyb_dq_kernel(
+    Q, K, V, Q1, Q2, Trest, Zrest, KM, Beta, dO, Mst, Dst, Delta,
+    dQ, dQ1, dQ2, Wb, Dbeta,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sdob, sdoh, sdon,
+    sdqb, sdqh, sdqn, sg2b, sg2h, sg2n, skmb,
+    H, N, L, NB, v0, t0, TL, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
+):
+    """Query gradients of one tile: dQ from the window's softmax, dQ1 / dQ2 from the far part.
+
+    The far part follows hla_kernels' _dq_kernel with the row weight w = beta 2^(-c2) / den in
+    place of 1 / den: dkk_q = w (E - delta z^T), E = dO T_rest^T, and writes Wb[0] = w,
+    Wb[1] = -w delta (zero where the clamped far normaliser had no gradient), Dbeta = w (dO . F -
+    delta Fd). dQ1 is an fp32 [B*H, N, R] scratch that ends as the gradient (text rows: 0).
+    """
+    pid_m = tl.program_id(0)
+    blk = tl.program_id(1)
+    bh = tl.program_id(2)
+    n_bh = tl.num_programs(2)
+    b = bh // H
+    h = bh % H
+    is_video = blk < NB
+    q_lo = tl.where(is_video, v0 + blk * L, t0)
+    q_len = tl.where(is_video, L, TL)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < q_len
+    rows = q_lo + offs_m
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, DV)
+    offs_r = tl.arange(0, R)
+    BLOCK_A: tl.constexpr = G * R
+    offs_ab = tl.arange(0, BLOCK_A)
+    offs_g = tl.arange(0, G)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=mmask[:, None], other=0.0)
+    do = tl.load(dO + b * sdob + h * sdoh + rows[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
+    m_i = tl.load(Mst + bh * N + rows, mask=mmask, other=0.0)
+    rden = 1.0 / tl.load(Dst + bh * N + rows, mask=mmask, other=1.0)
+    delta = tl.load(Delta + bh * N + rows, mask=mmask, other=0.0)
+    k_ptr = K + b * skb + h * skh
+    v_ptr = V + b * svb + h * svh
+    km_ptr = KM + b * skmb
+
+    dq = tl.full((BLOCK_M, D), 0.0, tl.float32)
+    e1_ptr = dQ1 + bh * N * R + rows[:, None] * R
+    if is_video:
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, q_lo, q_lo + L, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, t0, t0 + TL, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        # -- far part
+        state = (blk * n_bh + bh).to(tl.int64)
+        t_ptr = Trest + state * (R * R * DV)
+        p1 = Q1 + b * s1b + h * s1h
+        last = tl.load(Q2 + b * s2b + h * s2h + rows[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+        do_dot = do
+        if not EMU:
+            do_dot = do.to(DOT_DT)
+        e2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
+        num_do = tl.full((BLOCK_M,), 0.0, tl.float32)
+        for o0 in range(0, R, G):
+            cols = _outer_cols(p1, s1n, rows, mmask, o0, G).to(tl.float32)
+            t = tl.load(t_ptr + (o0 * R + offs_ab)[:, None] * DV + offs_c[None, :])
+            e = _mm(do_dot, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
+            e1, de2 = _kron_grads(e, cols, last, BLOCK_M, G, R)
+            e2 += de2
+            num_do += _rsum(e1 * cols, axis=1)
+            tl.store(e1_ptr + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
+        zmat = tl.load(Zrest + state * (R * R) + offs_r[:, None] * R + offs_r[None, :])
+        first = tl.load(p1 + rows[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+        if EMU:
+            zq1 = tl.dot(last, tl.trans(zmat))
+            zq2 = tl.dot(first, zmat)
+        else:
+            zq1 = tl.dot(last, tl.trans(zmat), input_precision=SMALL_PREC)
+            zq2 = tl.dot(first, zmat, input_precision=SMALL_PREC)
+        fden = _rsum(first * zq1, axis=1)
+        w = tl.load(Beta + h) * tl.math.exp2(-m_i) * rden
+        w = tl.where(mmask, w, 0.0)
+        delta_far = tl.where(fden > 0, delta, 0.0)  # the forward clamps Fd at 0
+        tl.store(Wb + bh * N + rows, w, mask=mmask)
+        tl.store(Wb + (n_bh + bh) * N + rows, -w * delta_far, mask=mmask)
+        tl.store(Dbeta + bh * N + rows, w * (num_do - delta_far * fden), mask=mmask)
+        dq2 = w[:, None] * (e2 - delta_far[:, None] * zq2)
+        tl.store(dQ2 + b * sg2b + h * sg2h + rows[:, None] * sg2n + offs_r[None, :], _store_cast(dq2, dQ2.dtype.element_ty, EMU), mask=mmask[:, None])
+        tl.debug_barrier()  # the E1 columns written above by other threads of this program
+        e1 = tl.load(e1_ptr + offs_r[None, :], mask=mmask[:, None], other=0.0)
+        tl.store(e1_ptr + offs_r[None, :], w[:, None] * (e1 - delta_far[:, None] * zq1), mask=mmask[:, None])
+    else:
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, 0, N, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        zero_r = tl.full((BLOCK_M, R), 0.0, tl.float32)
+        tl.store(e1_ptr + offs_r[None, :], zero_r, mask=mmask[:, None])
+        tl.store(dQ2 + b * sg2b + h * sg2h + rows[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dQ2.dtype.element_ty, EMU), mask=mmask[:, None])
+        tl.store(Dbeta + bh * N + rows, tl.full((BLOCK_M,), 0.0, tl.float32), mask=mmask)
+    tl.store(dQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :], _store_cast(dq * sm_scale, dQ.dtype.element_ty, EMU), mask=mmask[:, None])
+
+
+@triton.jit
+def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, lo, hi, sq, sdo, qk_scale,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
+    """dk, dv of one key tile from the queries lo..hi-1 whose window holds it (transposed tiles:
+    s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones."""
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, DV)
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mmask = offs_m < hi
+        q = tl.load(q_ptr + offs_m[:, None] * sq + offs_d[None, :], mask=mmask[:, None], other=0.0)
+        do = tl.load(do_ptr + offs_m[:, None] * sdo + offs_c[None, :], mask=mmask[:, None], other=0.0)
+        m_i = tl.load(m_ptr + offs_m, mask=mmask, other=0.0)
+        rden = 1.0 / tl.load(d_ptr + offs_m, mask=mmask, other=1.0)
+        delta = tl.load(delta_ptr + offs_m, mask=mmask, other=0.0)
+        st = _qk(k, q, EMU, PREC) * qk_scale
+        pt = tl.math.exp2(st - m_i[None, :]) * rden[None, :]
+        pt = tl.where(mmask[None, :], pt, 0.0) * km_w[:, None]
+        dv = _pv(pt, do, dv, EMU, PREC)
+        dpt = _qk(v, do, EMU, PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk = _pv(dst, q, dk, EMU, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _hyb_dkdv_kernel(
+    Q, K, V, K1, K2, dO, Mst, Dst, Delta, dTeff, dZeff, KM,
+    dK, dV, dK1, dK2,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sdob, sdoh, sdon,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, skmb,
+    H, N, L, NB, v0, t0, TL, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
+):
+    """Key and value gradients of one tile of BLOCK_N keys of video block `blk` (or text, blk = NB).
+
+    Window part: a video key is in its block's queries' windows and in every text query's; a text
+    key in every query's. Far part (video keys): dV += w kk dT_eff, dkk = w (V dT_eff^T + dz_eff),
+    w the key mask (hla_kernels' _dkdv_kernel, with the block's dT_eff).
+    """
+    pid_n = tl.program_id(0)
+    blk = tl.program_id(1)
+    bh = tl.program_id(2)
+    n_bh = tl.num_programs(2)
+    b = bh // H
+    h = bh % H
+    is_video = blk < NB
+    k_lo = tl.where(is_video, v0 + blk * L, t0)
+    k_len = tl.where(is_video, L, TL)
+    if pid_n * BLOCK_N >= k_len:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < k_len
+    cols_n = k_lo + offs_n
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, DV)
+    offs_r = tl.arange(0, R)
+    BLOCK_A: tl.constexpr = G * R
+    offs_ab = tl.arange(0, BLOCK_A)
+    offs_g = tl.arange(0, G)
+    k = tl.load(K + b * skb + h * skh + cols_n[:, None] * skn + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + cols_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0)
+    if HAS_KM:
+        km_w = tl.load(KM + b * skmb + cols_n, mask=nmask, other=0.0).to(tl.float32)
+    else:
+        km_w = tl.where(nmask, 1.0, 0.0)
+    q_ptr = Q + b * sqb + h * sqh
+    do_ptr = dO + b * sdob + h * sdoh
+    m_ptr = Mst + bh * N
+    d_ptr = Dst + bh * N
+    delta_ptr = Delta + bh * N
+
+    dk = tl.full((BLOCK_N, D), 0.0, tl.float32)
+    dv = tl.full((BLOCK_N, DV), 0.0, tl.float32)
+    if is_video:
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, k_lo, k_lo + L, sqn, sdon,
+                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, t0, t0 + TL, sqn, sdon,
+                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
+        # -- far part
+        state = (blk * n_bh + bh).to(tl.int64)
+        t_ptr = dTeff + state * (R * R * DV)
+        z_ptr = dZeff + state * (R * R)
+        p1 = K1 + b * s1b + h * s1h
+        last = tl.load(K2 + b * s2b + h * s2h + cols_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        v_dot = v
+        if not EMU:
+            v_dot = v.to(DOT_DT)
+        dk1_ptr = dK1 + b * sg1b + h * sg1h
+        dlast = tl.full((BLOCK_N, R), 0.0, tl.float32)
+        for o0 in range(0, R, G):
+            cols = _outer_cols(p1, s1n, cols_n, nmask, o0, G).to(tl.float32)
+            kk = _kron_dot(cols * km_w[:, None], last, BLOCK_N, G, R, DOT_DT, EMU)
+            rows = o0 * R + offs_ab
+            t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+            z = tl.load(z_ptr + rows)
+            dv = _mm(kk, t, dv, DOT_DT, PREC, EMU)
+            dkk = _mm(v_dot, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
+            dcols, dl = _kron_grads(dkk, cols, last, BLOCK_N, G, R)
+            dlast += dl
+            tl.store(dk1_ptr + cols_n[:, None] * sg1n + (o0 + offs_g)[None, :], _store_cast(dcols * km_w[:, None], dK1.dtype.element_ty, EMU), mask=nmask[:, None])
+        tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * km_w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
+    else:
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, 0, N, sqn, sdon,
+                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
+        zero_r = tl.full((BLOCK_N, R), 0.0, tl.float32)
+        tl.store(dK1 + b * sg1b + h * sg1h + cols_n[:, None] * sg1n + offs_r[None, :], _store_cast(zero_r, dK1.dtype.element_ty, EMU), mask=nmask[:, None])
+        tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dK2.dtype.element_ty, EMU), mask=nmask[:, None])
+    tl.store(dK + b * sdkb + h * sdkh + cols_n[:, None] * sdkn + offs_d[None, :], _store_cast(dk * sm_scale, dK.dtype.element_ty, EMU), mask=nmask[:, None])
+    tl.store(dV + b * sdvb + h * sdvh + cols_n[:, None] * sdvn + offs_c[None, :], _store_cast(dv, dV.dtype.element_ty, EMU), mask=nmask[:, None])

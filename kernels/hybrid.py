@@ -1,0 +1,338 @@
+"""Host side of the hybrid attention kernels: checks, launches, autograd.
+
+Same contract as `hla_convert.ops.hybrid_attention` (HLA-MATH.md section 4) for the windows a
+kernel tiles cheaply: whole latent frames, `window = (wt, 0 | >= Hg, 0 | >= Wg)` with `wt` dividing
+the frame count and no halo (the default `(1, 0, 0)`, a token's own latent frame), the Hadamard far
+kind with F = 2, text tokens first or last, key padding masks. Anything else goes to the reference
+(`supports` says why not).
+
+Forward: the Hadamard module's state kernels with one split per window block give T_window(blk)
+and Z_window(blk) in one launch each; T_rest = T_all - T_window (torch, fp32, then the dot dtype);
+one fused kernel per query tile reads the far part out of T_rest as the online softmax's initial
+accumulator and runs flash attention over the block's keys and the text keys (_hybrid_triton.py
+has the algebra). Backward: a dq kernel (window softmax + far part, also the row weights and the
+per-row d log_beta), the state kernels again for dT_rest(blk) over each block's queries, and a
+dk/dv kernel (window softmax + far part with dT_eff = sum_b dT_rest(b) - dT_rest(blk)).
+
+Extra memory per head: the per-block states T_rest, dT_rest (NB x R^2 x dv, fp32 while summed),
+O(N) row statistics; never an N x N matrix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from . import hadamard as hk
+
+SHIFT_FLOOR = 30.0  # = hla_convert.ops.hybrid.SHIFT_FLOOR (kept equal by a test)
+_LOG2E = 1.0 / math.log(2.0)
+_MODULES: dict[bool, ModuleType] = {}
+
+# Launch parameters. GPU values: flash-attention-like tiles for head dim 128 on an H100
+# (benchmarks/RESULTS.md has the sweep); G = 64 // r keeps the far part's state rows per step at 64.
+GPU_CONFIG: dict[str, dict] = {
+    "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+}
+GPU_CONFIG_FP32: dict[str, dict] = {
+    "fwd": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+}
+# Interpreter: tiles smaller than a block, so tiles end inside blocks and text ranges.
+INTERP_CONFIG: dict[str, dict] = {
+    "fwd": {"BLOCK_M": 4, "BLOCK_N": 4},
+    "dq": {"BLOCK_M": 4, "BLOCK_N": 4},
+    "dkdv": {"BLOCK_M": 4, "BLOCK_N": 4},
+}
+
+
+def _kernels(interp: bool) -> ModuleType:
+    mod = _MODULES.get(interp)
+    if mod is not None:
+        return mod
+    hk._kernels(interp)  # the Hadamard module of this mode first: _hybrid_triton reuses its helpers
+    name = f"hla_kernels._hybrid_triton_{'interp' if interp else 'jit'}"
+    path = pathlib.Path(__file__).with_name("_hybrid_triton.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    import os
+
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interp else "0"
+    try:
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    _MODULES[interp] = mod
+    return mod
+
+
+def _frame_blocks(grid: Sequence[int], window: Sequence[int], halo: Sequence[int]) -> tuple[int, int] | str:
+    """(L tokens per block, NB blocks) for a whole-frame window, or why the kernel cannot tile it."""
+    t, hg, wg = (int(x) for x in grid)
+    wt, wh, ww = (int(x) for x in window)
+    wt = t if wt == 0 or wt > t else wt
+    if (wh != 0 and wh < hg) or (ww != 0 and ww < wg):
+        return f"window {tuple(window)} is not whole latent frames of the {t}x{hg}x{wg} grid"
+    if any(int(x) != 0 for x in halo):
+        return f"halo {tuple(halo)}: the kernel has no overlapping windows"
+    if t % wt:
+        return f"window of {wt} frames does not divide the grid's {t} frames"
+    return wt * hg * wg, t // wt
+
+
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor],
+    grid: Sequence[int], window: Sequence[int], halo: Sequence[int] = (0, 0, 0), text_len: int = 0,
+) -> str | None:
+    """Why `hybrid_attention` here cannot take these inputs, or None when it can."""
+    if len(q_feats) != 2 or len(k_feats) != 2:
+        return f"far part with {len(q_feats)} factors: only the Hadamard far kind with F = 2 has a kernel"
+    why = hk.unsupported_reason(q_feats, k_feats, v)
+    if why is not None:
+        return why
+    if any(t.device != v.device for t in (q, k)):
+        return "inputs on different devices"
+    if q.dtype not in hk._DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of float32, bfloat16, float16"
+    if any(f.dtype != v.dtype for f in (*q_feats, *k_feats)):
+        return "features and v in different dtypes"
+    if q.dim() != 4 or k.shape != q.shape or q.shape[:3] != v.shape[:3]:
+        return f"q, k must be [B, H, N, d] and v [B, H, N, dv] alike, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+    d = q.shape[-1]
+    lo = 2 if hk.interpreting() else 16
+    if not (hk._pow2(d) and lo <= d <= 128):
+        return f"head dim {d}: need a power of two in [{lo}, 128]"
+    tiles = _frame_blocks(grid, window, halo)
+    if isinstance(tiles, str):
+        return tiles
+    big, nb = tiles
+    if big * nb + int(text_len) != q.shape[2]:
+        return f"grid {tuple(grid)} + {text_len} text tokens != N = {q.shape[2]}"
+    return None
+
+
+def supports(q, k, v, q_feats, k_feats, grid, window, halo=(0, 0, 0), text_len=0) -> bool:
+    """True when `hybrid_attention` here can run these inputs (else use the reference)."""
+    return unsupported_reason(q, k, v, q_feats, k_feats, grid, window, halo, text_len) is None
+
+
+def _config(name: str, interp: bool, fp32: bool) -> dict:
+    if interp:
+        return dict(INTERP_CONFIG[name])
+    return dict((GPU_CONFIG_FP32 if fp32 else GPU_CONFIG)[name])
+
+
+def _launch(cfg: dict, interp: bool) -> dict:
+    return {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _g(r: int, fp32: bool, interp: bool) -> int:
+    if interp:
+        return max(1, min(r, 2))
+    return max(1, (32 if fp32 else 64) // r)
+
+
+def _block_states(hmod, p1, p2, x, w, big: int, nb: int, interp: bool, dot, name: str) -> torch.Tensor:
+    """[NB, B*H, R*R, DV] fp32: the state of each block of `big` consecutive rows (one split each)."""
+    b, h, n, r = p1.shape
+    dv = x.shape[-1]
+    cfg = hk._kernel_config(name, r, interp, hk._is_fp32(dot))
+    g = cfg["G"]
+    tpart = torch.empty((nb, b * h, r * r, dv), dtype=torch.float32, device=x.device)
+    wt, ws = w if w is not None else (x, (0, 0, 0))
+    hmod._state_kernel[(r // g, b * h, nb)](
+        p1, p2, x, wt, tpart,
+        *hk._s3(p1), *hk._s3(p2), *hk._s3(x), *ws,
+        h, n, big,
+        R=r, DV=dv, G=g, BLOCK_N=cfg["BLOCK_N"], HAS_W=w is not None, TRANS_ACC=cfg.get("TRANS_ACC", False),
+        PREFETCH=cfg.get("PREFETCH", True), DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **hk._launch_extra(cfg, interp),
+    )
+    return tpart
+
+
+def _block_zstates(hmod, p1, p2, w, big: int, nb: int, interp: bool) -> torch.Tensor:
+    """[NB, B*H, R*R] fp32: Z = sum w p1 p2^T over each block of `big` rows."""
+    b, h, n, r = p1.shape
+    cfg = hk._kernel_config("zstate", r, interp)
+    zpart = torch.empty((nb, b * h, r * r), dtype=torch.float32, device=p1.device)
+    wt, ws = w if w is not None else (p1, (0, 0, 0))
+    hmod._zstate_kernel[(b * h, nb)](
+        p1, p2, wt, zpart,
+        *hk._s3(p1), *hk._s3(p2), *ws,
+        h, n, big,
+        R=r, BLOCK_N=cfg["BLOCK_N"], HAS_W=w is not None, EMU=interp, **hk._launch_extra(cfg, interp),
+    )
+    return zpart
+
+
+def _rest(parts: torch.Tensor) -> torch.Tensor:
+    """sum over blocks minus each block, in place: [NB, ...] -> [NB, ...]."""
+    total = parts.sum(0, keepdim=True)
+    return parts.neg_().add_(total)
+
+
+class _Layout:
+    def __init__(self, n: int, big: int, nb: int, text_len: int, text_first: bool):
+        self.n, self.big, self.nb, self.tl = n, big, nb, text_len
+        self.v0 = text_len if text_first else 0
+        self.t0 = 0 if text_first else big * nb
+        self.vid = slice(self.v0, self.v0 + big * nb)
+
+
+def _common(q, v, q1):
+    interp = v.device.type != "cuda"
+    fp32 = q.dtype == torch.float32
+    dot = hk._dot_setup((q1, v), interp)
+    qk_prec = None if (interp or not fp32) else "tf32x3"
+    small_prec = None if interp else "tf32x3"
+    return interp, fp32, dot, qk_prec, small_prec
+
+
+def _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, eps):
+    interp, fp32, dot, qk_prec, small_prec = _common(q, v, q1)
+    hmod, mod = hk._kernels(interp), _kernels(interp)
+    b, h, n, d = q.shape
+    dv, r = v.shape[-1], q1.shape[-1]
+    vid = lay.vid
+    w = None if kmask is None else (kmask[:, vid], (kmask.stride(0), 0, kmask.stride(1)))
+    t_rest = hk._to_dot(_rest(_block_states(hmod, k1[:, :, vid], k2[:, :, vid], v[:, :, vid], w, lay.big, lay.nb, interp, dot, "state")), dot)
+    z_rest = _rest(_block_zstates(hmod, k1[:, :, vid], k2[:, :, vid], w, lay.big, lay.nb, interp))
+    out = hk._empty((b, h, n, dv), v.dtype, v.device)
+    mst = hk._empty((b * h, n), torch.float32, v.device)
+    dst = hk._empty((b * h, n), torch.float32, v.device)
+    cfg = _config("fwd", interp, fp32)
+    km = kmask if kmask is not None else q
+    grid = (hk.triton_cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), lay.nb + (1 if lay.tl else 0), b * h)
+    mod._hyb_fwd_kernel[grid](
+        q, k, v, q1, q2, t_rest, z_rest, km, beta, out, mst, dst,
+        *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(q1), *hk._s3(q2), *hk._s3(out), n,
+        h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(eps),
+        float(-SHIFT_FLOOR * _LOG2E), float(math.exp(SHIFT_FLOOR)),
+        D=d, DV=dv, R=r, G=_g(r, fp32, interp), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
+        **_launch(cfg, interp),
+    )
+    return out, mst, dst, t_rest, z_rest
+
+
+def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, mst, dst, t_rest, z_rest, do):
+    interp, fp32, dot, qk_prec, small_prec = _common(q, v, q1)
+    hmod, mod = hk._kernels(interp), _kernels(interp)
+    b, h, n, d = q.shape
+    dv, r = v.shape[-1], q1.shape[-1]
+    vid = lay.vid
+    do = hk._rowmajor(do)
+    delta = (do.float() * out.float()).sum(-1).reshape(b * h, n)
+    dq = hk._empty(q.shape, q.dtype, q.device)
+    dq1 = hk._empty((b, h, n, r), torch.float32, q.device)
+    dq2 = hk._empty(q2.shape, q2.dtype, q.device)
+    wb = torch.zeros((2, b * h, n), dtype=torch.float32, device=q.device)
+    dbeta = hk._empty((b * h, n), torch.float32, q.device)
+    km = kmask if kmask is not None else q
+    g = _g(r, fp32, interp)
+    nblk = lay.nb + (1 if lay.tl else 0)
+    cfg = _config("dq", interp, fp32)
+    mod._hyb_dq_kernel[(hk.triton_cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), nblk, b * h)](
+        q, k, v, q1, q2, t_rest, z_rest, km, beta, do, mst, dst, delta,
+        dq, dq1, dq2, wb, dbeta,
+        *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(q1), *hk._s3(q2), *hk._s3(do), *hk._s3(dq), *hk._s3(dq2), n,
+        h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
+        D=d, DV=dv, R=r, G=g, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
+        **_launch(cfg, interp),
+    )
+    # dT_rest(blk) = sum over the block's queries of kk_q (x) w dO, dZ_rest with -w delta
+    rows = (h * n, n, 1)
+    q1v, q2v = q1[:, :, vid], q2[:, :, vid]
+    dt_eff = hk._to_dot(_rest(_block_states(hmod, q1v, q2v, do[:, :, vid], (wb[0][:, vid], rows), lay.big, lay.nb, interp, dot, "dstate")), dot)
+    dz_eff = _rest(_block_zstates(hmod, q1v, q2v, (wb[1][:, vid], rows), lay.big, lay.nb, interp))
+    dk = hk._empty(k.shape, k.dtype, k.device)
+    dvv = hk._empty(v.shape, v.dtype, v.device)
+    dk1 = hk._empty(k1.shape, k1.dtype, k.device)
+    dk2 = hk._empty(k2.shape, k2.dtype, k.device)
+    cfg = _config("dkdv", interp, fp32)
+    mod._hyb_dkdv_kernel[(hk.triton_cdiv(max(lay.big, lay.tl), cfg["BLOCK_N"]), nblk, b * h)](
+        q, k, v, k1, k2, do, mst, dst, delta, dt_eff, dz_eff, km,
+        dk, dvv, dk1, dk2,
+        *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(k1), *hk._s3(k2), *hk._s3(do),
+        *hk._s3(dk), *hk._s3(dvv), *hk._s3(dk1), *hk._s3(dk2), n,
+        h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
+        D=d, DV=dv, R=r, G=g, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
+        **_launch(cfg, interp),
+    )
+    dlog_beta = dbeta.view(b, h, n).sum((0, 2))
+    return dq, dk, dvv, dq1.to(q1.dtype), dq2, dk1, dk2, dlog_beta
+
+
+class _Hybrid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, lay, eps):
+        beta = log_beta.detach().float().exp().contiguous()
+        out, mst, dst, t_rest, z_rest = _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay, eps)
+        ctx.save_for_backward(q, k, v, q1, q2, k1, k2, beta, kmask, out, mst, dst, t_rest, z_rest)
+        ctx.scale, ctx.lay, ctx.beta_dtype = scale, lay, log_beta.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, q1, q2, k1, k2, beta, kmask, out, mst, dst, t_rest, z_rest = ctx.saved_tensors
+        grads = _backward(q, k, v, q1, q2, k1, k2, beta, kmask, ctx.scale, ctx.lay, out, mst, dst, t_rest, z_rest, do)
+        need = ctx.needs_input_grad
+        res = [g if need[i] else None for i, g in enumerate(grads)]
+        if res[7] is not None:
+            res[7] = res[7].to(ctx.beta_dtype)
+        return (*res, None, None, None, None)
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feats: Sequence[torch.Tensor],
+    k_feats: Sequence[torch.Tensor],
+    scale: float,
+    log_beta: torch.Tensor,
+    grid: Sequence[int],
+    window: Sequence[int],
+    halo: Sequence[int] = (0, 0, 0),
+    text_len: int = 0,
+    text_first: bool = True,
+    key_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Hybrid attention on Triton kernels, differentiable; the contract of
+    hla_convert.ops.hybrid_attention with far = hadamard, F = 2, whole-frame windows.
+
+    q, k: [B, H, N, d]; v: [B, H, N, dv]; q_feats, k_feats: 2 tensors [B, H, N, r] each (feature
+    maps applied, same dtype as v); log_beta: [H]; grid (T, Hg, Wg); text_len tokens before
+    (text_first) or after the video tokens; key_mask bool [B, N], True = keep. Returns
+    [B, H, N, dv] in v's dtype (fp32 accumulation). Raises ValueError when `supports` says False.
+    """
+    reason = unsupported_reason(q, k, v, q_feats, k_feats, grid, window, halo, text_len)
+    if reason is not None:
+        raise ValueError(f"hla_kernels.hybrid_attention: {reason}")
+    if log_beta.shape != (q.shape[1],):
+        raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
+    big, nb = _frame_blocks(grid, window, halo)
+    lay = _Layout(q.shape[2], big, nb, int(text_len), bool(text_first))
+    kmask = hk._mask_weights(key_mask, v)
+    rm = hk._rowmajor
+    q1, q2 = (rm(t) for t in q_feats)
+    k1, k2 = (rm(t) for t in k_feats)
+    return _Hybrid.apply(rm(q), rm(k), rm(v), q1, q2, k1, k2, log_beta, kmask, float(scale), lay, float(eps))

@@ -1,0 +1,161 @@
+"""hla_kernels.hybrid_attention against the float64 quadratic reference (ops.hybrid_attention_naive).
+
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 for these tests only) on
+tiny grids whose blocks span several interpreter tiles, with text tokens first and last, key
+masks (a whole window masked included) and multi-frame windows; forward and every gradient,
+log_beta's included. Outputs are poisoned with NaN first, so an element a kernel leaves
+unwritten fails. On a CUDA machine the GPU tests run the compiled kernels at real head sizes and
+through a converted model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hla_kernels import hadamard as hk  # noqa: E402
+from hla_kernels import hybrid as hy  # noqa: E402
+from hla_convert.ops import hybrid as ops_hybrid  # noqa: E402
+from hla_convert.ops.hybrid import hybrid_attention, hybrid_attention_naive  # noqa: E402
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+
+
+def _inputs(grid, text, b=1, h=2, d=8, dv=8, r=4, masked=False, seed=0, logit_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1] * grid[2] + text
+    q = torch.randn(b, h, n, d, generator=g) * logit_scale
+    k = torch.randn(b, h, n, d, generator=g)
+    v = torch.randn(b, h, n, dv, generator=g)
+    # softplus features, as the layer's softplus map makes them: positive
+    feats = [torch.nn.functional.softplus(torch.randn(b, h, n, r, generator=g)) for _ in range(4)]
+    log_beta = torch.randn(h, generator=g) * 0.3
+    do = torch.randn(b, h, n, dv, generator=g)
+    mask = None
+    if masked:
+        mask = torch.rand(b, n, generator=g) > 0.3
+    return [q, k, v, *feats, log_beta], do, mask
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite (unwritten?) elements"
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _compare(grid, window, text, first, mask, tensors, do, dtype, device="cpu"):
+    """Relative errors [out, dq, dk, dv, dq1, dq2, dk1, dk2, dlog_beta] of the kernel vs float64."""
+    scale = tensors[0].shape[-1] ** -0.5
+    ref_in = [t.double().requires_grad_() for t in tensors]
+    ref = hybrid_attention_naive(ref_in[0], ref_in[1], ref_in[2], ref_in[3:5], ref_in[5:7], scale, ref_in[7],
+                                 grid, window, (0, 0, 0), text, first, mask)
+    ref.backward(do.double())
+    ker_in = [(t.to(dtype) if i < 7 else t.float()).to(device).requires_grad_() for i, t in enumerate(tensors)]
+    kmask = None if mask is None else mask.to(device)
+    out = hy.hybrid_attention(ker_in[0], ker_in[1], ker_in[2], ker_in[3:5], ker_in[5:7], scale, ker_in[7],
+                              grid, window, (0, 0, 0), text, first, kmask)
+    assert out.dtype == dtype and out.shape == ref.shape
+    out.backward(do.to(device, dtype))
+    return [_rel(out, ref)] + [_rel(a.grad, r.grad) for a, r in zip(ker_in, ref_in)]
+
+
+CASES = [
+    # grid, window, text_len, text_first, masked
+    ((3, 2, 3), (1, 0, 0), 0, True, False),
+    ((3, 2, 3), (1, 0, 0), 5, True, True),
+    ((4, 3, 2), (2, 0, 0), 3, False, True),
+]
+
+
+@pytest.mark.parametrize("grid,window,text,first,masked", CASES)
+def test_fp32_matches_float64_reference(interp, grid, window, text, first, masked):
+    # two heads once (head indexing), one head elsewhere: the interpreter's time goes per program
+    tensors, do, mask = _inputs(grid, text, h=2 if text == 0 else 1, masked=masked)
+    errs = _compare(grid, window, text, first, mask, tensors, do, torch.float32)
+    # log_beta's gradient sums terms of both signs over all queries: looser
+    assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
+
+
+def test_bf16_matches_float64_reference(interp):
+    grid = (3, 2, 3)
+    tensors, do, mask = _inputs(grid, 5, h=1, masked=True, seed=1)
+    errs = _compare(grid, (1, 0, 0), 5, True, mask, tensors, do, torch.bfloat16)
+    assert max(errs[:-1]) < 2e-2 and errs[-1] < 5e-2, errs
+
+
+def test_masked_window_and_large_negative_logits_use_the_shift_floor(interp):
+    """A block whose keys are all masked (m_i = -inf) and logits far below -30 (m_i < -30): the
+    shift is clamped at -30 and the far part carries the row, as in the reference."""
+    grid = (3, 2, 2)
+    tensors, do, _ = _inputs(grid, 0, h=1, seed=2)
+    # queries of block 1 see logits around -60: every window weight is below e^-30
+    tensors[0][:, :, 4:8] = -tensors[1][:, :, 4:8].sign() * 25.0
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[:, 8:12] = False  # block 2's own keys all masked: its queries are far part only
+    errs = _compare(grid, (1, 0, 0), 0, True, mask, tensors, do, torch.float32)
+    assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
+
+
+def test_block_form_and_kernel_agree_on_the_shift_floor():
+    assert hy.SHIFT_FLOOR == ops_hybrid.SHIFT_FLOOR
+
+
+@pytest.mark.parametrize(
+    "grid,window,halo,text,why",
+    [
+        ((2, 4, 4), (0, 2, 2), (0, 0, 0), 0, "not whole latent frames"),
+        ((2, 4, 4), (1, 0, 0), (1, 0, 0), 0, "halo"),
+        ((3, 4, 4), (2, 0, 0), (0, 0, 0), 0, "does not divide"),
+        ((2, 4, 4), (1, 0, 0), (0, 0, 0), 3, "!= N"),
+    ],
+)
+def test_windows_without_a_kernel_are_refused_with_the_reason(interp, grid, window, halo, text, why):
+    n = grid[0] * grid[1] * grid[2]
+    q = torch.randn(1, 2, n, 8)
+    f = [torch.rand(1, 2, n, 4) for _ in range(2)]
+    reason = hy.unsupported_reason(q, q, q, f, f, grid, window, halo, text)
+    assert reason is not None and why in reason
+    with pytest.raises(ValueError, match=why):
+        hy.hybrid_attention(q, q, q, f, f, 0.3, torch.zeros(2), grid, window, halo, text)
+
+
+def test_linear_far_kind_has_no_kernel(interp):
+    grid = (2, 2, 2)
+    q = torch.randn(1, 2, 8, 8)
+    assert "F = 2" in hy.unsupported_reason(q, q, q, [torch.rand(1, 2, 8, 16)], [torch.rand(1, 2, 8, 16)], grid, (1, 0, 0))
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
+def test_gpu_real_head_sizes_match_float64(gpu, dtype, tol):
+    grid = (4, 8, 12)  # 96-token frames: tiles end inside frames
+    tensors, do, mask = _inputs(grid, 40, h=2, d=128, dv=128, r=32, masked=True, seed=3, logit_scale=0.5)
+    errs = _compare(grid, (1, 0, 0), 40, True, mask, tensors, do, dtype, device="cuda")
+    assert max(errs[:-1]) < tol and errs[-1] < 5 * tol, errs
+
+
+def test_gpu_r64_matches_block_form(gpu):
+    """r = 64 at a 480p-like frame (1,560 tokens), bf16, against the block form in fp32."""
+    grid = (3, 30, 52)
+    tensors, do, _ = _inputs(grid, 0, h=2, d=128, dv=128, r=64, seed=4, logit_scale=0.5)
+    dev = [t.cuda() for t in tensors]
+    scale = 128 ** -0.5
+    ref = hybrid_attention(dev[0], dev[1], dev[2], dev[3:5], dev[5:7], scale, dev[7], grid, (1, 0, 0))
+    half = [t.bfloat16() for t in dev[:7]]
+    out = hy.hybrid_attention(half[0], half[1], half[2], half[3:5], half[5:7], scale, dev[7], grid, (1, 0, 0))
+    assert _rel(out, ref) < 2e-2
