@@ -116,14 +116,23 @@ class HLAAttention(nn.Module):
 
     # -- the cores ------------------------------------------------------------------------------
     def student(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        scale: float,
+        causal_block: int | None = None,
     ) -> torch.Tensor:
+        """causal_block: None = bidirectional; s = block-causal with s tokens per block (1 = causal)."""
         c = self.config
         qt = q
         if c.learn_temperature:
             # scaling the queries scales the similarity the feature maps see (taylor: exactly q.k)
             qt = q * self.log_temp.exp().to(q.dtype)[None, :, None, None]
         qf, kf = self.features(qt, scale), self.features(k, scale)
+        if causal_block is not None:
+            return self._causal(q, k, v, qf, kf, key_mask, scale, causal_block)
         if c.kind == "hybrid":
             return self._hybrid(q, k, v, qf, kf, key_mask, scale)
         if c.kind == "hadamard":
@@ -140,6 +149,20 @@ class HLAAttention(nn.Module):
             return ops.higher_order_attention(qf[0], kf[0], v, key_mask, c.normalize, c.eps)
         raise AssertionError(f"no student for kind {c.kind}")
 
+    def _causal(self, q, k, v, qf, kf, key_mask, scale, block: int) -> torch.Tensor:
+        """The (block-)causal forms (ops/causal*.py) for a model whose softmax call was block-causal."""
+        c = self.config
+        if c.kind == "hybrid":
+            # the causal block is the softmax window here: the teacher's own visibility rule
+            if self.text_len:
+                raise RuntimeError("block-causal hybrid attention with text tokens in the same sequence is not supported")
+            return ops.hybrid_block_causal(q, k, v, qf, kf, scale, self.log_beta, block, key_mask, c.eps)
+        if c.kind in ("hadamard", "linear"):  # linear: one factor of width r**F
+            return ops.hadamard_attention(qf, kf, v, key_mask, c.eps, causal=True, block_size=block)
+        if c.kind == "higher_order":
+            return ops.higher_order_attention(qf[0], kf[0], v, key_mask, c.normalize, c.eps, causal=True, block_size=block)
+        raise AssertionError(f"no causal student for kind {c.kind}")
+
     def _hybrid(self, q, k, v, qf, kf, key_mask, scale) -> torch.Tensor:
         if self.grid is None:
             why = f" ({self.grid_error})" if self.grid_error else ""
@@ -155,6 +178,15 @@ class HLAAttention(nn.Module):
                 "does not see the tokens the grid describes"
             )
         c = self.config
+        kern = _kernels() if q.is_cuda and c.far == "hadamard" else None
+        if kern is not None and hasattr(kern, "hybrid_supports"):
+            # the kernels take features in the activations' dtype (bf16 tensor cores), fp32 inside
+            qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
+            if kern.hybrid_supports(q, k, v, qk, kk, self.grid, c.window, c.halo, self.text_len):
+                return kern.hybrid_attention(
+                    q, k, v, qk, kk, scale, self.log_beta, self.grid, c.window, c.halo,
+                    self.text_len, self.text_first, key_mask, c.eps,
+                )
         # far linear: one [B, H, N, r**F] feature per side, which the op takes as a 1-factor product
         return ops.hybrid_attention(
             q, k, v, qf, kf, scale, self.log_beta, self.grid, c.window, c.halo,
@@ -169,10 +201,12 @@ class HLAAttention(nn.Module):
         v: torch.Tensor,
         key_mask: torch.Tensor | None,
         scale: float | None,
+        causal_block: int | None = None,
     ) -> torch.Tensor:
         """Route one softmax call. `teacher()` runs the model's own softmax call unchanged.
 
-        q, k, v: [B, H, N, d]; key_mask bool [B, N] or None. Returns [B, H, N, dv] in v's dtype.
+        q, k, v: [B, H, N, d]; key_mask bool [B, N] or None; causal_block: tokens per causal block
+        when the call was block-causal (see student). Returns [B, H, N, dv] in v's dtype.
         """
         self.calls += 1
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -181,10 +215,10 @@ class HLAAttention(nn.Module):
         if self.config.kind == "softmax" or self.mode == "teacher":
             return teacher()
         if self.mode == "student":
-            return self.student(q, k, v, key_mask, scale)
+            return self.student(q, k, v, key_mask, scale, causal_block)
         with torch.no_grad():
             target = teacher()
-        pred = self.student(q, k, v, key_mask, scale)
+        pred = self.student(q, k, v, key_mask, scale, causal_block)
         self.last_pair = (target, pred)
         # The teacher's output flows on, so every layer sees the teacher's inputs in one pass.
         return target
