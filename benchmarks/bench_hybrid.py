@@ -1,0 +1,307 @@
+"""Hybrid attention on the GPU: the Triton kernels vs torch's default SDPA, the flash backend, the
+PyTorch block form (what the layer ran before the kernels) and the plain HLA kernel.
+
+    python benchmarks/bench_hybrid.py results.json                  # checks + timings, 480p and 720p
+    python benchmarks/bench_hybrid.py results.json --sweep          # also sweep the launch configs
+    python benchmarks/bench_hybrid.py results.json --rs 64 --grids 21x30x52 --no-check
+
+Shape: Wan2.1-1.3B's self-attention: B = 1, H = 12, head dim 128, bf16; latent grids 21x30x52
+(480p/81 frames, N = 32,760) and 21x45x80 (720p/81 frames, N = 75,600); the default window, the
+token's own latent frame (1,560 / 3,600 keys), Hadamard far part F = 2 with the recipe's taylor
+features [1, x P sqrt(scale / 2)], r = 32 and 64. Every time is the median of
+triton.testing.do_bench (CUDA events, L2 flushed) after warm-up; "fwd+bwd" is the forward plus
+torch.autograd.grad of q, k, v, both feature tensors and log_beta. "core" = the kernel on given
+features; "layer" = feature maps + kernel, as HLAAttention.student runs it.
+
+FLOPs per head: window softmax forward 4 N |W| D, backward 2.5x; far part forward (states +
+readout) 4 N r^2 dv, backward (dq, dT, dk/dv) 8 N r^2 dv.
+
+Correctness: the bf16 kernels against the PyTorch block form in fp32 (hla_convert.ops.hybrid_attention,
+itself equal to the float64 naive reference in tests/test_hybrid.py), forward and every gradient,
+with 226 text tokens first and a key mask, H = 2; relative error ||x - ref|| / ||ref||.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+import hla_kernels
+from hla_kernels import hybrid as hy
+from hla_convert.ops.hybrid import hybrid_attention as block_form
+
+B, H, D = 1, 12, 128
+DEV = "cuda"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def bench(fn, warmup=10, rep=50):
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def peak_extra_mb(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    res = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del res
+    return round(peak / 2**20, 1)
+
+
+def rel(x, ref):
+    if x is None or not torch.isfinite(x).all():
+        return float("nan")
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make(grid, r, h=H, text=0, dtype=torch.bfloat16, mask_frac=0.0, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    n = grid[0] * grid[1] * grid[2] + text
+    q, k, v = (torch.randn(B, h, n, D, device=DEV, generator=g).to(dtype) for _ in range(3))
+    proj = (torch.randn(h, D, r - 1, device=DEV, generator=g) / math.sqrt(D)).to(dtype)
+    log_beta = torch.zeros(h, device=DEV)
+    mask = None
+    if mask_frac:
+        mask = torch.rand(B, n, device=DEV, generator=g) >= mask_frac
+        mask[:, 0] = True
+    return q, k, v, proj, log_beta, mask
+
+
+def taylor(x, proj, scale):
+    """The recipe's feature map: [1, x P sqrt(scale / F)], F = 2, the same for both factors."""
+    y = torch.matmul(x, proj) * math.sqrt(scale / 2)
+    phi = torch.cat([torch.ones_like(y[..., :1]), y], dim=-1)
+    return [phi, phi]
+
+
+def flops(grid, r, text=0, bwd=False):
+    n = grid[0] * grid[1] * grid[2] + text
+    win = grid[1] * grid[2] + text
+    local = 4 * n * win * D
+    far = 4 * n * r * r * D
+    if bwd:
+        return H * (2.5 * local + 2 * far)
+    return H * (local + far)
+
+
+def sdpa_flops(n, bwd=False):
+    return H * 4 * n * n * D * (2.5 if bwd else 1.0)
+
+
+# ------------------------------------------------------------------------------------------ check
+def check(grid, r, text=226, mask_frac=0.1):
+    scale = D ** -0.5
+    q, k, v, proj, log_beta, mask = make(grid, r, h=2, text=text, mask_frac=mask_frac, seed=1)
+    log_beta = torch.randn(2, device=DEV) * 0.3
+    do = torch.randn_like(v)
+
+    def run(dtype, fn):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        p = proj.detach().to(dtype)
+        qf = [t.detach().requires_grad_() for t in taylor(ins[0].detach(), p, scale)[:1]] * 2
+        kf = [t.detach().requires_grad_() for t in taylor(ins[1].detach(), p, scale)[:1]] * 2
+        lb = log_beta.detach().clone().requires_grad_()
+        out = fn(ins[0], ins[1], ins[2], qf, kf, scale, lb, grid, (1, 0, 0), (0, 0, 0), text, True, mask)
+        grads = torch.autograd.grad(out, [*ins, qf[0], kf[0], lb], do.to(dtype))
+        return [out, *grads]
+
+    ref = run(torch.float32, block_form)
+    res = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        got = run(dtype, hla_kernels.hybrid_attention)
+        errs = [rel(a, b) for a, b in zip(got, ref)]
+        res[name] = dict(zip(["out", "dq", "dk", "dv", "dphi_q", "dphi_k", "dlog_beta"], errs))
+    return res
+
+
+# ------------------------------------------------------------------------------------------ times
+def timings(grid, r, baselines=True, block=False):
+    scale = D ** -0.5
+    q, k, v, proj, log_beta, _ = make(grid, r)
+    n = q.shape[2]
+    rows = []
+
+    def add(method, mode, fn, fl):
+        try:
+            ms = bench(fn)
+            mem = peak_extra_mb(fn)
+            rows.append({"grid": "x".join(map(str, grid)), "N": n, "r": r, "method": method, "mode": mode,
+                         "ms": round(ms, 3), "tflops": round(fl / ms / 1e9, 1) if fl else None, "peak_extra_mb": mem})
+            log(f"  {method:28s} {mode:8s} N={n:6d} r={r:3d} {ms:9.3f} ms  {rows[-1]['tflops']} TFLOP/s  {mem} MB")
+        except Exception as e:  # one failing row must not lose the rest
+            rows.append({"grid": "x".join(map(str, grid)), "N": n, "r": r, "method": method, "mode": mode, "error": repr(e)})
+            log(f"  {method} {mode}: FAILED {e!r}")
+
+    qf, kf = taylor(q, proj, scale), taylor(k, proj, scale)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    fg = [t.detach().requires_grad_() for t in (qf[0], kf[0])]
+    lbg = log_beta.detach().requires_grad_()
+    do = torch.randn_like(v)
+
+    def core_fwd():
+        return hla_kernels.hybrid_attention(q, k, v, qf, kf, scale, log_beta, grid, (1, 0, 0))
+
+    def core_fb():
+        out = hla_kernels.hybrid_attention(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, lbg, grid, (1, 0, 0))
+        return torch.autograd.grad(out, [qg, kg, vg, *fg, lbg], do)
+
+    pg = proj.detach().requires_grad_()
+
+    def layer_fb():
+        out = hla_kernels.hybrid_attention(qg, kg, vg, taylor(qg, pg, scale), taylor(kg, pg, scale), scale, lbg, grid, (1, 0, 0))
+        return torch.autograd.grad(out, [qg, kg, vg, pg, lbg], do)
+
+    add("hybrid kernel (core)", "fwd", core_fwd, flops(grid, r))
+    add("hybrid kernel (core)", "fwd+bwd", core_fb, flops(grid, r, bwd=True))
+    add("hybrid kernel (layer)", "fwd", lambda: hla_kernels.hybrid_attention(q, k, v, taylor(q, proj, scale), taylor(k, proj, scale), scale, log_beta, grid, (1, 0, 0)), flops(grid, r))
+    add("hybrid kernel (layer)", "fwd+bwd", layer_fb, flops(grid, r, bwd=True))
+    if block:
+        add("hybrid block form (torch)", "fwd", lambda: block_form(q, k, v, qf, kf, scale, log_beta, grid, (1, 0, 0)), flops(grid, r))
+
+        def block_fb():
+            out = block_form(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, lbg, grid, (1, 0, 0))
+            return torch.autograd.grad(out, [qg, kg, vg, *fg, lbg], do)
+
+        add("hybrid block form (torch)", "fwd+bwd", block_fb, flops(grid, r, bwd=True))
+    if baselines:
+        add("plain HLA kernel", "fwd", lambda: hla_kernels.hadamard_attention(qf, kf, v), H * 4 * n * r * r * D)
+
+        def sdpa_fb(backend=None):
+            def f():
+                if backend is None:
+                    out = F.scaled_dot_product_attention(qg, kg, vg)
+                else:
+                    with sdpa_kernel(backend):
+                        out = F.scaled_dot_product_attention(qg, kg, vg)
+                return torch.autograd.grad(out, [qg, kg, vg], do)
+            return f
+
+        def sdpa_f(backend=None):
+            def f():
+                if backend is None:
+                    return F.scaled_dot_product_attention(q, k, v)
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v)
+            return f
+
+        add("SDPA default", "fwd", sdpa_f(), sdpa_flops(n))
+        add("SDPA default", "fwd+bwd", sdpa_fb(), sdpa_flops(n, True))
+        add("SDPA flash", "fwd", sdpa_f(SDPBackend.FLASH_ATTENTION), sdpa_flops(n))
+    return rows
+
+
+SWEEP = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
+    "dq": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 4, 2)],
+    "dkdv": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
+}
+
+
+def sweep(grid, r):
+    """Times each launch config of each kernel (others at their defaults); returns the best per kernel."""
+    scale = D ** -0.5
+    q, k, v, proj, log_beta, _ = make(grid, r)
+    qf, kf = taylor(q, proj, scale), taylor(k, proj, scale)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    fg = [t.detach().requires_grad_() for t in (qf[0], kf[0])]
+    do = torch.randn_like(v)
+    out = hla_kernels.hybrid_attention(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, log_beta, grid, (1, 0, 0))
+    rows, best = [], {}
+    keep = {name: dict(cfg) for name, cfg in hy.GPU_CONFIG.items()}
+    for name, cands in SWEEP.items():
+        results = []
+        for bm, bn, warps, stages in cands:
+            hy.GPU_CONFIG[name] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+            try:
+                if name == "fwd":
+                    ms = bench(lambda: hla_kernels.hybrid_attention(q, k, v, qf, kf, scale, log_beta, grid, (1, 0, 0)))
+                else:
+                    ms = bench(lambda: torch.autograd.grad(out, [qg, kg, vg, *fg], do, retain_graph=True))
+            except Exception as e:
+                ms = float("inf")
+                log(f"  sweep {name} {bm},{bn},{warps},{stages}: FAILED {e!r}"[:300])
+            results.append((ms, (bm, bn, warps, stages)))
+            rows.append({"kernel": name, "r": r, "grid": "x".join(map(str, grid)), "config": [bm, bn, warps, stages], "ms": round(ms, 3)})
+            log(f"  sweep {name:5s} r={r} BM={bm:3d} BN={bn:3d} w={warps} s={stages}: {ms:.3f} ms")
+        ms, cfg = min(results)
+        best[name] = cfg
+        hy.GPU_CONFIG[name] = keep[name]
+    return rows, best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--grids", default="21x30x52,21x45x80")
+    ap.add_argument("--rs", default="32,64")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--apply-sweep", action="store_true", help="time with the sweep's best configs")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", ""))
+    args = ap.parse_args()
+    grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")]
+    rs = [int(x) for x in args.rs.split(",")]
+    import triton
+
+    res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,
+           "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "checks": {}, "sweep": [], "best": {}, "rows": []}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    if args.sweep:
+        for r in rs:
+            log(f"sweep r={r} at {grids[0]}")
+            rows, best = sweep(grids[0], r)
+            res["sweep"] += rows
+            res["best"][str(r)] = best
+            save()
+    if not args.no_check:
+        for r in rs:
+            for cfg_name in (["default"] + (["best"] if args.apply_sweep and str(r) in res["best"] else [])):
+                saved = {n: dict(c) for n, c in hy.GPU_CONFIG.items()}
+                if cfg_name == "best":
+                    for n, (bm, bn, w, s) in res["best"][str(r)].items():
+                        hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+                try:
+                    res["checks"][f"r{r}_{cfg_name}"] = check((3, 30, 52), r)
+                except Exception:
+                    res["checks"][f"r{r}_{cfg_name}"] = {"error": traceback.format_exc()[-2000:]}
+                hy.GPU_CONFIG.update(saved)
+                log(f"check r={r} {cfg_name}: {json.dumps(res['checks'][f'r{r}_{cfg_name}'])[:600]}")
+                save()
+    for grid in grids:
+        for i, r in enumerate(rs):
+            saved = {n: dict(c) for n, c in hy.GPU_CONFIG.items()}
+            if args.apply_sweep and str(r) in res["best"]:
+                for n, (bm, bn, w, s) in res["best"][str(r)].items():
+                    hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+            log(f"timings {grid} r={r} configs {hy.GPU_CONFIG}")
+            res["rows"] += timings(grid, r, baselines=not args.no_baselines and i == 0, block=(grid == grids[0] and i == 0))
+            hy.GPU_CONFIG.update(saved)
+            save()
+    save()
+    log(json.dumps(res["best"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
