@@ -205,14 +205,18 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{path} is corrupt or truncated ({first_line(exc)})") from None
 
 
-def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool = True) -> nn.Module:
+def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool = True, revision: str | None = None) -> nn.Module:
     """Convert `base_model` as the adapter says and load its weights (and its LoRA adapters, enabled,
     when it has them); returns the model.
 
+    directory: a local folder, or a Hub ID "ORG/NAME" (at `revision`: branch, tag or commit),
+    read through the local Hugging Face cache (hla_convert.hub.resolve_output_dir).
     The base's fingerprint must match the one recorded at save time (check_base=False skips it,
     for deliberate transfers to fine-tuned bases).
     """
-    directory = Path(directory)
+    from .hub import resolve_output_dir
+
+    directory = resolve_output_dir(directory, revision)
     meta = read_adapter_info(directory)
     if hla_layers(base_model) or has_lora(base_model):
         raise AdapterError("the base model is already converted; load the adapter onto an unconverted base")

@@ -100,7 +100,7 @@ def _usage_document(words: list[str], ctx: Any, code: int, message: str) -> None
     sys.stdout.flush()
 
 
-_COMMANDS = ("convert", "validate", "inspect", "recipes", "sample")
+_COMMANDS = ("convert", "validate", "inspect", "recipes", "sample", "push")
 
 
 app = typer.Typer(
@@ -265,9 +265,23 @@ def _threshold(flag: str, text: str) -> Any:
     return typer.Option(flag, help=f"Override the recipe's {text}.", show_default=False)
 
 
-@app.command(epilog="Example:\n\n  hla-convert validate demo-hla --json\n\n" + _EXIT_CODES_HELP)
+HubDirArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="DIR",
+        help="An output folder written by `hla-convert convert`, or a conversion pushed to the Hub (ORG/NAME; read "
+        "through the local Hugging Face cache, so HF_HUB_OFFLINE=1 works once it is cached).",
+        show_default=False,
+    ),
+]
+DirRevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of DIR when it is a Hub ID. Default: main.", show_default=False)
+]
+
+
+@app.command(epilog="Example:\n\n  hla-convert validate demo-hla --json\n\n  hla-convert validate my-org/wan-hla --revision v1\n\n" + _EXIT_CODES_HELP)
 def validate(
-    directory: Annotated[str, typer.Argument(metavar="DIR", help="An output folder written by `hla-convert convert`.", show_default=False)],
+    directory: HubDirArg,
     base: Annotated[
         str | None,
         typer.Option("--base", help="Load the base model from here (Hub ID or folder) instead of the one the adapter records.", show_default=False),
@@ -279,6 +293,7 @@ def validate(
     min_output_cosine: Annotated[float | None, _threshold("--min-output-cosine", "min output cosine")] = None,
     max_latent_rel_l2: Annotated[float | None, _threshold("--max-latent-rel-l2", "max sampled-latent relative L2")] = None,
     min_latent_psnr: Annotated[float | None, _threshold("--min-latent-psnr", "min sampled-latent PSNR (dB)")] = None,
+    revision: DirRevisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Re-check a saved conversion against its base model on the recipe's held-out inputs.
@@ -297,7 +312,8 @@ def validate(
             max_latent_rel_l2=max_latent_rel_l2,
             min_latent_psnr=min_latent_psnr,
         )
-        plan = plan_validation(directory, base, thresholds, device, dtype)
+        with _hub_notice(directory):
+            plan = plan_validation(directory, base, thresholds, device, dtype, revision)
         doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, base=plan.info.get("base_source"))
         with StageProgress(_stderr()) as bars:
             result = run_validation(plan, progress=bars)
@@ -445,5 +461,42 @@ def sample(
             con.print(f"teacher | student, {result.steps} steps, seed {seed}" + (f", prompt \"{result.prompt}\"" if result.prompt else ""))
             con.print(f"per-frame PSNR dB: {psnr}")
             con.print(f"saved {video} and {video.with_suffix('.png')}")
+
+@app.command(
+    epilog="Examples:\n\n  hla-convert push demo-hla --repo-id my-org/demo-wan-hla\n\n"
+    "  hla-convert push wan-hla --repo-id my-org/wan-hla --private --revision v1\n\n" + _EXIT_CODES_HELP
+)
+def push(
+    directory: Annotated[str, typer.Argument(metavar="DIR", help="An output folder written by `hla-convert convert`.", show_default=False)],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="The Hub repository to publish to (ORG/NAME); created when missing.", show_default=False)] = ...,  # type: ignore[assignment]
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private (an existing one keeps its visibility).")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch to commit to, created from main when missing. Default: main.", show_default=False)
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Publish even though the drift report did not pass.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Publish a conversion to the Hugging Face Hub.
+
+    Uploads the adapter, hla_config.json, recipe.yaml, drift_report.json, the sample media (sample.*)
+    and the model card (README.md, whose "<this folder>" becomes ORG/NAME) with huggingface_hub
+    (create_repo, upload_folder; log in first with `hf auth login` or set HF_TOKEN). A conversion whose
+    drift check failed is refused unless --force; the card's front matter is checked before anything
+    is sent. Then `load_converted("ORG/NAME")` and `hla-convert validate ORG/NAME` load it.
+    """
+    with _command("push", json_out) as doc:
+        from .hub import push_output
+
+        folder = _folder_arg("DIR", directory)
+        with _hub_notice(repo_id):
+            result = push_output(folder, repo_id, private=private, revision=revision, force=force)
+        doc.update(
+            out_dir=str(folder.absolute()), repo_id=result.repo_id, url=result.url, commit=result.commit,
+            commit_url=result.commit_url, revision=result.revision, files=result.files,
+        )  # fmt: skip
+        if not json_out:
+            _stdout().print(f"pushed {len(result.files)} files to {result.url} ({', '.join(result.files)})")
+            _stdout().print(f"commit {result.commit_url}")
+
 
 __all__ = ["app", "main", "StageProgress", "EXIT_OK", "EXIT_DRIFT", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED", "EXIT_INTERRUPTED"]

@@ -303,12 +303,14 @@ def plan_validation(
     thresholds: Mapping[str, float] | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    revision: str | None = None,
 ) -> ValidationPlan:
     """Read and check the output folder and the arguments before anything loads; see `validate`."""
+    from .hub import resolve_output_dir
     from .loading import parse_dtype
     from .output import base_of, read_output
 
-    directory = folder_arg("DIR", str(out))
+    directory = resolve_output_dir(folder_arg("DIR", str(out)), revision)  # a Hub ID: its cached snapshot
     info, recipe_path, saved = read_output(directory)
     check_model_path(base, "--base")
     fields = {k if k.startswith("validation.") else f"validation.{k}": v for k, v in (thresholds or {}).items() if v is not None}
@@ -361,14 +363,16 @@ def validate(
     device: str | None = None,
     dtype: str | None = None,
     progress: Progress | None = None,
+    revision: str | None = None,
 ) -> ValidationResult:
     """Measure a saved conversion's drift again, against its base model, on the recipe's held-out inputs.
 
-    out: a folder written by `convert`. base: load the base model from here instead of the one the
+    out: a folder written by `convert`, or a conversion pushed to the Hub ("ORG/NAME", at
+    `revision`). base: load the base model from here instead of the one the
     adapter records (its weights must match the recorded fingerprint). thresholds: override the
     saved recipe's, e.g. {"max_output_rel_l2": 0.3} (names of the recipe's validation section).
     """
-    return run_validation(plan_validation(out, base, thresholds, device, dtype), progress)
+    return run_validation(plan_validation(out, base, thresholds, device, dtype, revision), progress)
 
 
 __all__ = [

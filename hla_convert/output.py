@@ -308,8 +308,11 @@ def load_converted(
     base: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    revision: str | None = None,
 ) -> nn.Module:
-    """The converted transformer of an output folder, ready for a diffusers pipeline.
+    """The converted transformer of an output folder, or of a conversion pushed to the Hub
+    (`out_dir` "ORG/NAME", at `revision`; through the local Hugging Face cache, so HF_HUB_OFFLINE
+    works once it is cached), ready for a diffusers pipeline.
 
     base: where to load the base model from (Hub ID or folder); None = the one the adapter records.
     Its weights must match the recorded fingerprint. LoRA weights in the adapter (stage 2
@@ -318,8 +321,10 @@ def load_converted(
 
         pipe = WanPipeline.from_pretrained(base, transformer=load_converted("wan-hla"))
     """
+    from .hub import resolve_output_dir
     from .loading import ModelLoadError, load_transformer
 
+    out_dir = resolve_output_dir(out_dir, revision)
     info = read_adapter_info(out_dir)
     source, revision, subfolder = base_of(info)
     if base is not None:
@@ -361,8 +366,20 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def pipeline_tag_for(pipeline_class: str | None) -> str:
+    """The Hub's pipeline_tag of a video pipeline class (text-to-video unless its name says otherwise)."""
+    name = pipeline_class or ""
+    if "ImageToVideo" in name or "I2V" in name:
+        return "image-to-video"
+    if "VideoToVideo" in name or "V2V" in name:
+        return "video-to-video"
+    return "text-to-video"
+
+
 def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
     """README.md of an output folder: base model, recipe, drift table, how to load it."""
+    from .checks import looks_like_hub_id
+
     extra = info.get("extra") or {}
     base = info.get("base_source") or "the base model"
     revision = info.get("base_revision")
@@ -374,9 +391,11 @@ def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
     table += [f"| {m} | {v} | {t} | {ok} |" for m, v, t, ok in drift_rows(report)]
     failures = [f"- {f}" for f in report.get("failures") or []]
     cfg = ", ".join(f"{k}={v}" for k, v in (info.get("config") or {}).items())
-    front = ["---", "library_name: diffusers"]
-    if "/" in base and not Path(base).is_absolute() and not base.startswith("hla-convert/"):
-        front.append(f"base_model: {base}")  # a Hub ID, which the Hub links to
+    # The Hub's model-card metadata (checked offline by hub.check_card before a push): base_model
+    # only when the base is a Hub ID (the Hub links it and lists this repo as its adapter).
+    front = ["---", "library_name: diffusers", f"pipeline_tag: {pipeline_tag_for(pipeline_class)}"]
+    if looks_like_hub_id(base) and not base.startswith("hla-convert/"):
+        front += [f"base_model: {base}", "base_model_relation: adapter"]
     front += ["tags: [hla-convert, hadamard-linear-attention, linear-attention, video-diffusion]", "---"]
     use = [
         "```python",
