@@ -307,19 +307,28 @@ class _SoftmaxRouter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            if torch.compiler.is_compiling() and getattr(func, "__module__", None) == "torch._tensor" and args and isinstance(args[0], torch.Tensor):
+                # A Python-level Tensor method (unflatten, ...) called as a plain function makes
+                # dynamo trace its super() call, a graph break; as a method call it is one op.
+                return getattr(args[0], func.__name__)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         bound = _SDPA_PARAMS.bind(*args, **kwargs).arguments
         q, k, v = bound["query"], bound["key"], bound["value"]
         if q.shape[-2] != k.shape[-2]:  # cross-attention inside the same processor (Wan I2V image keys)
             return func(*args, **kwargs)
-        if bound.get("is_causal") or bound.get("dropout_p", 0.0):
-            raise RuntimeError("converted attention got a causal or dropout softmax call; HLA here is bidirectional")
+        if bound.get("dropout_p", 0.0):
+            raise RuntimeError("converted attention got a softmax call with dropout; HLA has no attention dropout")
         if k.shape[1] != q.shape[1]:  # grouped-query attention
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        key_mask = key_mask_from_attn_mask(bound.get("attn_mask"), q.shape[0], k.shape[-2])
+        key_mask, block = attention_mask_structure(
+            bound.get("attn_mask"), q.shape[0], q.shape[-2], k.shape[-2], bool(bound.get("is_causal"))
+        )
         self.routed += 1
-        return self.core.attend(lambda: func(*args, **kwargs), q, k, v, key_mask, bound.get("scale"))
+        teacher = lambda: func(*args, **kwargs)  # noqa: E731
+        if block is None:
+            return self.core.attend(teacher, q, k, v, key_mask, bound.get("scale"))
+        return self.core.attend(teacher, q, k, v, key_mask, bound.get("scale"), causal_block=block)
 
 
 def key_mask_from_attn_mask(attn_mask: torch.Tensor | None, batch: int, n_keys: int) -> torch.Tensor | None:
@@ -343,10 +352,55 @@ def key_mask_from_attn_mask(attn_mask: torch.Tensor | None, batch: int, n_keys: 
     keys = keep.any(dim=2).any(dim=1)  # [B, Nk]
     rows_used = keep.any(dim=-1, keepdim=True)
     if bool(((keep != keys[:, None, None, :]) & rows_used).any()):
-        raise RuntimeError("converted attention got a mask that differs between queries; only key padding masks are supported")
+        raise _NotKeyPadding(
+            "converted attention got a mask that differs between queries; only key padding masks are supported",
+            (keep, keys, rows_used),
+        )
     if bool(keys.all()):
         return None
     return keys
+
+
+def attention_mask_structure(
+    attn_mask: torch.Tensor | None, batch: int, n_queries: int, n_keys: int, is_causal: bool = False
+) -> tuple[torch.Tensor | None, int | None]:
+    """An SDPA call's mask -> (bool key padding mask [B, Nk] or None, causal block size or None).
+
+    Key padding (the same keys for every query that keeps any) gives (keys, None). A block-causal
+    mask, query t keeps the keys j with j // s <= t // s (s tokens per block: SkyReels-V2's
+    diffusion-forcing frame blocks; s = 1 is token-level causal, also is_causal=True), possibly
+    with key padding on top, gives (keys, s). Anything else raises one line.
+    """
+    if is_causal:
+        if attn_mask is not None or n_queries != n_keys:
+            raise RuntimeError("converted attention got is_causal=True with a mask or a different number of queries and keys; not supported")
+        return None, 1
+    if attn_mask is None:
+        return None, None
+    try:
+        return key_mask_from_attn_mask(attn_mask, batch, n_keys), None
+    except _NotKeyPadding as err:
+        keep, keys, rows_used = err.parts
+    if n_queries == n_keys and n_queries > 1:
+        differs = (keep != keep[:, :, :1, :]).any(-1).any(1).any(0)  # [Nq]: rows unlike query 0's
+        block = int(differs.float().argmax())  # the first block ends where the first row changes
+        if block > 0:
+            p = torch.arange(n_keys, device=keep.device) // block
+            expected = (p[None, :] <= p[:, None])[None, None] & keys[:, None, None, :]
+            if not bool(((keep != expected) & rows_used).any()):
+                return (None if bool(keys.all()) else keys), block
+    raise RuntimeError(
+        "converted attention got a mask that differs between queries and is not block-causal; "
+        "only key padding and (block-)causal masks are supported"
+    )
+
+
+class _NotKeyPadding(RuntimeError):
+    """key_mask_from_attn_mask's refusal of a per-query mask, with the parts a caller can reuse."""
+
+    def __init__(self, message: str, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        super().__init__(message)
+        self.parts = parts
 
 
 def attention_flops(
@@ -408,6 +462,7 @@ __all__ = [
     "attention_modules",
     "convert_attention",
     "converted_modules",
+    "attention_mask_structure",
     "key_mask_from_attn_mask",
     "revert_attention",
     "select_modules",

@@ -109,6 +109,11 @@ def _kernels(interpret: bool) -> ModuleType:
     return mod
 
 
+@torch.compiler.assume_constant_result  # torch.compile: read once at trace time, not traced
+def _major_capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
@@ -129,7 +134,7 @@ def unsupported_reason(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.
     if dev.type == "cuda":
         if interp:
             return "TRITON_INTERPRET is set: CUDA tensors go to the reference"
-        if torch.cuda.get_device_capability(dev)[0] < 8:
+        if _major_capability(dev.index) < 8:
             return "needs compute capability 8.0 or newer (bf16 tensor cores)"
     elif not (dev.type == "cpu" and interp):
         return f"device {dev.type} (CPU only under TRITON_INTERPRET=1)"
@@ -396,19 +401,60 @@ def _backward(q1, q2, k1, k2, v, wmask, den, t_dot, z, do):
     return dq1.to(q1.dtype), dq2, dk1, dk2, dvv
 
 
-class _HadamardF2(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q1, q2, k1, k2, v, wmask, eps):
-        out, den, t_dot, z = _forward(q1, q2, k1, k2, v, wmask, eps)
-        ctx.save_for_backward(q1, q2, k1, k2, v, wmask, den, t_dot, z)
-        return out
+# The kernels as torch.library custom ops, so torch.compile sees one opaque op per call (forward
+# and backward) instead of graph-breaking on the Python launch code. The forward returns what the
+# backward needs (den, T, Z) as extra outputs: a custom op's autograd formula may only save inputs
+# and outputs.
+@torch.library.custom_op("hla_kernels::hadamard_f2_forward", mutates_args=())
+def _forward_op(
+    q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
+    wmask: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q1, q2, k1, k2, v, wmask, eps)
 
-    @staticmethod
-    def backward(ctx, do):
-        q1, q2, k1, k2, v, wmask, den, t_dot, z = ctx.saved_tensors
-        grads = _backward(q1, q2, k1, k2, v, wmask, den, t_dot, z, do)
-        need = ctx.needs_input_grad
-        return (*(g if need[i] else None for i, g in enumerate(grads)), None, None)
+
+@_forward_op.register_fake
+def _(q1, q2, k1, k2, v, wmask, eps):
+    b, h, n, r = q1.shape
+    dv = v.shape[-1]
+    # T in the dot operand dtype (_to_dot): bf16 when every input is half, else fp32
+    t_dtype = torch.bfloat16 if all(t.dtype in _HALF for t in (q1, q2, k1, k2, v)) else torch.float32
+    return (
+        v.new_empty((b, h, n, dv)),
+        v.new_empty((b * h, n), dtype=torch.float32),
+        v.new_empty((b * h, r * r, dv), dtype=t_dtype),
+        v.new_empty((b * h, r * r), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("hla_kernels::hadamard_f2_backward", mutates_args=())
+def _backward_op(
+    q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
+    wmask: torch.Tensor | None, den: torch.Tensor, t_dot: torch.Tensor, z: torch.Tensor, do: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q1, q2, k1, k2, v, wmask, den, t_dot, z, do)
+
+
+@_backward_op.register_fake
+def _(q1, q2, k1, k2, v, wmask, den, t_dot, z, do):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q1, q2, k1, k2, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q1, q2, k1, k2, v, wmask, _eps = inputs
+    _out, den, t_dot, z = output
+    ctx.mark_non_differentiable(den, t_dot, z)
+    ctx.save_for_backward(q1, q2, k1, k2, v, wmask, den, t_dot, z)
+
+
+def _backward_formula(ctx, do, *_unused):
+    q1, q2, k1, k2, v, wmask, den, t_dot, z = ctx.saved_tensors
+    grads = _backward_op(q1, q2, k1, k2, v, wmask, den, t_dot, z, do.contiguous())
+    need = ctx.needs_input_grad
+    return (*(g if need[i] else None for i, g in enumerate(grads)), None, None)
+
+
+_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def hadamard_attention(
@@ -430,4 +476,4 @@ def hadamard_attention(
     wmask = _mask_weights(key_mask, v)
     q1, q2 = (_rowmajor(t) for t in q_feats)
     k1, k2 = (_rowmajor(t) for t in k_feats)
-    return _HadamardF2.apply(q1, q2, k1, k2, _rowmajor(v), wmask, float(eps))
+    return _forward_op(q1, q2, k1, k2, _rowmajor(v), wmask, float(eps))[0]

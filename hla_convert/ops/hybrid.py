@@ -186,7 +186,15 @@ def window_blocks(grid: Grid, window: Sequence[int], halo: Sequence[int], device
     k_ok [nb, K] (the block's window keys), slot_of [T*Hg*Wg] (each video token's slot in the
     flattened [nb * Q] query slots). Every video token is a valid query of exactly one block.
     """
-    return _blocks(_triple("grid", grid, 1), _triple("window", window, 0), _triple("halo", halo, 0), torch.device(device or "cpu"))
+    return _cached_blocks(_triple("grid", grid, 1), _triple("window", window, 0), _triple("halo", halo, 0), torch.device(device or "cpu"))
+
+
+# torch.compile: the tiling is a pure function of its (int) arguments; built eagerly once at trace
+# time and baked into the graph, instead of traced (its nonzero/boolean indexing break graphs).
+# The marker sits on a plain function: dynamo sees through an lru_cache wrapper and would trace.
+@torch.compiler.assume_constant_result
+def _cached_blocks(grid: Grid, window: tuple[int, int, int], halo: tuple[int, int, int], device: torch.device):
+    return _blocks(grid, window, halo, device)
 
 
 @lru_cache(maxsize=64)

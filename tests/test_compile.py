@@ -1,0 +1,142 @@
+"""torch.compile of a converted model: one graph, no breaks, and the eager model's output.
+
+A graph break inside the attention layer would cost a compiled converted model its fusion around
+every converted layer; `fullgraph=True` makes any break an error, so these tests fail on one.
+CPU only: the reference path of the HLA layer (PyTorch ops) and, under the Triton interpreter,
+the kernels as torch.library custom ops (what dynamo sees on the GPU). Backend "eager" / "aot_eager"
+(no code generation), the embedded demo model and a one-block tiny Wan (tests/tiny_models.py), so
+the tests stay a few seconds each.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hla_convert import convert_attention
+from hla_convert.config import HLAConfig
+from hla_convert.layers import hla_layers, hla_parameters
+from tiny_models import tiny_inputs, tiny_model
+
+CONFIGS = {
+    "hadamard": HLAConfig(kind="hadamard", feature_dim=4, feature_map="taylor"),
+    "hybrid": HLAConfig(kind="hybrid", far="hadamard", feature_dim=4, feature_map="taylor", window=(1, 0, 0)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Move the HLA parameters off their identity start, so the student differs from softmax."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hla_parameters(model).values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _demo(kind: str) -> tuple[torch.nn.Module, dict]:
+    """The embedded demo model (3 layers, 512 video tokens) converted with CONFIGS[kind], and one input."""
+    from hla_convert.loading import load_demo_model
+
+    model = _perturbed(convert_attention(load_demo_model().transformer, CONFIGS[kind]))
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 3, 8, 16, 16, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 8, model.config.text_dim, generator=g),
+    }
+    return model, inputs
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_converted_model_compiles_to_one_graph_and_matches_eager(kind):
+    model, inputs = _demo(kind)
+    with torch.no_grad():
+        eager = model(**inputs, return_dict=False)[0]
+        # fullgraph: any graph break (in the attention layer, the routing or the grid hook) raises
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(**inputs, return_dict=False)[0]
+    assert _rel(compiled, eager) < 1e-6
+    # the compiled run went through every HLA core (a softmax fall-through would also be one graph)
+    layers = hla_layers(model).values()
+    assert len(layers) == 3 and all(layer.calls == 2 for layer in layers)
+
+
+def test_compiled_backward_gives_the_eager_gradients():
+    """Distillation's path: aot_eager traces the backward too; gradients reach the HLA parameters."""
+    model = _perturbed(convert_attention(tiny_model("wan", num_layers=1), CONFIGS["hybrid"]))
+    inputs = tiny_inputs("wan", batch=1)
+    params = hla_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+
+    def grads(fn):
+        for p in params.values():
+            p.grad = None
+        fn(**inputs, return_dict=False)[0].square().mean().backward()
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    eager = grads(model)
+    compiled = grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    for name in params:
+        assert _rel(compiled[name], eager[name]) < 1e-5, name
+
+
+# -- the Triton kernels as custom ops (interpreter on the CPU) -------------------------------------
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _kernel_inputs(seed=0, b=1, h=2, n=24, r=4, dv=8):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.nn.functional.softplus(torch.randn(b, h, n, r, generator=g)) for _ in range(4)]
+    v = torch.randn(b, h, n, dv, generator=g)
+    mask = torch.rand(b, n, generator=g) > 0.3
+    mask[:, 0] = True
+    return feats, v, mask
+
+
+def test_hadamard_kernel_is_one_op_under_compile(interp):
+    import hla_kernels
+
+    feats, v, mask = _kernel_inputs()
+    leaves = [t.clone().requires_grad_() for t in (*feats, v)]
+
+    def attend(q1, q2, k1, k2, vv):
+        return hla_kernels.hadamard_attention([q1, q2], [k1, k2], vv, mask, 1e-6)
+
+    def run(fn):
+        for t in leaves:
+            t.grad = None
+        out = fn(*leaves)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [t.grad.clone() for t in leaves]
+
+    out_e, grads_e = run(attend)
+    out_c, grads_c = run(torch.compile(attend, backend="aot_eager", fullgraph=True))
+    assert torch.equal(out_c, out_e)
+    for ge, gc in zip(grads_e, grads_c):
+        assert torch.equal(gc, ge)
+
+
+def test_hadamard_kernel_custom_op_passes_opcheck(interp):
+    """Schema, fake (meta) shapes and autograd registration agree with the real kernels."""
+    from hla_kernels import hadamard as hk
+
+    feats, v, mask = _kernel_inputs(seed=1)
+    torch.library.opcheck(hk._forward_op, (*feats, v, mask.float(), 1e-6))
