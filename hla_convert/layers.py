@@ -66,6 +66,8 @@ class HLAAttention(nn.Module):
         self.text_len = 0
         self.text_first = True
         self.grid_error: str | None = None
+        # Set by hla_convert.streaming.BlockStream: this layer's committed and pending stream state.
+        self.stream = None
         kind, r, fac = config.feature_kind, config.feature_dim, config.factors
         if kind == "softmax":
             return
@@ -131,6 +133,10 @@ class HLAAttention(nn.Module):
             # scaling the queries scales the similarity the feature maps see (taylor: exactly q.k)
             qt = q * self.log_temp.exp().to(q.dtype)[None, :, None, None]
         qf, kf = self.features(qt, scale), self.features(k, scale)
+        if self.stream is not None:
+            from .streaming import stream_attend  # imported here: streaming builds on this module
+
+            return stream_attend(self, q, k, v, qf, kf, key_mask, scale, causal_block)
         if causal_block is not None:
             return self._causal(q, k, v, qf, kf, key_mask, scale, causal_block)
         if c.kind == "hybrid":

@@ -5,7 +5,7 @@ key_mask bool [B, N] with True = keep.
 """
 
 from .causal import HigherOrderState, block_causal_mask, higher_order_stream_step
-from .causal_hadamard import hadamard_stream_step
+from .causal_hadamard import hadamard_stream_step, hybrid_block_causal, hybrid_stream_step
 from .hadamard import hadamard_attention, hadamard_attention_naive, hadamard_weights, kronecker_features
 from .hybrid import hybrid_attention, hybrid_attention_naive, window_mask
 from .higher_order import higher_order_attention, higher_order_attention_naive, higher_order_weights
@@ -24,6 +24,8 @@ __all__ = [
     "higher_order_attention_naive",
     "higher_order_weights",
     "hybrid_attention",
+    "hybrid_block_causal",
+    "hybrid_stream_step",
     "hybrid_attention_naive",
     "kronecker_features",
     "linear_attention",

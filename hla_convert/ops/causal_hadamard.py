@@ -198,6 +198,39 @@ def hybrid_block_causal_naive(
     return ((w @ v.to(dt)) / (w.sum(-1, keepdim=True) + eps)).to(v.dtype)
 
 
+def hybrid_stream_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feats: Sequence[torch.Tensor],
+    k_feats: Sequence[torch.Tensor],
+    scale: float,
+    log_beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of new tokens: exact softmax among them, the HLA state of the earlier blocks.
+
+    Returns (outputs [B, H, n, dv], new state [B, H, r^F, dv + 1]); see hybrid_block_causal.
+    """
+    _hybrid_check(q, k, v, q_feats, k_feats, log_beta)
+    dt = compute_dtype(q, k, v, *q_feats) if state is None else state.dtype
+    logits = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    # the shift cancels between num and den (up to eps), so it carries no gradient
+    c = logits.detach().amax(-1, keepdim=True).clamp_min(-SHIFT_FLOOR)
+    pw = torch.exp(logits - c)
+    nd = torch.cat([pw @ v.to(dt), pw.sum(-1, keepdim=True)], dim=-1)
+    if state is not None:
+        beta = log_beta.to(dt).exp()[None, :, None, None]
+        nd = nd + beta * torch.exp(-c) * (kronecker_features([f.to(dt) for f in q_feats]) @ state)
+    new = kronecker_features([f.to(dt) for f in k_feats]).transpose(-1, -2) @ _v1(v, key_mask, dt)
+    state = new if state is None else state + new
+    return (nd[..., :-1] / (nd[..., -1:] + eps)).to(v.dtype), state
+
+
 def hybrid_block_causal(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -223,25 +256,11 @@ def hybrid_block_causal(
     """
     _hybrid_check(q, k, v, q_feats, k_feats, log_beta)
     bs = _block(block_size)
-    dt = compute_dtype(q, k, v, *q_feats)
-    b, h, n, dv = v.shape
-    v1 = _v1(v, key_mask, dt)
-    beta = log_beta.to(dt).exp()[None, :, None, None]
-    state = None
-    outs = []
-    for t0 in range(0, n, bs):
+    state, outs = None, []
+    for t0 in range(0, v.shape[2], bs):
         sl = slice(t0, t0 + bs)
-        logits = (q[:, :, sl].to(dt) @ k[:, :, sl].to(dt).transpose(-1, -2)) * scale
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, None, sl], float("-inf"))
-        # the shift cancels between num and den (up to eps), so it carries no gradient
-        c = logits.detach().amax(-1, keepdim=True).clamp_min(-SHIFT_FLOOR)
-        pw = torch.exp(logits - c)
-        nd = torch.cat([pw @ v[:, :, sl].to(dt), pw.sum(-1, keepdim=True)], dim=-1)
-        if state is not None:
-            far = kronecker_features([f[:, :, sl].to(dt) for f in q_feats]) @ state
-            nd = nd + beta * torch.exp(-c) * far
-        new = kronecker_features([f[:, :, sl].to(dt) for f in k_feats]).transpose(-1, -2) @ v1[:, :, sl]
-        state = new if state is None else state + new
-        outs.append(nd[..., :-1] / (nd[..., -1:] + eps))
-    return torch.cat(outs, dim=2).to(v.dtype)
+        km = None if key_mask is None else key_mask[:, sl]
+        qf, kf = [f[:, :, sl] for f in q_feats], [f[:, :, sl] for f in k_feats]
+        out, state = hybrid_stream_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], qf, kf, scale, log_beta, state, km, eps)
+        outs.append(out)
+    return torch.cat(outs, dim=2)

@@ -1,0 +1,155 @@
+"""Block-causal masks through the seam: a tiny SkyReels-V2 model in diffusion-forcing mode converts
+(softmax bit-exact, HLA kinds block-causal) and streams frame block by frame block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hla_convert import HLAConfig
+from hla_convert.streaming import BlockStream
+from hla_convert.surgery import attention_mask_structure, convert_attention
+
+torch.set_num_threads(1)
+
+FRAMES, PER_BLOCK = 4, 2  # latent frames, frames per causal block
+TOKENS_PER_BLOCK = PER_BLOCK * 4 * 4  # 8x8 latents, 2x2 patches
+
+KINDS = {
+    "hadamard": HLAConfig(kind="hadamard", factors=2, feature_dim=4, feature_map="taylor"),
+    "linear": HLAConfig(kind="linear", factors=2, feature_dim=3),
+    "higher_order": HLAConfig(kind="higher_order", feature_dim=5),
+    "hybrid": HLAConfig(kind="hybrid", factors=2, feature_dim=4, feature_map="taylor"),
+}
+
+
+def _skyreels_df(seed: int = 0):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    model = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, num_frame_per_block=PER_BLOCK,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, FRAMES, 8, 8, generator=g),
+        timestep=torch.tensor([[900, 900, 500, 500], [100, 100, 700, 700]]),  # one noise level per frame
+        encoder_hidden_states=torch.randn(2, 12, 16, generator=g),
+        enable_diffusion_forcing=True,
+    )
+    return model.eval(), inputs
+
+
+def _run(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def _randomise_hla(model) -> None:
+    """Feature maps away from their init values, so that every part of the kinds is exercised."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".hla." in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def test_softmax_conversion_of_a_diffusion_forcing_model_is_bit_exact():
+    model, inputs = _skyreels_df()
+    base = _run(model, inputs)
+    convert_attention(model, HLAConfig(kind="softmax"))
+    assert torch.equal(_run(model, inputs), base)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_hla_kinds_run_block_causal(kind):
+    model, inputs = _skyreels_df()
+    convert_attention(model, KINDS[kind])
+    _randomise_hla(model)
+    out = _run(model, inputs)
+    assert torch.isfinite(out).all()
+    # later frames cannot reach the first block; they do change their own block
+    x = inputs["hidden_states"].clone()
+    x[:, :, PER_BLOCK:] += torch.randn(x[:, :, PER_BLOCK:].shape, generator=torch.Generator().manual_seed(5))
+    out2 = _run(model, {**inputs, "hidden_states": x})
+    assert torch.allclose(out2[:, :, :PER_BLOCK], out[:, :, :PER_BLOCK], rtol=0, atol=1e-6)
+    assert (out2[:, :, PER_BLOCK:] - out[:, :, PER_BLOCK:]).abs().max() > 1e-3
+    # the same model without the frame-block mask (bidirectional) gives the first block other outputs
+    model._set_ar_attention(1)
+    bidir = _run(model, inputs)
+    assert (bidir[:, :, :PER_BLOCK] - out[:, :, :PER_BLOCK]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_streamed_blocks_equal_the_full_pass(kind):
+    model, inputs = _skyreels_df()
+    convert_attention(model, KINDS[kind])
+    _randomise_hla(model)
+    full = _run(model, inputs)
+    x, t = inputs["hidden_states"], inputs["timestep"]
+    outs = []
+    with BlockStream(model) as stream, torch.no_grad():
+        for f0 in range(0, FRAMES, PER_BLOCK):
+            block = dict(inputs, hidden_states=x[:, :, f0 : f0 + PER_BLOCK], timestep=t[:, f0 : f0 + PER_BLOCK])
+            # a denoising step of the block at another noise level, not committed: changes nothing
+            stream(**dict(block, hidden_states=torch.randn_like(block["hidden_states"])), return_dict=False)
+            outs.append(stream(**block, return_dict=False)[0])
+            stream.commit()
+    streamed = torch.cat(outs, dim=2)
+    assert torch.allclose(streamed, full, rtol=0, atol=2e-5), (streamed - full).abs().max()
+    # the stream is closed: the model runs its full pass again
+    assert torch.allclose(_run(model, inputs), full, rtol=0, atol=0)
+
+
+def test_streaming_refuses_softmax_layers():
+    model, _ = _skyreels_df()
+    convert_attention(model, HLAConfig(kind="softmax"))
+    with pytest.raises(ValueError, match="softmax layer"):
+        BlockStream(model)
+
+
+B, N = 2, 12
+
+
+@pytest.mark.parametrize("block", [1, 3, 5])
+def test_block_causal_masks_are_recognised(block):
+    p = torch.arange(N) // block
+    keep = p[None, :] <= p[:, None]
+    assert attention_mask_structure(keep[None, None], B, N, N) == (None, block)
+    additive = torch.zeros(N, N).masked_fill(~keep, float("-inf"))
+    assert attention_mask_structure(additive[None, None], B, N, N) == (None, block)
+    assert attention_mask_structure(torch.zeros(N, N).masked_fill(~keep, -10000.0), B, N, N) == (None, block)
+    # with key padding on top (batch element 1 pads its last 2 tokens)
+    pad = torch.ones(B, N, dtype=torch.bool)
+    pad[1, -2:] = False
+    key_mask, got = attention_mask_structure(keep[None, None] & pad[:, None, None, :], B, N, N)
+    assert got == block and torch.equal(key_mask, pad)
+
+
+def test_is_causal_and_plain_masks():
+    assert attention_mask_structure(None, B, N, N, is_causal=True) == (None, 1)
+    assert attention_mask_structure(None, B, N, N) == (None, None)
+    pad = torch.ones(B, N, dtype=torch.bool)
+    pad[0, :3] = False
+    key_mask, block = attention_mask_structure(pad[:, None, None, :], B, N, N)
+    assert block is None and torch.equal(key_mask, pad)
+
+
+@pytest.mark.parametrize("kind", ["sliding", "anticausal", "uneven", "bias"])
+def test_other_masks_are_refused_with_one_line(kind):
+    i = torch.arange(N)
+    if kind == "sliding":
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 3)
+    elif kind == "anticausal":
+        mask = i[None, :] >= i[:, None]
+    elif kind == "uneven":  # blocks of 2 then 4 tokens: no single block size
+        p = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4])
+        mask = p[None, :] <= p[:, None]
+    else:
+        mask = torch.zeros(N, N).masked_fill(i[None, :] > i[:, None], float("-inf"))
+        mask[3, 1] = 0.5
+    with pytest.raises(RuntimeError) as err:
+        attention_mask_structure(mask[None, None], B, N, N)
+    assert "\n" not in str(err.value)
