@@ -212,6 +212,14 @@ def convert(
     subfolder: SubfolderOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint (same MODEL, recipe and options).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the hla-convert output already in --out (other files are never deleted).")] = False,
+    sample_too: Annotated[
+        bool,
+        typer.Option(
+            "--sample",
+            help="Then sample the conversion as `hla-convert sample OUT` does (seed 0, the recipe's sampling steps): "
+            "OUT/sample.mp4 or .gif and sample.png, shown in the model card. MODEL must be the demo or a pipeline.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     stop_after_steps: Annotated[int | None, typer.Option("--stop-after-steps", hidden=True, min=1)] = None,
 ) -> None:
@@ -240,6 +248,8 @@ def convert(
 
         # Everything that can be refused is refused here, before the (slow) model load.
         plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite)
+        if sample_too:
+            _check_sampleable(model, revision, subfolder)
         doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, resumed=resume)
         with StageProgress(_stderr(), stop_after_steps) as bars:
             result = run_conversion(plan, progress=bars)
@@ -258,7 +268,27 @@ def convert(
             con.print(_drift_table(result.report))
             _print_verdict(con, result.report)
             con.print(f"saved to {plan.out}/ ({', '.join(result.files)})")
+        if sample_too:
+            from .sampling import SampleError
+
+            try:
+                sampled, video = _sample_into(plan.out, None, seed=0, device=plan.device)
+            except SampleError as exc:
+                raise CommandFailed(f"the conversion is saved in {plan.out}, but its sample failed: {exc}", EXIT_BAD_INPUT) from None
+            doc["sample"] = sampled.summary()
+            if not json_out:
+                _stdout().print(f"sample: {video} and {video.with_suffix('.png')} (mean PSNR {doc['sample']['psnr_db_mean']:.1f} dB)")
         doc["exit_code"] = EXIT_OK if result.passed else EXIT_DRIFT
+
+
+def _check_sampleable(model: str | None, revision: str | None, subfolder: str | None) -> None:
+    """convert --sample needs what `sample` needs: the demo, or a pipeline (refused before the run)."""
+    from .loading import resolve_model
+
+    with _hub_notice(model):
+        ref = resolve_model(model, revision, subfolder)
+    if not ref.is_demo and not ref.pipeline_dir:
+        raise CommandFailed(f"--sample: MODEL {ref.path!r} is a bare transformer (no text encoder, no VAE); give its pipeline, or leave --sample out", EXIT_BAD_INPUT)
 
 
 def _threshold(flag: str, text: str) -> Any:
@@ -397,12 +427,35 @@ def recipes(
 
 
 
-@app.command(epilog="Example:\n\n  hla-convert sample demo-hla --seed 3\n\n" + _EXIT_CODES_HELP)
+@app.command(
+    epilog="Examples:\n\n  hla-convert sample demo-hla --seed 3\n\n"
+    '  hla-convert sample wan-hla --prompt "a red fox runs across a snowy meadow" --steps 30 --out fox.mp4\n\n'
+    "  hla-convert sample my-org/wan-hla --base ./Wan2.1-T2V-1.3B-Diffusers --inputs embeds.safetensors\n\n" + _EXIT_CODES_HELP
+)
 def sample(
-    directory: Annotated[str, typer.Argument(metavar="DIR", help="An output folder written by `hla-convert convert`.", show_default=False)],
+    directory: HubDirArg,
     base: Annotated[
         str | None,
-        typer.Option("--base", help="Load the base model from here (Hub ID or folder) instead of the one the adapter records.", show_default=False),
+        typer.Option(
+            "--base",
+            help="Load the base model from here (Hub ID or folder) instead of the one the adapter records. A diffusers "
+            "pipeline runs whole (text encoder, scheduler, VAE); a bare transformer cannot be sampled (the demo aside).",
+            show_default=False,
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="The pipeline's prompt. Default: \"a red fox runs across a snowy meadow\" (sampling.DEFAULT_PROMPT). The demo draws its own from --seed.", show_default=False),
+    ] = None,
+    inputs: Annotated[
+        str | None,
+        typer.Option(
+            "--inputs",
+            help="A safetensors file of named tensors (not JSON). With a pipeline: prompt_embeds (instead of --prompt), "
+            "negative_prompt_embeds, latents (the starting noise). With the demo: its transformer's forward inputs, "
+            "hidden_states [1, 3, F, H, W] setting the size, encoder_hidden_states the conditioning.",
+            show_default=False,
+        ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the noise (and of the demo's prompt).")] = 0,
     steps: Annotated[
@@ -416,51 +469,77 @@ def sample(
             "-o",
             help="The side-by-side video, .mp4 (needs PyAV or imageio-ffmpeg) or .gif; the contact sheet goes beside it "
             "as .png. Default: DIR/sample.mp4 where an MP4 encoder is installed, else DIR/sample.gif (listed in DIR's "
-            "manifest and linked from its model card).",
+            "manifest and linked from its model card); for a Hub ID, NAME-sample.mp4 (or .gif) here.",
             show_default=False,
         ),
     ] = None,
+    revision: DirRevisionOpt = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Sample the base model and the conversion from the same noise, side by side.
 
     Writes a video (teacher | student) and a PNG contact sheet (rows teacher, student; per-frame
-    PSNR under each column). Pixel-space models (the embedded demo) only, for now.
+    PSNR under each column). The teacher is the base model (the same weights with the softmax
+    attention and no LoRA), the student the conversion. With a pipeline both go through the whole
+    pipeline from the same seeded generator, decoded by its VAE, at the recipe's calibration size.
     """
     with _command("sample", json_out) as doc:
-        from .output import read_output
-        from .output_guard import output_lock
-        from .sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side
-        from .checkpoints import atomic_write_bytes
+        from .sampling import SampleError, read_inputs_file
 
-        directory = _folder_arg("DIR", directory)
-        info, _, report = read_output(directory)
+        if prompt is not None and inputs is not None:
+            raise CommandFailed("give --prompt or --inputs, not both", EXIT_BAD_INPUT)
+        folder = _folder_arg("DIR", directory)
         _check_model_path(base, "--base")
         dev = _check_device(device)
         try:
-            video = check_video_path(_folder_arg("--out", out) if out is not None else directory / f"sample{default_video_suffix()}")
-            if video.is_dir():
-                raise SampleError(f"--out {str(video)!r} is a folder; give a file name ending in .mp4 or .gif")
-            with _hub_notice(base):
-                result = sample_side_by_side(directory, base=base, seed=seed, steps=steps, device=dev)
-            files = encode_outputs(result, video)
+            with _hub_notice(directory):
+                from .hub import is_hub_id, resolve_output_dir
+
+                local = resolve_output_dir(folder, revision)
+            if out is None and is_hub_id(directory):
+                out = f"{str(directory).rsplit('/', 1)[-1]}-sample"
+            extra = read_inputs_file(inputs) if inputs is not None else None
+            result, video = _sample_into(local, out, base=base, inputs=extra, seed=seed, steps=steps, device=dev, prompt=prompt)
         except SampleError as exc:
             raise CommandFailed(str(exc), EXIT_BAD_INPUT) from None
-        if video.parent.resolve() == directory.resolve():
-            with output_lock(directory):
-                add_to_output(directory, info, report, files, result)
-        else:
-            for path, data in files.items():
-                atomic_write_bytes(path, data)
-        result.files = {"video": str(video), "contact_sheet": str(video.with_suffix(".png"))}
-        doc.update(out_dir=str(directory.absolute()), device=str(dev), **result.summary())
+        doc.update(out_dir=str(local.absolute()), device=str(dev), **result.summary())
         if not json_out:
             con = _stdout()
             psnr = ", ".join("identical" if p >= 200 else f"{p:.1f}" for p in result.psnr_db)
-            con.print(f"teacher | student, {result.steps} steps, seed {seed}" + (f", prompt \"{result.prompt}\"" if result.prompt else ""))
+            what = f", {result.pipeline}" if result.pipeline else ""
+            con.print(f"teacher | student{what}, {result.steps} steps, seed {seed}" + (f", prompt \"{result.prompt}\"" if result.prompt else ""))
             con.print(f"per-frame PSNR dB: {psnr}")
             con.print(f"saved {video} and {video.with_suffix('.png')}")
+
+
+def _sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, Path]:
+    """Sample a conversion and write the video and contact sheet: into `directory` (listed in its
+    manifest, linked from its card) when `out` is None or inside it, else at `out`. `out` without
+    a suffix gets the default one. Raises SampleError."""
+    from .checkpoints import atomic_write_bytes
+    from .output import read_output
+    from .output_guard import output_lock
+    from .sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side
+
+    if out is not None and Path(out).suffix == "" and not Path(out).is_dir():
+        out = out + default_video_suffix()
+    video = check_video_path(_folder_arg("--out", out) if out is not None else directory / f"sample{default_video_suffix()}")
+    if video.is_dir():
+        raise SampleError(f"--out {str(video)!r} is a folder; give a file name ending in .mp4 or .gif")
+    with _hub_notice(kwargs.get("base")):
+        result = sample_side_by_side(directory, **kwargs)
+    files = encode_outputs(result, video)
+    if video.parent.resolve() == directory.resolve():
+        info, _, report = read_output(directory)
+        with output_lock(directory):
+            add_to_output(directory, info, report, files, result)
+    else:
+        for path, data in files.items():
+            atomic_write_bytes(path, data)
+    result.files = {"video": str(video), "contact_sheet": str(video.with_suffix(".png"))}
+    return result, video
+
 
 @app.command(
     epilog="Examples:\n\n  hla-convert push demo-hla --repo-id my-org/demo-wan-hla\n\n"

@@ -2,12 +2,15 @@
 from the same noise, written as a side-by-side video and a PNG contact sheet with per-frame PSNR.
 
 Both runs use one copy of the weights: `set_attention_mode(model, "teacher")` is the base model
-(softmax cores, LoRA adapters disabled), "student" the converted one. The scheduler loop is the
-drift check's (`drift.sample_latents`): plain, no guidance.
+(softmax cores, LoRA adapters disabled), "student" the converted one.
 
-Only pixel-space models are supported for now: the embedded demo model, whose latents are the
-video itself in [-1, 1]. A pipeline's latents would have to be decoded through its VAE, which is not
-implemented yet; such a conversion is refused with one line.
+- The embedded demo (pixel-space latents: the video itself in [-1, 1]): the drift check's scheduler
+  loop (`drift.sample_latents`), plain, no guidance; the prompt is drawn from the seed.
+- A base that is a diffusers pipeline (folder or Hub ID): the whole pipeline, twice, with the
+  converted transformer as its transformer (teacher mode, then student mode): its text encoder,
+  its scheduler and guidance defaults, the same seeded generator (so the same initial noise), and
+  its VAE to decode. The video size is the recipe's calibration size.
+- A bare transformer (no VAE, no text encoder) is refused with one line: pass --base PIPELINE.
 
 Files: the video is MP4 when imageio has an encoder (PyAV, or imageio-ffmpeg), GIF (Pillow)
 otherwise; the contact sheet is a PNG. Each is encoded in memory and written atomically.
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 
 from .checkpoints import atomic_write_bytes
+from .errors import first_line
 from .drift import PSNR_IDENTICAL  # dB reported for identical frames, as in the drift report
 
 MIN_FRAME_PX = 128  # tiny frames are upscaled (nearest) to at least this many pixels a side
@@ -33,6 +37,9 @@ SEPARATOR_PX = 4
 FPS = 4
 MAX_STEPS = 1000
 DEFAULT_STEPS = 10
+DEFAULT_PROMPT = "a red fox runs across a snowy meadow"
+# What an --inputs file may hand a pipeline (the demo takes its transformer's forward inputs).
+PIPELINE_INPUTS = ("prompt_embeds", "negative_prompt_embeds", "latents")
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
@@ -45,15 +52,17 @@ class SampleResult:
     """Teacher and student samples from the same noise.
 
     teacher / student: frames ``[F, H, W, 3]`` uint8 at the model's resolution.
-    teacher_latents / student_latents: the final latents ``[1, C, F, H, W]`` (float32, CPU).
+    teacher_latents / student_latents: the final latents ``[1, C, F, H, W]`` (float32, CPU); None
+    for a pipeline run (its VAE decoded them inside the pipeline). noise: the demo's starting noise
+    (a pipeline draws its own from the seeded generator: None).
     psnr_db: per frame, student against teacher (uint8 frames, peak 255; PSNR_IDENTICAL if equal).
     """
 
     teacher: np.ndarray
     student: np.ndarray
-    teacher_latents: torch.Tensor
-    student_latents: torch.Tensor
-    noise: torch.Tensor
+    teacher_latents: torch.Tensor | None
+    student_latents: torch.Tensor | None
+    noise: torch.Tensor | None
     inputs: dict[str, Any]
     psnr_db: list[float]
     steps: int
@@ -61,6 +70,7 @@ class SampleResult:
     scheduler: str
     prompt: str | None = None
     files: dict[str, str] = field(default_factory=dict)
+    pipeline: str | None = None  # the pipeline class of a pipeline run
 
     def summary(self) -> dict[str, Any]:
         """What --json reports (no tensors)."""
@@ -71,6 +81,7 @@ class SampleResult:
             "steps": self.steps,
             "seed": self.seed,
             "scheduler": self.scheduler,
+            "pipeline": self.pipeline,
             "prompt": self.prompt,
             "psnr_db": list(self.psnr_db),
             "psnr_db_mean": float(np.mean(self.psnr_db)) if self.psnr_db else None,
@@ -117,6 +128,23 @@ def check_steps(steps: int | None) -> None:
         raise SampleError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
 
 
+def read_inputs_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """An --inputs file: a safetensors file of named tensors (no JSON: tensors stay tensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise SampleError(f"--inputs {str(path)!r} is not a file (give a .safetensors file of named tensors)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SampleError(f"--inputs {str(path)!r} is not a readable safetensors file ({first_line(exc)})") from None
+    if not tensors:
+        raise SampleError(f"--inputs {str(path)!r} holds no tensors")
+    return tensors
+
+
 def sample_side_by_side(
     out_dir: str | Path,
     base: str | None = None,
@@ -124,28 +152,48 @@ def sample_side_by_side(
     seed: int = 0,
     steps: int | None = None,
     device: str | None = None,
+    prompt: str | None = None,
+    revision: str | None = None,
 ) -> SampleResult:
-    """Sample the conversion in `out_dir` as teacher and as student from the same noise.
+    """Sample the conversion in `out_dir` (a folder, or a Hub ID at `revision`) as teacher and as
+    student from the same noise.
 
-    base: where to load the base model from (as load_converted); inputs: forward keyword arguments
-    that replace the demo's conditioning (``hidden_states`` sets the latent shape
-    ``[1, C, F, H, W]``); steps: scheduler steps (default: the recipe's validation.sampling_steps).
+    base: where to load the base model from (as load_converted); a pipeline (folder or Hub ID)
+    runs whole (see the module docstring). steps: scheduler steps (default: the recipe's
+    validation.sampling_steps). prompt: the pipeline's prompt (default DEFAULT_PROMPT; the demo
+    draws its own from the seed). inputs: for the demo, forward keyword arguments that replace its
+    conditioning (``hidden_states`` sets the latent shape ``[1, C, F, H, W]``); for a pipeline,
+    PIPELINE_INPUTS keyword arguments of its call (e.g. ``prompt_embeds`` instead of a prompt).
     """
-    from .drift import sample_latents
-    from .layers import set_attention_mode
-    from .loading import DEMO_MODEL_NAME
-    from .output import load_converted, read_output
+    from .hub import resolve_output_dir
+    from .loading import resolve_model
+    from .output import base_of, read_output
     from .recipes import load_recipe
 
     check_steps(steps)
+    out_dir = resolve_output_dir(out_dir, revision)
     info, recipe_path, _ = read_output(out_dir)
-    if info.get("base_source") != DEMO_MODEL_NAME:
-        raise SampleError(
-            f"{out_dir}: sample supports pixel-space models only (the embedded demo) for now; this conversion of "
-            f"{info.get('base_source')!r} would need its pipeline's VAE to decode, which is not implemented yet"
-        )
+    recipe = load_recipe(str(recipe_path))
     if steps is None:
-        steps = load_recipe(str(recipe_path)).validation.sampling_steps or DEFAULT_STEPS
+        steps = recipe.validation.sampling_steps or DEFAULT_STEPS
+    source, rev, subfolder = (base, None, None) if base is not None else base_of(info)
+    ref = resolve_model(source, rev, subfolder)
+    if ref.is_demo:
+        if prompt is not None:
+            raise SampleError("--prompt applies to pipelines; the demo model's prompt is drawn from --seed (or give --inputs)")
+        return _sample_demo(out_dir, base, inputs, seed, steps, device)
+    if not ref.pipeline_dir:
+        raise SampleError(
+            f"the base {ref.path!r} is a bare transformer: no text encoder and no VAE to sample with; "
+            "pass --base with its diffusers pipeline (folder or Hub ID)"
+        )
+    return _sample_pipeline(out_dir, ref, recipe, base, inputs, seed, steps, device, prompt)
+
+
+def _sample_demo(out_dir: Path, base: str | None, inputs: dict[str, Any] | None, seed: int, steps: int, device: str | None) -> SampleResult:
+    from .drift import sample_latents
+    from .layers import set_attention_mode
+    from .output import load_converted
     from .pipeline_loading import demo_scheduler
 
     scheduler = demo_scheduler()  # the drift check's, through pipeline_loading.load_scheduler
@@ -178,6 +226,92 @@ def sample_side_by_side(
         seed=seed,
         scheduler=type(scheduler).__name__,
         prompt=prompt,
+    )
+
+
+def load_pipeline(model: torch.nn.Module, ref: Any, device: Any) -> Any:
+    """The diffusers pipeline of `ref` (loading.ModelRef with a pipeline_dir) around `model` as its
+    transformer, on `device`, progress bars off."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    where = ref.pipeline_dir
+    kwargs = {"revision": ref.revision} if ref.revision else {}
+    try:
+        # The concrete class: only its from_pretrained takes our transformer in place of its own.
+        name = DiffusionPipeline.load_config(where, **kwargs)["_class_name"]
+        cls = getattr(diffusers, name, None)
+        if cls is None:
+            raise SampleError(f"{where}: its pipeline class {name!r} is not in diffusers {diffusers.__version__}")
+        pipe = cls.from_pretrained(where, transformer=model, torch_dtype=model.dtype, **kwargs)
+    except SampleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - many ways a folder is not a loadable pipeline
+        raise SampleError(f"cannot load the diffusers pipeline {where!r}: {first_line(exc)}") from None
+    if getattr(pipe, "transformer", None) is not model:
+        raise SampleError(f"the pipeline {where!r} did not take the converted transformer")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def video_frames(output: Any) -> np.ndarray:
+    """A pipeline's first video (output_type "np": ``[B, F, H, W, 3]`` in [0, 1]) as uint8 frames ``[F, H, W, 3]``."""
+    video = output.frames[0] if hasattr(output, "frames") else output[0][0]
+    if isinstance(video, torch.Tensor):
+        video = video.detach().float().cpu().numpy()
+    if isinstance(video, list):  # PIL images
+        video = np.stack([np.asarray(im.convert("RGB")) for im in video]).astype(np.float32) / 255.0
+    video = np.asarray(video, dtype=np.float32)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise SampleError(f"the pipeline returned frames of shape {list(video.shape)}, not [F, H, W, 3]")
+    return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _sample_pipeline(
+    out_dir: Path, ref: Any, recipe: Any, base: str | None, inputs: dict[str, Any] | None, seed: int, steps: int, device: str | None, prompt: str | None
+) -> SampleResult:
+    import inspect
+
+    from .layers import set_attention_mode
+    from .output import load_converted
+
+    unknown = sorted(set(inputs or {}) - set(PIPELINE_INPUTS))
+    if unknown:
+        raise SampleError(f"--inputs {unknown[0]!r}: a pipeline takes {', '.join(PIPELINE_INPUTS)} from an inputs file")
+    model = load_converted(out_dir, base=base, device=device)
+    dev = next(model.parameters()).device
+    pipe = load_pipeline(model, ref, dev)
+    accepted = inspect.signature(pipe.__call__).parameters
+    cal = recipe.calibration
+    call: dict[str, Any] = {"num_frames": cal.frames, "height": cal.height, "width": cal.width}
+    call = {k: v for k, v in call.items() if k in accepted}
+    call |= {"num_inference_steps": steps, "output_type": "np"}
+    call |= {k: v.to(dev) for k, v in (inputs or {}).items()}
+    if "prompt_embeds" not in call:
+        prompt = prompt or DEFAULT_PROMPT
+        call["prompt"] = prompt
+    frames = {}
+    try:
+        for mode in ("teacher", "student"):
+            set_attention_mode(model, mode)
+            # A CPU generator seeded alike: both runs start from the same noise, on any device.
+            frames[mode] = video_frames(pipe(**call, generator=torch.Generator().manual_seed(seed)))
+    finally:
+        set_attention_mode(model, "student")
+    return SampleResult(
+        teacher=frames["teacher"],
+        student=frames["student"],
+        teacher_latents=None,
+        student_latents=None,
+        noise=None,
+        inputs={k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in call.items()},
+        psnr_db=frame_psnr(frames["teacher"], frames["student"]),
+        steps=steps,
+        seed=seed,
+        scheduler=type(pipe.scheduler).__name__,
+        prompt=prompt,
+        pipeline=type(pipe).__name__,
     )
 
 
@@ -350,6 +484,8 @@ __all__ = [
     "default_video_suffix",
     "frame_psnr",
     "latents_to_frames",
+    "load_pipeline",
+    "read_inputs_file",
     "sample_side_by_side",
     "side_by_side",
     "write_contact_sheet",

@@ -122,3 +122,90 @@ def test_bad_input_is_one_line_and_exit_2(converted, tmp_path, args, contains):
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert contains.lower() in doc["error"].lower(), doc["error"]
+
+
+# -- a whole diffusers pipeline ---------------------------------------------------------------------
+
+PIPE_SIZE = {"calibration.synthetic": "gaussian", "calibration.frames": 5, "calibration.height": 32, "calibration.width": 32,
+             "calibration.vae_scale_temporal": 4, "calibration.vae_scale_spatial": 8}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipeline_conversion(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A tiny real WanPipeline (save_pretrained), converted with `convert --sample`."""
+    pytest.importorskip("transformers")
+    from tiny_models import save_tiny_wan_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    save_tiny_wan_pipeline(root / "wan-pipe")
+    recipe = root / "pipe.yaml"
+    recipe.write_text(load_recipe("tiny-wan").with_overrides(fields={**FAST, **PIPE_SIZE, "validation.sampling_steps": 2}).to_yaml())
+    out = root / "wan-hla"
+    result = invoke("convert", root / "wan-pipe", "--recipe", recipe, "--out", out, "--steps", 0, "--device", "cpu", "--sample", "--json")
+    assert result.exit_code in (0, 1), result.stderr
+    return root / "wan-pipe", out, json.loads(result.stdout)
+
+
+def test_convert_sample_puts_a_pipeline_sample_in_the_folder_and_card(pipeline_conversion):
+    from hla_convert.output_guard import foreign_entries
+    from hla_convert.sampling import default_video_suffix
+
+    _, out, doc = pipeline_conversion
+    sample = doc["sample"]
+    assert (sample["pipeline"], sample["frames"], sample["height"], sample["width"], sample["steps"]) == ("WanPipeline", 5, 32, 32, 2)
+    frames = iio.imread(out / f"sample{default_video_suffix()}", index=None)
+    assert frames.shape[1:] == (128, 260, 3) and 1 <= frames.shape[0] <= 5  # 32 px frames upscaled x4
+    card = (out / "README.md").read_text()
+    assert "## Sample" in card and "](sample.png)" in card and "FlowMatchEulerDiscreteScheduler" in card
+    assert foreign_entries(out) == []
+
+
+def test_pipeline_teacher_is_the_plain_pipeline_from_the_same_seed(pipeline_conversion, tmp_path):
+    from diffusers import WanPipeline
+
+    from hla_convert.sampling import sample_side_by_side, video_frames
+
+    pipe_dir, out, _ = pipeline_conversion
+    result = sample_side_by_side(out, prompt="a red fox runs", seed=3, steps=2, device="cpu")
+    assert result.teacher.shape == (5, 32, 32, 3) and result.prompt == "a red fox runs"
+    plain = WanPipeline.from_pretrained(pipe_dir)  # the unconverted base, as diffusers loads it
+    plain.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red fox runs", num_frames=5, height=32, width=32, num_inference_steps=2, output_type="np")
+    expected = video_frames(plain(**call, generator=torch.Generator().manual_seed(3)))
+    assert np.abs(result.teacher.astype(int) - expected.astype(int)).max() <= 1  # uint8 rounding of ~1e-6 differences
+    assert not np.array_equal(result.student, result.teacher) and min(result.psnr_db) < 200
+    other = video_frames(plain(**call, generator=torch.Generator().manual_seed(4)))
+    assert np.abs(other.astype(int) - expected.astype(int)).max() > 1  # the seed is the noise
+
+
+def test_pipeline_sample_from_an_inputs_file(pipeline_conversion, tmp_path):
+    from safetensors.torch import save_file
+
+    _, out, _ = pipeline_conversion
+    g = torch.Generator().manual_seed(0)
+    save_file({"prompt_embeds": torch.randn(1, 7, 16, generator=g)}, str(tmp_path / "embeds.safetensors"))
+    result = invoke("sample", out, "--inputs", tmp_path / "embeds.safetensors", "--steps", 1, "--out", tmp_path / "e.gif", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["prompt"] is None and doc["frames"] == 5 and (tmp_path / "e.png").is_file()
+    save_file({"hidden_states": torch.zeros(1, 4, 2, 4, 4)}, str(tmp_path / "bad.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    for args, contains in (
+        (["--inputs", tmp_path / "bad.safetensors"], "a pipeline takes prompt_embeds"),
+        (["--inputs", tmp_path / "junk.safetensors"], "not a readable safetensors file"),
+        (["--inputs", tmp_path / "embeds.safetensors", "--prompt", "a fox"], "not both"),
+    ):
+        bad = invoke("sample", out, *args, "--out", tmp_path / "x.gif")
+        lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+        assert bad.exit_code == 2 and len(lines) == 1 and contains in lines[0], bad.stderr
+
+
+def test_what_cannot_be_sampled_is_refused_in_one_line(converted, tmp_path):
+    from tiny_models import tiny_wan
+
+    demo = invoke("sample", converted, "--prompt", "a fox", "--out", tmp_path / "x.gif")
+    assert demo.exit_code == 2 and "--prompt applies to pipelines" in demo.stderr
+    tiny_wan().save_pretrained(tmp_path / "bare")
+    bare = invoke("convert", tmp_path / "bare", "--recipe", "tiny-wan", "--out", tmp_path / "o", "--sample")
+    assert bare.exit_code == 2 and "bare transformer" in bare.stderr and len(bare.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # refused before the run

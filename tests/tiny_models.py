@@ -442,3 +442,44 @@ def output_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     return out
+
+
+# -- a whole pipeline -------------------------------------------------------------------------------
+
+
+TINY_VOCAB = "a an the red fox cat dog runs across snowy snow meadow forest over sea boat".split()
+
+
+def save_tiny_wan_pipeline(folder: Any, transformer: nn.Module | None = None) -> Any:
+    """A real WanPipeline from configs only, saved with save_pretrained into `folder`: a word-level
+    tokenizer (TINY_VOCAB), a 1-layer UMT5 encoder (d_model 16 = tiny_wan's text_dim), a tiny
+    AutoencoderKLWan (z_dim 4 = tiny_wan's channels; 4x temporal, 8x spatial), the FlowMatch Euler
+    scheduler (shift 3) and `transformer` (default tiny_wan()). Seeded; returns the pipeline."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in TINY_VOCAB:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    config = UMT5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8)
+    text_encoder = _seeded(lambda: UMT5EncoderModel(config), 1)
+    vae = _seeded(
+        lambda: AutoencoderKLWan(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ),
+        2,
+    )  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer if transformer is not None else tiny_wan(),
+    )
+    pipe.save_pretrained(folder)
+    return pipe
