@@ -231,3 +231,18 @@ def test_a_revision_the_hub_does_not_have_is_one_line(hub, monkeypatch):
         resolve_output_dir(REPO, revision="nope")
     with pytest.raises(HubError, match="is not a model on the Hugging Face Hub"):
         resolve_output_dir("nobody/nothing")
+
+
+def test_sample_a_hub_id_offline_writes_here(converted, tmp_path, hub, monkeypatch):
+    from hla_convert.sampling import default_video_suffix
+
+    folder = with_verdict(converted, tmp_path / "passed", True)
+    assert invoke("push", folder, "--repo-id", REPO).exit_code == 0
+    hub.uninstall()
+    offline(monkeypatch, hub.cache_dir)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("sample", REPO, "--steps", 1, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    video = Path(f"demo-hla-sample{default_video_suffix()}")
+    assert json.loads(result.stdout)["files"]["video"] == str(video)
+    assert (tmp_path / video).is_file() and (tmp_path / video.with_suffix(".png")).is_file()
