@@ -245,6 +245,33 @@ def sweep(grid, r):
     return rows, best
 
 
+PROBE = [  # (kernel config overrides) tried for finiteness and error at r = 64, bf16
+    {},
+    {"fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+    {"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "G": 2}},
+    {"fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "G": 2}},
+    {"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}},
+    {"fwd": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4}},
+]
+
+
+def probe(r=64):
+    """Which forward launch configs give finite, right bf16 outputs at this r (one check each)."""
+    rows = []
+    for over in PROBE:
+        saved = {n: dict(c) for n, c in hy.GPU_CONFIG.items()}
+        for n, c in over.items():
+            hy.GPU_CONFIG[n] = dict(c)
+        try:
+            res = check((3, 30, 52), r)["bf16"]
+        except Exception as e:
+            res = {"error": repr(e)[:300]}
+        hy.GPU_CONFIG.update(saved)
+        rows.append({"r": r, "override": over, "check": res})
+        log(f"probe r={r} {over}: {json.dumps(res)[:400]}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -253,6 +280,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true", help="time with the sweep's best configs")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="only: which forward configs are right at r = 64 in bf16")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", ""))
     args = ap.parse_args()
@@ -268,6 +296,10 @@ def main():
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    if args.probe:
+        res["probe"] = probe()
+        save()
+        return 0
     if args.sweep:
         for r in rs:
             log(f"sweep r={r} at {grids[0]}")

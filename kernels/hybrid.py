@@ -223,7 +223,7 @@ def _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, eps):
         *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(q1), *hk._s3(q2), *hk._s3(out), n,
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(eps),
         float(-SHIFT_FLOOR * _LOG2E), float(math.exp(SHIFT_FLOOR)),
-        D=d, DV=dv, R=r, G=_g(r, fp32, interp), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
         **_launch(cfg, interp),
     )
@@ -244,7 +244,6 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     wb = torch.zeros((2, b * h, n), dtype=torch.float32, device=q.device)
     dbeta = hk._empty((b * h, n), torch.float32, q.device)
     km = kmask if kmask is not None else q
-    g = _g(r, fp32, interp)
     nblk = lay.nb + (1 if lay.tl else 0)
     cfg = _config("dq", interp, fp32)
     mod._hyb_dq_kernel[(hk.triton_cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), nblk, b * h)](
@@ -252,7 +251,7 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
         dq, dq1, dq2, wb, dbeta,
         *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(q1), *hk._s3(q2), *hk._s3(do), *hk._s3(dq), *hk._s3(dq2), n,
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
-        D=d, DV=dv, R=r, G=g, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
         **_launch(cfg, interp),
     )
@@ -272,7 +271,7 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
         *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(k1), *hk._s3(k2), *hk._s3(do),
         *hk._s3(dk), *hk._s3(dvv), *hk._s3(dk1), *hk._s3(dk2), n,
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
-        D=d, DV=dv, R=r, G=g, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
         **_launch(cfg, interp),
     )

@@ -69,7 +69,7 @@ def _compare(grid, window, text, first, mask, tensors, do, dtype, device="cpu"):
                               grid, window, (0, 0, 0), text, first, kmask)
     assert out.dtype == dtype and out.shape == ref.shape
     out.backward(do.to(device, dtype))
-    return [_rel(out, ref)] + [_rel(a.grad, r.grad) for a, r in zip(ker_in, ref_in)]
+    return [_rel(out.cpu(), ref)] + [_rel(a.grad.cpu(), r.grad) for a, r in zip(ker_in, ref_in)]
 
 
 CASES = [

@@ -72,6 +72,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hybrid-lora-temp": {**HYBRID, "attention.learn_temperature": True, **LORA},
     "hybrid-lora-ffn": {**HYBRID, **LORA, "stage2.lora_ffn": True},
     "hybrid-lora-keep2": {**HYBRID, **LORA, "attention.softmax_layers": 2},
+    # r / head dim = 1/4 instead of 1/2: what r = 32 instead of 64 is on a 128-dim model (Wan 1.3B)
+    "hybrid-lora-keep2-r16": {**HYBRID, **LORA, "attention.softmax_layers": 2, "attention.feature_dim": 16},
 }
 DEFAULT_CONFIGS = [c for c in CONFIGS if c != "softmax"]
 
