@@ -164,6 +164,11 @@ class HLAAttention(nn.Module):
                 raise RuntimeError("block-causal hybrid attention with text tokens in the same sequence is not supported")
             return ops.hybrid_block_causal(q, k, v, qf, kf, scale, self.log_beta, block, key_mask, c.eps)
         if c.kind in ("hadamard", "linear"):  # linear: one factor of width r**F
+            kern = _kernels() if q.is_cuda and c.kind == "hadamard" else None
+            if kern is not None and hasattr(kern, "causal_supports"):
+                qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
+                if kern.causal_supports(qk, kk, v, block):
+                    return kern.causal_hadamard_attention(qk, kk, v, key_mask, c.eps, block)
             return ops.hadamard_attention(qf, kf, v, key_mask, c.eps, causal=True, block_size=block)
         if c.kind == "higher_order":
             return ops.higher_order_attention(qf[0], kf[0], v, key_mask, c.normalize, c.eps, causal=True, block_size=block)

@@ -15,15 +15,26 @@
     hybrid_supports(...) / hybrid_unsupported_reason(...)
         the same questions for hybrid_attention (other windows, halos, far kinds: the reference).
 
+    causal_hadamard_attention(q_feats, k_feats, v, key_mask=None, eps=1e-6, block_size=1)
+        (block-)causal Hadamard linear attention, F = 2, chunked, forward and backward; same
+        contract as hla_convert.ops.hadamard_attention(..., causal=True, block_size=...).
+    causal_supports(q_feats, k_feats, v, block_size=1) / causal_unsupported_reason(...)
+
 Kernels run on CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (read when called).
 """
 
+from .causal import causal_hadamard_attention
+from .causal import supports as causal_supports
+from .causal import unsupported_reason as causal_unsupported_reason
 from .hadamard import hadamard_attention, supports, unsupported_reason
 from .hybrid import hybrid_attention
 from .hybrid import supports as hybrid_supports
 from .hybrid import unsupported_reason as hybrid_unsupported_reason
 
 __all__ = [
+    "causal_hadamard_attention",
+    "causal_supports",
+    "causal_unsupported_reason",
     "hadamard_attention",
     "hybrid_attention",
     "hybrid_supports",

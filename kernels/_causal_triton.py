@@ -1,0 +1,277 @@
+"""Triton kernels for chunked (block-)causal Hadamard linear attention, F = 2.
+
+Loaded by `hla_kernels.causal` through importlib, once per mode (compiled or interpreted), after
+the Hadamard module of the same mode, whose jitted helpers these kernels call (see
+_hadamard_triton.py for the Kronecker-in-registers scheme and the EMU rounding).
+
+Per head, tokens in chunks of C; p(t) = t // bs the causal time (bs = 1: token-level causal).
+The host gives each chunk c the state it reads, Tsel[c] [R*R, DV] and Zsel[c] [R, R]:
+  token mode (bs divides C): the state of every earlier chunk; the chunk's own keys are the
+      intra part, an exact masked [BLOCK_M, BLOCK_N] product per tile pair (p_j <= p_i);
+  block mode (C divides bs): the state through the end of the chunk's causal block; no intra.
+
+Kernels:
+  _readout_kernel  O = (kk_q Tsel + sum_intra a_ij v_j) / (kk_q zsel + sum_intra a_ij + eps)
+                   and den, with a_ij = (q1_i.k1_j)(q2_i.k2_j) w_j
+  _dq_kernel       dQ1 = [E1 | written per column block] + [z and intra terms], dQ2
+  _dkdv_kernel     dK1, dK2, dV from the per-chunk dT, dz (inter) and the intra tiles
+with g_i = dO_i / den_i and e_i = -(dO_i . O_i) / den_i the gradients of the numerator and the
+denominator, precomputed on the host.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+import triton.language as tl
+
+_h = sys.modules[__name__.replace("_causal_triton", "_hadamard_triton")]
+_rsum = _h._rsum
+_mm = _h._mm
+_store_cast = _h._store_cast
+_outer_cols = _h._outer_cols
+_kron_dot = _h._kron_dot
+_kron_grads = _h._kron_grads
+
+
+@triton.jit
+def _intra_weights(q1, q2, k1, k2, offs_m, offs_n, w, BS, DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """(a, s1, s2, keep) for a query tile x key tile: s_f = q_f k_f^T [M, N] fp32, keep = p_j <= p_i
+    and w_j (0/1 key weights incl. the sequence end), a = s1 s2 keep."""
+    zero = tl.full((offs_m.shape[0], offs_n.shape[0]), 0.0, tl.float32)
+    s1 = _mm(q1, tl.trans(k1), zero, DOT_DT, PREC, EMU)
+    s2 = _mm(q2, tl.trans(k2), zero, DOT_DT, PREC, EMU)
+    keep = tl.where((offs_n[None, :] // BS) <= (offs_m[:, None] // BS), 1.0, 0.0) * w[None, :]
+    return s1 * s2 * keep, s1, s2, keep
+
+
+@triton.jit
+def _readout_kernel(
+    Q1, Q2, K1, K2, V, W, T, Z, Out, Den,
+    s1b, s1h, s1n, s2b, s2h, s2n, sk1b, sk1h, sk1n, sk2b, sk2h, sk2n, svb, svh, svn, swb, swn,
+    sob, soh, son,
+    BH, H, N, C, BS, eps,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTRA: tl.constexpr, HAS_W: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    BLOCK_A: tl.constexpr = G * R
+    A: tl.constexpr = R * R
+    m0 = pid_m * BLOCK_M
+    c = m0 // C
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mmask = offs_m < N
+    offs_r = tl.arange(0, R)
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    p1 = Q1 + b * s1b + h * s1h
+    first = tl.load(p1 + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0)
+    last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
+    t_ptr = T + (c * BH + bh) * A * DV
+
+    acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
+    for o0 in range(0, R, G):
+        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
+        qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
+    zmat = tl.load(Z + (c * BH + bh) * A + offs_r[:, None] * R + offs_r[None, :])
+    if EMU:
+        zq = tl.dot(last.to(tl.float32), tl.trans(zmat))
+    else:
+        zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
+    den = _rsum(first.to(tl.float32) * zq, axis=1)
+
+    if INTRA:
+        # keys of the own chunk up to the last query's block end
+        hi = tl.minimum(tl.minimum((m0 + BLOCK_M - 1) // BS * BS + BS, (c + 1) * C), N)
+        for n0 in range(c * C, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < hi
+            k1 = tl.load(K1 + b * sk1b + h * sk1h + offs_n[:, None] * sk1n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            k2 = tl.load(K2 + b * sk2b + h * sk2h + offs_n[:, None] * sk2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0)
+            if HAS_W:
+                w = tl.load(W + b * swb + offs_n * swn, mask=nmask, other=0.0)
+            else:
+                w = tl.where(nmask, 1.0, 0.0)
+            a, s1, s2, keep = _intra_weights(first, last, k1, k2, offs_m, offs_n, w, BS, DOT_DT, PREC, EMU)
+            den += _rsum(a, axis=1)
+            acc = _mm(a, v, acc, DOT_DT, PREC, EMU)
+
+    den = den + eps
+    out = acc / den[:, None]
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_c[None, :], _store_cast(out, Out.dtype.element_ty, EMU), mask=mmask[:, None])
+    tl.store(Den + bh * N + offs_m, den, mask=mmask)
+
+
+@triton.jit
+def _dq_kernel(
+    Q1, Q2, K1, K2, V, W, T, Z, dO, Wb, dQ1a, dQ1b, dQ2,
+    s1b, s1h, s1n, s2b, s2h, s2n, sk1b, sk1h, sk1n, sk2b, sk2h, sk2n, svb, svh, svn, swb, swn,
+    sdob, sdoh, sdon,
+    BH, H, N, C, BS,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTRA: tl.constexpr, HAS_W: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    """dQ1a [BH, N, R] fp32: the state term, one column block per step; dQ1b [BH, N, R] fp32: the
+    normaliser and intra terms; dQ2 [BH, N, R] fp32: all of it. The host adds dQ1a + dQ1b."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    BLOCK_A: tl.constexpr = G * R
+    A: tl.constexpr = R * R
+    m0 = pid_m * BLOCK_M
+    c = m0 // C
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mmask = offs_m < N
+    offs_r = tl.arange(0, R)
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    offs_g = tl.arange(0, G)
+    p1 = Q1 + b * s1b + h * s1h
+    first = tl.load(p1 + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0)
+    last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
+    rden = tl.load(Wb + bh * N + offs_m, mask=mmask, other=0.0)  # 1 / den
+    e = tl.load(Wb + (BH + bh) * N + offs_m, mask=mmask, other=0.0)  # -delta / den
+    do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
+    g = do.to(tl.float32) * rden[:, None]  # the numerator's gradient
+
+    t_ptr = T + (c * BH + bh) * A * DV
+    lastf = last.to(tl.float32)
+    firstf = first.to(tl.float32)
+    dq2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
+    for o0 in range(0, R, G):
+        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        ee = _mm(g, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
+        e1, de2 = _kron_grads(ee, cols, lastf, BLOCK_M, G, R)
+        dq2 += de2
+        tl.store(dQ1a + bh * N * R + offs_m[:, None] * R + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
+
+    zmat = tl.load(Z + (c * BH + bh) * A + offs_r[:, None] * R + offs_r[None, :])
+    if EMU:
+        zq1 = tl.dot(lastf, tl.trans(zmat))
+        zq2 = tl.dot(firstf, zmat)
+    else:
+        zq1 = tl.dot(lastf, tl.trans(zmat), input_precision=SMALL_PREC)
+        zq2 = tl.dot(firstf, zmat, input_precision=SMALL_PREC)
+    dq1 = e[:, None] * zq1
+    dq2 += e[:, None] * zq2
+
+    if INTRA:
+        hi = tl.minimum(tl.minimum((m0 + BLOCK_M - 1) // BS * BS + BS, (c + 1) * C), N)
+        for n0 in range(c * C, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < hi
+            k1 = tl.load(K1 + b * sk1b + h * sk1h + offs_n[:, None] * sk1n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            k2 = tl.load(K2 + b * sk2b + h * sk2h + offs_n[:, None] * sk2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0)
+            if HAS_W:
+                w = tl.load(W + b * swb + offs_n * swn, mask=nmask, other=0.0)
+            else:
+                w = tl.where(nmask, 1.0, 0.0)
+            a, s1, s2, keep = _intra_weights(first, last, k1, k2, offs_m, offs_n, w, BS, DOT_DT, PREC, EMU)
+            da = _mm(g, tl.trans(v), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), DOT_DT, PREC, EMU) + e[:, None]
+            da = da * keep
+            dq1 = _mm(da * s2, k1, dq1, DOT_DT, PREC, EMU)
+            dq2 = _mm(da * s1, k2, dq2, DOT_DT, PREC, EMU)
+
+    base = bh * N * R + offs_m[:, None] * R + offs_r[None, :]
+    tl.store(dQ1b + base, dq1, mask=mmask[:, None])
+    tl.store(dQ2 + base, dq2, mask=mmask[:, None])
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q1, Q2, K1, K2, V, W, dT, dZ, dO, Wb, dK1a, dK1b, dK2, dV,
+    s1b, s1h, s1n, s2b, s2h, s2n, sk1b, sk1h, sk1n, sk2b, sk2h, sk2n, svb, svh, svn, swb, swn,
+    sdob, sdoh, sdon,
+    BH, H, N, C, BS,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTRA: tl.constexpr, HAS_W: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    """Key tile (BLOCK_N keys of chunk c): dV = w (kk dT_c + intra A^T g), dkk = w (V dT_c^T + dz_c)
+    pulled back through the Kronecker product (dK1a per column block, dK2), and the intra
+    gradients dK1b, dK2 from dS_f = dA (.) s_other. All outputs [BH, N, .] fp32."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    BLOCK_A: tl.constexpr = G * R
+    A: tl.constexpr = R * R
+    n0 = pid_n * BLOCK_N
+    c = n0 // C
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_r = tl.arange(0, R)
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    offs_g = tl.arange(0, G)
+    pk1 = K1 + b * sk1b + h * sk1h
+    k1 = tl.load(pk1 + offs_n[:, None] * sk1n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+    k2 = tl.load(K2 + b * sk2b + h * sk2h + offs_n[:, None] * sk2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0)
+    if HAS_W:
+        w = tl.load(W + b * swb + offs_n * swn, mask=nmask, other=0.0)
+    else:
+        w = tl.where(nmask, 1.0, 0.0)
+    k2f = k2.to(tl.float32)
+
+    t_ptr = dT + (c * BH + bh) * A * DV
+    z_ptr = dZ + (c * BH + bh) * A
+    dv_acc = tl.full((BLOCK_N, DV), 0.0, tl.float32)
+    dk2 = tl.full((BLOCK_N, R), 0.0, tl.float32)
+    for o0 in range(0, R, G):
+        cols = _outer_cols(pk1, sk1n, offs_n, nmask, o0, G).to(tl.float32)
+        kk = _kron_dot(cols, k2f, BLOCK_N, G, R, DOT_DT, EMU)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        z = tl.load(z_ptr + rows)
+        dv_acc = _mm(kk, t, dv_acc, DOT_DT, PREC, EMU)
+        dkk = _mm(v, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
+        dcols, dl = _kron_grads(dkk, cols, k2f, BLOCK_N, G, R)
+        dk2 += dl
+        tl.store(dK1a + bh * N * R + offs_n[:, None] * R + (o0 + offs_g)[None, :], dcols * w[:, None], mask=nmask[:, None])
+    # the inter terms carry the key weight here; the intra ones carry it in `keep`
+    dv_acc = dv_acc * w[:, None]
+    dk2 = dk2 * w[:, None]
+    dk1 = tl.full((BLOCK_N, R), 0.0, tl.float32)
+
+    if INTRA:
+        # queries of the own chunk from the first key's block start; tiles start on BLOCK_M
+        lo = (n0 // BS * BS) // BLOCK_M * BLOCK_M
+        hi = tl.minimum((c + 1) * C, N)
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mmask = offs_m < hi
+            q1 = tl.load(Q1 + b * s1b + h * s1h + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0)
+            q2 = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
+            rden = tl.load(Wb + bh * N + offs_m, mask=mmask, other=0.0)
+            e = tl.load(Wb + (BH + bh) * N + offs_m, mask=mmask, other=0.0)
+            do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
+            g = do.to(tl.float32) * rden[:, None]
+            a, s1, s2, keep = _intra_weights(q1, q2, k1, k2, offs_m, offs_n, w, BS, DOT_DT, PREC, EMU)  # [M, N]
+            dv_acc = _mm(tl.trans(a), g, dv_acc, DOT_DT, PREC, EMU)
+            da = _mm(g, tl.trans(v), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), DOT_DT, PREC, EMU) + e[:, None]
+            da = da * keep
+            dk1 = _mm(tl.trans(da * s2), q1, dk1, DOT_DT, PREC, EMU)
+            dk2 = _mm(tl.trans(da * s1), q2, dk2, DOT_DT, PREC, EMU)
+
+    base = bh * N * R + offs_n[:, None] * R + offs_r[None, :]
+    tl.store(dK1b + base, dk1, mask=nmask[:, None])
+    tl.store(dK2 + base, dk2, mask=nmask[:, None])
+    tl.store(dV + bh * N * DV + offs_n[:, None] * DV + offs_c[None, :], dv_acc, mask=nmask[:, None])

@@ -1,0 +1,269 @@
+"""Host side of the chunked (block-)causal Hadamard linear attention kernels, F = 2.
+
+Same contract as `hla_convert.ops.hadamard_attention(..., causal=True, block_size=bs)`
+(ops/causal_hadamard.py): with p(t) = t // bs,
+
+    a_tj = [p_j <= p_t] (q1_t . k1_j)(q2_t . k2_j) w_j,   o_t = sum_j a_tj v_j / (sum_j a_tj + eps)
+
+Forward: per-chunk key states T_c = sum_{j in c} kron(k1_j, k2_j) (x) w_j v_j and Z_c (the
+Hadamard module's _state_kernel / _zstate_kernel with one split per chunk), a prefix sum over
+chunks on the host (torch.cumsum), then one readout kernel: each query tile reads the state of
+its chunk's past and, in token mode, adds the exact masked product with its own chunk's keys.
+Backward: the per-chunk gradients of the selected states (the same two state kernels over the
+queries), summed back over the chunks that read them, a dq kernel and a dk/dv kernel, each with
+its intra-chunk tiles. Extra memory: O(N / C * R^2 * dv) per head for the chunk states.
+
+Chunking: token mode when bs divides the chunk C (bs = 1 included), block mode when C divides bs
+(the state then runs through the whole causal block and no intra part is needed). Other block
+sizes use the largest power of two dividing bs as C, or are unsupported (the reference runs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from . import hadamard as hk
+
+_MODULES: dict[bool, ModuleType] = {}
+
+# chunk length and intra tile sizes; G as in the Hadamard kernels (outer indices per step)
+GPU_CONFIG = {"C": 256, "BLOCK_M": 64, "BLOCK_N": 64, "G": 2, "num_warps": 8, "num_stages": 2, "min_chunk": 16}
+INTERP_CONFIG = {"C": 16, "BLOCK_M": 8, "BLOCK_N": 8, "G": 2, "min_chunk": 4}
+
+
+def _kernels(interp: bool) -> ModuleType:
+    """The causal kernel module for `interp` (after the Hadamard module of that mode, whose helpers it uses)."""
+    mod = _MODULES.get(interp)
+    if mod is not None:
+        return mod
+    hk._kernels(interp)
+    name = f"hla_kernels._causal_triton_{'interp' if interp else 'jit'}"
+    path = pathlib.Path(__file__).with_name("_causal_triton.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interp else "0"
+    try:
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    _MODULES[interp] = mod
+    return mod
+
+
+def _config(interp: bool) -> dict:
+    return dict(INTERP_CONFIG if interp else GPU_CONFIG)
+
+
+def plan(n: int, block_size: int, interp: bool) -> tuple[int, bool] | str:
+    """(chunk C, token_mode) for this block size, or the reason there is none."""
+    cfg = _config(interp)
+    c0 = cfg["C"]
+    if block_size < 1:
+        return f"block_size = {block_size}: need >= 1"
+    if c0 % block_size == 0:
+        return c0, True
+    if block_size % c0 == 0:
+        return c0, False
+    c = block_size & -block_size  # the largest power of two dividing it
+    if c < cfg["min_chunk"]:
+        return f"block_size = {block_size}: neither divides nor is a multiple of a chunk of >= {cfg['min_chunk']} tokens"
+    return c, False
+
+
+def unsupported_reason(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v: torch.Tensor, block_size: int = 1) -> str | None:
+    reason = hk.unsupported_reason(q_feats, k_feats, v)
+    if reason is not None:
+        return reason
+    p = plan(v.shape[2], block_size, hk.interpreting())
+    return p if isinstance(p, str) else None
+
+
+def supports(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v: torch.Tensor, block_size: int = 1) -> bool:
+    return unsupported_reason(q_feats, k_feats, v, block_size) is None
+
+
+def _chunk_states(hmod, p1, p2, x, w, chunk: int, interp: bool, dot, name: str) -> torch.Tensor:
+    """[nc, B*H, R*R, DV] fp32: per chunk, sum_n kron(p1_n, p2_n) (x) w_n x_n."""
+    b, h, n, r = p1.shape
+    dv = x.shape[-1]
+    cfg = hk._kernel_config(name, r, interp, hk._is_fp32(dot))
+    g = cfg["G"]
+    nc = hk.triton_cdiv(n, chunk)
+    out = torch.empty((nc, b * h, r * r, dv), dtype=torch.float32, device=x.device)
+    wt, ws = w if w is not None else (x, (0, 0, 0))
+    hmod._state_kernel[(r // g, b * h, nc)](
+        p1, p2, x, wt, out,
+        *hk._s3(p1), *hk._s3(p2), *hk._s3(x), *ws,
+        h, n, chunk,
+        R=r, DV=dv, G=g, BLOCK_N=min(cfg["BLOCK_N"], chunk), HAS_W=w is not None,
+        TRANS_ACC=cfg.get("TRANS_ACC", False), PREFETCH=cfg.get("PREFETCH", True),
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **hk._launch_extra(cfg, interp),
+    )
+    return out
+
+
+def _chunk_z(hmod, p1, p2, w, chunk: int, interp: bool) -> torch.Tensor:
+    """[nc, B*H, R*R] fp32: per chunk, sum_n w_n p1_n p2_n^T."""
+    b, h, n, r = p1.shape
+    cfg = hk._kernel_config("zstate", r, interp)
+    nc = hk.triton_cdiv(n, chunk)
+    out = torch.empty((nc, b * h, r * r), dtype=torch.float32, device=p1.device)
+    wt, ws = w if w is not None else (p1, (0, 0, 0))
+    hmod._zstate_kernel[(b * h, nc)](
+        p1, p2, wt, out,
+        *hk._s3(p1), *hk._s3(p2), *ws,
+        h, n, chunk,
+        R=r, BLOCK_N=min(cfg["BLOCK_N"], chunk), HAS_W=w is not None, EMU=interp, **hk._launch_extra(cfg, interp),
+    )
+    return out
+
+
+def _read_index(nc: int, chunk: int, block_size: int, token_mode: bool, device) -> torch.Tensor:
+    """Per chunk, how many leading chunks its state sums (an index into the padded prefix sums)."""
+    c = torch.arange(nc, device=device)
+    if token_mode:
+        return c
+    per = block_size // chunk  # chunks per causal block
+    return ((c // per + 1) * per).clamp(max=nc)
+
+
+def _select(loc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sel[c] = sum_{c' < idx[c]} loc[c']."""
+    pref = torch.cat([torch.zeros_like(loc[:1]), loc.cumsum(0)])
+    return pref.index_select(0, idx)
+
+
+def _select_backward(dsel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The transpose of _select: dloc[c'] = sum_{c: idx[c] > c'} dsel[c]."""
+    bins = torch.zeros((dsel.shape[0] + 1, *dsel.shape[1:]), dtype=dsel.dtype, device=dsel.device)
+    bins.index_add_(0, idx, dsel)
+    return bins.flip(0).cumsum(0).flip(0)[1:]
+
+
+def _common(q1, v, block_size):
+    interp = v.device.type != "cuda"
+    p = plan(v.shape[2], block_size, interp)
+    assert not isinstance(p, str), p
+    chunk, token_mode = p
+    cfg = _config(interp)
+    bm, bn = min(cfg["BLOCK_M"], chunk), min(cfg["BLOCK_N"], chunk)
+    return interp, chunk, token_mode, cfg, bm, bn
+
+
+def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
+    interp, chunk, token_mode, cfg, bm, bn = _common(q1, v, block_size)
+    hmod, mod = hk._kernels(interp), _kernels(interp)
+    dot = hk._dot_setup((q1, q2, k1, k2, v), interp)
+    b, h, n, r = q1.shape
+    dv = v.shape[-1]
+    w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
+    nc = hk.triton_cdiv(n, chunk)
+    idx = _read_index(nc, chunk, block_size, token_mode, v.device)
+    tsel = hk._to_dot(_select(_chunk_states(hmod, k1, k2, v, w, chunk, interp, dot, "state"), idx), dot)
+    zsel = _select(_chunk_z(hmod, k1, k2, w, chunk, interp), idx)
+    out = hk._empty((b, h, n, dv), v.dtype, v.device)
+    den = hk._empty((b * h, n), torch.float32, v.device)
+    wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
+    mod._readout_kernel[(hk.triton_cdiv(n, bm), b * h)](
+        q1, q2, k1, k2, v, wt, tsel, zsel, out, den,
+        *hk._s3(q1), *hk._s3(q2), *hk._s3(k1), *hk._s3(k2), *hk._s3(v), wsb, wsn, *hk._s3(out),
+        b * h, h, n, chunk, block_size, float(eps),
+        R=r, DV=dv, G=min(cfg["G"], r), BLOCK_M=bm, BLOCK_N=bn, INTRA=token_mode, HAS_W=wmask is not None,
+        DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2], **_extra(cfg, interp),
+    )
+    return out, den, tsel, zsel
+
+
+def _extra(cfg: dict, interp: bool) -> dict:
+    return {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do):
+    interp, chunk, token_mode, cfg, bm, bn = _common(q1, v, block_size)
+    hmod, mod = hk._kernels(interp), _kernels(interp)
+    dot = hk._dot_setup((q1, q2, k1, k2, v), interp)
+    b, h, n, r = q1.shape
+    dv = v.shape[-1]
+    do = hk._rowmajor(do)
+    nc = hk.triton_cdiv(n, chunk)
+    idx = _read_index(nc, chunk, block_size, token_mode, v.device)
+    delta = (do.float() * out.float()).sum(-1).reshape(b * h, n)
+    wb = torch.stack([1.0 / den, -delta / den])  # [2, B*H, N]: the numerator's and denominator's weights
+    rows = (h * n, n, 1)
+    dtsel = _chunk_states(hmod, q1, q2, do, (wb[0], rows), chunk, interp, dot, "dstate")
+    dzsel = _chunk_z(hmod, q1, q2, (wb[1], rows), chunk, interp)
+    dtloc = hk._to_dot(_select_backward(dtsel, idx), dot)
+    dzloc = _select_backward(dzsel, idx)
+    f32 = dict(dtype=torch.float32, device=v.device)
+    dq1a, dq1b, dq2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
+    wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
+    common = dict(
+        R=r, DV=dv, G=min(cfg["G"], r), BLOCK_M=bm, BLOCK_N=bn, INTRA=token_mode, HAS_W=wmask is not None,
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_extra(cfg, interp),
+    )
+    strides = (*hk._s3(q1), *hk._s3(q2), *hk._s3(k1), *hk._s3(k2), *hk._s3(v), wsb, wsn, *hk._s3(do))
+    mod._dq_kernel[(hk.triton_cdiv(n, bm), b * h)](
+        q1, q2, k1, k2, v, wt, tsel, zsel, do, wb, dq1a, dq1b, dq2, *strides,
+        b * h, h, n, chunk, block_size, SMALL_PREC=None if interp else "tf32x3", **common,
+    )
+    dk1a, dk1b, dk2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
+    dvv = torch.zeros((b * h, n, dv), **f32)
+    mod._dkdv_kernel[(hk.triton_cdiv(n, bn), b * h)](
+        q1, q2, k1, k2, v, wt, dtloc, dzloc, do, wb, dk1a, dk1b, dk2, dvv, *strides,
+        b * h, h, n, chunk, block_size, **common,
+    )
+
+    def shaped(t, like):
+        return t.view(b, h, n, -1).to(like.dtype)
+
+    return shaped(dq1a + dq1b, q1), shaped(dq2, q2), shaped(dk1a + dk1b, k1), shaped(dk2, k2), shaped(dvv, v)
+
+
+class _CausalHadamard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q1, q2, k1, k2, v, wmask, eps, block_size):
+        out, den, tsel, zsel = _forward(q1, q2, k1, k2, v, wmask, eps, block_size)
+        ctx.save_for_backward(q1, q2, k1, k2, v, wmask, out, den, tsel, zsel)
+        ctx.eps, ctx.block_size = eps, block_size
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q1, q2, k1, k2, v, wmask, out, den, tsel, zsel = ctx.saved_tensors
+        grads = _backward(q1, q2, k1, k2, v, wmask, ctx.eps, ctx.block_size, out, den, tsel, zsel, do.contiguous())
+        return (*grads, None, None, None)
+
+
+def causal_hadamard_attention(
+    q_feats: Sequence[torch.Tensor],
+    k_feats: Sequence[torch.Tensor],
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    block_size: int = 1,
+) -> torch.Tensor:
+    """(Block-)causal Hadamard linear attention, F = 2, on Triton kernels; differentiable.
+
+    q_feats, k_feats: 2 tensors each, [B, H, N, r]; v [B, H, N, dv]; key_mask bool [B, N] (True =
+    keep); block_size tokens per causal block (1 = token-level causal). Returns [B, H, N, dv] in
+    v's dtype; fp32 accumulation. Raises ValueError when `supports` would say False.
+    """
+    reason = unsupported_reason(q_feats, k_feats, v, block_size)
+    if reason is not None:
+        raise ValueError(f"hla_kernels.causal_hadamard_attention: {reason}")
+    wmask = hk._mask_weights(key_mask, v)
+    q1, q2 = (hk._rowmajor(t) for t in q_feats)
+    k1, k2 = (hk._rowmajor(t) for t in k_feats)
+    return _CausalHadamard.apply(q1, q2, k1, k2, hk._rowmajor(v), wmask, float(eps), int(block_size))

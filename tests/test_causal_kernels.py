@@ -1,0 +1,80 @@
+"""The chunked causal Hadamard kernels (hla_kernels.causal) against the float64 masked reference.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1): small shapes, a chunk of 16 tokens
+and 8-token tiles there, so 20 tokens cover two chunks, the inter and intra parts and a ragged end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import hla_kernels.causal as kc  # noqa: E402
+from hla_kernels import hadamard as hk  # noqa: E402
+from hla_convert.ops.causal_hadamard import hadamard_causal_naive  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite (unwritten?) elements"
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _check(n, r, dv, block_size, masked, dtype, tol, device="cpu"):
+    g = torch.Generator().manual_seed(n + block_size)
+    feats = [torch.nn.functional.softplus(torch.randn(1, 2, n, r, generator=g) * 1.5) for _ in range(4)]
+    v = torch.randn(1, 2, n, dv, generator=g)
+    do = torch.randn(1, 2, n, dv, generator=g)
+    mask = (torch.rand(1, n, generator=g) > 0.3).to(device) if masked else None
+    leaves = [t.to(device=device, dtype=dtype).detach().clone().requires_grad_() for t in (*feats, v)]
+    out = kc.causal_hadamard_attention(leaves[:2], leaves[2:4], leaves[4], mask, block_size=block_size)
+    assert out.dtype == dtype and out.shape == v.shape
+    (out.float() * do.to(device)).sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (*feats, v)]
+    ref = hadamard_causal_naive(ref_leaves[:2], ref_leaves[2:4], ref_leaves[4], None if mask is None else mask.cpu(), block_size=block_size)
+    (ref * do.double()).sum().backward()
+    errs = {"out": _rel(out.cpu(), ref)}
+    for name, x, y in zip(("dq1", "dq2", "dk1", "dk2", "dv"), leaves, ref_leaves):
+        assert x.grad.dtype == dtype
+        errs[name] = _rel(x.grad.cpu(), y.grad)
+    assert all(e < tol for e in errs.values()), errs
+
+
+@pytest.mark.parametrize(
+    "block_size, masked, dtype, tol",
+    [
+        (1, True, torch.float32, 1e-5),  # token-causal: inter state + masked intra tiles
+        (16, True, torch.float32, 1e-5),  # block-causal, block = chunk: state through the block
+        (4, False, torch.bfloat16, 2e-2),  # blocks inside a chunk, bf16 operands
+    ],
+)
+def test_interpreter_forward_backward(interp, block_size, masked, dtype, tol):
+    _check(20, 4, 4, block_size, masked, dtype, tol)
+
+
+def test_plan_and_supports(interp):
+    assert kc.plan(100, 1, True) == (16, True)
+    assert kc.plan(100, 32, True) == (16, False)
+    assert kc.plan(100, 12, True) == (4, False)  # the largest power of two dividing 12
+    assert isinstance(kc.plan(100, 3, True), str)
+    q = [torch.rand(1, 1, 8, 4) for _ in range(2)]
+    v = torch.rand(1, 1, 8, 4)
+    assert kc.supports(q, q, v, 1) and not kc.supports(q, q, v, 3)
+    with pytest.raises(ValueError, match="block_size = 3"):
+        kc.causal_hadamard_attention(q, q, v, block_size=3)
+
+
+@pytest.mark.parametrize("block_size", [1, 256, 4096])
+def test_gpu_forward_backward(block_size):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _check(8192 + 37, 32, 128, block_size, True, torch.bfloat16, 2e-2, device="cuda")
