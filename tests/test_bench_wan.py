@@ -1,0 +1,53 @@
+"""benchmarks/bench_wan.py --smoke on the CPU: every measurement of the GPU run, on a 2-layer
+Wan of the same class, writes one JSON record with the fields RESULTS.md is built from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_wan.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_wan", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_published_config_is_the_1_3b_transformer():
+    cfg = _bench().WAN_1_3B_CONFIG
+    assert (cfg["num_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"]) == (30, 1536, 8960)
+    assert (cfg["text_dim"], cfg["freq_dim"], cfg["in_channels"], cfg["out_channels"]) == (4096, 256, 16, 16)
+    assert cfg["patch_size"] == [1, 2, 2] and cfg["qk_norm"] == "rms_norm_across_heads" and cfg["rope_max_seq_len"] == 1024
+
+
+def test_smoke_run_writes_every_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    assert _bench().main([str(out), "--smoke", "--resolutions", "480p", "--commit", "abc1234"]) == 0
+    doc = json.loads(out.read_text())
+    recs = doc["records"]
+    got = {(r["model"], r["measurement"]) for r in recs}
+    for side in ("softmax", "converted"):
+        assert {(side, "forward"), (side, "forward_backward"), (side, "sampling")} <= got
+    assert {("converted", "stage1"), ("converted", "stage2")} <= got
+    for r in recs:
+        assert "error" not in r, r
+        assert r["commit"] == "abc1234" and r["torch"] and r["resolution"] == "480p"
+    conv = [r for r in recs if r["model"] == "converted"]
+    # the recipe's attention, one of the 2 smoke layers given back to softmax
+    assert all(r["attention"]["kind"] == "hybrid" and r["converted_layers"] == 1 for r in conv)
+    fb = {r["model"]: r for r in recs if r["measurement"] == "forward_backward"}
+    assert fb["softmax"]["trainable_parameters"] > 0 and fb["converted"]["trainable_parameters"] > fb["softmax"]["trainable_parameters"] / 2
+    assert all(r["median_ms"] > 0 for r in recs if "median_ms" in r)
+    stage2 = next(r for r in recs if r["measurement"] == "stage2")
+    assert stage2["lora"]["modules"] and stage2["seconds_per_step"] > 0
+
+
+def test_bad_override_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="attention.feature_dim"):
+        _bench().main([str(tmp_path / "x.json"), "--smoke", "--attention", "feature_dim=banana"])
