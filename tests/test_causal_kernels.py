@@ -78,3 +78,25 @@ def test_gpu_forward_backward(block_size):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _check(8192 + 37, 32, 128, block_size, True, torch.bfloat16, 2e-2, device="cuda")
+
+
+def test_benchmark_smoke_mode_runs_every_part(interp, tmp_path):
+    """benchmarks/bench_causal.py --smoke: the GPU script's code paths, tiny and on the CPU."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_causal.py"
+    spec = importlib.util.spec_from_file_location("bench_causal", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    bench.main(["--smoke", str(out)])
+    res = json.loads(out.read_text())
+    assert all(c["out"] < 1e-5 and c["dk1"] < 1e-5 for c in res["checks"])
+    assert {m["method"].split()[0] for m in res["methods"]} == {"hla_causal_kernel", "sdpa"}
+    assert all("error" not in m and m["fwd_bwd_ms"] > 0 for m in res["methods"])
+    stream = res["streaming"]
+    assert [r["blocks"] for r in stream] == [1, 2, 4]
+    assert len({r["hla_state_mb"] for r in stream}) == 1  # constant state
+    assert stream[-1]["kv_cache_mb"] == 4 * stream[0]["kv_cache_mb"]

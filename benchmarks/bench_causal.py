@@ -1,0 +1,243 @@
+"""Causal attention on the GPU: the chunked causal Hadamard HLA kernel vs causal SDPA, fla's chunked
+linear attention and fla's Based, plus a streaming benchmark (per-block cost over 1 ... 64 blocks).
+
+    python benchmarks/bench_causal.py results.json                      # N = 32760, checks, streaming
+    python benchmarks/bench_causal.py results.json --ns 8192,32760 --no-stream
+    python benchmarks/bench_causal.py results.json --smoke              # tiny, on the CPU (interpreter)
+
+Shape: B = 1, H = 12, D = dv = 128, bf16; HLA F = 2, r = 32 positive features given directly
+(the feature maps are the same in every method's cost and left out). fla (flash-linear-attention,
+`pip install fla-core`) is optional: first-order chunked linear attention with K = 128 and with
+K = 1024 (the HLA state size r^2 = 1024 rows), and Based (2nd-order Taylor features, K = 16); a
+method that cannot run records its error. Times: median of triton.testing.do_bench (CUDA events)
+after warm-up; "fwd+bwd" = forward plus torch.autograd.grad of every input. Peak extra memory:
+peak allocated during one call minus what was allocated before it.
+
+Check: the kernel against the float64 chunked reference (hla_convert.ops.hadamard_attention,
+causal=True) at N = 4096, with a key mask, token-causal and block-causal, forward and gradients.
+
+Streaming: a sequence of frame blocks (1,560 tokens each, a 480p latent frame) fed one at a time;
+HLA (ops.hadamard_stream_step, state r^2 x (dv + 1) per head) against softmax with a KV cache
+(SDPA of the new block's queries over every cached key). Per-step time and state bytes after
+1, 2, 4, ..., 64 blocks: HLA's stay flat, the KV cache's grow.
+
+--smoke runs every part once at tiny sizes on the CPU (kernels under TRITON_INTERPRET=1, wall
+clock timing, fla skipped) so the script itself is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _imports():
+    try:
+        import hla_kernels
+    except ImportError:  # a checkout without `pip install -e .`
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "hla_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
+        hla_kernels = importlib.util.module_from_spec(spec)
+        sys.modules["hla_kernels"] = hla_kernels
+        spec.loader.exec_module(hla_kernels)
+    sys.path.insert(0, str(ROOT))
+    from hla_convert.ops import causal_hadamard as ref
+
+    return hla_kernels, ref
+
+
+class Setup:
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+        self.dev = "cpu" if smoke else "cuda"
+        self.dtype = torch.float32 if smoke else torch.bfloat16
+        self.b, self.h, self.d, self.r = (1, 1, 4, 2) if smoke else (1, 12, 128, 32)
+        self.stream_block = 4 if smoke else 1560
+
+    def timer(self, fn) -> float:
+        """Milliseconds per call."""
+        if self.smoke:
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+    def peak_mb(self, fn) -> float | None:
+        if self.smoke:
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        res = fn()
+        torch.cuda.synchronize()
+        del res
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel(x, ref) -> float:
+    if not torch.isfinite(x).all():
+        return float("nan")
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def inputs(s: Setup, n: int, seed: int = 0, mask_frac: float = 0.0):
+    g = torch.Generator(device=s.dev).manual_seed(seed)
+    shape = (s.b, s.h, n)
+    feats = [F.softplus(torch.randn(*shape, s.r, device=s.dev, generator=g)).to(s.dtype) for _ in range(4)]
+    q, k, v = (torch.randn(*shape, s.d, device=s.dev, generator=g).to(s.dtype) for _ in range(3))
+    mask = (torch.rand(s.b, n, device=s.dev, generator=g) >= mask_frac) if mask_frac else None
+    return feats, q, k, v, mask
+
+
+def _grad_fn(fn, leaves):
+    leaves = [t.detach().requires_grad_() for t in leaves]
+
+    def run():
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    return run
+
+
+def methods(s: Setup, kern, n: int) -> list[dict]:
+    feats, q, k, v, _ = inputs(s, n)
+    rows = []
+
+    def add(name, fn, leaves, note=""):
+        row = {"method": name, "n": n, "note": note}
+        try:
+            row["fwd_ms"] = s.timer(lambda: fn(*leaves))
+            row["fwd_peak_mb"] = s.peak_mb(lambda: fn(*leaves))
+            fb = _grad_fn(fn, leaves)
+            row["fwd_bwd_ms"] = s.timer(fb)
+            row["fwd_bwd_peak_mb"] = s.peak_mb(fb)
+        except Exception as exc:  # noqa: BLE001 - a method that cannot run is a result too
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        rows.append(row)
+        log(json.dumps(row))
+
+    add("hla_causal_kernel F=2 r=%d" % s.r, lambda a, b, c, d, vv: kern.causal_hadamard_attention([a, b], [c, d], vv), [*feats, v])
+    blk = 8 if s.smoke else s.stream_block
+    add(f"hla_causal_kernel block={blk}", lambda a, b, c, d, vv: kern.causal_hadamard_attention([a, b], [c, d], vv, block_size=blk), [*feats, v], "block-causal")
+    add("sdpa causal", lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), [q, k, v])
+    if s.smoke:
+        return rows
+    try:
+        from fla.ops.based import parallel_based
+        from fla.ops.linear_attn import chunk_linear_attn
+    except Exception as exc:  # noqa: BLE001
+        rows.append({"method": "fla", "n": n, "error": f"not importable: {exc}"})
+        return rows
+    bthk = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731 - fla takes [B, T, H, K]
+    for kdim in (128, 1024):
+        g = torch.Generator(device=s.dev).manual_seed(kdim)
+        fq, fk = (F.elu(torch.randn(s.b, n, s.h, kdim, device=s.dev, generator=g)).add(1).to(s.dtype) for _ in range(2))
+        add(f"fla chunk_linear_attn K={kdim}", lambda a, b, c: chunk_linear_attn(a, b, c, normalize=True)[0], [fq, fk, bthk(v)],
+            "first order, state K x dv" + (" = HLA's r^2 rows" if kdim == 1024 else ""))
+    g = torch.Generator(device=s.dev).manual_seed(16)
+    bq, bk = (torch.randn(s.b, n, s.h, 16, device=s.dev, generator=g).to(s.dtype) for _ in range(2))
+    add("fla parallel_based K=16", lambda a, b, c: parallel_based(a, b, c, use_norm=True), [bq, bk, bthk(v)], "2nd-order Taylor features")
+    return rows
+
+
+def check(s: Setup, kern, ref, n: int) -> list[dict]:
+    rows = []
+    for block in (1, 8 if s.smoke else 1560):
+        feats, _, _, v, mask = inputs(s, n, seed=1, mask_frac=0.1)
+        leaves = [t.detach().requires_grad_() for t in (*feats, v)]
+        out = kern.causal_hadamard_attention(leaves[:2], leaves[2:4], leaves[4], mask, block_size=block)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, do)
+        rl = [t.detach().double().requires_grad_() for t in (*feats, v)]
+        r_out = ref.hadamard_causal(rl[:2], rl[2:4], rl[4], mask, block_size=block)
+        r_grads = torch.autograd.grad(r_out, rl, do.double())
+        row = {"check": f"block_size={block}", "n": n, "dtype": str(s.dtype), "out": rel(out, r_out)}
+        row.update({name: rel(a, b) for name, a, b in zip(("dq1", "dq2", "dk1", "dk2", "dv"), grads, r_grads)})
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def streaming(s: Setup, ref, blocks: int) -> list[dict]:
+    n = s.stream_block
+    rows = []
+    state, kc, vc = None, None, None
+    marks = {2**i for i in range(8)} | {blocks}
+    for i in range(1, blocks + 1):
+        feats, q, k, v, _ = inputs(s, n, seed=i)
+        qf, kf = feats[:2], feats[2:]
+        step = lambda st=state: ref.hadamard_stream_step(qf, kf, v, st)  # noqa: E731
+        kc = k if kc is None else torch.cat([kc, k], dim=2)
+        vc = v if vc is None else torch.cat([vc, v], dim=2)
+        if i in marks:
+            t_hla = s.timer(step)
+            t_kv = s.timer(lambda: F.scaled_dot_product_attention(q, kc, vc))
+            st_bytes = ref.hadamard_stream_step(qf, kf, v, state)[1].numel() * 4
+            row = {"blocks": i, "tokens_per_block": n, "hla_step_ms": t_hla, "hla_state_mb": st_bytes / 2**20,
+                   "kv_step_ms": t_kv, "kv_cache_mb": (kc.numel() + vc.numel()) * kc.element_size() / 2**20}
+            rows.append(row)
+            log(json.dumps(row))
+        _, state = step()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="JSON file to write")
+    ap.add_argument("--ns", default="32760", help="sequence lengths, comma-separated")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (kernels interpreted)")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-stream", action="store_true")
+    ap.add_argument("--stream-blocks", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        ap.error("needs CUDA (or --smoke)")
+    s = Setup(args.smoke)
+    kern, ref = _imports()
+    ns = [16] if args.smoke else [int(x) for x in args.ns.split(",")]
+    res: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu (smoke)" if s.smoke else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": {"B": s.b, "H": s.h, "D": s.d, "r": s.r, "dtype": str(s.dtype)},
+        "methods": [],
+    }
+    try:
+        if not args.no_check:
+            res["checks"] = check(s, kern, ref, 20 if s.smoke else 4096)
+        for n in ns:
+            res["methods"] += methods(s, kern, n)
+        if not args.no_stream:
+            res["streaming"] = streaming(s, ref, 4 if s.smoke else args.stream_blocks)
+    except Exception:
+        res["error"] = traceback.format_exc()
+        raise
+    finally:
+        pathlib.Path(args.out).write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
