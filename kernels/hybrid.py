@@ -279,24 +279,68 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     return dq, dk, dvv, dq1.to(q1.dtype), dq2, dk1, dk2, dlog_beta
 
 
-class _Hybrid(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, lay, eps):
-        beta = log_beta.detach().float().exp().contiguous()
-        out, mst, dst, t_rest, z_rest = _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay, eps)
-        ctx.save_for_backward(q, k, v, q1, q2, k1, k2, beta, kmask, out, mst, dst, t_rest, z_rest)
-        ctx.scale, ctx.lay, ctx.beta_dtype = scale, lay, log_beta.dtype
-        return out
+# torch.compile: the kernels as torch.library custom ops (one opaque op each way, as in
+# hadamard.py). The layout travels as ints; the forward returns what the backward needs.
+@torch.library.custom_op("hla_kernels::hybrid_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor,
+    k2: torch.Tensor, log_beta: torch.Tensor, kmask: torch.Tensor | None, scale: float, big: int, nb: int,
+    text_len: int, text_first: bool, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    beta = log_beta.detach().float().exp().contiguous()
+    lay = _Layout(q.shape[2], big, nb, text_len, text_first)
+    return _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay, eps)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, q1, q2, k1, k2, beta, kmask, out, mst, dst, t_rest, z_rest = ctx.saved_tensors
-        grads = _backward(q, k, v, q1, q2, k1, k2, beta, kmask, ctx.scale, ctx.lay, out, mst, dst, t_rest, z_rest, do)
-        need = ctx.needs_input_grad
-        res = [g if need[i] else None for i, g in enumerate(grads)]
-        if res[7] is not None:
-            res[7] = res[7].to(ctx.beta_dtype)
-        return (*res, None, None, None, None)
+
+@_forward_op.register_fake
+def _(q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_first, eps):
+    b, h, n, _ = q.shape
+    dv, r = v.shape[-1], q1.shape[-1]
+    t_dtype = torch.bfloat16 if all(t.dtype in hk._HALF for t in (q1, v)) else torch.float32  # hk._dot_setup
+    f32 = torch.float32
+    return (
+        v.new_empty((b, h, n, dv)),
+        v.new_empty((b * h, n), dtype=f32),
+        v.new_empty((b * h, n), dtype=f32),
+        v.new_empty((nb, b * h, r * r, dv), dtype=t_dtype),
+        v.new_empty((nb, b * h, r * r), dtype=f32),
+    )
+
+
+@torch.library.custom_op("hla_kernels::hybrid_backward", mutates_args=())
+def _backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor,
+    k2: torch.Tensor, log_beta: torch.Tensor, kmask: torch.Tensor | None, scale: float, big: int, nb: int,
+    text_len: int, text_first: bool, out: torch.Tensor, mst: torch.Tensor, dst: torch.Tensor,
+    t_rest: torch.Tensor, z_rest: torch.Tensor, do: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    beta = log_beta.detach().float().exp().contiguous()
+    lay = _Layout(q.shape[2], big, nb, text_len, text_first)
+    grads = _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay, out, mst, dst, t_rest, z_rest, do)
+    return (*grads[:7], grads[7].to(log_beta.dtype))
+
+
+@_backward_op.register_fake
+def _(q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_first, out, mst, dst, t_rest, z_rest, do):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, q1, q2, k1, k2, log_beta))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_first, _eps = inputs
+    out, mst, dst, t_rest, z_rest = output
+    ctx.mark_non_differentiable(mst, dst, t_rest, z_rest)
+    ctx.save_for_backward(q, k, v, q1, q2, k1, k2, log_beta, kmask, out, mst, dst, t_rest, z_rest)
+    ctx.layout = (scale, big, nb, text_len, text_first)
+
+
+def _backward_formula(ctx, do, *_unused):
+    q, k, v, q1, q2, k1, k2, log_beta, kmask, out, mst, dst, t_rest, z_rest = ctx.saved_tensors
+    grads = _backward_op(q, k, v, q1, q2, k1, k2, log_beta, kmask, *ctx.layout, out, mst, dst, t_rest, z_rest, do.contiguous())
+    need = ctx.needs_input_grad
+    return (*(g if need[i] else None for i, g in enumerate(grads)), *([None] * 7))
+
+
+_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def hybrid_attention(
@@ -329,9 +373,10 @@ def hybrid_attention(
     if log_beta.shape != (q.shape[1],):
         raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
     big, nb = _frame_blocks(grid, window, halo)
-    lay = _Layout(q.shape[2], big, nb, int(text_len), bool(text_first))
     kmask = hk._mask_weights(key_mask, v)
     rm = hk._rowmajor
     q1, q2 = (rm(t) for t in q_feats)
     k1, k2 = (rm(t) for t in k_feats)
-    return _Hybrid.apply(rm(q), rm(k), rm(v), q1, q2, k1, k2, log_beta, kmask, float(scale), lay, float(eps))
+    return _forward_op(
+        rm(q), rm(k), rm(v), q1, q2, k1, k2, log_beta, kmask, float(scale), int(big), int(nb), int(text_len), bool(text_first), float(eps)
+    )[0]
