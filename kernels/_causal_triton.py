@@ -76,12 +76,16 @@ def _readout_kernel(
     t_ptr = T + (c * BH + bh) * A * DV
 
     acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
+    # next step's query columns a step ahead, as the bidirectional readout must (its in-step load
+    # variant gave wrong outputs at N >= 8192 on an H100, Triton 3.6; benchmarks/RESULTS.md run 4)
+    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G)
     for o0 in range(0, R, G):
-        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G)
+        cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
         qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
         acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
+        cols = cols_nxt
     zmat = tl.load(Z + (c * BH + bh) * A + offs_r[:, None] * R + offs_r[None, :])
     if EMU:
         zq = tl.dot(last.to(tl.float32), tl.trans(zmat))

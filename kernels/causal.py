@@ -139,17 +139,28 @@ def _read_index(nc: int, chunk: int, block_size: int, token_mode: bool, device) 
     return ((c // per + 1) * per).clamp(max=nc)
 
 
-def _select(loc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """sel[c] = sum_{c' < idx[c]} loc[c']."""
-    pref = torch.cat([torch.zeros_like(loc[:1]), loc.cumsum(0)])
-    return pref.index_select(0, idx)
+def _select(loc: torch.Tensor, idx: torch.Tensor, token_mode: bool, dtype: torch.dtype) -> torch.Tensor:
+    """sel[c] = sum_{c' < idx[c]} loc[c'] in dtype. Consumes loc (prefix sums in place)."""
+    incl = loc.cumsum_(0)
+    if not token_mode:  # idx >= 1: whole blocks
+        return incl.index_select(0, idx - 1).to(dtype)
+    sel = torch.empty(loc.shape, dtype=dtype, device=loc.device)
+    sel[0].zero_()
+    sel[1:].copy_(incl[:-1])
+    return sel
 
 
-def _select_backward(dsel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The transpose of _select: dloc[c'] = sum_{c: idx[c] > c'} dsel[c]."""
+def _select_backward(dsel: torch.Tensor, idx: torch.Tensor, token_mode: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The transpose of _select: dloc[c'] = sum_{c: idx[c] > c'} dsel[c], in dtype. Consumes dsel."""
+    if token_mode:  # idx[c] = c: a suffix sum over the later chunks
+        rev = dsel.flip(0).cumsum_(0)  # rev[i] = sum of the last i + 1 chunks
+        out = torch.empty(dsel.shape, dtype=dtype, device=dsel.device)
+        out[-1].zero_()
+        out[:-1].copy_(rev[:-1].flip(0))
+        return out
     bins = torch.zeros((dsel.shape[0] + 1, *dsel.shape[1:]), dtype=dsel.dtype, device=dsel.device)
     bins.index_add_(0, idx, dsel)
-    return bins.flip(0).cumsum(0).flip(0)[1:]
+    return bins.flip(0).cumsum(0).flip(0)[1:].to(dtype)
 
 
 def _common(q1, v, block_size):
@@ -171,8 +182,9 @@ def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
     w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
     nc = hk.triton_cdiv(n, chunk)
     idx = _read_index(nc, chunk, block_size, token_mode, v.device)
-    tsel = hk._to_dot(_select(_chunk_states(hmod, k1, k2, v, w, chunk, interp, dot, "state"), idx), dot)
-    zsel = _select(_chunk_z(hmod, k1, k2, w, chunk, interp), idx)
+    t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
+    tsel = _select(_chunk_states(hmod, k1, k2, v, w, chunk, interp, dot, "state"), idx, token_mode, t_dtype)
+    zsel = _select(_chunk_z(hmod, k1, k2, w, chunk, interp), idx, token_mode, torch.float32)
     out = hk._empty((b, h, n, dv), v.dtype, v.device)
     den = hk._empty((b * h, n), torch.float32, v.device)
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
@@ -204,8 +216,9 @@ def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, d
     rows = (h * n, n, 1)
     dtsel = _chunk_states(hmod, q1, q2, do, (wb[0], rows), chunk, interp, dot, "dstate")
     dzsel = _chunk_z(hmod, q1, q2, (wb[1], rows), chunk, interp)
-    dtloc = hk._to_dot(_select_backward(dtsel, idx), dot)
-    dzloc = _select_backward(dzsel, idx)
+    t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
+    dtloc = _select_backward(dtsel, idx, token_mode, t_dtype)
+    dzloc = _select_backward(dzsel, idx, token_mode, torch.float32)
     f32 = dict(dtype=torch.float32, device=v.device)
     dq1a, dq1b, dq2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)

@@ -50,14 +50,15 @@ def _check(n, r, dv, block_size, masked, dtype, tol, device="cpu"):
 
 
 @pytest.mark.parametrize(
-    "block_size, masked, dtype, tol",
+    "block_size, chunk, masked, dtype, tol",
     [
-        (1, True, torch.float32, 1e-5),  # token-causal: inter state + masked intra tiles
-        (16, True, torch.float32, 1e-5),  # block-causal, block = chunk: state through the block
-        (4, False, torch.bfloat16, 2e-2),  # blocks inside a chunk, bf16 operands
+        (1, 16, True, torch.float32, 1e-5),  # token-causal: inter state + masked intra tiles
+        (16, 8, True, torch.float32, 1e-5),  # block-causal, 2 chunks per block: state through the block
+        (4, 16, False, torch.bfloat16, 2e-2),  # blocks inside a chunk, bf16 operands
     ],
 )
-def test_interpreter_forward_backward(interp, block_size, masked, dtype, tol):
+def test_interpreter_forward_backward(interp, monkeypatch, block_size, chunk, masked, dtype, tol):
+    monkeypatch.setitem(kc.INTERP_CONFIG, "C", chunk)
     _check(20, 4, 4, block_size, masked, dtype, tol)
 
 
