@@ -36,10 +36,13 @@ _kron_grads = _h._kron_grads
 
 
 @triton.jit
-def _intra_weights(q1, q2, k1, k2, offs_m, offs_n, w, BS, DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+def _intra_weights(
+    q1, q2, k1, k2, offs_m, offs_n, w, BS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
     """(a, s1, s2, keep) for a query tile x key tile: s_f = q_f k_f^T [M, N] fp32, keep = p_j <= p_i
     and w_j (0/1 key weights incl. the sequence end), a = s1 s2 keep."""
-    zero = tl.full((offs_m.shape[0], offs_n.shape[0]), 0.0, tl.float32)
+    zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     s1 = _mm(q1, tl.trans(k1), zero, DOT_DT, PREC, EMU)
     s2 = _mm(q2, tl.trans(k2), zero, DOT_DT, PREC, EMU)
     keep = tl.where((offs_n[None, :] // BS) <= (offs_m[:, None] // BS), 1.0, 0.0) * w[None, :]
@@ -106,7 +109,7 @@ def _readout_kernel(
                 w = tl.load(W + b * swb + offs_n * swn, mask=nmask, other=0.0)
             else:
                 w = tl.where(nmask, 1.0, 0.0)
-            a, s1, s2, keep = _intra_weights(first, last, k1, k2, offs_m, offs_n, w, BS, DOT_DT, PREC, EMU)
+            a, s1, s2, keep = _intra_weights(first, last, k1, k2, offs_m, offs_n, w, BS, BLOCK_M, BLOCK_N, DOT_DT, PREC, EMU)
             den += _rsum(a, axis=1)
             acc = _mm(a, v, acc, DOT_DT, PREC, EMU)
 
@@ -186,7 +189,7 @@ def _dq_kernel(
                 w = tl.load(W + b * swb + offs_n * swn, mask=nmask, other=0.0)
             else:
                 w = tl.where(nmask, 1.0, 0.0)
-            a, s1, s2, keep = _intra_weights(first, last, k1, k2, offs_m, offs_n, w, BS, DOT_DT, PREC, EMU)
+            a, s1, s2, keep = _intra_weights(first, last, k1, k2, offs_m, offs_n, w, BS, BLOCK_M, BLOCK_N, DOT_DT, PREC, EMU)
             da = _mm(g, tl.trans(v), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), DOT_DT, PREC, EMU) + e[:, None]
             da = da * keep
             dq1 = _mm(da * s2, k1, dq1, DOT_DT, PREC, EMU)
@@ -268,7 +271,7 @@ def _dkdv_kernel(
             e = tl.load(Wb + (BH + bh) * N + offs_m, mask=mmask, other=0.0)
             do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
             g = do.to(tl.float32) * rden[:, None]
-            a, s1, s2, keep = _intra_weights(q1, q2, k1, k2, offs_m, offs_n, w, BS, DOT_DT, PREC, EMU)  # [M, N]
+            a, s1, s2, keep = _intra_weights(q1, q2, k1, k2, offs_m, offs_n, w, BS, BLOCK_M, BLOCK_N, DOT_DT, PREC, EMU)  # [M, N]
             dv_acc = _mm(tl.trans(a), g, dv_acc, DOT_DT, PREC, EMU)
             da = _mm(g, tl.trans(v), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), DOT_DT, PREC, EMU) + e[:, None]
             da = da * keep
