@@ -468,9 +468,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     side_measurements("softmax", softmax_trainable, {})
     remove_lora(model)
+    pipe: list[Any] = []  # the pipeline, or the exception that building it raised (no transformers ...)
     if "sampling" in parts:
-        pipe = stand_in_pipeline(model, device, dtype, args.smoke)
-        attempt("softmax", "sampling", "480p", None, {}, lambda: time_sampling(pipe, table["480p"], args.sample_steps, device))
+        try:
+            pipe.append(stand_in_pipeline(model, device, dtype, args.smoke))
+        except Exception as exc:  # noqa: BLE001 - recorded by both sampling measurements
+            pipe.append(exc)
+
+    def sample() -> dict[str, Any]:
+        if isinstance(pipe[0], Exception):
+            raise pipe[0]
+        return time_sampling(pipe[0], table["480p"], args.sample_steps, device)
+
+    if "sampling" in parts:
+        attempt("softmax", "sampling", "480p", None, {}, sample)
 
     # converted: the recipe's attention
     conv = convert(model, recipe)
@@ -484,8 +495,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return hla_parameters(model) | lora_parameters(model)
 
     if "sampling" in parts:  # before LoRA: the converted model as inference runs it
-        attempt("converted", "sampling", "480p", None, extra, lambda: time_sampling(pipe, table["480p"], args.sample_steps, device))
-        del pipe
+        attempt("converted", "sampling", "480p", None, extra, sample)
+        pipe.clear()
     side_measurements("converted", converted_trainable, extra)
     if "distill" in parts:
         remove_lora(model)  # stage 2 adds its own
