@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -377,6 +378,22 @@ def attention_mask_structure(
         return None, 1
     if attn_mask is None:
         return None, None
+    # Every block of a forward passes the same mask object: read its structure once, not per layer
+    # (an [N, N] scan and temporaries). Eager only; a compiled graph traces the scan.
+    key = (batch, n_queries, n_keys)
+    cached = None if torch.compiler.is_compiling() else _MASK_CACHE.get("last")
+    if cached is not None and cached[0]() is attn_mask and cached[1] == attn_mask._version and cached[2] == key:
+        return cached[3]
+    result = _mask_structure(attn_mask, batch, n_queries, n_keys)
+    if not torch.compiler.is_compiling():
+        _MASK_CACHE["last"] = (weakref.ref(attn_mask), attn_mask._version, key, result)
+    return result
+
+
+_MASK_CACHE: dict[str, tuple] = {}
+
+
+def _mask_structure(attn_mask: torch.Tensor, batch: int, n_queries: int, n_keys: int) -> tuple[torch.Tensor | None, int | None]:
     try:
         return key_mask_from_attn_mask(attn_mask, batch, n_keys), None
     except _NotKeyPadding as err:

@@ -153,3 +153,20 @@ def test_other_masks_are_refused_with_one_line(kind):
     with pytest.raises(RuntimeError) as err:
         attention_mask_structure(mask[None, None], B, N, N)
     assert "\n" not in str(err.value)
+
+
+def test_mask_structure_is_read_once_per_mask_object(monkeypatch):
+    """The blocks of one forward share the mask: its [N, N] scan runs once; a changed mask is re-read."""
+    from hla_convert import surgery
+
+    calls = []
+    real = surgery._mask_structure
+    monkeypatch.setattr(surgery, "_mask_structure", lambda *a: calls.append(1) or real(*a))
+    keep = torch.arange(N)[None, :] // 3 <= torch.arange(N)[:, None] // 3
+    mask = keep[None, None].clone()
+    for _ in range(3):
+        assert attention_mask_structure(mask, B, N, N) == (None, 3)
+    assert len(calls) == 1
+    mask.copy_(torch.arange(N)[None, :] // 4 <= torch.arange(N)[:, None] // 4)  # in place: a new version
+    assert attention_mask_structure(mask, B, N, N) == (None, 4)
+    assert len(calls) == 2
