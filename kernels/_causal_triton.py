@@ -5,12 +5,15 @@ the Hadamard module of the same mode, whose jitted helpers these kernels call (s
 _hadamard_triton.py for the Kronecker-in-registers scheme and the EMU rounding).
 
 Per head, tokens in chunks of C; p(t) = t // bs the causal time (bs = 1: token-level causal).
-The host gives each chunk c the state it reads, Tsel[c] [R*R, DV] and Zsel[c] [R, R]:
+Each chunk c reads one state, Tsel[c] [R*R, DV] and Zsel[c] [R, R]:
   token mode (bs divides C): the state of every earlier chunk; the chunk's own keys are the
       intra part, an exact masked [BLOCK_M, BLOCK_N] product per tile pair (p_j <= p_i);
   block mode (C divides bs): the state through the end of the chunk's causal block; no intra.
 
 Kernels:
+  _prefix_state_kernel, _prefix_z_kernel
+                   Tsel, Zsel in one sequential pass per (row block, head, column block); in
+                   reverse over the queries for the backward's per-chunk state gradients
   _readout_kernel  O = (kk_q Tsel + sum_intra a_ij v_j) / (kk_q zsel + sum_intra a_ij + eps)
                    and den, with a_ij = (q1_i.k1_j)(q2_i.k2_j) w_j
   _dq_kernel       dQ1 = [E1 | written per column block] + [z and intra terms], dQ2
@@ -282,3 +285,107 @@ def _dkdv_kernel(
     tl.store(dK1b + base, dk1, mask=nmask[:, None])
     tl.store(dK2 + base, dk2, mask=nmask[:, None])
     tl.store(dV + bh * N * DV + offs_n[:, None] * DV + offs_c[None, :], dv_acc, mask=nmask[:, None])
+
+
+@triton.jit
+def _prefix_state_kernel(
+    P1, P2, X, W, Out,
+    s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn,
+    H, N, C, SEG, n_seg,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_W: tl.constexpr, STORE_BEFORE: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    """The states the chunks read, in one sequential pass per (row block, head, column block).
+
+    acc runs over segments of SEG tokens (the chunk in token mode, the causal block in block mode),
+    in order or REVERSE. STORE_BEFORE (token mode): each chunk's slot gets acc before its own
+    tokens are added (forward: the earlier chunks; reverse: the later ones); else each segment's
+    tokens are added first and every chunk slot of the segment gets acc (whole blocks).
+    Out[c, bh, rows, cols] = acc in Out's dtype; acc[a, :] sums kk[n, a] w_n X[n, :].
+    """
+    pid_a = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    n_bh = tl.num_programs(1)
+    b = bh // H
+    h = bh % H
+    BLOCK_A: tl.constexpr = G * R
+    A: tl.constexpr = R * R
+    o0 = pid_a * G
+    offs_r = tl.arange(0, R)
+    offs_c = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    p1 = P1 + b * s1b + h * s1h
+    p2 = P2 + b * s2b + h * s2h
+    x_ptr = X + b * sxb + h * sxh
+    w_ptr = W + b * swb + h * swh
+    acc = tl.full((BLOCK_A, BLOCK_DV), 0.0, tl.float32)
+    for i in range(0, n_seg):
+        if REVERSE:
+            s = n_seg - 1 - i
+        else:
+            s = i
+        lo = s * SEG
+        hi = tl.minimum(lo + SEG, N)
+        if STORE_BEFORE:
+            tl.store(Out + ((s * n_bh + bh) * A + offs_a)[:, None] * DV + offs_c[None, :], _store_cast(acc, Out.dtype.element_ty, EMU))
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < hi
+            last = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
+            if HAS_W:
+                w = tl.load(w_ptr + offs_n * swn, mask=nmask, other=0.0)
+                kk = _kron_dot(cols.to(tl.float32) * w[:, None], last, BLOCK_N, G, R, DOT_DT, EMU)
+            else:
+                kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
+            x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None], other=0.0)
+            acc = _mm(tl.trans(kk), x, acc, DOT_DT, PREC, EMU)
+        if not STORE_BEFORE:
+            for c in range(lo // C, (hi + C - 1) // C):
+                tl.store(Out + ((c * n_bh + bh) * A + offs_a)[:, None] * DV + offs_c[None, :], _store_cast(acc, Out.dtype.element_ty, EMU))
+
+
+@triton.jit
+def _prefix_z_kernel(
+    P1, P2, W, Out,
+    s1b, s1h, s1n, s2b, s2h, s2n, swb, swh, swn,
+    H, N, C, SEG, n_seg,
+    R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, STORE_BEFORE: tl.constexpr,
+    REVERSE: tl.constexpr, EMU: tl.constexpr,
+):
+    """As _prefix_state_kernel for Z = sum_n w_n P1[n] P2[n]^T [R, R] (fp32, ieee)."""
+    bh = tl.program_id(0)
+    n_bh = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    offs_r = tl.arange(0, R)
+    p1 = P1 + b * s1b + h * s1h
+    p2 = P2 + b * s2b + h * s2h
+    zoff = offs_r[:, None] * R + offs_r[None, :]
+    acc = tl.full((R, R), 0.0, tl.float32)
+    for i in range(0, n_seg):
+        if REVERSE:
+            s = n_seg - 1 - i
+        else:
+            s = i
+        lo = s * SEG
+        hi = tl.minimum(lo + SEG, N)
+        if STORE_BEFORE:
+            tl.store(Out + (s * n_bh + bh) * R * R + zoff, acc)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < hi
+            a = tl.load(p1 + offs_n[:, None] * s1n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            c2 = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            if HAS_W:
+                w = tl.load(W + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0)
+                a = a * w[:, None]
+            if EMU:
+                acc = tl.dot(tl.trans(a), c2, acc)
+            else:
+                acc = tl.dot(tl.trans(a), c2, acc, input_precision="ieee")
+        if not STORE_BEFORE:
+            for c in range(lo // C, (hi + C - 1) // C):
+                tl.store(Out + (c * n_bh + bh) * R * R + zoff, acc)

@@ -5,13 +5,12 @@ Same contract as `hla_convert.ops.hadamard_attention(..., causal=True, block_siz
 
     a_tj = [p_j <= p_t] (q1_t . k1_j)(q2_t . k2_j) w_j,   o_t = sum_j a_tj v_j / (sum_j a_tj + eps)
 
-Forward: per-chunk key states T_c = sum_{j in c} kron(k1_j, k2_j) (x) w_j v_j and Z_c (the
-Hadamard module's _state_kernel / _zstate_kernel with one split per chunk), a prefix sum over
-chunks on the host (torch.cumsum), then one readout kernel: each query tile reads the state of
-its chunk's past and, in token mode, adds the exact masked product with its own chunk's keys.
-Backward: the per-chunk gradients of the selected states (the same two state kernels over the
-queries), summed back over the chunks that read them, a dq kernel and a dk/dv kernel, each with
-its intra-chunk tiles. Extra memory: O(N / C * R^2 * dv) per head for the chunk states.
+Forward: one sequential prefix-state pass over the keys writes, per chunk, the state it reads
+(T and Z of the earlier chunks, or of everything through the chunk's causal block), then one
+readout kernel: each query tile contracts its chunk's state and, in token mode, adds the exact
+masked product with its own chunk's keys. Backward: the same prefix pass in reverse over the
+queries gives each chunk the gradient of its keys' state contributions; then a dq kernel and a
+dk/dv kernel, each with its intra-chunk tiles. Extra memory: O(N / C * R^2 * dv) per head.
 
 Chunking: token mode when bs divides the chunk C (bs = 1 included), block mode when C divides bs
 (the state then runs through the whole causal block and no intra part is needed). Other block
@@ -34,8 +33,9 @@ from . import hadamard as hk
 _MODULES: dict[bool, ModuleType] = {}
 
 # chunk length and intra tile sizes; G as in the Hadamard kernels (outer indices per step)
-GPU_CONFIG = {"C": 256, "BLOCK_M": 64, "BLOCK_N": 64, "G": 2, "num_warps": 8, "num_stages": 2, "min_chunk": 16}
-INTERP_CONFIG = {"C": 16, "BLOCK_M": 8, "BLOCK_N": 8, "G": 2, "min_chunk": 4}
+# G_STATE, BLOCK_DV: the prefix-state pass (rows G_STATE * r and BLOCK_DV columns per program)
+GPU_CONFIG = {"C": 256, "BLOCK_M": 64, "BLOCK_N": 64, "G": 2, "G_STATE": 4, "BLOCK_DV": 64, "num_warps": 8, "num_stages": 2, "min_chunk": 16}
+INTERP_CONFIG = {"C": 16, "BLOCK_M": 8, "BLOCK_N": 8, "G": 2, "G_STATE": 2, "BLOCK_DV": 2, "min_chunk": 4}
 
 
 def _kernels(interp: bool) -> ModuleType:
@@ -94,73 +94,45 @@ def supports(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v
     return unsupported_reason(q_feats, k_feats, v, block_size) is None
 
 
-def _chunk_states(hmod, p1, p2, x, w, chunk: int, interp: bool, dot, name: str) -> torch.Tensor:
-    """[nc, B*H, R*R, DV] fp32: per chunk, sum_n kron(p1_n, p2_n) (x) w_n x_n."""
+def _prefix_states(mod, p1, p2, x, w, chunk, block_size, token_mode, reverse, out_dtype, interp, dot, cfg) -> torch.Tensor:
+    """[nc, B*H, R*R, DV] in out_dtype: per chunk, the state it reads (see _prefix_state_kernel).
+
+    Forward (reverse False): the keys' states, w = key mask; backward (reverse True): the
+    gradients of those states, from the queries with x = dO and w = 1 / den.
+    """
     b, h, n, r = p1.shape
     dv = x.shape[-1]
-    cfg = hk._kernel_config(name, r, interp, hk._is_fp32(dot))
-    g = cfg["G"]
+    g = min(cfg["G_STATE"], r)
+    bdv = min(cfg["BLOCK_DV"], dv)
     nc = hk.triton_cdiv(n, chunk)
-    out = torch.empty((nc, b * h, r * r, dv), dtype=torch.float32, device=x.device)
+    seg = chunk if token_mode else block_size
+    out = torch.empty((nc, b * h, r * r, dv), dtype=out_dtype, device=x.device)
     wt, ws = w if w is not None else (x, (0, 0, 0))
-    hmod._state_kernel[(r // g, b * h, nc)](
+    mod._prefix_state_kernel[(r // g, b * h, dv // bdv)](
         p1, p2, x, wt, out,
         *hk._s3(p1), *hk._s3(p2), *hk._s3(x), *ws,
-        h, n, chunk,
-        R=r, DV=dv, G=g, BLOCK_N=min(cfg["BLOCK_N"], chunk), HAS_W=w is not None,
-        TRANS_ACC=cfg.get("TRANS_ACC", False), PREFETCH=cfg.get("PREFETCH", True),
-        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **hk._launch_extra(cfg, interp),
+        h, n, chunk, seg, hk.triton_cdiv(n, seg),
+        R=r, DV=dv, G=g, BLOCK_N=min(cfg["BLOCK_N"], chunk), BLOCK_DV=bdv, HAS_W=w is not None,
+        STORE_BEFORE=token_mode, REVERSE=reverse, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_extra(cfg, interp),
     )
     return out
 
 
-def _chunk_z(hmod, p1, p2, w, chunk: int, interp: bool) -> torch.Tensor:
-    """[nc, B*H, R*R] fp32: per chunk, sum_n w_n p1_n p2_n^T."""
+def _prefix_z(mod, p1, p2, w, chunk, block_size, token_mode, reverse, interp, cfg) -> torch.Tensor:
+    """[nc, B*H, R*R] fp32: per chunk, the normaliser state it reads (or its gradient)."""
     b, h, n, r = p1.shape
-    cfg = hk._kernel_config("zstate", r, interp)
     nc = hk.triton_cdiv(n, chunk)
+    seg = chunk if token_mode else block_size
     out = torch.empty((nc, b * h, r * r), dtype=torch.float32, device=p1.device)
     wt, ws = w if w is not None else (p1, (0, 0, 0))
-    hmod._zstate_kernel[(b * h, nc)](
+    mod._prefix_z_kernel[(b * h,)](
         p1, p2, wt, out,
         *hk._s3(p1), *hk._s3(p2), *ws,
-        h, n, chunk,
-        R=r, BLOCK_N=min(cfg["BLOCK_N"], chunk), HAS_W=w is not None, EMU=interp, **hk._launch_extra(cfg, interp),
+        h, n, chunk, seg, hk.triton_cdiv(n, seg),
+        R=r, BLOCK_N=min(cfg["BLOCK_N"], chunk), HAS_W=w is not None, STORE_BEFORE=token_mode,
+        REVERSE=reverse, EMU=interp, **_extra(cfg, interp),
     )
     return out
-
-
-def _read_index(nc: int, chunk: int, block_size: int, token_mode: bool, device) -> torch.Tensor:
-    """Per chunk, how many leading chunks its state sums (an index into the padded prefix sums)."""
-    c = torch.arange(nc, device=device)
-    if token_mode:
-        return c
-    per = block_size // chunk  # chunks per causal block
-    return ((c // per + 1) * per).clamp(max=nc)
-
-
-def _select(loc: torch.Tensor, idx: torch.Tensor, token_mode: bool, dtype: torch.dtype) -> torch.Tensor:
-    """sel[c] = sum_{c' < idx[c]} loc[c'] in dtype. Consumes loc (prefix sums in place)."""
-    incl = loc.cumsum_(0)
-    if not token_mode:  # idx >= 1: whole blocks
-        return incl.index_select(0, idx - 1).to(dtype)
-    sel = torch.empty(loc.shape, dtype=dtype, device=loc.device)
-    sel[0].zero_()
-    sel[1:].copy_(incl[:-1])
-    return sel
-
-
-def _select_backward(dsel: torch.Tensor, idx: torch.Tensor, token_mode: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The transpose of _select: dloc[c'] = sum_{c: idx[c] > c'} dsel[c], in dtype. Consumes dsel."""
-    if token_mode:  # idx[c] = c: a suffix sum over the later chunks
-        rev = dsel.flip(0).cumsum_(0)  # rev[i] = sum of the last i + 1 chunks
-        out = torch.empty(dsel.shape, dtype=dtype, device=dsel.device)
-        out[-1].zero_()
-        out[:-1].copy_(rev[:-1].flip(0))
-        return out
-    bins = torch.zeros((dsel.shape[0] + 1, *dsel.shape[1:]), dtype=dsel.dtype, device=dsel.device)
-    bins.index_add_(0, idx, dsel)
-    return bins.flip(0).cumsum(0).flip(0)[1:].to(dtype)
 
 
 def _common(q1, v, block_size):
@@ -175,16 +147,14 @@ def _common(q1, v, block_size):
 
 def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
     interp, chunk, token_mode, cfg, bm, bn = _common(q1, v, block_size)
-    hmod, mod = hk._kernels(interp), _kernels(interp)
+    mod = _kernels(interp)
     dot = hk._dot_setup((q1, q2, k1, k2, v), interp)
     b, h, n, r = q1.shape
     dv = v.shape[-1]
     w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
-    nc = hk.triton_cdiv(n, chunk)
-    idx = _read_index(nc, chunk, block_size, token_mode, v.device)
     t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
-    tsel = _select(_chunk_states(hmod, k1, k2, v, w, chunk, interp, dot, "state"), idx, token_mode, t_dtype)
-    zsel = _select(_chunk_z(hmod, k1, k2, w, chunk, interp), idx, token_mode, torch.float32)
+    tsel = _prefix_states(mod, k1, k2, v, w, chunk, block_size, token_mode, False, t_dtype, interp, dot, cfg)
+    zsel = _prefix_z(mod, k1, k2, w, chunk, block_size, token_mode, False, interp, cfg)
     out = hk._empty((b, h, n, dv), v.dtype, v.device)
     den = hk._empty((b * h, n), torch.float32, v.device)
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
@@ -204,21 +174,17 @@ def _extra(cfg: dict, interp: bool) -> dict:
 
 def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do):
     interp, chunk, token_mode, cfg, bm, bn = _common(q1, v, block_size)
-    hmod, mod = hk._kernels(interp), _kernels(interp)
+    mod = _kernels(interp)
     dot = hk._dot_setup((q1, q2, k1, k2, v), interp)
     b, h, n, r = q1.shape
     dv = v.shape[-1]
     do = hk._rowmajor(do)
-    nc = hk.triton_cdiv(n, chunk)
-    idx = _read_index(nc, chunk, block_size, token_mode, v.device)
     delta = (do.float() * out.float()).sum(-1).reshape(b * h, n)
     wb = torch.stack([1.0 / den, -delta / den])  # [2, B*H, N]: the numerator's and denominator's weights
     rows = (h * n, n, 1)
-    dtsel = _chunk_states(hmod, q1, q2, do, (wb[0], rows), chunk, interp, dot, "dstate")
-    dzsel = _chunk_z(hmod, q1, q2, (wb[1], rows), chunk, interp)
     t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
-    dtloc = _select_backward(dtsel, idx, token_mode, t_dtype)
-    dzloc = _select_backward(dzsel, idx, token_mode, torch.float32)
+    dtloc = _prefix_states(mod, q1, q2, do, (wb[0], rows), chunk, block_size, token_mode, True, t_dtype, interp, dot, cfg)
+    dzloc = _prefix_z(mod, q1, q2, (wb[1], rows), chunk, block_size, token_mode, True, interp, cfg)
     f32 = dict(dtype=torch.float32, device=v.device)
     dq1a, dq1b, dq2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
