@@ -139,13 +139,15 @@ def render(records: list[dict]) -> str:
     for m in models:
         scales = sorted({r.get("steps_scale") for r in records if r["model"] == m})
         dtypes = sorted({r.get("dtype", "float32") for r in records if r["model"] == m})
-        some = next((r for r in records if r["model"] == m and r.get("status") == "ok"), None)
+        ok = [r for r in records if r["model"] == m and r.get("status") == "ok"]
         head = f"### {m}"
-        if some:
-            samp = (some.get("sampling") or {}).get("steps", 0)
+        if ok:
+            # settings that differ between runs are all listed (a row's runs may differ too)
+            held = sorted({r["heldout_samples"] for r in ok})
+            samp = sorted({(r.get("sampling") or {}).get("steps", 0) for r in ok})
             head += (
-                f" ({some['heldout_samples']} held-out samples; {samp} sampling steps; steps scale "
-                f"{', '.join(map(str, scales))}; {', '.join(dtypes)})"
+                f" ({' or '.join(map(str, held))} held-out samples; {' or '.join(map(str, samp))} sampling steps; "
+                f"steps scale {', '.join(map(str, scales))}; {', '.join(dtypes)})"
             )
         lines += [head, ""]
         lines += table(records, m, order)
