@@ -116,7 +116,11 @@ HUB_NOTICE_AFTER_S = 2.0
 @contextlib.contextmanager
 def hub_notice(model: str | None) -> Iterator[None]:
     """Say on stderr that MODEL is being looked up on the Hub, once the lookup takes a while."""
-    if model is None or Path(os.path.expanduser(model)).exists() or not looks_like_hub_id(model):
+    try:
+        local = model is None or Path(os.path.expanduser(model)).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: a check will say so
+        local = True
+    if local or not looks_like_hub_id(model):
         yield
         return
     err = sys.stderr

@@ -442,7 +442,7 @@ def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
         "",
         *use,
         "",
-        "`load_converted(folder, base=None, device=None, dtype=None)`: pass `base=` when the base model "
+        "`load_converted(folder or Hub ID, base=None, device=None, dtype=None, revision=None)`: pass `base=` when the base model "
         f"lives elsewhere now; its weights must match the fingerprint in `{CONFIG_FILE}`.",
         "",
         "## Files",

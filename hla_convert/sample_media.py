@@ -199,7 +199,9 @@ def card_section(video: str, sheet: str, result: SampleResult) -> str:
             f"![teacher (top) and student (bottom), frame by frame]({sheet})",
             "",
             f"The base model (teacher) and the converted one (student) from the same noise{what}, seed {result.seed}, "
-            f"{result.steps} {result.scheduler} steps; side by side as a video: [`{video}`]({video}). "
+            f"{result.steps} {result.scheduler} steps"
+            + (f" through the whole {result.pipeline} (decoded by its VAE)" if result.pipeline else "")
+            + f"; side by side as a video: [`{video}`]({video}). "
             f"Per-frame PSNR of the student against the teacher (dB): {psnr}.",
             "",
         ]

@@ -125,7 +125,7 @@ def sample_side_by_side(
     PIPELINE_INPUTS keyword arguments of its call (e.g. ``prompt_embeds`` instead of a prompt).
     """
     from .hub import resolve_output_dir
-    from .loading import resolve_model
+    from .loading import DEMO_MODEL_NAME, resolve_model
     from .output import base_of, read_output
     from .recipes import load_recipe
 
@@ -137,7 +137,7 @@ def sample_side_by_side(
         steps = recipe.validation.sampling_steps or DEFAULT_STEPS
     source, rev, subfolder = (base, None, None) if base is not None else base_of(info)
     ref = resolve_model(source, rev, subfolder)
-    if ref.is_demo:
+    if ref.is_demo or (info.get("base_source") == DEMO_MODEL_NAME and not ref.pipeline_dir):  # --base: a copy of the demo
         if prompt is not None:
             raise SampleError("--prompt applies to pipelines; the demo model's prompt is drawn from --seed (or give --inputs)")
         return _sample_demo(out_dir, base, inputs, seed, steps, device)

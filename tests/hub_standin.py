@@ -21,6 +21,15 @@ from pathlib import Path
 from typing import Any
 
 
+def _httpx():
+    """The httpx huggingface_hub uses: its own fork (httpx2) from huggingface_hub 2, httpx before."""
+    try:
+        import httpx2
+    except ImportError:  # pragma: no cover - huggingface_hub 1.x
+        import httpx as httpx2
+    return httpx2
+
+
 @dataclass
 class Commit:
     repo_id: str
@@ -41,7 +50,7 @@ class HubStandIn:
     validated: list[str] = field(default_factory=list)  # README.md texts sent to /api/validate-yaml
 
     def handle(self, request: Any) -> Any:
-        import httpx2
+        httpx2 = _httpx()
 
         path = request.url.path
         self.requests.append((request.method, path))
@@ -85,7 +94,7 @@ class HubStandIn:
         return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"}, json={"error": "Repository not found"})
 
     def commit(self, repo_id: str, revision: str, body: bytes) -> Any:
-        import httpx2
+        httpx2 = _httpx()
 
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         header = next(v["value"] for v in lines if v["key"] == "header")
@@ -111,7 +120,7 @@ class HubStandIn:
         return f"https://huggingface.co/{repo_id}"
 
     def install(self) -> None:
-        import httpx2
+        httpx2 = _httpx()
         from huggingface_hub import set_client_factory
         from huggingface_hub.utils._http import hf_request_event_hook
 

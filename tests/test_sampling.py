@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -156,7 +157,7 @@ def test_convert_sample_puts_a_pipeline_sample_in_the_folder_and_card(pipeline_c
     frames = iio.imread(out / f"sample{default_video_suffix()}", index=None)
     assert frames.shape[1:] == (128, 260, 3) and 1 <= frames.shape[0] <= 5  # 32 px frames upscaled x4
     card = (out / "README.md").read_text()
-    assert "## Sample" in card and "](sample.png)" in card and "FlowMatchEulerDiscreteScheduler" in card
+    assert "## Sample" in card and "](sample.png)" in card and "FlowMatchEulerDiscreteScheduler steps through the whole WanPipeline" in card
     assert foreign_entries(out) == []
 
 
@@ -209,3 +210,13 @@ def test_what_cannot_be_sampled_is_refused_in_one_line(converted, tmp_path):
     bare = invoke("convert", tmp_path / "bare", "--recipe", "tiny-wan", "--out", tmp_path / "o", "--sample")
     assert bare.exit_code == 2 and "bare transformer" in bare.stderr and len(bare.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # refused before the run
+
+
+def test_base_can_be_a_copy_of_the_demo_folder(converted, tmp_path):
+    from hla_convert import demo_data
+    from hla_convert.sampling import sample_side_by_side
+
+    copy = shutil.copytree(demo_data.demo_model_dir(), tmp_path / "demo-copy")
+    moved = sample_side_by_side(converted, base=str(copy), seed=1, steps=1, device="cpu")
+    here = sample_side_by_side(converted, seed=1, steps=1, device="cpu")
+    assert np.array_equal(moved.teacher, here.teacher) and np.array_equal(moved.student, here.student)
