@@ -7,6 +7,7 @@ from .adapter import AdapterError, fingerprint_weights, load_adapter, read_adapt
 from .config import ConfigError, HLAConfig
 from .conversion import ConversionResult, ProgressEvent, ValidationResult, convert, validate
 from .errors import InputError
+from .hub import HubError, push_output
 from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
 from .output import load_converted
 from .surgery import ConversionError, convert_attention, revert_attention, select_modules
@@ -31,6 +32,8 @@ __all__ = [
     "hla_layers",
     "hla_parameters",
     "load_converted",
+    "HubError",
+    "push_output",
     "revert_attention",
     "select_modules",
     "set_attention_mode",

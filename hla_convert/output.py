@@ -7,6 +7,7 @@
       recipe.yaml                the recipe exactly as run (command-line overrides applied)
       drift_report.json          held-out drift, thresholds, pass/fail, training summary
       README.md                  the model card
+      sample.mp4|gif, sample.png after `hla-convert sample DIR` or `convert --sample` (sample_media)
       .hla-convert-manifest.json every file above with its sha256: what --overwrite may delete
       .hla-convert.lock          only while a run is going on (output_guard.output_lock)
       .hla_work/                 only while a run is unfinished: run.json + training checkpoints
