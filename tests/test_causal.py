@@ -211,3 +211,17 @@ def test_hybrid_block_causal_equals_naive_and_its_limits():
     out = CH.hybrid_block_causal(q, k, v, qf, kf, 0.5, log_beta, 6, eps=0.0)
     first = torch.softmax(0.5 * q[:, :, :6] @ k[:, :, :6].transpose(-1, -2), dim=-1) @ v[:, :, :6]
     assert _rel(out[:, :, :6], first) < TOL
+
+
+def test_second_order_is_first_order_with_covariance_keys():
+    """The identity behind the causal form: a_tj = [p_j <= p_t] q_t . u_j with u_j = S_{p_j} q_j,
+    S_p = sum_{p_i <= p} k_i k_i^T (no decay): causal 2nd order is causal linear attention with keys u."""
+    q, k, v, mask = _inputs(13, n=18)
+    bs = 3
+    w = mask[:, None, :, None].to(q.dtype)
+    km, qm = k * w, q * w
+    p = torch.arange(18) // bs
+    seen = (p[None, :] <= p[:, None]).to(q.dtype)  # [j, i]: p_i <= p_j
+    u = torch.einsum("ji,bhid,bhie,bhje->bhjd", seen, km, km, qm)  # S_{p_j} q_j, zero for masked j
+    ref = CH.hadamard_causal_naive([q], [u], v, block_size=bs)  # one factor: first-order linear attention
+    assert _rel(ops.higher_order_attention(q, k, v, mask, causal=True, block_size=bs, chunk_size=6), ref) < TOL
