@@ -20,6 +20,7 @@ HLA_CONVERT_DEBUG=1 to get the traceback of a failed run. Progress goes to stder
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 import signal
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console as _Console
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -243,7 +245,10 @@ def convert(
         words += [w for k, v in options.items() if v is not None for w in (k, str(v))]
         return shlex.join([*words, "--resume"])
 
-    with _command("convert", json_out, resume_hint) as doc:
+    from .parallel import quiet_unless_main
+
+    # under accelerate launch every process runs this; only the main one shows progress and results
+    with quiet_unless_main() as quiet, _command("convert", json_out, resume_hint) as doc:
         from .conversion import plan_conversion, run_conversion
 
         # Everything that can be refused is refused here, before the (slow) model load.
@@ -251,7 +256,7 @@ def convert(
         if sample_too:
             _check_sampleable(model, revision, subfolder)
         doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, resumed=resume)
-        with StageProgress(_stderr(), stop_after_steps) as bars:
+        with StageProgress(_stderr() if not quiet else _Console(file=io.StringIO()), stop_after_steps) as bars:
             result = run_conversion(plan, progress=bars)
         doc.update(
             model=result.model,
@@ -268,7 +273,7 @@ def convert(
             con.print(_drift_table(result.report))
             _print_verdict(con, result.report)
             con.print(f"saved to {plan.out}/ ({', '.join(result.files)})")
-        if sample_too:
+        if sample_too and not quiet:  # one process samples (no collectives in it) and writes
             from .sampling import SampleError
 
             try:

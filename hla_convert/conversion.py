@@ -202,46 +202,65 @@ def plan_conversion(
 
 
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
-    """Load -> convert -> calibrate -> distil -> validate -> save, under OUT's lock."""
+    """Load -> convert -> calibrate -> distil -> validate -> save, under OUT's lock.
+
+    Under `accelerate launch` (several processes, hla_convert.parallel) every process runs every
+    stage in lockstep, each on its accelerate device (plan.device is not used) and its share of
+    each training step; the main process alone takes the lock and writes, the others wait for it.
+    `progress` is called in every process (the command line shows the main process's)."""
     from . import calibration, distill, drift
     from .loading import load_transformer
-    from .output import check_output, save_output, start_run
+    from .output import WORK_DIR, check_output, save_output, start_run
     from .output_guard import output_lock
+    from .parallel import Parallel
     from .pipeline_loading import load_scheduler
     from .surgery import convert_attention
 
-    p, rec, out, dev = plan, plan.recipe, plan.out, plan.device
+    par = Parallel.from_environment()
+    p, rec, out, dev = plan, plan.recipe, plan.out, plan.device if par is None else par.device
+    writer = _main_only(par)
     stages = _Stages(progress)
-    with output_lock(out):
-        check_output(out, p.run, p.overwrite, p.resume)  # under the lock: nothing else changes it now
+    with output_lock(out) if par is None or par.is_main else contextlib.nullcontext():
+        writer(lambda: check_output(out, p.run, p.overwrite, p.resume))  # under the lock: nothing else changes it now
         with stages.stage("load"), hub_notice(p.model):
-            loaded = load_transformer(p.model, revision=p.revision, subfolder=p.subfolder, dtype=p.dtype, device=dev)
+            # FSDP: the whole model on the host first; each process keeps its shard on the device
+            where = "cpu" if par is not None and par.fsdp else dev
+            loaded = load_transformer(p.model, revision=p.revision, subfolder=p.subfolder, dtype=p.dtype, device=where)
         net = loaded.transformer
         with stages.stage("convert"):
             config = rec.hla_config()
             convert_attention(net, config, include=rec.attention.include, exclude=rec.attention.exclude)
-        work = start_run(out, p.run, p.overwrite, p.resume)
+            if par is not None and par.fsdp:
+                from .layers import hla_parameters
+
+                units = par.shard_frozen_base(net, list(hla_parameters(net).values()))
+                net.to(dev)
+                par.note(f"FSDP: the frozen base is sharded over {par.count} processes ({units} blocks); HLA / LoRA stay whole")
+        work = writer(lambda: start_run(out, p.run, p.overwrite, p.resume)) or out / WORK_DIR
         with stages.stage("calibrate"):
             inputs = calibration.build_input_sets(
                 net, rec, pipeline_dir=loaded.pipeline_dir, device=dev, dtype=net.dtype, progress=stages.step
             )
             train, heldout = inputs["train"], inputs["heldout"]
         with stages.stage("distil"):
-            trained = distill.distil(net, train, rec, work_dir=work, resume=p.resume, progress=stages.step)
+            trained = distill.distil(net, train, rec, work_dir=work, resume=p.resume, progress=stages.step, parallel=par)
         with stages.stage("validate"):
             scheduler = load_scheduler(loaded)
             report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=stages.step).to_dict()
             note_sampling(report, rec, scheduler, "MODEL is a bare transformer: no pipeline scheduler to sample with")
         report["training"] = {k: trained[k] for k in ("stage1", "selection", "stage2")}
-        with stages.stage("save"):
-            saved = save_output(out, net, loaded, rec, report)
+        if par is not None:
+            report["training"]["parallel"] = {"processes": par.count, "fsdp": par.fsdp}
+        with stages.stage("save"), par.full_weights(net) if par is not None else contextlib.nullcontext():
+            saved = writer(lambda: save_output(out, net, loaded, rec, report))
+            files = saved.files if par is None else par.share_object(saved.files if saved is not None else None)
     return ConversionResult(
         out_dir=out.absolute(),
         recipe=rec.name,
         resumed=p.resume,
         report=report,
         passed=bool(report.get("passed")),
-        files=saved.files,
+        files=files,
         seconds=stages.seconds,
         model={"source": loaded.source, "revision": loaded.revision, "class": type(net).__name__, "demo": loaded.is_demo},
         device=str(dev),
@@ -278,6 +297,14 @@ def convert(
     """
     plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite)
     return run_conversion(plan, progress)
+
+
+def _main_only(par: Any) -> Callable[[Callable[[], Any]], Any]:
+    """How run_conversion writes: directly with one process; under a launch, on the main process
+    while the others wait (its errors raised everywhere), None as the others' result."""
+    if par is None:
+        return lambda fn: fn()
+    return par.main_first
 
 
 # -- validate -----------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ peft LoRA adapters on base linear layers (hla_convert.lora), added when stage 2 
 so that its step 0 is the HLA-only student. The base weights themselves never train: they are
 the teacher; the adapters are disabled in "teacher" mode, so the teacher stays the base model.
 
-Plain torch, not accelerate: on one device without mixed precision (HLA parameters are float32;
-the base model keeps its own dtype) `Accelerator.backward/prepare` add nothing but a wrapper, and
-the frozen base needs no DDP. Device placement is the caller's (the model and the inputs from
-`build_inputs(device=...)` are already where they should be). Keeping the loop plain keeps it
-bit-for-bit deterministic on CPU, which the resume guarantee relies on.
+Plain torch on one process: without mixed precision (HLA parameters are float32; the base model
+keeps its own dtype) `Accelerator.backward/prepare` add nothing but a wrapper. Device placement is
+the caller's (the model and the inputs from `build_inputs(device=...)` are already where they
+should be). Keeping the loop plain keeps it bit-for-bit deterministic on CPU, which the resume
+guarantee relies on. Under a multi-process launch, `parallel` (hla_convert.parallel) shares each
+step's global batch out and sums the gradients with accelerate; the main process alone writes.
 
 Checkpoints: `<work_dir>/stage1.checkpoint.safetensors` (resp. stage2), one file written
 atomically (temp file + os.replace) every `checkpoint_every` steps and at the end: the HLA
@@ -47,6 +48,7 @@ from .lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, l
 from .recipes import Recipe, RecipeError
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over processes (hla_convert.parallel)
 _FORMAT = 1
 _STAGE_STREAM = {"stage1": 11, "stage2": 22}
 
@@ -140,6 +142,16 @@ def _relative_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     """||pred - target||^2 / ||target||^2 over the whole tensor, in float32."""
     p, t = pred.float(), target.float()
     return (p - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
+def _shared_relative_sq_error(pred: torch.Tensor, target: torch.Tensor, reduce: Reduce) -> tuple[torch.Tensor, float]:
+    """This process's share of an input cut across processes: (its ||pred - target||^2 over the
+    whole input's ||target||^2, which sums to the whole relative error; the whole one's value)."""
+    p, t = pred.float(), target.float()
+    err = (p - t).pow(2).sum()
+    sums = reduce(torch.stack([err.detach(), t.detach().pow(2).sum()]))
+    ref = sums[1].clamp_min(1e-12)
+    return err / ref, float(sums[0] / ref)
 
 
 # -- feature-map initialisation ------------------------------------------------------------------------
@@ -236,10 +248,14 @@ def _run_stage(
     step_loss: Callable[[dict[str, Any], float], tuple[float, dict[str, float]]],
     extra: dict[str, nn.Parameter] | None = None,
     extra_lr: float | None = None,
+    parallel: Any = None,
 ) -> dict[str, Any]:
-    """Shared loop. step_loss(item, scale) runs one input, back-propagates scale * loss and returns
-    (loss, per-layer values) as floats. Trains the HLA parameters at spec.lr and `extra` (LoRA)
-    at extra_lr (None: spec.lr), both on the same warm-up + cosine schedule."""
+    """Shared loop. step_loss(item, scale, reduce) runs one input, back-propagates scale * loss and
+    returns (loss, per-layer values) as floats; reduce is None, or (an input cut across processes)
+    sums a tensor over them, so that the loss's denominators are the whole input's. Trains the HLA
+    parameters at spec.lr and `extra` (LoRA) at extra_lr (None: spec.lr), both on the same
+    warm-up + cosine schedule. parallel: a hla_convert.parallel.Parallel, or None (one process)."""
+    main = parallel is None or parallel.is_main
     spec = getattr(recipe, stage)
     label = f"stage {stage[-1]}"
     work_dir = Path(work_dir)
@@ -277,10 +293,12 @@ def _run_stage(
         torch.set_rng_state(tensors["rng.torch"])
         start, history, last_layers = state["step"], state["history"], state.get("layers", {})
         summary["resumed_from"] = start
-    else:
+    elif main:
         # A fresh stage makes older checkpoints of it (and of what follows it) stale.
         for later in ("stage1", "stage2")[("stage1", "stage2").index(stage) :]:
             checkpoint_path(work_dir, later).unlink(missing_ok=True)
+    if parallel is not None:  # every process starts the stage from the main process's parameters
+        parallel.broadcast_([params[n] for n in names])
 
     def save(step: int) -> None:
         opt_tensors, opt_meta = optimizer_to_checkpoint(optimizer)
@@ -295,7 +313,10 @@ def _run_stage(
             "history": history,
             "layers": last_layers,
         }
-        save_checkpoint(ckpt, tensors, state)
+        if main:
+            save_checkpoint(ckpt, tensors, state)
+        if parallel is not None:
+            parallel.barrier()
 
     last_saved = start if summary["resumed_from"] is not None else None
     t0 = time.perf_counter()
@@ -305,11 +326,15 @@ def _run_stage(
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = _lr_at(step, spec.steps, base_lr)
             loss, layer_vals = 0.0, {}
-            for idx in _batch_indices(step, accumulate, len(inputs), recipe.calibration.seed, stage):
-                item_loss, item_layers = step_loss(inputs[idx], 1.0 / accumulate)
-                loss += item_loss / accumulate
-                for k, v in item_layers.items():
-                    layer_vals[k] = layer_vals.get(k, 0.0) + v / accumulate
+            indices = _batch_indices(step, accumulate, len(inputs), recipe.calibration.seed, stage)
+            if parallel is not None:
+                loss, layer_vals = parallel.run_step([inputs[i] for i in indices], step_loss, [params[n] for n in names])
+            else:
+                for idx in indices:
+                    item_loss, item_layers = step_loss(inputs[idx], 1.0 / accumulate, None)
+                    loss += item_loss / accumulate
+                    for k, v in item_layers.items():
+                        layer_vals[k] = layer_vals.get(k, 0.0) + v / accumulate
             kept = (
                 f"the last good checkpoint (step {last_saved}) is kept in {work_dir}"
                 if last_saved is not None
@@ -353,6 +378,7 @@ def attention_transfer(
     work_dir: str | Path,
     resume: bool = False,
     progress: Progress | None = None,
+    parallel: Any = None,
 ) -> dict[str, Any]:
     """Stage 1: every converted layer's HLA output learns its teacher's softmax output.
 
@@ -366,12 +392,15 @@ def attention_transfer(
     """
     n_layers = len([l for l in hla_layers(model).values() if l.config.kind != "softmax"])
 
-    def step_loss(item: dict[str, Any], scale: float) -> tuple[float, dict[str, float]]:
+    def step_loss(item: dict[str, Any], scale: float, reduce: Reduce | None) -> tuple[float, dict[str, float]]:
         per_layer: dict[str, float] = {}
 
         def consume(name: str, target: torch.Tensor, pred: torch.Tensor) -> None:
-            rel = _relative_sq_error(pred, target)
-            value = float(rel.detach())
+            if reduce is None:
+                rel = _relative_sq_error(pred, target)
+                value = float(rel.detach())
+            else:
+                rel, value = _shared_relative_sq_error(pred, target, reduce)
             per_layer[name] = math.sqrt(value) if math.isfinite(value) else value
             if math.isfinite(value) and rel.requires_grad:
                 (rel * (scale / n_layers)).backward()
@@ -385,7 +414,7 @@ def attention_transfer(
         loss = sum(v * v if math.isfinite(v) else v for v in per_layer.values()) / n_layers
         return loss, per_layer
 
-    return _run_stage("stage1", model, inputs, recipe, work_dir, resume, progress, step_loss)
+    return _run_stage("stage1", model, inputs, recipe, work_dir, resume, progress, step_loss, parallel=parallel)
 
 
 # -- stage 2 -------------------------------------------------------------------------------------------
@@ -398,6 +427,7 @@ def output_distillation(
     work_dir: str | Path,
     resume: bool = False,
     progress: Progress | None = None,
+    parallel: Any = None,
 ) -> dict[str, Any]:
     """Stage 2: the converted model's denoiser output matches the teacher's at the same inputs.
 
@@ -416,15 +446,18 @@ def output_distillation(
     if spec.train == "lora" and spec.steps > 0 and hla_parameters(model):
         extra, lora_modules = _stage2_lora(model, recipe)
 
-    def step_loss(item: dict[str, Any], scale: float) -> tuple[float, dict[str, float]]:
+    def step_loss(item: dict[str, Any], scale: float, reduce: Reduce | None) -> tuple[float, dict[str, float]]:
         set_attention_mode(model, "teacher")
         with torch.no_grad():
             target = forward(model, item).detach()
         set_attention_mode(model, "student")
         with torch.enable_grad():
             pred = forward(model, item)
-            rel = _relative_sq_error(pred, target)
-            value = float(rel.detach())
+            if reduce is None:
+                rel = _relative_sq_error(pred, target)
+                value = float(rel.detach())
+            else:
+                rel, value = _shared_relative_sq_error(pred, target, reduce)
             if math.isfinite(value):
                 (rel * scale).backward()
         return value, {}
@@ -434,7 +467,7 @@ def output_distillation(
     if checkpointing and not was:
         model.enable_gradient_checkpointing()
     try:
-        summary = _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss, extra, spec.lora_lr)
+        summary = _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss, extra, spec.lora_lr, parallel)
     finally:
         if checkpointing and not was:
             model.disable_gradient_checkpointing()
@@ -473,16 +506,18 @@ def distil(
     work_dir: str | Path,
     resume: bool = False,
     progress: Progress | None = None,
+    parallel: Any = None,
 ) -> dict[str, Any]:
     """The distil stage as `hla-convert convert` runs it: feature-map init, stage 1, the recipe's
     per-layer softmax budget (hla_convert.selection), stage 2. Returns {"init", "stage1",
-    "selection", "stage2"} (each stage's summary)."""
+    "selection", "stage2"} (each stage's summary). parallel: see hla_convert.parallel; the init
+    and the selection run whole in every process (deterministic, so every process agrees)."""
     from .selection import give_back_to_softmax
 
     init = initialize_feature_maps(model, inputs, progress=progress)
-    stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress)
+    stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
     selection = give_back_to_softmax(model, inputs, recipe.attention.softmax_layers)
-    stage2 = output_distillation(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress)
+    stage2 = output_distillation(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
     return {"init": init, "stage1": stage1, "selection": selection, "stage2": stage2}
 
 
