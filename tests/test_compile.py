@@ -71,6 +71,20 @@ def test_converted_model_compiles_to_one_graph_and_matches_eager(kind):
     assert len(layers) == 3 and all(layer.calls == 2 for layer in layers)
 
 
+def test_compiled_hybrid_follows_a_new_grid():
+    """The window tiling is baked into the graph as a constant: another latent grid must recompile,
+    not reuse the first grid's tiling."""
+    model, inputs = _demo("hybrid")
+    fn = torch.compile(model, backend="eager", fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    other = {**inputs, "hidden_states": torch.randn(1, 3, 4, 16, 8, generator=g)}
+    with torch.no_grad():
+        fn(**inputs, return_dict=False)
+        compiled = fn(**other, return_dict=False)[0]
+        eager = model(**other, return_dict=False)[0]
+    assert _rel(compiled, eager) < 1e-6
+
+
 def test_compiled_backward_gives_the_eager_gradients():
     """Distillation's path: aot_eager traces the backward too; gradients reach the HLA parameters."""
     model = _perturbed(convert_attention(tiny_model("wan", num_layers=1), CONFIGS["hybrid"]))
