@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# step_loss(item, scale, reduce) -> (loss, per-layer values): see distill._run_stage
+# step_loss(item, scale, reduce) -> (loss, per-layer values): see distill_loop._run_stage
 StepLoss = Callable[[dict[str, Any], float, "Callable[[torch.Tensor], torch.Tensor] | None"], tuple[float, dict[str, float]]]
 
 
