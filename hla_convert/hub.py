@@ -79,11 +79,13 @@ def _snapshot(repo_id: str, revision: str | None) -> str:
     except RevisionNotFoundError:
         raise HubError(f"{repo_id!r} has no revision {revision!r} on the Hugging Face Hub") from None
     except (RepositoryNotFoundError, GatedRepoError):
-        raise HubError(f"{repo_id!r} is not a model on the Hugging Face Hub (or it is private or gated: log in with `hf auth login`)") from None
+        raise HubError(
+            f"{repo_id!r} is neither a local folder nor a model on the Hugging Face Hub (a private or gated one needs `hf auth login`)"
+        ) from None
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise HubError(
-            f"{repo_id!r}{at} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+            f"{repo_id!r}{at} is neither a local folder nor in the local Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}; "
             "download it once online, or pass a local folder"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:

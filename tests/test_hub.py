@@ -180,8 +180,8 @@ def test_load_by_hub_id_from_the_offline_cache(converted, tmp_path, hub, monkeyp
     assert not torch.allclose(v1, local)
     assert torch.equal(forward(load_adapter(load_demo_model().transformer, REPO, revision="v1"), inputs), v1)
     for call, message in (
-        (lambda: load_converted(REPO, revision="v2"), "at revision 'v2' is not in the local Hugging Face cache"),
-        (lambda: load_converted("nobody/nothing"), "'nobody/nothing' is not in the local Hugging Face cache"),
+        (lambda: load_converted(REPO, revision="v2"), "at revision 'v2' is neither a local folder nor in the local Hugging Face cache"),
+        (lambda: load_converted("nobody/nothing"), "'nobody/nothing' is neither a local folder nor in the local Hugging Face cache"),
         (lambda: load_converted(converted, revision="v1"), "--revision applies to Hub IDs"),
     ):
         with pytest.raises(HubError, match=message) as info:
@@ -198,7 +198,7 @@ def test_validate_a_hub_id_offline(converted, tmp_path, hub, monkeypatch):
     local = json.loads(invoke("validate", converted, "--device", "cpu", "--json").stdout)
     by_id = json.loads(invoke("validate", REPO, "--device", "cpu", "--json").stdout)
     assert by_id["exit_code"] == local["exit_code"] and by_id["drift"]["table"] == local["drift"]["table"]
-    assert_one_line_error(invoke("validate", REPO, "--revision", "nope"), contains="not in the local Hugging Face cache")
+    assert_one_line_error(invoke("validate", REPO, "--revision", "nope"), contains="nor in the local Hugging Face cache")
     assert_one_line_error(invoke("validate", "nobody/nothing"), contains="HF_HUB_OFFLINE is set")
 
 
@@ -211,7 +211,7 @@ def test_a_revision_the_hub_does_not_have_is_one_line(hub, monkeypatch):
     hub.missing_revisions.add("nope")
     with pytest.raises(HubError, match="has no revision 'nope'"):
         resolve_output_dir(REPO, revision="nope")
-    with pytest.raises(HubError, match="is not a model on the Hugging Face Hub"):
+    with pytest.raises(HubError, match="is neither a local folder nor a model on the Hugging Face Hub"):
         resolve_output_dir("nobody/nothing")
 
 
