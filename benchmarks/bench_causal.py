@@ -162,7 +162,7 @@ def methods(s: Setup, kern, n: int) -> list[dict]:
 
 def check(s: Setup, kern, ref, n: int) -> list[dict]:
     rows = []
-    for block in (1, 8 if s.smoke else 1560):
+    for block in (1,) if s.smoke else (1, 1560):  # smoke: the block-causal check lives in the tests
         feats, _, _, v, mask = inputs(s, n, seed=1, mask_frac=0.1)
         leaves = [t.detach().requires_grad_() for t in (*feats, v)]
         out = kern.causal_hadamard_attention(leaves[:2], leaves[2:4], leaves[4], mask, block_size=block)
