@@ -170,3 +170,25 @@ def test_mask_structure_is_read_once_per_mask_object(monkeypatch):
     mask.copy_(torch.arange(N)[None, :] // 4 <= torch.arange(N)[:, None] // 4)  # in place: a new version
     assert attention_mask_structure(mask, B, N, N) == (None, 4)
     assert len(calls) == 2
+
+
+def test_calibration_and_stage1_train_through_the_block_causal_form(tmp_path, monkeypatch):
+    """Distillation of a diffusion-forcing model: teacher and student both see the frame blocks."""
+    from test_distill import recipe
+
+    from hla_convert.calibration import build_inputs
+    from hla_convert.distill import attention_transfer, initialize_feature_maps
+    from hla_convert.layers import HLAAttention
+
+    # 13 video frames -> 4 latent frames -> 2 causal blocks of 2 frames
+    rec = recipe(model__architecture="SkyReelsV2Transformer3DModel", calibration__frames=13, calibration__text_len=12, stage1__steps=15)
+    model, _ = _skyreels_df()
+    convert_attention(model, rec.hla_config())
+    blocks = []
+    real = HLAAttention._causal
+    monkeypatch.setattr(HLAAttention, "_causal", lambda self, *a: blocks.append(a[-1]) or real(self, *a))
+    inputs = build_inputs(model, rec, "train")
+    initialize_feature_maps(model, inputs)
+    out = attention_transfer(model, inputs, rec, tmp_path)
+    assert out["final_loss"] < out["initial_loss"]
+    assert blocks and set(blocks) == {TOKENS_PER_BLOCK}
