@@ -219,7 +219,10 @@ class HLAAttention(nn.Module):
         q, k, v: [B, H, N, d]; key_mask bool [B, N] or None; causal_block: tokens per causal block
         when the call was block-causal (see student). Returns [B, H, N, dv] in v's dtype.
         """
-        self.calls += 1
+        if not torch.compiler.is_compiling():
+            # a compiled graph would guard on this int and recompile at every call (one more
+            # graph per call until dynamo gives up): compiled calls are not counted
+            self.calls += 1
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if self.sample_sink is not None:
             self.sample_sink.append(_sample_tokens(q, k, key_mask, self.sample_tokens))
