@@ -246,6 +246,10 @@ def compiled(model, how: str | None):
     if how is None:
         return model
     torch._dynamo.reset()
+    # Under gradient checkpointing a converted block's forward has side effects dynamo will not
+    # replay in the recompute (the processor enters its routing TorchFunctionMode, the core counts
+    # its calls); without this the whole forward falls back to eager (tests/test_compile.py).
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if how == "model":
         return torch.compile(model)
     model.compile_repeated_blocks()
@@ -440,7 +444,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            result = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            result = {"error": f"{type(exc).__name__}: {' | '.join(lines[:3])[:500]}"}
         record(side, measurement, res, how, result, **extra)
 
     def side_measurements(side: str, trainable: Callable[[], dict[str, torch.nn.Parameter]], extra: dict[str, Any]) -> None:
