@@ -154,8 +154,9 @@ def _dq_kernel(
     last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
     rden = tl.load(Wb + bh * N + offs_m, mask=mmask, other=0.0)  # 1 / den
     e = tl.load(Wb + (BH + bh) * N + offs_m, mask=mmask, other=0.0)  # -delta / den
+    # the numerator's gradient is g = dO / den: 1 / den is applied to the products' rows, so no
+    # fp32 copy of the dO tile stays live
     do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
-    g = do.to(tl.float32) * rden[:, None]  # the numerator's gradient
 
     t_ptr = T + (c * BH + bh) * A * DV
     lastf = last.to(tl.float32)
@@ -165,7 +166,7 @@ def _dq_kernel(
         cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
         rows = o0 * R + offs_ab
         t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        ee = _mm(g, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
+        ee = _mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU) * rden[:, None]
         e1, de2 = _kron_grads(ee, cols, lastf, BLOCK_M, G, R)
         dq2 += de2
         tl.store(dQ1a + bh * N * R + offs_m[:, None] * R + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
@@ -193,7 +194,7 @@ def _dq_kernel(
             else:
                 w = tl.where(nmask, 1.0, 0.0)
             a, s1, s2, keep = _intra_weights(first, last, k1, k2, offs_m, offs_n, w, BS, BLOCK_M, BLOCK_N, DOT_DT, PREC, EMU)
-            da = _mm(g, tl.trans(v), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), DOT_DT, PREC, EMU) + e[:, None]
+            da = _mm(do, tl.trans(v), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), DOT_DT, PREC, EMU) * rden[:, None] + e[:, None]
             da = da * keep
             dq1 = _mm(da * s2, k1, dq1, DOT_DT, PREC, EMU)
             dq2 = _mm(da * s1, k2, dq2, DOT_DT, PREC, EMU)
@@ -273,10 +274,10 @@ def _dkdv_kernel(
             rden = tl.load(Wb + bh * N + offs_m, mask=mmask, other=0.0)
             e = tl.load(Wb + (BH + bh) * N + offs_m, mask=mmask, other=0.0)
             do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
-            g = do.to(tl.float32) * rden[:, None]
             a, s1, s2, keep = _intra_weights(q1, q2, k1, k2, offs_m, offs_n, w, BS, BLOCK_M, BLOCK_N, DOT_DT, PREC, EMU)  # [M, N]
-            dv_acc = _mm(tl.trans(a), g, dv_acc, DOT_DT, PREC, EMU)
-            da = _mm(g, tl.trans(v), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), DOT_DT, PREC, EMU) + e[:, None]
+            # g = dO / den enters through the rows of a and of dO v^T (no fp32 copy of the dO tile)
+            dv_acc = _mm(tl.trans(a * rden[:, None]), do, dv_acc, DOT_DT, PREC, EMU)
+            da = _mm(do, tl.trans(v), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), DOT_DT, PREC, EMU) * rden[:, None] + e[:, None]
             da = da * keep
             dk1 = _mm(tl.trans(da * s2), q1, dk1, DOT_DT, PREC, EMU)
             dk2 = _mm(tl.trans(da * s1), q2, dk2, DOT_DT, PREC, EMU)

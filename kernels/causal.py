@@ -33,9 +33,18 @@ from . import hadamard as hk
 _MODULES: dict[bool, ModuleType] = {}
 
 # chunk length and intra tile sizes; G as in the Hadamard kernels (outer indices per step)
-# G_STATE, BLOCK_DV: the prefix-state pass (rows G_STATE * r and BLOCK_DV columns per program)
-GPU_CONFIG = {"C": 256, "BLOCK_M": 64, "BLOCK_N": 64, "G": 2, "G_STATE": 4, "BLOCK_DV": 64, "num_warps": 8, "num_stages": 2, "min_chunk": 16}
-INTERP_CONFIG = {"C": 16, "BLOCK_M": 8, "BLOCK_N": 8, "G": 2, "G_STATE": 2, "BLOCK_DV": 2, "min_chunk": 4}
+# C: chunk; G_STATE x r state rows, BLOCK_DV value columns and BLOCK_N tokens per step of the
+# prefix-state pass; TILES: (BLOCK_M, BLOCK_N) query x key tiles per kernel. GPU tiles: the
+# combinations without register spills in an sm_90 compile (cuobjdump --dump-resource-usage,
+# Triton 3.9, bf16, r = 32, dv = 128, 8 warps); not yet timed.
+GPU_CONFIG = {
+    "C": 256, "G": 2, "G_STATE": 4, "BLOCK_DV": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "min_chunk": 16,
+    "TILES": {"readout": (64, 64), "dq": (64, 32), "dkdv": (32, 64)},
+}
+INTERP_CONFIG = {
+    "C": 16, "G": 2, "G_STATE": 2, "BLOCK_DV": 2, "BLOCK_N": 8, "min_chunk": 4,
+    "TILES": {"readout": (8, 8), "dq": (8, 8), "dkdv": (8, 8)},
+}
 
 
 def _kernels(interp: bool) -> ModuleType:
@@ -140,17 +149,21 @@ def _common(q1, v, block_size):
     p = plan(v.shape[2], block_size, interp)
     assert not isinstance(p, str), p
     chunk, token_mode = p
-    cfg = _config(interp)
-    bm, bn = min(cfg["BLOCK_M"], chunk), min(cfg["BLOCK_N"], chunk)
-    return interp, chunk, token_mode, cfg, bm, bn
+    return interp, chunk, token_mode, _config(interp)
+
+
+def _tiles(cfg: dict, kernel: str, chunk: int) -> tuple[int, int]:
+    bm, bn = cfg["TILES"][kernel]
+    return min(bm, chunk), min(bn, chunk)
 
 
 def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
-    interp, chunk, token_mode, cfg, bm, bn = _common(q1, v, block_size)
+    interp, chunk, token_mode, cfg = _common(q1, v, block_size)
     mod = _kernels(interp)
     dot = hk._dot_setup((q1, q2, k1, k2, v), interp)
     b, h, n, r = q1.shape
     dv = v.shape[-1]
+    bm, bn = _tiles(cfg, "readout", chunk)
     w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
     t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
     tsel = _prefix_states(mod, k1, k2, v, w, chunk, block_size, token_mode, False, t_dtype, interp, dot, cfg)
@@ -173,7 +186,7 @@ def _extra(cfg: dict, interp: bool) -> dict:
 
 
 def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do):
-    interp, chunk, token_mode, cfg, bm, bn = _common(q1, v, block_size)
+    interp, chunk, token_mode, cfg = _common(q1, v, block_size)
     mod = _kernels(interp)
     dot = hk._dot_setup((q1, q2, k1, k2, v), interp)
     b, h, n, r = q1.shape
@@ -189,19 +202,21 @@ def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, d
     dq1a, dq1b, dq2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
     common = dict(
-        R=r, DV=dv, G=min(cfg["G"], r), BLOCK_M=bm, BLOCK_N=bn, INTRA=token_mode, HAS_W=wmask is not None,
+        R=r, DV=dv, G=min(cfg["G"], r), INTRA=token_mode, HAS_W=wmask is not None,
         DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_extra(cfg, interp),
     )
     strides = (*hk._s3(q1), *hk._s3(q2), *hk._s3(k1), *hk._s3(k2), *hk._s3(v), wsb, wsn, *hk._s3(do))
+    bm, bn = _tiles(cfg, "dq", chunk)
     mod._dq_kernel[(hk.triton_cdiv(n, bm), b * h)](
         q1, q2, k1, k2, v, wt, tsel, zsel, do, wb, dq1a, dq1b, dq2, *strides,
-        b * h, h, n, chunk, block_size, SMALL_PREC=None if interp else "tf32x3", **common,
+        b * h, h, n, chunk, block_size, BLOCK_M=bm, BLOCK_N=bn, SMALL_PREC=None if interp else "tf32x3", **common,
     )
     dk1a, dk1b, dk2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
     dvv = torch.zeros((b * h, n, dv), **f32)
+    bm, bn = _tiles(cfg, "dkdv", chunk)
     mod._dkdv_kernel[(hk.triton_cdiv(n, bn), b * h)](
         q1, q2, k1, k2, v, wt, dtloc, dzloc, do, wb, dk1a, dk1b, dk2, dvv, *strides,
-        b * h, h, n, chunk, block_size, **common,
+        b * h, h, n, chunk, block_size, BLOCK_M=bm, BLOCK_N=bn, **common,
     )
 
     def shaped(t, like):
