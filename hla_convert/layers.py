@@ -171,6 +171,11 @@ class HLAAttention(nn.Module):
                     return kern.causal_hadamard_attention(qk, kk, v, key_mask, c.eps, block)
             return ops.hadamard_attention(qf, kf, v, key_mask, c.eps, causal=True, block_size=block)
         if c.kind == "higher_order":
+            kern = _kernels() if q.is_cuda and c.normalize else None
+            if kern is not None and hasattr(kern, "second_order_supports"):
+                qk, kk = qf[0].to(v.dtype), kf[0].to(v.dtype)
+                if kern.second_order_supports(qk, kk, v, block):
+                    return kern.causal_second_order_attention(qk, kk, v, key_mask, c.eps, block)
             return ops.higher_order_attention(qf[0], kf[0], v, key_mask, c.normalize, c.eps, causal=True, block_size=block)
         raise AssertionError(f"no causal student for kind {c.kind}")
 

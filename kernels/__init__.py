@@ -19,11 +19,14 @@
         (block-)causal Hadamard linear attention, F = 2, chunked, forward and backward; same
         contract as hla_convert.ops.hadamard_attention(..., causal=True, block_size=...).
     causal_supports(q_feats, k_feats, v, block_size=1) / causal_unsupported_reason(...)
+    causal_second_order_attention(q, k, v, key_mask=None, eps=1e-6, block_size=1)
+        normalised (block-)causal 2nd-order linear attention (no decay) as two passes of the
+        causal Hadamard kernel; second_order_supports(q, k, v, block_size=1).
 
 Kernels run on CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (read when called).
 """
 
-from .causal import causal_hadamard_attention
+from .causal import causal_hadamard_attention, causal_second_order_attention, second_order_supports
 from .causal import supports as causal_supports
 from .causal import unsupported_reason as causal_unsupported_reason
 from .hadamard import hadamard_attention, supports, unsupported_reason
@@ -33,12 +36,14 @@ from .hybrid import unsupported_reason as hybrid_unsupported_reason
 
 __all__ = [
     "causal_hadamard_attention",
+    "causal_second_order_attention",
     "causal_supports",
     "causal_unsupported_reason",
     "hadamard_attention",
     "hybrid_attention",
     "hybrid_supports",
     "hybrid_unsupported_reason",
+    "second_order_supports",
     "supports",
     "unsupported_reason",
 ]

@@ -261,3 +261,53 @@ def causal_hadamard_attention(
     q1, q2 = (hk._rowmajor(t) for t in q_feats)
     k1, k2 = (hk._rowmajor(t) for t in k_feats)
     return _CausalHadamard.apply(q1, q2, k1, k2, hk._rowmajor(v), wmask, float(eps), int(block_size))
+
+
+def _block_prefix(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, H, N, r]: row t = sum of x over the rows j with j // bs <= t // bs (block-inclusive cumsum)."""
+    n = x.shape[2]
+    cs = x.cumsum(2)
+    last = ((torch.arange(n, device=x.device) // block_size + 1) * block_size - 1).clamp(max=n - 1)
+    return cs.index_select(2, last)
+
+
+def second_order_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 1) -> str | None:
+    """Why causal_second_order_attention cannot take these inputs, or None."""
+    ones = torch.empty_like(q)
+    reason = unsupported_reason([q, ones], [k, ones], k, block_size)  # pass 1: values are the keys
+    return reason or unsupported_reason([q, ones], [k, ones], v, block_size)
+
+
+def second_order_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 1) -> bool:
+    return second_order_unsupported_reason(q, k, v, block_size) is None
+
+
+def causal_second_order_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    block_size: int = 1,
+) -> torch.Tensor:
+    """Normalised (block-)causal 2nd-order linear attention (ops/causal.py, no decay) on the causal
+    Hadamard kernels; differentiable. q, k [B, H, N, r] (nonnegative features), v [B, H, N, dv].
+
+    Two causal first-order passes (docs/causal.md: a_tj = [p_j <= p_t] q_t . u_j):
+    u_j = S_{p(j)} q_j = sum_{p_i <= p_j} (q_j . k_i) k_i, then o_t = sum_j (q_t . u_j) v_j / den.
+    Each pass is the F = 2 kernel with a constant second factor (all ones, which scales numerator
+    and normaliser alike), so it does r times the work a first-order kernel would: a GPU path
+    until there is one.
+    """
+    reason = second_order_unsupported_reason(q, k, v, block_size)
+    if reason is not None:
+        raise ValueError(f"hla_kernels.causal_second_order_attention: {reason}")
+    r = q.shape[-1]
+    ones = torch.ones_like(q)
+    w = None if key_mask is None else key_mask[:, None, :, None].to(q.dtype)
+    qm, km = (q, k) if w is None else (q * w, k * w)
+    # pass 1: o1_j = R num_j / (R den_j + eps) with den_j = q_j . (sum of the visible k_i)
+    o1 = causal_hadamard_attention([qm, ones], [km, ones], km, key_mask, eps, block_size)
+    den1 = (qm.float() * _block_prefix(km.float(), block_size)).sum(-1, keepdim=True)
+    u = (o1.float() * (den1 + eps / r)).to(q.dtype)  # = num_j: zero for masked j (q_j masked)
+    return causal_hadamard_attention([q, ones], [u, ones], v, key_mask, eps, block_size)
