@@ -44,7 +44,7 @@ class BlockStream:
             if layer.mode != "student":
                 raise ValueError(f"{name} is in {layer.mode!r} mode: streaming runs the student")
         rope = getattr(model, "rope", None)
-        if not isinstance(rope, nn.Module):
+        if not isinstance(rope, nn.Module) or not hasattr(getattr(model, "config", None), "patch_size"):
             raise ValueError(f"{type(model).__name__} has no rope module whose positions streaming could shift")
         self.frames = 0  # latent frames committed so far
         self._new_frames = 0

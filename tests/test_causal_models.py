@@ -192,3 +192,12 @@ def test_calibration_and_stage1_train_through_the_block_causal_form(tmp_path, mo
     out = attention_transfer(model, inputs, rec, tmp_path)
     assert out["final_loss"] < out["initial_loss"]
     assert blocks and set(blocks) == {TOKENS_PER_BLOCK}
+
+
+def test_streaming_refuses_models_without_a_shiftable_rope():
+    from tiny_models import tiny_model
+
+    model = tiny_model("cogvideox")  # rotary tables come in as an input, not from a rope module
+    convert_attention(model, KINDS["hadamard"])
+    with pytest.raises(ValueError, match="no rope module"):
+        BlockStream(model)
