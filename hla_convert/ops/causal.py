@@ -35,7 +35,7 @@ in S, its q and v in C); it still takes a step of time.
 
 AHLA (asymmetric, A = Q (K^T Q)(K^T V) masked: a_tj = sum_{p_j <= p_i <= p_t} (q_t.k_i)(q_i.k_j))
 and third order (a_tj = sum_{p_l <= p_t} sum_{p_i, p_j <= p_l} (q_t.k_i)(q_l.k_i)(q_l.k_j)) are
-reference forms: quadratic and serial, no decay.
+reference forms: quadratic and serial, no decay (normalize=False returns their raw sums).
 """
 
 from __future__ import annotations
