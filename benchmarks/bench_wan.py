@@ -97,14 +97,17 @@ def environment(device: torch.device, commit: str) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - absent is an answer
             return None
 
+    source = "argument"
     if not commit:
-        try:  # the device's .git may be stale: pass --commit / GIT_COMMIT there
+        source = "git (the device's .git may be stale: pass --commit or GIT_COMMIT there)"
+        try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         except Exception:  # noqa: BLE001
-            commit = ""
+            commit, source = "", "unknown"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
+        "commit_source": source,
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
@@ -400,6 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hla_convert.distill import _stage2_lora
     from hla_convert.layers import hla_parameters
     from hla_convert.lora import add_lora, lora_parameters, remove_lora
+    from torch._dynamo.utils import counters
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -440,8 +444,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def attempt(side: str, measurement: str, res: str, how: str | None, extra: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
         # one failed measurement (a compile error, out of memory) is recorded, the run goes on
+        if how is not None:
+            counters.clear()
         try:
             result = fn()
+            if how is not None:  # what dynamo made of it: graph breaks cost the fusion around them
+                result["dynamo_graphs"] = counters["stats"].get("unique_graphs", 0)
+                result["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
         except Exception as exc:  # noqa: BLE001
             if device.type == "cuda":
                 torch.cuda.empty_cache()
