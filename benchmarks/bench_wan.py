@@ -30,7 +30,16 @@ the time). GPU times are medians of CUDA events, peak memory is torch.cuda.max_m
 --attention FIELD=VALUE overrides the recipe's attention section (e.g. feature_dim=32,
 window=1,0,0, kind=hadamard, softmax_layers=0). --compile also times torch.compile of the
 transformer for both sides (model: torch.compile(transformer); blocks: diffusers'
-compile_repeated_blocks, one compiled block reused 30 times).
+compile_repeated_blocks, one compiled block reused 30 times); compiled records carry dynamo's
+graph and graph-break counts.
+
+On the lent GPU (benchmarks/RESULTS.md, last section: wheels carried in .whl/, PYTHONPATH, the
+two links). The sampling stand-ins need transformers and tokenizers; without them both sampling
+records say why and the rest runs. Each command stays under the 10-minute limit when split so:
+
+    GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_fwd.json --parts forward,forward_backward
+    GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_sample.json --parts sampling,distill
+    GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_compile.json --parts forward,forward_backward --compile blocks
 """
 
 from __future__ import annotations
