@@ -152,16 +152,14 @@ def test_load_by_hub_id_from_the_offline_cache(converted, tmp_path, hub, monkeyp
     from hla_convert.hub import HubError
     from hla_convert.loading import load_demo_model
     from hla_convert.sampling import demo_inputs
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     folder = with_verdict(converted, tmp_path / "passed", True)
     assert invoke("push", folder, "--repo-id", REPO).exit_code == 0
     (main,) = hub.commits
     # v1: a second commit on a branch, with the adapter's HLA weights changed
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(folder / "adapter_model.safetensors")
-    from safetensors import safe_open
-
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
         meta = f.metadata()
     tensors = {k: v + 0.5 if k.endswith("hla.proj") else v for k, v in tensors.items()}
