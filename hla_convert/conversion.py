@@ -233,8 +233,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             if par is not None and par.fsdp:
                 from .layers import hla_parameters
 
-                units = par.shard_frozen_base(net, list(hla_parameters(net).values()))
-                net.to(dev)
+                units = par.shard_frozen_base(net, list(hla_parameters(net).values()))  # and moves the rest to dev
                 par.note(f"FSDP: the frozen base is sharded over {par.count} processes ({units} blocks); HLA / LoRA stay whole")
         work = writer(lambda: start_run(out, p.run, p.overwrite, p.resume)) or out / WORK_DIR
         with stages.stage("calibrate"):

@@ -303,6 +303,15 @@ def distil(
     init = initialize_feature_maps(model, inputs, progress=progress)
     stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
     selection = give_back_to_softmax(model, inputs, recipe.attention.softmax_layers)
+    if parallel is not None:
+        # every process measured the same inputs; a device's non-deterministic kernels could still
+        # rank two close layers differently, and the processes would then train different models
+        differs = parallel.share_object(selection["softmax_layers"]) != selection["softmax_layers"]
+        if float(parallel.reduce_sum(torch.tensor([float(differs)], device=parallel.accelerator.device))) > 0:
+            raise DistillError(
+                "the processes chose different layers to give back to softmax (attention.softmax_layers); "
+                "run with one process, or set attention.softmax_layers to 0"
+            )
     stage2 = output_distillation(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
     return {"init": init, "stage1": stage1, "selection": selection, "stage2": stage2}
 

@@ -130,7 +130,7 @@ class Parallel:
 
         if not tensors:
             return
-        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])  # float64: exact for every dtype trained
         flat = broadcast(flat, from_process=0)
         with torch.no_grad():
             offset = 0
@@ -246,6 +246,20 @@ class Parallel:
             raise ValueError(f"FSDP: no {', '.join(wrap) or 'block'} module in {type(model).__name__} to shard (fsdp_transformer_layer_cls_to_wrap)")
         for unit in units:
             fully_shard(unit, ignored_params={p for p in unit.parameters() if p in ignored}, **kwargs)
+        # FSDP placed its shards (on the device, or in host memory with offload); the rest -- the
+        # trainable parameters, what lies outside the blocks, buffers -- goes to the device whole.
+        # Not model.to(): that would move offloaded shards too.
+        from torch.distributed.tensor import DTensor
+
+        device = self.accelerator.device
+        with torch.no_grad():
+            for module in model.modules():
+                for name, param in module._parameters.items():
+                    if param is not None and not isinstance(param, DTensor) and param.device != device:
+                        param.data = param.data.to(device)
+                for name, buf in module._buffers.items():
+                    if buf is not None and buf.device != device:
+                        module._buffers[name] = buf.to(device)
         # Not the root: fully_shard would make the model an FSDP<Class> subclass, and the class name
         # picks the calibration inputs and is recorded in the adapter. What lies outside the blocks
         # (patch and condition embedders, output head: ~1% of Wan-14B) stays whole on each process.
