@@ -1,6 +1,7 @@
 """The `hla-convert` command line: flags in, tables / JSON / exit codes out. `convert` and
 `validate` call hla_convert.conversion (the Python API) and render its progress events and result
-(cli_display); cli_run maps a command's exceptions to exit codes and one line on stderr.
+(cli_display); cli_run maps a command's exceptions to exit codes and one line on stderr. `sample`
+and `push` are in cli_share, the options the commands share in cli_options.
 
 Every command shares these exit codes (EXIT_* in cli_run), so scripts can trust them:
 
@@ -38,9 +39,7 @@ try:  # typer >= 0.22 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import ClickException, UsageError
 
-from .checks import check_device as _check_device
 from .checks import check_model_path as _check_model_path
-from .checks import folder_arg as _folder_arg
 from .checks import hub_notice as _hub_notice
 from .cli_checks import EXIT_BAD_INPUT, CommandFailed
 from .cli_display import StageProgress, _StopAfterSteps  # noqa: F401 - _StopAfterSteps: part of the CLI's surface
@@ -49,17 +48,17 @@ from .cli_display import print_inspection as _print_inspection
 from .cli_display import print_verdict as _print_verdict
 from .cli_display import stderr_console as _stderr
 from .cli_display import stdout_console as _stdout
+from .cli_options import EXIT_CODES_HELP, DeviceOpt, DirRevisionOpt, DtypeOpt, HubDirArg, JsonOpt, ModelArg, RevisionOpt, SubfolderOpt
 from .cli_run import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED
 from .cli_run import clip as _clip
 from .cli_run import command as _command
 from .cli_run import error_line as _error_line
+from .cli_share import check_sampleable as _check_sampleable
+from .cli_share import register as _register_share_commands
+from .cli_share import sample_into as _sample_into
 from .conversion import DEMO_RECIPE, load_recipe_arg, override_recipe, resolve_recipe  # noqa: F401 - DEMO_RECIPE: the default
 
-_EXIT_CODES_HELP = (
-    "Exit codes: 0 ok; 1 drift over the recipe's thresholds; 2 bad input (usage, recipe, model, "
-    "--out, adapter); 3 the run failed (training diverged, or the model could not run); 130 interrupted "
-    "(--resume continues from the last checkpoint)."
-)
+_EXIT_CODES_HELP = EXIT_CODES_HELP
 
 
 class _Group(TyperGroup):
@@ -142,26 +141,6 @@ _override = override_recipe
 
 # -- commands -------------------------------------------------------------------------------------
 
-ModelArg = Annotated[
-    str | None,
-    typer.Argument(
-        metavar="[MODEL]",
-        help="Hub ID (owner/name) or local diffusers folder: a full pipeline or a bare transformer. "
-        "Left out: the embedded demo model (a tiny Wan transformer).",
-        show_default=False,
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there (progress and errors stay on stderr).")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device, e.g. cuda, cuda:1, cpu. Default: cuda when available, else cpu.", show_default=False)]
-DtypeOpt = Annotated[
-    str | None,
-    typer.Option("--dtype", help="Weights dtype: float32, bfloat16 (bf16) or float16 (fp16). Default: the checkpoint's own.", show_default=False),
-]
-RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of MODEL.", show_default=False)]
-SubfolderOpt = Annotated[
-    str | None,
-    typer.Option("--subfolder", help="Subfolder of MODEL holding the transformer (found by itself for pipelines).", show_default=False),
-]
 
 
 @app.command(
@@ -286,32 +265,8 @@ def convert(
         doc["exit_code"] = EXIT_OK if result.passed else EXIT_DRIFT
 
 
-def _check_sampleable(model: str | None, revision: str | None, subfolder: str | None) -> None:
-    """convert --sample needs what `sample` needs: the demo, or a pipeline (refused before the run)."""
-    from .loading import resolve_model
-
-    with _hub_notice(model):
-        ref = resolve_model(model, revision, subfolder)
-    if not ref.is_demo and not ref.pipeline_dir:
-        raise CommandFailed(f"--sample: MODEL {ref.path!r} is a bare transformer (no text encoder, no VAE); give its pipeline, or leave --sample out", EXIT_BAD_INPUT)
-
-
 def _threshold(flag: str, text: str) -> Any:
     return typer.Option(flag, help=f"Override the recipe's {text}.", show_default=False)
-
-
-HubDirArg = Annotated[
-    str,
-    typer.Argument(
-        metavar="DIR",
-        help="An output folder written by `hla-convert convert`, or a conversion pushed to the Hub (ORG/NAME; read "
-        "through the local Hugging Face cache, so HF_HUB_OFFLINE=1 works once it is cached).",
-        show_default=False,
-    ),
-]
-DirRevisionOpt = Annotated[
-    str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of DIR when it is a Hub ID. Default: main.", show_default=False)
-]
 
 
 @app.command(epilog="Example:\n\n  hla-convert validate demo-hla --json\n\n  hla-convert validate my-org/wan-hla --revision v1\n\n" + _EXIT_CODES_HELP)
@@ -432,155 +387,6 @@ def recipes(
 
 
 
-@app.command(
-    epilog="Examples:\n\n  hla-convert sample demo-hla --seed 3\n\n"
-    '  hla-convert sample wan-hla --prompt "a red fox runs across a snowy meadow" --steps 30 --out fox.mp4\n\n'
-    "  hla-convert sample my-org/wan-hla --base ./Wan2.1-T2V-1.3B-Diffusers --inputs embeds.safetensors\n\n" + _EXIT_CODES_HELP
-)
-def sample(
-    directory: HubDirArg,
-    base: Annotated[
-        str | None,
-        typer.Option(
-            "--base",
-            help="Load the base model from here (Hub ID or folder) instead of the one the adapter records. A diffusers "
-            "pipeline runs whole (text encoder, scheduler, VAE); a bare transformer cannot be sampled (the demo aside).",
-            show_default=False,
-        ),
-    ] = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option("--prompt", help="The pipeline's prompt. Default: \"a red fox runs across a snowy meadow\" (sampling.DEFAULT_PROMPT). The demo draws its own from --seed.", show_default=False),
-    ] = None,
-    inputs: Annotated[
-        str | None,
-        typer.Option(
-            "--inputs",
-            help="A safetensors file of named tensors (not JSON). With a pipeline: prompt_embeds (instead of --prompt), "
-            "negative_prompt_embeds, latents (the starting noise). With the demo: its transformer's forward inputs, "
-            "hidden_states [1, 3, F, H, W] setting the size, encoder_hidden_states the conditioning.",
-            show_default=False,
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the noise (and of the demo's prompt).")] = 0,
-    steps: Annotated[
-        int | None,
-        typer.Option("--steps", min=1, max=1000, help="Scheduler steps. Default: the recipe's validation.sampling_steps.", show_default=False),
-    ] = None,
-    out: Annotated[
-        str | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="The side-by-side video, .mp4 (needs PyAV or imageio-ffmpeg) or .gif; the contact sheet goes beside it "
-            "as .png. Default: DIR/sample.mp4 where an MP4 encoder is installed, else DIR/sample.gif (listed in DIR's "
-            "manifest and linked from its model card); for a Hub ID, NAME-sample.mp4 (or .gif) here.",
-            show_default=False,
-        ),
-    ] = None,
-    revision: DirRevisionOpt = None,
-    device: DeviceOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Sample the base model and the conversion from the same noise, side by side.
-
-    Writes a video (teacher | student) and a PNG contact sheet (rows teacher, student; per-frame
-    PSNR under each column). The teacher is the base model (the same weights with the softmax
-    attention and no LoRA), the student the conversion. With a pipeline both go through the whole
-    pipeline from the same seeded generator, decoded by its VAE, at the recipe's calibration size.
-    """
-    with _command("sample", json_out) as doc:
-        from .sampling import SampleError, read_inputs_file
-
-        if prompt is not None and inputs is not None:
-            raise CommandFailed("give --prompt or --inputs, not both", EXIT_BAD_INPUT)
-        folder = _folder_arg("DIR", directory)
-        _check_model_path(base, "--base")
-        dev = _check_device(device)
-        try:
-            with _hub_notice(directory):
-                from .hub import is_hub_id, resolve_output_dir
-
-                local = resolve_output_dir(folder, revision)
-            if out is None and is_hub_id(directory):
-                out = f"{str(directory).rsplit('/', 1)[-1]}-sample"
-            extra = read_inputs_file(inputs) if inputs is not None else None
-            result, video = _sample_into(local, out, base=base, inputs=extra, seed=seed, steps=steps, device=dev, prompt=prompt)
-        except SampleError as exc:
-            raise CommandFailed(str(exc), EXIT_BAD_INPUT) from None
-        doc.update(out_dir=str(local.absolute()), device=str(dev), **result.summary())
-        if not json_out:
-            con = _stdout()
-            psnr = ", ".join("identical" if p >= 200 else f"{p:.1f}" for p in result.psnr_db)
-            what = f", {result.pipeline}" if result.pipeline else ""
-            con.print(f"teacher | student{what}, {result.steps} steps, seed {seed}" + (f", prompt \"{result.prompt}\"" if result.prompt else ""))
-            con.print(f"per-frame PSNR dB: {psnr}")
-            con.print(f"saved {video} and {video.with_suffix('.png')}")
-
-
-def _sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, Path]:
-    """Sample a conversion and write the video and contact sheet: into `directory` (listed in its
-    manifest, linked from its card) when `out` is None or inside it, else at `out`. `out` without
-    a suffix gets the default one. Raises SampleError."""
-    from .checkpoints import atomic_write_bytes
-    from .output import read_output
-    from .output_guard import output_lock
-    from .sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side
-
-    if out is not None and Path(out).suffix == "" and not Path(out).is_dir():
-        out = out + default_video_suffix()
-    video = check_video_path(_folder_arg("--out", out) if out is not None else directory / f"sample{default_video_suffix()}")
-    if video.is_dir():
-        raise SampleError(f"--out {str(video)!r} is a folder; give a file name ending in .mp4 or .gif")
-    with _hub_notice(kwargs.get("base")):
-        result = sample_side_by_side(directory, **kwargs)
-    files = encode_outputs(result, video)
-    if video.parent.resolve() == directory.resolve():
-        info, _, report = read_output(directory)
-        with output_lock(directory):
-            add_to_output(directory, info, report, files, result)
-    else:
-        for path, data in files.items():
-            atomic_write_bytes(path, data)
-    result.files = {"video": str(video), "contact_sheet": str(video.with_suffix(".png"))}
-    return result, video
-
-
-@app.command(
-    epilog="Examples:\n\n  hla-convert push demo-hla --repo-id my-org/demo-wan-hla\n\n"
-    "  hla-convert push wan-hla --repo-id my-org/wan-hla --private --revision v1\n\n" + _EXIT_CODES_HELP
-)
-def push(
-    directory: Annotated[str, typer.Argument(metavar="DIR", help="An output folder written by `hla-convert convert`.", show_default=False)],
-    repo_id: Annotated[str, typer.Option("--repo-id", help="The Hub repository to publish to (ORG/NAME); created when missing.", show_default=False)] = ...,  # type: ignore[assignment]
-    private: Annotated[bool, typer.Option("--private", help="Create the repository private (an existing one keeps its visibility).")] = False,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch to commit to, created from main when missing. Default: main.", show_default=False)
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Publish even though the drift report did not pass.")] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Publish a conversion to the Hugging Face Hub.
-
-    Uploads the adapter, hla_config.json, recipe.yaml, drift_report.json, the sample media (sample.*)
-    and the model card (README.md, whose "<this folder>" becomes ORG/NAME) with huggingface_hub
-    (create_repo, upload_folder; log in first with `hf auth login` or set HF_TOKEN). A conversion whose
-    drift check failed is refused unless --force; the card's front matter is checked before anything
-    is sent. Then `load_converted("ORG/NAME")` and `hla-convert validate ORG/NAME` load it.
-    """
-    with _command("push", json_out) as doc:
-        from .hub import push_output
-
-        folder = _folder_arg("DIR", directory)
-        with _hub_notice(repo_id):
-            result = push_output(folder, repo_id, private=private, revision=revision, force=force)
-        doc.update(
-            out_dir=str(folder.absolute()), repo_id=result.repo_id, url=result.url, commit=result.commit,
-            commit_url=result.commit_url, revision=result.revision, files=result.files,
-        )  # fmt: skip
-        if not json_out:
-            _stdout().print(f"pushed {len(result.files)} files to {result.url} ({', '.join(result.files)})")
-            _stdout().print(f"commit {result.commit_url}")
-
+_register_share_commands(app)  # sample, push
 
 __all__ = ["app", "main", "StageProgress", "EXIT_OK", "EXIT_DRIFT", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED", "EXIT_INTERRUPTED"]
