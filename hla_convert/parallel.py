@@ -31,6 +31,7 @@ process was started by a multi-process launcher (WORLD_SIZE > 1).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+_failed_with_main = False  # set where an error is raised because the main process's failed
 
 # step_loss(item, scale, reduce) -> (loss, per-layer values): see distill_loop._run_stage
 StepLoss = Callable[[dict[str, Any], float, "Callable[[torch.Tensor], torch.Tensor] | None"], tuple[float, dict[str, float]]]
@@ -154,6 +157,8 @@ class Parallel:
                 raise
         broadcast_object_list(error, from_process=0)
         if not self.is_main and error[0]:
+            global _failed_with_main
+            _failed_with_main = True
             raise _error_type(error[0])(error[1])
         return result
 
@@ -300,12 +305,22 @@ def secondary_process() -> bool:
 @contextlib.contextmanager
 def quiet_unless_main() -> Iterator[bool]:
     """In a secondary process, stdout goes nowhere inside (tables, --json documents: the main
-    process prints them once); yields whether this process is secondary. Errors stay on stderr."""
+    process prints them once) and stderr is held back: shown when this process fails on its own,
+    dropped when it ends as the others do (done, drift, interrupted) or because the main process
+    failed (main_first: the main process says it). Yields whether this process is secondary."""
     if not secondary_process():
         yield False
         return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        yield True
+    real_stderr, held = sys.stderr, io.StringIO()
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(held):
+        try:
+            yield True
+        except BaseException as exc:
+            # 0 / 1 (drift) / 130: the same outcome the main process reports
+            if not (_failed_with_main or getattr(exc, "exit_code", None) in (0, 1, 130) or isinstance(exc, KeyboardInterrupt)):
+                real_stderr.write(held.getvalue())
+                real_stderr.flush()
+            raise
 
 
 def _error_type(name: str) -> type[Exception]:
