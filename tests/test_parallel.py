@@ -157,7 +157,9 @@ def _launch(tmp_path: Path, *args: str, config: Path | None = None) -> subproces
         "--main_process_port", str(_free_port()),
         "-m", "hla_convert", "convert", *args,
     ]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # cwd outside the checkout: `-m` puts the cwd first on sys.path, and a checkout's hla_convert
+    # lacks the built-in recipes a (non-editable) install maps into it, as CI installs it
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
