@@ -19,10 +19,6 @@ sizes use the largest power of two dividing bs as C, or are unsupported (the ref
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import pathlib
-import sys
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -30,7 +26,6 @@ import torch
 
 from . import hadamard as hk
 
-_MODULES: dict[bool, ModuleType] = {}
 
 # chunk length and intra tile sizes; G as in the Hadamard kernels (outer indices per step)
 # C: chunk; G_STATE x r state rows, BLOCK_DV value columns and BLOCK_N tokens per step of the
@@ -49,26 +44,8 @@ INTERP_CONFIG = {
 
 def _kernels(interp: bool) -> ModuleType:
     """The causal kernel module for `interp` (after the Hadamard module of that mode, whose helpers it uses)."""
-    mod = _MODULES.get(interp)
-    if mod is not None:
-        return mod
     hk._kernels(interp)
-    name = f"hla_kernels._causal_triton_{'interp' if interp else 'jit'}"
-    path = pathlib.Path(__file__).with_name("_causal_triton.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interp else "0"
-    try:
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    _MODULES[interp] = mod
-    return mod
+    return hk.load_jitted("_causal_triton", interp)
 
 
 def _config(interp: bool) -> dict:

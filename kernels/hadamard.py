@@ -29,7 +29,7 @@ import torch
 
 _HALF = (torch.bfloat16, torch.float16)
 _DTYPES = (torch.float32, *_HALF)
-_MODULES: dict[bool, ModuleType] = {}
+_MODULES: dict[tuple[str, bool], ModuleType] = {}
 
 #: Filled with NaN instead of left uninitialised when True (tests), so unwritten elements show.
 POISON_OUTPUTS = False
@@ -86,13 +86,16 @@ def _triton_available() -> bool:
     return True
 
 
-def _kernels(interpret: bool) -> ModuleType:
-    """The kernel module, jitted for `interpret` (triton reads TRITON_INTERPRET at decoration)."""
-    mod = _MODULES.get(interpret)
+def load_jitted(stem: str, interpret: bool) -> ModuleType:
+    """kernels/<stem>.py executed as its own module with TRITON_INTERPRET set to `interpret`
+    (triton reads it at decoration), once per (stem, mode). The hybrid and causal modules reuse
+    the Hadamard module's @jit helpers of the same mode: their hosts load it first."""
+    key = (stem, interpret)
+    mod = _MODULES.get(key)
     if mod is not None:
         return mod
-    name = f"hla_kernels._hadamard_triton_{'interp' if interpret else 'jit'}"
-    path = pathlib.Path(__file__).with_name("_hadamard_triton.py")
+    name = f"hla_kernels.{stem}_{'interp' if interpret else 'jit'}"
+    path = pathlib.Path(__file__).with_name(f"{stem}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     old = os.environ.get("TRITON_INTERPRET")
@@ -105,8 +108,13 @@ def _kernels(interpret: bool) -> ModuleType:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = old
-    _MODULES[interpret] = mod
+    _MODULES[key] = mod
     return mod
+
+
+def _kernels(interpret: bool) -> ModuleType:
+    """The Hadamard kernel module, jitted for `interpret`."""
+    return load_jitted("_hadamard_triton", interpret)
 
 
 @torch.compiler.assume_constant_result  # torch.compile: read once at trace time, not traced

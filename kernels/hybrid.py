@@ -20,10 +20,7 @@ O(N) row statistics; never an N x N matrix.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -33,7 +30,6 @@ from . import hadamard as hk
 
 SHIFT_FLOOR = 30.0  # = hla_convert.ops.hybrid.SHIFT_FLOOR (kept equal by a test)
 _LOG2E = 1.0 / math.log(2.0)
-_MODULES: dict[bool, ModuleType] = {}
 
 # Launch parameters, from the sweep in benchmarks/bench_hybrid.py on an H100 (benchmarks/RESULTS.md)
 # for bf16, head dim 128, r = 32 and 64. The forward avoids BLOCK_M 128 with 8 warps: 4 % faster
@@ -59,28 +55,9 @@ INTERP_CONFIG: dict[str, dict] = {
 
 
 def _kernels(interp: bool) -> ModuleType:
-    mod = _MODULES.get(interp)
-    if mod is not None:
-        return mod
-    hk._kernels(interp)  # the Hadamard module of this mode first: _hybrid_triton reuses its helpers
-    name = f"hla_kernels._hybrid_triton_{'interp' if interp else 'jit'}"
-    path = pathlib.Path(__file__).with_name("_hybrid_triton.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    import os
-
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interp else "0"
-    try:
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    _MODULES[interp] = mod
-    return mod
+    """The hybrid kernel module for `interp`, after the Hadamard module of that mode."""
+    hk._kernels(interp)
+    return hk.load_jitted("_hybrid_triton", interp)
 
 
 def _frame_blocks(grid: Sequence[int], window: Sequence[int], halo: Sequence[int]) -> tuple[int, int] | str:
@@ -138,10 +115,6 @@ def _config(name: str, interp: bool, fp32: bool) -> dict:
     if interp:
         return dict(INTERP_CONFIG[name])
     return dict((GPU_CONFIG_FP32 if fp32 else GPU_CONFIG)[name])
-
-
-def _launch(cfg: dict, interp: bool) -> dict:
-    return {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def _g(r: int, fp32: bool, interp: bool) -> int:
@@ -228,7 +201,7 @@ def _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, eps):
         float(-SHIFT_FLOOR * _LOG2E), float(math.exp(SHIFT_FLOOR)),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
-        **_launch(cfg, interp),
+        **hk._launch_extra(cfg, interp),
     )
     return out, mst, dst, t_rest, z_rest
 
@@ -256,7 +229,7 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
-        **_launch(cfg, interp),
+        **hk._launch_extra(cfg, interp),
     )
     # dT_rest(blk) = sum over the block's queries of kk_q (x) w dO, dZ_rest with -w delta
     rows = (h * n, n, 1)
@@ -276,7 +249,7 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
-        **_launch(cfg, interp),
+        **hk._launch_extra(cfg, interp),
     )
     dlog_beta = dbeta.view(b, h, n).sum((0, 2))
     return dq, dk, dvv, dq1.to(q1.dtype), dq2, dk1, dk2, dlog_beta
