@@ -165,14 +165,14 @@ class HLAAttention(nn.Module):
             return ops.hybrid_block_causal(q, k, v, qf, kf, scale, self.log_beta, block, key_mask, c.eps)
         if c.kind in ("hadamard", "linear"):  # linear: one factor of width r**F
             kern = _kernels() if q.is_cuda and c.kind == "hadamard" else None
-            if kern is not None and hasattr(kern, "causal_supports"):
+            if kern is not None:
                 qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
                 if kern.causal_supports(qk, kk, v, block):
                     return kern.causal_hadamard_attention(qk, kk, v, key_mask, c.eps, block)
             return ops.hadamard_attention(qf, kf, v, key_mask, c.eps, causal=True, block_size=block)
         if c.kind == "higher_order":
             kern = _kernels() if q.is_cuda and c.normalize else None
-            if kern is not None and hasattr(kern, "second_order_supports"):
+            if kern is not None:
                 qk, kk = qf[0].to(v.dtype), kf[0].to(v.dtype)
                 if kern.second_order_supports(qk, kk, v, block):
                     return kern.causal_second_order_attention(qk, kk, v, key_mask, c.eps, block)
@@ -195,7 +195,7 @@ class HLAAttention(nn.Module):
             )
         c = self.config
         kern = _kernels() if q.is_cuda and c.far == "hadamard" else None
-        if kern is not None and hasattr(kern, "hybrid_supports"):
+        if kern is not None:
             # the kernels take features in the activations' dtype (bf16 tensor cores), fp32 inside
             qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
             if kern.hybrid_supports(q, k, v, qk, kk, self.grid, c.window, c.halo, self.text_len):
