@@ -38,6 +38,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import bench, log, peak_extra_mb, rel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -74,30 +75,10 @@ class Setup:
             t = time.perf_counter()
             fn()
             return (time.perf_counter() - t) * 1e3
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=10, rep=50, return_mode="median")
+        return bench(fn, warmup=10, rep=50)
 
     def peak_mb(self, fn) -> float | None:
-        if self.smoke:
-            return None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        res = fn()
-        torch.cuda.synchronize()
-        del res
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def rel(x, ref) -> float:
-    if not torch.isfinite(x).all():
-        return float("nan")
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+        return None if self.smoke else peak_extra_mb(fn)
 
 
 def inputs(s: Setup, n: int, seed: int = 0, mask_frac: float = 0.0):

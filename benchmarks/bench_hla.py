@@ -81,29 +81,10 @@ REF = _reference_ops()
 HLA, HK = _kernels()
 
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from gpu_timing import bench, log, peak_extra_mb, rel  # noqa: E402
 
 B, H, D, R = 1, 12, 128, 32
 DEV = "cuda"
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def bench(fn, warmup=25, rep=100):
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-
-def peak_extra_mb(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    res = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del res
-    return peak / 2**20
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -123,12 +104,6 @@ def make_inputs(n, dtype=torch.bfloat16, r=R, seed=0, mask_frac=0.0):
 
 def features(x, w, bias):
     return [F.softplus(x @ wf + bf) for wf, bf in zip(w, bias)]
-
-
-def rel(x, ref):
-    if not torch.isfinite(x).all():
-        return float("nan")
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 # ------------------------------------------------------------------------------------ ceilings

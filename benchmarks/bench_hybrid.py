@@ -35,39 +35,27 @@ import traceback
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
+import gpu_timing
 import hla_kernels
 from hla_kernels import hybrid as hy
 from hla_convert.ops.hybrid import hybrid_attention as block_form
 
 B, H, D = 1, 12, 128
 DEV = "cuda"
-
-
-def log(*a):
-    print(*a, flush=True)
+log = gpu_timing.log
 
 
 def bench(fn, warmup=10, rep=50):
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    return gpu_timing.bench(fn, warmup, rep)
 
 
 def peak_extra_mb(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    res = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del res
-    return round(peak / 2**20, 1)
+    return round(gpu_timing.peak_extra_mb(fn), 1)
 
 
 def rel(x, ref):
-    if x is None or not torch.isfinite(x).all():
-        return float("nan")
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+    return float("nan") if x is None else gpu_timing.rel(x, ref)
 
 
 def make(grid, r, h=H, text=0, dtype=torch.bfloat16, mask_frac=0.0, seed=0):

@@ -104,13 +104,15 @@ def test_gpu_forward_backward(monkeypatch, block_size):
     _check(8192 + 37, 32, 128, block_size, True, torch.bfloat16, 2e-2, device="cuda")
 
 
-def test_benchmark_smoke_mode_runs_every_part(interp, tmp_path):
+def test_benchmark_smoke_mode_runs_every_part(interp, tmp_path, monkeypatch):
     """benchmarks/bench_causal.py --smoke: the GPU script's code paths, tiny and on the CPU."""
     import importlib.util
     import json
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_causal.py"
+    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))  # as `python benchmarks/bench_causal.py` has it
+    path = bench_dir / "bench_causal.py"
     spec = importlib.util.spec_from_file_location("bench_causal", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
