@@ -15,7 +15,7 @@ from hla_convert.calibration import (
     save_inputs,
 )
 from hla_convert.recipes import parse_recipe
-from tiny_models import tiny_model
+from tiny_models import save_tiny_wan_pipeline, tiny_model
 
 CLASSES = {
     "wan": "WanTransformer3DModel",
@@ -139,37 +139,13 @@ def test_trajectories_need_a_pipeline():
         build_inputs(tiny_model("wan"), tiny_recipe(source="trajectories"), "train")
 
 
-def _tiny_wan_pipeline(folder, transformer):
-    """A WanPipeline from configs only: word-level tokenizer, 1-layer UMT5, tiny Wan VAE."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in "a an the red fox cat dog runs snow forest over meadow sea boat".split():
-        vocab[word] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8)
-    ).eval()
-    vae = AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-    ).eval()
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
-    pipe.save_pretrained(folder)
-
-
 def test_trajectory_capture_from_a_tiny_pipeline(tmp_path):
     pytest.importorskip("transformers")
     from hla_convert import convert_attention
     from hla_convert.layers import hla_layers
 
     model = tiny_model("wan")
-    _tiny_wan_pipeline(tmp_path / "pipe", model)
+    save_tiny_wan_pipeline(tmp_path / "pipe", model)
     convert_attention(model, tiny_recipe().hla_config())
     recipe = tiny_recipe(source="trajectories", samples=10, heldout=4, batch_size=4, trajectory_steps=3)
     train = build_inputs(model, recipe, "train", pipeline_dir=str(tmp_path / "pipe"))
@@ -197,7 +173,7 @@ def test_both_splits_load_the_pipeline_once(tmp_path, monkeypatch):
     from hla_convert import calibration
 
     model = tiny_model("wan")
-    _tiny_wan_pipeline(tmp_path / "pipe", model)
+    save_tiny_wan_pipeline(tmp_path / "pipe", model)
     recipe = tiny_recipe(source="trajectories", samples=6, heldout=2, batch_size=2, trajectory_steps=2)
     loads = []
     real = calibration.load_pipeline
