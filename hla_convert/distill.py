@@ -173,7 +173,7 @@ def attention_transfer(
     decay) on the HLA parameters only, warm-up + cosine learning rate, gradient clipping.
 
     Returns {"stage", "steps", "steps_run", "resumed_from", "checkpoint", "seconds",
-    "initial_loss", "final_loss", "loss_history", "layers": {layer: relative L2 at the last step}}
+    "step_seconds" (each step run in this call), "initial_loss", "final_loss", "loss_history", "layers": {layer: relative L2 at the last step}}
     ("skipped" instead when there is nothing to train). Raises DistillError on a non-finite loss.
     """
     n_layers = len([l for l in hla_layers(model).values() if l.config.kind != "softmax"])

@@ -191,6 +191,7 @@ def _run_stage(
 
     last_saved = start if summary["resumed_from"] is not None else None
     t0 = time.perf_counter()
+    step_seconds: list[float] = []  # wall time of each step run here, its checkpoint write included
     with _only_trainable(model, params), _restored_modes(model):
         for step in range(start, spec.steps):
             lr = _lr_at(step, spec.steps, spec.lr)
@@ -227,10 +228,14 @@ def _run_stage(
             if done % spec.checkpoint_every == 0 or done == spec.steps:
                 save(done)
                 last_saved = done
+            # reading the loss and the gradient norm synchronises the device every step, so these are
+            # the steps' times (the last one's optimizer update may still be in flight)
+            step_seconds.append(round(time.perf_counter() - t0 - sum(step_seconds), 4))
             if progress:
                 progress(stage, done, spec.steps, {"loss": loss, "lr": lr, "grad_norm": grad_norm})
     summary.update(
         seconds=time.perf_counter() - t0,
+        step_seconds=step_seconds,
         initial_loss=history[0] if history else None,
         final_loss=history[-1] if history else None,
         loss_history=history,

@@ -64,6 +64,9 @@ def test_stage1_lowers_loss_and_only_hla_weights_change(tmp_path):
     seen = []
     out = attention_transfer(model, inputs, rec, tmp_path, progress=lambda *a: seen.append(a))
     assert out["steps"] == out["steps_run"] == 40
+    # one wall time per step, which add up to the stage's (what bench_parallel reads as s/step)
+    assert len(out["step_seconds"]) == 40 and all(s > 0 for s in out["step_seconds"])
+    assert abs(sum(out["step_seconds"]) - out["seconds"]) < 0.01 + 0.01 * out["seconds"]
     assert out["final_loss"] < 0.8 * out["initial_loss"], out["loss_history"]
     assert set(out["layers"]) == {"blocks.0.attn1", "blocks.1.attn1"}
     for k, v in base_state(model).items():
