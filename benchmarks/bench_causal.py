@@ -118,10 +118,8 @@ def methods(s: Setup, kern, n: int) -> list[dict]:
         log(json.dumps(row))
 
     add("hla_causal_kernel F=2 r=%d" % s.r, lambda a, b, c, d, vv: kern.causal_hadamard_attention([a, b], [c, d], vv), [*feats, v])
-    # the kernel's chunks need a block size with a power-of-two factor >= 16: a 480p latent frame
-    # (1,560 = 8 x 195 tokens) is refused (it runs on the PyTorch chunked form), so the block-causal
-    # row uses 1,536 (3 x 512), the nearest size the kernel takes
-    blk = 8 if s.smoke else 1536
+    # a 480p Wan latent frame per block (1,560 tokens: no chunk aligns with it, block mode)
+    blk = 8 if s.smoke else 1560
     add(f"hla_causal_kernel block={blk}", lambda a, b, c, d, vv: kern.causal_hadamard_attention([a, b], [c, d], vv, block_size=blk), [*feats, v], "block-causal")
     add("sdpa causal", lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), [q, k, v])
     if s.smoke:
@@ -146,7 +144,7 @@ def methods(s: Setup, kern, n: int) -> list[dict]:
 
 def check(s: Setup, kern, ref, n: int) -> list[dict]:
     rows = []
-    for block in (1,) if s.smoke else (1, 1536):  # smoke: the block-causal check lives in the tests
+    for block in (1,) if s.smoke else (1, 1560):  # smoke: the block-causal check lives in the tests
         feats, _, _, v, mask = inputs(s, n, seed=1, mask_frac=0.1)
         leaves = [t.detach().requires_grad_() for t in (*feats, v)]
         out = kern.causal_hadamard_attention(leaves[:2], leaves[2:4], leaves[4], mask, block_size=block)

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         ("readout", mod._readout_kernel, dict(INTRA=True, SMALL_PREC="tf32x3")),
         ("readout (block mode)", mod._readout_kernel, dict(INTRA=False, SMALL_PREC="tf32x3")),
         ("dq", mod._dq_kernel, dict(INTRA=True, SMALL_PREC="tf32x3")),
+        ("dq (block mode)", mod._dq_kernel, dict(INTRA=False, SMALL_PREC="tf32x3")),
         ("dkdv", mod._dkdv_kernel, dict(INTRA=True)),
+        ("dkdv (block mode)", mod._dkdv_kernel, dict(INTRA=False)),
     ):
         bm, bn = cfg["TILES"][name.split()[0]]
         jobs[name] = (kern, dict(base, BLOCK_M=bm, BLOCK_N=bn, **extra))

@@ -5,10 +5,15 @@ the Hadamard module of the same mode, whose jitted helpers these kernels call (s
 _hadamard_triton.py for the Kronecker-in-registers scheme and the EMU rounding).
 
 Per head, tokens in chunks of C; p(t) = t // bs the causal time (bs = 1: token-level causal).
-Each chunk c reads one state, Tsel[c] [R*R, DV] and Zsel[c] [R, R]:
-  token mode (bs divides C): the state of every earlier chunk; the chunk's own keys are the
-      intra part, an exact masked [BLOCK_M, BLOCK_N] product per tile pair (p_j <= p_i);
-  block mode (C divides bs): the state through the end of the chunk's causal block; no intra.
+The states the tiles read are indexed by slot, in one of two modes:
+  token mode (bs <= C): slot c = the state of every chunk before chunk c; a query tile of chunk c
+      reads it and adds the exact masked [BLOCK_M, BLOCK_N] products (p_j <= p_i) with the keys
+      from its chunk's start to its last query's block end (past the chunk's end when bs does not
+      divide C: at most bs - 1 keys more);
+  block mode (bs > C): slot p = the state through the end of causal block p; no intra part. A
+      tile (<= C rows, so at most two blocks) whose rows straddle a block boundary contracts both
+      blocks' states, each with its own rows.
+Any block size runs; a chunk never has to align with the blocks.
 
 Kernels:
   _prefix_state_kernel, _prefix_z_kernel
@@ -53,6 +58,39 @@ def _intra_weights(
 
 
 @triton.jit
+def _readout_state(
+    p1, s1n, offs_m, mmask, rsel, first, last, t_ptr, z_ptr, acc, den,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, SELECT: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    """(acc + kk_q T, den + q1 . (Z q2)) for one state slot (T [R*R, DV] at t_ptr, Z [R, R] at
+    z_ptr); SELECT: only the rows where rsel holds (their q2 rows are zeroed for the others)."""
+    BLOCK_A: tl.constexpr = G * R
+    offs_r = tl.arange(0, R)
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    if SELECT:
+        last = tl.where(rsel[:, None], last, 0.0)
+    # next step's query columns a step ahead, as the bidirectional readout must (its in-step load
+    # variant gave wrong outputs at N >= 8192 on an H100, Triton 3.6; benchmarks/RESULTS.md run 4)
+    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G)
+    for o0 in range(0, R, G):
+        cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
+        qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
+        cols = cols_nxt
+    zmat = tl.load(z_ptr + offs_r[:, None] * R + offs_r[None, :])
+    if EMU:
+        zq = tl.dot(last.to(tl.float32), tl.trans(zmat))
+    else:
+        zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
+    den += _rsum(first.to(tl.float32) * zq, axis=1)
+    return acc, den
+
+
+@triton.jit
 def _readout_kernel(
     Q1, Q2, K1, K2, V, W, T, Z, Out, Den,
     s1b, s1h, s1n, s2b, s2h, s2n, sk1b, sk1h, sk1n, sk2b, sk2h, sk2n, svb, svh, svn, swb, swn,
@@ -79,29 +117,30 @@ def _readout_kernel(
     p1 = Q1 + b * s1b + h * s1h
     first = tl.load(p1 + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0)
     last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
-    t_ptr = T + (c * BH + bh) * A * DV
-
     acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
-    # next step's query columns a step ahead, as the bidirectional readout must (its in-step load
-    # variant gave wrong outputs at N >= 8192 on an H100, Triton 3.6; benchmarks/RESULTS.md run 4)
-    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G)
-    for o0 in range(0, R, G):
-        cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
-        qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
-        cols = cols_nxt
-    zmat = tl.load(Z + (c * BH + bh) * A + offs_r[:, None] * R + offs_r[None, :])
-    if EMU:
-        zq = tl.dot(last.to(tl.float32), tl.trans(zmat))
+    den = tl.full((BLOCK_M,), 0.0, tl.float32)
+    if INTRA:
+        acc, den = _readout_state(
+            p1, s1n, offs_m, mmask, mmask, first, last, T + (c * BH + bh) * A * DV, Z + (c * BH + bh) * A, acc, den,
+            R, DV, G, BLOCK_M, False, DOT_DT, PREC, SMALL_PREC, EMU,
+        )
     else:
-        zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
-    den = _rsum(first.to(tl.float32) * zq, axis=1)
+        s0 = m0 // BS
+        acc, den = _readout_state(
+            p1, s1n, offs_m, mmask, offs_m // BS == s0, first, last, T + (s0 * BH + bh) * A * DV, Z + (s0 * BH + bh) * A,
+            acc, den, R, DV, G, BLOCK_M, True, DOT_DT, PREC, SMALL_PREC, EMU,
+        )
+        s1 = (tl.minimum(m0 + BLOCK_M, N) - 1) // BS
+        if s1 != s0:  # a block boundary inside the tile: its later rows read the next block's state
+            acc, den = _readout_state(
+                p1, s1n, offs_m, mmask, offs_m // BS == s1, first, last, T + (s1 * BH + bh) * A * DV, Z + (s1 * BH + bh) * A,
+                acc, den, R, DV, G, BLOCK_M, True, DOT_DT, PREC, SMALL_PREC, EMU,
+            )
 
     if INTRA:
-        # keys of the own chunk up to the last query's block end
-        hi = tl.minimum(tl.minimum((m0 + BLOCK_M - 1) // BS * BS + BS, (c + 1) * C), N)
+        # keys from the own chunk's start up to the last query's block end (past the chunk's end
+        # when bs does not divide C)
+        hi = tl.minimum((m0 + BLOCK_M - 1) // BS * BS + BS, N)
         for n0 in range(c * C, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < hi
@@ -120,6 +159,44 @@ def _readout_kernel(
     out = acc / den[:, None]
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_c[None, :], _store_cast(out, Out.dtype.element_ty, EMU), mask=mmask[:, None])
     tl.store(Den + bh * N + offs_m, den, mask=mmask)
+
+
+@triton.jit
+def _dq_state(
+    p1, s1n, offs_m, mmask, rsel, do, rden, e, firstf, lastf, t_ptr, z_ptr, dq1a, dq1, dq2,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, SELECT: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    """The state terms of dQ for one slot: E1 written to dq1a [N, R] per column block, the rest
+    returned in (dq1, dq2); SELECT: only the rows where rsel holds (written and accumulated)."""
+    BLOCK_A: tl.constexpr = G * R
+    offs_r = tl.arange(0, R)
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    offs_g = tl.arange(0, G)
+    smask = mmask
+    if SELECT:
+        rden = tl.where(rsel, rden, 0.0)
+        e = tl.where(rsel, e, 0.0)
+        smask = mmask & rsel
+    for o0 in range(0, R, G):
+        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        ee = _mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU) * rden[:, None]
+        e1, de2 = _kron_grads(ee, cols, lastf, BLOCK_M, G, R)
+        dq2 += de2
+        tl.store(dq1a + offs_m[:, None] * R + (o0 + offs_g)[None, :], e1, mask=smask[:, None])
+    zmat = tl.load(z_ptr + offs_r[:, None] * R + offs_r[None, :])
+    if EMU:
+        zq1 = tl.dot(lastf, tl.trans(zmat))
+        zq2 = tl.dot(firstf, zmat)
+    else:
+        zq1 = tl.dot(lastf, tl.trans(zmat), input_precision=SMALL_PREC)
+        zq2 = tl.dot(firstf, zmat, input_precision=SMALL_PREC)
+    dq1 += e[:, None] * zq1
+    dq2 += e[:, None] * zq2
+    return dq1, dq2
 
 
 @triton.jit
@@ -158,31 +235,31 @@ def _dq_kernel(
     # fp32 copy of the dO tile stays live
     do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
 
-    t_ptr = T + (c * BH + bh) * A * DV
     lastf = last.to(tl.float32)
     firstf = first.to(tl.float32)
+    dq1 = tl.full((BLOCK_M, R), 0.0, tl.float32)
     dq2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
-    for o0 in range(0, R, G):
-        cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        ee = _mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU) * rden[:, None]
-        e1, de2 = _kron_grads(ee, cols, lastf, BLOCK_M, G, R)
-        dq2 += de2
-        tl.store(dQ1a + bh * N * R + offs_m[:, None] * R + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
-
-    zmat = tl.load(Z + (c * BH + bh) * A + offs_r[:, None] * R + offs_r[None, :])
-    if EMU:
-        zq1 = tl.dot(lastf, tl.trans(zmat))
-        zq2 = tl.dot(firstf, zmat)
+    dq1a = dQ1a + bh * N * R
+    if INTRA:
+        dq1, dq2 = _dq_state(
+            p1, s1n, offs_m, mmask, mmask, do, rden, e, firstf, lastf, T + (c * BH + bh) * A * DV, Z + (c * BH + bh) * A,
+            dq1a, dq1, dq2, R, DV, G, BLOCK_M, False, DOT_DT, PREC, SMALL_PREC, EMU,
+        )
     else:
-        zq1 = tl.dot(lastf, tl.trans(zmat), input_precision=SMALL_PREC)
-        zq2 = tl.dot(firstf, zmat, input_precision=SMALL_PREC)
-    dq1 = e[:, None] * zq1
-    dq2 += e[:, None] * zq2
+        s0 = m0 // BS
+        dq1, dq2 = _dq_state(
+            p1, s1n, offs_m, mmask, offs_m // BS == s0, do, rden, e, firstf, lastf, T + (s0 * BH + bh) * A * DV,
+            Z + (s0 * BH + bh) * A, dq1a, dq1, dq2, R, DV, G, BLOCK_M, True, DOT_DT, PREC, SMALL_PREC, EMU,
+        )
+        s1 = (tl.minimum(m0 + BLOCK_M, N) - 1) // BS
+        if s1 != s0:
+            dq1, dq2 = _dq_state(
+                p1, s1n, offs_m, mmask, offs_m // BS == s1, do, rden, e, firstf, lastf, T + (s1 * BH + bh) * A * DV,
+                Z + (s1 * BH + bh) * A, dq1a, dq1, dq2, R, DV, G, BLOCK_M, True, DOT_DT, PREC, SMALL_PREC, EMU,
+            )
 
     if INTRA:
-        hi = tl.minimum(tl.minimum((m0 + BLOCK_M - 1) // BS * BS + BS, (c + 1) * C), N)
+        hi = tl.minimum((m0 + BLOCK_M - 1) // BS * BS + BS, N)
         for n0 in range(c * C, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < hi
@@ -202,6 +279,40 @@ def _dq_kernel(
     base = bh * N * R + offs_m[:, None] * R + offs_r[None, :]
     tl.store(dQ1b + base, dq1, mask=mmask[:, None])
     tl.store(dQ2 + base, dq2, mask=mmask[:, None])
+
+
+@triton.jit
+def _dkdv_state(
+    pk1, sk1n, offs_n, nmask, rsel, k2f, v, w, t_ptr, z_ptr, dk1a, dv_acc, dk2,
+    R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, SELECT: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    """The state-gradient terms of a key tile for one slot (dT [R*R, DV] at t_ptr, dz [R*R] at
+    z_ptr): dV += kk dT, dkk = V dT^T + dz pulled back through the Kronecker product (dK1a written
+    per column block, weighted by w; dK2 returned); SELECT: only the keys where rsel holds."""
+    BLOCK_A: tl.constexpr = G * R
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    offs_g = tl.arange(0, G)
+    k2s = k2f
+    smask = nmask
+    if SELECT:
+        k2s = tl.where(rsel[:, None], k2f, 0.0)
+        smask = nmask & rsel
+    for o0 in range(0, R, G):
+        cols = _outer_cols(pk1, sk1n, offs_n, nmask, o0, G).to(tl.float32)
+        kk = _kron_dot(cols, k2s, BLOCK_N, G, R, DOT_DT, EMU)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        z = tl.load(z_ptr + rows)
+        dv_acc = _mm(kk, t, dv_acc, DOT_DT, PREC, EMU)
+        dkk = _mm(v, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
+        if SELECT:
+            dkk = tl.where(rsel[:, None], dkk, 0.0)
+        dcols, dl = _kron_grads(dkk, cols, k2f, BLOCK_N, G, R)
+        dk2 += dl
+        tl.store(dk1a + offs_n[:, None] * R + (o0 + offs_g)[None, :], dcols * w[:, None], mask=smask[:, None])
+    return dv_acc, dk2
 
 
 @triton.jit
@@ -242,21 +353,26 @@ def _dkdv_kernel(
         w = tl.where(nmask, 1.0, 0.0)
     k2f = k2.to(tl.float32)
 
-    t_ptr = dT + (c * BH + bh) * A * DV
-    z_ptr = dZ + (c * BH + bh) * A
     dv_acc = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     dk2 = tl.full((BLOCK_N, R), 0.0, tl.float32)
-    for o0 in range(0, R, G):
-        cols = _outer_cols(pk1, sk1n, offs_n, nmask, o0, G).to(tl.float32)
-        kk = _kron_dot(cols, k2f, BLOCK_N, G, R, DOT_DT, EMU)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        z = tl.load(z_ptr + rows)
-        dv_acc = _mm(kk, t, dv_acc, DOT_DT, PREC, EMU)
-        dkk = _mm(v, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
-        dcols, dl = _kron_grads(dkk, cols, k2f, BLOCK_N, G, R)
-        dk2 += dl
-        tl.store(dK1a + bh * N * R + offs_n[:, None] * R + (o0 + offs_g)[None, :], dcols * w[:, None], mask=nmask[:, None])
+    dk1a = dK1a + bh * N * R
+    if INTRA:
+        dv_acc, dk2 = _dkdv_state(
+            pk1, sk1n, offs_n, nmask, nmask, k2f, v, w, dT + (c * BH + bh) * A * DV, dZ + (c * BH + bh) * A,
+            dk1a, dv_acc, dk2, R, DV, G, BLOCK_N, False, DOT_DT, PREC, EMU,
+        )
+    else:
+        s0 = n0 // BS
+        dv_acc, dk2 = _dkdv_state(
+            pk1, sk1n, offs_n, nmask, offs_n // BS == s0, k2f, v, w, dT + (s0 * BH + bh) * A * DV, dZ + (s0 * BH + bh) * A,
+            dk1a, dv_acc, dk2, R, DV, G, BLOCK_N, True, DOT_DT, PREC, EMU,
+        )
+        s1 = (tl.minimum(n0 + BLOCK_N, N) - 1) // BS
+        if s1 != s0:  # a block boundary inside the tile: its later keys read the next block's gradients
+            dv_acc, dk2 = _dkdv_state(
+                pk1, sk1n, offs_n, nmask, offs_n // BS == s1, k2f, v, w, dT + (s1 * BH + bh) * A * DV, dZ + (s1 * BH + bh) * A,
+                dk1a, dv_acc, dk2, R, DV, G, BLOCK_N, True, DOT_DT, PREC, EMU,
+            )
     # the inter terms carry the key weight here; the intra ones carry it in `keep`
     dv_acc = dv_acc * w[:, None]
     dk2 = dk2 * w[:, None]
@@ -292,7 +408,7 @@ def _dkdv_kernel(
 def _prefix_state_kernel(
     P1, P2, X, W, Out,
     s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn,
-    H, N, C, SEG, n_seg,
+    H, N, SEG, n_seg,
     R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_W: tl.constexpr, STORE_BEFORE: tl.constexpr, REVERSE: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
@@ -300,10 +416,10 @@ def _prefix_state_kernel(
     """The states the chunks read, in one sequential pass per (row block, head, column block).
 
     acc runs over segments of SEG tokens (the chunk in token mode, the causal block in block mode),
-    in order or REVERSE. STORE_BEFORE (token mode): each chunk's slot gets acc before its own
-    tokens are added (forward: the earlier chunks; reverse: the later ones); else each segment's
-    tokens are added first and every chunk slot of the segment gets acc (whole blocks).
-    Out[c, bh, rows, cols] = acc in Out's dtype; acc[a, :] sums kk[n, a] w_n X[n, :].
+    in order or REVERSE; segment s writes slot s. STORE_BEFORE (token mode): the slot gets acc
+    before the segment's tokens are added (forward: the earlier chunks; reverse: the later ones);
+    else after (block mode: through the block's end; reverse: from the block's start on).
+    Out[s, bh, rows, cols] = acc in Out's dtype; acc[a, :] sums kk[n, a] w_n X[n, :].
     """
     pid_a = tl.program_id(0)
     bh = tl.program_id(1)
@@ -344,15 +460,14 @@ def _prefix_state_kernel(
             x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None], other=0.0)
             acc = _mm(tl.trans(kk), x, acc, DOT_DT, PREC, EMU)
         if not STORE_BEFORE:
-            for c in range(lo // C, (hi + C - 1) // C):
-                tl.store(Out + ((c * n_bh + bh) * A + offs_a)[:, None] * DV + offs_c[None, :], _store_cast(acc, Out.dtype.element_ty, EMU))
+            tl.store(Out + ((s * n_bh + bh) * A + offs_a)[:, None] * DV + offs_c[None, :], _store_cast(acc, Out.dtype.element_ty, EMU))
 
 
 @triton.jit
 def _prefix_z_kernel(
     P1, P2, W, Out,
     s1b, s1h, s1n, s2b, s2h, s2n, swb, swh, swn,
-    H, N, C, SEG, n_seg,
+    H, N, SEG, n_seg,
     R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, STORE_BEFORE: tl.constexpr,
     REVERSE: tl.constexpr, EMU: tl.constexpr,
 ):
@@ -388,5 +503,4 @@ def _prefix_z_kernel(
             else:
                 acc = tl.dot(tl.trans(a), c2, acc, input_precision="ieee")
         if not STORE_BEFORE:
-            for c in range(lo // C, (hi + C - 1) // C):
-                tl.store(Out + (c * n_bh + bh) * R * R + zoff, acc)
+            tl.store(Out + (s * n_bh + bh) * R * R + zoff, acc)

@@ -5,16 +5,18 @@ Same contract as `hla_convert.ops.hadamard_attention(..., causal=True, block_siz
 
     a_tj = [p_j <= p_t] (q1_t . k1_j)(q2_t . k2_j) w_j,   o_t = sum_j a_tj v_j / (sum_j a_tj + eps)
 
-Forward: one sequential prefix-state pass over the keys writes, per chunk, the state it reads
-(T and Z of the earlier chunks, or of everything through the chunk's causal block), then one
+Forward: one sequential prefix-state pass over the keys writes, per slot, the state it reads
+(T and Z of the earlier chunks, or of everything through a causal block), then one
 readout kernel: each query tile contracts its chunk's state and, in token mode, adds the exact
 masked product with its own chunk's keys. Backward: the same prefix pass in reverse over the
 queries gives each chunk the gradient of its keys' state contributions; then a dq kernel and a
-dk/dv kernel, each with its intra-chunk tiles. Extra memory: O(N / C * R^2 * dv) per head.
+dk/dv kernel, each with its intra-chunk tiles. Extra memory: O(N / max(C, bs) * R^2 * dv) per head.
 
-Chunking: token mode when bs divides the chunk C (bs = 1 included), block mode when C divides bs
-(the state then runs through the whole causal block and no intra part is needed). Other block
-sizes use the largest power of two dividing bs as C, or are unsupported (the reference runs).
+Chunking: token mode when bs <= the chunk C (bs = 1 included): one state per chunk (the earlier
+chunks) and the exact masked intra products with the keys from the chunk's start to the query's
+block end; block mode when bs > C: one state per causal block (through its end), no intra part,
+and a tile whose rows straddle a block boundary contracts both blocks' states, each for its own
+rows. Any block size runs: 1,560 (one 480p Wan latent frame) needs no power-of-two factor.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from . import hadamard as hk
 # combinations without register spills in an sm_90 compile (cuobjdump --dump-resource-usage,
 # Triton 3.9, bf16, r = 32, dv = 128, 8 warps); not yet timed.
 GPU_CONFIG = {
-    "C": 256, "G": 2, "G_STATE": 4, "BLOCK_DV": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "min_chunk": 16,
+    "C": 256, "G": 2, "G_STATE": 4, "BLOCK_DV": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2,
     "TILES": {"readout": (64, 64), "dq": (64, 32), "dkdv": (32, 64)},
 }
 INTERP_CONFIG = {
-    "C": 16, "G": 2, "G_STATE": 2, "BLOCK_DV": 2, "BLOCK_N": 8, "min_chunk": 4,
+    "C": 16, "G": 2, "G_STATE": 2, "BLOCK_DV": 2, "BLOCK_N": 8,
     "TILES": {"readout": (8, 8), "dq": (8, 8), "dkdv": (8, 8)},
 }
 
@@ -53,19 +55,16 @@ def _config(interp: bool) -> dict:
 
 
 def plan(n: int, block_size: int, interp: bool) -> tuple[int, bool] | str:
-    """(chunk C, token_mode) for this block size, or the reason there is none."""
-    cfg = _config(interp)
-    c0 = cfg["C"]
+    """(chunk C, token_mode) for this block size, or the reason there is none.
+
+    Token mode for block sizes up to the chunk (per-chunk states and intra tiles, the intra keys
+    running to the query's block end), block mode above it (one state per causal block, no intra
+    part): any block size >= 1 runs.
+    """
+    c0 = _config(interp)["C"]
     if block_size < 1:
         return f"block_size = {block_size}: need >= 1"
-    if c0 % block_size == 0:
-        return c0, True
-    if block_size % c0 == 0:
-        return c0, False
-    c = block_size & -block_size  # the largest power of two dividing it
-    if c < cfg["min_chunk"]:
-        return f"block_size = {block_size}: neither divides nor is a multiple of a chunk of >= {cfg['min_chunk']} tokens"
-    return c, False
+    return c0, block_size <= c0
 
 
 def unsupported_reason(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v: torch.Tensor, block_size: int = 1) -> str | None:
@@ -81,7 +80,8 @@ def supports(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v
 
 
 def _prefix_states(mod, p1, p2, x, w, chunk, block_size, token_mode, reverse, out_dtype, interp, dot, cfg) -> torch.Tensor:
-    """[nc, B*H, R*R, DV] in out_dtype: per chunk, the state it reads (see _prefix_state_kernel).
+    """[slots, B*H, R*R, DV] in out_dtype: per slot (chunk or causal block), the state its tiles
+    read (see _prefix_state_kernel).
 
     Forward (reverse False): the keys' states, w = key mask; backward (reverse True): the
     gradients of those states, from the queries with x = dO and w = 1 / den.
@@ -90,14 +90,14 @@ def _prefix_states(mod, p1, p2, x, w, chunk, block_size, token_mode, reverse, ou
     dv = x.shape[-1]
     g = min(cfg["G_STATE"], r)
     bdv = min(cfg["BLOCK_DV"], dv)
-    nc = hk.triton_cdiv(n, chunk)
     seg = chunk if token_mode else block_size
-    out = torch.empty((nc, b * h, r * r, dv), dtype=out_dtype, device=x.device)
+    nslots = hk.triton_cdiv(n, seg)
+    out = torch.empty((nslots, b * h, r * r, dv), dtype=out_dtype, device=x.device)
     wt, ws = w if w is not None else (x, (0, 0, 0))
     mod._prefix_state_kernel[(r // g, b * h, dv // bdv)](
         p1, p2, x, wt, out,
         *hk._s3(p1), *hk._s3(p2), *hk._s3(x), *ws,
-        h, n, chunk, seg, hk.triton_cdiv(n, seg),
+        h, n, seg, nslots,
         R=r, DV=dv, G=g, BLOCK_N=min(cfg["BLOCK_N"], chunk), BLOCK_DV=bdv, HAS_W=w is not None,
         STORE_BEFORE=token_mode, REVERSE=reverse, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_extra(cfg, interp),
     )
@@ -105,16 +105,16 @@ def _prefix_states(mod, p1, p2, x, w, chunk, block_size, token_mode, reverse, ou
 
 
 def _prefix_z(mod, p1, p2, w, chunk, block_size, token_mode, reverse, interp, cfg) -> torch.Tensor:
-    """[nc, B*H, R*R] fp32: per chunk, the normaliser state it reads (or its gradient)."""
+    """[slots, B*H, R*R] fp32: per slot, the normaliser state its tiles read (or its gradient)."""
     b, h, n, r = p1.shape
-    nc = hk.triton_cdiv(n, chunk)
     seg = chunk if token_mode else block_size
-    out = torch.empty((nc, b * h, r * r), dtype=torch.float32, device=p1.device)
+    nslots = hk.triton_cdiv(n, seg)
+    out = torch.empty((nslots, b * h, r * r), dtype=torch.float32, device=p1.device)
     wt, ws = w if w is not None else (p1, (0, 0, 0))
     mod._prefix_z_kernel[(b * h,)](
         p1, p2, wt, out,
         *hk._s3(p1), *hk._s3(p2), *ws,
-        h, n, chunk, seg, hk.triton_cdiv(n, seg),
+        h, n, seg, nslots,
         R=r, BLOCK_N=min(cfg["BLOCK_N"], chunk), HAS_W=w is not None, STORE_BEFORE=token_mode,
         REVERSE=reverse, EMU=interp, **_extra(cfg, interp),
     )

@@ -52,16 +52,21 @@ def _check(n, r, dv, block_size, masked, dtype, tol, device="cpu"):
 
 
 @pytest.mark.parametrize(
-    "block_size, chunk, masked, dtype, tol",
+    "n, block_size, chunk, masked, dtype, tol",
     [
-        (1, 16, True, torch.float32, 1e-5),  # token-causal: inter state + masked intra tiles
-        (16, 8, True, torch.float32, 1e-5),  # block-causal, 2 chunks per block: state through the block
-        (4, 16, False, torch.bfloat16, 2e-2),  # blocks inside a chunk, bf16 operands
+        (20, 1, 16, True, torch.float32, 1e-5),  # token-causal: inter state + masked intra tiles
+        (20, 16, 8, True, torch.float32, 1e-5),  # block-causal, 2 chunks per block: state through the block
+        (20, 4, 16, False, torch.bfloat16, 2e-2),  # blocks inside a chunk, bf16 operands
+        # block sizes no chunk aligns with (as 1,560 tokens on the GPU), N not a multiple of them:
+        (37, 5, 16, True, torch.float32, 1e-5),  # token mode: intra keys run past the chunk's end
+        (45, 19, 16, True, torch.float32, 1e-5),  # block mode: 8-row tiles straddle blocks at 19 and 38
+        (40, 12, 8, False, torch.bfloat16, 2e-2),  # block mode, bf16, a boundary at a tile start too
+        (20, 64, 16, True, torch.float32, 1e-5),  # one block longer than the sequence
     ],
 )
-def test_interpreter_forward_backward(interp, monkeypatch, block_size, chunk, masked, dtype, tol):
+def test_interpreter_forward_backward(interp, monkeypatch, n, block_size, chunk, masked, dtype, tol):
     monkeypatch.setitem(kc.INTERP_CONFIG, "C", chunk)
-    _check(20, 4, 4, block_size, masked, dtype, tol)
+    _check(n, 4, 4, block_size, masked, dtype, tol)
 
 
 def test_interpreter_second_order_forward_backward(interp):
@@ -85,23 +90,33 @@ def test_interpreter_second_order_forward_backward(interp):
 
 def test_plan_and_supports(interp):
     assert kc.plan(100, 1, True) == (16, True)
-    assert kc.plan(100, 32, True) == (16, False)
-    assert kc.plan(100, 12, True) == (4, False)  # the largest power of two dividing 12
-    assert isinstance(kc.plan(100, 3, True), str)
+    assert kc.plan(100, 3, True) == (16, True)  # up to the chunk: token mode, any size
+    assert kc.plan(100, 16, True) == (16, True)
+    assert kc.plan(100, 17, True) == (16, False)  # above it: one state per block
+    assert kc.plan(32760, 1560, False) == (kc.GPU_CONFIG["C"], False)  # a 480p Wan latent frame
     q = [torch.rand(1, 1, 8, 4) for _ in range(2)]
     v = torch.rand(1, 1, 8, 4)
-    assert kc.supports(q, q, v, 1) and not kc.supports(q, q, v, 3)
-    with pytest.raises(ValueError, match="block_size = 3"):
-        kc.causal_hadamard_attention(q, q, v, block_size=3)
+    assert all(kc.supports(q, q, v, bs) for bs in (1, 3, 7, 1560))
+    assert not kc.supports(q, q, v, 0)
+    with pytest.raises(ValueError, match="block_size = 0"):
+        kc.causal_hadamard_attention(q, q, v, block_size=0)
 
 
-@pytest.mark.parametrize("block_size", [1, 256, 4096])
-def test_gpu_forward_backward(monkeypatch, block_size):
+@pytest.mark.parametrize(
+    "n, block_size",
+    [
+        (8192 + 37, 1), (8192 + 37, 256), (8192 + 37, 4096),
+        (8192 + 37, 100),  # token mode, a block size that does not divide the chunk
+        (4 * 1560, 1560),  # block mode: 480p Wan latent frames, tiles straddling the frame boundaries
+        (3 * 1560 + 700, 1560),  # a ragged last frame
+    ],
+)
+def test_gpu_forward_backward(monkeypatch, n, block_size):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
-    _check(8192 + 37, 32, 128, block_size, True, torch.bfloat16, 2e-2, device="cuda")
+    _check(n, 32, 128, block_size, True, torch.bfloat16, 2e-2, device="cuda")
 
 
 def test_benchmark_smoke_mode_runs_every_part(interp, tmp_path, monkeypatch):
