@@ -187,6 +187,17 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    causal_block_frames: Annotated[
+        int | None,
+        typer.Option(
+            "--causal-block-frames",
+            min=1,
+            help="SkyReels-V2 diffusion forcing: latent frames per causal block (the DF pipelines' causal_block_size), "
+            "set on the model before calibration and saved with the adapter. Default: the recipe's "
+            "attention.causal_block_frames (null: the checkpoint's num_frame_per_block).",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
@@ -217,7 +228,7 @@ def convert(
         if not (Path(out) / WORK_DIR / RUN_FILE).is_file():
             return None
         options = {
-            "--recipe": recipe, "--steps": steps, "--attention": attention, "--device": device,
+            "--recipe": recipe, "--steps": steps, "--attention": attention, "--causal-block-frames": causal_block_frames, "--device": device,
             "--dtype": dtype, "--revision": revision, "--subfolder": subfolder,
         }
         words = ["hla-convert", "convert", *([model] if model else []), "--out", str(out)]
@@ -231,7 +242,7 @@ def convert(
         from .conversion import plan_conversion, run_conversion
 
         # Everything that can be refused is refused here, before the (slow) model load.
-        plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite)
+        plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames)
         if sample_too:
             _check_sampleable(model, revision, subfolder)
         doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, resumed=resume)

@@ -61,6 +61,11 @@ class HLAConfig:
     learn_temperature: every kind but softmax: a learnable per-head log_temp [H] (init 0) scaling
                   the queries that enter the feature maps, i.e. the similarity the linear/HLA part
                   sees. Ignored by softmax.
+    causal_block_frames: block-causal video models only (SkyReels-V2 diffusion forcing): latent
+                  frames per causal block, set on the model by `convert_attention` (its
+                  `num_frame_per_block`, as the DF pipelines' causal_block_size sets it) so that
+                  the teacher's mask and the converted layers follow the blocks; saved with the
+                  adapter, so loading restores it. None: the model as loaded (docs/causal.md).
     """
 
     kind: str = "hadamard"
@@ -73,6 +78,7 @@ class HLAConfig:
     window: tuple[int, int, int] = (1, 0, 0)
     halo: tuple[int, int, int] = (0, 0, 0)
     learn_temperature: bool = False
+    causal_block_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -85,6 +91,9 @@ class HLAConfig:
             raise ConfigError(f"learn_temperature: must be true or false, got {self.learn_temperature!r}")
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize: must be true or false, got {self.normalize!r}")
+        cbf = self.causal_block_frames
+        if cbf is not None and (not isinstance(cbf, int) or isinstance(cbf, bool) or cbf < 1):
+            raise ConfigError(f"causal_block_frames: must be a positive integer or null, got {cbf!r}")
         allowed = _KIND_FEATURE_MAPS[self.feature_kind]
         fmap = self.feature_map
         if fmap is None or (self.kind == "softmax"):

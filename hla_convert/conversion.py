@@ -184,6 +184,7 @@ def plan_conversion(
     attention: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    causal_block_frames: int | None = None,
 ) -> ConversionPlan:
     """Refuse everything that can be refused before the (slow) model load; see `convert`."""
     from .loading import parse_dtype
@@ -194,7 +195,8 @@ def plan_conversion(
     out = folder_arg("--out", str(out))
     check_model_path(model)
     rec = resolve_recipe(recipe, model)
-    rec = override_recipe(rec, f"recipe {rec.name}", steps=steps, kind=attention)
+    fields = {} if causal_block_frames is None else {"attention.causal_block_frames": causal_block_frames}
+    rec = override_recipe(rec, f"recipe {rec.name}", steps=steps, kind=attention, fields=fields)
     parse_dtype(dtype)
     dev = check_device(device)
     run = run_identity(model, revision, subfolder, rec, dtype)
@@ -281,12 +283,15 @@ def convert(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    causal_block_frames: int | None = None,
 ) -> ConversionResult:
     """Convert MODEL's self-attention to HLA, distil it, measure the drift, save the adapter in `out`.
 
     model: Hub ID or diffusers folder (pipeline or bare transformer); None = the embedded demo.
     recipe: a Recipe, a built-in name or a YAML path; None = the built-in recipe made for MODEL.
     steps: stage-1 steps (stage 2 scaled in proportion); attention: override the attention kind.
+    causal_block_frames: override the recipe's attention.causal_block_frames (SkyReels-V2
+    diffusion forcing: latent frames per causal block, set on the model before calibration).
     device: default cuda when available, else cpu; dtype: "float32", "bf16", ... (default: the
     checkpoint's). resume continues the interrupted run in `out`; overwrite replaces the
     hla-convert output there (never other files). progress(ProgressEvent) is called at each
@@ -294,7 +299,7 @@ def convert(
 
     Returns the result whether or not the drift is within the recipe's thresholds: check `passed`.
     """
-    plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite)
+    plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames)
     return run_conversion(plan, progress)
 
 

@@ -157,6 +157,7 @@ _ATTENTION = {
     "include": lambda p, v: _string_list(p, v, nullable=True),
     "exclude": lambda p, v: _string_list(p, v, nullable=False),
     "softmax_layers": lambda p, v: _integer(p, v, 0),
+    "causal_block_frames": _optional(_integer),
 }
 
 _TIMESTEPS = {
@@ -267,6 +268,18 @@ def _check_together(r: Recipe) -> None:
     for attr in ("height", "width"):
         if getattr(c, attr) % c.vae_scale_spatial:
             raise RecipeError(f"calibration.{attr}", f"must be a multiple of vae_scale_spatial ({c.vae_scale_spatial}), got {getattr(c, attr)}")
+    cbf = r.attention.causal_block_frames
+    if cbf is not None:
+        from .block_causal import latent_frames_problem
+
+        if arch is not None and arch != "SkyReelsV2Transformer3DModel":
+            raise RecipeError(
+                "attention.causal_block_frames",
+                f"only SkyReels-V2 diffusion-forcing models (SkyReelsV2Transformer3DModel) have causal frame blocks; model.architecture is {_r(arch)}: leave it null",
+            )
+        problem = latent_frames_problem(c.latent_shape()[0], cbf)
+        if problem is not None:
+            raise RecipeError("attention.causal_block_frames", f"{problem} of calibration.frames = {c.frames}")
     if c.source == "folder" and not c.path:
         raise RecipeError("calibration.path", "source 'folder' needs the folder of cached *.safetensors inputs")
     if c.timesteps.min >= c.timesteps.max:

@@ -9,7 +9,9 @@ out with the reasoning for their values):
     name, description
     model:        architecture (expected transformer class name or null), hub_id (or null)
     attention:    kind, factors, feature_dim, feature_map, eps, normalize, far, window, halo,
-                  learn_temperature (HLAConfig fields),
+                  learn_temperature, causal_block_frames (HLAConfig fields; the last: latent
+                  frames per causal block of a SkyReels-V2 diffusion-forcing model, null = as
+                  its config says; must divide the calibration's latent frames),
                   include (glob list or null: the architecture's default), exclude (kept softmax)
     calibration:  source (synthetic | trajectories | folder), synthetic (gaussian | demo_videos),
                   path, prompts, frames, height, width (pixels), vae_scale_temporal,
@@ -124,6 +126,9 @@ class AttentionSpec:
     # how many converted layers go back to exact softmax after stage 1, worst attention error first
     # (hla_convert.selection); 0 = none
     softmax_layers: int = 0
+    # block-causal models (SkyReels-V2 diffusion forcing) only: latent frames per causal block, set
+    # on the model before calibration; null = the checkpoint's num_frame_per_block
+    causal_block_frames: int | None = None
 
 
 @dataclass
@@ -213,6 +218,7 @@ class Recipe:
         return HLAConfig(
             kind=a.kind, factors=a.factors, feature_dim=a.feature_dim, feature_map=a.feature_map, eps=a.eps, normalize=a.normalize,
             far=a.far, window=tuple(a.window), halo=tuple(a.halo), learn_temperature=a.learn_temperature,
+            causal_block_frames=a.causal_block_frames,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -139,6 +139,7 @@ def convert_attention(
     include, the architecture's self-attention modules (DEFAULT_INCLUDE), or every non-cross
     attention module for architectures not in that table. Modules left out stay softmax (hybrid).
     New parameters (float32) are created on the module's device at `<module>.hla`.
+    config.causal_block_frames (block-causal models only) is set on the model first.
     """
     if not isinstance(config, HLAConfig):
         raise ConversionError(f"config must be an HLAConfig, got {type(config).__name__}")
@@ -147,6 +148,13 @@ def convert_attention(
     for name in names:
         if isinstance(mods[name].processor, HLAProcessor):
             raise ConversionError(f"{name} is already converted; load the base model again to convert it anew")
+    if config.causal_block_frames is not None:  # the model's frame-block mask (block_causal.py)
+        from .block_causal import causal_block_problem
+
+        problem = causal_block_problem(model, config.causal_block_frames)
+        if problem is not None:
+            raise ConversionError(problem)
+        model._set_ar_attention(config.causal_block_frames)
     for name in names:
         module = mods[name]
         heads, to_q = _heads_and_query(module, name)

@@ -201,3 +201,88 @@ def test_streaming_refuses_models_without_a_shiftable_rope():
     convert_attention(model, KINDS["hadamard"])
     with pytest.raises(ValueError, match="no rope module"):
         BlockStream(model)
+
+
+def _cli_recipe(path, **attention) -> str:
+    import yaml
+
+    data = {
+        "name": "skyreels-df-test",
+        "model": {"architecture": "SkyReelsV2Transformer3DModel"},
+        "attention": {"kind": "hadamard", "factors": 2, "feature_dim": 4, **attention},
+        # 13 video frames -> 4 latent frames; 64 x 64 pixels -> 8 x 8 latents -> 4 x 4 tokens a frame
+        "calibration": {"frames": 13, "height": 64, "width": 64, "samples": 2, "heldout": 2, "batch_size": 2, "text_len": 12},
+        "stage1": {"steps": 2, "checkpoint_every": 2},
+        "stage2": {"steps": 0},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_cli_converts_a_diffusion_forcing_model_with_its_causal_blocks(tmp_path):
+    """`convert --causal-block-frames` on a SkyReels-V2 checkpoint whose config is bidirectional
+    (num_frame_per_block = 1, as published): the teacher and the converted layers see frame blocks,
+    the adapter records them, and load_converted / validate restore them; bad values are one line."""
+    import json
+
+    import yaml
+    from test_cli import assert_one_line_error, invoke
+
+    from hla_convert import load_converted
+
+    model, inputs = _skyreels_df()
+    model._set_ar_attention(1)
+    model.save_pretrained(tmp_path / "sky")
+    recipe = _cli_recipe(tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    result = invoke("convert", tmp_path / "sky", "--recipe", recipe, "--out", out, "--causal-block-frames", PER_BLOCK, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["attention"]["causal_block_frames"] == PER_BLOCK
+    assert json.loads((out / "hla_config.json").read_text())["config"]["causal_block_frames"] == PER_BLOCK
+
+    loaded = load_converted(out).float()
+    assert loaded.config.num_frame_per_block == PER_BLOCK
+    _randomise_hla(loaded)
+    x = inputs["hidden_states"].clone()
+    x[:, :, PER_BLOCK:] += 1.0
+    a, b = _run(loaded, inputs), _run(loaded, {**inputs, "hidden_states": x})
+    assert torch.allclose(a[:, :, :PER_BLOCK], b[:, :, :PER_BLOCK], rtol=0, atol=1e-6)  # block-causal again
+    assert invoke("validate", out, "--device", "cpu", "--json").exit_code == 0
+
+    args = ("--out", tmp_path / "o2", "--device", "cpu")
+    assert_one_line_error(invoke("convert", tmp_path / "sky", "--recipe", recipe, "--causal-block-frames", 3, *args), contains="do not divide the 4 latent frames")
+    assert_one_line_error(invoke("convert", "--causal-block-frames", 2, *args), contains="only SkyReels-V2")  # the demo: a Wan model
+    # a recipe that names no architecture: refused once the model is loaded
+    from tiny_models import tiny_wan
+
+    tiny_wan().save_pretrained(tmp_path / "wan")
+    anon = _cli_recipe(tmp_path / "anon.yaml", causal_block_frames=2)
+    data = yaml.safe_load(open(anon))
+    data["model"]["architecture"] = None
+    data["calibration"].update(vae_scale_temporal=4, vae_scale_spatial=8)
+    (tmp_path / "anon.yaml").write_text(yaml.safe_dump(data))
+    late = invoke("convert", tmp_path / "wan", "--recipe", anon, *args)
+    assert late.exit_code == 2 and "Traceback" not in late.stderr
+    assert "WanTransformer3DModel has no causal frame-block setting" in late.stderr.strip().splitlines()[-1]  # after the load's line
+    assert not (tmp_path / "o2" / "adapter_model.safetensors").exists()
+
+
+def test_convert_attention_sets_the_causal_blocks_and_refuses_other_models():
+    from tiny_models import tiny_model
+
+    from hla_convert import ConfigError
+    from hla_convert.recipes import RecipeError, parse_recipe
+    from hla_convert.surgery import ConversionError
+
+    model, _ = _skyreels_df()
+    model._set_ar_attention(1)
+    convert_attention(model, HLAConfig(kind="softmax", causal_block_frames=PER_BLOCK))
+    assert model.config.num_frame_per_block == PER_BLOCK
+    with pytest.raises(ConversionError, match="no causal frame-block setting"):
+        convert_attention(tiny_model("wan"), HLAConfig(causal_block_frames=2))
+    with pytest.raises(ConfigError, match="causal_block_frames"):
+        HLAConfig(causal_block_frames=0)
+    base = {"name": "t", "model": {"architecture": "SkyReelsV2Transformer3DModel"}, "calibration": {"frames": 13}}
+    assert parse_recipe({**base, "attention": {"causal_block_frames": 2}}).hla_config().causal_block_frames == 2
+    with pytest.raises(RecipeError, match="^attention.causal_block_frames: must be a positive integer"):
+        parse_recipe({**base, "attention": {"causal_block_frames": "2"}})
