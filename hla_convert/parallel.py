@@ -250,7 +250,7 @@ class Parallel:
         if not units:
             raise ValueError(f"FSDP: no {', '.join(wrap) or 'block'} module in {type(model).__name__} to shard (fsdp_transformer_layer_cls_to_wrap)")
         for unit in units:
-            fully_shard(unit, ignored_params={p for p in unit.parameters() if p in ignored}, **kwargs)
+            fully_shard(unit, ignored_params={p for p in unit.parameters() if p in ignored} | _minority_dtype(unit, ignored), **kwargs)
         # FSDP placed its shards (on the device, or in host memory with offload); the rest -- the
         # trainable parameters, what lies outside the blocks, buffers -- goes to the device whole.
         # Not model.to(): that would move offloaded shards too.
@@ -290,6 +290,21 @@ class Parallel:
         finally:
             for module, name, param in swapped:
                 module._parameters[name] = param
+
+
+def _minority_dtype(unit: nn.Module, ignored: set[nn.Parameter]) -> set[nn.Parameter]:
+    """The parameters of `unit` (not in `ignored`) whose dtype is not the one most of its elements
+    have. FSDP2 all-gathers a unit's shards as one flat tensor of one dtype, and a model loaded in
+    bf16 keeps its class's _keep_in_fp32_modules in float32 inside each block (Wan: the norms and
+    scale_shift_table, ~0.01 % of a block); those few stay whole on every process instead."""
+    count: dict[torch.dtype, int] = {}
+    params = [p for p in unit.parameters() if p not in ignored]
+    for p in params:
+        count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    if len(count) < 2:
+        return set()
+    major = max(count, key=count.__getitem__)
+    return {p for p in params if p.dtype != major}
 
 
 def _env_flag(name: str) -> bool:
