@@ -50,17 +50,16 @@ def usage(fn, types: dict, consts: dict, warps: int, stages: int, target: GPUTar
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100)")
-    ap.add_argument("--warps", type=int, default=None, help="num_warps (default: GPU_CONFIG's)")
+    ap.add_argument("--warps", type=int, default=None, help="num_warps of every kernel (default: GPU_CONFIG's per kernel)")
     args = ap.parse_args(argv)
     kc, mod = _kernel_modules()
     cfg = kc.GPU_CONFIG
-    warps, stages = args.warps or cfg["num_warps"], cfg["num_stages"]
     target = GPUTarget("cuda", args.arch, 32)
     bf, f32 = "*bf16", "*fp32"
     types = {n: bf for n in ("Q1", "Q2", "K1", "K2", "V", "dO", "Out", "T", "dT", "P1", "P2", "X")}
-    types.update({n: f32 for n in ("W", "Z", "Den", "Wb", "dQ1a", "dQ1b", "dQ2", "dK1a", "dK1b", "dK2", "dV", "dZ")})
+    types.update({n: f32 for n in ("W", "WZ", "ZOut", "Z", "Den", "Wb", "dQ1a", "dQ1b", "dQ2", "dK1a", "dK1b", "dK2", "dV", "dZ")})
     types["eps"] = "fp32"
-    base = dict(R=32, DV=128, G=cfg["G"], HAS_W=True, DOT_DT=tl.bfloat16, PREC=None, EMU=False)
+    base = dict(R=32, DV=128, HAS_W=True, DOT_DT=tl.bfloat16, PREC=None, EMU=False)
     jobs = {}
     for name, kern, extra in (
         ("readout", mod._readout_kernel, dict(INTRA=True, SMALL_PREC="tf32x3")),
@@ -70,17 +69,19 @@ def main(argv: list[str] | None = None) -> None:
         ("dkdv", mod._dkdv_kernel, dict(INTRA=True)),
         ("dkdv (block mode)", mod._dkdv_kernel, dict(INTRA=False)),
     ):
-        bm, bn = cfg["TILES"][name.split()[0]]
-        jobs[name] = (kern, dict(base, BLOCK_M=bm, BLOCK_N=bn, **extra))
-    state = dict(R=32, DV=128, G=cfg["G_STATE"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"], HAS_W=True,
-                 DOT_DT=tl.bfloat16, PREC=None, EMU=False)
-    jobs["prefix_state"] = (mod._prefix_state_kernel, dict(state, STORE_BEFORE=True, REVERSE=False))
-    jobs["prefix_state (reverse, blocks)"] = (mod._prefix_state_kernel, dict(state, STORE_BEFORE=False, REVERSE=True))
-    jobs["prefix_z"] = (mod._prefix_z_kernel, dict(R=32, BLOCK_N=cfg["BLOCK_N"], HAS_W=True, STORE_BEFORE=True, REVERSE=False, EMU=False))
+        k = cfg[name.split()[0]]
+        jobs[name] = (kern, dict(base, G=k["G"], BLOCK_M=k["BLOCK_M"], BLOCK_N=k["BLOCK_N"], **extra), k)
+    for name, key, consts in (
+        ("prefix_state", "state_fwd", dict(STORE_BEFORE=True, REVERSE=False)),
+        ("prefix_state (reverse, blocks)", "state_bwd", dict(STORE_BEFORE=False, REVERSE=True)),
+    ):
+        k = cfg[key]
+        jobs[name] = (mod._prefix_state_kernel, dict(base, G=k["G"], BLOCK_N=k["BLOCK_N"], BLOCK_DV=k["BLOCK_DV"], HAS_WZ=True, **consts), k)
     failed = 0
-    for name, (kern, consts) in jobs.items():
+    for name, (kern, consts, k) in jobs.items():
+        warps = args.warps or k["num_warps"]
         try:
-            print(f"{name:32s} sm_{args.arch} warps {warps}: {usage(kern, types, consts, warps, stages, target)}", flush=True)
+            print(f"{name:32s} sm_{args.arch} warps {warps}: {usage(kern, types, consts, warps, k['num_stages'], target)}", flush=True)
         except Exception as exc:  # noqa: BLE001 - report every kernel
             print(f"{name:32s} FAILED: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
             failed += 1

@@ -16,9 +16,9 @@ The states the tiles read are indexed by slot, in one of two modes:
 Any block size runs; a chunk never has to align with the blocks.
 
 Kernels:
-  _prefix_state_kernel, _prefix_z_kernel
-                   Tsel, Zsel in one sequential pass per (row block, head, column block); in
-                   reverse over the queries for the backward's per-chunk state gradients
+  _prefix_state_kernel
+                   Tsel and Zsel in one sequential pass per (row block, head, column block); in
+                   reverse over the queries for the backward's per-slot state gradients
   _readout_kernel  O = (kk_q Tsel + sum_intra a_ij v_j) / (kk_q zsel + sum_intra a_ij + eps)
                    and den, with a_ij = (q1_i.k1_j)(q2_i.k2_j) w_j
   _dq_kernel       dQ1 = [E1 | written per column block] + [z and intra terms], dQ2
@@ -406,14 +406,17 @@ def _dkdv_kernel(
 
 @triton.jit
 def _prefix_state_kernel(
-    P1, P2, X, W, Out,
-    s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn,
+    P1, P2, X, W, WZ, Out, ZOut,
+    s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn, swzb, swzh, swzn,
     H, N, SEG, n_seg,
     R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_W: tl.constexpr, STORE_BEFORE: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_WZ: tl.constexpr, STORE_BEFORE: tl.constexpr, REVERSE: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    """The states the chunks read, in one sequential pass per (row block, head, column block).
+    """The states the chunks read, in one sequential pass per (row block, head, column block),
+    and the normaliser's: ZOut[s, bh, rows] = zacc [G, R] fp32, zacc[g, j] summing
+    wz_n P1[n, o0 + g] P2[n, j] from the same loaded features (written by the column block 0
+    programs; a separate pass would load them again).
 
     acc runs over segments of SEG tokens (the chunk in token mode, the causal block in block mode),
     in order or REVERSE; segment s writes slot s. STORE_BEFORE (token mode): the slot gets acc
@@ -437,7 +440,11 @@ def _prefix_state_kernel(
     p2 = P2 + b * s2b + h * s2h
     x_ptr = X + b * sxb + h * sxh
     w_ptr = W + b * swb + h * swh
+    wz_ptr = WZ + b * swzb + h * swzh
     acc = tl.full((BLOCK_A, BLOCK_DV), 0.0, tl.float32)
+    zacc = tl.full((G, R), 0.0, tl.float32)
+    zoffs = (o0 + tl.arange(0, G))[:, None] * R + offs_r[None, :]
+    zstore = (tl.full((G, R), 0, tl.int32) + pid_d) == 0
     for i in range(0, n_seg):
         if REVERSE:
             s = n_seg - 1 - i
@@ -447,6 +454,7 @@ def _prefix_state_kernel(
         hi = tl.minimum(lo + SEG, N)
         if STORE_BEFORE:
             tl.store(Out + ((s * n_bh + bh) * A + offs_a)[:, None] * DV + offs_c[None, :], _store_cast(acc, Out.dtype.element_ty, EMU))
+            tl.store(ZOut + (s * n_bh + bh) * A + zoffs, zacc, mask=zstore)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < hi
@@ -459,48 +467,10 @@ def _prefix_state_kernel(
                 kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
             x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None], other=0.0)
             acc = _mm(tl.trans(kk), x, acc, DOT_DT, PREC, EMU)
+            zc = cols.to(tl.float32)
+            if HAS_WZ:
+                zc = zc * tl.load(wz_ptr + offs_n * swzn, mask=nmask, other=0.0)[:, None]
+            zacc += _rsum(zc[:, :, None] * last.to(tl.float32)[:, None, :], axis=0)
         if not STORE_BEFORE:
             tl.store(Out + ((s * n_bh + bh) * A + offs_a)[:, None] * DV + offs_c[None, :], _store_cast(acc, Out.dtype.element_ty, EMU))
-
-
-@triton.jit
-def _prefix_z_kernel(
-    P1, P2, W, Out,
-    s1b, s1h, s1n, s2b, s2h, s2n, swb, swh, swn,
-    H, N, SEG, n_seg,
-    R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, STORE_BEFORE: tl.constexpr,
-    REVERSE: tl.constexpr, EMU: tl.constexpr,
-):
-    """As _prefix_state_kernel for Z = sum_n w_n P1[n] P2[n]^T [R, R] (fp32, ieee)."""
-    bh = tl.program_id(0)
-    n_bh = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
-    offs_r = tl.arange(0, R)
-    p1 = P1 + b * s1b + h * s1h
-    p2 = P2 + b * s2b + h * s2h
-    zoff = offs_r[:, None] * R + offs_r[None, :]
-    acc = tl.full((R, R), 0.0, tl.float32)
-    for i in range(0, n_seg):
-        if REVERSE:
-            s = n_seg - 1 - i
-        else:
-            s = i
-        lo = s * SEG
-        hi = tl.minimum(lo + SEG, N)
-        if STORE_BEFORE:
-            tl.store(Out + (s * n_bh + bh) * R * R + zoff, acc)
-        for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < hi
-            a = tl.load(p1 + offs_n[:, None] * s1n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            c2 = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            if HAS_W:
-                w = tl.load(W + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0)
-                a = a * w[:, None]
-            if EMU:
-                acc = tl.dot(tl.trans(a), c2, acc)
-            else:
-                acc = tl.dot(tl.trans(a), c2, acc, input_precision="ieee")
-        if not STORE_BEFORE:
-            tl.store(Out + (s * n_bh + bh) * R * R + zoff, acc)
+            tl.store(ZOut + (s * n_bh + bh) * A + zoffs, zacc, mask=zstore)

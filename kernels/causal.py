@@ -29,19 +29,30 @@ import torch
 from . import hadamard as hk
 
 
-# chunk length and intra tile sizes; G as in the Hadamard kernels (outer indices per step)
-# C: chunk; G_STATE x r state rows, BLOCK_DV value columns and BLOCK_N tokens per step of the
-# prefix-state pass; TILES: (BLOCK_M, BLOCK_N) query x key tiles per kernel. GPU tiles: the
-# combinations without register spills in an sm_90 compile (cuobjdump --dump-resource-usage,
-# Triton 3.9, bf16, r = 32, dv = 128, 8 warps); not yet timed.
+# Every launch setting, in one table per mode (a sweep's result is applied by editing GPU_CONFIG;
+# benchmarks/bench_causal.py --sweep times candidates against it). C: the chunk (token mode up to
+# it). Per kernel: G outer feature indices per step (G x r Kronecker rows at once), BLOCK_M x
+# BLOCK_N query x key tiles (readout, dq, dkdv) or BLOCK_N tokens x BLOCK_DV value columns per
+# step of the sequential prefix passes (state_fwd over the keys, state_bwd over the queries, each
+# with the normaliser's state), num_warps, num_stages. GPU values: spill-free in an sm_90 compile
+# (benchmarks/causal_resource_usage.py; Triton 3.9, bf16, r = 32, dv = 128).
 GPU_CONFIG = {
-    "C": 256, "G": 2, "G_STATE": 4, "BLOCK_DV": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2,
-    "TILES": {"readout": (64, 64), "dq": (64, 32), "dkdv": (32, 64)},
+    "C": 256,
+    "state_fwd": {"G": 4, "BLOCK_N": 64, "BLOCK_DV": 64, "num_warps": 8, "num_stages": 2},
+    "state_bwd": {"G": 4, "BLOCK_N": 64, "BLOCK_DV": 64, "num_warps": 8, "num_stages": 2},
+    "readout": {"G": 2, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dq": {"G": 2, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    "dkdv": {"G": 2, "BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 }
 INTERP_CONFIG = {
-    "C": 16, "G": 2, "G_STATE": 2, "BLOCK_DV": 2, "BLOCK_N": 8,
-    "TILES": {"readout": (8, 8), "dq": (8, 8), "dkdv": (8, 8)},
+    "C": 16,
+    "state_fwd": {"G": 2, "BLOCK_N": 8, "BLOCK_DV": 2},
+    "state_bwd": {"G": 2, "BLOCK_N": 8, "BLOCK_DV": 2},
+    "readout": {"G": 2, "BLOCK_M": 8, "BLOCK_N": 8},
+    "dq": {"G": 2, "BLOCK_M": 8, "BLOCK_N": 8},
+    "dkdv": {"G": 2, "BLOCK_M": 8, "BLOCK_N": 8},
 }
+KERNELS = ("state_fwd", "state_bwd", "readout", "dq", "dkdv")
 
 
 def _kernels(interp: bool) -> ModuleType:
@@ -52,6 +63,12 @@ def _kernels(interp: bool) -> ModuleType:
 
 def _config(interp: bool) -> dict:
     return dict(INTERP_CONFIG if interp else GPU_CONFIG)
+
+
+def _launch(cfg: dict, kernel: str, interp: bool) -> dict:
+    """num_warps / num_stages of one kernel (the interpreter takes none)."""
+    k = cfg[kernel]
+    return {} if interp else {"num_warps": k["num_warps"], "num_stages": k["num_stages"]}
 
 
 def plan(n: int, block_size: int, interp: bool) -> tuple[int, bool] | str:
@@ -79,46 +96,34 @@ def supports(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v
     return unsupported_reason(q_feats, k_feats, v, block_size) is None
 
 
-def _prefix_states(mod, p1, p2, x, w, chunk, block_size, token_mode, reverse, out_dtype, interp, dot, cfg) -> torch.Tensor:
-    """[slots, B*H, R*R, DV] in out_dtype: per slot (chunk or causal block), the state its tiles
-    read (see _prefix_state_kernel).
+def _prefix_states(mod, p1, p2, x, w, wz, chunk, block_size, token_mode, reverse, out_dtype, interp, dot, cfg):
+    """([slots, B*H, R*R, DV] in out_dtype, [slots, B*H, R*R] fp32): per slot (chunk or causal
+    block), the state and the normaliser state its tiles read (see _prefix_state_kernel).
 
-    Forward (reverse False): the keys' states, w = key mask; backward (reverse True): the
-    gradients of those states, from the queries with x = dO and w = 1 / den.
+    Forward (reverse False): the keys' states, w = wz = key mask; backward (reverse True): the
+    gradients of those states, from the queries with x = dO, w = 1 / den and wz = -delta / den.
+    w, wz: (tensor, (batch, head, token) strides) or None.
     """
     b, h, n, r = p1.shape
     dv = x.shape[-1]
-    g = min(cfg["G_STATE"], r)
-    bdv = min(cfg["BLOCK_DV"], dv)
+    kernel = "state_bwd" if reverse else "state_fwd"
+    k = cfg[kernel]
+    g = min(k["G"], r)
+    bdv = min(k["BLOCK_DV"], dv)
     seg = chunk if token_mode else block_size
     nslots = hk.triton_cdiv(n, seg)
     out = torch.empty((nslots, b * h, r * r, dv), dtype=out_dtype, device=x.device)
+    zout = torch.empty((nslots, b * h, r * r), dtype=torch.float32, device=x.device)
     wt, ws = w if w is not None else (x, (0, 0, 0))
+    wzt, wzs = wz if wz is not None else (x, (0, 0, 0))
     mod._prefix_state_kernel[(r // g, b * h, dv // bdv)](
-        p1, p2, x, wt, out,
-        *hk._s3(p1), *hk._s3(p2), *hk._s3(x), *ws,
+        p1, p2, x, wt, wzt, out, zout,
+        *hk._s3(p1), *hk._s3(p2), *hk._s3(x), *ws, *wzs,
         h, n, seg, nslots,
-        R=r, DV=dv, G=g, BLOCK_N=min(cfg["BLOCK_N"], chunk), BLOCK_DV=bdv, HAS_W=w is not None,
-        STORE_BEFORE=token_mode, REVERSE=reverse, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_extra(cfg, interp),
+        R=r, DV=dv, G=g, BLOCK_N=min(k["BLOCK_N"], chunk), BLOCK_DV=bdv, HAS_W=w is not None, HAS_WZ=wz is not None,
+        STORE_BEFORE=token_mode, REVERSE=reverse, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch(cfg, kernel, interp),
     )
-    return out
-
-
-def _prefix_z(mod, p1, p2, w, chunk, block_size, token_mode, reverse, interp, cfg) -> torch.Tensor:
-    """[slots, B*H, R*R] fp32: per slot, the normaliser state its tiles read (or its gradient)."""
-    b, h, n, r = p1.shape
-    seg = chunk if token_mode else block_size
-    nslots = hk.triton_cdiv(n, seg)
-    out = torch.empty((nslots, b * h, r * r), dtype=torch.float32, device=p1.device)
-    wt, ws = w if w is not None else (p1, (0, 0, 0))
-    mod._prefix_z_kernel[(b * h,)](
-        p1, p2, wt, out,
-        *hk._s3(p1), *hk._s3(p2), *ws,
-        h, n, seg, nslots,
-        R=r, BLOCK_N=min(cfg["BLOCK_N"], chunk), HAS_W=w is not None, STORE_BEFORE=token_mode,
-        REVERSE=reverse, EMU=interp, **_extra(cfg, interp),
-    )
-    return out
+    return out, zout
 
 
 def _common(q1, v, block_size):
@@ -130,8 +135,9 @@ def _common(q1, v, block_size):
 
 
 def _tiles(cfg: dict, kernel: str, chunk: int) -> tuple[int, int]:
-    bm, bn = cfg["TILES"][kernel]
-    return min(bm, chunk), min(bn, chunk)
+    """(BLOCK_M, BLOCK_N) of a tile kernel, at most the chunk (a token-mode tile lies in one chunk)."""
+    k = cfg[kernel]
+    return min(k["BLOCK_M"], chunk), min(k["BLOCK_N"], chunk)
 
 
 def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
@@ -143,8 +149,7 @@ def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
     bm, bn = _tiles(cfg, "readout", chunk)
     w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
     t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
-    tsel = _prefix_states(mod, k1, k2, v, w, chunk, block_size, token_mode, False, t_dtype, interp, dot, cfg)
-    zsel = _prefix_z(mod, k1, k2, w, chunk, block_size, token_mode, False, interp, cfg)
+    tsel, zsel = _prefix_states(mod, k1, k2, v, w, w, chunk, block_size, token_mode, False, t_dtype, interp, dot, cfg)
     out = hk._empty((b, h, n, dv), v.dtype, v.device)
     den = hk._empty((b * h, n), torch.float32, v.device)
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
@@ -152,14 +157,10 @@ def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
         q1, q2, k1, k2, v, wt, tsel, zsel, out, den,
         *hk._s3(q1), *hk._s3(q2), *hk._s3(k1), *hk._s3(k2), *hk._s3(v), wsb, wsn, *hk._s3(out),
         b * h, h, n, chunk, block_size, float(eps),
-        R=r, DV=dv, G=min(cfg["G"], r), BLOCK_M=bm, BLOCK_N=bn, INTRA=token_mode, HAS_W=wmask is not None,
-        DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2], **_extra(cfg, interp),
+        R=r, DV=dv, G=min(cfg["readout"]["G"], r), BLOCK_M=bm, BLOCK_N=bn, INTRA=token_mode, HAS_W=wmask is not None,
+        DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2], **_launch(cfg, "readout", interp),
     )
     return out, den, tsel, zsel
-
-
-def _extra(cfg: dict, interp: bool) -> dict:
-    return {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do):
@@ -173,27 +174,24 @@ def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, d
     wb = torch.stack([1.0 / den, -delta / den])  # [2, B*H, N]: the numerator's and denominator's weights
     rows = (h * n, n, 1)
     t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
-    dtloc = _prefix_states(mod, q1, q2, do, (wb[0], rows), chunk, block_size, token_mode, True, t_dtype, interp, dot, cfg)
-    dzloc = _prefix_z(mod, q1, q2, (wb[1], rows), chunk, block_size, token_mode, True, interp, cfg)
+    dtloc, dzloc = _prefix_states(mod, q1, q2, do, (wb[0], rows), (wb[1], rows), chunk, block_size, token_mode, True, t_dtype, interp, dot, cfg)
     f32 = dict(dtype=torch.float32, device=v.device)
     dq1a, dq1b, dq2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
-    common = dict(
-        R=r, DV=dv, G=min(cfg["G"], r), INTRA=token_mode, HAS_W=wmask is not None,
-        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_extra(cfg, interp),
-    )
+    common = dict(R=r, DV=dv, INTRA=token_mode, HAS_W=wmask is not None, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2])
     strides = (*hk._s3(q1), *hk._s3(q2), *hk._s3(k1), *hk._s3(k2), *hk._s3(v), wsb, wsn, *hk._s3(do))
     bm, bn = _tiles(cfg, "dq", chunk)
     mod._dq_kernel[(hk.triton_cdiv(n, bm), b * h)](
         q1, q2, k1, k2, v, wt, tsel, zsel, do, wb, dq1a, dq1b, dq2, *strides,
-        b * h, h, n, chunk, block_size, BLOCK_M=bm, BLOCK_N=bn, SMALL_PREC=None if interp else "tf32x3", **common,
+        b * h, h, n, chunk, block_size, BLOCK_M=bm, BLOCK_N=bn, G=min(cfg["dq"]["G"], r), SMALL_PREC=None if interp else "tf32x3",
+        **common, **_launch(cfg, "dq", interp),
     )
     dk1a, dk1b, dk2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
     dvv = torch.zeros((b * h, n, dv), **f32)
     bm, bn = _tiles(cfg, "dkdv", chunk)
     mod._dkdv_kernel[(hk.triton_cdiv(n, bn), b * h)](
         q1, q2, k1, k2, v, wt, dtloc, dzloc, do, wb, dk1a, dk1b, dk2, dvv, *strides,
-        b * h, h, n, chunk, block_size, BLOCK_M=bm, BLOCK_N=bn, **common,
+        b * h, h, n, chunk, block_size, BLOCK_M=bm, BLOCK_N=bn, G=min(cfg["dkdv"]["G"], r), **common, **_launch(cfg, "dkdv", interp),
     )
 
     def shaped(t, like):
