@@ -74,6 +74,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hybrid-lora-keep2": {**HYBRID, **LORA, "attention.softmax_layers": 2},
     # r / head dim = 1/4 instead of 1/2: what r = 32 instead of 64 is on a 128-dim model (Wan 1.3B)
     "hybrid-lora-keep2-r16": {**HYBRID, **LORA, "attention.softmax_layers": 2, "attention.feature_dim": 16},
+    # the levers after keep2 (absolute steps: at --steps-scale 0.5 the default's stage 2 is 300 steps)
+    "hybrid-lora-keep2-s2x4": {**HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.steps": 1200},
+    "hybrid-lora-keep2-lr32": {**HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.lora_rank": 32},
+    "hybrid-lora-keep2-lr32-s2x4": {**HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.lora_rank": 32, "stage2.steps": 1200},
 }
 DEFAULT_CONFIGS = [c for c in CONFIGS if c != "softmax"]
 
