@@ -141,6 +141,13 @@ def test_benchmark_smoke_mode_runs_every_part(interp, tmp_path, monkeypatch):
     assert [r["blocks"] for r in stream] == [1, 2, 4]
     assert len({r["hla_state_mb"] for r in stream}) == 1  # constant state
     assert stream[-1]["kv_cache_mb"] == 4 * stream[0]["kv_cache_mb"]
+    # the launch-config sweep: every config checked against the fp32 reference, timed, then combined
+    sweep = res["sweep"]
+    assert [r["sweep"] for r in sweep] == ["default", "one change", "one change", "combined", "combined"]
+    assert all(r.get("ok", True) and "error" not in r and r["fwd_bwd_ms"] > 0 for r in sweep)
+    assert all(r["max_rel_err"] < 1e-5 for r in sweep if r["block_size"] == 1)
+    assert res["suggested_config"]["C"] == 8 and res["suggested_config"]["dkdv"]["BLOCK_M"] == 4
+    assert kc.INTERP_CONFIG["C"] == 16  # the table is restored after each config
 
 
 def test_gpu_second_order_forward(monkeypatch):
