@@ -5,12 +5,12 @@ Same contract as `hla_convert.ops.hadamard_attention(..., causal=True, block_siz
 
     a_tj = [p_j <= p_t] (q1_t . k1_j)(q2_t . k2_j) w_j,   o_t = sum_j a_tj v_j / (sum_j a_tj + eps)
 
-Forward: one sequential prefix-state pass over the keys writes, per slot, the state it reads
-(T and Z of the earlier chunks, or of everything through a causal block), then one
-readout kernel: each query tile contracts its chunk's state and, in token mode, adds the exact
-masked product with its own chunk's keys. Backward: the same prefix pass in reverse over the
-queries gives each chunk the gradient of its keys' state contributions; then a dq kernel and a
-dk/dv kernel, each with its intra-chunk tiles. Extra memory: O(N / max(C, bs) * R^2 * dv) per head.
+Forward: one sequential prefix-state pass over the keys writes, per slot, the state its tiles
+read (T and Z of the earlier chunks, or of everything through a causal block), then one readout
+kernel: each query tile contracts its slot's state and, in token mode, adds the exact masked
+products with the keys from its chunk's start to its block's end. Backward: the same prefix pass
+in reverse over the queries gives each slot the gradient of its keys' state contributions; then
+a dq kernel and a dk/dv kernel, each with its intra tiles in token mode. Extra memory: O(N / max(C, bs) * R^2 * dv) per head.
 
 Chunking: token mode when bs <= the chunk C (bs = 1 included): one state per chunk (the earlier
 chunks) and the exact masked intra products with the keys from the chunk's start to the query's
