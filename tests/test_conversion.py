@@ -64,7 +64,7 @@ def _measured(report: dict) -> dict:
     """A report without what differs between two identical runs: wall times, checkpoint paths."""
     report = json.loads(json.dumps(report))
     for stage in ("stage1", "stage2"):
-        for key in ("seconds", "checkpoint"):
+        for key in ("seconds", "step_seconds", "checkpoint"):
             report["training"][stage].pop(key)
     return report
 
