@@ -34,15 +34,18 @@ from . import hadamard as hk
 # it). Per kernel: G outer feature indices per step (G x r Kronecker rows at once), BLOCK_M x
 # BLOCK_N query x key tiles (readout, dq, dkdv) or BLOCK_N tokens x BLOCK_DV value columns per
 # step of the sequential prefix passes (state_fwd over the keys, state_bwd over the queries, each
-# with the normaliser's state), num_warps, num_stages. GPU values: spill-free in an sm_90 compile
-# (benchmarks/causal_resource_usage.py; Triton 3.9, bf16, r = 32, dv = 128).
+# with the normaliser's state), num_warps, num_stages. GPU values: the fastest correct setting per
+# kernel of bench_causal.py's sweep on an H100 (2026-11-25, Triton 3.6: token-causal N = 32,760
+# 2.93 / 10.61 -> 1.43 / 5.72 ms forward / forward+backward; benchmarks/RESULTS.md). An sm_90
+# compile with Triton 3.9 (benchmarks/causal_resource_usage.py) shows dkdv at 4 warps spilling
+# 312 bytes of stack; it still timed fastest on the H100.
 GPU_CONFIG = {
     "C": 256,
-    "state_fwd": {"G": 4, "BLOCK_N": 64, "BLOCK_DV": 64, "num_warps": 8, "num_stages": 2},
-    "state_bwd": {"G": 4, "BLOCK_N": 64, "BLOCK_DV": 64, "num_warps": 8, "num_stages": 2},
-    "readout": {"G": 2, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dq": {"G": 2, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-    "dkdv": {"G": 2, "BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "state_fwd": {"G": 4, "BLOCK_N": 64, "BLOCK_DV": 64, "num_warps": 4, "num_stages": 2},
+    "state_bwd": {"G": 4, "BLOCK_N": 64, "BLOCK_DV": 128, "num_warps": 8, "num_stages": 2},
+    "readout": {"G": 2, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "dq": {"G": 2, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    "dkdv": {"G": 2, "BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
 }
 INTERP_CONFIG = {
     "C": 16,
