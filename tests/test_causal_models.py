@@ -157,11 +157,11 @@ def test_other_masks_are_refused_with_one_line(kind):
 
 def test_mask_structure_is_read_once_per_mask_object(monkeypatch):
     """The blocks of one forward share the mask: its [N, N] scan runs once; a changed mask is re-read."""
-    from hla_convert import surgery
+    from hla_convert import attn_masks
 
     calls = []
-    real = surgery._mask_structure
-    monkeypatch.setattr(surgery, "_mask_structure", lambda *a: calls.append(1) or real(*a))
+    real = attn_masks._mask_structure
+    monkeypatch.setattr(attn_masks, "_mask_structure", lambda *a: calls.append(1) or real(*a))
     keep = torch.arange(N)[None, :] // 3 <= torch.arange(N)[:, None] // 3
     mask = keep[None, None].clone()
     for _ in range(3):
