@@ -30,7 +30,7 @@ import torch
 
 from ._common import compute_dtype, key_weights
 from .hadamard import _check_feats, hadamard_weights, kronecker_features
-from .hybrid import SHIFT_FLOOR
+from .hybrid import SHIFT_FLOOR, check_qkv_beta
 
 DEFAULT_CHUNK = 128
 
@@ -161,11 +161,8 @@ def hadamard_causal(
 
 
 def _hybrid_check(q, k, v, q_feats, k_feats, log_beta):
-    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k must be [B, H, N, d] and v [B, H, N, dv] alike, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    check_qkv_beta(q, k, v, log_beta)
     _check_feats(q_feats, k_feats, v)
-    if log_beta.shape != (q.shape[1],):
-        raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
 
 
 def hybrid_block_causal_naive(

@@ -67,16 +67,21 @@ def effective_window(grid: Grid, window: Sequence[int]) -> tuple[int, int, int]:
     return tuple(e if w == 0 or w > e else w for e, w in zip(grid, window))  # type: ignore[return-value]
 
 
-def _check(q, k, v, q_feats, k_feats, log_beta, grid, text_len, key_mask) -> None:
+def check_qkv_beta(q, k, v, log_beta) -> None:
+    """q, k [B, H, N, d], v [B, H, N, dv], log_beta [H] (the hybrid's shapes, shared with its causal form)."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be [B, H, N, d] and v [B, H, N, dv] alike, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if log_beta.shape != (q.shape[1],):
+        raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
+
+
+def _check(q, k, v, q_feats, k_feats, log_beta, grid, text_len, key_mask) -> None:
+    check_qkv_beta(q, k, v, log_beta)
     if len(q_feats) != len(k_feats) or not q_feats:
         raise ValueError(f"q_feats and k_feats must be equally long non-empty lists, got {len(q_feats)} and {len(k_feats)}")
     for i, (qf, kf) in enumerate(zip(q_feats, k_feats)):
         if qf.shape[:3] != q.shape[:3] or kf.shape != qf.shape:
             raise ValueError(f"factor {i}: features {list(qf.shape)} / {list(kf.shape)} do not fit q {list(q.shape)}")
-    if log_beta.shape != (q.shape[1],):
-        raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
     t, h, w = grid
     if t * h * w + text_len != q.shape[2]:
         raise ValueError(f"grid {tuple(grid)} ({t * h * w} video tokens) + {text_len} text tokens != N = {q.shape[2]}")
