@@ -50,7 +50,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-from gpu_timing import bench, log, peak_extra_mb, rel
+from gpu_timing import bench, import_kernels, log, peak_extra_mb, rel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -88,17 +88,7 @@ class Results(dict):
 
 
 def _imports():
-    try:
-        import hla_kernels
-    except ImportError:  # a checkout without `pip install -e .`
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "hla_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        hla_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["hla_kernels"] = hla_kernels
-        spec.loader.exec_module(hla_kernels)
+    hla_kernels = import_kernels()
     sys.path.insert(0, str(ROOT))
     from hla_convert.ops import causal_hadamard as ref
 

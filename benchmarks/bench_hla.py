@@ -61,17 +61,9 @@ def _reference_ops():
 
 
 def _kernels():
-    try:
-        import hla_kernels
-    except ImportError:  # running from a checkout without `pip install -e .`
-        import importlib.util
+    from gpu_timing import import_kernels
 
-        spec = importlib.util.spec_from_file_location(
-            "hla_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        hla_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["hla_kernels"] = hla_kernels
-        spec.loader.exec_module(hla_kernels)
+    hla_kernels = import_kernels()
     from hla_kernels import hadamard as hk
 
     return hla_kernels, hk
