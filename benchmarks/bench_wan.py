@@ -6,8 +6,9 @@ measures, one JSON record per measurement:
   forward        whole transformer forward (inference, no_grad), batch 1, 512 text tokens, at
                  480p/81f (latent 16x21x60x104, 32,760 tokens) and 720p/81f (16x21x90x160, 75,600).
   forward_backward  as stage 2 trains: backward into the trainable parameters only (the HLA
-                 parameters and the recipe's LoRA r=8 on attn1 to_q/to_k/to_v/to_out.0; the
-                 softmax side trains the same LoRA), gradient checkpointing as the recipe says.
+                 parameters and the recipe's LoRA on attn1 to_q/to_k/to_v/to_out.0, r=8 in the runs
+                 RESULTS.md records, r=32 since; the softmax side trains the same LoRA), gradient
+                 checkpointing as the recipe says.
   sampling       one full WanPipeline call (built from configs: the 1.3B transformer plus small
                  UMT5 / VAE stand-ins, UniPC flow shift 3, guidance 5 -> 2 transformer calls a
                  step), seconds per video at 480p/81f with --sample-steps steps; `loop_s` is the
@@ -18,7 +19,7 @@ measures, one JSON record per measurement:
                  stage 2: 2 x (teacher forward + student forward/backward)).
 
 Softmax = torch's default SDPA backend (diffusers' native attention). Converted = the recipe's
-attention (wan2.1-t2v-1.3b: hybrid, far hadamard, taylor r=64, window [1,0,0]) with its
+attention (wan2.1-t2v-1.3b: hybrid, far hadamard, taylor r=32, window [1,0,0]) with its
 `softmax_layers` layers given back to softmax (the first ones: which layers does not change
 the time). GPU times are medians of CUDA events, peak memory is torch.cuda.max_memory_allocated.
 
