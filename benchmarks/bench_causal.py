@@ -82,9 +82,9 @@ class Results(dict):
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self, indent=1))
-        os.replace(tmp, self.path)
+        from hla_convert.checkpoints import atomic_write_text  # after _imports() put the checkout on the path
+
+        atomic_write_text(self.path, json.dumps(self, indent=1))
 
 
 def _imports():

@@ -52,6 +52,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from bench_wan import SMOKE_CONFIG, WAN_1_3B_CONFIG, build_transformer, environment  # noqa: E402
 
+from hla_convert.checkpoints import atomic_write_text  # noqa: E402
+
 # Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json as published
 WAN_14B_CONFIG: dict[str, Any] = {
     **WAN_1_3B_CONFIG, "attention_head_dim": 128, "ffn_dim": 13824, "num_attention_heads": 40, "num_layers": 40,
@@ -252,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save() -> None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(results, indent=1))
 
     model = work / f"model-{args.shape}"
     results["model"] = prepare_model(args.shape, model, torch.bfloat16 if gpu else torch.float32)

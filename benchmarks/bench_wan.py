@@ -55,7 +55,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -554,11 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         args.sample_steps = min(args.sample_steps, 2)
         args.distill_steps = min(args.distill_steps, 2)
     result = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)  # written whole or not at all
+    from hla_convert.checkpoints import atomic_write_text
+
+    out = atomic_write_text(args.out, json.dumps(result, indent=1))  # written whole or not at all
     log(f"wrote {len(result['records'])} records to {out}")
     return 0
 

@@ -10,7 +10,6 @@ process's current device; null on the CPU).
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import resource
 import sys
@@ -33,11 +32,9 @@ def _write_peak() -> None:
             peak_allocated_gb=torch.cuda.max_memory_allocated(index) / 2**30,
             peak_reserved_gb=torch.cuda.max_memory_reserved(index) / 2**30,
         )
-    os.makedirs(where, exist_ok=True)
-    path = os.path.join(where, f"rank{rank}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    from hla_convert.checkpoints import write_json_atomic
+
+    write_json_atomic(os.path.join(where, f"rank{rank}.json"), record)
 
 
 def main() -> None:
