@@ -87,9 +87,9 @@ def prepare_model(shape: str, folder: Path, dtype: torch.dtype) -> dict[str, Any
     if device.type == "cuda":
         torch.cuda.empty_cache()
     os.replace(tmp, folder)
-    log(f"{shape}: {params / 1e9:.2f} B parameters built in {built:.0f} s, saved in {time.perf_counter() - t0 - built:.0f} s")
-    return {"model": str(folder), "built": True, "parameters": params, "build_s": round(built, 1),
-            "save_s": round(time.perf_counter() - t0 - built, 1)}  # fmt: skip
+    saved = time.perf_counter() - t0 - built
+    log(f"{shape}: {params / 1e9:.2f} B parameters built in {built:.0f} s, saved in {saved:.0f} s")
+    return {"model": str(folder), "built": True, "parameters": params, "build_s": round(built, 1), "save_s": round(saved, 1)}
 
 
 def write_recipe(shape: str, path: Path, steps: tuple[int, int], samples: int, heldout: int) -> dict[str, Any]:
