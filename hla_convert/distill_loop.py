@@ -190,7 +190,7 @@ def _run_stage(
             parallel.barrier()
 
     last_saved = start if summary["resumed_from"] is not None else None
-    t0 = time.perf_counter()
+    t0 = mark = time.perf_counter()
     step_seconds: list[float] = []  # wall time of each step run here, its checkpoint write included
     with _only_trainable(model, params), _restored_modes(model):
         for step in range(start, spec.steps):
@@ -230,7 +230,9 @@ def _run_stage(
                 last_saved = done
             # reading the loss and the gradient norm synchronises the device every step, so these are
             # the steps' times (the last one's optimizer update may still be in flight)
-            step_seconds.append(round(time.perf_counter() - t0 - sum(step_seconds), 4))
+            now = time.perf_counter()
+            step_seconds.append(round(now - mark, 4))
+            mark = now
             if progress:
                 progress(stage, done, spec.steps, {"loss": loss, "lr": lr, "grad_norm": grad_norm})
     summary.update(
