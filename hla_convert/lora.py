@@ -20,6 +20,7 @@ updates at lr 1e-4 round away.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -144,8 +145,17 @@ def add_lora(
     bad = [n for n in modules if not isinstance(known.get(n), nn.Linear)]
     if bad:
         raise LoraError(f"LoRA module {bad[0]!r} is not a linear layer of this model")
+    if not modules:
+        raise LoraError("LoRA needs at least one module to adapt")
+    # A list of >= 20 names is shortened by peft to suffixes ("attn1.to_q") that also match layers
+    # kept softmax and that no longer name the modules; one anchored pattern of the exact names is
+    # taken as it is.
     config = LoraConfig(
-        r=int(rank), lora_alpha=float(alpha if alpha is not None else rank), target_modules=modules, lora_dropout=0.0, bias="none"
+        r=int(rank),
+        lora_alpha=float(alpha if alpha is not None else rank),
+        target_modules=exact_module_pattern(modules),
+        lora_dropout=0.0,
+        bias="none",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -155,11 +165,27 @@ def add_lora(
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    adapted = adapted_modules(model)
+    if sorted(adapted) != sorted(modules):
+        remove_lora(model)
+        odd = sorted(set(adapted) ^ set(modules))
+        raise LoraError(f"peft adapted {len(adapted)} module(s) where {len(modules)} were asked for (e.g. {odd[0]!r})")
     with torch.no_grad():
         for p in lora_parameters(model).values():
             if p.dtype != torch.float32:
                 p.data = p.data.float()
     return modules
+
+
+def exact_module_pattern(modules: Sequence[str]) -> str:
+    """A regular expression that peft fully matches against each module name: exactly `modules`."""
+    return "^(?:" + "|".join(re.escape(n) for n in modules) + ")$"
+
+
+def adapted_modules(model: nn.Module) -> list[str]:
+    """The exact names of the layers that carry this project's adapter, in model order (read from the
+    model, not from peft's config, whose target_modules may be a pattern or shortened suffixes)."""
+    return [n for n, m in _tuner_layers(model) if ADAPTER in (getattr(m, "lora_A", None) or {})]
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -173,7 +199,7 @@ def lora_config(model: nn.Module) -> dict[str, Any] | None:
     if not has_lora(model):
         return None
     cfg = model.peft_config[ADAPTER]
-    return {"rank": int(cfg.r), "alpha": float(cfg.lora_alpha), "modules": sorted(cfg.target_modules)}
+    return {"rank": int(cfg.r), "alpha": float(cfg.lora_alpha), "modules": sorted(adapted_modules(model))}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,7 +221,7 @@ def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], config: 
         rank, alpha, modules = int(config["rank"]), float(config["alpha"]), list(config["modules"])
     except (KeyError, TypeError, ValueError):
         raise LoraError(f"the LoRA config {config!r} lacks rank, alpha or modules") from None
-    add_lora(model, rank=rank, alpha=alpha, modules=modules)
+    add_lora(model, rank=rank, alpha=alpha, modules=saved_modules(modules, tensors))
     expected = {k: v.shape for k, v in lora_state_dict(model).items()}
     problem = None
     if missing := sorted(set(expected) - set(tensors)):
@@ -214,6 +240,24 @@ def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], config: 
     if getattr(result, "unexpected_keys", None):
         remove_lora(model)
         raise LoraError(f"{len(result.unexpected_keys)} LoRA key(s) not taken by the model, e.g. {result.unexpected_keys[0]}")
+
+
+def saved_modules(recorded: Sequence[str], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The exact module names a saved adapter's LoRA covers.
+
+    recorded: the adapter's metadata `modules`. Adapters written before hla-convert read them from
+    the model recorded peft's shortened suffixes when they had >= 20 targets ("attn1.to_q" for every
+    blocks.N.attn1.to_q); their weight keys still name each module exactly, so when every recorded
+    name is a suffix of the keys' names and each key's name ends in one, the keys' names are used.
+    Otherwise the recorded names are (and `load_lora_state` checks them against the keys).
+    """
+    recorded = [str(n) for n in recorded]
+    keyed = sorted({k.split(".lora_A.")[0] for k in tensors if ".lora_A." in k} | {k.split(".lora_B.")[0] for k in tensors if ".lora_B." in k})
+    covers = lambda suffix, name: name.endswith("." + suffix)  # noqa: E731
+    legacy = keyed and set(recorded).isdisjoint(keyed)
+    if legacy and all(any(covers(r, n) for r in recorded) for n in keyed) and all(any(covers(r, n) for n in keyed) for r in recorded):
+        return keyed
+    return recorded
 
 
 def _swap_base(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -271,7 +315,9 @@ __all__ = [
     "DEFAULT_TARGETS",
     "LORA_PREFIX",
     "LoraError",
+    "adapted_modules",
     "add_lora",
+    "exact_module_pattern",
     "has_adapters",
     "has_lora",
     "load_lora_state",
@@ -280,6 +326,7 @@ __all__ = [
     "lora_state_dict",
     "lora_target_modules",
     "remove_lora",
+    "saved_modules",
     "set_lora_enabled",
     "without_lora",
 ]

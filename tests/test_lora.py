@@ -16,9 +16,11 @@ from hla_convert.drift import measure_drift
 from hla_convert.layers import hla_layers
 from hla_convert.lora import (
     LoraError,
+    adapted_modules,
     add_lora,
     has_adapters,
     has_lora,
+    lora_config,
     lora_parameters,
     lora_state_dict,
     lora_target_modules,
@@ -254,6 +256,60 @@ def test_lora_key_mismatch_is_one_line_and_leaves_base_untouched(lora_adapter, c
     assert "\n" not in str(e.value)
     assert not hla_layers(base) and not has_adapters(base) and not has_lora(base)
     assert set(base.state_dict()) == set(tiny_model("wan").state_dict())
+
+
+# peft shortens a list of >= 20 target names to suffixes ("attn1.to_q"); every real recipe is over
+# it (Wan2.1-1.3B: 112 targets). Sizes on both sides of it, with layers kept softmax among the blocks.
+@pytest.mark.parametrize("layers, kept", [(5, (0,)), (6, (2,)), (6, ()), (12, (0, 7))])
+def test_lora_at_any_target_count_saves_and_loads_its_exact_modules(tmp_path, layers, kept):
+    converted = [f"blocks.{i}.attn1" for i in range(layers) if i not in kept]
+    model = tiny_model("wan", num_layers=layers)
+    convert_attention(model, recipe().hla_config(), include=converted)
+    modules = add_lora(model, rank=4)
+    exact = sorted(f"{c}.{t}" for c in converted for t in ("to_q", "to_k", "to_v", "to_out.0"))
+    assert sorted(modules) == exact and lora_config(model)["modules"] == exact
+    assert sorted(adapted_modules(model)) == exact
+    _perturb_lora(model, 0.05)
+    student = _out(model, "wan", "student")
+    save_adapter(model, tmp_path / "ad")
+    assert read_adapter_info(tmp_path / "ad")["lora"]["modules"] == exact
+
+    loaded = load_adapter(tiny_model("wan", num_layers=layers), tmp_path / "ad")
+    assert sorted(adapted_modules(loaded)) == exact
+    for i in kept:  # a layer kept softmax has no HLA and no LoRA anywhere in it
+        assert not [n for n in adapted_modules(loaded) if n.startswith(f"blocks.{i}.")]
+        assert f"blocks.{i}.attn1" not in hla_layers(loaded)
+    assert torch.equal(_out(loaded, "wan", "student"), student)
+    assert torch.equal(_out(loaded, "wan", "teacher"), _out(tiny_model("wan", num_layers=layers), "wan", "teacher"))
+
+
+def test_adapters_that_recorded_peft_suffixes_load_as_their_weight_keys_say(tmp_path):
+    """Adapters saved before the fix recorded peft's suffixes; their weight keys are exact."""
+    model = tiny_model("wan", num_layers=6)
+    convert_attention(model, recipe().hla_config())
+    add_lora(model, rank=4)
+    _perturb_lora(model, 0.05)
+    student = _out(model, "wan", "student")
+    save_adapter(model, tmp_path / "ad")
+    old = ["attn1.to_k", "attn1.to_out.0", "attn1.to_q", "attn1.to_v"]  # what such an adapter holds
+
+    def suffixes(meta):
+        lora = json.loads(meta["lora"])
+        meta["lora"] = json.dumps(lora | {"modules": old})
+
+    _rewrite(tmp_path / "ad", change_meta=suffixes)
+    loaded = load_adapter(tiny_model("wan", num_layers=6), tmp_path / "ad")
+    assert len(adapted_modules(loaded)) == 24 and torch.equal(_out(loaded, "wan", "student"), student)
+
+    def wrong(meta):  # names that cover other modules than the weights: refused, base left as it was
+        lora = json.loads(meta["lora"])
+        meta["lora"] = json.dumps(lora | {"modules": ["attn1.to_q", "attn2.to_q"]})
+
+    _rewrite(tmp_path / "ad", change_meta=wrong)
+    base = tiny_model("wan", num_layers=6)
+    with pytest.raises(AdapterError, match="LoRA module 'attn1.to_q' is not a linear layer"):
+        load_adapter(base, tmp_path / "ad")
+    assert not hla_layers(base) and not has_adapters(base)
 
 
 def test_lora_adapter_refuses_a_different_base(lora_adapter):
