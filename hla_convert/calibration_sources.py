@@ -155,7 +155,7 @@ def trajectory_inputs(
     recipe.calibration.trajectory_steps steps; every transformer call (classifier-free guidance halves included) gives samples, of which a seeded
     choice of `samples` (or `heldout`) is kept.
     """
-    from .layers import hla_layers
+    from .layers import attention_mode
 
     cal = recipe.calibration
     want = cal.samples if split == "train" else cal.heldout
@@ -167,43 +167,38 @@ def trajectory_inputs(
     if pipe is None:
         pipe = load_pipeline(model, pipeline_dir, device)
     g = split_generator(cal.seed, split)
-    layers = hla_layers(model)
-    modes = {name: layer.mode for name, layer in layers.items()}
     recorder = _Recorder(model)
     handle = model.register_forward_pre_hook(recorder, with_kwargs=True)
     samples: list[dict[str, Any]] = []
     runs = 0
-    try:
-        for layer in layers.values():
-            layer.mode = "teacher"
-        while len(samples) < want:
-            prompt = prompts[runs % len(prompts)]
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-            recorder.calls.clear()
-            kwargs = _call_kwargs(
-                pipe,
-                prompt=prompt,
-                num_inference_steps=cal.trajectory_steps,
-                height=cal.height,
-                width=cal.width,
-                num_frames=cal.frames,
-                max_sequence_length=cal.text_len,
-                output_type="latent",
-                generator=torch.Generator(device="cpu").manual_seed(seed),
-            )
-            with torch.no_grad():
-                pipe(**kwargs)
-            if not recorder.calls:
-                raise CalibrationError(f"the pipeline in {pipeline_dir!r} never called its transformer; is it the model's pipeline?")
-            for call in recorder.calls:
-                samples.extend(_split_item(call))
-            runs += 1
-            if progress:
-                progress("calibration", min(len(samples), want), want, {"split": split, "runs": runs})
-    finally:
-        handle.remove()
-        for name, layer in layers.items():
-            layer.mode = modes[name]
+    with attention_mode(model, "teacher"):  # the original model: softmax cores, LoRA off
+        try:
+            while len(samples) < want:
+                prompt = prompts[runs % len(prompts)]
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+                recorder.calls.clear()
+                kwargs = _call_kwargs(
+                    pipe,
+                    prompt=prompt,
+                    num_inference_steps=cal.trajectory_steps,
+                    height=cal.height,
+                    width=cal.width,
+                    num_frames=cal.frames,
+                    max_sequence_length=cal.text_len,
+                    output_type="latent",
+                    generator=torch.Generator(device="cpu").manual_seed(seed),
+                )
+                with torch.no_grad():
+                    pipe(**kwargs)
+                if not recorder.calls:
+                    raise CalibrationError(f"the pipeline in {pipeline_dir!r} never called its transformer; is it the model's pipeline?")
+                for call in recorder.calls:
+                    samples.extend(_split_item(call))
+                runs += 1
+                if progress:
+                    progress("calibration", min(len(samples), want), want, {"split": split, "runs": runs})
+        finally:
+            handle.remove()
     keep = torch.randperm(len(samples), generator=g)[:want].sort().values.tolist()
     return rebatch([samples[i] for i in keep], cal.batch_size)
 

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distill_loop import DistillError, Progress, _only_trainable, _restored_modes, _run_stage  # noqa: F401 - re-exported
-from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
+from .distill_loop import DistillError, Progress, _only_trainable, _run_stage  # noqa: F401 - re-exported
+from .layers import HLAAttention, attention_mode, hla_layers, hla_parameters, set_attention_mode
 from .lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules
 from .recipes import Recipe, RecipeError
 
@@ -133,9 +133,8 @@ def initialize_feature_maps(
     if not layers or not inputs:
         return {"layers": 0, "tokens": 0}
     batches = list(inputs[:max_batches])
-    with _restored_modes(model):
+    with attention_mode(model, "teacher"):
         for layer in layers.values():
-            layer.mode = "teacher"
             layer.sample_sink = []
             layer.sample_tokens = max(16, tokens_per_layer // len(batches))
         for i, item in enumerate(batches):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoints import checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint
-from .layers import hla_layers, hla_parameters
+from .layers import attention_mode, hla_parameters
 from .recipes import Recipe
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
@@ -37,19 +37,6 @@ _STAGE_STREAM = {"stage1": 11, "stage2": 22}
 class DistillError(RuntimeError):
     """Training could not go on (non-finite loss, a checkpoint from another run); the message says where."""
 
-
-
-@contextlib.contextmanager
-def _restored_modes(model: nn.Module) -> Iterator[None]:
-    layers = hla_layers(model)
-    modes = {n: layer.mode for n, layer in layers.items()}
-    try:
-        yield
-    finally:
-        for n, layer in layers.items():
-            layer.mode = modes[n]
-            layer.last_pair = None
-            layer.sample_sink = None
 
 
 @contextlib.contextmanager
@@ -192,7 +179,7 @@ def _run_stage(
     last_saved = start if summary["resumed_from"] is not None else None
     t0 = mark = time.perf_counter()
     step_seconds: list[float] = []  # wall time of each step run here, its checkpoint write included
-    with _only_trainable(model, params), _restored_modes(model):
+    with _only_trainable(model, params), attention_mode(model):
         for step in range(start, spec.steps):
             lr = _lr_at(step, spec.steps, spec.lr)
             for group, base_lr in zip(optimizer.param_groups, base_lrs):

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from .calibration import noise_levels
-from .distill import LayerErrors, _restored_modes, forward, streamed_pairs
-from .layers import hla_layers, set_attention_mode
+from .distill import LayerErrors, forward, streamed_pairs
+from .layers import attention_mode, hla_layers, set_attention_mode
 from .lora import has_adapters
 from .recipes import Recipe, ValidationSpec
 
@@ -207,7 +207,7 @@ def measure_drift(
     total = len(heldout_inputs) + (2 if with_sampling else 0)
 
     layers = hla_layers(model)
-    with _restored_modes(model), torch.no_grad():
+    with attention_mode(model), torch.no_grad():
         for name, layer in layers.items():
             if layer.config.kind == "softmax":  # identity conversion: no student, zero drift
                 errors.err2[name], errors.ref2[name] = 0.0, 1.0

@@ -22,8 +22,9 @@ distillation.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +308,33 @@ def set_attention_mode(model: nn.Module, mode: str) -> None:
     from .lora import set_lora_enabled  # the teacher is the base model: LoRA adapters off
 
     set_lora_enabled(model, mode != "teacher")
+
+
+@contextlib.contextmanager
+def attention_mode(model: nn.Module, mode: str | None = None) -> Iterator[nn.Module]:
+    """Run the body in `mode` (set_attention_mode; None: leave it), then put every converted layer's
+    mode and every peft adapter layer's on/off state back as they were, and drop the layers'
+    recorded pairs and token samples. The one way to borrow the teacher: setting `layer.mode` alone
+    leaves the LoRA adapters on, and the "teacher" is then not the base model."""
+    from .lora import tuner_layers
+
+    layers = hla_layers(model)
+    modes = {n: layer.mode for n, layer in layers.items()}
+    adapters = [(m, bool(m.disable_adapters)) for _, m in tuner_layers(model)]
+    try:
+        if mode is not None:
+            set_attention_mode(model, mode)
+        yield model
+    finally:
+        for n, layer in layers.items():
+            layer.mode = modes[n]
+            layer.last_pair = None
+            layer.sample_sink = None
+        flags = [(p, p.requires_grad) for m, _ in adapters for p in m.parameters()]
+        for m, disabled in adapters:
+            m.enable_adapters(not disabled)
+        for p, flag in flags:  # peft's toggle also flips requires_grad; the training loop owns that
+            p.requires_grad_(flag)
 
 
 def hla_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -37,7 +37,7 @@ class LoraError(ValueError):
     """LoRA cannot be added or loaded as asked; the message is one line saying why."""
 
 
-def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if "peft" not in sys.modules:  # nothing can be adapted yet, and importing peft takes seconds
         return []
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -52,7 +52,7 @@ def has_lora(model: nn.Module) -> bool:
 
 def has_adapters(model: nn.Module) -> bool:
     """Whether any peft adapter layer (ours or a user's) is in the model: "teacher" mode turns them off."""
-    return bool(_tuner_layers(model))
+    return bool(tuner_layers(model))
 
 
 def _feed_forwards(block: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -185,7 +185,7 @@ def exact_module_pattern(modules: Sequence[str]) -> str:
 def adapted_modules(model: nn.Module) -> list[str]:
     """The exact names of the layers that carry this project's adapter, in model order (read from the
     model, not from peft's config, whose target_modules may be a pattern or shortened suffixes)."""
-    return [n for n, m in _tuner_layers(model) if ADAPTER in (getattr(m, "lora_A", None) or {})]
+    return [n for n, m in tuner_layers(model) if ADAPTER in (getattr(m, "lora_A", None) or {})]
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -263,7 +263,7 @@ def saved_modules(recorded: Sequence[str], tensors: dict[str, torch.Tensor]) -> 
 def _swap_base(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """Put each adapted layer's base layer back in its parent; returns (parent, child, wrapper) to undo it."""
     swapped = []
-    for name, layer in _tuner_layers(model):
+    for name, layer in tuner_layers(model):
         if ADAPTER not in getattr(layer, "lora_A", {}):
             continue
         parent_name, _, child = name.rpartition(".")
@@ -300,7 +300,7 @@ def remove_lora(model: nn.Module) -> None:
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Enable or disable every peft adapter layer of the model, leaving requires_grad as it was
     (peft's toggle also flips requires_grad; the training loop owns that)."""
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     if not layers:
         return
     flags = [(p, p.requires_grad) for _, m in layers for p in m.parameters()]
@@ -328,5 +328,6 @@ __all__ = [
     "remove_lora",
     "saved_modules",
     "set_lora_enabled",
+    "tuner_layers",
     "without_lora",
 ]

@@ -16,18 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import hla_layers, set_attention_mode
+from .layers import attention_mode, hla_layers
 
 
 @torch.no_grad()
 def measure_layer_errors(model: nn.Module, inputs: Sequence[dict[str, Any]], max_batches: int = 4) -> dict[str, float]:
     """Attention-transfer error per converted layer: ||student - teacher|| / ||teacher|| over the
     first `max_batches` inputs, each layer fed the teacher's own activations ("both" mode)."""
-    from .distill import LayerErrors, _restored_modes, forward, streamed_pairs
+    from .distill import LayerErrors, forward, streamed_pairs
 
     errors = LayerErrors()
-    with _restored_modes(model):
-        set_attention_mode(model, "both")
+    with attention_mode(model, "both"):
         with streamed_pairs(model, errors):
             for item in list(inputs)[:max_batches]:
                 forward(model, item)

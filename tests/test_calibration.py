@@ -182,3 +182,24 @@ def test_both_splits_load_the_pipeline_once(tmp_path, monkeypatch):
     assert len(loads) == 1
     for split in ("train", "heldout"):
         assert _same_items(sets[split], build_inputs(model, recipe, split, pipeline_dir=str(tmp_path / "pipe")))
+
+
+def test_trajectories_of_a_model_with_lora_are_the_base_models(tmp_path):
+    """`validate` records its held-out trajectories from the loaded conversion: the teacher must be the
+    base model, LoRA off (with LoRA on, the held-out inputs and so the drift differed from convert's)."""
+    pytest.importorskip("transformers")
+    from hla_convert import convert_attention
+    from hla_convert.lora import add_lora, lora_parameters, tuner_layers
+
+    model = tiny_model("wan")
+    save_tiny_wan_pipeline(tmp_path / "pipe", model)
+    # one run of 3 steps, both guidance halves: 6 inputs, all kept; steps 2 and 3 follow the model
+    recipe = tiny_recipe(source="trajectories", samples=6, heldout=6, batch_size=2, trajectory_steps=3)
+    base = build_inputs(model, recipe, "heldout", pipeline_dir=str(tmp_path / "pipe"))
+    convert_attention(model, recipe.hla_config())
+    add_lora(model, rank=2)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.add_(0.2)
+    assert _same_items(base, build_inputs(model, recipe, "heldout", pipeline_dir=str(tmp_path / "pipe")))
+    assert all(not m.disable_adapters for _, m in tuner_layers(model))  # LoRA on again afterwards
