@@ -4,7 +4,7 @@
     peak_extra_mb(fn)       peak memory allocated during one call minus what was allocated
                             before it (outputs included), MB
     rel(x, ref)             ||x - ref|| / ||ref|| in float64, NaN when x is not finite
-    import_kernels()        the hla_kernels package: installed, or this checkout's kernels/
+    import_kernels()        the hla_kernels package: installed, or this checkout's kernels/hla_kernels/
 
 The scripts run as `python benchmarks/<script>.py`, which puts this folder on sys.path; tests that
 load a script by its path put it there first.
@@ -21,18 +21,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def import_kernels():
-    """hla_kernels as installed, or from this checkout's kernels/ (no `pip install` needed)."""
+    """hla_kernels as installed, or from this checkout's kernels/hla_kernels/ (no `pip install` needed)."""
     try:
         import hla_kernels
     except ImportError:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "hla_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        hla_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["hla_kernels"] = hla_kernels
-        spec.loader.exec_module(hla_kernels)
+        sys.path.insert(0, str(ROOT / "kernels"))  # kernels/ holds the package folder hla_kernels/
+        import hla_kernels
     return hla_kernels
 
 

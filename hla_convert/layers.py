@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,100 @@ def _kernels():
     except Exception:  # noqa: BLE001 - no Triton (macOS, Windows) means the reference path
         return None
     return hla_kernels if hasattr(hla_kernels, "supports") else None
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One row of the student dispatch table (as diffusers' _AttentionBackendRegistry keeps one).
+
+    The callables take the layer and the core's inputs: q, k [B, H, N, d], v [B, H, N, dv], the
+    feature lists qf, kf (F tensors [B, H, N, r]; one [B, H, N, m] for linear / higher_order),
+    km (key_mask) bool [B, N] or None, the softmax scale, and block (tokens per causal block,
+    None = bidirectional).
+
+    reference(layer, q, k, v, qf, kf, km, scale, block): the torch op (any device, any shape).
+    kernel(kern, layer, q, k, v, qk, kk, km, scale, block) and supports(kern, layer, q, k, v, qk,
+    kk, block): the hla_kernels entry point and its check, `kern` the hla_kernels module (looked up
+    per call, so a missing or patched module is seen), qk, kk the features in v's dtype; None: no
+    kernel. applies(config): whether the kernel computes this config's attention at all.
+    """
+
+    reference: Callable[..., torch.Tensor]
+    kernel: Callable[..., torch.Tensor] | None = None
+    supports: Callable[..., bool] | None = None
+    applies: Callable[[HLAConfig], bool] = lambda config: True
+
+
+def _hybrid_reference(layer, q, k, v, qf, kf, km, scale, block):
+    c = layer.config
+    # far linear: one [B, H, N, r**F] feature per side, which the op takes as a 1-factor product
+    return ops.hybrid_attention(
+        q, k, v, qf, kf, scale, layer.log_beta, layer.grid, c.window, c.halo, layer.text_len, layer.text_first, km, c.eps
+    )
+
+
+def _hybrid_kernel(kern, layer, q, k, v, qk, kk, km, scale, block):
+    c = layer.config
+    return kern.hybrid_attention(
+        q, k, v, qk, kk, scale, layer.log_beta, layer.grid, c.window, c.halo, layer.text_len, layer.text_first, km, c.eps
+    )
+
+
+#: (kind, causal) -> how the student runs; causal: the model's softmax call was (block-)causal.
+BACKENDS: dict[tuple[str, bool], AttentionBackend] = {
+    ("hadamard", False): AttentionBackend(
+        reference=lambda layer, q, k, v, qf, kf, km, scale, block: ops.hadamard_attention(qf, kf, v, km, layer.config.eps),
+        kernel=lambda kern, layer, q, k, v, qk, kk, km, scale, block: kern.hadamard_attention(qk, kk, v, km, layer.config.eps),
+        supports=lambda kern, layer, q, k, v, qk, kk, block: kern.supports(qk, kk, v),
+    ),
+    ("hadamard", True): AttentionBackend(
+        reference=lambda layer, q, k, v, qf, kf, km, scale, block: ops.hadamard_attention(
+            qf, kf, v, km, layer.config.eps, causal=True, block_size=block
+        ),
+        kernel=lambda kern, layer, q, k, v, qk, kk, km, scale, block: kern.causal_hadamard_attention(
+            qk, kk, v, km, layer.config.eps, block
+        ),
+        supports=lambda kern, layer, q, k, v, qk, kk, block: kern.causal_supports(qk, kk, v, block),
+    ),
+    ("linear", False): AttentionBackend(
+        reference=lambda layer, q, k, v, qf, kf, km, scale, block: ops.linear_attention(qf[0], kf[0], v, km, layer.config.eps),
+    ),
+    # one factor of width r**F: the causal Hadamard op with F = 1
+    ("linear", True): AttentionBackend(
+        reference=lambda layer, q, k, v, qf, kf, km, scale, block: ops.hadamard_attention(
+            qf, kf, v, km, layer.config.eps, causal=True, block_size=block
+        ),
+    ),
+    ("higher_order", False): AttentionBackend(
+        reference=lambda layer, q, k, v, qf, kf, km, scale, block: ops.higher_order_attention(
+            qf[0], kf[0], v, km, layer.config.normalize, layer.config.eps
+        ),
+    ),
+    ("higher_order", True): AttentionBackend(
+        reference=lambda layer, q, k, v, qf, kf, km, scale, block: ops.higher_order_attention(
+            qf[0], kf[0], v, km, layer.config.normalize, layer.config.eps, causal=True, block_size=block
+        ),
+        kernel=lambda kern, layer, q, k, v, qk, kk, km, scale, block: kern.causal_second_order_attention(
+            qk[0], kk[0], v, km, layer.config.eps, block
+        ),
+        supports=lambda kern, layer, q, k, v, qk, kk, block: kern.second_order_supports(qk[0], kk[0], v, block),
+        applies=lambda config: config.normalize,
+    ),
+    ("hybrid", False): AttentionBackend(
+        reference=_hybrid_reference,
+        kernel=_hybrid_kernel,
+        supports=lambda kern, layer, q, k, v, qk, kk, block: kern.hybrid_supports(
+            q, k, v, qk, kk, layer.grid, layer.config.window, layer.config.halo, layer.text_len
+        ),
+        applies=lambda config: config.far == "hadamard",
+    ),
+    # the causal block is the softmax window: the teacher's own visibility rule
+    ("hybrid", True): AttentionBackend(
+        reference=lambda layer, q, k, v, qf, kf, km, scale, block: ops.hybrid_block_causal(
+            q, k, v, qf, kf, scale, layer.log_beta, block, km, layer.config.eps
+        ),
+    ),
+}
 
 
 class HLAAttention(nn.Module):
@@ -138,49 +233,25 @@ class HLAAttention(nn.Module):
             from .streaming import stream_attend  # imported here: streaming builds on this module
 
             return stream_attend(self, q, k, v, qf, kf, key_mask, scale, causal_block)
-        if causal_block is not None:
-            return self._causal(q, k, v, qf, kf, key_mask, scale, causal_block)
         if c.kind == "hybrid":
-            return self._hybrid(q, k, v, qf, kf, key_mask, scale)
-        if c.kind == "hadamard":
-            kern = _kernels() if q.is_cuda else None
-            if kern is not None:
-                # the kernels take features in the activations' dtype (bf16 tensor cores), fp32 inside
-                qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
-                if kern.supports(qk, kk, v):
-                    return kern.hadamard_attention(qk, kk, v, key_mask, c.eps)
-            return ops.hadamard_attention(qf, kf, v, key_mask, c.eps)
-        if c.kind == "linear":
-            return ops.linear_attention(qf[0], kf[0], v, key_mask, c.eps)
-        if c.kind == "higher_order":
-            return ops.higher_order_attention(qf[0], kf[0], v, key_mask, c.normalize, c.eps)
-        raise AssertionError(f"no student for kind {c.kind}")
-
-    def _causal(self, q, k, v, qf, kf, key_mask, scale, block: int) -> torch.Tensor:
-        """The (block-)causal forms (ops/causal*.py) for a model whose softmax call was block-causal."""
-        c = self.config
-        if c.kind == "hybrid":
-            # the causal block is the softmax window here: the teacher's own visibility rule
-            if self.text_len:
+            if causal_block is None:
+                self._check_grid(q)
+            elif self.text_len:
+                # the causal block is the softmax window here: the teacher's own visibility rule
                 raise RuntimeError("block-causal hybrid attention with text tokens in the same sequence is not supported")
-            return ops.hybrid_block_causal(q, k, v, qf, kf, scale, self.log_beta, block, key_mask, c.eps)
-        if c.kind in ("hadamard", "linear"):  # linear: one factor of width r**F
-            kern = _kernels() if q.is_cuda and c.kind == "hadamard" else None
-            if kern is not None:
-                qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
-                if kern.causal_supports(qk, kk, v, block):
-                    return kern.causal_hadamard_attention(qk, kk, v, key_mask, c.eps, block)
-            return ops.hadamard_attention(qf, kf, v, key_mask, c.eps, causal=True, block_size=block)
-        if c.kind == "higher_order":
-            kern = _kernels() if q.is_cuda and c.normalize else None
-            if kern is not None:
-                qk, kk = qf[0].to(v.dtype), kf[0].to(v.dtype)
-                if kern.second_order_supports(qk, kk, v, block):
-                    return kern.causal_second_order_attention(qk, kk, v, key_mask, c.eps, block)
-            return ops.higher_order_attention(qf[0], kf[0], v, key_mask, c.normalize, c.eps, causal=True, block_size=block)
-        raise AssertionError(f"no causal student for kind {c.kind}")
+        backend = BACKENDS.get((c.kind, causal_block is not None))
+        if backend is None:
+            raise AssertionError(f"no student for kind {c.kind}")
+        kern = _kernels() if q.is_cuda and backend.kernel is not None and backend.applies(c) else None
+        if kern is not None:
+            # the kernels take features in the activations' dtype (bf16 tensor cores), fp32 inside
+            qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
+            if backend.supports(kern, self, q, k, v, qk, kk, causal_block):
+                return backend.kernel(kern, self, q, k, v, qk, kk, key_mask, scale, causal_block)
+        return backend.reference(self, q, k, v, qf, kf, key_mask, scale, causal_block)
 
-    def _hybrid(self, q, k, v, qf, kf, key_mask, scale) -> torch.Tensor:
+    def _check_grid(self, q: torch.Tensor) -> None:
+        """The hybrid window needs the latent grid of this forward, and it must describe q's tokens."""
         if self.grid is None:
             why = f" ({self.grid_error})" if self.grid_error else ""
             raise RuntimeError(
@@ -194,21 +265,6 @@ class HLAAttention(nn.Module):
                 f"{t}x{h}x{w} = {t * h * w} video tokens + {self.text_len} text tokens; the attention "
                 "does not see the tokens the grid describes"
             )
-        c = self.config
-        kern = _kernels() if q.is_cuda and c.far == "hadamard" else None
-        if kern is not None:
-            # the kernels take features in the activations' dtype (bf16 tensor cores), fp32 inside
-            qk, kk = [f.to(v.dtype) for f in qf], [f.to(v.dtype) for f in kf]
-            if kern.hybrid_supports(q, k, v, qk, kk, self.grid, c.window, c.halo, self.text_len):
-                return kern.hybrid_attention(
-                    q, k, v, qk, kk, scale, self.log_beta, self.grid, c.window, c.halo,
-                    self.text_len, self.text_first, key_mask, c.eps,
-                )
-        # far linear: one [B, H, N, r**F] feature per side, which the op takes as a 1-factor product
-        return ops.hybrid_attention(
-            q, k, v, qf, kf, scale, self.log_beta, self.grid, c.window, c.halo,
-            self.text_len, self.text_first, key_mask, c.eps,
-        )
 
     def attend(
         self,

@@ -1,0 +1,40 @@
+"""Python started in the repository root still imports Hugging Face's `kernels`, not ours.
+
+transformers (through peft and diffusers) imports Hugging Face's `kernels` package whenever its
+metadata is installed. With a `kernels/__init__.py` at the root, a Python whose current directory
+is the checkout found that folder first and every diffusers model import failed there
+(`cannot import name 'CUDAProperties' from 'kernels'`). The package now lives one level down,
+kernels/hla_kernels/, and kernels/ is a plain folder.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_in_root(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_kernels_folder_is_not_a_package():
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    assert (ROOT / "kernels" / "hla_kernels" / "__init__.py").exists()
+
+
+def test_module_cli_runs_from_the_repository_root():
+    res = _run_in_root("-m", "hla_convert", "inspect")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_diffusers_model_imports_from_the_repository_root():
+    res = _run_in_root("-c", "import hla_convert, hla_kernels; from diffusers import WanTransformer3DModel; print('ok')")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ok")
