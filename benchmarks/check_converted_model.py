@@ -1,8 +1,10 @@
 """On a GPU: a converted model uses the Triton kernels by itself and matches the reference path.
 
-1. The embedded demo model, converted with the tiny-wan recipe's attention (hadamard, F=2, r=16),
-   bf16 on CUDA: the whole denoiser output through the kernels against the same model forced onto
-   the PyTorch reference path; counts the kernel calls (no flag is set anywhere).
+1. The embedded demo model, converted by `hla_convert.convert` with its shipped tiny-wan recipe
+   (hybrid, bf16, CUDA) and saved; then, in a fresh process, the saved folder loaded back with
+   load_converted: the whole denoiser output through the kernels against the same model forced
+   onto the PyTorch reference path, the kernel calls counted (no flag is set anywhere), and
+   `validate`'s verdict on the folder — what a user of the saved conversion gets.
 2. A Wan2.1-1.3B-shaped transformer (dim 1536, 12 heads x 128, 2 blocks, random weights) at the
    480p token count (21 x 60 x 104 latents -> 32,760 tokens): forward and forward+backward time,
    softmax (SDPA) against HLA (F=2, r=32, softplus), bf16.
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,20 +29,38 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check_demo(device: str) -> dict:
+KERNEL_ENTRY_POINTS = ("hadamard_attention", "hybrid_attention", "causal_hadamard_attention")
+
+
+def check_demo(device: str, work: Path) -> dict:
+    """Convert the demo with its shipped recipe on the GPU (`hla_convert.convert`, bf16), then measure
+    the saved folder in a fresh process (`--measure-saved`): what a user who loads it gets."""
+    import hla_convert
+
+    out = work / "demo-hla"
+    t0 = time.perf_counter()
+    result = hla_convert.convert(recipe="tiny-wan", out=out, device=device, dtype="bf16", overwrite=True)
+    convert_s = time.perf_counter() - t0
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure-saved", str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        return {"ok": False, "error": tail[-1] if tail else f"exit {proc.returncode}"}
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"convert_seconds": round(convert_s, 1), "convert_passed": result.passed, **measured}
+
+
+def measure_saved(out: Path, device: str = "cuda") -> dict:
+    """The saved demo conversion through load_converted (bf16, CUDA): the whole denoiser output through
+    the kernels (counted: no flag is set anywhere) against the same model forced onto the PyTorch
+    reference path, and `validate`'s verdict on the folder."""
     import hla_kernels
 
-    from hla_convert import convert_attention, layers
-    from hla_convert.loading import DEMO_MODEL_PATH, load_demo_model
-    from hla_convert.recipes import load_recipe
+    import hla_convert
+    from hla_convert import layers
+    from hla_convert.loading import DEMO_MODEL_PATH
 
-    recipe = load_recipe("tiny-wan")
-    model = load_demo_model(dtype="bf16", device=device).transformer
-    convert_attention(model, recipe.hla_config(), include=recipe.attention.include, exclude=recipe.attention.exclude)
+    model = hla_convert.load_converted(out, device=device, dtype="bf16")
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in layers.hla_parameters(model).values():  # off the identity start, deterministically
-            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p))
     info = json.loads((DEMO_MODEL_PATH / "demo_info.json").read_text())
     shape = info.get("data", info)
     c, f, h, w = (shape.get(k) for k in ("channels", "frames", "height", "width"))
@@ -45,14 +68,18 @@ def check_demo(device: str) -> dict:
     text = torch.randn(2, shape.get("text_len", 8), model.config.text_dim, generator=g).to(device, torch.bfloat16)
     t = torch.tensor([300, 800], device=device)
 
-    calls = {"n": 0}
-    real = hla_kernels.hadamard_attention
+    calls = {name: 0 for name in KERNEL_ENTRY_POINTS}
+    real = {name: getattr(hla_kernels, name) for name in KERNEL_ENTRY_POINTS}
 
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
+    def counting(name):
+        def call(*a, **k):
+            calls[name] += 1
+            return real[name](*a, **k)
 
-    hla_kernels.hadamard_attention = counting
+        return call
+
+    for name in KERNEL_ENTRY_POINTS:
+        setattr(hla_kernels, name, counting(name))
     try:
         with torch.no_grad():
             out_kernel = model(x, t, text, return_dict=False)[0]
@@ -64,15 +91,19 @@ def check_demo(device: str) -> dict:
         finally:
             layers._kernels = saved
     finally:
-        hla_kernels.hadamard_attention = real
-    n_layers = len(layers.hla_layers(model))
+        for name in KERNEL_ENTRY_POINTS:
+            setattr(hla_kernels, name, real[name])
+    n_layers = sum(1 for layer in layers.hla_layers(model).values() if layer.config.kind != "softmax")
     err = rel(out_kernel, out_ref)
+    validated = hla_convert.validate(out, device=device)
     return {
         "layers": n_layers,
-        "kernel_calls": calls["n"],
+        "kernel_calls": {k: v for k, v in calls.items() if v},
         "rel_l2_kernel_vs_reference_bf16": err,
         "finite": bool(torch.isfinite(out_kernel).all()),
-        "ok": calls["n"] == n_layers and err < 1e-2,
+        "validate_passed": validated.passed,
+        "validate_failures": validated.report.get("failures", []),
+        "ok": sum(calls.values()) == n_layers and err < 1e-2 and validated.passed,
     }
 
 
@@ -194,13 +225,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", action="store_true", help="also list the slowest CUDA kernels of each forward")
+    ap.add_argument("--work", default=None, help="where the demo conversion is written (default: a temporary folder)")
+    ap.add_argument("--measure-saved", default=None, help=argparse.SUPPRESS)  # internal: the fresh process
     args = ap.parse_args()
+    if args.measure_saved:
+        print(json.dumps(measure_saved(Path(args.measure_saved))))
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     device = "cuda"
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    results["demo"] = check_demo(device)
+    with tempfile.TemporaryDirectory(prefix="check-converted-") as tmp:
+        results["demo"] = check_demo(device, Path(args.work or tmp))
     print("demo:", json.dumps(results["demo"]), flush=True)
     results["layers"] = bench_layers(device)
     print("one attention core:", json.dumps(results["layers"]), flush=True)

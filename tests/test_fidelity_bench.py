@@ -53,7 +53,8 @@ def test_run_records_every_measure_and_softmax_is_exact(tiny_teacher, tmp_path, 
     results = tmp_path / "results.json"
     argv = ["--models-dir", str(tiny_teacher), "--models", "wan", "--configs", "softmax", "hla", "no-such-field",
             "--seeds", "0", "--out", str(results), "--steps-scale", "0.01", "--device", "cpu", "--train-samples", "8",
-            "--heldout-samples", "8", "--batch-size", "4", "--sampling-steps", "2", "--threads", "1", "--inputs-dir", str(tmp_path / "inputs")]  # fmt: skip
+            "--heldout-samples", "8", "--batch-size", "4", "--sampling-steps", "2", "--threads", "1", "--inputs-dir", str(tmp_path / "inputs"),
+            "--conversions-dir", str(tmp_path / "conversions")]  # fmt: skip
     assert run.main(argv) == 0
     records = {r["config"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert set(records) == {"softmax", "hla", "no-such-field"}
@@ -72,7 +73,12 @@ def test_run_records_every_measure_and_softmax_is_exact(tiny_teacher, tmp_path, 
         for key in ("teacher", "student", "ratio"):
             assert math.isfinite(r["loss"][key])
         assert set(r["sampling"]) >= {"steps", "rel_l2", "psnr_db"} and r["sampling"]["steps"] == 2
-        assert set(r["seconds"]) >= {"convert", "stage1", "stage2", "drift", "loss", "total"}
+        assert set(r["seconds"]) >= {"convert_distil", "stage1", "stage2", "measure_fresh_process", "total"}
+        # measured from the saved folder in a fresh process: the folder is there, and what it gives
+        # is what the conversion measured in memory on the same held-out inputs
+        assert r["measured_from"] == "saved folder, load_converted in a fresh process"
+        assert (Path(r["output_dir"]) / "adapter_model.safetensors").is_file()
+        assert r["output"]["rel_l2"] == pytest.approx(r["in_process"]["output_rel_l2"], rel=1e-4, abs=1e-7)
         assert Path(r["recipe_file"]).is_file() and r["recipe"]["calibration"]["source"] == "folder"
 
     sm = records["softmax"]  # the teacher against itself: nothing may differ

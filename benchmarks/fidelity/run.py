@@ -8,11 +8,12 @@ For each model (a folder written by train_models.py, default benchmarks/fidelity
 and seed, train and held-out inputs are drawn from the model's own data distribution
 (bench_data.py), written with `hla_convert.calibration.save_inputs` and read back through
 `calibration.source: folder`. Each config is a set of recipe overrides (CONFIGS below) on the
-model's base recipe (recipes/<model>.yaml); the conversion is the library's own: convert_attention,
-build_input_sets, distill.distil (feature-map init, stage 1, the softmax-layer budget, stage 2 with
-LoRA where the recipe says so) and drift.measure_drift — the steps `hla-convert convert` runs; the
-resolved recipe of every run is written beside the results, so
-`hla-convert convert <model folder> --recipe <that yaml> --out X` repeats it.
+model's base recipe (recipes/<model>.yaml). The conversion is `hla_convert.convert` — what
+`hla-convert convert <model folder> --recipe <yaml> --out X` runs — into an output folder under
+--conversions-dir; the resolved recipe of every run is written beside the results. Every measure
+below is taken from that folder loaded back with `load_converted` in a fresh Python process
+(`--measure`, internal), as a user of the saved conversion gets it; the in-memory drift the
+conversion saw is kept under "in_process" for comparison.
 
 Measures per (model, config, seed), on >= 32 held-out samples with t evenly spread:
 - denoiser output rel L2 and cosine vs the teacher, per t bucket and mean (measure_drift);
@@ -208,11 +209,14 @@ def recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSp
 
 
 def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, args, device: torch.device) -> dict:
-    """Convert, distil and measure one (model, config, seed); the record (status "error" on failure)."""
-    import diffusers
+    """Convert, distil and measure one (model, config, seed); the record (status "error" on failure).
 
-    from hla_convert import calibration, distill, drift
-    from hla_convert.surgery import convert_attention
+    The conversion is `hla_convert.convert` (what `hla-convert convert` runs) into an output folder;
+    every number of the record's output/loss/attention/sampling comes from that folder loaded back
+    with `load_converted` in a fresh process (`measure_saved`), as a user gets it. The training
+    summary and wall times are the conversion's own.
+    """
+    import hla_convert
 
     record: dict[str, Any] = {"model": arch, "config": config, "seed": seed, "steps_scale": args.steps_scale, "dtype": args.dtype, "overrides": CONFIGS[config]}
     seconds: dict[str, float] = {}
@@ -225,6 +229,7 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         t0 = time.perf_counter()
         stage = "inputs"
         folder = inputs_folder(cache, arch, model, spec, seed, args.train_samples, args.heldout_samples, args.batch_size)
+        del model  # convert loads the teacher itself, from model_dir
         seconds["make_inputs"] = time.perf_counter() - t0
         stage = "recipe"
         rec = recipe_for(arch, config, seed, folder, spec, args)
@@ -233,50 +238,31 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         Path(recipe_file).parent.mkdir(parents=True, exist_ok=True)
         Path(recipe_file).write_text(f"# {config} on {arch}: benchmarks/fidelity/run.py, resolved\n" + rec.to_yaml())
         record["recipe_file"] = recipe_file
-        record["cli_equivalent"] = shlex.join(["hla-convert", "convert", str(model_dir), "--recipe", recipe_file, "--out", f"out-{arch}-{config}-{seed}", "--device", str(device)])
-        model.to(device)
+        conv_dir = Path(args.conversions_dir) / f"{arch}-{config}-seed{seed}"
+        record["cli_equivalent"] = shlex.join(
+            ["hla-convert", "convert", str(model_dir), "--recipe", recipe_file, "--out", str(conv_dir), "--device", str(device), "--dtype", args.dtype, "--overwrite"]
+        )
         stage = "convert"
-        t0 = time.perf_counter()
-        convert_attention(model, rec.hla_config(), include=rec.attention.include, exclude=rec.attention.exclude)
-        seconds["convert"] = time.perf_counter() - t0
-        stage = "calibrate"
-        t0 = time.perf_counter()
-        sets = calibration.build_input_sets(model, rec, device=device, dtype=model.dtype)
-        train, heldout = sets["train"], sets["heldout"]
-        seconds["load_inputs"] = time.perf_counter() - t0
-        stage = "distil"
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="fidelity-") as work:
-            if hasattr(distill, "distil"):
-                summary = distill.distil(model, train, rec, work_dir=work)
-            else:  # a library before distill.distil: the three calls `hla-convert convert` made then
-                summary = {
-                    "init": distill.initialize_feature_maps(model, train),
-                    "stage1": distill.attention_transfer(model, train, rec, work_dir=work),
-                    "stage2": distill.output_distillation(model, train, rec, work_dir=work),
-                }
+        result = hla_convert.convert(model=str(model_dir), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=True)
         sync(device)
-        seconds["distil"] = time.perf_counter() - t0
-        s1, s2 = summary.get("stage1", {}), summary.get("stage2", {})
+        record["output_dir"] = str(conv_dir)
+        seconds.update({f"convert_{k}": v for k, v in result.seconds.items()})
+        training = result.report.get("training", {})
+        s1, s2 = training.get("stage1") or {}, training.get("stage2") or {}
         seconds["stage1"] = float(s1.get("seconds", 0.0))
         seconds["stage2"] = float(s2.get("seconds", 0.0))
-        seconds["init_and_selection"] = seconds["distil"] - seconds["stage1"] - seconds["stage2"]
-        stage = "drift"
+        if device.type == "cuda":  # teacher + student share one copy of the weights (LoRA: adapters off)
+            record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            torch.cuda.empty_cache()
+        stage = "measure"
         t0 = time.perf_counter()
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=bd.NUM_TRAIN_TIMESTEPS, shift=SAMPLING_SHIFT)
-        report = drift.measure_drift(model, heldout, rec, scheduler=scheduler).to_dict()
-        sync(device)
-        seconds["drift"] = time.perf_counter() - t0
-        stage = "loss"
-        t0 = time.perf_counter()
-        from safetensors.torch import load_file
-
-        tgt = load_file(str(folder / "heldout_targets.safetensors"))
-        loss = true_target_losses(arch, model, heldout, tgt["target"], tgt["t"], rec.validation.timestep_buckets)
-        seconds["loss"] = time.perf_counter() - t0
+        measured = measure_saved(conv_dir, arch, folder, args, device)
+        seconds["measure_fresh_process"] = time.perf_counter() - t0
+        report = measured["report"]
         out = report["output"]
         record.update(
             status="ok",
+            measured_from="saved folder, load_converted in a fresh process",
             teacher={"dir": str(model_dir), "heldout_loss": info.get("heldout_loss", {}).get("mean"), "training_steps": info.get("training", {}).get("steps")},
             heldout_samples=report["heldout_samples"],
             output={
@@ -285,7 +271,7 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
                 "worst_bucket_rel_l2": max((b["rel_l2"] for b in out["buckets"]), default=0.0),
                 "buckets": out["buckets"],
             },
-            loss=loss,
+            loss=measured["loss"],
             attention={
                 "stage1_train": s1.get("layers", {}),  # per layer at the last stage-1 step (its batch)
                 "stage1_mean": _mean(s1.get("layers", {})),
@@ -294,26 +280,60 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
                 "final_max": report["attention"]["max"],
             },
             sampling=report["sampling"],
+            in_process={"output_rel_l2": result.report["output"]["rel_l2"], "passed": result.passed},
             stage1={k: s1.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s1},
             stage2={k: s2.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s2},
-            selection=summary.get("selection", {}).get("softmax_layers", []) if isinstance(summary.get("selection"), dict) else [],
-            trainable={
-                "hla": sum(p.numel() for n, p in model.named_parameters() if ".hla." in f".{n}"),
-                "lora": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n),
-            },
+            selection=(training.get("selection") or {}).get("softmax_layers", []) if isinstance(training.get("selection"), dict) else [],
+            trainable=measured["trainable"],
         )
     except Exception as e:  # noqa: BLE001 - one config failing must not end the grid
         record.update(status="error", error=f"{stage}: {one_line(e)}")
     finally:
-        with contextlib.suppress(Exception):
-            del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     seconds["total"] = time.perf_counter() - t_run
-    if device.type == "cuda":  # teacher + student share one copy of the weights (LoRA: adapters off)
-        record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return record
+
+
+def measure_saved(conv_dir: Path, arch: str, inputs: Path, args, device: torch.device) -> dict:
+    """Run `--measure` in a fresh Python process on the saved folder; its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", str(conv_dir), "--measure-arch", arch, "--measure-inputs", str(inputs),
+           "--device", str(device), "--dtype", args.dtype, "--out", "-"]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise RuntimeError(f"measuring the saved folder failed: {tail[-1] if tail else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(conv_dir: Path, arch: str, inputs: Path, device: torch.device, dtype: str) -> dict:
+    """What a user of the saved folder gets: load_converted, then on the benchmark's held-out inputs
+    (the recipe saved in the folder, source: folder) the drift, the sampled videos and the denoising
+    loss against the true flow target."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from hla_convert import calibration, drift, load_converted
+    from hla_convert.recipes import load_recipe
+
+    model = load_converted(conv_dir, device=str(device), dtype=dtype)
+    rec = load_recipe(str(conv_dir / "recipe.yaml"))
+    heldout = calibration.build_inputs(model, rec, "heldout", device=device, dtype=model.dtype)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=bd.NUM_TRAIN_TIMESTEPS, shift=SAMPLING_SHIFT)
+    report = drift.measure_drift(model, heldout, rec, scheduler=scheduler).to_dict()
+    tgt = load_file(str(inputs / "heldout_targets.safetensors"))
+    loss = true_target_losses(arch, model, heldout, tgt["target"], tgt["t"], rec.validation.timestep_buckets)
+    return {
+        "report": report,
+        "loss": loss,
+        "trainable": {
+            "hla": sum(p.numel() for n, p in model.named_parameters() if ".hla." in f".{n}"),
+            "lora": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n),
+        },
+    }
 
 
 def _mean(d: dict) -> float | None:
@@ -361,7 +381,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-after-minutes", type=float, default=None, help="start no new run after this long (fit a time limit)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the teacher's weights and activations (HLA and LoRA parameters stay float32)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--conversions-dir",
+        default=str(Path(tempfile.gettempdir()) / "hla-fidelity-conversions"),
+        help="where each run's output folder is written (the folder that is measured; replaced by the next run of the same name)",
+    )
+    ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: measure one saved folder, JSON to stdout
+    ap.add_argument("--measure-arch", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--measure-inputs", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.measure:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = measure(Path(args.measure), args.measure_arch, Path(args.measure_inputs), torch.device(args.device), args.dtype)
+        print(json.dumps(result))
+        return 0
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         print(f"unknown config {unknown[0]!r}; configs: {', '.join(CONFIGS)}", file=sys.stderr)
@@ -416,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(worst bucket {record['output']['worst_bucket_rel_l2']:.4f}), loss x{record['loss']['ratio']:.3f}, "
                         f"attn s1 {_fmt(record['attention']['stage1_mean'])} end {record['attention']['final_mean']:.3f}, "
                         + (f"PSNR {record['sampling']['psnr_db']:.1f} dB, " if record.get("sampling") else "")
-                        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, drift {s['drift']:.1f})",
+                        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, measured in a fresh process {s['measure_fresh_process']:.1f})",
                         flush=True,
                     )
                 else:
