@@ -14,7 +14,8 @@ base_revision, base_fingerprint (see fingerprint_weights; of the base weights, L
 config (HLAConfig JSON), modules (the converted attention modules) and, only with LoRA weights,
 lora ({"rank", "alpha", "modules": the adapted linear layers}). An adapter without "lora" is
 HLA-only (and older adapters load as before). The safetensors header is authoritative; both are
-written atomically (temp file, then rename).
+written atomically (temp file, then rename). Loading refuses a NaN or infinite weight (a corrupt
+adapter: every output would be NaN).
 """
 
 from __future__ import annotations
@@ -232,6 +233,9 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
     except (ConfigError, TypeError) as exc:
         raise AdapterError(f"{directory / ADAPTER_FILE} has an invalid config: {exc}") from None
     tensors = _load_tensors(directory / ADAPTER_FILE)
+    bad = next((k for k in sorted(tensors) if tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())), None)
+    if bad is not None:  # a NaN weight makes every output NaN: a corrupt adapter, not a model to measure
+        raise AdapterError(f"{directory / ADAPTER_FILE} is corrupt: tensor {bad!r} holds NaN or infinite values")
     lora_tensors = {k[len(LORA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
     tensors = {k: v for k, v in tensors.items() if not k.startswith(LORA_PREFIX)}
     if lora_tensors and not isinstance(meta.get("lora"), dict):

@@ -168,6 +168,22 @@ def test_key_mismatch_is_one_line_and_leaves_base_unconverted(saved, change, exp
     assert not hla_parameters(base)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_a_corrupt_adapter_naming_the_first_bad_key(saved, value):
+    folder, _ = saved
+
+    def poison(tensors):
+        for key in ("blocks.1.attn1.hla.weight", "blocks.1.attn1.hla.bias"):
+            tensors[key] = torch.full_like(tensors[key], value)
+        tensors["blocks.0.attn1.hla.weight"].view(-1)[3] = value
+
+    _rewrite(folder, poison)
+    base = tiny_wan()
+    with pytest.raises(AdapterError, match=r"corrupt: tensor 'blocks.0.attn1.hla.weight' holds NaN or infinite values"):
+        load_adapter(base, folder)
+    assert not hla_parameters(base)  # refused before anything was converted
+
+
 def test_truncated_and_corrupt_files(saved):
     folder, _ = saved
     path = folder / ADAPTER_FILE
