@@ -36,6 +36,7 @@ from torch import nn
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter, read_adapter_info, save_adapter
 from .checkpoints import atomic_write_text, write_json_atomic
+from .json_docs import json_safe
 from .loading import DEMO_MODEL_NAME, LoadedModel
 from .output_guard import (
     LOCK_FILE,
@@ -190,7 +191,7 @@ def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: 
     }
     save_adapter(model, staging, base_source=loaded.source, base_revision=loaded.revision, extra_metadata=extra)
     atomic_write_text(staging / RECIPE_FILE, recipe.to_yaml())
-    write_json_atomic(staging / REPORT_FILE, report)
+    write_json_atomic(staging / REPORT_FILE, json_safe(report))  # a NaN metric as "nan", as --json writes it
     card = model_card(read_adapter_info(staging), report)
     atomic_write_text(staging / CARD_FILE, card)
     names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -403,6 +403,24 @@ def test_steps_zero_trains_nothing_in_either_stage(tmp_path, fast_recipe):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_a_nan_base_writes_its_report_with_nan_strings_and_fails_with_exit_1(tmp_path, fast_recipe):
+    from hla_convert.loading import load_demo_model
+
+    model = load_demo_model().transformer
+    with torch.no_grad():
+        for p in model.proj_out.parameters():
+            p.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan-base")
+    out = tmp_path / "out"
+    result = invoke("convert", tmp_path / "nan-base", "--recipe", fast_recipe, "--out", out, "--steps", "0", "--device", "cpu", "--json")
+    assert result.exit_code == 1, result.stderr  # drift over the thresholds, not a failed save (exit 3)
+    doc = json.loads(result.stdout)
+    assert doc["passed"] is False and doc["drift"]["output"]["rel_l2"] == "nan"
+    saved = json.loads((out / "drift_report.json").read_text())  # strict JSON: no bare NaN
+    assert saved["passed"] is False and saved["output"]["rel_l2"] == "nan" and saved["failures"]
+    assert not (out / ".hla_work").exists()  # the save finished: nothing to --resume
+
+
 def _demo_folder(path: Path, bump: float = 0.0) -> Path:
     from hla_convert.loading import load_demo_model
 
