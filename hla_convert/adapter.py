@@ -14,7 +14,8 @@ base_revision, base_fingerprint (see fingerprint_weights; of the base weights, L
 config (HLAConfig JSON), modules (the converted attention modules) and, only with LoRA weights,
 lora ({"rank", "alpha", "modules": the adapted linear layers}). An adapter without "lora" is
 HLA-only (and older adapters load as before). The safetensors header is authoritative; both are
-written atomically (temp file, then rename).
+written atomically (temp file, then rename). Loading refuses a NaN or infinite weight (a corrupt
+adapter: every output would be NaN).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from .checkpoints import atomic_write_bytes, atomic_write_text
 from .config import ConfigError, HLAConfig
 from .errors import first_line
+from .json_docs import DuplicateKeyError, loads_strict, same_json
 from .layers import hla_layers, hla_parameters
 from .lora import LORA_PREFIX, LoraError, has_lora, load_lora_state, lora_config, lora_state_dict, remove_lora, without_lora
 from .surgery import ConversionError, convert_attention, revert_attention
@@ -182,18 +184,24 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{path} is corrupt or truncated ({first_line(exc)})") from None
     try:
-        meta = {k: json.loads(v) for k, v in header.items()}
+        meta = {k: loads_strict(v) for k, v in header.items()}
+    except DuplicateKeyError as exc:  # json.loads would keep the last value silently
+        raise AdapterError(f"{path} has tampered metadata ({exc}): not as hla-convert wrote it") from None
     except ValueError:
         raise AdapterError(f"{path} has unreadable metadata: not written by hla-convert") from None
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path} is not an hla-convert adapter (format {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not same_json(meta.get("format_version"), FORMAT_VERSION):  # true == 1 in Python, not in the format
         raise AdapterError(
             f"{path} has adapter format version {meta.get('format_version')!r}; this hla-convert reads version {FORMAT_VERSION}"
         )
     for key in ("base_fingerprint", "config", "modules"):
         if key not in meta:
             raise AdapterError(f"{path} metadata lacks {key!r}")
+    try:  # the config's field types, before any model loads (factors: 2.0, normalize: 1 are refused)
+        HLAConfig.from_dict(meta["config"])
+    except (ConfigError, TypeError) as exc:
+        raise AdapterError(f"{path} has an invalid config: {exc}") from None
     return meta
 
 
@@ -227,11 +235,11 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
                 f"the adapter was made for a different base ({meta.get('base_source') or 'unknown'}, "
                 f"fingerprint {meta['base_fingerprint']}); this model's fingerprint is {found}"
             )
-    try:
-        config = HLAConfig.from_dict(meta["config"])
-    except (ConfigError, TypeError) as exc:
-        raise AdapterError(f"{directory / ADAPTER_FILE} has an invalid config: {exc}") from None
+    config = HLAConfig.from_dict(meta["config"])  # read_adapter_info has checked it
     tensors = _load_tensors(directory / ADAPTER_FILE)
+    bad = next((k for k in sorted(tensors) if tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())), None)
+    if bad is not None:  # a NaN weight makes every output NaN: a corrupt adapter, not a model to measure
+        raise AdapterError(f"{directory / ADAPTER_FILE} is corrupt: tensor {bad!r} holds NaN or infinite values")
     lora_tensors = {k[len(LORA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
     tensors = {k: v for k, v in tensors.items() if not k.startswith(LORA_PREFIX)}
     if lora_tensors and not isinstance(meta.get("lora"), dict):

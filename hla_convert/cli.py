@@ -22,7 +22,6 @@ HLA_CONVERT_DEBUG=1 to get the traceback of a failed run. Progress goes to stder
 from __future__ import annotations
 
 import io
-import json
 import shlex
 import signal
 import sys
@@ -57,6 +56,7 @@ from .cli_share import check_sampleable as _check_sampleable
 from .cli_share import register as _register_share_commands
 from .cli_share import sample_into as _sample_into
 from .conversion import DEMO_RECIPE, load_recipe_arg, override_recipe, resolve_recipe  # noqa: F401 - DEMO_RECIPE: the default
+from .json_docs import dumps_document
 
 _EXIT_CODES_HELP = EXIT_CODES_HELP
 
@@ -97,7 +97,7 @@ def _usage_document(words: list[str], ctx: Any, code: int, message: str) -> None
         return
     command = ctx.info_name if ctx is not None and ctx.parent is not None else next((w for w in words if w in _COMMANDS), None)
     doc = {"command": command, "exit_code": code, "error": " ".join(message.split())}
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.write(dumps_document(doc) + "\n")
     sys.stdout.flush()
 
 

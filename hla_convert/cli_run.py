@@ -4,8 +4,6 @@ stderr, its --json document is the one thing on stdout (see hla_convert.cli for 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import sys
 import traceback
@@ -15,6 +13,7 @@ from typing import Any
 import typer
 
 from .cli_checks import EXIT_BAD_INPUT, CommandFailed
+from .json_docs import dumps_document
 
 EXIT_OK = 0
 EXIT_DRIFT = 1
@@ -90,22 +89,10 @@ def command(name: str, json_mode: bool, resume_hint: Callable[[], str | None] | 
         doc["error"] = clip(doc["error"])
         error_line(doc["error"])
     if json_mode:
-        real_stdout.write(json.dumps(_finite(doc), indent=2, default=str, allow_nan=False) + "\n")
+        real_stdout.write(dumps_document(doc) + "\n")
         real_stdout.flush()
     if code != EXIT_OK:
         raise typer.Exit(code)
-
-
-def _finite(obj: Any) -> Any:
-    """The document with NaN/inf floats as the strings "nan", "inf", "-inf": JSON has no such numbers,
-    and a diverged metric must not cost the document."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _quiet_hub_retries() -> None:

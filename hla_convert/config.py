@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +117,9 @@ class HLAConfig:
                 )
         if not isinstance(self.feature_dim, int) or isinstance(self.feature_dim, bool) or not 2 <= self.feature_dim <= 256:
             raise ConfigError(f"feature_dim: must be an integer in 2..256, got {self.feature_dim!r}")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ConfigError(f"eps: must be a positive number, got {self.eps!r}")
+        eps = self.eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ConfigError(f"eps: must be a positive number, got {eps!r}")
 
     @property
     def feature_kind(self) -> str:
@@ -144,6 +146,9 @@ class HLAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HLAConfig":
+        """The config of a JSON mapping (an adapter's "config"). The one home of the fields' types
+        (checked in __post_init__): a bool is not an integer (factors: true), a float is not one
+        (factors: 2.0), an integer is not a bool (normalize: 1); eps is a finite positive number."""
         if not isinstance(data, dict):
             raise ConfigError(f"attention config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -17,9 +17,10 @@ Metrics (all from one copy of the weights, switching attention modes):
   student mode; the final latents are compared by relative L2 and PSNR. PSNR is
   10 log10(R^2 / MSE) with R = the teacher's final latent range (max - min): for the demo's
   pixel-space latents in [-1, 1] that is the usual peak-to-peak 2; for VAE latents it is the
-  nearest analogue. Identical latents report 200 dB.
+  nearest analogue. Identical latents report 200 dB; a NaN or infinite output reports NaN.
 
-Thresholds come from recipe.validation (null = not checked). `check_thresholds` re-checks a saved
+Thresholds come from recipe.validation (null = not checked); a NaN or infinite metric fails its
+threshold (`within`), in the table's "ok" as in `failures`. `check_thresholds` re-checks a saved
 report against any validation spec (the CLI's `validate`).
 """
 
@@ -37,6 +38,7 @@ from torch import nn
 
 from .calibration import noise_levels
 from .distill import LayerErrors, forward, streamed_pairs
+from .json_docs import number
 from .layers import attention_mode, hla_layers, set_attention_mode
 from .lora import has_adapters
 from .recipes import Recipe, ValidationSpec
@@ -70,7 +72,9 @@ class DriftReport:
 
     @property
     def attention_max(self) -> float:
-        return max(self.attention.values()) if self.attention else 0.0
+        """The largest layer error; NaN when any layer's is (max() would skip a NaN after the first)."""
+        values = list(self.attention.values())
+        return math.nan if any(math.isnan(x) for x in values) else max(values, default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,12 +94,15 @@ class DriftReport:
     def from_dict(cls, data: dict[str, Any]) -> "DriftReport":
         try:
             att, out = data["attention"], data["output"]
+            sampling = dict(data["sampling"]) if data.get("sampling") else None
+            if sampling is not None:
+                sampling.update({k: number(sampling[k]) for k in ("rel_l2", "psnr_db")})
             return cls(
-                attention={k: float(v) for k, v in att["per_layer"].items()},
-                buckets=[dict(b) for b in out["buckets"]],
-                output_rel_l2=float(out["rel_l2"]),
-                output_cosine=float(out["cosine"]),
-                sampling=dict(data["sampling"]) if data.get("sampling") else None,
+                attention={k: number(v) for k, v in att["per_layer"].items()},
+                buckets=[{**b, "rel_l2": number(b["rel_l2"]), "cosine": number(b["cosine"])} for b in out["buckets"]],
+                output_rel_l2=number(out["rel_l2"]),
+                output_cosine=number(out["cosine"]),
+                sampling=sampling,
                 heldout_samples=int(data.get("heldout_samples", 0)),
                 kind=str(data.get("kind", "")),
                 thresholds=dict(data.get("thresholds", {})),
@@ -111,7 +118,7 @@ class DriftReport:
 
         def row(metric: str, value: float, key: str, higher_is_better: bool) -> None:
             thr = t.get(key)
-            ok = None if thr is None else (value >= thr if higher_is_better else value <= thr)
+            ok = None if thr is None else within(value, thr, higher_is_better)
             rows.append({"metric": metric, "value": value, "threshold": thr, "ok": ok})
 
         if self.attention:
@@ -125,6 +132,22 @@ class DriftReport:
             row(f"final latent rel L2 ({self.sampling['steps']} steps)", self.sampling["rel_l2"], "max_latent_rel_l2", False)
             row(f"final latent PSNR dB ({self.sampling['steps']} steps)", self.sampling["psnr_db"], "min_latent_psnr", True)
         return rows
+
+
+def within(value: float, threshold: float, higher_is_better: bool) -> bool:
+    """Does a metric meet its threshold? A NaN or infinite metric never does: `nan > thr` is False,
+    so a plain comparison would let a diverged model pass."""
+    return math.isfinite(value) and (value >= threshold if higher_is_better else value <= threshold)
+
+
+def psnr_db(mse: float, peak: float) -> float:
+    """10 log10(peak^2 / mse), capped at PSNR_IDENTICAL (also for mse 0); NaN when mse is not finite
+    (a NaN output is not "identical")."""
+    if not math.isfinite(mse):
+        return math.nan
+    if mse == 0:
+        return PSNR_IDENTICAL
+    return min(PSNR_IDENTICAL, 10 * math.log10(max(peak, 1e-12) ** 2 / mse))
 
 
 def _spec_dict(spec: ValidationSpec | dict[str, Any] | None) -> dict[str, Any]:
@@ -142,27 +165,33 @@ def check_thresholds(report: dict[str, Any] | DriftReport, validation: Validatio
     fails: list[str] = []
     thr = v.get("max_attention_rel_l2")
     if thr is not None:
-        bad = sorted(((x, n) for n, x in r.attention.items() if x > thr), reverse=True)
+        bad = sorted(((x, n) for n, x in r.attention.items() if not within(x, thr, False)), key=_worst_first)
         if bad:
             worst = ", ".join(f"{n} {x:.4f}" for x, n in bad[:5]) + (f", ... ({len(bad)} layers)" if len(bad) > 5 else "")
             fails.append(f"attention rel L2 above {thr} (validation.max_attention_rel_l2) in {len(bad)} layer(s): {worst}")
     for b in r.buckets:
         span = f"t in [{b['t_min']:.2f}, {b['t_max']:.2f}]"
         thr = v.get("max_output_rel_l2")
-        if thr is not None and b["rel_l2"] > thr:
+        if thr is not None and not within(b["rel_l2"], thr, False):
             fails.append(f"output rel L2 {b['rel_l2']:.4f} > {thr} (validation.max_output_rel_l2) for {span}, {b['samples']} samples")
         thr = v.get("min_output_cosine")
-        if thr is not None and b["cosine"] < thr:
+        if thr is not None and not within(b["cosine"], thr, True):
             fails.append(f"output cosine {b['cosine']:.4f} < {thr} (validation.min_output_cosine) for {span}, {b['samples']} samples")
     s = r.sampling
     if s is not None:
         thr = v.get("max_latent_rel_l2")
-        if thr is not None and s["rel_l2"] > thr:
+        if thr is not None and not within(s["rel_l2"], thr, False):
             fails.append(f"final latent rel L2 {s['rel_l2']:.4f} > {thr} (validation.max_latent_rel_l2) after {s['steps']} sampling steps")
         thr = v.get("min_latent_psnr")
-        if thr is not None and s["psnr_db"] < thr:
+        if thr is not None and not within(s["psnr_db"], thr, True):
             fails.append(f"final latent PSNR {s['psnr_db']:.2f} dB < {thr} dB (validation.min_latent_psnr) after {s['steps']} sampling steps")
     return fails
+
+
+def _worst_first(pair: tuple[float, str]) -> tuple[bool, float, str]:
+    """Sort key of (error, layer): NaN errors first, then the largest."""
+    x, name = pair
+    return (not math.isnan(x), -x if not math.isnan(x) else 0.0, name)
 
 
 def _per_sample(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +271,7 @@ def measure_drift(
             t, s = finals["teacher"], finals["student"]
             mse = float((s - t).pow(2).mean())
             peak = float(t.max() - t.min())
-            psnr = PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL, 10 * math.log10(max(peak, 1e-12) ** 2 / mse))
+            psnr = psnr_db(mse, peak)
             sampling = {
                 "steps": val.sampling_steps,
                 "samples": int(hs.shape[0]),
@@ -283,4 +312,4 @@ def measure_drift(
     return report
 
 
-__all__ = ["DriftReport", "PSNR_IDENTICAL", "check_thresholds", "measure_drift", "sample_latents"]
+__all__ = ["DriftReport", "PSNR_IDENTICAL", "check_thresholds", "measure_drift", "psnr_db", "sample_latents", "within"]

@@ -165,7 +165,8 @@ def push_output(
     """Publish a finished conversion to the Hub repository `repo_id` (created when missing).
 
     Refused (HubError, OutputError) before any network call: a folder that is not a finished
-    conversion, one whose drift report did not pass (unless force), a card whose front matter the
+    conversion, one whose files are not the ones its manifest lists (edited since, or no manifest),
+    one whose drift report did not pass (unless force), a card whose front matter the
     Hub would not read (check_card). revision: a branch, created from main when missing.
     """
     from huggingface_hub import HfApi
@@ -177,7 +178,7 @@ def push_output(
     if not looks_like_hub_id(str(repo_id)):
         raise HubError(f"--repo-id {shown(repo_id)} is not a Hub ID of the form owner/name")
     out = Path(out_dir)
-    _, _, report = read_output(out)
+    _, _, report = read_output(out, require_manifest=True)  # the files as the run wrote them (manifest hashes)
     passed = report.get("passed")
     if passed is not True and not force:
         failures = "; ".join(str(f) for f in report.get("failures") or [])

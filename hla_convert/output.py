@@ -36,6 +36,7 @@ from torch import nn
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter, read_adapter_info, save_adapter
 from .checkpoints import atomic_write_text, write_json_atomic
+from .json_docs import DuplicateKeyError, json_safe, loads_strict, same_json
 from .loading import DEMO_MODEL_NAME, LoadedModel
 from .output_guard import (
     LOCK_FILE,
@@ -51,6 +52,7 @@ from .output_guard import (
     read_run_file,
     run_file_content,
     sha256_file,
+    verify_files,
     write_manifest,
 )
 from .recipes import Recipe
@@ -60,6 +62,9 @@ REPORT_FILE = "drift_report.json"
 CARD_FILE = "README.md"
 STAGING_DIR = "save"  # in WORK_DIR: the outputs are written here, then renamed into the folder
 OUTPUT_FILES = (ADAPTER_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE, CARD_FILE)
+# What validate and push believe (weights, what they are, the thresholds, the verdict): checked
+# against the manifest's hashes by read_output. The card is prose, not checked.
+TRUSTED_FILES = (ADAPTER_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE)
 
 # Pipeline classes per transformer class, for the model card's loading example when the base was a
 # bare transformer (a pipeline folder names its own class in model_index.json).
@@ -190,7 +195,7 @@ def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: 
     }
     save_adapter(model, staging, base_source=loaded.source, base_revision=loaded.revision, extra_metadata=extra)
     atomic_write_text(staging / RECIPE_FILE, recipe.to_yaml())
-    write_json_atomic(staging / REPORT_FILE, report)
+    write_json_atomic(staging / REPORT_FILE, json_safe(report))  # a NaN metric as "nan", as --json writes it
     card = model_card(read_adapter_info(staging), report)
     atomic_write_text(staging / CARD_FILE, card)
     names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -222,12 +227,15 @@ def pipeline_class_for(transformer_class: str, loaded: LoadedModel) -> str | Non
 # -- reading a finished output folder --------------------------------------------------------
 
 
-def read_output(out: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+def read_output(out: str | Path, require_manifest: bool = False) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     """(adapter metadata, recipe.yaml path, saved drift report) of a finished output folder.
 
     A folder whose run is unfinished (its work folder is still there: killed in training or while
     saving) points to `--resume`; an hla_config.json that disagrees with the adapter's own metadata
-    is refused, since it is what people read to know what the adapter is.
+    (types included: true is not 1) is refused, since it is what people read to know what the
+    adapter is; so is a JSON file with a duplicate key. The adapter, hla_config.json, recipe.yaml
+    and drift_report.json must have the sha256 the folder's manifest lists (output_guard.verify_files;
+    a folder without a manifest is not checked unless `require_manifest`).
     """
     out = Path(out)
     try:
@@ -245,7 +253,7 @@ def read_output(out: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
             f"before its save completed); finish it with `hla-convert convert ... --out {out} --resume`"
         )
     info = read_adapter_info(out)
-    _check_config_file(out)
+    _check_config_file(out, info)
     recipe = out / RECIPE_FILE
     if not recipe.is_file():
         raise OutputError(f"{out} has no {RECIPE_FILE}: not a folder written by hla-convert convert")
@@ -253,6 +261,7 @@ def read_output(out: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     table = report.get("table", []) if isinstance(report, dict) else None
     if not isinstance(table, list) or not all(isinstance(r, dict) and "metric" in r and "value" in r for r in table):
         raise OutputError(f"{out / REPORT_FILE} is not a drift report written by hla-convert")
+    verify_files(out, TRUSTED_FILES, require_manifest)
     return info, recipe, report
 
 
@@ -267,25 +276,24 @@ def _read_json_file(path: Path, missing: Any = None) -> Any:
     try:
         if path.stat().st_size > _MAX_JSON_BYTES:
             raise OutputError(f"{path} is larger than {_MAX_JSON_BYTES >> 20} MiB: not written by hla-convert")
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return loads_strict(path.read_bytes().decode("utf-8"))
     except OutputError:
         raise
+    except DuplicateKeyError as exc:  # json.loads would keep the last value silently
+        raise OutputError(f"{path} has a {exc}: it was edited, not written by hla-convert") from None
     except (OSError, ValueError, RecursionError) as exc:
         raise OutputError(f"{path} is unreadable ({type(exc).__name__}: {_short_repr(str(exc))})") from None
 
 
-def _check_config_file(out: Path) -> None:
-    """hla_config.json must say what the adapter's header says (the header is authoritative)."""
-    from safetensors import safe_open
-
+def _check_config_file(out: Path, header: dict[str, Any]) -> None:
+    """hla_config.json must say what the adapter's header (`header`: read_adapter_info's metadata,
+    authoritative) says, as JSON: same keys, same values of the same types (true is not 1)."""
     config = _read_json_file(out / CONFIG_FILE)
     if config is None:
         raise OutputError(f"{out} has no {CONFIG_FILE}; the folder is incomplete (run the conversion again)")
-    with safe_open(str(out / ADAPTER_FILE), framework="pt") as f:  # read_adapter_info has checked it
-        header = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     if not isinstance(config, dict):
         raise OutputError(f"{out / CONFIG_FILE} is not the adapter's metadata (a JSON object)")
-    differ = sorted(k for k in set(config) | set(header) if config.get(k) != header.get(k))
+    differ = sorted(k for k in set(config) | set(header) if k not in config or k not in header or not same_json(config[k], header[k]))
     if differ:
         raise OutputError(
             f"{out / CONFIG_FILE} disagrees with the metadata in {ADAPTER_FILE} ({', '.join(differ[:4])}); "

@@ -77,6 +77,38 @@ def read_manifest(out: Path) -> dict[str, list[str]] | None:
     return clean
 
 
+def verify_files(out: Path, names: tuple[str, ...], require_manifest: bool = False) -> None:
+    """Refuse (OutputError naming the file) any of `names` in `out` whose content is not what the
+    manifest lists: what `validate` and `push` trust (adapter, config, recipe, drift report) must be
+    as the run wrote it, so an edited drift_report.json ("passed": true) is not believed.
+
+    A manifest that is there but unreadable, or that does not list a file that is there, is
+    refused as well. A folder with no manifest at all is a conversion downloaded from the Hub (the
+    repository, not the manifest, vouches for it) or one written before the manifest existed: its
+    files are not checked, unless `require_manifest` (push: it publishes only what it can verify).
+    """
+    manifest = read_manifest(out)
+    if manifest is None:
+        if (out / MANIFEST_FILE).exists() or (out / MANIFEST_FILE).is_symlink():
+            raise OutputError(f"{out / MANIFEST_FILE} is not a manifest hla-convert wrote; run the conversion again")
+        if require_manifest:
+            raise OutputError(
+                f"{out} has no {MANIFEST_FILE}: its files cannot be checked against what the run wrote; run the conversion again"
+            )
+        return
+    for name in names:
+        path = out / name
+        if not path.is_file():
+            continue  # a missing file is the caller's to report, in its own words
+        if name not in manifest:
+            raise OutputError(f"{path} is not listed in {MANIFEST_FILE}: not written by this conversion; run it again")
+        if sha256_file(path) not in manifest[name]:
+            raise OutputError(
+                f"{path} was changed since hla-convert wrote it (its sha256 is not the one {MANIFEST_FILE} lists); "
+                "restore it or run the conversion again"
+            )
+
+
 def _plain_name(name: Any) -> bool:
     """A file name directly in the folder: no separators, no '.', '..', nothing the tool never writes."""
     return isinstance(name, str) and name not in ("", ".", "..", MANIFEST_FILE, LOCK_FILE, WORK_DIR) and "/" not in name and "\0" not in name and os.sep not in name
@@ -318,5 +350,6 @@ __all__ = [
     "read_manifest",
     "read_run_file",
     "sha256_file",
+    "verify_files",
     "write_manifest",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoints import atomic_write_bytes
-from .drift import PSNR_IDENTICAL  # dB reported for identical frames, as in the drift report
+from .drift import PSNR_IDENTICAL, psnr_db  # dB reported for identical frames, as in the drift report
 
 MIN_FRAME_PX = 128  # tiny frames are upscaled (nearest) to at least this many pixels a side
 SEPARATOR_PX = 4
@@ -77,7 +76,7 @@ def frame_psnr(teacher: np.ndarray, student: np.ndarray) -> list[float]:
     """PSNR (dB, peak 255) of each student frame against the teacher's; frames ``[F, H, W, 3]``."""
     diff = teacher.astype(np.float64) - student.astype(np.float64)
     mse = (diff**2).reshape(diff.shape[0], -1).mean(axis=1)
-    return [PSNR_IDENTICAL if m == 0 else min(PSNR_IDENTICAL, 10 * math.log10(255.0**2 / m)) for m in mse]
+    return [psnr_db(float(m), 255.0) for m in mse]
 
 
 # -- writers ----------------------------------------------------------------------------------

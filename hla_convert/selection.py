@@ -10,6 +10,7 @@ the model's weights and the inputs, so a resumed run makes the same one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,10 +35,12 @@ def measure_layer_errors(model: nn.Module, inputs: Sequence[dict[str, Any]], max
 
 
 def choose_softmax_layers(errors: dict[str, float], count: int) -> list[str]:
-    """The `count` layers with the largest error (ties: the earlier name), in model order."""
+    """The `count` layers with the largest error (ties: the earlier name), in model order. A NaN or
+    infinite error counts as the largest (NaN compares False both ways, so a plain sort would put
+    such a layer anywhere)."""
     if count <= 0:
         return []
-    ranked = sorted(errors, key=lambda n: (-errors[n], n))[:count]
+    ranked = sorted(errors, key=lambda n: (math.isfinite(errors[n]), -errors[n] if math.isfinite(errors[n]) else 0.0, n))[:count]
     return [n for n in errors if n in ranked]
 
 

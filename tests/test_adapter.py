@@ -168,6 +168,45 @@ def test_key_mismatch_is_one_line_and_leaves_base_unconverted(saved, change, exp
     assert not hla_parameters(base)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_a_corrupt_adapter_naming_the_first_bad_key(saved, value):
+    folder, _ = saved
+
+    def poison(tensors):
+        for key in ("blocks.1.attn1.hla.weight", "blocks.1.attn1.hla.bias"):
+            tensors[key] = torch.full_like(tensors[key], value)
+        tensors["blocks.0.attn1.hla.weight"].view(-1)[3] = value
+
+    _rewrite(folder, poison)
+    base = tiny_wan()
+    with pytest.raises(AdapterError, match=r"corrupt: tensor 'blocks.0.attn1.hla.weight' holds NaN or infinite values"):
+        load_adapter(base, folder)
+    assert not hla_parameters(base)  # refused before anything was converted
+
+
+@pytest.mark.parametrize(
+    "change_meta, expect",
+    [
+        (lambda m: m.__setitem__("format_version", "true"), "format version True"),  # true == 1 in Python
+        (lambda m: m.__setitem__("config", m["config"].replace('"factors": 2', '"factors": 2.0')), "factors: must be a positive integer"),
+        (lambda m: m.__setitem__("config", m["config"].replace('"normalize": true', '"normalize": 1')), "normalize: must be true or false"),
+        (lambda m: m.__setitem__("config", m["config"].replace('"learn_temperature": false', '"learn_temperature": 0')), "learn_temperature"),
+        (lambda m: m.__setitem__("config", m["config"].replace('"eps": 1e-06', '"eps": true')), "eps: must be a positive number"),
+        (lambda m: m.__setitem__("config", m["config"].replace('"eps": 1e-06', '"eps": 1e999')), "eps: must be a positive number"),
+        (lambda m: m.__setitem__("config", m["config"].replace('{"kind"', '{"feature_dim": 8, "kind"')), "duplicate key 'feature_dim'"),
+    ],
+)
+def test_metadata_of_the_wrong_type_or_with_a_duplicate_key_is_refused(saved, change_meta, expect):
+    folder, _ = saved
+    _rewrite(folder, change_meta=change_meta)
+    with pytest.raises(AdapterError, match=expect):
+        read_adapter_info(folder)  # before any model is loaded
+    base = tiny_wan()
+    with pytest.raises(AdapterError, match=expect):
+        load_adapter(base, folder)
+    assert not hla_parameters(base)
+
+
 def test_truncated_and_corrupt_files(saved):
     folder, _ = saved
     path = folder / ADAPTER_FILE

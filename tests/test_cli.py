@@ -403,6 +403,24 @@ def test_steps_zero_trains_nothing_in_either_stage(tmp_path, fast_recipe):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_a_nan_base_writes_its_report_with_nan_strings_and_fails_with_exit_1(tmp_path, fast_recipe):
+    from hla_convert.loading import load_demo_model
+
+    model = load_demo_model().transformer
+    with torch.no_grad():
+        for p in model.proj_out.parameters():
+            p.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan-base")
+    out = tmp_path / "out"
+    result = invoke("convert", tmp_path / "nan-base", "--recipe", fast_recipe, "--out", out, "--steps", "0", "--device", "cpu", "--json")
+    assert result.exit_code == 1, result.stderr  # drift over the thresholds, not a failed save (exit 3)
+    doc = json.loads(result.stdout)
+    assert doc["passed"] is False and doc["drift"]["output"]["rel_l2"] == "nan"
+    saved = json.loads((out / "drift_report.json").read_text())  # strict JSON: no bare NaN
+    assert saved["passed"] is False and saved["output"]["rel_l2"] == "nan" and saved["failures"]
+    assert not (out / ".hla_work").exists()  # the save finished: nothing to --resume
+
+
 def _demo_folder(path: Path, bump: float = 0.0) -> Path:
     from hla_convert.loading import load_demo_model
 
@@ -449,6 +467,76 @@ def test_validate_refuses_a_tampered_config_and_bad_thresholds(converted, tmp_pa
     assert_one_line_error(invoke("validate", out / "README.md"), contains="not a folder")
 
 
+@pytest.mark.parametrize(
+    "edit, expect",
+    [
+        (lambda text: text.replace('"format_version": 1', '"format_version": true'), "disagrees with the metadata in adapter_model.safetensors (format_version)"),
+        (lambda text: text.replace('"factors": 2', '"factors": 2.0'), "disagrees with the metadata in adapter_model.safetensors (config)"),
+        (lambda text: text.replace('"normalize": true', '"normalize": 1'), "(config)"),
+        (lambda text: text.replace('"learn_temperature": false', '"learn_temperature": 0'), "(config)"),
+        (lambda text: text.replace('{', '{"base_source": "someone/else",', 1), "duplicate key 'base_source'"),
+    ],
+)
+def test_validate_compares_hla_config_by_type_and_refuses_duplicate_keys(converted, tmp_path, edit, expect):
+    out, _ = converted
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    text = (tampered / "hla_config.json").read_text()
+    assert edit(text) != text
+    (tampered / "hla_config.json").write_text(edit(text))  # equal in Python (true == 1, 2.0 == 2), not as JSON
+    line = assert_one_line_error(invoke("validate", tampered, "--device", "cpu"), contains=expect)
+    assert "hla_config.json" in line
+
+
+def relist(folder: Path, name: str) -> None:
+    """Put `name`'s current sha256 in the folder's manifest, as a run that wrote it would."""
+    from hla_convert.output_guard import read_manifest, sha256_file, write_manifest
+
+    manifest = read_manifest(folder)
+    manifest[name] = [sha256_file(folder / name)]
+    write_manifest(folder, manifest)
+
+
+def test_validate_checks_the_manifest_hashes_of_what_it_trusts(converted, tmp_path):
+    out, _ = converted
+    for name, edit in [
+        ("drift_report.json", lambda b: b.replace(b'"max_output_rel_l2": 10.0', b'"max_output_rel_l2": 1000.0')),
+        ("recipe.yaml", lambda b: b + b"# looser thresholds\n"),
+        ("adapter_model.safetensors", lambda b: b[:-4] + bytes(4)),
+    ]:
+        folder = tmp_path / name
+        shutil.copytree(out, folder)
+        (folder / name).write_bytes(edit((folder / name).read_bytes()))
+        line = assert_one_line_error(invoke("validate", folder, "--device", "cpu"), contains="changed since hla-convert wrote it")
+        assert f"{name} was changed" in line
+
+    # NaN weights (written consistently, manifest and all): a corrupt adapter, exit 2, naming the key
+    nan = tmp_path / "nan"
+    shutil.copytree(out, nan)
+    path = nan / "adapter_model.safetensors"
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata=meta)
+    relist(nan, "adapter_model.safetensors")
+    line = assert_one_line_error(invoke("validate", nan, "--device", "cpu"), contains="holds NaN or infinite values")
+    assert f"tensor {sorted(tensors)[0]!r}" in line
+
+    # no manifest at all (a folder from before it existed, or a Hub download): not checked
+    from hla_convert.output import read_output
+
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / ".hla-convert-manifest.json").unlink()
+    (bare / "recipe.yaml").write_bytes((bare / "recipe.yaml").read_bytes() + b"# edited\n")
+    read_output(bare)
+    (bare / ".hla-convert-manifest.json").write_text("{not json")
+    assert_one_line_error(invoke("validate", bare, "--device", "cpu"), contains="not a manifest hla-convert wrote")
+
+
 def test_other_commands_take_hostile_values_as_bad_input(tmp_path):
     assert_one_line_error(invoke("inspect", "--frames", str(10**12), "--json"), contains="calibration.frames")
     assert_one_line_error(invoke("recipes", str(tmp_path)), contains="is a folder")
@@ -485,4 +573,6 @@ def test_unusable_paths_and_recorded_bases_are_bad_input(converted, tmp_path):
         meta["base_source"] = json.dumps(recorded)
         save_file(load_file(str(path)), str(path), metadata=meta)
         (edited / "hla_config.json").write_text(json.dumps({k: json.loads(v) for k, v in meta.items()}))
+        for name in ("adapter_model.safetensors", "hla_config.json"):
+            relist(edited, name)  # as a run that recorded such a base would have written them
         assert_one_line_error(invoke("validate", edited, "--device", "cpu"), contains=message)

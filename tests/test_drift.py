@@ -86,3 +86,42 @@ def test_training_reduces_drift(tmp_path):
 def test_from_dict_rejects_other_json():
     with pytest.raises(ValueError, match="not a drift report"):
         DriftReport.from_dict({"passed": True})
+
+
+LOOSE = dict(max_attention_rel_l2=10.0, max_output_rel_l2=10.0, min_output_cosine=-1.0, max_latent_rel_l2=10.0, min_latent_psnr=-100.0)
+
+
+def test_a_nan_or_inf_metric_fails_every_threshold_also_read_back_from_json():
+    from hla_convert.json_docs import dumps_document
+
+    nan, inf = float("nan"), float("inf")
+    report = DriftReport(
+        attention={"blocks.0.attn1": 0.1, "blocks.1.attn1": nan},
+        buckets=[{"t_min": 0.0, "t_max": 1.0, "samples": 2, "rel_l2": inf, "cosine": nan}],
+        output_rel_l2=inf,
+        output_cosine=nan,
+        sampling={"steps": 2, "samples": 1, "rel_l2": nan, "psnr_db": nan, "peak": nan},
+        thresholds=LOOSE,
+    )
+    report.failures = check_thresholds(report, LOOSE)
+    assert not report.passed and len(report.failures) == 5  # `nan > thr` is False: not a pass
+    assert "blocks.1.attn1 nan" in report.failures[0]
+    assert [row["ok"] for row in report.summary_rows()] == [False, None, False, False, False, False]
+    doc = json.loads(dumps_document(report.to_dict()))  # NaN / inf as the strings "nan" / "inf"
+    assert doc["sampling"]["psnr_db"] == "nan" and doc["output"]["buckets"][0]["rel_l2"] == "inf"
+    assert doc["passed"] is False
+    assert check_thresholds(doc, LOOSE) == report.failures
+
+
+def test_a_nan_model_fails_and_its_psnr_is_not_the_identical_200_db():
+    import torch
+
+    rec = recipe(**LOOSE)
+    model, held = setup(rec)
+    with torch.no_grad():
+        for p in model.proj_out.parameters():
+            p.fill_(float("nan"))
+    report = measure_drift(model, held, rec, scheduler=FlowMatchEulerDiscreteScheduler())
+    assert not report.passed
+    assert report.sampling["psnr_db"] != report.sampling["psnr_db"]  # NaN, not PSNR_IDENTICAL
+    assert any("min_latent_psnr" in f for f in report.failures) and any("max_output_rel_l2" in f for f in report.failures)

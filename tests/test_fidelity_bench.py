@@ -109,3 +109,15 @@ def test_run_records_every_measure_and_softmax_is_exact(tiny_teacher, tmp_path, 
     written = doc.read_text()
     assert written.startswith("before\n") and written.endswith("after\n") and "old" not in written
     assert "| hla | 1 |" in written
+
+
+def test_report_targets_a_nan_seed_never_meets_them():
+    report = _module("report")
+
+    def record(seed, worst):
+        return {"model": "wan", "config": "hla", "seed": seed, "status": "ok", "loss": {"ratio": 1.0},
+                "output": {"rel_l2": 0.01, "worst_bucket_rel_l2": worst}}  # fmt: skip
+
+    assert report.targets([record(0, 0.05), record(1, 0.06)], "wan", ["hla"])  # both meet
+    assert report.targets([record(0, 0.05), record(1, math.nan)], "wan", ["hla"]) == []  # max() skipped the NaN
+    assert report.targets([record(0, math.inf)], "wan", ["hla"]) == []

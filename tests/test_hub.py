@@ -19,7 +19,7 @@ import torch
 
 from hla_convert.recipes import load_recipe
 from hub_standin import HubStandIn
-from test_cli import FAST, assert_one_line_error, invoke
+from test_cli import FAST, assert_one_line_error, invoke, relist
 from tiny_models import forward
 
 REPO = "my-org/demo-hla"
@@ -35,13 +35,16 @@ def converted(tmp_path_factory) -> Path:
     return out
 
 
-def with_verdict(src: Path, dst: Path, passed: bool | None) -> Path:
-    """A copy of a conversion whose drift report says `passed`."""
+def with_verdict(src: Path, dst: Path, passed: bool | None, listed: bool = True) -> Path:
+    """A copy of a conversion whose drift report says `passed`; listed in the manifest with its new
+    hash as a run that wrote it would (listed=False: an edit made after the run)."""
     shutil.copytree(src, dst)
     report = json.loads((dst / "drift_report.json").read_text())
     report["passed"] = passed
     report["failures"] = [] if passed else ["output relative L2 0.9 > 0.27"]
     (dst / "drift_report.json").write_text(json.dumps(report))
+    if listed:
+        relist(dst, "drift_report.json")
     return dst
 
 
@@ -134,6 +137,17 @@ def test_push_refuses_a_failed_drift_report_unless_forced(converted, tmp_path, h
     assert len(hub.commits) == 1 and hub.repos[REPO]["visibility"] == "public"
 
 
+def test_push_refuses_files_edited_after_the_run_and_a_folder_without_manifest(converted, tmp_path, hub):
+    failed = with_verdict(converted, tmp_path / "failed", False)
+    edited = with_verdict(failed, tmp_path / "edited", True, listed=False)  # "passed": true written over a failed run
+    line = assert_one_line_error(invoke("push", edited, "--repo-id", REPO, "--force"), contains="drift_report.json was changed")
+    assert "sha256" in line
+    bare = with_verdict(converted, tmp_path / "bare", True)
+    (bare / ".hla-convert-manifest.json").unlink()
+    assert_one_line_error(invoke("push", bare, "--repo-id", REPO), contains="has no .hla-convert-manifest.json")
+    assert hub.requests == []  # refused before anything was sent
+
+
 def test_push_bad_input_is_one_line(converted, tmp_path, hub):
     folder = with_verdict(converted, tmp_path / "passed", True)
     assert_one_line_error(invoke("push", folder, "--repo-id", "not a repo id"), contains="not a Hub ID")
@@ -164,6 +178,7 @@ def test_load_by_hub_id_from_the_offline_cache(converted, tmp_path, hub, monkeyp
         meta = f.metadata()
     tensors = {k: v + 0.5 if k.endswith("hla.proj") else v for k, v in tensors.items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata=meta)
+    relist(folder, "adapter_model.safetensors")  # as a second run would have written it
     assert invoke("push", folder, "--repo-id", REPO, "--revision", "v1").exit_code == 0
     hub.uninstall()
     offline(monkeypatch, hub.cache_dir)  # from here on nothing may reach a network

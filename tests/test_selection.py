@@ -33,6 +33,14 @@ def test_choose_takes_the_largest_errors_in_model_order():
     assert choose_softmax_layers(errors, 0) == []
 
 
+def test_a_nan_or_inf_layer_error_counts_as_the_largest():
+    nan = float("nan")
+    errors = {"blocks.0.attn1": 0.2, "blocks.1.attn1": 0.9, "blocks.2.attn1": nan, "blocks.3.attn1": 0.1}
+    assert choose_softmax_layers(errors, 1) == ["blocks.2.attn1"]  # not wherever the sort left it
+    assert choose_softmax_layers(errors, 2) == ["blocks.1.attn1", "blocks.2.attn1"]
+    assert choose_softmax_layers({**errors, "blocks.0.attn1": float("inf")}, 2) == ["blocks.0.attn1", "blocks.2.attn1"]
+
+
 def test_the_worst_layer_goes_back_to_softmax_and_the_adapter_leaves_it_out(tmp_path):
     rec = recipe(1)
     model = tiny_model("wan", num_layers=3)

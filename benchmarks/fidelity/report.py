@@ -57,8 +57,12 @@ def spread(values: list[float]) -> tuple[float, float]:
     return sum(values) / len(values), (max(values) - min(values)) / 2
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def cell(values: list, digits: int) -> str:
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    vals = [v for v in values if _finite(v)]
     if not vals:
         return "–"
     m, s = spread(vals)
@@ -94,9 +98,11 @@ def targets(records: list[dict], model: str, config_order: list[str]) -> list[st
         if not rs or c == "softmax":
             continue
         mean = spread([r["output"]["rel_l2"] for r in rs])[0]
-        worst = max(r["output"]["worst_bucket_rel_l2"] for r in rs)
+        worsts = [r["output"]["worst_bucket_rel_l2"] for r in rs]
+        worst = math.nan if any(not _finite(w) for w in worsts) else max(worsts)  # max() skips a NaN after the first
         ratio = spread([r["loss"]["ratio"] for r in rs])[0]
-        met = mean <= TARGET_MEAN_REL_L2 and worst <= TARGET_WORST_BUCKET and ratio <= TARGET_LOSS_RATIO
+        # a NaN / inf measure (a diverged seed) never meets a target
+        met = all(_finite(x) for x in (mean, worst, ratio)) and mean <= TARGET_MEAN_REL_L2 and worst <= TARGET_WORST_BUCKET and ratio <= TARGET_LOSS_RATIO
         if met:
             out.append(f"{c}: meets all three targets (rel L2 {mean:.4f}, worst bucket {worst:.4f}, loss x{ratio:.3f})")
     return out
@@ -110,8 +116,8 @@ def hadamard_vs_linear(records: list[dict], model: str) -> list[str]:
         b = [r["attention"]["stage1_mean"] for r in ok if r["config"] == lin and r["attention"]["stage1_mean"] is not None]
         if a and b:
             ma, mb = spread(a)[0], spread(b)[0]
-            below = 1 - ma / mb
-            verdict = "meets" if below >= HADAMARD_VS_LINEAR else "misses"
+            below = 1 - ma / mb if mb else math.nan
+            verdict = "meets" if _finite(below) and below >= HADAMARD_VS_LINEAR else "misses"
             out.append(
                 f"stage-1 attention rel L2, {had} {ma:.3f} vs {lin} {mb:.3f}: {100 * below:.0f} % below "
                 f"({verdict} the >= {100 * HADAMARD_VS_LINEAR:.0f} % target)"
