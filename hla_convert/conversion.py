@@ -144,6 +144,16 @@ def load_recipe_arg(name_or_path: str) -> Recipe:
         raise InputError(f"recipe {name_or_path}: {exc}" if exc.field else str(exc)) from None
 
 
+def _check_calibration(recipe: Recipe) -> None:
+    """The recipe's calibration.path, before the model load and before --overwrite clears anything."""
+    from .calibration_sources import CalibrationError, check_calibration_path
+
+    try:
+        check_calibration_path(recipe)
+    except CalibrationError as exc:
+        raise InputError(f"recipe {recipe.name}: {exc}") from None
+
+
 def override_recipe(recipe: Recipe, where: str, **kwargs: Any) -> Recipe:
     from .recipes import RecipeError
 
@@ -199,6 +209,7 @@ def plan_conversion(
     rec = override_recipe(rec, f"recipe {rec.name}", steps=steps, kind=attention, fields=fields)
     parse_dtype(dtype)
     dev = check_device(device)
+    _check_calibration(rec)
     run = run_identity(model, revision, subfolder, rec, dtype)
     return ConversionPlan(model, rec, out, dev, dtype, revision, subfolder, resume, overwrite, run)
 
