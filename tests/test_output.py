@@ -183,6 +183,18 @@ def test_a_missing_calibration_path_is_refused_before_overwrite_deletes_anything
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_lora_rank_past_the_targets_features_is_refused_before_overwrite_deletes_anything(tmp_path, fast_recipe):
+    out = finished_folder(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    recipe = tmp_path / "rank.yaml"
+    recipe.write_text(load_recipe(str(fast_recipe)).with_overrides(fields={"stage2.lora_rank": 200}).to_yaml())
+    result = invoke("convert", "--recipe", recipe, "--out", out, "--overwrite", "--device", "cpu")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the load's progress line
+    assert line.startswith("hla-convert: error: ") and "stage2.lora_rank: must be at most 128" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 # -- --out that cannot be written ---------------------------------------------------------------
 
 
