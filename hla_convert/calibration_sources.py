@@ -240,7 +240,10 @@ def load_input_file(path: str | Path) -> dict[str, Any]:
     """One input dict from a file written by save_inputs (or any safetensors of kwarg tensors)."""
     from safetensors import safe_open
 
+    from .user_files import MAX_TENSOR_FILE_BYTES, check_regular_file
+
     path = Path(path)
+    check_regular_file(path, str(path), MAX_TENSOR_FILE_BYTES, CalibrationError)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
@@ -248,14 +251,20 @@ def load_input_file(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         raise CalibrationError(f"{path}: not a readable safetensors file ({e})") from e
     item: dict[str, Any] = {}
-    tuples = meta.get("tuples", {})
+    tuples, values = (meta.get("tuples", {}), meta.get("values", {})) if isinstance(meta, dict) else (None, None)
+    if not isinstance(tuples, dict) or not isinstance(values, dict):
+        raise CalibrationError(f"{path}: its {_META_KEY} metadata is not the mapping save_inputs writes")
     for k, n in tuples.items():
+        # each part is a tensor of this file: a count past the file's tensors is a damaged header,
+        # refused before a loop over it (1e10 parts would run for hours)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(tensors):
+            raise CalibrationError(f"{path}: metadata says {k} has {n!r} parts; the file holds {len(tensors)} tensors")
         missing = [f"{k}.{j}" for j in range(n) if f"{k}.{j}" not in tensors]
         if missing:
             raise CalibrationError(f"{path}: {missing[0]}: missing (metadata says {k} has {n} parts)")
         item[k] = tuple(tensors.pop(f"{k}.{j}") for j in range(n))
     item.update(tensors)
-    for k, v in meta.get("values", {}).items():
+    for k, v in values.items():
         item[k] = tuple(v) if isinstance(v, list) else v
     return item
 
@@ -297,8 +306,13 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
             raise CalibrationError(f"{where}: {k}: batch size {v.shape[0]} differs from hidden_states' {b}")
 
 
-def folder_inputs(model: nn.Module, recipe: Recipe, split: str, path: str | None = None) -> list[dict[str, Any]]:
-    folder = Path(path or recipe.calibration.path or "")
+def input_files(folder: str | Path, split: str) -> list[Path]:
+    """The `split` input files of a `folder` source, each a regular file of a bounded size (a FIFO
+    or a device among them would hang the read): what folder_inputs reads, checked before the run
+    loads anything (check_calibration_path)."""
+    from .user_files import MAX_TENSOR_FILE_BYTES, check_regular_file
+
+    folder = Path(folder)
     sub = folder / split
     if not sub.is_dir():
         raise CalibrationError(
@@ -308,6 +322,28 @@ def folder_inputs(model: nn.Module, recipe: Recipe, split: str, path: str | None
     files = sorted(sub.glob("*.safetensors"))
     if not files:
         raise CalibrationError(f"calibration.path: no *.safetensors files in {sub}")
+    for f in files:
+        check_regular_file(f, f"calibration.path: {f}", MAX_TENSOR_FILE_BYTES, CalibrationError)
+    return files
+
+
+def check_calibration_path(recipe: Recipe) -> None:
+    """Refuse a calibration.path that cannot serve the recipe's source, before a run loads its model
+    or clears the previous output (--overwrite): CalibrationError, one line."""
+    cal = recipe.calibration
+    if cal.source == "folder":
+        for split in ("train", "heldout"):
+            input_files(cal.path or "", split)
+    elif cal.source == "trajectories" and cal.path:
+        from .checks import looks_like_hub_id
+
+        where = Path(cal.path).expanduser()
+        if not where.is_dir() and (where.exists() or not looks_like_hub_id(cal.path)):
+            raise CalibrationError(f"calibration.path: {cal.path!r} is neither a pipeline folder nor a Hub ID")
+
+
+def folder_inputs(model: nn.Module, recipe: Recipe, split: str, path: str | None = None) -> list[dict[str, Any]]:
+    files = input_files(path or recipe.calibration.path or "", split)
     items = []
     for f in files:
         item = load_input_file(f)

@@ -113,7 +113,8 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
     a suffix gets the default one. Raises SampleError."""
     from .checkpoints import atomic_write_bytes
     from .output import read_output
-    from .output_guard import output_lock
+    from .output_guard import check_replaceable, output_lock
+    from .sample_media import SAMPLE_AGAIN, sample_names
     from .sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side
 
     if out is not None and Path(out).suffix == "" and not Path(out).is_dir():
@@ -121,10 +122,13 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
     video = check_video_path(_folder_arg("--out", out) if out is not None else directory / f"sample{default_video_suffix()}")
     if video.is_dir():
         raise SampleError(f"--out {str(video)!r} is a folder; give a file name ending in .mp4 or .gif")
+    into_folder = video.parent.resolve() == directory.resolve()
+    if into_folder:  # before the (slow) sampling; add_to_output checks again under the lock
+        check_replaceable(directory, sample_names(video), SAMPLE_AGAIN)
     with _hub_notice(kwargs.get("base")):
         result = sample_side_by_side(directory, **kwargs)
     files = encode_outputs(result, video)
-    if video.parent.resolve() == directory.resolve():
+    if into_folder:
         info, _, report = read_output(directory)
         with output_lock(directory):
             add_to_output(directory, info, report, files, result)

@@ -144,6 +144,24 @@ def load_recipe_arg(name_or_path: str) -> Recipe:
         raise InputError(f"recipe {name_or_path}: {exc}" if exc.field else str(exc)) from None
 
 
+def _check_calibration(recipe: Recipe) -> None:
+    """The recipe's calibration.path, before the model load and before --overwrite clears anything."""
+    from .calibration_sources import check_calibration_path
+
+    _bad_recipe(recipe, lambda: check_calibration_path(recipe))
+
+
+def _bad_recipe(recipe: Recipe, check: Callable[[], None]) -> None:
+    """Run a check of the recipe against the machine or the model; its error as InputError naming the recipe."""
+    from .calibration_sources import CalibrationError
+    from .recipes import RecipeError
+
+    try:
+        check()
+    except (CalibrationError, RecipeError) as exc:
+        raise InputError(f"recipe {recipe.name}: {exc}") from None
+
+
 def override_recipe(recipe: Recipe, where: str, **kwargs: Any) -> Recipe:
     from .recipes import RecipeError
 
@@ -199,6 +217,7 @@ def plan_conversion(
     rec = override_recipe(rec, f"recipe {rec.name}", steps=steps, kind=attention, fields=fields)
     parse_dtype(dtype)
     dev = check_device(device)
+    _check_calibration(rec)
     run = run_identity(model, revision, subfolder, rec, dtype)
     return ConversionPlan(model, rec, out, dev, dtype, revision, subfolder, resume, overwrite, run)
 
@@ -237,6 +256,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
 
                 units = par.shard_frozen_base(net, list(hla_parameters(net).values()))  # and moves the rest to dev
                 par.note(f"FSDP: the frozen base is sharded over {par.count} processes ({units} blocks); HLA / LoRA stay whole")
+            _bad_recipe(rec, lambda: distill.check_lora_rank(net, rec))  # before --overwrite clears anything
         work = writer(lambda: start_run(out, p.run, p.overwrite, p.resume)) or out / WORK_DIR
         with stages.stage("calibrate"):
             inputs = calibration.build_input_sets(

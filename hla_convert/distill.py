@@ -38,7 +38,7 @@ from torch import nn
 
 from .distill_loop import DistillError, Progress, _only_trainable, _run_stage  # noqa: F401 - re-exported
 from .layers import HLAAttention, attention_mode, hla_layers, hla_parameters, set_attention_mode
-from .lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules
+from .lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules, without_lora
 from .recipes import Recipe, RecipeError
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over processes (hla_convert.parallel)
@@ -259,6 +259,24 @@ def output_distillation(
     if lora_modules:
         summary["lora"] = {"modules": lora_modules, "parameters": sum(p.numel() for p in extra.values())}
     return summary
+
+
+def check_lora_rank(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse (RecipeError) a stage2.lora_rank past min(in, out features) of a layer it adapts: a
+    rank-r update of a smaller layer is a full-rank one, at r x (in + out) parameters. Run once the
+    model is converted, before anything is trained or written."""
+    spec = recipe.stage2
+    if spec.train != "lora" or spec.steps <= 0 or not hla_layers(model):
+        return
+    try:
+        modules = lora_target_modules(model, list(hla_layers(model)), spec.lora_targets, spec.lora_ffn)
+    except LoraError as exc:
+        raise RecipeError("stage2.lora_ffn" if spec.lora_ffn and "feed-forward" in str(exc) else "stage2.lora_targets", str(exc)) from None
+    with without_lora(model):
+        layers = {name: model.get_submodule(name) for name in modules}
+    name, smallest = min(((n, min(m.in_features, m.out_features)) for n, m in layers.items()), key=lambda t: t[1])
+    if spec.lora_rank > smallest:
+        raise RecipeError("stage2.lora_rank", f"must be at most {smallest} (min of in and out features of {name}, a layer it adapts), got {spec.lora_rank}")
 
 
 def _stage2_lora(model: nn.Module, recipe: Recipe) -> tuple[dict[str, nn.Parameter], list[str]]:

@@ -174,6 +174,7 @@ def push_output(
 
     from .checks import looks_like_hub_id, shown
     from .output import read_output
+    from .user_files import MAX_CARD_BYTES, read_text_file
 
     if not looks_like_hub_id(str(repo_id)):
         raise HubError(f"--repo-id {shown(repo_id)} is not a Hub ID of the form owner/name")
@@ -185,7 +186,7 @@ def push_output(
         state = "did not pass" if passed is False else "has no verdict"
         raise HubError(f"{out}: the drift report {state}{f' ({failures})' if failures else ''}; pass --force to publish it anyway")
     names = files_to_push(out)
-    card = card_for_repo((out / "README.md").read_text(encoding="utf-8"), repo_id)
+    card = card_for_repo(read_text_file(out / "README.md", f"{out}/README.md", MAX_CARD_BYTES, HubError), repo_id)
     check_card(card)
     api = HfApi(token=token)
     message = commit_message or f"hla-convert: {', '.join(names)}"

@@ -9,7 +9,6 @@ Accepted MODEL forms:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -69,10 +68,37 @@ def _transformer_class(name: str, where: str):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
+    """A config.json / model_index.json: a JSON object from a regular file of a bounded size."""
+    from .user_files import MAX_JSON_BYTES, read_json_file
+
+    doc = read_json_file(path, str(path), MAX_JSON_BYTES, ModelLoadError)
+    if not isinstance(doc, dict):
+        raise ModelLoadError(f"{path} is not a JSON object: not a diffusers config")
+    return doc
+
+
+# Bounds of a transformer's config, checked before diffusers builds anything from it (even on the
+# meta device, 100,000,000 layers are 100,000,000 modules): the largest video DiTs have 60 blocks
+# and a width of 5,120, so past these a config is damaged or hostile.
+MAX_CONFIG_LAYERS = 1_000
+MAX_CONFIG_WIDTH = 65_536
+_DEPTH_WORDS = ("layers", "blocks", "depth")
+_WIDTH_WORDS = ("dim", "channels", "heads", "features", "size")
+
+
+def check_config_bounds(config: dict, where: str) -> None:
+    """Refuse (ModelLoadError, one line) a transformer config whose layer count or widths are past
+    MAX_CONFIG_LAYERS / MAX_CONFIG_WIDTH: more than any machine could hold, or build in hours."""
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, int) or key.startswith("_"):
+            continue
+        words = key.lower()
+        limit = MAX_CONFIG_LAYERS if any(w in words for w in _DEPTH_WORDS) else MAX_CONFIG_WIDTH if any(w in words for w in _WIDTH_WORDS) else None
+        if limit is not None and value > limit:
+            raise ModelLoadError(f"{where}: {key} = {value:,} is past {limit:,}, more than any video transformer has (a damaged config?)")
+    heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int) and heads * head_dim > MAX_CONFIG_WIDTH:
+        raise ModelLoadError(f"{where}: num_attention_heads x attention_head_dim = {heads * head_dim:,} is past {MAX_CONFIG_WIDTH:,} (a damaged config?)")
 
 
 def _local_component(folder: Path, subfolder: str | None) -> tuple[str, str | None, str | None]:
@@ -82,12 +108,17 @@ def _local_component(folder: Path, subfolder: str | None) -> tuple[str, str | No
         entry = _read_json(index).get("transformer")
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
             raise ModelLoadError(f"{folder} is a pipeline folder without a transformer component in model_index.json")
+        config = folder / "transformer" / "config.json"
+        if config.exists():
+            check_config_bounds(_read_json(config), str(config))
         return entry[1], "transformer", str(folder)
     target = folder / subfolder if subfolder else folder
     config = target / "config.json"
-    if not config.is_file():
+    if not config.is_file() and not config.exists():
         raise ModelLoadError(f"{target} is neither a diffusers pipeline folder (model_index.json) nor a model folder (config.json)")
-    name = _read_json(config).get("_class_name")
+    doc = _read_json(config)
+    check_config_bounds(doc, str(config))
+    name = doc.get("_class_name")
     if not name:
         raise ModelLoadError(f"{config} has no _class_name: not a diffusers model folder")
     pipeline = str(folder) if index.is_file() else None
@@ -120,10 +151,14 @@ def _hub_component(repo: str, revision: str | None, subfolder: str | None) -> tu
             entry = index.get("transformer")
             if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
                 raise ModelLoadError(f"{repo!r} is a pipeline without a transformer component")
+            config = fetch("config.json", "transformer")
+            if config is not None:
+                check_config_bounds(config, f"{repo}/transformer/config.json")
             return entry[1], "transformer", repo
     config = fetch("config.json", subfolder)
     if config is None or "_class_name" not in config:
         raise ModelLoadError(f"{repo!r} has no diffusers config.json{' in ' + subfolder if subfolder else ''}")
+    check_config_bounds(config, f"{repo}/{subfolder + '/' if subfolder else ''}config.json")
     return config["_class_name"], subfolder, None
 
 

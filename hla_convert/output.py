@@ -25,7 +25,6 @@ files that the manifest lists, and the work folder, so `--resume` finishes it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from torch import nn
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter, read_adapter_info, save_adapter
 from .checkpoints import atomic_write_text, write_json_atomic
-from .json_docs import DuplicateKeyError, json_safe, loads_strict, same_json
+from .json_docs import json_safe, same_json
 from .loading import DEMO_MODEL_NAME, LoadedModel
 from .output_guard import (
     LOCK_FILE,
@@ -44,6 +43,7 @@ from .output_guard import (
     RUN_FILE,
     WORK_DIR,
     OutputError,
+    check_replaceable,
     clear_ours,
     describe,
     foreign_entries,
@@ -65,6 +65,7 @@ OUTPUT_FILES = (ADAPTER_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE, CARD_FILE)
 # What validate and push believe (weights, what they are, the thresholds, the verdict): checked
 # against the manifest's hashes by read_output. The card is prose, not checked.
 TRUSTED_FILES = (ADAPTER_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE)
+RESUME_AGAIN = "then continue the run with --resume"  # how a refused write of a run proceeds
 
 # Pipeline classes per transformer class, for the model card's loading example when the base was a
 # bare transformer (a pipeline folder names its own class in model_index.json).
@@ -104,7 +105,7 @@ def check_output(out: str | Path, run: dict[str, Any], overwrite: bool = False, 
     A missing or empty `out` is fine (the lock file of this run aside). A non-empty one is refused
     unless `overwrite` (only when everything in it is hla-convert's own: files its manifest lists
     with unchanged content, its work folder, no symlinks) or `resume` (only when it holds the
-    unfinished work of the same run).
+    unfinished work of the same run, and no file of its outputs that it did not write).
     """
     out = Path(out)
     if overwrite and resume:
@@ -129,6 +130,7 @@ def check_output(out: str | Path, run: dict[str, Any], overwrite: bool = False, 
         if diff:
             what = ", ".join("recipe" if k == "recipe_sha256" else f"{k} {_short_repr(saved.get(k))} -> {_short_repr(run.get(k))}" for k in diff)
             raise OutputError(f"{out} holds a different run ({what}); resume it with the same MODEL, recipe and options")
+        check_replaceable(out, OUTPUT_FILES, RESUME_AGAIN)  # a file put there while the run was stopped
         return
     if entries:
         if not overwrite:
@@ -200,6 +202,7 @@ def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: 
     atomic_write_text(staging / CARD_FILE, card)
     names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
     new = {name: sha256_file(staging / name) for name in names}
+    check_replaceable(out, names, RESUME_AGAIN)  # files that appeared in `out` while the run trained
     before = read_manifest(out) or {}
     listed = {name: [new[name]] + [h for h in before.get(name, []) if h != new[name]] for name in names}
     write_manifest(out, listed, staging)
@@ -215,9 +218,12 @@ def pipeline_class_for(transformer_class: str, loaded: LoadedModel) -> str | Non
     if loaded.is_demo:
         return None  # the demo is a bare transformer in pixel space: no VAE, no text encoder
     if loaded.pipeline_dir and Path(loaded.pipeline_dir).is_dir():
+        from .user_files import read_json_file
+
         try:
-            name = json.loads((Path(loaded.pipeline_dir) / "model_index.json").read_text()).get("_class_name")
-        except (OSError, ValueError):
+            index = read_json_file(Path(loaded.pipeline_dir) / "model_index.json", "model_index.json")
+            name = index.get("_class_name") if isinstance(index, dict) else None
+        except ValueError:
             name = None
         if name:
             return name
@@ -265,24 +271,12 @@ def read_output(out: str | Path, require_manifest: bool = False) -> tuple[dict[s
     return info, recipe, report
 
 
-_MAX_JSON_BYTES = 16 << 20
-
-
 def _read_json_file(path: Path, missing: Any = None) -> Any:
-    if not path.is_file():
-        if path.exists() or path.is_symlink():
-            raise OutputError(f"{path} is not a regular file")
+    from .user_files import MAX_JSON_BYTES, read_json_file
+
+    if not (path.exists() or path.is_symlink()):
         return missing
-    try:
-        if path.stat().st_size > _MAX_JSON_BYTES:
-            raise OutputError(f"{path} is larger than {_MAX_JSON_BYTES >> 20} MiB: not written by hla-convert")
-        return loads_strict(path.read_bytes().decode("utf-8"))
-    except OutputError:
-        raise
-    except DuplicateKeyError as exc:  # json.loads would keep the last value silently
-        raise OutputError(f"{path} has a {exc}: it was edited, not written by hla-convert") from None
-    except (OSError, ValueError, RecursionError) as exc:
-        raise OutputError(f"{path} is unreadable ({type(exc).__name__}: {_short_repr(str(exc))})") from None
+    return read_json_file(path, str(path), MAX_JSON_BYTES, OutputError)
 
 
 def _check_config_file(out: Path, header: dict[str, Any]) -> None:

@@ -4,6 +4,11 @@
   sha256. `--overwrite` deletes a file only when the manifest lists it and its content still has
   that hash; anything else in the folder (a user's file, a file changed since, a symlink, an
   unknown dot-entry) makes the run refuse before it loads the model, naming the entries.
+- Every write into an output folder goes through `check_replaceable` (up front, before the long
+  work, for the files a command will write) and `guarded_write` / `check_replaceable` again at
+  write time (for files that appeared meanwhile): a file is replaced only when the manifest lists
+  it with its content's hash unchanged; a user's own file (a README.md they edited or put there
+  while a run went on, a sample.png) makes the command refuse, naming it, and nothing is written.
 - The work folder `.hla_work/` is recognised by its identity file (`run.json`, written by the run),
   never by its name alone; a symlink is never followed, whatever its name.
 - The lock (`.hla-convert.lock`, created with O_EXCL, holding pid, host and the process start time)
@@ -192,6 +197,42 @@ def foreign_entries(out: Path) -> list[str]:
     return problems
 
 
+def unreplaceable(out: Path, names: list[str] | tuple[str, ...]) -> list[str]:
+    """Those of `names` that exist in `out` and that hla-convert may not replace, each with why:
+    not listed in the manifest, changed since it was written, or not a regular file."""
+    manifest = read_manifest(out) or {}
+    problems = []
+    for name in names:
+        path = out / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            problems.append(f"{name} (a symlink)")
+        elif not stat.S_ISREG(st.st_mode):
+            problems.append(f"{name} (not a regular file)")
+        elif name not in manifest:
+            problems.append(f"{name} (not written by hla-convert)")
+        elif sha256_file(path) not in manifest[name]:
+            problems.append(f"{name} (changed since hla-convert wrote it)")
+    return problems
+
+
+def check_replaceable(out: Path, names: list[str] | tuple[str, ...], then: str = "then run the command again") -> None:
+    """Refuse (OutputError, one line) to write any of `names` into `out` when one of them exists
+    and is not hla-convert's own unchanged file: the manifest rule of --overwrite, for every write."""
+    problems = unreplaceable(Path(out), names)
+    if problems:
+        raise OutputError(f"{out} holds files hla-convert would replace but did not write: {describe(problems)}; move them away, {then}")
+
+
+def guarded_write(out: Path, name: str, data: bytes, then: str = "then run the command again") -> Path:
+    """Write `data` as out/name atomically, after check_replaceable([name]); the caller holds the lock."""
+    check_replaceable(out, [name], then)
+    return atomic_write_bytes(Path(out) / name, data)
+
+
 def describe(entries: list[str]) -> str:
     shown = ", ".join(entries[:_SHOWN])
     return shown + (f" and {len(entries) - _SHOWN} more" if len(entries) > _SHOWN else "")
@@ -343,13 +384,16 @@ __all__ = [
     "LOCK_FILE",
     "MANIFEST_FILE",
     "WORK_DIR",
+    "check_replaceable",
     "clear_ours",
     "foreign_entries",
+    "guarded_write",
     "lock_holder",
     "output_lock",
     "read_manifest",
     "read_run_file",
     "sha256_file",
+    "unreplaceable",
     "verify_files",
     "write_manifest",
 ]

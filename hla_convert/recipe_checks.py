@@ -71,6 +71,29 @@ def _integer(path: str, v: Any, minimum: int = 1) -> int:
 _MAX_INT = 2**31 - 1  # counts and sizes past this are typos, and would overflow torch's int32 paths
 
 
+def _at_most(maximum: int, why: str, minimum: int = 1):
+    """An integer check with an upper bound and the reason for it (said in the message): a value
+    past it would allocate more than a machine holds, or loop for hours, before anything is said."""
+
+    def check(path: str, v: Any) -> int:
+        v = _integer(path, v, minimum)
+        if v > maximum:
+            raise RecipeError(path, f"must be at most {maximum:,} ({why}), got {_r(v)}")
+        return v
+
+    return check
+
+
+# Upper bounds of recipe fields, with the reason a message gives (see _at_most).
+MAX_SAMPLES = 1_000_000  # calibration inputs are held in memory
+MAX_PIXELS_SIDE = 2_048  # video DiTs are trained at up to 1280 x 720 (Wan), 1360 x 768 (CogVideoX 1.5)
+MAX_FRAMES = 1_025  # pixel frames: Wan samples 81, HunyuanVideo 129; the attention is quadratic in them
+MAX_SAMPLING_STEPS = 1_000  # a sampling trajectory is kept whole per held-out input
+MAX_TRAIN_TIMESTEPS = 1_000  # the flow-matching / DDPM schedulers of these models train on 1000 timesteps
+MAX_LORA_RANK = 1_024  # checked against the targets' in/out features once the model is loaded
+MAX_BATCH = 1_024
+
+
 def _choice(path: str, v: Any, allowed: tuple[str, ...]) -> str:
     if v not in allowed:
         raise RecipeError(path, f"{_r(v)} is not one of {', '.join(allowed)}")
@@ -174,16 +197,16 @@ _CALIBRATION = {
     "synthetic": lambda p, v: _choice(p, v, SYNTHETIC),
     "path": _optional_str,
     "prompts": lambda p, v: _string_list(p, v, nullable=True),
-    "frames": _integer,
-    "height": _integer,
-    "width": _integer,
+    "frames": _at_most(MAX_FRAMES, "pixel frames of a video DiT's clip"),
+    "height": _at_most(MAX_PIXELS_SIDE, "pixels; what video DiTs are trained at is well below it"),
+    "width": _at_most(MAX_PIXELS_SIDE, "pixels; what video DiTs are trained at is well below it"),
     "vae_scale_temporal": _optional(_integer),
     "vae_scale_spatial": _optional(_integer),
-    "samples": _integer,
-    "heldout": _integer,
-    "batch_size": _integer,
+    "samples": _at_most(MAX_SAMPLES, "the calibration inputs are held in memory"),
+    "heldout": _at_most(MAX_SAMPLES, "the held-out inputs are held in memory"),
+    "batch_size": _at_most(MAX_BATCH, "inputs per forward pass"),
     "text_len": _integer,
-    "trajectory_steps": _integer,
+    "trajectory_steps": _at_most(MAX_SAMPLING_STEPS, "scheduler steps of a captured trajectory"),
     "seed": lambda p, v: _integer(p, v, 0),
     "timesteps": lambda p, v: _section(p, v, TimestepSpec, _TIMESTEPS),
 }
@@ -200,7 +223,7 @@ _STAGE2 = {
     **_STAGE1,
     "train": lambda p, v: _choice(p, v, STAGE2_TRAIN),
     "gradient_checkpointing": _bool,
-    "lora_rank": _integer,
+    "lora_rank": _at_most(MAX_LORA_RANK, "LoRA ranks are 4 to 128 in practice; it must also fit the targets' features"),
     "lora_alpha": _optional(lambda p, v: _number(p, v, positive=True)),
     "lora_targets": lambda p, v: _nonempty_list(p, v),
     "lora_ffn": _bool,
@@ -213,8 +236,8 @@ _VALIDATION = {
     "min_output_cosine": _optional(lambda p, v: _number(p, v, lo=-1.0, hi=1.0)),
     "max_latent_rel_l2": _optional(lambda p, v: _number(p, v, nonneg=True)),
     "min_latent_psnr": _optional(_number),
-    "sampling_steps": lambda p, v: _integer(p, v, 0),
-    "timestep_buckets": _integer,
+    "sampling_steps": _at_most(MAX_SAMPLING_STEPS, "scheduler steps; every step's latents are kept per held-out input", 0),
+    "timestep_buckets": _at_most(MAX_TRAIN_TIMESTEPS, "no more buckets than the scheduler's training timesteps"),
 }
 
 _TOP = ("name", "description", "model", "attention", "calibration", "stage1", "stage2", "validation")

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from .recipe_schema import RecipeError, _clip, _r
+from .user_files import read_regular_file
 
 # What a recipe file may be: a few KB in practice. The bounds make a hostile file (an alias bomb, a
 # huge or deeply nested document) one line of error instead of gigabytes of memory.
@@ -26,14 +27,9 @@ def read_recipe_file(name: str) -> str:
             raise RecipeError("", f"recipe {shown} is a folder, not a YAML file")
         if not p.exists():
             raise RecipeError("", f"recipe file {shown} not found")
-        if not p.is_file():
-            raise RecipeError("", f"recipe {shown} is not a regular file")
-        with open(p, "rb") as f:
-            data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
         raise RecipeError("", f"recipe file {shown} cannot be read ({exc.strerror or type(exc).__name__})") from None
-    if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError("", f"recipe file {shown} is larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
+    data = read_regular_file(p, f"recipe file {shown}", MAX_RECIPE_BYTES, lambda message: RecipeError("", message))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -207,20 +207,33 @@ def card_section(video: str, sheet: str, result: SampleResult) -> str:
     )
 
 
+SAMPLE_AGAIN = "or give --out a path outside the folder"  # how a refused write of `sample` proceeds
+
+
+def sample_names(video: Path) -> list[str]:
+    """The files `add_to_output` may write into a conversion's folder for the video `video`."""
+    from .output import CARD_FILE
+
+    return [video.name, video.with_suffix(".png").name, CARD_FILE]
+
+
 def add_to_output(out_dir: str | Path, info: dict[str, Any], report: dict[str, Any], files: dict[Path, bytes], result: SampleResult) -> None:
     """Write sample files into a conversion's folder: list them in its manifest first (so that
     `convert --overwrite` may replace them and a killed write leaves nothing unlisted), write them,
     and link them from the model card. The caller holds the folder's lock. In a folder without a
     manifest (written before manifests existed) the files are written and nothing else changes.
+    A file that is there and is not the tool's own unchanged file (a README.md the user edited, their
+    own sample.png) is never replaced: OutputError, nothing written (output_guard.check_replaceable).
     """
     import hashlib
 
     from .output import CARD_FILE, model_card
-    from .output_guard import read_manifest, write_manifest
+    from .output_guard import check_replaceable, read_manifest, write_manifest
 
     out = Path(out_dir)
     before = read_manifest(out)
     if before is None:
+        check_replaceable(out, [p.name for p in files], SAMPLE_AGAIN)
         for path, data in files.items():
             atomic_write_bytes(path, data)
         return
@@ -230,6 +243,7 @@ def add_to_output(out_dir: str | Path, info: dict[str, Any], report: dict[str, A
     if video and ".png" in names:
         card = card.rstrip("\n") + "\n\n" + card_section(video, names[".png"], result)
     new = {p.name: data for p, data in files.items()} | {CARD_FILE: card.encode("utf-8")}
+    check_replaceable(out, list(new), SAMPLE_AGAIN)  # sample_into checked before sampling; again for files that appeared since
     hashes = {name: hashlib.sha256(data).hexdigest() for name, data in new.items()}
     listed = {k: list(v) for k, v in before.items()}
     for name, h in hashes.items():
@@ -243,6 +257,7 @@ def add_to_output(out_dir: str | Path, info: dict[str, Any], report: dict[str, A
 __all__ = [
     "SampleError",
     "SampleResult",
+    "SAMPLE_AGAIN",
     "add_to_output",
     "card_section",
     "check_video_path",
@@ -254,6 +269,7 @@ __all__ = [
     "frame_psnr",
     "mp4_plugin",
     "side_by_side",
+    "sample_names",
     "upscale",
     "write_contact_sheet",
     "write_video",

@@ -95,9 +95,12 @@ def read_inputs_file(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .user_files import MAX_TENSOR_FILE_BYTES, check_regular_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.exists():
         raise SampleError(f"--inputs {str(path)!r} is not a file (give a .safetensors file of named tensors)")
+    check_regular_file(path, f"--inputs {str(path)!r}", MAX_TENSOR_FILE_BYTES, SampleError)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -203,3 +203,30 @@ def test_trajectories_of_a_model_with_lora_are_the_base_models(tmp_path):
             p.add_(0.2)
     assert _same_items(base, build_inputs(model, recipe, "heldout", pipeline_dir=str(tmp_path / "pipe")))
     assert all(not m.disable_adapters for _, m in tuner_layers(model))  # LoRA on again afterwards
+
+
+def test_a_tuple_count_past_the_files_tensors_is_refused_at_once(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    (path,) = save_inputs([{"hidden_states": torch.zeros(1, 2)}], tmp_path)
+    save_file(load_file(path), path, metadata={"hla_convert_inputs": json.dumps({"tuples": {"rope": 10**10}, "values": {}})})
+    with pytest.raises(CalibrationError, match=r"rope has 10000000000 parts; the file holds 1 tensors"):
+        load_input_file(path)
+
+
+def test_calibration_files_that_are_not_regular_are_refused_before_the_run(tmp_path):
+    import os
+
+    from hla_convert.calibration_sources import check_calibration_path
+
+    recipe = tiny_recipe().with_overrides(source="folder", path=str(tmp_path))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "heldout").mkdir()
+    save_inputs([{"hidden_states": torch.zeros(1, 2)}], tmp_path / "heldout")
+    os.mkfifo(tmp_path / "train" / "00000.safetensors")
+    with pytest.raises(CalibrationError, match="00000.safetensors is a FIFO, not a regular file"):
+        check_calibration_path(recipe)
+    with pytest.raises(CalibrationError, match="is a FIFO"):
+        load_input_file(tmp_path / "train" / "00000.safetensors")

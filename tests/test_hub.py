@@ -241,3 +241,16 @@ def test_sample_a_hub_id_offline_writes_here(converted, tmp_path, hub, monkeypat
     video = Path(f"demo-hla-sample{default_video_suffix()}")
     assert json.loads(result.stdout)["files"]["video"] == str(video)
     assert (tmp_path / video).is_file() and (tmp_path / video.with_suffix(".png")).is_file()
+
+
+def test_push_reads_only_a_regular_readme_of_bounded_size(converted, tmp_path, hub):
+    import os
+
+    folder = with_verdict(converted, tmp_path / "passed", True)
+    (folder / "README.md").unlink()
+    os.mkfifo(folder / "README.md")  # would block the read forever
+    assert_one_line_error(invoke("push", folder, "--repo-id", REPO), contains="README.md is a FIFO, not a regular file")
+    (folder / "README.md").unlink()
+    (folder / "README.md").symlink_to("/dev/zero")  # would be read until memory runs out
+    assert_one_line_error(invoke("push", folder, "--repo-id", REPO), contains="README.md is a device, not a regular file")
+    assert hub.requests == []

@@ -91,3 +91,42 @@ def test_dtype_names():
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
     with pytest.raises(ModelLoadError, match="dtype 'int8'"):
         parse_dtype("int8")
+
+
+# -- configs and files that would hang or exhaust memory --------------------------------------
+
+
+def _demo_copy_with(tmp_path, **config) -> "Path":
+    import json
+    import shutil
+
+    from hla_convert.loading import DEMO_MODEL_PATH
+
+    folder = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL_PATH, folder)
+    doc = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(doc | config))
+    return folder
+
+
+@pytest.mark.parametrize("field, value", [("num_layers", 100_000_000), ("ffn_dim", 10**9), ("num_attention_heads", 1_000_000)])
+def test_a_config_past_any_video_transformer_is_refused_before_building_it(tmp_path, field, value):
+    from hla_convert.loading import ModelLoadError, load_transformer
+    from test_cli import assert_one_line_error, invoke
+
+    folder = _demo_copy_with(tmp_path, **{field: value})
+    with pytest.raises(ModelLoadError, match=f"{field} = {value:,} is past"):
+        load_transformer(str(folder))
+    assert_one_line_error(invoke("inspect", folder, "--recipe", "tiny-wan"), contains=field)  # inspect "reads the config only": bounded too
+
+
+def test_a_fifo_config_is_refused_without_blocking(tmp_path):
+    import os
+
+    from hla_convert.loading import ModelLoadError, resolve_model
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.mkfifo(folder / "config.json")
+    with pytest.raises(ModelLoadError, match="FIFO, not a regular file"):
+        resolve_model(str(folder))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hla_convert.output import check_output, read_output, start_run
-from hla_convert.output_guard import LOCK_FILE, MANIFEST_FILE, OutputError, output_lock, write_manifest
+from hla_convert.output_guard import LOCK_FILE, MANIFEST_FILE, OutputError, guarded_write, output_lock, write_manifest
 from hla_convert.recipes import load_recipe
 from test_cli import FAST, assert_one_line_error, invoke
 
@@ -123,6 +123,76 @@ def test_cli_overwrite_keeps_user_files_and_refuses_before_loading(tmp_path, fas
     assert json.loads(result.stdout)["exit_code"] == 2
     assert (out / "README.md").read_text() == "mine" and (out / ".notes.tmp" / "data.txt").read_text() == "data"
     assert not (out / LOCK_FILE).exists()
+
+
+# -- every write keeps the manifest rule --------------------------------------------------------
+
+
+def test_guarded_write_replaces_only_unchanged_listed_files(tmp_path):
+    out = finished_folder(tmp_path)
+    guarded_write(out, "recipe.yaml", b"name: new\n")  # listed, unchanged: replaced
+    guarded_write(out, "hla_config.json", b"{}")  # not there: written
+    (out / "README.md").write_text("my edits")  # listed, changed since
+    (out / "sample.png").write_bytes(b"my picture")  # never written by the tool
+    for name in ("README.md", "sample.png"):
+        with pytest.raises(OutputError, match=f"{name} .*move them away"):
+            guarded_write(out, name, b"tool")
+    assert (out / "README.md").read_text() == "my edits" and (out / "sample.png").read_bytes() == b"my picture"
+
+
+def test_resume_refuses_outputs_put_into_the_folder_while_it_was_stopped(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    unfinished_work(out)
+    check_output(out, RUN, resume=True)  # nothing of the user's there: fine
+    (out / "recipe.yaml").write_text("mine")
+    with pytest.raises(OutputError, match="recipe.yaml .*--resume"):
+        check_output(out, RUN, resume=True)
+    assert (out / "recipe.yaml").read_text() == "mine"
+
+
+def test_a_readme_written_into_out_while_it_trains_is_kept_and_resume_finishes(tmp_path, fast_recipe, monkeypatch):
+    from hla_convert import distill
+
+    out = tmp_path / "o"
+    real = distill.distil
+
+    def user_writes_meanwhile(*args, **kwargs):
+        (out / "README.md").write_text("my notes")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "distil", user_writes_meanwhile)
+    result = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr  # after the progress lines: one error line
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("hla-convert: error: ") and "README.md (not written by hla-convert)" in line and "--resume" in line
+    assert (out / "README.md").read_text() == "my notes" and not (out / "adapter_model.safetensors").exists()
+    monkeypatch.setattr(distill, "distil", real)
+    (out / "README.md").rename(tmp_path / "notes.md")
+    assert invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume").exit_code == 0
+    assert not (out / ".hla_work").exists() and read_output(out)
+
+
+def test_a_missing_calibration_path_is_refused_before_overwrite_deletes_anything(tmp_path, fast_recipe):
+    out = finished_folder(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    recipe = tmp_path / "folder.yaml"
+    recipe.write_text(load_recipe(str(fast_recipe)).with_overrides(source="folder", path=str(tmp_path / "nowhere")).to_yaml())
+    line = assert_one_line_error(invoke("convert", "--recipe", recipe, "--out", out, "--overwrite", "--device", "cpu"), contains="calibration.path")
+    assert "nowhere" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_lora_rank_past_the_targets_features_is_refused_before_overwrite_deletes_anything(tmp_path, fast_recipe):
+    out = finished_folder(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    recipe = tmp_path / "rank.yaml"
+    recipe.write_text(load_recipe(str(fast_recipe)).with_overrides(fields={"stage2.lora_rank": 200}).to_yaml())
+    result = invoke("convert", "--recipe", recipe, "--out", out, "--overwrite", "--device", "cpu")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the load's progress line
+    assert line.startswith("hla-convert: error: ") and "stage2.lora_rank: must be at most 128" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # -- --out that cannot be written ---------------------------------------------------------------

@@ -195,3 +195,34 @@ def test_recipe_file_size_and_kind_are_checked(tmp_path):
         load_recipe("/dev/null")
     with pytest.raises(RecipeError, match="larger than 1 MiB"):
         recipe_text(str(big))
+
+
+# -- bounds: a value past them would allocate more than a machine holds, or loop for hours -------
+
+
+@pytest.mark.parametrize(
+    "field, value, why",
+    [
+        ("calibration.samples", 2147483647, "held in memory"),
+        ("calibration.heldout", 2147483647, "held in memory"),
+        ("validation.sampling_steps", 2147483647, "scheduler steps"),
+        ("validation.timestep_buckets", 2147483647, "training timesteps"),
+        ("calibration.height", 4096, "pixels"),
+        ("calibration.width", 4096, "pixels"),
+        ("stage2.lora_rank", 2147483647, "LoRA ranks"),
+    ],
+)
+def test_huge_recipe_values_are_refused_with_the_bound_and_its_reason(field, value, why):
+    with pytest.raises(RecipeError, match=rf"^{field}: must be at most [0-9,]+ \(.*{why}") as info:
+        load_recipe("tiny-wan").with_overrides(fields={field: value})
+    assert "\n" not in str(info.value)
+
+
+def test_a_fifo_or_a_device_as_recipe_file_is_refused_without_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "r.yaml"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(RecipeError, match="not a regular file"):
+            load_recipe(str(path))

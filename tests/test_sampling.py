@@ -220,3 +220,20 @@ def test_base_can_be_a_copy_of_the_demo_folder(converted, tmp_path):
     moved = sample_side_by_side(converted, base=str(copy), seed=1, steps=1, device="cpu")
     here = sample_side_by_side(converted, seed=1, steps=1, device="cpu")
     assert np.array_equal(moved.teacher, here.teacher) and np.array_equal(moved.student, here.student)
+
+
+def test_sample_never_replaces_a_user_edited_card_or_their_own_png(converted, tmp_path):
+    import shutil
+
+    for name, content in (("README.md", b"my edited card\n"), ("sample.png", b"my own picture")):
+        folder = tmp_path / name
+        shutil.copytree(converted, folder)
+        for old in folder.glob("sample.*"):  # a folder as convert leaves it, before any sample
+            old.unlink()
+        (folder / name).write_bytes(content)
+        result = invoke("sample", folder, "--steps", 1, "--device", "cpu")
+        assert result.exit_code == 2, result.stderr
+        line = result.stderr.strip()
+        assert line.startswith("hla-convert: error: ") and "\n" not in line and name in line and "--out" in line
+        assert (folder / name).read_bytes() == content
+        assert not [p for p in folder.glob("sample.*") if p.name != name]  # refused before sampling: nothing written
