@@ -27,9 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 def _kernel_modules():
     import hla_kernels.causal as kc
-    import hla_kernels.hadamard as hk
 
-    hk._kernels(False)
     return kc, kc._kernels(False)
 
 
