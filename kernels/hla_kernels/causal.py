@@ -204,19 +204,63 @@ def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, d
     return shaped(dq1a + dq1b, q1), shaped(dq2, q2), shaped(dk1a + dk1b, k1), shaped(dk2, k2), shaped(dvv, v)
 
 
-class _CausalHadamard(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q1, q2, k1, k2, v, wmask, eps, block_size):
-        out, den, tsel, zsel = _forward(q1, q2, k1, k2, v, wmask, eps, block_size)
-        ctx.save_for_backward(q1, q2, k1, k2, v, wmask, out, den, tsel, zsel)
-        ctx.eps, ctx.block_size = eps, block_size
-        return out
+# torch.compile: the kernels as torch.library custom ops (one opaque op each way, as in
+# hadamard.py). The forward returns what the backward needs (den, the per-slot states) as extra
+# outputs: a custom op's autograd formula may only save inputs and outputs.
+@torch.library.custom_op("hla_kernels::causal_hadamard_f2_forward", mutates_args=())
+def _forward_op(
+    q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
+    wmask: torch.Tensor | None, eps: float, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q1, q2, k1, k2, v, wmask, eps, block_size)
 
-    @staticmethod
-    def backward(ctx, do):
-        q1, q2, k1, k2, v, wmask, out, den, tsel, zsel = ctx.saved_tensors
-        grads = _backward(q1, q2, k1, k2, v, wmask, ctx.eps, ctx.block_size, out, den, tsel, zsel, do.contiguous())
-        return (*grads, None, None, None)
+
+@_forward_op.register_fake
+def _(q1, q2, k1, k2, v, wmask, eps, block_size):
+    b, h, n, r = q1.shape
+    dv = v.shape[-1]
+    chunk, token_mode = plan(n, block_size, v.device.type != "cuda")
+    nslots = cdiv(n, chunk if token_mode else block_size)
+    # the states in the dot operand dtype (rt.dot_setup): bf16 when every input is half, else fp32
+    t_dtype = torch.bfloat16 if all(t.dtype in rt.HALF for t in (q1, q2, k1, k2, v)) else torch.float32
+    return (
+        v.new_empty((b, h, n, dv)),
+        v.new_empty((b * h, n), dtype=torch.float32),
+        v.new_empty((nslots, b * h, r * r, dv), dtype=t_dtype),
+        v.new_empty((nslots, b * h, r * r), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("hla_kernels::causal_hadamard_f2_backward", mutates_args=())
+def _backward_op(
+    q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
+    wmask: torch.Tensor | None, eps: float, block_size: int, out: torch.Tensor, den: torch.Tensor,
+    tsel: torch.Tensor, zsel: torch.Tensor, do: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do)
+
+
+@_backward_op.register_fake
+def _(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q1, q2, k1, k2, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q1, q2, k1, k2, v, wmask, eps, block_size = inputs
+    out, den, tsel, zsel = output
+    ctx.mark_non_differentiable(den, tsel, zsel)
+    ctx.save_for_backward(q1, q2, k1, k2, v, wmask, out, den, tsel, zsel)
+    ctx.eps, ctx.block_size = eps, block_size
+
+
+def _backward_formula(ctx, do, *_unused):
+    q1, q2, k1, k2, v, wmask, out, den, tsel, zsel = ctx.saved_tensors
+    grads = _backward_op(q1, q2, k1, k2, v, wmask, ctx.eps, ctx.block_size, out, den, tsel, zsel, do.contiguous())
+    need = ctx.needs_input_grad
+    return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None)
+
+
+_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def causal_hadamard_attention(
@@ -239,7 +283,7 @@ def causal_hadamard_attention(
     wmask = rt.mask_weights(key_mask, v)
     q1, q2 = (rowmajor(t) for t in q_feats)
     k1, k2 = (rowmajor(t) for t in k_feats)
-    return _CausalHadamard.apply(q1, q2, k1, k2, rowmajor(v), wmask, float(eps), int(block_size))
+    return _forward_op(q1, q2, k1, k2, rowmajor(v), wmask, float(eps), int(block_size))[0]
 
 
 def _block_prefix(x: torch.Tensor, block_size: int) -> torch.Tensor:
