@@ -41,6 +41,8 @@ _kron_dot = _c.kron_dot
 _kron_grads = _c.kron_grads
 _kron_readout = _c.kron_readout
 _z_rowsum = _c.z_rowsum
+_kron_dq_loop = _c.kron_dq_loop
+_kron_dkdv_loop = _c.kron_dkdv_loop
 
 
 @triton.jit
@@ -177,7 +179,6 @@ def _readout_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    BLOCK_A: tl.constexpr = G * R
     A: tl.constexpr = R * R
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -222,15 +223,12 @@ def _dq_kernel(
     n_bh = tl.num_programs(1)
     b = bh // H
     h = bh % H
-    BLOCK_A: tl.constexpr = G * R
     A: tl.constexpr = R * R
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < N
     offs_r = tl.arange(0, R)
     offs_c = tl.arange(0, DV)
-    offs_ab = tl.arange(0, BLOCK_A)
-    offs_g = tl.arange(0, G)
     p1 = Q1 + b * s1b + h * s1h
     last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
     do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
@@ -242,21 +240,8 @@ def _dq_kernel(
     e1_ptr = dQ1 + bh * N * R + offs_m[:, None] * R
     e2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
     num_do = tl.full((BLOCK_M,), 0.0, tl.float32)
-    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G).to(tl.float32)
-    for o0 in range(0, R, G):
-        if PREFETCH:  # next step's query columns, a step ahead (see _state_kernel)
-            cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G).to(tl.float32)
-        else:
-            cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        e = _mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
-        e1, de2 = _kron_grads(e, cols, last, BLOCK_M, G, R)
-        e2 += de2
-        num_do += _rsum(e1 * cols, axis=1)
-        tl.store(e1_ptr + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
-        if PREFETCH:
-            cols = cols_nxt
+    # PREFETCH: next step's query columns, a step ahead (see _state_kernel)
+    e2, num_do = _kron_dq_loop(p1, s1n, offs_m, mmask, do, last, t_ptr, e1_ptr, e2, num_do, R, DV, G, BLOCK_M, PREFETCH, DOT_DT, PREC, EMU)
 
     den = tl.load(Den + bh * N + offs_m, mask=mmask, other=1.0)
     rden = 1.0 / den
@@ -294,15 +279,12 @@ def _dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    BLOCK_A: tl.constexpr = G * R
     A: tl.constexpr = R * R
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_r = tl.arange(0, R)
     offs_c = tl.arange(0, DV)
-    offs_ab = tl.arange(0, BLOCK_A)
-    offs_g = tl.arange(0, G)
     p1 = K1 + b * s1b + h * s1h
     last = tl.load(K2 + b * s2b + h * s2h + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0)
@@ -318,22 +300,8 @@ def _dkdv_kernel(
     dk1_ptr = dK1 + b * sg1b + h * sg1h
     dv_acc = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     dlast = tl.full((BLOCK_N, R), 0.0, tl.float32)
-    cols = _outer_cols(p1, s1n, offs_n, nmask, 0, G).to(tl.float32)
-    for o0 in range(0, R, G):
-        if PREFETCH:  # next step's key columns, a step ahead (see _state_kernel)
-            cols_nxt = _outer_cols(p1, s1n, offs_n, nmask & (o0 + G < R), o0 + G, G).to(tl.float32)
-        else:
-            cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G).to(tl.float32)
-        kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        z = tl.load(z_ptr + rows)
-        dv_acc = _mm(kk, t, dv_acc, DOT_DT, PREC, EMU)
-        dkk = _mm(v, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
-        dcols, dl = _kron_grads(dkk, cols, last, BLOCK_N, G, R)
-        dlast += dl
-        tl.store(dk1_ptr + offs_n[:, None] * sg1n + (o0 + offs_g)[None, :], _store_cast(dcols * w[:, None], dK1.dtype.element_ty, EMU), mask=nmask[:, None])
-        if PREFETCH:
-            cols = cols_nxt
+    # PREFETCH: next step's key columns, a step ahead (see _state_kernel); w applied to dV below
+    dv_acc, dlast = _kron_dkdv_loop(p1, s1n, offs_n, nmask, last, v, w, t_ptr, z_ptr, dk1_ptr, sg1n, dv_acc, dlast,
+                                    R, DV, G, BLOCK_N, False, PREFETCH, DOT_DT, PREC, EMU)
     tl.store(dK2 + b * sg2b + h * sg2h + offs_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     tl.store(dV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_c[None, :], _store_cast(dv_acc * w[:, None], dV.dtype.element_ty, EMU), mask=nmask[:, None])

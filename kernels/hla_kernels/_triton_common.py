@@ -138,3 +138,72 @@ def z_rowsum(first, last, z_ptr, R: tl.constexpr, SMALL_PREC: tl.constexpr, EMU:
     else:
         zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
     return rsum(first.to(tl.float32) * zq, axis=1)
+
+
+@triton.jit
+def kron_dq_loop(p1, s1n, offs_m, mmask, do, last, t_ptr, e1_ptr, e2, num_do,
+                 R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, PREFETCH: tl.constexpr,
+                 DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """E = dO T^T [BLOCK_M, R*R] for one state T [R*R, DV] at t_ptr, pulled back through the
+    Kronecker product G outer indices at a time: the E1 columns stored fp32 at e1_ptr (row
+    pointers [BLOCK_M, 1]; column o0 + g), returns (e2 + E2 [BLOCK_M, R], num_do + sum_a kk_q[a]
+    E[a] [BLOCK_M]). do: dO [BLOCK_M, DV] (in the dot dtype); last: the query's second factor, fp32.
+    PREFETCH: the next step's query columns a step ahead."""
+    BLOCK_A: tl.constexpr = G * R
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    offs_g = tl.arange(0, G)
+    cols = outer_cols(p1, s1n, offs_m, mmask, 0, G).to(tl.float32)
+    for o0 in range(0, R, G):
+        if PREFETCH:
+            cols_nxt = outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G).to(tl.float32)
+        else:
+            cols = outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        e = mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
+        e1, de2 = kron_grads(e, cols, last, BLOCK_M, G, R)
+        e2 += de2
+        num_do += rsum(e1 * cols, axis=1)
+        tl.store(e1_ptr + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
+        if PREFETCH:
+            cols = cols_nxt
+    return e2, num_do
+
+
+@triton.jit
+def kron_dkdv_loop(p1, s1n, offs_n, nmask, last, v, w, t_ptr, z_ptr, dk1_ptr, sg1n, dv_acc, dlast,
+                   R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, W_IN_KK: tl.constexpr,
+                   PREFETCH: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """The state-gradient terms of a key tile for dT [R*R, DV] at t_ptr and dz [R*R] at z_ptr,
+    G outer indices at a time: dv_acc + kk dT [BLOCK_N, DV], dkk = V dT^T + dz pulled back through
+    the Kronecker product: dK1 columns stored (times w, cast to dk1_ptr's dtype) at dk1_ptr + row *
+    sg1n + column, returns (dv_acc, dlast + dK2 unweighted [BLOCK_N, R]).
+    last: the key's second factor, fp32; v [BLOCK_N, DV] in the dot dtype; w [BLOCK_N] key weights.
+    W_IN_KK: kk from the weighted first factor (then dv_acc is weighted already), else the caller
+    applies w to dv_acc. PREFETCH: the next step's key columns a step ahead."""
+    BLOCK_A: tl.constexpr = G * R
+    offs_c = tl.arange(0, DV)
+    offs_ab = tl.arange(0, BLOCK_A)
+    offs_g = tl.arange(0, G)
+    cols = outer_cols(p1, s1n, offs_n, nmask, 0, G).to(tl.float32)
+    for o0 in range(0, R, G):
+        if PREFETCH:
+            cols_nxt = outer_cols(p1, s1n, offs_n, nmask & (o0 + G < R), o0 + G, G).to(tl.float32)
+        else:
+            cols = outer_cols(p1, s1n, offs_n, nmask, o0, G).to(tl.float32)
+        if W_IN_KK:
+            kk = kron_dot(cols * w[:, None], last, BLOCK_N, G, R, DOT_DT, EMU)
+        else:
+            kk = kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
+        rows = o0 * R + offs_ab
+        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
+        z = tl.load(z_ptr + rows)
+        dv_acc = mm(kk, t, dv_acc, DOT_DT, PREC, EMU)
+        dkk = mm(v, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
+        dcols, dl = kron_grads(dkk, cols, last, BLOCK_N, G, R)
+        dlast += dl
+        tl.store(dk1_ptr + offs_n[:, None] * sg1n + (o0 + offs_g)[None, :], store_cast(dcols * w[:, None], dk1_ptr.dtype.element_ty, EMU), mask=nmask[:, None])
+        if PREFETCH:
+            cols = cols_nxt
+    return dv_acc, dlast
