@@ -64,13 +64,14 @@ def _kernels():
     from gpu_timing import import_kernels
 
     hla_kernels = import_kernels()
+    from hla_kernels import _runtime as rt
     from hla_kernels import hadamard as hk
 
-    return hla_kernels, hk
+    return hla_kernels, hk, rt
 
 
 REF = _reference_ops()
-HLA, HK = _kernels()
+HLA, HK, RT = _kernels()
 
 import triton  # noqa: E402
 from gpu_timing import bench, log, peak_extra_mb, rel  # noqa: E402
@@ -119,13 +120,13 @@ def check(n, dtype, grads, mask_frac=0.1, seed=1):
         q, k = features(xq, w, bias), features(xk, w, bias)
     do = torch.randn_like(v)
     leaves = [t.detach().clone().requires_grad_(grads) for t in (*q, *k, v)]
-    HK.POISON_OUTPUTS = True
+    RT.POISON_OUTPUTS = True
     try:
         out = HLA.hadamard_attention(leaves[:2], leaves[2:4], leaves[4], mask)
         res = {"n": n, "dtype": str(dtype).replace("torch.", ""), "masked_frac": mask_frac}
         gk = torch.autograd.grad(out, leaves, do) if grads else None
     finally:
-        HK.POISON_OUTPUTS = False
+        RT.POISON_OUTPUTS = False
     ref_leaves = [t.detach().double().requires_grad_(grads) for t in (*q, *k, v)]
     ref = REF.hadamard_attention(ref_leaves[:2], ref_leaves[2:4], ref_leaves[4], mask)
     res["out"] = rel(out, ref)
@@ -157,17 +158,17 @@ def kernel_parts(n, dtype=torch.bfloat16, r=R):
         q1, q2 = features(xq, w, bias)
         k1, k2 = features(xk, w, bias)
     do = torch.randn_like(v)
-    mod = HK._kernels(False)
-    dot = HK._dot_setup((q1, q2, k1, k2, v), False)
+    mod = HK.kernels(False)
+    dot = RT.dot_setup((q1, q2, k1, k2, v), False)
     t = HK._state(mod, k1, k2, v, None, False, dot)
     z = HK._zstate(mod, k1, k2, None, False)
-    t_dot = HK._to_dot(t, dot)
+    t_dot = RT.to_dot(t, dot)
     out, den = HK._readout(mod, q1, q2, t_dot, z, v.dtype, 1e-6, False, dot)
     _, _, wb = HK._dq(mod, q1, q2, t_dot, z, do, den, False, dot)
     rows = (H * n, n, 1)
     dt = HK._state(mod, q1, q2, do, (wb[0], rows), False, dot, name="dstate")
     dz = HK._zstate(mod, q1, q2, (wb[1], rows), False)
-    dt_dot = HK._to_dot(dt, dot)
+    dt_dot = RT.to_dot(dt, dot)
     unit = 2 * B * H * n * r * r * D
     return {
         "state": (lambda: HK._state(mod, k1, k2, v, None, False, dot), unit),

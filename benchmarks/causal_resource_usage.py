@@ -27,22 +27,32 @@ from triton.compiler import ASTSource  # noqa: E402
 
 def _kernel_modules():
     import hla_kernels.causal as kc
-    import hla_kernels.hadamard as hk
 
-    hk._kernels(False)
     return kc, kc._kernels(False)
 
 
-def usage(fn, types: dict, consts: dict, warps: int, stages: int, target: GPUTarget) -> str:
+def compile_kernel(fn, types: dict, consts: dict, warps: int, stages: int, target: GPUTarget):
+    """fn compiled for `target` (no GPU needed): pointer/float argument types by name (others
+    i32), constexprs by name."""
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+
+
+def cuobjdump(kernel, *flags: str) -> str:
+    """Triton's bundled cuobjdump run with `flags` on the kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-    out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
+    try:
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def usage(fn, types: dict, consts: dict, warps: int, stages: int, target: GPUTarget) -> str:
+    out = cuobjdump(compile_kernel(fn, types, consts, warps, stages, target), "--dump-resource-usage")
     line = next(x for x in out.splitlines() if "REG:" in x)
     return " ".join(p for p in line.split() if p.startswith(("REG:", "STACK:", "SHARED:")))
 

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 import hla_kernels.causal as kc  # noqa: E402
-from hla_kernels import hadamard as hk  # noqa: E402
+from hla_kernels import _runtime as rt  # noqa: E402
 from hla_convert.ops.causal_hadamard import hadamard_causal, hadamard_causal_naive  # noqa: E402
 
 torch.set_num_threads(1)
@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def interp(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -115,7 +115,7 @@ def test_gpu_forward_backward(monkeypatch, n, block_size):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
     _check(n, 32, 128, block_size, True, torch.bfloat16, 2e-2, device="cuda")
 
 

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from hla_kernels import hadamard as hk  # noqa: E402
+from hla_kernels import _runtime as rt  # noqa: E402
 from hla_kernels import hybrid as hy  # noqa: E402
 from hla_convert.ops import hybrid as ops_hybrid  # noqa: E402
 from hla_convert.ops.hybrid import hybrid_attention, hybrid_attention_naive  # noqa: E402
@@ -24,7 +24,7 @@ from hla_convert.ops.hybrid import hybrid_attention, hybrid_attention_naive  # n
 @pytest.fixture
 def interp(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def gpu(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
 
 
 def _inputs(grid, text, b=1, h=2, d=8, dv=8, r=4, masked=False, seed=0, logit_scale=1.0):

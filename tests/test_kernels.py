@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("triton")
 
 import hla_kernels  # noqa: E402
+from hla_kernels import _runtime as rt  # noqa: E402
 from hla_kernels import hadamard as hk  # noqa: E402
 from hla_convert.ops import hadamard_attention_naive  # noqa: E402
 
@@ -28,7 +29,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 @pytest.fixture
 def interp(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def gpu(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(hk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
 
 
 def _inputs(b, h, n, r, dv, dtype, device="cpu", masked=False, seed=0):

@@ -1,8 +1,8 @@
 """Triton kernels for chunked (block-)causal Hadamard linear attention, F = 2.
 
 Loaded by `hla_kernels.causal` through importlib, once per mode (compiled or interpreted), after
-the Hadamard module of the same mode, whose jitted helpers these kernels call (see
-_hadamard_triton.py for the Kronecker-in-registers scheme and the EMU rounding).
+_triton_common.py of the same mode, whose @jit helpers these kernels call (see _hadamard_triton.py
+for the Kronecker-in-registers scheme, _triton_common.py for the EMU rounding).
 
 Per head, tokens in chunks of C; p(t) = t // bs the causal time (bs = 1: token-level causal).
 The states the tiles read are indexed by slot, in one of two modes:
@@ -34,13 +34,16 @@ import sys
 import triton
 import triton.language as tl
 
-_h = sys.modules[__name__.replace("_causal_triton", "_hadamard_triton")]
-_rsum = _h._rsum
-_mm = _h._mm
-_store_cast = _h._store_cast
-_outer_cols = _h._outer_cols
-_kron_dot = _h._kron_dot
-_kron_grads = _h._kron_grads
+# the shared @jit helpers of the same mode (hla_kernels._runtime.load_jitted loads them first)
+_c = sys.modules[__name__.replace("_causal_triton", "_triton_common")]
+_rsum = _c.rsum
+_mm = _c.mm
+_store_cast = _c.store_cast
+_outer_cols = _c.outer_cols
+_kron_dot = _c.kron_dot
+_kron_grads = _c.kron_grads
+_kron_readout = _c.kron_readout
+_z_rowsum = _c.z_rowsum
 
 
 @triton.jit
@@ -65,28 +68,11 @@ def _readout_state(
 ):
     """(acc + kk_q T, den + q1 . (Z q2)) for one state slot (T [R*R, DV] at t_ptr, Z [R, R] at
     z_ptr); SELECT: only the rows where rsel holds (their q2 rows are zeroed for the others)."""
-    BLOCK_A: tl.constexpr = G * R
-    offs_r = tl.arange(0, R)
-    offs_c = tl.arange(0, DV)
-    offs_ab = tl.arange(0, BLOCK_A)
     if SELECT:
         last = tl.where(rsel[:, None], last, 0.0)
-    # next step's query columns a step ahead, as the bidirectional readout must (its in-step load
-    # variant gave wrong outputs at N >= 8192 on an H100, Triton 3.6; benchmarks/RESULTS.md run 4)
-    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G)
-    for o0 in range(0, R, G):
-        cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
-        qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
-        cols = cols_nxt
-    zmat = tl.load(z_ptr + offs_r[:, None] * R + offs_r[None, :])
-    if EMU:
-        zq = tl.dot(last.to(tl.float32), tl.trans(zmat))
-    else:
-        zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
-    den += _rsum(first.to(tl.float32) * zq, axis=1)
+    # the query columns a step ahead (the N >= 8192 workaround, see _triton_common.kron_readout)
+    acc = _kron_readout(p1, s1n, offs_m, mmask, last, t_ptr, acc, R, DV, G, BLOCK_M, DOT_DT, PREC, EMU)
+    den += _z_rowsum(first, last, z_ptr, R, SMALL_PREC, EMU)
     return acc, den
 
 

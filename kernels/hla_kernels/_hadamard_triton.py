@@ -25,95 +25,24 @@ Kernels:
 
 from __future__ import annotations
 
+import sys
+
 import triton
 import triton.language as tl
 
 
-@triton.jit
-def _rsum(x, axis: tl.constexpr):
-    """tl.sum without triton.language.standard: its @jit helpers are compiled or interpreted
-    according to TRITON_INTERPRET when triton itself was imported, and this module must run in
-    either mode whatever that was. The interpreter maps _sum_combine onto numpy's sum."""
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@triton.jit
-def _round_emu(x, DT: tl.constexpr):
-    """x (fp32) rounded to DT, kept in fp32. The interpreter truncates fp32 -> bf16 casts (the
-    GPU rounds to nearest even), so under EMU bf16 rounding is done on the bits."""
-    if DT == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(DT).to(tl.float32)
-
-
-@triton.jit
-def _store_cast(x, DT: tl.constexpr, EMU: tl.constexpr):
-    """x cast to the output dtype DT, rounding to nearest also in the interpreter."""
-    if EMU:
-        return _round_emu(x.to(tl.float32), DT).to(DT)
-    else:
-        return x.to(DT)
-
-
-@triton.jit
-def _mm(a, b, acc, DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
-    """acc + a @ b with operands rounded to DOT_DT and fp32 accumulation.
-
-    EMU (interpreter only): numpy has no bfloat16 matmul, so round to DOT_DT and multiply in fp32.
-    """
-    if EMU:
-        return tl.dot(_round_emu(a.to(tl.float32), DOT_DT), _round_emu(b.to(tl.float32), DOT_DT), acc)
-    else:
-        if PREC is None:
-            return tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc)
-        else:
-            return tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PREC)
-
-
-@triton.jit
-def _outer_cols(P1, s1n, offs_n, nmask, o0, G: tl.constexpr):
-    """[BLOCK, G] slice P1[offs_n, o0 : o0 + G] in its own dtype (zero outside the rows)."""
-    offs_g = tl.arange(0, G)
-    ptrs = P1 + offs_n[:, None] * s1n + (o0 + offs_g)[None, :]
-    return tl.load(ptrs, mask=nmask[:, None], other=0.0)
-
-
-@triton.jit
-def _kron(cols, last, BLOCK: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
-    """Row-wise Kronecker product of cols [BLOCK, G] and last [BLOCK, R] -> [BLOCK, G * R]."""
-    if G == 1:
-        return tl.reshape(cols, (BLOCK,))[:, None] * last
-    else:
-        return tl.reshape(cols[:, :, None] * last[:, None, :], (BLOCK, G * R))
-
-
-@triton.jit
-def _kron_dot(cols, last, BLOCK: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DOT_DT: tl.constexpr, EMU: tl.constexpr):
-    """_kron rounded to the dot operand dtype. Half dtypes multiply in DOT_DT (one rounding,
-    the same as an fp32 product rounded once, and packed instructions); the interpreter has no
-    bf16 arithmetic, so there the product is taken in fp32 and rounded."""
-    if EMU:
-        return _round_emu(_kron(cols.to(tl.float32), last.to(tl.float32), BLOCK, G, R), DOT_DT)
-    elif DOT_DT == tl.float32:
-        return _kron(cols.to(tl.float32), last.to(tl.float32), BLOCK, G, R)
-    else:
-        return _kron(cols.to(DOT_DT), last.to(DOT_DT), BLOCK, G, R)
-
-
-@triton.jit
-def _kron_grads(dkk, cols, last, BLOCK: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
-    """Back through _kron: dkk [BLOCK, G * R] -> (dcols [BLOCK, G], dlast [BLOCK, R])."""
-    if G == 1:
-        dcols = tl.reshape(_rsum(dkk * last, axis=1), (BLOCK, 1))
-        dlast = tl.reshape(cols, (BLOCK,))[:, None] * dkk
-    else:
-        d3 = tl.reshape(dkk, (BLOCK, G, R))
-        dcols = _rsum(d3 * last[:, None, :], axis=2)
-        dlast = _rsum(d3 * cols[:, :, None], axis=1)
-    return dcols, dlast
+# the shared @jit helpers of the same mode (hla_kernels._runtime.load_jitted loads them first)
+_c = sys.modules[__name__.replace("_hadamard_triton", "_triton_common")]
+_rsum = _c.rsum
+_store_cast = _c.store_cast
+_mm = _c.mm
+_outer_cols = _c.outer_cols
+_kron_dot = _c.kron_dot
+_kron_grads = _c.kron_grads
+_kron_readout = _c.kron_readout
+_z_rowsum = _c.z_rowsum
+_kron_dq_loop = _c.kron_dq_loop
+_kron_dkdv_loop = _c.kron_dkdv_loop
 
 
 @triton.jit
@@ -250,39 +179,22 @@ def _readout_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    BLOCK_A: tl.constexpr = G * R
     A: tl.constexpr = R * R
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < N
     offs_r = tl.arange(0, R)
     offs_c = tl.arange(0, DV)
-    offs_ab = tl.arange(0, BLOCK_A)
     p1 = Q1 + b * s1b + h * s1h
     last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
     t_ptr = T + bh * A * DV
 
     acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
-    # The next step's query columns are loaded a step ahead (see _state_kernel). Always: the
-    # variant that loads them in-step gave wrong outputs at N >= 8192 on an H100 with Triton 3.6
-    # (bf16, BLOCK_M 128, G 2, 4 warps; right in the interpreter and at N = 1000), cause unknown;
-    # benchmarks/RESULTS.md, run 4.
-    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G)
-    for o0 in range(0, R, G):
-        cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
-        qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
-        cols = cols_nxt
+    # the query columns a step ahead (the N >= 8192 workaround, see _triton_common.kron_readout)
+    acc = _kron_readout(p1, s1n, offs_m, mmask, last, t_ptr, acc, R, DV, G, BLOCK_M, DOT_DT, PREC, EMU)
 
     first = tl.load(p1 + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
-    zmat = tl.load(Z + bh * A + offs_r[:, None] * R + offs_r[None, :])  # Z[a1, a2]
-    if EMU:
-        zq = tl.dot(last.to(tl.float32), tl.trans(zmat))
-    else:
-        zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
-    den = _rsum(first * zq, axis=1) + eps
+    den = _z_rowsum(first, last, Z + bh * A, R, SMALL_PREC, EMU) + eps
     out = acc / den[:, None]
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_c[None, :], _store_cast(out, Out.dtype.element_ty, EMU), mask=mmask[:, None])
     tl.store(Den + bh * N + offs_m, den, mask=mmask)
@@ -311,15 +223,12 @@ def _dq_kernel(
     n_bh = tl.num_programs(1)
     b = bh // H
     h = bh % H
-    BLOCK_A: tl.constexpr = G * R
     A: tl.constexpr = R * R
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < N
     offs_r = tl.arange(0, R)
     offs_c = tl.arange(0, DV)
-    offs_ab = tl.arange(0, BLOCK_A)
-    offs_g = tl.arange(0, G)
     p1 = Q1 + b * s1b + h * s1h
     last = tl.load(Q2 + b * s2b + h * s2h + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
     do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
@@ -331,21 +240,8 @@ def _dq_kernel(
     e1_ptr = dQ1 + bh * N * R + offs_m[:, None] * R
     e2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
     num_do = tl.full((BLOCK_M,), 0.0, tl.float32)
-    cols = _outer_cols(p1, s1n, offs_m, mmask, 0, G).to(tl.float32)
-    for o0 in range(0, R, G):
-        if PREFETCH:  # next step's query columns, a step ahead (see _state_kernel)
-            cols_nxt = _outer_cols(p1, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G).to(tl.float32)
-        else:
-            cols = _outer_cols(p1, s1n, offs_m, mmask, o0, G).to(tl.float32)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        e = _mm(do, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
-        e1, de2 = _kron_grads(e, cols, last, BLOCK_M, G, R)
-        e2 += de2
-        num_do += _rsum(e1 * cols, axis=1)
-        tl.store(e1_ptr + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
-        if PREFETCH:
-            cols = cols_nxt
+    # PREFETCH: next step's query columns, a step ahead (see _state_kernel)
+    e2, num_do = _kron_dq_loop(p1, s1n, offs_m, mmask, do, last, t_ptr, e1_ptr, e2, num_do, R, DV, G, BLOCK_M, PREFETCH, DOT_DT, PREC, EMU)
 
     den = tl.load(Den + bh * N + offs_m, mask=mmask, other=1.0)
     rden = 1.0 / den
@@ -383,15 +279,12 @@ def _dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    BLOCK_A: tl.constexpr = G * R
     A: tl.constexpr = R * R
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_r = tl.arange(0, R)
     offs_c = tl.arange(0, DV)
-    offs_ab = tl.arange(0, BLOCK_A)
-    offs_g = tl.arange(0, G)
     p1 = K1 + b * s1b + h * s1h
     last = tl.load(K2 + b * s2b + h * s2h + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0)
@@ -407,22 +300,8 @@ def _dkdv_kernel(
     dk1_ptr = dK1 + b * sg1b + h * sg1h
     dv_acc = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     dlast = tl.full((BLOCK_N, R), 0.0, tl.float32)
-    cols = _outer_cols(p1, s1n, offs_n, nmask, 0, G).to(tl.float32)
-    for o0 in range(0, R, G):
-        if PREFETCH:  # next step's key columns, a step ahead (see _state_kernel)
-            cols_nxt = _outer_cols(p1, s1n, offs_n, nmask & (o0 + G < R), o0 + G, G).to(tl.float32)
-        else:
-            cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G).to(tl.float32)
-        kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        z = tl.load(z_ptr + rows)
-        dv_acc = _mm(kk, t, dv_acc, DOT_DT, PREC, EMU)
-        dkk = _mm(v, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
-        dcols, dl = _kron_grads(dkk, cols, last, BLOCK_N, G, R)
-        dlast += dl
-        tl.store(dk1_ptr + offs_n[:, None] * sg1n + (o0 + offs_g)[None, :], _store_cast(dcols * w[:, None], dK1.dtype.element_ty, EMU), mask=nmask[:, None])
-        if PREFETCH:
-            cols = cols_nxt
+    # PREFETCH: next step's key columns, a step ahead (see _state_kernel); w applied to dV below
+    dv_acc, dlast = _kron_dkdv_loop(p1, s1n, offs_n, nmask, last, v, w, t_ptr, z_ptr, dk1_ptr, sg1n, dv_acc, dlast,
+                                    R, DV, G, BLOCK_N, False, PREFETCH, DOT_DT, PREC, EMU)
     tl.store(dK2 + b * sg2b + h * sg2h + offs_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     tl.store(dV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_c[None, :], _store_cast(dv_acc * w[:, None], dV.dtype.element_ty, EMU), mask=nmask[:, None])

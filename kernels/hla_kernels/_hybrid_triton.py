@@ -2,7 +2,7 @@
 HLA (F = 2) outside it, one normaliser (HLA-MATH.md section 4; reference hla_convert.ops.hybrid).
 
 Loaded by `hla_kernels.hybrid` through importlib, once per mode (compiled or interpreted), after
-the Hadamard kernel module of the same mode, whose @jit helpers (_mm, _kron_dot, ...) these reuse.
+_triton_common.py of the same mode, whose @jit helpers (mm, kron_dot, kron_readout, ...) these reuse.
 
 Layout. Per head the N tokens are TL text tokens at t0 and NB * L video tokens at v0, where video
 block `blk` (the queries that share one key window) is the L tokens v0 + blk * L + [0, L). The
@@ -42,20 +42,24 @@ import sys
 import triton
 import triton.language as tl
 
-# the Hadamard kernel module of the same mode (the host loads it first)
-_h = sys.modules[__name__.replace("_hybrid_triton", "_hadamard_triton")]
-_rsum = _h._rsum
-_mm = _h._mm
-_store_cast = _h._store_cast
-_outer_cols = _h._outer_cols
-_kron_dot = _h._kron_dot
-_kron_grads = _h._kron_grads
-_round_emu = _h._round_emu
+# the shared @jit helpers of the same mode (hla_kernels._runtime.load_jitted loads them first)
+_c = sys.modules[__name__.replace("_hybrid_triton", "_triton_common")]
+_rsum = _c.rsum
+_mm = _c.mm
+_store_cast = _c.store_cast
+_outer_cols = _c.outer_cols
+_kron_dot = _c.kron_dot
+_kron_grads = _c.kron_grads
+_round_emu = _c.round_emu
+_kron_readout = _c.kron_readout
+_z_rowsum = _c.z_rowsum
+_kron_dq_loop = _c.kron_dq_loop
+_kron_dkdv_loop = _c.kron_dkdv_loop
 
 
 @triton.jit
 def _rmax(x, axis: tl.constexpr):
-    """tl.max without triton.language.standard's @jit wrapper (see _hadamard_triton._rsum)."""
+    """tl.max without triton.language.standard's @jit wrapper (see _triton_common.rsum)."""
     return tl.reduce(x, axis, tl.standard._elementwise_max)
 
 
@@ -111,27 +115,12 @@ def _far_readout(q1_ptr, q2_ptr, s1n, s2n, offs_m, mmask, t_ptr, z_ptr,
                  R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
                  DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr):
     """(kk_q T [BLOCK_M, DV], kk_q . z [BLOCK_M]) for one block's T_rest, Z_rest (fp32 results)."""
-    BLOCK_A: tl.constexpr = G * R
     offs_r = tl.arange(0, R)
-    offs_c = tl.arange(0, DV)
-    offs_ab = tl.arange(0, BLOCK_A)
     last = tl.load(q2_ptr + offs_m[:, None] * s2n + offs_r[None, :], mask=mmask[:, None], other=0.0)
     acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
-    cols = _outer_cols(q1_ptr, s1n, offs_m, mmask, 0, G)
-    for o0 in range(0, R, G):
-        cols_nxt = _outer_cols(q1_ptr, s1n, offs_m, mmask & (o0 + G < R), o0 + G, G)
-        qq = _kron_dot(cols, last, BLOCK_M, G, R, DOT_DT, EMU)
-        rows = o0 * R + offs_ab
-        t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-        acc = _mm(qq, t, acc, DOT_DT, PREC, EMU)
-        cols = cols_nxt
+    acc = _kron_readout(q1_ptr, s1n, offs_m, mmask, last, t_ptr, acc, R, DV, G, BLOCK_M, DOT_DT, PREC, EMU)
     first = tl.load(q1_ptr + offs_m[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
-    zmat = tl.load(z_ptr + offs_r[:, None] * R + offs_r[None, :])
-    if EMU:
-        zq = tl.dot(last.to(tl.float32), tl.trans(zmat))
-    else:
-        zq = tl.dot(last.to(tl.float32), tl.trans(zmat), input_precision=SMALL_PREC)
-    return acc, _rsum(first * zq, axis=1)
+    return acc, _z_rowsum(first, last, z_ptr, R, SMALL_PREC, EMU)
 
 
 @triton.jit
@@ -248,9 +237,6 @@ def _hyb_dq_kernel(
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     offs_r = tl.arange(0, R)
-    BLOCK_A: tl.constexpr = G * R
-    offs_ab = tl.arange(0, BLOCK_A)
-    offs_g = tl.arange(0, G)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=mmask[:, None], other=0.0)
     do = tl.load(dO + b * sdob + h * sdoh + rows[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
     m_i = tl.load(Mst + bh * N + rows, mask=mmask, other=0.0)
@@ -277,14 +263,8 @@ def _hyb_dq_kernel(
             do_dot = do.to(DOT_DT)
         e2 = tl.full((BLOCK_M, R), 0.0, tl.float32)
         num_do = tl.full((BLOCK_M,), 0.0, tl.float32)
-        for o0 in range(0, R, G):
-            cols = _outer_cols(p1, s1n, rows, mmask, o0, G).to(tl.float32)
-            t = tl.load(t_ptr + (o0 * R + offs_ab)[:, None] * DV + offs_c[None, :])
-            e = _mm(do_dot, tl.trans(t), tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32), DOT_DT, PREC, EMU)
-            e1, de2 = _kron_grads(e, cols, last, BLOCK_M, G, R)
-            e2 += de2
-            num_do += _rsum(e1 * cols, axis=1)
-            tl.store(e1_ptr + (o0 + offs_g)[None, :], e1, mask=mmask[:, None])
+        e2, num_do = _kron_dq_loop(p1, s1n, rows, mmask, do_dot, last, t_ptr, e1_ptr, e2, num_do, R, DV, G, BLOCK_M, False,
+                                   DOT_DT, PREC, EMU)
         zmat = tl.load(Zrest + state * (R * R) + offs_r[:, None] * R + offs_r[None, :])
         first = tl.load(p1 + rows[:, None] * s1n + offs_r[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
         if EMU:
@@ -374,9 +354,6 @@ def _hyb_dkdv_kernel(
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     offs_r = tl.arange(0, R)
-    BLOCK_A: tl.constexpr = G * R
-    offs_ab = tl.arange(0, BLOCK_A)
-    offs_g = tl.arange(0, G)
     k = tl.load(K + b * skb + h * skh + cols_n[:, None] * skn + offs_d[None, :], mask=nmask[:, None], other=0.0)
     v = tl.load(V + b * svb + h * svh + cols_n[:, None] * svn + offs_c[None, :], mask=nmask[:, None], other=0.0)
     if HAS_KM:
@@ -407,17 +384,8 @@ def _hyb_dkdv_kernel(
             v_dot = v.to(DOT_DT)
         dk1_ptr = dK1 + b * sg1b + h * sg1h
         dlast = tl.full((BLOCK_N, R), 0.0, tl.float32)
-        for o0 in range(0, R, G):
-            cols = _outer_cols(p1, s1n, cols_n, nmask, o0, G).to(tl.float32)
-            kk = _kron_dot(cols * km_w[:, None], last, BLOCK_N, G, R, DOT_DT, EMU)
-            rows = o0 * R + offs_ab
-            t = tl.load(t_ptr + rows[:, None] * DV + offs_c[None, :])
-            z = tl.load(z_ptr + rows)
-            dv = _mm(kk, t, dv, DOT_DT, PREC, EMU)
-            dkk = _mm(v_dot, tl.trans(t), tl.full((BLOCK_N, BLOCK_A), 0.0, tl.float32) + z[None, :], DOT_DT, PREC, EMU)
-            dcols, dl = _kron_grads(dkk, cols, last, BLOCK_N, G, R)
-            dlast += dl
-            tl.store(dk1_ptr + cols_n[:, None] * sg1n + (o0 + offs_g)[None, :], _store_cast(dcols * km_w[:, None], dK1.dtype.element_ty, EMU), mask=nmask[:, None])
+        dv, dlast = _kron_dkdv_loop(p1, s1n, cols_n, nmask, last, v_dot, km_w, t_ptr, z_ptr, dk1_ptr, sg1n, dv, dlast,
+                                    R, DV, G, BLOCK_N, True, False, DOT_DT, PREC, EMU)
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * km_w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     else:
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, 0, N, sqn, sdon,

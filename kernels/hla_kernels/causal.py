@@ -26,7 +26,9 @@ from types import ModuleType
 
 import torch
 
+from . import _runtime as rt
 from . import hadamard as hk
+from ._runtime import cdiv, empty, rowmajor, s3
 
 
 # Every launch setting, in one table per mode (a sweep's result is applied by editing GPU_CONFIG;
@@ -59,9 +61,8 @@ KERNELS = ("state_fwd", "state_bwd", "readout", "dq", "dkdv")
 
 
 def _kernels(interp: bool) -> ModuleType:
-    """The causal kernel module for `interp` (after the Hadamard module of that mode, whose helpers it uses)."""
-    hk._kernels(interp)
-    return hk.load_jitted("_causal_triton", interp)
+    """The causal kernel module for `interp`."""
+    return rt.load_jitted("_causal_triton", interp)
 
 
 def _config(interp: bool) -> dict:
@@ -91,7 +92,7 @@ def unsupported_reason(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.
     reason = hk.unsupported_reason(q_feats, k_feats, v)
     if reason is not None:
         return reason
-    p = plan(v.shape[2], block_size, hk.interpreting())
+    p = plan(v.shape[2], block_size, rt.interpreting())
     return p if isinstance(p, str) else None
 
 
@@ -114,14 +115,14 @@ def _prefix_states(mod, p1, p2, x, w, wz, chunk, block_size, token_mode, reverse
     g = min(k["G"], r)
     bdv = min(k["BLOCK_DV"], dv)
     seg = chunk if token_mode else block_size
-    nslots = hk.triton_cdiv(n, seg)
+    nslots = cdiv(n, seg)
     out = torch.empty((nslots, b * h, r * r, dv), dtype=out_dtype, device=x.device)
     zout = torch.empty((nslots, b * h, r * r), dtype=torch.float32, device=x.device)
     wt, ws = w if w is not None else (x, (0, 0, 0))
     wzt, wzs = wz if wz is not None else (x, (0, 0, 0))
     mod._prefix_state_kernel[(r // g, b * h, dv // bdv)](
         p1, p2, x, wt, wzt, out, zout,
-        *hk._s3(p1), *hk._s3(p2), *hk._s3(x), *ws, *wzs,
+        *s3(p1), *s3(p2), *s3(x), *ws, *wzs,
         h, n, seg, nslots,
         R=r, DV=dv, G=g, BLOCK_N=min(k["BLOCK_N"], chunk), BLOCK_DV=bdv, HAS_W=w is not None, HAS_WZ=wz is not None,
         STORE_BEFORE=token_mode, REVERSE=reverse, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch(cfg, kernel, interp),
@@ -146,19 +147,19 @@ def _tiles(cfg: dict, kernel: str, chunk: int) -> tuple[int, int]:
 def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
     interp, chunk, token_mode, cfg = _common(q1, v, block_size)
     mod = _kernels(interp)
-    dot = hk._dot_setup((q1, q2, k1, k2, v), interp)
+    dot = rt.dot_setup((q1, q2, k1, k2, v), interp)
     b, h, n, r = q1.shape
     dv = v.shape[-1]
     bm, bn = _tiles(cfg, "readout", chunk)
     w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
-    t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
+    t_dtype = torch.float32 if rt.is_fp32(dot) else torch.bfloat16
     tsel, zsel = _prefix_states(mod, k1, k2, v, w, w, chunk, block_size, token_mode, False, t_dtype, interp, dot, cfg)
-    out = hk._empty((b, h, n, dv), v.dtype, v.device)
-    den = hk._empty((b * h, n), torch.float32, v.device)
+    out = empty((b, h, n, dv), v.dtype, v.device)
+    den = empty((b * h, n), torch.float32, v.device)
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
-    mod._readout_kernel[(hk.triton_cdiv(n, bm), b * h)](
+    mod._readout_kernel[(cdiv(n, bm), b * h)](
         q1, q2, k1, k2, v, wt, tsel, zsel, out, den,
-        *hk._s3(q1), *hk._s3(q2), *hk._s3(k1), *hk._s3(k2), *hk._s3(v), wsb, wsn, *hk._s3(out),
+        *s3(q1), *s3(q2), *s3(k1), *s3(k2), *s3(v), wsb, wsn, *s3(out),
         b * h, h, n, chunk, block_size, float(eps),
         R=r, DV=dv, G=min(cfg["readout"]["G"], r), BLOCK_M=bm, BLOCK_N=bn, INTRA=token_mode, HAS_W=wmask is not None,
         DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2], **_launch(cfg, "readout", interp),
@@ -169,22 +170,22 @@ def _forward(q1, q2, k1, k2, v, wmask, eps, block_size):
 def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do):
     interp, chunk, token_mode, cfg = _common(q1, v, block_size)
     mod = _kernels(interp)
-    dot = hk._dot_setup((q1, q2, k1, k2, v), interp)
+    dot = rt.dot_setup((q1, q2, k1, k2, v), interp)
     b, h, n, r = q1.shape
     dv = v.shape[-1]
-    do = hk._rowmajor(do)
+    do = rowmajor(do)
     delta = (do.float() * out.float()).sum(-1).reshape(b * h, n)
     wb = torch.stack([1.0 / den, -delta / den])  # [2, B*H, N]: the numerator's and denominator's weights
     rows = (h * n, n, 1)
-    t_dtype = torch.float32 if hk._is_fp32(dot) else torch.bfloat16
+    t_dtype = torch.float32 if rt.is_fp32(dot) else torch.bfloat16
     dtloc, dzloc = _prefix_states(mod, q1, q2, do, (wb[0], rows), (wb[1], rows), chunk, block_size, token_mode, True, t_dtype, interp, dot, cfg)
     f32 = dict(dtype=torch.float32, device=v.device)
     dq1a, dq1b, dq2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
     wt, wsb, wsn = (wmask, wmask.stride(0), wmask.stride(1)) if wmask is not None else (v, 0, 0)
     common = dict(R=r, DV=dv, INTRA=token_mode, HAS_W=wmask is not None, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2])
-    strides = (*hk._s3(q1), *hk._s3(q2), *hk._s3(k1), *hk._s3(k2), *hk._s3(v), wsb, wsn, *hk._s3(do))
+    strides = (*s3(q1), *s3(q2), *s3(k1), *s3(k2), *s3(v), wsb, wsn, *s3(do))
     bm, bn = _tiles(cfg, "dq", chunk)
-    mod._dq_kernel[(hk.triton_cdiv(n, bm), b * h)](
+    mod._dq_kernel[(cdiv(n, bm), b * h)](
         q1, q2, k1, k2, v, wt, tsel, zsel, do, wb, dq1a, dq1b, dq2, *strides,
         b * h, h, n, chunk, block_size, BLOCK_M=bm, BLOCK_N=bn, G=min(cfg["dq"]["G"], r), SMALL_PREC=None if interp else "tf32x3",
         **common, **_launch(cfg, "dq", interp),
@@ -192,7 +193,7 @@ def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, d
     dk1a, dk1b, dk2 = (torch.zeros((b * h, n, r), **f32) for _ in range(3))
     dvv = torch.zeros((b * h, n, dv), **f32)
     bm, bn = _tiles(cfg, "dkdv", chunk)
-    mod._dkdv_kernel[(hk.triton_cdiv(n, bn), b * h)](
+    mod._dkdv_kernel[(cdiv(n, bn), b * h)](
         q1, q2, k1, k2, v, wt, dtloc, dzloc, do, wb, dk1a, dk1b, dk2, dvv, *strides,
         b * h, h, n, chunk, block_size, BLOCK_M=bm, BLOCK_N=bn, G=min(cfg["dkdv"]["G"], r), **common, **_launch(cfg, "dkdv", interp),
     )
@@ -203,19 +204,63 @@ def _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, d
     return shaped(dq1a + dq1b, q1), shaped(dq2, q2), shaped(dk1a + dk1b, k1), shaped(dk2, k2), shaped(dvv, v)
 
 
-class _CausalHadamard(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q1, q2, k1, k2, v, wmask, eps, block_size):
-        out, den, tsel, zsel = _forward(q1, q2, k1, k2, v, wmask, eps, block_size)
-        ctx.save_for_backward(q1, q2, k1, k2, v, wmask, out, den, tsel, zsel)
-        ctx.eps, ctx.block_size = eps, block_size
-        return out
+# torch.compile: the kernels as torch.library custom ops (one opaque op each way, as in
+# hadamard.py). The forward returns what the backward needs (den, the per-slot states) as extra
+# outputs: a custom op's autograd formula may only save inputs and outputs.
+@torch.library.custom_op("hla_kernels::causal_hadamard_f2_forward", mutates_args=())
+def _forward_op(
+    q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
+    wmask: torch.Tensor | None, eps: float, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q1, q2, k1, k2, v, wmask, eps, block_size)
 
-    @staticmethod
-    def backward(ctx, do):
-        q1, q2, k1, k2, v, wmask, out, den, tsel, zsel = ctx.saved_tensors
-        grads = _backward(q1, q2, k1, k2, v, wmask, ctx.eps, ctx.block_size, out, den, tsel, zsel, do.contiguous())
-        return (*grads, None, None, None)
+
+@_forward_op.register_fake
+def _(q1, q2, k1, k2, v, wmask, eps, block_size):
+    b, h, n, r = q1.shape
+    dv = v.shape[-1]
+    chunk, token_mode = plan(n, block_size, v.device.type != "cuda")
+    nslots = cdiv(n, chunk if token_mode else block_size)
+    # the states in the dot operand dtype (rt.dot_setup): bf16 when every input is half, else fp32
+    t_dtype = torch.bfloat16 if all(t.dtype in rt.HALF for t in (q1, q2, k1, k2, v)) else torch.float32
+    return (
+        v.new_empty((b, h, n, dv)),
+        v.new_empty((b * h, n), dtype=torch.float32),
+        v.new_empty((nslots, b * h, r * r, dv), dtype=t_dtype),
+        v.new_empty((nslots, b * h, r * r), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("hla_kernels::causal_hadamard_f2_backward", mutates_args=())
+def _backward_op(
+    q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
+    wmask: torch.Tensor | None, eps: float, block_size: int, out: torch.Tensor, den: torch.Tensor,
+    tsel: torch.Tensor, zsel: torch.Tensor, do: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do)
+
+
+@_backward_op.register_fake
+def _(q1, q2, k1, k2, v, wmask, eps, block_size, out, den, tsel, zsel, do):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q1, q2, k1, k2, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q1, q2, k1, k2, v, wmask, eps, block_size = inputs
+    out, den, tsel, zsel = output
+    ctx.mark_non_differentiable(den, tsel, zsel)
+    ctx.save_for_backward(q1, q2, k1, k2, v, wmask, out, den, tsel, zsel)
+    ctx.eps, ctx.block_size = eps, block_size
+
+
+def _backward_formula(ctx, do, *_unused):
+    q1, q2, k1, k2, v, wmask, out, den, tsel, zsel = ctx.saved_tensors
+    grads = _backward_op(q1, q2, k1, k2, v, wmask, ctx.eps, ctx.block_size, out, den, tsel, zsel, do.contiguous())
+    need = ctx.needs_input_grad
+    return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None)
+
+
+_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def causal_hadamard_attention(
@@ -235,10 +280,10 @@ def causal_hadamard_attention(
     reason = unsupported_reason(q_feats, k_feats, v, block_size)
     if reason is not None:
         raise ValueError(f"hla_kernels.causal_hadamard_attention: {reason}")
-    wmask = hk._mask_weights(key_mask, v)
-    q1, q2 = (hk._rowmajor(t) for t in q_feats)
-    k1, k2 = (hk._rowmajor(t) for t in k_feats)
-    return _CausalHadamard.apply(q1, q2, k1, k2, hk._rowmajor(v), wmask, float(eps), int(block_size))
+    wmask = rt.mask_weights(key_mask, v)
+    q1, q2 = (rowmajor(t) for t in q_feats)
+    k1, k2 = (rowmajor(t) for t in k_feats)
+    return _forward_op(q1, q2, k1, k2, rowmajor(v), wmask, float(eps), int(block_size))[0]
 
 
 def _block_prefix(x: torch.Tensor, block_size: int) -> torch.Tensor:

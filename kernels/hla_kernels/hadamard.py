@@ -18,21 +18,13 @@ this package never fixes the mode.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import pathlib
-import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 
-_HALF = (torch.bfloat16, torch.float16)
-_DTYPES = (torch.float32, *_HALF)
-_MODULES: dict[tuple[str, bool], ModuleType] = {}
-
-#: Filled with NaN instead of left uninitialised when True (tests), so unwritten elements show.
-POISON_OUTPUTS = False
+from . import _runtime as rt
+from ._runtime import cdiv, empty, interpreting, launch_extra, rowmajor, s3
 
 # Launch parameters per kernel; `G` is the number of outer Kronecker indices per block (the
 # block of state rows is G * r; "auto" = 256 // r). GPU values were picked from the sweeps in
@@ -73,62 +65,14 @@ INTERP_CONFIG: dict[str, dict] = {
 }
 
 
-def interpreting() -> bool:
-    """True when TRITON_INTERPRET asks for the interpreter (read at call time)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def load_jitted(stem: str, interpret: bool) -> ModuleType:
-    """kernels/<stem>.py executed as its own module with TRITON_INTERPRET set to `interpret`
-    (triton reads it at decoration), once per (stem, mode). The hybrid and causal modules reuse
-    the Hadamard module's @jit helpers of the same mode: their hosts load it first."""
-    key = (stem, interpret)
-    mod = _MODULES.get(key)
-    if mod is not None:
-        return mod
-    name = f"hla_kernels.{stem}_{'interp' if interpret else 'jit'}"
-    path = pathlib.Path(__file__).with_name(f"{stem}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        sys.modules[name] = mod  # triton resolves the kernels' globals through their module
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    _MODULES[key] = mod
-    return mod
-
-
-def _kernels(interpret: bool) -> ModuleType:
-    """The Hadamard kernel module, jitted for `interpret`."""
-    return load_jitted("_hadamard_triton", interpret)
-
-
-@torch.compiler.assume_constant_result  # torch.compile: read once at trace time, not traced
-def _major_capability(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def _pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
+def kernels(interp: bool) -> ModuleType:
+    """The Hadamard kernel module, jitted for `interp`."""
+    return rt.load_jitted("_hadamard_triton", interp)
 
 
 def unsupported_reason(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v: torch.Tensor) -> str | None:
     """Why the kernels cannot take these inputs, or None when they can."""
-    if not _triton_available():
+    if not rt.triton_available():
         return "triton is not installed"
     if len(q_feats) != len(k_feats):
         return f"{len(q_feats)} query factors but {len(k_feats)} key factors"
@@ -142,11 +86,11 @@ def unsupported_reason(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.
     if dev.type == "cuda":
         if interp:
             return "TRITON_INTERPRET is set: CUDA tensors go to the reference"
-        if _major_capability(dev.index) < 8:
+        if rt.major_capability(dev.index) < 8:
             return "needs compute capability 8.0 or newer (bf16 tensor cores)"
     elif not (dev.type == "cpu" and interp):
         return f"device {dev.type} (CPU only under TRITON_INTERPRET=1)"
-    if any(t.dtype not in _DTYPES for t in tensors):
+    if any(t.dtype not in rt.DTYPES for t in tensors):
         return f"dtypes {[str(t.dtype) for t in tensors]}: need float32, bfloat16 or float16"
     if v.dim() != 4 or any(t.dim() != 4 for t in tensors):
         return "tensors must be [B, H, N, r] and [B, H, N, dv]"
@@ -155,9 +99,9 @@ def unsupported_reason(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.
     if any(tuple(t.shape) != (b, h, n, r) for t in tensors[:-1]):
         return f"feature shapes {[list(t.shape) for t in tensors[:-1]]} do not match [B, H, N, r] = {[b, h, n, r]}"
     lo = 2 if interp else 16
-    if not (_pow2(r) and lo <= r <= 64):
+    if not (rt.pow2(r) and lo <= r <= 64):
         return f"r = {r}: need a power of two in [{lo}, 64]"
-    if not (_pow2(dv) and lo <= dv <= 128):
+    if not (rt.pow2(dv) and lo <= dv <= 128):
         return f"dv = {dv}: need a power of two in [{lo}, 128]"
     if n < 1:
         return "empty sequence"
@@ -169,7 +113,7 @@ def supports(q_feats: Sequence[torch.Tensor], k_feats: Sequence[torch.Tensor], v
     return unsupported_reason(q_feats, k_feats, v) is None
 
 
-def _kernel_config(name: str, r: int, interp: bool, fp32: bool = False) -> dict:
+def kernel_config(name: str, r: int, interp: bool, fp32: bool = False) -> dict:
     if interp:
         cfg = dict(INTERP_CONFIG[name])
     else:
@@ -187,53 +131,21 @@ def _kernel_config(name: str, r: int, interp: bool, fp32: bool = False) -> dict:
     return cfg
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _rowmajor(t: torch.Tensor) -> torch.Tensor:
-    """Kernels index [B, H, N, C] with free strides except the last, which must be 1."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _s3(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _dot_setup(tensors: Sequence[torch.Tensor], interp: bool):
-    """(dot operand dtype, fp32 input precision, emulate) for these inputs.
-
-    Half inputs: bf16 operands for both bf16 and fp16 (the state sums N products and would
-    overflow fp16's range). fp32 inputs: 3xTF32, fp32-accurate on the tensor cores.
-    """
-    import triton.language as tl
-
-    if all(t.dtype in _HALF for t in tensors):
-        return tl.bfloat16, None, interp
-    return tl.float32, (None if interp else "tf32x3"), interp
-
-
-def _launch_extra(cfg: dict, interp: bool) -> dict:
-    return {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-
-
 def _splits(n: int, block_n: int, programs: int, device: torch.device, cfg: dict, interp: bool) -> int:
     """How many programs share the sum over tokens of one state block.
 
     Enough that the grid fills the GPU in whole waves (`per_sm` programs resident per SM), never
     so many that a program gets fewer than `min_blocks` token blocks.
     """
-    n_blocks = triton_cdiv(n, block_n)
+    n_blocks = cdiv(n, block_n)
     if interp:
-        return max(1, triton_cdiv(n, cfg["split_rows"]))
+        return max(1, cdiv(n, cfg["split_rows"]))
     slots = _sm_count(device) * cfg.get("per_sm", 1)  # programs resident at once
     most = max(1, n_blocks // cfg.get("min_blocks", 8))
     best, best_score = 1, -1.0
     for s in range(1, min(most, 64) + 1):
         p = programs * s
-        waves = triton_cdiv(p, slots)
+        waves = cdiv(p, slots)
         # fraction of SM time doing work, minus a small charge for each extra partial to sum
         score = p / (waves * slots) - 0.01 * s / cfg.get("per_sm", 1)
         if score > best_score:
@@ -252,90 +164,83 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _state(mod, p1, p2, x, w, interp, dot, name="state"):
-    """T [BH, R*R, DV] fp32: T[a] = sum_n kk[n, a] w_n x_n.
+    """T [BH, R*R, DV] fp32: T[a] = sum_n kk[n, a] w_n x_n (state_parts summed)."""
+    tpart = state_parts(mod, p1, p2, x, w, interp, dot, name)
+    return tpart[0] if tpart.shape[0] == 1 else tpart.sum(0)
+
+
+def state_parts(mod, p1, p2, x, w, interp, dot, name="state", per=None):
+    """[splits, BH, R*R, DV] fp32: the state of each split of the rows.
 
     p1, p2: factors [B, H, N, R]; x: rows [B, H, N, DV]; w: None (all ones) or
     (tensor, (stride_b, stride_h, stride_n)). `name` picks the launch config ("state" for the
-    forward, "dstate" for the backward's dT).
+    forward, "dstate" for the backward's dT). per: rows per split (the hybrid's window blocks);
+    None: as many splits as fill the GPU (_splits).
     """
     b, h, n, r = p1.shape
     dv = x.shape[-1]
-    cfg = _kernel_config(name, r, interp, _is_fp32(dot))
+    cfg = kernel_config(name, r, interp, rt.is_fp32(dot))
     block_n, g = cfg["BLOCK_N"], cfg["G"]
     n_a = r // g
     bh = b * h
-    splits = _splits(n, block_n, n_a * bh, x.device, cfg, interp)
-    per = triton_cdiv(triton_cdiv(n, block_n), splits) * block_n
-    splits = triton_cdiv(n, per)
+    if per is None:
+        splits = _splits(n, block_n, n_a * bh, x.device, cfg, interp)
+        per = cdiv(cdiv(n, block_n), splits) * block_n
+    splits = cdiv(n, per)
     tpart = torch.empty((splits, bh, r * r, dv), dtype=torch.float32, device=x.device)
     wt, ws = w if w is not None else (x, (0, 0, 0))
     mod._state_kernel[(n_a, bh, splits)](
         p1, p2, x, wt, tpart,
-        *_s3(p1), *_s3(p2), *_s3(x), *ws,
+        *s3(p1), *s3(p2), *s3(x), *ws,
         h, n, per,
         R=r, DV=dv, G=g, BLOCK_N=block_n, HAS_W=w is not None, TRANS_ACC=cfg.get("TRANS_ACC", False),
         PREFETCH=cfg.get("PREFETCH", True),
-        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
+        DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **launch_extra(cfg, interp),
     )
-    return tpart[0] if splits == 1 else tpart.sum(0)
+    return tpart
 
 
 def _zstate(mod, p1, p2, w, interp):
     """Z [BH, R*R] fp32 (row-major [R, R]): Z[a1, a2] = sum_n w_n p1[n, a1] p2[n, a2]."""
+    zpart = zstate_parts(mod, p1, p2, w, interp)
+    return zpart[0] if zpart.shape[0] == 1 else zpart.sum(0)
+
+
+def zstate_parts(mod, p1, p2, w, interp, per=None):
+    """[splits, BH, R*R] fp32: Z of each split of the rows (per: as in state_parts)."""
     b, h, n, r = p1.shape
-    cfg = _kernel_config("zstate", r, interp)
+    cfg = kernel_config("zstate", r, interp)
     block_n = cfg["BLOCK_N"]
     bh = b * h
-    splits = _splits(n, block_n, bh, p1.device, cfg, interp)
-    per = triton_cdiv(triton_cdiv(n, block_n), splits) * block_n
-    splits = triton_cdiv(n, per)
+    if per is None:
+        splits = _splits(n, block_n, bh, p1.device, cfg, interp)
+        per = cdiv(cdiv(n, block_n), splits) * block_n
+    splits = cdiv(n, per)
     zpart = torch.empty((splits, bh, r * r), dtype=torch.float32, device=p1.device)
     wt, ws = w if w is not None else (p1, (0, 0, 0))
     mod._zstate_kernel[(bh, splits)](
         p1, p2, wt, zpart,
-        *_s3(p1), *_s3(p2), *ws,
+        *s3(p1), *s3(p2), *ws,
         h, n, per,
-        R=r, BLOCK_N=block_n, HAS_W=w is not None, EMU=interp, **_launch_extra(cfg, interp),
+        R=r, BLOCK_N=block_n, HAS_W=w is not None, EMU=interp, **launch_extra(cfg, interp),
     )
-    return zpart[0] if splits == 1 else zpart.sum(0)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _mask_weights(key_mask: torch.Tensor | None, v: torch.Tensor):
-    if key_mask is None:
-        return None
-    if key_mask.dtype != torch.bool:
-        raise TypeError(f"key_mask must be bool [B, N] (True = keep), got {key_mask.dtype}")
-    if key_mask.dim() != 2 or key_mask.shape[0] != v.shape[0] or key_mask.shape[1] != v.shape[2]:
-        raise ValueError(f"key_mask must be [B, N] = {[v.shape[0], v.shape[2]]}, got {list(key_mask.shape)}")
-    return key_mask.to(device=v.device, dtype=torch.float32).contiguous()
-
-
-def _is_fp32(dot) -> bool:
-    return dot[0].primitive_bitwidth == 32
-
-
-def _to_dot(t: torch.Tensor, dot) -> torch.Tensor:
-    return t if dot[0].primitive_bitwidth == 32 else t.to(torch.bfloat16)
+    return zpart
 
 
 def _readout(mod, q1, q2, t_dot, z, out_dtype, eps, interp, dot):
     """O [B, H, N, DV] in out_dtype and den [B*H, N] fp32 from the state."""
     b, h, n, r = q1.shape
     dv = t_dot.shape[-1]
-    out = _empty((b, h, n, dv), out_dtype, q1.device)
-    den = _empty((b * h, n), torch.float32, q1.device)
-    cfg = _kernel_config("readout", r, interp, _is_fp32(dot))
-    mod._readout_kernel[(triton_cdiv(n, cfg["BLOCK_M"]), b * h)](
+    out = empty((b, h, n, dv), out_dtype, q1.device)
+    den = empty((b * h, n), torch.float32, q1.device)
+    cfg = kernel_config("readout", r, interp, rt.is_fp32(dot))
+    mod._readout_kernel[(cdiv(n, cfg["BLOCK_M"]), b * h)](
         q1, q2, t_dot, z, out, den,
-        *_s3(q1), *_s3(q2), *_s3(out),
+        *s3(q1), *s3(q2), *s3(out),
         h, n, float(eps),
         R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"],
         DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2],
-        **_launch_extra(cfg, interp),
+        **launch_extra(cfg, interp),
     )
     return out, den
 
@@ -346,17 +251,17 @@ def _dq(mod, q1, q2, t_dot, z, do, den, interp, dot):
     dv = do.shape[-1]
     dev = q1.device
     # dQ1 doubles as fp32 scratch inside the kernel (see _dq_kernel)
-    dq1 = _empty((b, h, n, r), torch.float32, dev)
-    dq2 = _empty(q2.shape, q2.dtype, dev)
-    wb = _empty((2, b * h, n), torch.float32, dev)
-    cfg = _kernel_config("dq", r, interp, _is_fp32(dot))
-    mod._dq_kernel[(triton_cdiv(n, cfg["BLOCK_M"]), b * h)](
+    dq1 = empty((b, h, n, r), torch.float32, dev)
+    dq2 = empty(q2.shape, q2.dtype, dev)
+    wb = empty((2, b * h, n), torch.float32, dev)
+    cfg = kernel_config("dq", r, interp, rt.is_fp32(dot))
+    mod._dq_kernel[(cdiv(n, cfg["BLOCK_M"]), b * h)](
         q1, q2, t_dot, z, do, den, wb, dq1, dq2,
-        *_s3(q1), *_s3(q2), *_s3(do), *_s3(dq2),
+        *s3(q1), *s3(q2), *s3(do), *s3(dq2),
         h, n,
         R=r, DV=dv, G=cfg["G"], BLOCK_M=cfg["BLOCK_M"], PREFETCH=cfg.get("PREFETCH", False),
         DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=None if interp else "tf32x3", EMU=dot[2],
-        **_launch_extra(cfg, interp),
+        **launch_extra(cfg, interp),
     )
     return dq1, dq2, wb
 
@@ -366,46 +271,46 @@ def _dkdv(mod, k1, k2, v, wmask, dt_dot, dz, interp, dot):
     b, h, n, r = k1.shape
     dv = v.shape[-1]
     dev = v.device
-    dk1 = _empty(k1.shape, k1.dtype, dev)
-    dk2 = _empty(k2.shape, k2.dtype, dev)
-    dvv = _empty(v.shape, v.dtype, dev)
+    dk1 = empty(k1.shape, k1.dtype, dev)
+    dk2 = empty(k2.shape, k2.dtype, dev)
+    dvv = empty(v.shape, v.dtype, dev)
     ws = (0, 0, 0) if wmask is None else (wmask.stride(0), 0, wmask.stride(1))
-    cfg = _kernel_config("dkdv", r, interp, _is_fp32(dot))
-    mod._dkdv_kernel[(triton_cdiv(n, cfg["BLOCK_N"]), b * h)](
+    cfg = kernel_config("dkdv", r, interp, rt.is_fp32(dot))
+    mod._dkdv_kernel[(cdiv(n, cfg["BLOCK_N"]), b * h)](
         k1, k2, v, wmask if wmask is not None else v, dt_dot, dz, dk1, dk2, dvv,
-        *_s3(k1), *_s3(k2), *_s3(v), *ws,
-        *_s3(dk1), *_s3(dk2), *_s3(dvv),
+        *s3(k1), *s3(k2), *s3(v), *ws,
+        *s3(dk1), *s3(dk2), *s3(dvv),
         h, n,
         R=r, DV=dv, G=cfg["G"], BLOCK_N=cfg["BLOCK_N"], HAS_W=wmask is not None,
-        PREFETCH=cfg.get("PREFETCH", False), DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **_launch_extra(cfg, interp),
+        PREFETCH=cfg.get("PREFETCH", False), DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **launch_extra(cfg, interp),
     )
     return dk1, dk2, dvv
 
 
 def _forward(q1, q2, k1, k2, v, wmask, eps):
     interp = v.device.type != "cuda"
-    mod = _kernels(interp)
-    dot = _dot_setup((q1, q2, k1, k2, v), interp)
+    mod = kernels(interp)
+    dot = rt.dot_setup((q1, q2, k1, k2, v), interp)
     w = None if wmask is None else (wmask, (wmask.stride(0), 0, wmask.stride(1)))
     t = _state(mod, k1, k2, v, w, interp, dot)
     z = _zstate(mod, k1, k2, w, interp)
-    t_dot = _to_dot(t, dot)
+    t_dot = rt.to_dot(t, dot)
     out, den = _readout(mod, q1, q2, t_dot, z, v.dtype, eps, interp, dot)
     return out, den, t_dot, z
 
 
 def _backward(q1, q2, k1, k2, v, wmask, den, t_dot, z, do):
     interp = v.device.type != "cuda"
-    mod = _kernels(interp)
-    dot = _dot_setup((q1, q2, k1, k2, v), interp)
+    mod = kernels(interp)
+    dot = rt.dot_setup((q1, q2, k1, k2, v), interp)
     b, h, n, r = q1.shape
-    do = _rowmajor(do)
+    do = rowmajor(do)
     dq1, dq2, wb = _dq(mod, q1, q2, t_dot, z, do, den, interp, dot)
     # dT = sum_i kron(q_i) (x) dO_i / den_i,  dZ = sum_i kron(q_i) (-delta_i / den_i)
     rows = (h * n, n, 1)
     dt = _state(mod, q1, q2, do, (wb[0], rows), interp, dot, name="dstate")
     dz = _zstate(mod, q1, q2, (wb[1], rows), interp)
-    dk1, dk2, dvv = _dkdv(mod, k1, k2, v, wmask, _to_dot(dt, dot), dz, interp, dot)
+    dk1, dk2, dvv = _dkdv(mod, k1, k2, v, wmask, rt.to_dot(dt, dot), dz, interp, dot)
     return dq1.to(q1.dtype), dq2, dk1, dk2, dvv
 
 
@@ -425,8 +330,8 @@ def _forward_op(
 def _(q1, q2, k1, k2, v, wmask, eps):
     b, h, n, r = q1.shape
     dv = v.shape[-1]
-    # T in the dot operand dtype (_to_dot): bf16 when every input is half, else fp32
-    t_dtype = torch.bfloat16 if all(t.dtype in _HALF for t in (q1, q2, k1, k2, v)) else torch.float32
+    # T in the dot operand dtype (rt.to_dot): bf16 when every input is half, else fp32
+    t_dtype = torch.bfloat16 if all(t.dtype in rt.HALF for t in (q1, q2, k1, k2, v)) else torch.float32
     return (
         v.new_empty((b, h, n, dv)),
         v.new_empty((b * h, n), dtype=torch.float32),
@@ -481,7 +386,7 @@ def hadamard_attention(
     reason = unsupported_reason(q_feats, k_feats, v)
     if reason is not None:
         raise ValueError(f"hla_kernels.hadamard_attention: {reason}")
-    wmask = _mask_weights(key_mask, v)
-    q1, q2 = (_rowmajor(t) for t in q_feats)
-    k1, k2 = (_rowmajor(t) for t in k_feats)
-    return _forward_op(q1, q2, k1, k2, _rowmajor(v), wmask, float(eps))[0]
+    wmask = rt.mask_weights(key_mask, v)
+    q1, q2 = (rowmajor(t) for t in q_feats)
+    k1, k2 = (rowmajor(t) for t in k_feats)
+    return _forward_op(q1, q2, k1, k2, rowmajor(v), wmask, float(eps))[0]

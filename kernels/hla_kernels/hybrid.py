@@ -26,7 +26,9 @@ from types import ModuleType
 
 import torch
 
+from . import _runtime as rt
 from . import hadamard as hk
+from ._runtime import cdiv, empty, rowmajor, s3
 
 SHIFT_FLOOR = 30.0  # = hla_convert.ops.hybrid.SHIFT_FLOOR (kept equal by a test)
 _LOG2E = 1.0 / math.log(2.0)
@@ -55,9 +57,8 @@ INTERP_CONFIG: dict[str, dict] = {
 
 
 def _kernels(interp: bool) -> ModuleType:
-    """The hybrid kernel module for `interp`, after the Hadamard module of that mode."""
-    hk._kernels(interp)
-    return hk.load_jitted("_hybrid_triton", interp)
+    """The hybrid kernel module for `interp`."""
+    return rt.load_jitted("_hybrid_triton", interp)
 
 
 def _frame_blocks(grid: Sequence[int], window: Sequence[int], halo: Sequence[int]) -> tuple[int, int] | str:
@@ -87,15 +88,15 @@ def unsupported_reason(
         return why
     if any(t.device != v.device for t in (q, k)):
         return "inputs on different devices"
-    if q.dtype not in hk._DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in rt.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of float32, bfloat16, float16"
     if any(f.dtype != v.dtype for f in (*q_feats, *k_feats)):
         return "features and v in different dtypes"
     if q.dim() != 4 or k.shape != q.shape or q.shape[:3] != v.shape[:3]:
         return f"q, k must be [B, H, N, d] and v [B, H, N, dv] alike, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
     d = q.shape[-1]
-    lo = 2 if hk.interpreting() else 16
-    if not (hk._pow2(d) and lo <= d <= 128):
+    lo = 2 if rt.interpreting() else 16
+    if not (rt.pow2(d) and lo <= d <= 128):
         return f"head dim {d}: need a power of two in [{lo}, 128]"
     tiles = _frame_blocks(grid, window, halo)
     if isinstance(tiles, str):
@@ -123,39 +124,6 @@ def _g(r: int, fp32: bool, interp: bool) -> int:
     return max(1, (32 if fp32 else 64) // r)
 
 
-def _block_states(hmod, p1, p2, x, w, big: int, nb: int, interp: bool, dot, name: str) -> torch.Tensor:
-    """[NB, B*H, R*R, DV] fp32: the state of each block of `big` consecutive rows (one split each)."""
-    b, h, n, r = p1.shape
-    dv = x.shape[-1]
-    cfg = hk._kernel_config(name, r, interp, hk._is_fp32(dot))
-    g = cfg["G"]
-    tpart = torch.empty((nb, b * h, r * r, dv), dtype=torch.float32, device=x.device)
-    wt, ws = w if w is not None else (x, (0, 0, 0))
-    hmod._state_kernel[(r // g, b * h, nb)](
-        p1, p2, x, wt, tpart,
-        *hk._s3(p1), *hk._s3(p2), *hk._s3(x), *ws,
-        h, n, big,
-        R=r, DV=dv, G=g, BLOCK_N=cfg["BLOCK_N"], HAS_W=w is not None, TRANS_ACC=cfg.get("TRANS_ACC", False),
-        PREFETCH=cfg.get("PREFETCH", True), DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **hk._launch_extra(cfg, interp),
-    )
-    return tpart
-
-
-def _block_zstates(hmod, p1, p2, w, big: int, nb: int, interp: bool) -> torch.Tensor:
-    """[NB, B*H, R*R] fp32: Z = sum w p1 p2^T over each block of `big` rows."""
-    b, h, n, r = p1.shape
-    cfg = hk._kernel_config("zstate", r, interp)
-    zpart = torch.empty((nb, b * h, r * r), dtype=torch.float32, device=p1.device)
-    wt, ws = w if w is not None else (p1, (0, 0, 0))
-    hmod._zstate_kernel[(b * h, nb)](
-        p1, p2, wt, zpart,
-        *hk._s3(p1), *hk._s3(p2), *ws,
-        h, n, big,
-        R=r, BLOCK_N=cfg["BLOCK_N"], HAS_W=w is not None, EMU=interp, **hk._launch_extra(cfg, interp),
-    )
-    return zpart
-
-
 def _rest(parts: torch.Tensor) -> torch.Tensor:
     """sum over blocks minus each block, in place: [NB, ...] -> [NB, ...]."""
     total = parts.sum(0, keepdim=True)
@@ -173,7 +141,7 @@ class _Layout:
 def _common(q, v, q1):
     interp = v.device.type != "cuda"
     fp32 = q.dtype == torch.float32
-    dot = hk._dot_setup((q1, v), interp)
+    dot = rt.dot_setup((q1, v), interp)
     qk_prec = None if (interp or not fp32) else "tf32x3"
     small_prec = None if interp else "tf32x3"
     return interp, fp32, dot, qk_prec, small_prec
@@ -181,75 +149,75 @@ def _common(q, v, q1):
 
 def _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, eps):
     interp, fp32, dot, qk_prec, small_prec = _common(q, v, q1)
-    hmod, mod = hk._kernels(interp), _kernels(interp)
+    hmod, mod = hk.kernels(interp), _kernels(interp)
     b, h, n, d = q.shape
     dv, r = v.shape[-1], q1.shape[-1]
     vid = lay.vid
     w = None if kmask is None else (kmask[:, vid], (kmask.stride(0), 0, kmask.stride(1)))
-    t_rest = hk._to_dot(_rest(_block_states(hmod, k1[:, :, vid], k2[:, :, vid], v[:, :, vid], w, lay.big, lay.nb, interp, dot, "state")), dot)
-    z_rest = _rest(_block_zstates(hmod, k1[:, :, vid], k2[:, :, vid], w, lay.big, lay.nb, interp))
-    out = hk._empty((b, h, n, dv), v.dtype, v.device)
-    mst = hk._empty((b * h, n), torch.float32, v.device)
-    dst = hk._empty((b * h, n), torch.float32, v.device)
+    t_rest = rt.to_dot(_rest(hk.state_parts(hmod, k1[:, :, vid], k2[:, :, vid], v[:, :, vid], w, interp, dot, "state", per=lay.big)), dot)
+    z_rest = _rest(hk.zstate_parts(hmod, k1[:, :, vid], k2[:, :, vid], w, interp, per=lay.big))
+    out = empty((b, h, n, dv), v.dtype, v.device)
+    mst = empty((b * h, n), torch.float32, v.device)
+    dst = empty((b * h, n), torch.float32, v.device)
     cfg = _config("fwd", interp, fp32)
     km = kmask if kmask is not None else q
-    grid = (hk.triton_cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), lay.nb + (1 if lay.tl else 0), b * h)
+    grid = (cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), lay.nb + (1 if lay.tl else 0), b * h)
     mod._hyb_fwd_kernel[grid](
         q, k, v, q1, q2, t_rest, z_rest, km, beta, out, mst, dst,
-        *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(q1), *hk._s3(q2), *hk._s3(out), n,
+        *s3(q), *s3(k), *s3(v), *s3(q1), *s3(q2), *s3(out), n,
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(eps),
         float(-SHIFT_FLOOR * _LOG2E), float(math.exp(SHIFT_FLOOR)),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
-        **hk._launch_extra(cfg, interp),
+        **rt.launch_extra(cfg, interp),
     )
     return out, mst, dst, t_rest, z_rest
 
 
 def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, mst, dst, t_rest, z_rest, do):
     interp, fp32, dot, qk_prec, small_prec = _common(q, v, q1)
-    hmod, mod = hk._kernels(interp), _kernels(interp)
+    hmod, mod = hk.kernels(interp), _kernels(interp)
     b, h, n, d = q.shape
     dv, r = v.shape[-1], q1.shape[-1]
     vid = lay.vid
-    do = hk._rowmajor(do)
+    do = rowmajor(do)
     delta = (do.float() * out.float()).sum(-1).reshape(b * h, n)
-    dq = hk._empty(q.shape, q.dtype, q.device)
-    dq1 = hk._empty((b, h, n, r), torch.float32, q.device)
-    dq2 = hk._empty(q2.shape, q2.dtype, q.device)
+    dq = empty(q.shape, q.dtype, q.device)
+    dq1 = empty((b, h, n, r), torch.float32, q.device)
+    dq2 = empty(q2.shape, q2.dtype, q.device)
     wb = torch.zeros((2, b * h, n), dtype=torch.float32, device=q.device)
-    dbeta = hk._empty((b * h, n), torch.float32, q.device)
+    dbeta = empty((b * h, n), torch.float32, q.device)
     km = kmask if kmask is not None else q
     nblk = lay.nb + (1 if lay.tl else 0)
     cfg = _config("dq", interp, fp32)
-    mod._hyb_dq_kernel[(hk.triton_cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), nblk, b * h)](
+    mod._hyb_dq_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), nblk, b * h)](
         q, k, v, q1, q2, t_rest, z_rest, km, beta, do, mst, dst, delta,
         dq, dq1, dq2, wb, dbeta,
-        *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(q1), *hk._s3(q2), *hk._s3(do), *hk._s3(dq), *hk._s3(dq2), n,
+        *s3(q), *s3(k), *s3(v), *s3(q1), *s3(q2), *s3(do), *s3(dq), *s3(dq2), n,
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
-        **hk._launch_extra(cfg, interp),
+        **rt.launch_extra(cfg, interp),
     )
     # dT_rest(blk) = sum over the block's queries of kk_q (x) w dO, dZ_rest with -w delta
     rows = (h * n, n, 1)
     q1v, q2v = q1[:, :, vid], q2[:, :, vid]
-    dt_eff = hk._to_dot(_rest(_block_states(hmod, q1v, q2v, do[:, :, vid], (wb[0][:, vid], rows), lay.big, lay.nb, interp, dot, "dstate")), dot)
-    dz_eff = _rest(_block_zstates(hmod, q1v, q2v, (wb[1][:, vid], rows), lay.big, lay.nb, interp))
-    dk = hk._empty(k.shape, k.dtype, k.device)
-    dvv = hk._empty(v.shape, v.dtype, v.device)
-    dk1 = hk._empty(k1.shape, k1.dtype, k.device)
-    dk2 = hk._empty(k2.shape, k2.dtype, k.device)
+    dt_eff = rt.to_dot(_rest(hk.state_parts(hmod, q1v, q2v, do[:, :, vid], (wb[0][:, vid], rows), interp, dot, "dstate", per=lay.big)), dot)
+    dz_eff = _rest(hk.zstate_parts(hmod, q1v, q2v, (wb[1][:, vid], rows), interp, per=lay.big))
+    dk = empty(k.shape, k.dtype, k.device)
+    dvv = empty(v.shape, v.dtype, v.device)
+    dk1 = empty(k1.shape, k1.dtype, k.device)
+    dk2 = empty(k2.shape, k2.dtype, k.device)
     cfg = _config("dkdv", interp, fp32)
-    mod._hyb_dkdv_kernel[(hk.triton_cdiv(max(lay.big, lay.tl), cfg["BLOCK_N"]), nblk, b * h)](
+    mod._hyb_dkdv_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_N"]), nblk, b * h)](
         q, k, v, k1, k2, do, mst, dst, delta, dt_eff, dz_eff, km,
         dk, dvv, dk1, dk2,
-        *hk._s3(q), *hk._s3(k), *hk._s3(v), *hk._s3(k1), *hk._s3(k2), *hk._s3(do),
-        *hk._s3(dk), *hk._s3(dvv), *hk._s3(dk1), *hk._s3(dk2), n,
+        *s3(q), *s3(k), *s3(v), *s3(k1), *s3(k2), *s3(do),
+        *s3(dk), *s3(dvv), *s3(dk1), *s3(dk2), n,
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
-        **hk._launch_extra(cfg, interp),
+        **rt.launch_extra(cfg, interp),
     )
     dlog_beta = dbeta.view(b, h, n).sum((0, 2))
     return dq, dk, dvv, dq1.to(q1.dtype), dq2, dk1, dk2, dlog_beta
@@ -272,7 +240,7 @@ def _forward_op(
 def _(q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_first, eps):
     b, h, n, _ = q.shape
     dv, r = v.shape[-1], q1.shape[-1]
-    t_dtype = torch.bfloat16 if all(t.dtype in hk._HALF for t in (q1, v)) else torch.float32  # hk._dot_setup
+    t_dtype = torch.bfloat16 if all(t.dtype in rt.HALF for t in (q1, v)) else torch.float32  # rt.dot_setup
     f32 = torch.float32
     return (
         v.new_empty((b, h, n, dv)),
@@ -349,8 +317,8 @@ def hybrid_attention(
     if log_beta.shape != (q.shape[1],):
         raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
     big, nb = _frame_blocks(grid, window, halo)
-    kmask = hk._mask_weights(key_mask, v)
-    rm = hk._rowmajor
+    kmask = rt.mask_weights(key_mask, v)
+    rm = rowmajor
     q1, q2 = (rm(t) for t in q_feats)
     k1, k2 = (rm(t) for t in k_feats)
     return _forward_op(
