@@ -4,7 +4,7 @@ The demo has 3 layers and the fidelity benchmark's teachers 6: both stay under t
 at which peft shortens target names, which once made every real conversion write an adapter that
 could not be loaded. Here a WanPipeline folder with a 20-block tiny transformer (saved with
 save_pretrained, as a user's folder is) runs the shipped `wan2.1-t2v-1.3b` recipe with only its
-video size, calibration counts and step counts cut down (calibration from the pipeline's own
+video size, calibration counts, step counts and LoRA rank cut down (calibration from the pipeline's own
 trajectories, as shipped): 2 layers kept softmax, 18 hybrid layers, LoRA on 72 linears. What the user gets is measured
 from the saved folder: `validate` (a fresh load) reproduces the saved drift, `load_converted` gives
 the adapters on exactly the converted layers, and `sample` runs.
@@ -40,6 +40,7 @@ CUT = {  # the shipped recipe at tiny sizes: 5 frames x 32 x 32 pixels -> 2 x 4 
     "stage2.steps": 3,
     "stage2.batch_size": 2,
     "stage2.checkpoint_every": 2,
+    "stage2.lora_rank": 8,  # the shipped 32 is past the tiny model's 24 features (refused, as it should be)
     "validation.sampling_steps": 2,
 }
 
