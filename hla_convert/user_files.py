@@ -40,7 +40,7 @@ def check_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error
 
 def _checked(st: os.stat_result, what: str, max_bytes: int, error: Callable[[str], Exception]) -> os.stat_result:
     if stat.S_ISDIR(st.st_mode):
-        raise error(f"{what} is a folder, not a file")
+        raise error(f"{what} is a folder, not a regular file")
     if not stat.S_ISREG(st.st_mode):
         kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file"
         raise error(f"{what} is {kind}, not a regular file; hla-convert reads regular files only")
