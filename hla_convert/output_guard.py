@@ -264,6 +264,8 @@ def output_lock(out: Path) -> Iterator[None]:
             created = True
     except (OSError, ValueError) as exc:
         raise OutputError(f"--out {out} cannot be created ({_reason(exc)})") from None
+    except RecursionError:  # pathlib creates missing parents recursively, one frame per folder
+        raise OutputError(f"--out {out} cannot be created (more missing parent folders than Python can nest)") from None
     path = out / LOCK_FILE
     try:
         try:
