@@ -550,3 +550,26 @@ def test_an_error_line_is_at_most_600_characters_prefix_included(tmp_path, make_
     line = assert_one_line_error(result)
     assert len(line) <= 600
     assert json.loads(result.stdout)["error"] == line.removeprefix("hla-convert: error: ")
+
+
+# Makes `import pydantic` fail as it does where typer >= 0.29 was installed without it (--no-deps).
+_NO_PYDANTIC = """
+import sys
+class _NoPydantic:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pydantic" or name.startswith("pydantic."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoPydantic())
+"""
+
+
+def test_a_missing_dependency_is_one_line_naming_it(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(_NO_PYDANTIC)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("hla-convert: error: a package hla-convert needs cannot be imported: pydantic"), line
+    assert json.loads(proc.stdout)["exit_code"] == 2
