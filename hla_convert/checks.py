@@ -20,6 +20,20 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_arg_types(**args: tuple[Any, tuple[type, ...]]) -> None:
+    """The Python API's arguments, each of the type its docstring says (None always allowed): keyword
+    = the command line's flag or argument name ("out", "recipe"), value = (argument, accepted
+    types). An int for a path, say, is one InputError here, not an AttributeError deep inside."""
+    for name, (value, types) in args.items():
+        if value is None:
+            continue
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            flag = name.upper() if name in ("model", "dir") else "--" + name.replace("_", "-")
+            wanted = " or ".join(t.__name__ for t in types)
+            raise InputError(f"{flag} must be a {wanted}, not {type(value).__name__} ({shown(value)})")
+
+
 def default_device() -> str:
     import torch
 
@@ -142,6 +156,7 @@ def hub_notice(model: str | None) -> Iterator[None]:
 __all__ = [
     "HUB_NOTICE_AFTER_S",
     "InputError",
+    "check_arg_types",
     "check_device",
     "check_model_path",
     "check_recorded_base",
