@@ -18,9 +18,6 @@ whose names are re-exported here.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,36 +223,13 @@ def _sample_demo(out_dir: Path, base: str | None, inputs: dict[str, Any] | None,
     )
 
 
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """diffusers' and transformers' loading progress bars off ("Loading pipeline components",
-    "Loading weights") and the torch_dtype deprecation notice: noise among the command's output."""
-    import importlib
-
-    toggles = []
-    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
-        try:
-            logging = importlib.import_module(name)
-        except ImportError:
-            continue
-        if logging.is_progress_bar_enabled():
-            logging.disable_progress_bar()
-            toggles.append(logging)
-    try:
-        with warnings.catch_warnings():
-            # newer diffusers name it `dtype`; `torch_dtype` is what every supported version takes
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            yield
-    finally:
-        for logging in toggles:
-            logging.enable_progress_bar()
-
-
 def load_pipeline(model: torch.nn.Module, ref: Any, device: Any) -> Any:
     """The diffusers pipeline of `ref` (loading.ModelRef with a pipeline_dir) around `model` as its
     transformer, on `device`, progress bars off."""
     import diffusers
     from diffusers import DiffusionPipeline
+
+    from .loading import quiet_loading
 
     where = ref.pipeline_dir
     kwargs = {"revision": ref.revision} if ref.revision else {}
@@ -265,7 +239,7 @@ def load_pipeline(model: torch.nn.Module, ref: Any, device: Any) -> Any:
         cls = getattr(diffusers, name, None)
         if cls is None:
             raise SampleError(f"{where}: its pipeline class {name!r} is not in diffusers {diffusers.__version__}")
-        with _quiet_loading():
+        with quiet_loading():
             pipe = cls.from_pretrained(where, transformer=model, torch_dtype=model.dtype, **kwargs)
     except SampleError:
         raise
