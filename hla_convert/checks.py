@@ -105,6 +105,10 @@ def folder_arg(flag: str, text: str) -> Path:
         raise InputError(f"{flag} is empty; give a folder")
     if "\0" in str(text):
         raise InputError(f"{flag} {shown(text)} contains a NUL byte")
+    try:  # safetensors (Rust) takes UTF-8 paths only: a byte that is not would fail the final save
+        os.path.abspath(str(text)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{flag} {shown(text)} is not valid UTF-8 (the folder or the current folder's path); use a UTF-8 name") from None
     return Path(text)
 
 

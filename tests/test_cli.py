@@ -573,3 +573,11 @@ def test_a_missing_dependency_is_one_line_naming_it(tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("hla-convert: error: a package hla-convert needs cannot be imported: pydantic"), line
     assert json.loads(proc.stdout)["exit_code"] == 2
+
+
+def test_a_folder_name_that_is_not_utf8_is_refused_before_the_run(tmp_path):
+    # issue 18: the whole run, then "adapter ... corrupt" (safetensors takes UTF-8 paths only)
+    bad = str(tmp_path / b"out\xff".decode("utf-8", "surrogateescape"))
+    assert_one_line_error(invoke("convert", "--out", bad, "--steps", "0", "--device", "cpu"), contains="use a UTF-8 name")
+    assert list(tmp_path.iterdir()) == []
+    assert_one_line_error(invoke("validate", bad), contains="use a UTF-8 name")
