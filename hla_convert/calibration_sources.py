@@ -303,7 +303,9 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
     if not ok:
         raise CalibrationError(f"{where}: hidden_states: expected shape {expect} for this {arch}, got {list(hs.shape)}")
     if hs.dim() == 5:  # a latent video: each of F, H, W whole patches of the model (2x2 for most)
-        pt, ph, pw = _patch_sizes(cfg)
+        from .pipeline_loading import patch_sizes
+
+        pt, ph, pw = patch_sizes(cfg)
         f, h, w = (hs.shape[1], hs.shape[3], hs.shape[4]) if arch == "CogVideoXTransformer3DModel" else tuple(hs.shape[2:])
         if hs.shape[0] < 1 or any(n < m or n % m for n, m in ((f, pt), (h, ph), (w, pw))):
             raise CalibrationError(
@@ -317,17 +319,6 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
     for k, v in item.items():
         if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in ("image_rotary_emb",) and v.shape[0] not in (b, 1):
             raise CalibrationError(f"{where}: {k}: batch size {v.shape[0]} differs from hidden_states' {b}")
-
-
-def _patch_sizes(cfg: Any) -> tuple[int, int, int]:
-    """(frames, height, width) of one patch from a diffusers config: patch_size (an int or a
-    (t, h, w) list) and patch_size_t; 1 where the config says nothing."""
-    size = getattr(cfg, "patch_size", None) or 1
-    if isinstance(size, (list, tuple)):
-        t, h, w = (list(size) + [1, 1, 1])[:3] if len(size) == 3 else (1, *list(size)[:2])
-    else:
-        t, h, w = getattr(cfg, "patch_size_t", None) or 1, size, size
-    return int(t), int(h), int(w)
 
 
 def _described(value: Any) -> str:
