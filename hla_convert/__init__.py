@@ -1,16 +1,40 @@
 """hla-convert: softmax video DiTs -> Hadamard Linear Attention.
 
-The public API; each name lives in the module that says what it holds.
+The public API; each name lives in the module that says what it holds. The names are imported on
+first use (PEP 562 __getattr__), so that `import hla_convert.cli_entry` (the console script) stays
+light and can install its Ctrl-C / SIGTERM handlers before torch and diffusers load.
 """
 
-from .adapter import AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
-from .config import ConfigError, HLAConfig
-from .conversion import ConversionResult, ProgressEvent, ValidationResult, convert, validate
-from .errors import InputError
-from .hub import HubError, push_output
-from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
-from .output import load_converted
-from .surgery import ConversionError, convert_attention, revert_attention, select_modules
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "adapter": ["AdapterError", "fingerprint_weights", "load_adapter", "read_adapter_info", "save_adapter"],
+    "config": ["ConfigError", "HLAConfig"],
+    "conversion": ["ConversionResult", "ProgressEvent", "ValidationResult", "convert", "validate"],
+    "errors": ["InputError"],
+    "hub": ["HubError", "push_output"],
+    "layers": ["HLAAttention", "hla_layers", "hla_parameters", "set_attention_mode"],
+    "output": ["load_converted"],
+    "surgery": ["ConversionError", "convert_attention", "revert_attention", "select_modules"],
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hla_convert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME_OF])
+
 
 __all__ = [
     "AdapterError",

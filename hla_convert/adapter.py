@@ -31,6 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .checkpoints import atomic_write_bytes, atomic_write_text
+from .checks import shown
 from .config import ConfigError, HLAConfig
 from .errors import first_line
 from .json_docs import DuplicateKeyError, loads_strict, same_json
@@ -173,8 +174,24 @@ def save_adapter(
     return path
 
 
+# What read_adapter_info accepts for each metadata key: the types a saved adapter has (an edited or
+# hostile header with anything else is refused there, in one line, not deep inside a load). The
+# recorded base (base_source, base_revision) is checked where it is used: checks.check_recorded_base.
+_REQUIRED = ("base_fingerprint", "config", "modules")
+_TYPES: dict[str, tuple[type, ...]] = {
+    "base_fingerprint": (str,),
+    "config": (dict,),
+    "modules": (list,),
+    "base_class": (str, type(None)),
+    "lora": (dict, type(None)),
+    "extra": (dict, type(None)),
+}
+
+
 def read_adapter_info(directory: str | Path) -> dict[str, Any]:
-    """The adapter's metadata (format_version, base_source, base_revision, base_fingerprint, config, modules)."""
+    """The adapter's metadata (format_version, base_source, base_revision, base_fingerprint, config,
+    modules, and lora / extra when present), each of the type a saved adapter has (table _TYPES;
+    modules a list of module names), else AdapterError."""
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
         raise AdapterError(f"{directory} holds no {ADAPTER_FILE}: not an hla-convert adapter folder")
@@ -187,17 +204,22 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
         meta = {k: loads_strict(v) for k, v in header.items()}
     except DuplicateKeyError as exc:  # json.loads would keep the last value silently
         raise AdapterError(f"{path} has tampered metadata ({exc}): not as hla-convert wrote it") from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise AdapterError(f"{path} has unreadable metadata: not written by hla-convert") from None
     if meta.get("format") != FORMAT:
-        raise AdapterError(f"{path} is not an hla-convert adapter (format {meta.get('format')!r})")
+        raise AdapterError(f"{path} is not an hla-convert adapter (format {shown(meta.get('format'))})")
     if not same_json(meta.get("format_version"), FORMAT_VERSION):  # true == 1 in Python, not in the format
         raise AdapterError(
-            f"{path} has adapter format version {meta.get('format_version')!r}; this hla-convert reads version {FORMAT_VERSION}"
+            f"{path} has adapter format version {shown(meta.get('format_version'))}; this hla-convert reads version {FORMAT_VERSION}"
         )
-    for key in ("base_fingerprint", "config", "modules"):
+    for key in _REQUIRED:
         if key not in meta:
             raise AdapterError(f"{path} metadata lacks {key!r}")
+    for key, types in _TYPES.items():
+        if key in meta and not isinstance(meta[key], types):
+            raise AdapterError(f"{path} metadata {key!r} is a {type(meta[key]).__name__} ({shown(meta[key])}), not what hla-convert writes")
+    if not meta["modules"] or not all(isinstance(m, str) and m for m in meta["modules"]):
+        raise AdapterError(f"{path} metadata 'modules' must be a non-empty list of module names, not {shown(meta['modules'])}")
     try:  # the config's field types, before any model loads (factors: 2.0, normalize: 1 are refused)
         HLAConfig.from_dict(meta["config"])
     except (ConfigError, TypeError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -282,8 +283,17 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
         if n not in item:
             raise CalibrationError(f"{where}: {n}: missing; {_arch(model)}.forward needs it")
     hs = item["hidden_states"]
-    if not isinstance(hs, torch.Tensor):
-        raise CalibrationError(f"{where}: hidden_states: must be a tensor, got {type(hs).__name__}")
+    if not isinstance(hs, torch.Tensor) or not hs.is_floating_point():
+        kind = str(hs.dtype).removeprefix("torch.") if isinstance(hs, torch.Tensor) else type(hs).__name__
+        raise CalibrationError(f"{where}: hidden_states: must be a floating-point tensor, got {kind}")
+    for k, v in item.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CalibrationError(f"{where}: {k}: holds NaN or infinite values")
+        if k == "timestep":
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            vector = isinstance(v, torch.Tensor) and v.dim() <= 1 and not v.is_complex() and v.dtype != torch.bool
+            if not (number or vector):
+                raise CalibrationError(f"{where}: timestep: must be a number or a [B] tensor, got {_described(v)}")
     cfg, arch = model.config, _arch(model)
     c = getattr(cfg, "in_channels", None)
     if arch == "CogVideoXTransformer3DModel":
@@ -296,6 +306,15 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
         ok, expect = True, ""
     if not ok:
         raise CalibrationError(f"{where}: hidden_states: expected shape {expect} for this {arch}, got {list(hs.shape)}")
+    if hs.dim() == 5:  # a latent video: each of F, H, W whole patches of the model (2x2 for most)
+        from .pipeline_loading import patch_sizes
+
+        pt, ph, pw = patch_sizes(cfg)
+        f, h, w = (hs.shape[1], hs.shape[3], hs.shape[4]) if arch == "CogVideoXTransformer3DModel" else tuple(hs.shape[2:])
+        if hs.shape[0] < 1 or any(n < m or n % m for n, m in ((f, pt), (h, ph), (w, pw))):
+            raise CalibrationError(
+                f"{where}: hidden_states: frames x height x width {f} x {h} x {w} are not whole {pt} x {ph} x {pw} patches of this {arch}"
+            )
     b = hs.shape[0]
     ehs = item.get("encoder_hidden_states")
     d = _text_dim(cfg)
@@ -304,6 +323,12 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
     for k, v in item.items():
         if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in ("image_rotary_emb",) and v.shape[0] not in (b, 1):
             raise CalibrationError(f"{where}: {k}: batch size {v.shape[0]} differs from hidden_states' {b}")
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 def input_files(folder: str | Path, split: str) -> list[Path]:

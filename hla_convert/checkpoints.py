@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .errors import first_line
+
 _STATE_KEY = "hla_convert_checkpoint"
 
 
@@ -79,7 +81,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], s
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by save_checkpoint: (tensors on the CPU, state)."""
+    """Read a file written by save_checkpoint: (tensors on the CPU, state: a dict; its fields are
+    checked by the reader that knows them, distill_loop._restore)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -90,10 +93,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from e
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({first_line(e)[:200]})") from None
     if _STATE_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file, but not an hla-convert checkpoint (no {_STATE_KEY} metadata)")
-    return tensors, json.loads(meta[_STATE_KEY])
+    try:
+        state = json.loads(meta[_STATE_KEY])
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: its {_STATE_KEY} metadata is not readable JSON") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its {_STATE_KEY} metadata is a {type(state).__name__}, not an object")
+    return tensors, state
 
 
 def optimizer_to_checkpoint(optimizer: torch.optim.Optimizer, prefix: str = "optimizer.") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

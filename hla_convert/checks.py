@@ -20,6 +20,20 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_arg_types(**args: tuple[Any, tuple[type, ...]]) -> None:
+    """The Python API's arguments, each of the type its docstring says (None always allowed): keyword
+    = the command line's flag or argument name ("out", "recipe"), value = (argument, accepted
+    types). An int for a path, say, is one InputError here, not an AttributeError deep inside."""
+    for name, (value, types) in args.items():
+        if value is None:
+            continue
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            flag = name.upper() if name in ("model", "dir") else "--" + name.replace("_", "-")
+            wanted = " or ".join(t.__name__ for t in types)
+            raise InputError(f"{flag} must be a {wanted}, not {type(value).__name__} ({shown(value)})")
+
+
 def default_device() -> str:
     import torch
 
@@ -91,6 +105,10 @@ def folder_arg(flag: str, text: str) -> Path:
         raise InputError(f"{flag} is empty; give a folder")
     if "\0" in str(text):
         raise InputError(f"{flag} {shown(text)} contains a NUL byte")
+    try:  # safetensors (Rust) takes UTF-8 paths only: a byte that is not would fail the final save
+        os.path.abspath(str(text)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{flag} {shown(text)} is not valid UTF-8 (the folder or the current folder's path); use a UTF-8 name") from None
     return Path(text)
 
 
@@ -142,6 +160,7 @@ def hub_notice(model: str | None) -> Iterator[None]:
 __all__ = [
     "HUB_NOTICE_AFTER_S",
     "InputError",
+    "check_arg_types",
     "check_device",
     "check_model_path",
     "check_recorded_base",

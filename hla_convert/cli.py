@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,13 +49,15 @@ from .cli_display import stdout_console as _stdout
 from .cli_options import EXIT_CODES_HELP, DeviceOpt, DirRevisionOpt, DtypeOpt, HubDirArg, JsonOpt, ModelArg, RevisionOpt, SubfolderOpt
 from .cli_run import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED
 from .cli_run import clip as _clip
+from .cli_run import early_document as _early_document
 from .cli_run import command as _command
 from .cli_run import error_line as _error_line
+from .cli_run import write_stdout as _write_stdout
 from .cli_share import check_sampleable as _check_sampleable
 from .cli_share import register as _register_share_commands
 from .cli_share import sample_into as _sample_into
+from .cli_entry import main
 from .conversion import DEMO_RECIPE, load_recipe_arg, override_recipe, resolve_recipe  # noqa: F401 - DEMO_RECIPE: the default
-from .json_docs import dumps_document
 
 _EXIT_CODES_HELP = EXIT_CODES_HELP
 
@@ -93,15 +94,8 @@ class _Group(TyperGroup):
 
 def _usage_document(words: list[str], ctx: Any, code: int, message: str) -> None:
     """The --json document of a command line that never reached its command (click refused it)."""
-    if "--json" not in words or "--help" in words:
-        return
-    command = ctx.info_name if ctx is not None and ctx.parent is not None else next((w for w in words if w in _COMMANDS), None)
-    doc = {"command": command, "exit_code": code, "error": " ".join(message.split())}
-    sys.stdout.write(dumps_document(doc) + "\n")
-    sys.stdout.flush()
-
-
-_COMMANDS = ("convert", "validate", "inspect", "recipes", "sample", "push")
+    command = ctx.info_name if ctx is not None and ctx.parent is not None else None
+    _early_document(words, command, code, message)
 
 
 app = typer.Typer(
@@ -117,18 +111,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-
-
-def main() -> None:
-    """Console-script entry point (`hla-convert`)."""
-    # A SIGTERM (a job scheduler, `timeout`, `kill`) ends a run like Ctrl-C: one line, exit 130,
-    # the work folder kept for --resume.
-    signal.signal(signal.SIGTERM, _interrupt)
-    app()
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 # -- shared option handling -----------------------------------------------------------------------
@@ -258,6 +240,7 @@ def convert(
             files=result.files,
             seconds=result.seconds,
         )
+        doc["exit_code"] = EXIT_OK if result.passed else EXIT_DRIFT  # set first: it stands if stdout's reader has gone
         if not json_out:
             con = _stdout()
             con.print(_drift_table(result.report))
@@ -273,7 +256,6 @@ def convert(
             doc["sample"] = sampled.summary()
             if not json_out:
                 _stdout().print(f"sample: {video} and {video.with_suffix('.png')} (mean PSNR {doc['sample']['psnr_db_mean']:.1f} dB)")
-        doc["exit_code"] = EXIT_OK if result.passed else EXIT_DRIFT
 
 
 def _threshold(flag: str, text: str) -> Any:
@@ -319,11 +301,11 @@ def validate(
         with StageProgress(_stderr()) as bars:
             result = run_validation(plan, progress=bars)
         doc.update(drift=result.report, passed=result.passed, seconds=result.seconds)
+        doc["exit_code"] = EXIT_OK if result.passed else EXIT_DRIFT
         if not json_out:
             con = _stdout()
             con.print(_drift_table(result.report, saved=result.saved_report or None))
             _print_verdict(con, result.report)
-        doc["exit_code"] = EXIT_OK if result.passed else EXIT_DRIFT
 
 
 @app.command(epilog="Example:\n\n  hla-convert inspect Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 81 --height 480 --width 832\n\n" + _EXIT_CODES_HELP)
@@ -394,7 +376,7 @@ def recipes(
             raise CommandFailed(str(exc), EXIT_BAD_INPUT) from None
         doc.update(name=name, yaml=text)
         if not json_out:
-            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            _write_stdout(text if text.endswith("\n") else text + "\n")
 
 
 

@@ -17,8 +17,20 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+class _StdoutConsole(Console):
+    """Rich ends the process with exit 1 when stdout's reader has gone (`hla-convert recipes | head -1`);
+    here the rest of the output is dropped quietly and the command's own exit code stands
+    (cli_run.write_stdout says why)."""
+
+    def on_broken_pipe(self) -> None:  # noqa: D102
+        from .cli_run import silence_stdout
+
+        self.quiet = True
+        silence_stdout()
+
+
 def stdout_console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    return _StdoutConsole(highlight=False, soft_wrap=False)
 
 
 class _StopAfterSteps(KeyboardInterrupt):

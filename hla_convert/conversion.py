@@ -18,13 +18,14 @@ interrupted one (KeyboardInterrupt) keeps OUT/.hla_work, and `resume=True` conti
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import check_device, check_model_path, check_recorded_base, folder_arg, hub_notice, note_sampling, shown
+from .checks import check_arg_types, check_device, check_model_path, folder_arg, hub_notice, note_sampling, shown
 from .errors import InputError
 from .recipes import Recipe
 
@@ -208,6 +209,11 @@ def plan_conversion(
     from .loading import parse_dtype
     from .output import run_identity
 
+    check_arg_types(
+        model=(model, (str,)), recipe=(recipe, (str, Recipe)), out=(out, (str, os.PathLike)), device=(device, (str,)),
+        dtype=(dtype, (str,)), revision=(revision, (str,)), subfolder=(subfolder, (str,)), steps=(steps, (int,)),
+        attention=(attention, (str,)), causal_block_frames=(causal_block_frames, (int,)),
+    )
     if out is None:
         raise InputError("--out is missing; give the output folder")
     out = folder_arg("--out", str(out))
@@ -361,6 +367,7 @@ def plan_validation(
     from .loading import parse_dtype
     from .output import base_of, read_output
 
+    check_arg_types(dir=(out, (str, os.PathLike)), base=(base, (str,)), device=(device, (str,)), dtype=(dtype, (str,)), revision=(revision, (str,)))
     directory = resolve_output_dir(folder_arg("DIR", str(out)), revision)  # a Hub ID: its cached snapshot
     info, recipe_path, saved = read_output(directory)
     check_model_path(base, "--base")
@@ -368,8 +375,6 @@ def plan_validation(
     rec = load_recipe_arg(str(recipe_path))
     rec = override_recipe(rec, "threshold options", fields=fields)
     source, revision, subfolder = (base, None, None) if base else base_of(info)
-    if not base:
-        check_recorded_base(info, source, revision, subfolder)
     parse_dtype(dtype)
     dev = check_device(device)
     return ValidationPlan(directory, info, saved, rec, base, source, revision, subfolder, dev, dtype)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint
+from .errors import first_line
 from .layers import attention_mode, hla_parameters
 from .recipes import Recipe
 
@@ -76,6 +77,52 @@ def _batch_indices(step: int, accumulate: int, n: int, seed: int, stage: str) ->
         g = torch.Generator().manual_seed(seed * 1_000_003 + _STAGE_STREAM[stage] * 10_007 + epoch)
         out.append(int(torch.randperm(n, generator=g)[pos]))
     return out
+
+
+def _restore(
+    ckpt: Path, fingerprint: str, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, total: int, stage: str, work_dir: Path
+) -> tuple[int, list, dict]:
+    """Load a stage's checkpoint into `params`, `optimizer` and torch's RNG; (step, loss history,
+    last per-layer values). Everything read is checked first: a damaged or edited checkpoint (bad
+    JSON, a string step, a step past the stage's end, a missing tensor, RNG garbage, a folder in
+    its place) is one CheckpointError (exit 2), not an exception from inside torch."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{stage}: the checkpoint {ckpt} {why}; start afresh without --resume (with --overwrite), "
+            f"or delete {work_dir} first"
+        )
+
+    if not ckpt.is_file() or ckpt.is_symlink():
+        raise bad("is not a regular file")
+    tensors, state = load_checkpoint(ckpt)
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{stage}: the checkpoint in {work_dir} was written for a different recipe, model or input set; "
+            "resume with the same ones, or start afresh without --resume (with --overwrite)"
+        )
+    step, history, layers = state.get("step"), state.get("history"), state.get("layers", {})
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+        raise bad(f"records step {str(step)[:40]!r}, not a whole number from 0 to the stage's {total} steps")
+    if not isinstance(history, list) or not isinstance(layers, dict) or not isinstance(state.get("optimizer"), dict):
+        raise bad("has a damaged state (history, layers or optimizer of the wrong type)")
+    for n, p in params.items():
+        t = tensors.get(f"param.{n}")
+        if t is None or t.shape != p.shape:
+            raise bad(f"lacks param.{n} or has it in another shape" )
+    rng = tensors.get("rng.torch")
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise bad("has no usable RNG state (rng.torch)")
+    saved_rng = torch.get_rng_state()
+    try:  # torch's own checks of the optimizer state and the RNG bytes
+        optimizer_from_checkpoint(optimizer, tensors, state["optimizer"])  # load_state_dict moves them
+        torch.set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        torch.set_rng_state(saved_rng)
+        raise bad(f"has a damaged optimizer or RNG state ({first_line(exc)[:200]})") from None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
+    return step, history, layers
 
 
 def _fingerprint(stage: str, recipe: Recipe, params: dict[str, nn.Parameter], n_inputs: int) -> str:
@@ -137,19 +184,8 @@ def _run_stage(
     optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=0.0)
     start, history, last_layers = 0, [], {}
 
-    if resume and ckpt.is_file():
-        tensors, state = load_checkpoint(ckpt)
-        if state.get("fingerprint") != fingerprint:
-            raise DistillError(
-                f"{stage}: the checkpoint in {work_dir} was written for a different recipe, model or input set; "
-                "resume with the same ones, or start afresh without --resume"
-            )
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(tensors[f"param.{n}"].to(params[n].device, params[n].dtype))
-        optimizer_from_checkpoint(optimizer, tensors, state["optimizer"])  # load_state_dict moves them
-        torch.set_rng_state(tensors["rng.torch"])
-        start, history, last_layers = state["step"], state["history"], state.get("layers", {})
+    if resume and (ckpt.exists() or ckpt.is_symlink()):
+        start, history, last_layers = _restore(ckpt, fingerprint, params, optimizer, spec.steps, stage, work_dir)
         summary["resumed_from"] = start
     elif main:
         # A fresh stage makes older checkpoints of it (and of what follows it) stale.

@@ -9,8 +9,10 @@ Accepted MODEL forms:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,13 +222,49 @@ def load_transformer(
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
-        transformer = ref.cls.from_pretrained(ref.path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+        with quiet_loading():
+            transformer = ref.cls.from_pretrained(ref.path, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # TypeError: a config value of the wrong type
         raise ModelLoadError(f"could not load {ref.cls.__name__} from {ref.path}: {first_line(exc)}") from None
     if device is not None:
         transformer.to(device)
     transformer.eval()
     return loaded_from(ref, transformer)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars off ("Loading pipeline components",
+    "Loading weights") and, unless HLA_CONVERT_DEBUG is set, their log warnings and Python warnings
+    ("config attributes ... will be ignored", the torch_dtype deprecation notice) too: noise among
+    the command's output, and before a load error the one error line must be the only line."""
+    import importlib
+    import warnings
+
+    debug = bool(os.environ.get("HLA_CONVERT_DEBUG"))
+    restore = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            logging = importlib.import_module(name)
+        except ImportError:
+            continue
+        if logging.is_progress_bar_enabled():
+            logging.disable_progress_bar()
+            restore.append(logging.enable_progress_bar)
+        if not debug:
+            level = logging.get_verbosity()
+            logging.set_verbosity_error()
+            restore.append(lambda logging=logging, level=level: logging.set_verbosity(level))
+    try:
+        with warnings.catch_warnings():
+            # newer diffusers name it `dtype`; `torch_dtype` is what every supported version takes
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            if not debug:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for undo in reversed(restore):
+            undo()
 
 
 def loaded_from(ref: ModelRef, transformer: nn.Module) -> LoadedModel:

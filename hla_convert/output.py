@@ -296,14 +296,18 @@ def _check_config_file(out: Path, header: dict[str, Any]) -> None:
 
 
 def base_of(info: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
-    """(MODEL argument for load_transformer, revision, subfolder) of the base an adapter records.
+    """(MODEL argument for load_transformer, revision, subfolder) of the base an adapter records,
+    checked as a MODEL argument is (checks.check_recorded_base: the metadata may have been edited).
 
     The demo's recorded name maps to None (the embedded model).
     """
+    from .checks import check_recorded_base
     from .loading import resolve_source
 
     extra = info.get("extra") or {}
-    return resolve_source(info.get("base_source") or ""), info.get("base_revision"), extra.get("base_subfolder")
+    source, revision, subfolder = resolve_source(info.get("base_source") or ""), info.get("base_revision"), extra.get("base_subfolder")
+    check_recorded_base(info, source, revision, subfolder)
+    return source, revision, subfolder
 
 
 def load_converted(
@@ -324,16 +328,17 @@ def load_converted(
 
         pipe = WanPipeline.from_pretrained(base, transformer=load_converted("wan-hla"))
     """
+    from .checks import check_arg_types, check_device, check_model_path
     from .hub import resolve_output_dir
-    from .loading import ModelLoadError, load_transformer
+    from .loading import load_transformer
 
+    check_arg_types(dir=(out_dir, (str, os.PathLike)), base=(base, (str,)), device=(device, (str,)), dtype=(dtype, (str,)), revision=(revision, (str,)))
+    if device is not None:
+        check_device(device)  # before the load: a missing GPU is an InputError, not an AssertionError after it
+    check_model_path(base, "--base")
     out_dir = resolve_output_dir(out_dir, revision)
     info = read_adapter_info(out_dir)
-    source, revision, subfolder = base_of(info)
-    if base is not None:
-        source, revision, subfolder = base, None, None
-    elif source == "":
-        raise ModelLoadError(f"{out_dir} does not record its base model; pass base=")
+    source, revision, subfolder = (base, None, None) if base is not None else base_of(info)
     loaded = load_transformer(source, revision=revision, subfolder=subfolder, dtype=dtype, device=device)
     model = load_adapter(loaded.transformer, out_dir)
     if device is not None:

@@ -69,7 +69,7 @@ def read_manifest(out: Path) -> dict[str, list[str]] | None:
         return None
     try:
         doc = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's limit
         return None
     files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT else None
     if not isinstance(files, dict):
@@ -146,7 +146,7 @@ def read_run_file(work: Path) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads((work / RUN_FILE).read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested past Python's limit
         raise OutputError(f"{work / RUN_FILE} is unreadable ({type(exc).__name__}); start the run again in an empty folder") from None
     if not isinstance(doc, dict):
         return None
@@ -305,7 +305,7 @@ def _stale(path: Path) -> tuple[bool, str]:
         pid, host, started = int(holder["pid"]), str(holder["host"]), holder.get("started")
     except FileNotFoundError:
         return True, "nobody"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return False, "an unreadable lock"
     who = f"pid {pid} on {host}"
     if host != socket.gethostname():
@@ -337,6 +337,8 @@ def output_lock(out: Path) -> Iterator[None]:
             created = True
     except (OSError, ValueError) as exc:
         raise OutputError(f"--out {out} cannot be created ({_reason(exc)})") from None
+    except RecursionError:  # pathlib creates missing parents recursively, one frame per folder
+        raise OutputError(f"--out {out} cannot be created (more missing parent folders than Python can nest)") from None
     path = out / LOCK_FILE
     try:
         try:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .errors import first_line
-from .loading import LoadedModel, ModelLoadError, loaded_from, resolve_model
+from .loading import LoadedModel, ModelLoadError, loaded_from, quiet_loading, resolve_model
 
 # Architectures whose converted self-attention also attends over the text tokens (joint attention).
 JOINT_TEXT_ATTENTION = (
@@ -33,9 +33,10 @@ def load_skeleton(model: str | None, revision: str | None = None, subfolder: str
 
     ref = resolve_model(model, revision, subfolder)
     try:
-        config = ref.cls.load_config(ref.path, **ref.pretrained_kwargs())
-        with init_empty_weights():
-            transformer = ref.cls.from_config(config)
+        with quiet_loading():
+            config = ref.cls.load_config(ref.path, **ref.pretrained_kwargs())
+            with init_empty_weights():
+                transformer = ref.cls.from_config(config)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"could not build {ref.cls.__name__} from the config of {ref.path}: {first_line(exc)}") from None
     return loaded_from(ref, transformer)

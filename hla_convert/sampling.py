@@ -18,9 +18,6 @@ whose names are re-exported here.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +82,43 @@ def sample_noise(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
 
 
+MAX_SEED = 2**32 - 1  # torch generators take 64 bits; sample_noise multiplies the seed by ~10^6
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise SampleError(f"seed must be an integer from 0 to {MAX_SEED}, got {str(seed)[:40]}")
+
+
+def with_demo_inputs(item: dict[str, torch.Tensor], inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The demo's conditioning `item` (demo_inputs) with an --inputs file's tensors in place of its
+    own: the same keys, floating point (cast to the demo's dtype), hidden_states [1, 3, F, H, W]
+    with H and W even (2x2 patches), encoder_hidden_states [1, L, 32], timestep as the demo's.
+    Anything else is a SampleError naming the key, not an error from inside the model."""
+    unknown = sorted(set(inputs) - set(item))
+    if unknown:
+        raise SampleError(f"--inputs holds {unknown[0]!r}; the demo model takes {', '.join(item)}")
+    out = dict(item)
+    for key, value in inputs.items():
+        ref = item[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else type(value).__name__
+            raise SampleError(f"--inputs {key} is {kind}; the demo model takes floating-point tensors")
+        shape = tuple(value.shape)
+        if key == "hidden_states":
+            ok = len(shape) == 5 and shape[:2] == tuple(ref.shape[:2]) and min(shape) > 0 and shape[3] % 2 == 0 and shape[4] % 2 == 0
+            wanted = f"[1, {ref.shape[1]}, F, H, W] with H and W even"
+        elif key == "encoder_hidden_states":
+            ok = len(shape) == 3 and shape[0] == 1 and shape[1] > 0 and shape[2] == ref.shape[2]
+            wanted = f"[1, L, {ref.shape[2]}]"
+        else:
+            ok, wanted = shape == tuple(ref.shape), str(list(ref.shape))
+        if not ok:
+            raise SampleError(f"--inputs {key} has shape {list(shape)}; the demo model takes {wanted}")
+        out[key] = value.to(ref.dtype)
+    return out
+
+
 def check_steps(steps: int | None) -> None:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
         raise SampleError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
@@ -136,6 +170,7 @@ def sample_side_by_side(
     from .recipes import load_recipe
 
     check_steps(steps)
+    check_seed(seed)
     out_dir = resolve_output_dir(out_dir, revision)
     info, recipe_path, _ = read_output(out_dir)
     recipe = load_recipe(str(recipe_path))
@@ -164,11 +199,8 @@ def _sample_demo(out_dir: Path, base: str | None, inputs: dict[str, Any] | None,
     scheduler = demo_scheduler()  # the drift check's, through pipeline_loading.load_scheduler
     item, prompt = demo_inputs(seed)
     if inputs is not None:
-        item = {**item, **inputs}
-        prompt = None
+        item, prompt = with_demo_inputs(item, inputs), None
     hs = item["hidden_states"]
-    if not isinstance(hs, torch.Tensor) or hs.ndim != 5 or hs.shape[0] != 1 or hs.shape[1] != 3:
-        raise SampleError(f"inputs' hidden_states must be a [1, 3, F, H, W] tensor, got {getattr(hs, 'shape', type(hs).__name__)}")
     model = load_converted(out_dir, base=base, device=device)
     dev = next(model.parameters()).device
     item = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
@@ -194,36 +226,13 @@ def _sample_demo(out_dir: Path, base: str | None, inputs: dict[str, Any] | None,
     )
 
 
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """diffusers' and transformers' loading progress bars off ("Loading pipeline components",
-    "Loading weights") and the torch_dtype deprecation notice: noise among the command's output."""
-    import importlib
-
-    toggles = []
-    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
-        try:
-            logging = importlib.import_module(name)
-        except ImportError:
-            continue
-        if logging.is_progress_bar_enabled():
-            logging.disable_progress_bar()
-            toggles.append(logging)
-    try:
-        with warnings.catch_warnings():
-            # newer diffusers name it `dtype`; `torch_dtype` is what every supported version takes
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            yield
-    finally:
-        for logging in toggles:
-            logging.enable_progress_bar()
-
-
 def load_pipeline(model: torch.nn.Module, ref: Any, device: Any) -> Any:
     """The diffusers pipeline of `ref` (loading.ModelRef with a pipeline_dir) around `model` as its
     transformer, on `device`, progress bars off."""
     import diffusers
     from diffusers import DiffusionPipeline
+
+    from .loading import quiet_loading
 
     where = ref.pipeline_dir
     kwargs = {"revision": ref.revision} if ref.revision else {}
@@ -233,7 +242,7 @@ def load_pipeline(model: torch.nn.Module, ref: Any, device: Any) -> Any:
         cls = getattr(diffusers, name, None)
         if cls is None:
             raise SampleError(f"{where}: its pipeline class {name!r} is not in diffusers {diffusers.__version__}")
-        with _quiet_loading():
+        with quiet_loading():
             pipe = cls.from_pretrained(where, transformer=model, torch_dtype=model.dtype, **kwargs)
     except SampleError:
         raise

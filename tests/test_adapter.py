@@ -230,3 +230,29 @@ def test_not_an_adapter(tmp_path):
 def test_save_needs_a_converted_model(tmp_path):
     with pytest.raises(AdapterError, match="no converted attention layers"):
         save_adapter(tiny_wan(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value, expect",
+    [
+        ("modules", "5", "'modules' is a int"),
+        ("modules", "null", "'modules' is a NoneType"),
+        ("modules", "[]", "non-empty list of module names"),
+        ("modules", "[1, 2]", "non-empty list of module names"),
+        ("config", '"hadamard"', "'config' is a str"),
+        ("base_fingerprint", "5", "'base_fingerprint' is a int"),
+        ("lora", "[1]", "'lora' is a list"),
+        ("extra", "[1]", "'extra' is a list"),
+        ("extra", "[" * 100_000 + "]" * 100_000, "unreadable metadata"),  # nested past Python's recursion limit
+    ],
+)
+def test_metadata_of_the_wrong_type_is_one_adapter_error(saved, key, value, expect):
+    # An edited header must be refused where it is read, not as a TypeError / RecursionError deep in the load.
+    folder, _ = saved
+    _rewrite(folder, change_meta=lambda meta: meta.__setitem__(key, value))
+    base = tiny_wan()
+    for read in (lambda: read_adapter_info(folder), lambda: load_adapter(base, folder)):
+        with pytest.raises(AdapterError, match=expect) as err:
+            read()
+        assert "\n" not in str(err.value) and len(str(err.value)) < 600
+    assert not hla_parameters(base)

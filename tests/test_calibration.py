@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -230,3 +231,25 @@ def test_calibration_files_that_are_not_regular_are_refused_before_the_run(tmp_p
         check_calibration_path(recipe)
     with pytest.raises(CalibrationError, match="is a FIFO"):
         load_input_file(tmp_path / "train" / "00000.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda it: dict(it, hidden_states=it["hidden_states"].to(torch.int64)), "hidden_states: must be a floating-point tensor, got int64"),
+        (lambda it: dict(it, hidden_states=it["hidden_states"][..., :1, :1]), "are not whole 1 x 2 x 2 patches"),
+        (lambda it: dict(it, hidden_states=it["hidden_states"][..., :3]), "are not whole 1 x 2 x 2 patches"),
+        (lambda it: dict(it, hidden_states=it["hidden_states"].clone().fill_(float("nan"))), "hidden_states: holds NaN or infinite values"),
+        (lambda it: dict(it, encoder_hidden_states=it["encoder_hidden_states"] * float("inf")), "encoder_hidden_states: holds NaN"),
+        (lambda it: dict(it, timestep="late"), "timestep: must be a number or a [B] tensor, got str 'late'"),
+        (lambda it: dict(it, timestep=torch.zeros(1, 2, 3)), "timestep: must be a number or a [B] tensor"),
+    ],
+)
+def test_folder_inputs_that_the_model_cannot_take_are_refused_by_name(tmp_path, change, expect):
+    # issue 18: these were exit 3 from inside the model, NaN ones "loss is nan ... lower learning rate"
+    model = tiny_model("wan")
+    recipe = tiny_recipe()
+    (item,) = build_inputs(model, recipe.with_overrides(fields={"calibration.samples": 2}), "train")
+    save_inputs([change(item)], tmp_path / "cache" / "train")
+    with pytest.raises(CalibrationError, match=re.escape(expect)):
+        build_inputs(model, recipe.with_overrides(source="folder", path=str(tmp_path / "cache")), "train")

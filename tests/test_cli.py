@@ -576,3 +576,98 @@ def test_unusable_paths_and_recorded_bases_are_bad_input(converted, tmp_path):
         for name in ("adapter_model.safetensors", "hla_config.json"):
             relist(edited, name)  # as a run that recorded such a base would have written them
         assert_one_line_error(invoke("validate", edited, "--device", "cpu"), contains=message)
+
+
+# -- issue 18: exit codes and the --json promise at the edges ----------------------------------
+
+
+def _script() -> str:
+    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the hla-convert console script is not installed"
+    return exe
+
+
+# Sends the signal to the process itself while it imports typer: the first second of a run, before
+# the command line is even parsed.
+_SIGNAL_DURING_IMPORTS = """
+import os, signal, sys
+class _SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIG{sig})
+        return None
+sys.meta_path.insert(0, _SignalOnImport())
+"""
+
+
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_a_signal_during_the_first_imports_is_exit_130_with_the_json_document(tmp_path, sig):
+    (tmp_path / "sitecustomize.py").write_text(_SIGNAL_DURING_IMPORTS.format(sig=sig))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "hla-convert: error: interrupted"
+    assert json.loads(proc.stdout) == {"command": "recipes", "exit_code": 130, "error": "interrupted"}
+
+
+@pytest.mark.parametrize("args", [["recipes"], ["recipes", "--json"], ["recipes", "tiny-wan"]])
+def test_a_reader_that_stops_early_ends_the_command_quietly(args):
+    # `hla-convert recipes | head -0`: the pipe is closed before anything is written (git and ripgrep
+    # end quietly there too); the command's exit code stands.
+    proc = subprocess.Popen([_script(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.decode() == ""
+
+
+def test_every_json_document_has_the_error_key():
+    doc = json.loads(invoke("recipes", "--json").stdout)
+    assert doc["exit_code"] == 0 and "error" in doc and doc["error"] is None
+
+
+@pytest.mark.parametrize("make_args", [
+    lambda long: ["inspect", long],
+    lambda long: ["validate", long],
+    lambda long: ["recipes", long + ".yaml"],
+    lambda long: ["convert", "--out", long, "--steps", "0"],
+])
+def test_an_error_line_is_at_most_600_characters_prefix_included(tmp_path, make_args):
+    long = str(tmp_path) + "/x" * 1500  # a path of 3,000 characters, 1,500 folders deep
+    result = invoke(*make_args(long), "--json")
+    line = assert_one_line_error(result)
+    assert len(line) <= 600
+    assert json.loads(result.stdout)["error"] == line.removeprefix("hla-convert: error: ")
+
+
+# Makes `import pydantic` fail as it does where typer >= 0.29 was installed without it (--no-deps).
+_NO_PYDANTIC = """
+import sys
+class _NoPydantic:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pydantic" or name.startswith("pydantic."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoPydantic())
+"""
+
+
+def test_a_missing_dependency_is_one_line_naming_it(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(_NO_PYDANTIC)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("hla-convert: error: a package hla-convert needs cannot be imported: pydantic"), line
+    assert json.loads(proc.stdout)["exit_code"] == 2
+
+
+def test_a_folder_name_that_is_not_utf8_is_refused_before_the_run(tmp_path):
+    # issue 18: the whole run, then "adapter ... corrupt" (safetensors takes UTF-8 paths only)
+    bad = str(tmp_path / b"out\xff".decode("utf-8", "surrogateescape"))
+    assert_one_line_error(invoke("convert", "--out", bad, "--steps", "0", "--device", "cpu"), contains="use a UTF-8 name")
+    assert list(tmp_path.iterdir()) == []
+    assert_one_line_error(invoke("validate", bad), contains="use a UTF-8 name")

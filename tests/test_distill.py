@@ -7,7 +7,7 @@ import torch
 
 from hla_convert import convert_attention, hla_parameters
 from hla_convert.calibration import build_inputs
-from hla_convert.checkpoints import checkpoint_path, load_checkpoint
+from hla_convert.checkpoints import CheckpointError, checkpoint_path, load_checkpoint
 from hla_convert.distill import DistillError, attention_transfer, initialize_feature_maps, output_distillation
 from hla_convert.layers import hla_layers
 from hla_convert.recipes import parse_recipe
@@ -127,8 +127,54 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path):
     rec = recipe()
     model, inputs = converted(rec)
     attention_transfer(model, inputs, rec.with_overrides(steps=10, stage2_steps=0), tmp_path)
-    with pytest.raises(DistillError, match="different recipe"):
+    with pytest.raises(CheckpointError, match="different recipe") as err:  # bad input (exit 2), not a failed run
         attention_transfer(model, inputs, rec.with_overrides(steps=10, fields={"stage1.lr": 1e-2}), tmp_path, resume=True)
+    assert "learning rate" not in str(err.value)
+
+
+def _edit_checkpoint(path, tensors_change=None, state_change=None, raw_state=None):
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors, state = load_checkpoint(path)
+    if tensors_change:
+        tensors_change(tensors)
+    if state_change:
+        state_change(state)
+    save_file(tensors, str(path), metadata={"hla_convert_checkpoint": raw_state if raw_state is not None else json.dumps(state)})
+
+
+def _folder_in_its_place(path):
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize(
+    "damage, expect",
+    [
+        (lambda p: _edit_checkpoint(p, raw_state="{not json"), "not readable JSON"),
+        (lambda p: _edit_checkpoint(p, raw_state="[1, 2]"), "is a list, not an object"),
+        (lambda p: _edit_checkpoint(p, state_change=lambda s: s.__setitem__("step", "3")), "records step '3'"),
+        (lambda p: _edit_checkpoint(p, state_change=lambda s: s.__setitem__("step", 10**9)), "records step '1000000000'"),
+        (lambda p: _edit_checkpoint(p, state_change=lambda s: s.__setitem__("history", 5)), "damaged state"),
+        (lambda p: _edit_checkpoint(p, state_change=lambda s: s.__setitem__("optimizer", {"indices": "x"})), "damaged optimizer"),
+        (lambda p: _edit_checkpoint(p, tensors_change=lambda t: t.pop(next(k for k in t if k.startswith("param.")))), "lacks param."),
+        (lambda p: _edit_checkpoint(p, tensors_change=lambda t: t.__setitem__("rng.torch", torch.zeros(7, dtype=torch.uint8))), "RNG state"),
+        (lambda p: p.write_bytes(b"garbage"), "not a readable safetensors checkpoint"),
+        (_folder_in_its_place, "not a regular file"),
+    ],
+)
+def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, damage, expect):
+    rec = recipe(calibration__samples=4, calibration__height=32, calibration__width=32, stage1__batch_size=4).with_overrides(steps=2, stage2_steps=0)
+    model, inputs = converted(rec)
+    attention_transfer(model, inputs, rec, tmp_path)
+    before = {k: v.clone() for k, v in hla_parameters(model).items()}
+    damage(checkpoint_path(tmp_path, "stage1"))
+    with pytest.raises(CheckpointError, match=expect) as err:
+        attention_transfer(model, inputs, rec, tmp_path, resume=True)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(v, hla_parameters(model)[k]) for k, v in before.items())
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -96,7 +96,7 @@ def test_dtype_names():
 # -- configs and files that would hang or exhaust memory --------------------------------------
 
 
-def _demo_copy_with(tmp_path, **config) -> "Path":
+def _demo_copy_with(tmp_path, **config):
     import json
     import shutil
 
@@ -130,3 +130,40 @@ def test_a_fifo_config_is_refused_without_blocking(tmp_path):
     os.mkfifo(folder / "config.json")
     with pytest.raises(ModelLoadError, match="FIFO, not a regular file"):
         resolve_model(str(folder))
+
+
+def _demo_copy(tmp_path, **config):
+    """A folder copy of the embedded demo model with its config.json changed."""
+    import shutil
+    from importlib.resources import files
+
+    folder = tmp_path / "demo"
+    shutil.copytree(str(files("hla_convert.demo_model")), folder, ignore=shutil.ignore_patterns("__*"))
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(data | config))
+    return str(folder)
+
+
+def test_a_config_value_of_the_wrong_type_is_one_model_load_error(tmp_path):
+    # issue 18: num_layers "three" was a TypeError from inside diffusers (exit 3)
+    with pytest.raises(ModelLoadError, match="could not load WanTransformer3DModel") as err:
+        load_transformer(_demo_copy(tmp_path, num_layers="three"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_refused_load_prints_nothing_but_the_error_line(tmp_path):
+    # issue 18: diffusers' "config attributes ... will be ignored" came before the error line
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = _demo_copy(tmp_path, bogus_key=1, patch_size=[1, 2])
+    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable))
+    proc = subprocess.run(
+        [exe, "convert", folder, "--recipe", "tiny-wan", "--out", str(tmp_path / "o"), "--steps", "0", "--device", "cpu"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "hla-convert: error:" not in ln]
+    assert not any("config attributes" in ln or "Warning" in ln for ln in lines), proc.stderr

@@ -344,3 +344,17 @@ def test_a_kill_9_leaves_a_stale_lock_that_resume_takes_over(tmp_path, fast_reci
     resumed = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     assert not (out / LOCK_FILE).exists() and not (out / ".hla_work").exists()
+
+
+def test_work_files_nested_past_the_recursion_limit_are_bad_input_not_a_crash(tmp_path):
+    # issue 18: JSON nested 100,000 deep made json.loads raise RecursionError (exit 3)
+    from hla_convert.output_guard import LOCK_FILE, OutputError, lock_holder, read_run_file
+
+    deep = "[" * 100_000 + "]" * 100_000
+    work = tmp_path / ".hla_work"
+    work.mkdir()
+    (work / "run.json").write_text(deep)
+    with pytest.raises(OutputError, match="is unreadable"):
+        read_run_file(work)
+    (tmp_path / LOCK_FILE).write_text(deep)
+    assert lock_holder(tmp_path) == "an unreadable lock"

@@ -107,11 +107,26 @@ def test_sample_gif_to_another_place(converted, tmp_path):
         (["{dir}", "--out", "{tmp}/x.avi"], ".mp4 or .gif"),
         (["{dir}", "--steps", "0"], "--steps"),
         (["{dir}", "--out", "{tmp}"], "folder"),
+        # issue 18: these were exit 3 from inside torch / the model
+        (["{dir}", "--seed", "99999999999999999999999"], "seed must be an integer from 0 to"),
+        (["{dir}", "--inputs", "{tmp}/extra_key.safetensors"], "--inputs holds 'guidance'"),
+        (["{dir}", "--inputs", "{tmp}/int64.safetensors"], "hidden_states is int64"),
+        (["{dir}", "--inputs", "{tmp}/odd_height.safetensors"], "hidden_states has shape [1, 3, 8, 15, 16]"),
+        (["{dir}", "--inputs", "{tmp}/text_dim.safetensors"], "encoder_hidden_states has shape [1, 8, 7]"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(converted, tmp_path, args, contains):
+    from safetensors.torch import save_file
+
     empty = tmp_path / "empty"
     empty.mkdir()
+    for name, tensors in {
+        "extra_key": {"guidance": torch.zeros(1)},
+        "int64": {"hidden_states": torch.zeros(1, 3, 8, 16, 16, dtype=torch.int64)},
+        "odd_height": {"hidden_states": torch.zeros(1, 3, 8, 15, 16)},
+        "text_dim": {"encoder_hidden_states": torch.zeros(1, 8, 7)},
+    }.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
     words = [a.format(dir=converted, empty=empty, tmp=tmp_path) for a in args]
     if words[-1] == str(tmp_path):  # an existing folder as --out: named .gif so only the folder check can refuse it
         (tmp_path / "d.gif").mkdir()
