@@ -38,8 +38,25 @@ from .recipe_schema import (
 # -- loading ---------------------------------------------------------------------------------------
 
 
+def _builtin_root() -> Any:
+    """The installed built-in recipes (recipes/ is installed as hla_convert.builtin_recipes); in a
+    source checkout that runs without that mapping (`python -m hla_convert` or a script started in
+    the repository root, which imports the checkout's hla_convert before the installed one), the
+    checkout's own recipes/ folder."""
+    try:
+        return importlib.resources.files(BUILTIN_PACKAGE)
+    except ModuleNotFoundError:
+        package = Path(__file__).resolve().parent
+        while package.name != "hla_convert" and package != package.parent:
+            package = package.parent
+        checkout = package.parent / "recipes"
+        if not checkout.is_dir():
+            raise
+        return checkout
+
+
 def _builtin_files() -> dict[str, Any]:
-    root = importlib.resources.files(BUILTIN_PACKAGE)
+    root = _builtin_root()
     return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
