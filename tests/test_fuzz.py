@@ -1,0 +1,254 @@
+"""Property-based fuzz of the two readers of untrusted files: the recipe loader and the adapter reader.
+
+Whatever a recipe file or an adapter folder holds, the Python API raises the reader's one-line
+exception (RecipeError, AdapterError: ValueError subclasses) or succeeds, and the command line
+exits 2 with one `hla-convert: error:` line: never another exception, a traceback, a hang or
+gigabytes of memory.
+
+    recipes   random bytes / unicode / YAML-token soup, alias bombs, deep nesting, huge numbers,
+              duplicate keys, non-mapping roots; the built-in recipes with a field dropped, retyped
+              or added at any depth
+    adapters  a real adapter (tiny Wan) with bytes flipped, cut or inserted; safetensors files with
+              a random or lying length prefix, random header JSON (dtypes, shapes, offsets) and
+              random metadata values (modules, config, lora, base_fingerprint, format_version)
+    CLI       `hla-convert recipes FILE` and `hla-convert validate DIR` on the same kinds of input
+
+Examples are bounded and derandomized (the "hla-ci" profile below), so CI runs the same examples
+every time in well under a minute; HLA_FUZZ_EXAMPLES=2000 runs a longer local search with the same
+properties. Every bug the fuzz found is pinned by an explicit @example.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save as safetensors_bytes
+from typer.testing import CliRunner
+
+from hla_convert import HLAConfig, convert_attention, hla_parameters
+from hla_convert.adapter import ADAPTER_FILE, CONFIG_FILE, AdapterError, load_adapter, read_adapter_info, save_adapter
+from hla_convert.cli import app
+from hla_convert.recipes import RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
+from tiny_models import tiny_wan
+
+_SCALE = int(os.environ.get("HLA_FUZZ_EXAMPLES", "0") or 0)
+
+settings.register_profile(
+    "hla-ci",
+    derandomize=True,  # the same examples on every run: CI is reproducible
+    database=None,  # nothing written under .hypothesis/
+    deadline=timedelta(seconds=5),  # generous: a shared CI core; the readers take milliseconds
+    max_examples=200,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    print_blob=True,
+)
+_CI = settings.get_profile("hla-ci")
+
+
+def fuzz(examples: int):
+    """The CI profile with `examples` examples (HLA_FUZZ_EXAMPLES overrides, for a long local run)."""
+    return settings(_CI, max_examples=_SCALE or examples)
+
+
+MAX_MESSAGE = 600
+MAX_RSS_GROWTH = 1 << 30  # bytes of peak resident memory a whole property may add
+
+
+def _peak_rss() -> int:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * (1 if sys.platform == "darwin" else 1024)
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory():
+    """No example may allocate without bound: the process's peak RSS grows by less than 1 GiB."""
+    before = _peak_rss()
+    yield
+    grown = _peak_rss() - before
+    assert grown < MAX_RSS_GROWTH, f"peak memory grew by {grown >> 20} MiB"
+
+
+def _only(error: type[ValueError], fn, *args, **kwargs):
+    """fn's result, or None when it raised `error` with a one-line message; any other exception
+    propagates (and fails the property, with the shrunk input)."""
+    try:
+        return fn(*args, **kwargs)
+    except error as exc:
+        message = str(exc)
+        assert message.strip(), f"{type(exc).__name__} with an empty message"
+        assert "\n" not in message and "\r" not in message, f"not one line: {message!r}"
+        assert len(message) <= MAX_MESSAGE, f"{len(message)} characters: {message[:200]!r}..."
+        return None
+
+
+# -- strategies: JSON-ish values --------------------------------------------------------------------
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.sampled_from([2**31, 2**63, -(2**63), 10**400, 0, -1])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    _scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12
+)
+
+# -- recipes: random text -------------------------------------------------------------------------
+
+_YAML_TOKENS = [
+    "a", "name", "attention", "kind", "hadamard", "model", "calibration", "frames", "1", "-1", "0",
+    ":", ": ", " ", "  ", "\n", "\t", "- ", "[", "]", "{", "}", ",", "?", "? ", "'", '"', "#", "|", ">", "---", "...",
+    "&x ", "*x", "&y ", "*y", "<<: ", "!!int ", "!!float ", "!!str ", "!!bool ", "!!null ", "!!timestamp ", "!!binary ",
+    "!!set ", "!!omap ", "!!pairs ", "!!map ", "!!seq ", "!foo ", "!!python/object:os.system ", "%YAML 1.1\n", "%TAG ! x\n",
+    "0b", "0x", "0o", "0b12", "1_000", "1:2:3", "1:20:x", "2020-02-30", "2020-13-01", "2001-12-14t21:59:43.10-05:00",
+    "1e999", "-1e999", ".nan", ".inf", "-.inf", "~", "null", "true", "yes", "off", "9" * 30, "\x00", "\ufeff", "\u2028", "é",
+]
+yaml_soup = st.lists(st.sampled_from(_YAML_TOKENS), max_size=40).map("".join)
+_no_surrogates = st.characters(blacklist_categories=("Cs",))
+
+
+@st.composite
+def yaml_documents(draw) -> str:
+    """YAML that parses to a random shape: a random value dumped in a random style."""
+    value = draw(json_values | st.dictionaries(st.sampled_from(["name", "attention", "model", "stage1"]), json_values, max_size=4))
+    flow = draw(st.sampled_from([None, True, False]))
+    try:
+        return yaml.safe_dump(value, default_flow_style=flow, allow_unicode=draw(st.booleans()))
+    except (yaml.YAMLError, ValueError):
+        return "a: 1"
+
+
+@st.composite
+def hostile_yaml(draw) -> str:
+    """The shapes that cost memory or recursion: alias bombs, deep nesting, huge numbers, repeated keys."""
+    kind = draw(st.sampled_from(["bomb", "flow_nest", "block_nest", "huge_int", "huge_float", "duplicates", "merge_bomb", "self_alias"]))
+    n = draw(st.integers(1, 12))
+    if kind == "bomb":  # "billion laughs": width ** depth nodes from a few lines
+        width = draw(st.integers(2, 12))
+        lines = [f"a0: &a0 [{', '.join(['x'] * width)}]"]
+        lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, n)]
+        return "\n".join(lines) + "\n"
+    if kind == "flow_nest":
+        depth = draw(st.integers(1, 20_000))
+        return "name: " + "[" * depth + "]" * depth
+    if kind == "block_nest":
+        depth = draw(st.integers(1, 3_000))
+        return "".join(f"{' ' * i}k{i}:\n" for i in range(depth)) + " " * depth + "v\n"
+    if kind == "huge_int":
+        return f"name: x\ncalibration:\n  frames: {'9' * draw(st.integers(1, 20_000))}\n"
+    if kind == "huge_float":
+        return f"stage1:\n  lr: {'9' * draw(st.integers(1, 5_000))}.5e{draw(st.integers(-400, 400))}\n"
+    if kind == "duplicates":
+        return "name: a\n" * n + "attention:\n  kind: hadamard\n  kind: linear\n"
+    if kind == "merge_bomb":
+        lines = ["m0: &m0 {a: 1, b: 2}"] + [f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: 1}}" for i in range(1, n)]
+        return "\n".join(lines) + "\n"
+    return "a: &a [*a]\n"
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz_recipe") / "recipe.yaml"
+
+
+def _load_recipe_file(path: Path, data: bytes):
+    path.write_bytes(data)
+    return _only(RecipeError, load_recipe, str(path))
+
+
+@fuzz(200)
+@given(data=st.binary(max_size=400) | st.text(_no_surrogates, max_size=200).map(str.encode) | yaml_soup.map(str.encode))
+@example(data=b"calibration: !!int 0b")  # found: int() of a bad YAML 1.1 literal escaped as a bare ValueError
+@example(data=b"a: 2020-02-30")  # found: a plain scalar that looks like a date but is none (ValueError)
+@example(data=b"a: !!float x")
+@example(data=b"!!int")  # found: an empty tagged int indexes past its end (IndexError)
+@example(data=b"!!timestamp")  # found: AttributeError from the timestamp constructor
+@example(data=b"\xff\xfe")
+def test_random_recipe_text_is_a_recipe_error_or_a_recipe(recipe_path, data):
+    _load_recipe_file(recipe_path, data)
+
+
+@fuzz(150)
+@given(text=yaml_documents() | hostile_yaml())
+@example(text="name: x\ncalibration:\n  frames: " + "9" * 5000 + "\n")  # found: past Python's 4300-digit int() limit (ValueError)
+@example(text="a: &a [*a]\n")
+@example(text="name: " + "[" * 20_000 + "]" * 20_000)  # found: 1.5-5 s to reach the recursion limit
+def test_yaml_shapes_are_a_recipe_error_or_a_recipe(recipe_path, text):
+    _load_recipe_file(recipe_path, text.encode("utf-8"))
+
+
+@functools.cache
+def _builtin_data() -> dict[str, dict]:
+    """The built-in recipes as YAML data (parsed once: PyYAML is pure Python here, ~10 ms a recipe)."""
+    return {name: yaml.safe_load(recipe_text(name)) for name in builtin_recipes()}
+
+
+def _paths(node, prefix=()):
+    """Every (path to a container, key) in a recipe mapping, at any depth."""
+    if isinstance(node, dict):
+        yield prefix
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        yield prefix
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+@st.composite
+def mutated_recipes(draw):
+    data = copy.deepcopy(draw(st.sampled_from(sorted(_builtin_data().items())))[1])
+    for _ in range(draw(st.integers(1, 3))):
+        containers = list(_paths(data))
+        where = draw(st.sampled_from(containers))
+        node = data
+        for k in where:
+            node = node[k]
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        op = draw(st.sampled_from(["drop", "retype", "insert"] if keys else ["insert"]))
+        if op == "drop":
+            del node[draw(st.sampled_from(keys))]
+        elif op == "retype":
+            node[draw(st.sampled_from(keys))] = draw(json_values)
+        elif isinstance(node, dict):
+            node[draw(st.text(max_size=10) | st.integers() | st.none())] = draw(json_values)
+        else:
+            node.append(draw(json_values))
+    return data
+
+
+@fuzz(300)
+@given(data=mutated_recipes(), through_yaml=st.booleans())
+def test_mutated_builtin_recipes_are_a_recipe_error_or_a_recipe(recipe_path, data, through_yaml):
+    if through_yaml:  # as a user's edited file: dumped (where YAML can say it) and loaded back
+        try:
+            text = yaml.safe_dump(data)
+        except yaml.YAMLError:
+            return
+        _load_recipe_file(recipe_path, text.encode("utf-8"))
+    else:
+        _only(RecipeError, parse_recipe, data)
+
+
+def test_deep_flow_nesting_is_refused_while_composing(recipe_path):
+    """20,000 "[" used to run the composer into Python's recursion limit (1.5 s idle, 5 s on a busy
+    CI core) before the depth bound could say so; now the composer stops at the bound."""
+    with pytest.raises(RecipeError, match="nested more than 32 levels deep"):
+        recipe_path.write_bytes(b"name: " + b"[" * 20_000 + b"]" * 20_000)
+        load_recipe(str(recipe_path))
