@@ -183,7 +183,7 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{path} is corrupt or truncated ({first_line(exc)})") from None
     try:
         meta = {k: json.loads(v) for k, v in header.items()}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a value nested thousands of levels deep
         raise AdapterError(f"{path} has unreadable metadata: not written by hla-convert") from None
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path} is not an hla-convert adapter (format {meta.get('format')!r})")

@@ -180,6 +180,14 @@ def test_truncated_and_corrupt_files(saved):
         load_adapter(tiny_wan(), folder)
 
 
+def test_metadata_nested_thousands_deep_is_unreadable_not_a_recursion_error(saved):
+    """Found by tests/test_fuzz.py: json.loads of a 100,000-deep metadata value raised RecursionError."""
+    folder, _ = saved
+    _rewrite(folder, change_meta=lambda meta: meta.update(base_class="[" * 100_000 + "]" * 100_000))
+    with pytest.raises(AdapterError, match="unreadable metadata"):
+        read_adapter_info(folder)
+
+
 def test_not_an_adapter(tmp_path):
     with pytest.raises(AdapterError, match="not an hla-convert adapter folder"):
         load_adapter(tiny_wan(), tmp_path)

@@ -15,7 +15,8 @@ gigabytes of memory.
 
 Examples are bounded and derandomized (the "hla-ci" profile below), so CI runs the same examples
 every time in well under a minute; HLA_FUZZ_EXAMPLES=2000 runs a longer local search with the same
-properties. Every bug the fuzz found is pinned by an explicit @example.
+properties. Every bug the fuzz found is pinned by an explicit @example here, or by a plain regression
+test next to the check that fixed it (tests/test_adapter.py, tests/test_lora.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_bytes
 from typer.testing import CliRunner
@@ -252,3 +253,180 @@ def test_deep_flow_nesting_is_refused_while_composing(recipe_path):
     with pytest.raises(RecipeError, match="nested more than 32 levels deep"):
         recipe_path.write_bytes(b"name: " + b"[" * 20_000 + b"]" * 20_000)
         load_recipe(str(recipe_path))
+
+
+# -- adapters ---------------------------------------------------------------------------------------
+
+
+class _Base:
+    """The tiny Wan base, unconverted, built once; `fresh()` is a copy for one example to load onto
+    (and a short repr, for Hypothesis's report of a failing example)."""
+
+    def __init__(self):
+        self.model = tiny_wan()
+
+    def fresh(self):
+        return copy.deepcopy(self.model)
+
+    def __repr__(self) -> str:
+        return "tiny_wan()"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return _Base()
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, base):
+    """(the bytes of a real adapter_model.safetensors, its header length): made once per module."""
+    model = convert_attention(base.fresh(), HLAConfig(kind="hadamard", feature_dim=4, feature_map="softplus"))
+    folder = tmp_path_factory.mktemp("fuzz_adapter_src")
+    path = save_adapter(model, folder, base_source="/nonexistent/fuzz-base", base_revision=None)
+    data = path.read_bytes()
+    return data, struct.unpack("<Q", data[:8])[0]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz_adapter")
+
+
+def _read_then_load(folder: Path, data: bytes, base, check_base: bool = True) -> None:
+    (folder / ADAPTER_FILE).write_bytes(data)
+    if _only(AdapterError, read_adapter_info, folder) is None:
+        event("refused by read_adapter_info")
+        return
+    model = base.fresh()
+    if _only(AdapterError, load_adapter, model, folder, check_base=check_base) is None:
+        event("refused by load_adapter")
+        assert not hla_parameters(model), "a refused adapter left the base converted"
+    else:
+        event("loaded")
+
+
+@st.composite
+def corrupted(draw, data: bytes, header_len: int) -> bytes:
+    """The adapter's bytes with 1-4 flips, cuts or insertions, mostly in the length prefix and header."""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        end = len(out) if draw(st.integers(0, 3)) == 0 else min(len(out), 8 + header_len)
+        if end == 0:
+            break
+        at = draw(st.integers(0, end - 1))
+        op = draw(st.sampled_from(["flip", "byte", "cut", "insert", "delete"]))
+        if op == "flip":
+            out[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "byte":
+            out[at] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del out[at:]
+        elif op == "insert":
+            out[at:at] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            del out[at : at + draw(st.integers(1, 16))]
+    return bytes(out)
+
+
+@fuzz(200)
+@given(st.data())
+def test_corrupted_adapter_bytes_are_an_adapter_error_or_an_adapter(adapter, adapter_dir, base, data):
+    raw, header_len = adapter
+    _read_then_load(adapter_dir, data.draw(corrupted(raw, header_len)), base, check_base=data.draw(st.booleans()))
+
+
+_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "C64", "X9", "", "f32"]
+_sizes = st.integers(-2, 64) | st.sampled_from([2**31, 2**32 + 1, 2**53, 2**63 - 1, 2**64 + 7])
+
+
+@st.composite
+def tensor_entries(draw):
+    return {
+        "dtype": draw(st.sampled_from(_DTYPES) | json_values),
+        "shape": draw(st.lists(_sizes, max_size=4) | json_values),
+        "data_offsets": draw(st.lists(_sizes, min_size=0, max_size=3) | json_values),
+    }
+
+
+@st.composite
+def random_safetensors(draw, metadata: dict[str, str]) -> bytes:
+    """A safetensors-shaped file: random tensor entries, the real metadata with values replaced, a
+    length prefix that is right, random or lying."""
+    header: dict = draw(st.dictionaries(st.text(max_size=30), tensor_entries(), max_size=4))
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(random_metadata(metadata))
+    elif draw(st.booleans()):
+        header["__metadata__"] = draw(json_values)
+    try:
+        body = json.dumps(header).encode()
+    except ValueError:
+        body = b"{}"
+    if draw(st.booleans()):
+        body += b" " * (-len(body) % 8)
+    prefix = draw(
+        st.sampled_from(["right", "random", "huge", "short", "long"])
+    )
+    length = {
+        "right": len(body),
+        "random": draw(st.integers(0, 2**64 - 1)),
+        "huge": draw(st.sampled_from([2**63, 2**64 - 1, 100_000_001, 1 << 40])),
+        "short": max(0, len(body) - draw(st.integers(1, 16))),
+        "long": len(body) + draw(st.integers(1, 1 << 20)),
+    }[prefix]
+    return struct.pack("<Q", length) + body + draw(st.binary(max_size=64))
+
+
+_NASTY_JSON = [
+    "[" * 100_000 + "]" * 100_000,  # deep nesting: json.loads recurses
+    '{"a":' * 50_000 + "1" + "}" * 50_000,
+    "9" * 5000,  # past Python's int() digit limit
+    "NaN", "Infinity", "-Infinity", "1e999", "null", "", "not json", '"\\ud800"', "[]", "{}", "5", "true", '"x"',
+]
+
+
+@st.composite
+def random_metadata(draw, metadata: dict[str, str]) -> dict:
+    """The real adapter's metadata with some values replaced by random JSON (or random text), some
+    keys dropped, some added."""
+    meta = dict(metadata)
+    for key in draw(st.lists(st.sampled_from(sorted(meta) + ["lora", "extra", "base_class"]), max_size=4, unique=True)):
+        choice = draw(st.integers(0, 3))
+        if choice == 0:
+            meta.pop(key, None)
+        elif choice == 1:
+            meta[key] = json.dumps(draw(json_values))
+        elif choice == 2:
+            meta[key] = draw(st.sampled_from(_NASTY_JSON))
+        else:
+            meta[key] = draw(st.text(max_size=20))
+    if draw(st.integers(0, 4)) == 0:  # a lora config, random or near-real
+        meta["lora"] = json.dumps(
+            draw(json_values | st.fixed_dictionaries({"rank": json_values, "alpha": json_values, "modules": json_values}))
+        )
+    return meta
+
+
+def _metadata(raw: bytes, header_len: int) -> dict[str, str]:
+    return json.loads(raw[8 : 8 + header_len])["__metadata__"]
+
+
+@fuzz(200)
+@given(st.data())
+def test_random_safetensors_headers_are_an_adapter_error(adapter, adapter_dir, base, data):
+    raw, header_len = adapter
+    _read_then_load(adapter_dir, data.draw(random_safetensors(_metadata(raw, header_len))), base)
+
+
+@fuzz(200)
+@given(st.data())
+def test_random_metadata_on_real_tensors_is_an_adapter_error_or_an_adapter(adapter, adapter_dir, base, data):
+    """A well-formed safetensors file (the adapter's own tensors, maybe a LoRA weight or two) whose
+    metadata values are random: this reaches the checks past the header (config, modules, lora)."""
+    raw, header_len = adapter
+    from safetensors.torch import load
+
+    tensors = load(raw)
+    if data.draw(st.booleans()):
+        tensors["lora.blocks.0.attn1.to_q.lora_A.weight"] = torch.zeros(data.draw(st.integers(1, 4)), 24)
+    meta = data.draw(random_metadata(_metadata(raw, header_len)))
+    _read_then_load(adapter_dir, safetensors_bytes(tensors, metadata=meta), base, check_base=data.draw(st.booleans()))

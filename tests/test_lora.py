@@ -256,6 +256,29 @@ def test_lora_key_mismatch_is_one_line_and_leaves_base_untouched(lora_adapter, c
     assert set(base.state_dict()) == set(tiny_model("wan").state_dict())
 
 
+@pytest.mark.parametrize(
+    "forged, expect",
+    [  # found by tests/test_fuzz.py: each escaped as peft's own error, or loaded NaN weights
+        ({"rank": False}, "rank must be a positive integer, got False"),
+        ({"rank": 0}, "rank must be a positive integer, got 0"),
+        ({"alpha": float("nan")}, "alpha must be a positive number, got nan"),
+        ({"alpha": "4"}, "alpha must be a positive number"),
+        ({"modules": []}, "modules must be a non-empty list of module names"),
+        ({"modules": [["blocks.0.attn1.to_q"]]}, "modules must be a non-empty list of module names"),
+        # a forged rank would have add_lora allocate rank x features per layer before any check: refused first
+        ({"rank": 2**40}, "rank 1099511627776 is not the rank of any saved lora_A weight"),
+    ],
+)
+def test_a_forged_lora_config_is_one_line_and_leaves_base_untouched(lora_adapter, forged, expect):
+    folder, _, _ = lora_adapter
+    _rewrite(folder, change_meta=lambda meta: meta.update(lora=json.dumps({**json.loads(meta["lora"]), **forged})))
+    base = tiny_model("wan")
+    with pytest.raises(AdapterError, match=expect) as e:
+        load_adapter(base, folder)
+    assert "\n" not in str(e.value)
+    assert not hla_layers(base) and not has_adapters(base) and not has_lora(base)
+
+
 def test_lora_adapter_refuses_a_different_base(lora_adapter):
     folder, _, _ = lora_adapter
     other = tiny_model("wan", seed=1)
