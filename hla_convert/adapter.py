@@ -30,6 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .checkpoints import atomic_write_bytes, atomic_write_text
+from .checks import shown
 from .config import ConfigError, HLAConfig
 from .errors import first_line
 from .layers import hla_layers, hla_parameters
@@ -194,7 +195,28 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
     for key in ("base_fingerprint", "config", "modules"):
         if key not in meta:
             raise AdapterError(f"{path} metadata lacks {key!r}")
+    problem = _metadata_type_problem(meta)
+    if problem:
+        raise AdapterError(f"{path} metadata {problem}: not written by hla-convert")
     return meta
+
+
+def _metadata_type_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the types of the metadata values that loading reads, or None.
+
+    The file is input: `"modules": 5` or `[[1]]` made load_adapter raise TypeError, `"extra": [1]`
+    an AttributeError in `validate`. base_source / base_revision are not checked here: `validate`
+    says which is unusable and that --base replaces them.
+    """
+    modules = meta["modules"]
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        return f"'modules' must be a list of module names, got {shown(modules)}"
+    if not isinstance(meta["base_fingerprint"], str):
+        return f"'base_fingerprint' must be a string, got {shown(meta['base_fingerprint'])}"
+    for key in ("config", "lora", "extra"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"{key!r} must be a mapping, got {shown(meta[key])}"
+    return None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

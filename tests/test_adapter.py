@@ -188,6 +188,30 @@ def test_metadata_nested_thousands_deep_is_unreadable_not_a_recursion_error(save
         read_adapter_info(folder)
 
 
+@pytest.mark.parametrize(
+    "key, value, expect",
+    [  # found by tests/test_fuzz.py: the first four raised TypeError in load_adapter; the others loaded
+        ("modules", 5, "'modules' must be a list of module names, got 5"),
+        ("modules", None, "'modules' must be a list of module names, got None"),
+        ("modules", [5], "'modules' must be a list of module names"),
+        ("modules", [[1]], "'modules' must be a list of module names"),
+        ("base_fingerprint", 5, "'base_fingerprint' must be a string, got 5"),
+        ("lora", 5, "'lora' must be a mapping, got 5"),
+        ("extra", [1], "'extra' must be a mapping, got \\[1\\]"),  # an AttributeError in `validate`
+    ],
+)
+def test_metadata_values_of_the_wrong_type_are_refused_when_read(saved, key, value, expect):
+    folder, _ = saved
+    _rewrite(folder, change_meta=lambda meta: meta.update({key: json.dumps(value)}))
+    with pytest.raises(AdapterError, match=expect) as err:
+        read_adapter_info(folder)
+    assert "\n" not in str(err.value)
+    base = tiny_wan()
+    with pytest.raises(AdapterError, match=expect):
+        load_adapter(base, folder, check_base=False)
+    assert not hla_parameters(base)
+
+
 def test_not_an_adapter(tmp_path):
     with pytest.raises(AdapterError, match="not an hla-convert adapter folder"):
         load_adapter(tiny_wan(), tmp_path)
