@@ -32,7 +32,7 @@ from torch import nn
 from .checkpoints import atomic_write_bytes, atomic_write_text
 from .checks import shown
 from .config import ConfigError, HLAConfig
-from .errors import first_line
+from .errors import clip, first_line
 from .layers import hla_layers, hla_parameters
 from .lora import LORA_PREFIX, LoraError, has_lora, load_lora_state, lora_config, lora_state_dict, remove_lora, without_lora
 from .surgery import ConversionError, convert_attention, revert_attention
@@ -45,7 +45,14 @@ _SAMPLES_PER_TENSOR = 4096
 
 
 class AdapterError(ValueError):
-    """An adapter that cannot be saved or loaded; the message is one line saying why."""
+    """An adapter that cannot be saved or loaded; the message is one line saying why.
+
+    The message is put on one line and bounded here, whatever a check put in it: metadata values
+    (a base_source with a newline, a 3,000-character module name) come from the file.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(clip(message))
 
 
 # Fingerprint schemes, told apart by their prefix. "sha256:" (hla-convert <= the first release)
@@ -246,8 +253,8 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
         matches, found = fingerprint_matches(base_model, meta["base_fingerprint"])
         if not matches:
             raise AdapterError(
-                f"the adapter was made for a different base ({meta.get('base_source') or 'unknown'}, "
-                f"fingerprint {meta['base_fingerprint']}); this model's fingerprint is {found}"
+                f"the adapter was made for a different base ({shown(meta.get('base_source') or 'unknown')}, "
+                f"fingerprint {shown(meta['base_fingerprint'])}); this model's fingerprint is {found}"
             )
     try:
         config = HLAConfig.from_dict(meta["config"])

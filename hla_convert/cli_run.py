@@ -15,18 +15,13 @@ from typing import Any
 import typer
 
 from .cli_checks import EXIT_BAD_INPUT, CommandFailed
+from .errors import MAX_MESSAGE, clip  # noqa: F401 - MAX_MESSAGE: part of this module's surface
 
 EXIT_OK = 0
 EXIT_DRIFT = 1
 EXIT_RUN_FAILED = 3
 EXIT_INTERRUPTED = 130
 
-MAX_MESSAGE = 600  # characters of an error line: a message never carries a whole input
-
-
-def clip(text: str, limit: int = MAX_MESSAGE) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def error_line(message: str) -> None:

@@ -212,6 +212,23 @@ def test_metadata_values_of_the_wrong_type_are_refused_when_read(saved, key, val
     assert not hla_parameters(base)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [  # found by tests/test_fuzz.py: metadata text went into AdapterError whole, newlines included
+        {"base_source": "a\nb", "base_fingerprint": "sha256-v2:forged"},
+        {"base_source": "x" * 3000, "base_fingerprint": "sha256-v2:forged"},
+        {"modules": ["x" * 3000]},
+        {"config": {"kind": "x" * 3000}},
+    ],
+)
+def test_metadata_text_in_an_error_is_one_bounded_line(saved, change):
+    folder, _ = saved
+    _rewrite(folder, change_meta=lambda meta: meta.update({k: json.dumps(v) for k, v in change.items()}))
+    with pytest.raises(AdapterError) as err:
+        load_adapter(tiny_wan(), folder)
+    assert "\n" not in str(err.value) and len(str(err.value)) <= 600, str(err.value)[:200]
+
+
 def test_not_an_adapter(tmp_path):
     with pytest.raises(AdapterError, match="not an hla-convert adapter folder"):
         load_adapter(tiny_wan(), tmp_path)

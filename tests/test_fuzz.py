@@ -36,6 +36,7 @@ import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_bytes
 from typer.testing import CliRunner
@@ -292,17 +293,23 @@ def adapter_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz_adapter")
 
 
+def _event(name: str) -> None:
+    """Count the outcome in Hypothesis's statistics (--hypothesis-show-statistics), inside a property."""
+    if currently_in_test_context():
+        event(name)
+
+
 def _read_then_load(folder: Path, data: bytes, base, check_base: bool = True) -> None:
     (folder / ADAPTER_FILE).write_bytes(data)
     if _only(AdapterError, read_adapter_info, folder) is None:
-        event("refused by read_adapter_info")
+        _event("refused by read_adapter_info")
         return
     model = base.fresh()
     if _only(AdapterError, load_adapter, model, folder, check_base=check_base) is None:
-        event("refused by load_adapter")
+        _event("refused by load_adapter")
         assert not hla_parameters(model), "a refused adapter left the base converted"
     else:
-        event("loaded")
+        _event("loaded")
 
 
 @st.composite
@@ -384,8 +391,10 @@ _NASTY_JSON = [
 ]
 
 
-# One of each JSON type, nested and not: what a value of the wrong type most often looks like.
-_WRONG_TYPES = st.sampled_from([5, -1, 1.5, None, True, "x", "", [], [5], [[1]], ["x", 5], {}, {"a": 1}])
+# One of each JSON type, nested and not, and text no message should carry whole (long, multi-line):
+# what a value of the wrong type most often looks like.
+WRONG_TYPES = [5, -1, 1.5, None, True, "x", "", "a\nb", "x" * 3000, [], [5], [[1]], ["x" * 3000], ["a\nb"], {}, {"a": 1}]
+_WRONG_TYPES = st.sampled_from(WRONG_TYPES)
 
 
 @st.composite
@@ -438,6 +447,19 @@ def test_random_metadata_on_real_tensors_is_an_adapter_error_or_an_adapter(adapt
         tensors["lora.blocks.0.attn1.to_q.lora_A.weight"] = torch.zeros(data.draw(st.integers(1, 4)), 24)
     meta = data.draw(random_metadata(_metadata(raw, header_len)))
     _read_then_load(adapter_dir, safetensors_bytes(tensors, metadata=meta), base, check_base=data.draw(st.booleans()))
+
+
+def test_each_metadata_key_with_each_wrong_type_is_an_adapter_error_or_an_adapter(adapter, adapter_dir, base):
+    """The grid the random search samples thinly: every metadata key (and lora, extra) set to each
+    of WRONG_TYPES in turn, on the real tensors, loaded with and without the base check."""
+    raw, header_len = adapter
+    meta = _metadata(raw, header_len)
+    tensors = _tensors(raw)
+    for key in [*sorted(meta), "lora", "extra"]:
+        for value in WRONG_TYPES:
+            data = safetensors_bytes(tensors, metadata={**meta, key: json.dumps(value)})
+            for check_base in (True, False):
+                _read_then_load(adapter_dir, data, base, check_base=check_base)
 
 
 # -- the command line ---------------------------------------------------------------------------------
