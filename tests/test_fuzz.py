@@ -111,6 +111,12 @@ json_values = st.recursive(
     _scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12
 )
 
+# One of each JSON type, nested and not, and text no message should carry whole (long, multi-line):
+# what a value of the wrong type most often looks like.
+WRONG_TYPES = [5, -1, 1.5, None, True, "x", "", "a\nb", "x" * 3000, [], [5], [[1]], ["x" * 3000], ["a\nb"], {}, {"a": 1}]
+_WRONG_TYPES = st.sampled_from(WRONG_TYPES)
+
+
 # -- recipes: random text -------------------------------------------------------------------------
 
 _YAML_TOKENS = [
@@ -243,9 +249,33 @@ def test_mutated_builtin_recipes_are_a_recipe_error_or_a_recipe(recipe_path, dat
             text = yaml.safe_dump(data)
         except yaml.YAMLError:
             return
-        _load_recipe_file(recipe_path, text.encode("utf-8"))
+        recipe = _load_recipe_file(recipe_path, text.encode("utf-8"))
     else:
-        _only(RecipeError, parse_recipe, data)
+        recipe = _only(RecipeError, parse_recipe, data)
+    _event("refused" if recipe is None else "parsed")
+    if recipe is not None:  # what a conversion saves as recipe.yaml, and `validate` reads back
+        recipe_path.write_text(recipe.to_yaml(), encoding="utf-8")
+        assert load_recipe(str(recipe_path)).to_dict() == recipe.to_dict()
+
+
+def test_each_recipe_field_with_each_wrong_type_is_a_recipe_error_or_a_recipe():
+    """The grid the random mutations sample thinly: every field and section of the demo's recipe (the
+    built-ins share one schema) set to each of WRONG_TYPES and a few numbers past the bounds in turn."""
+    for name, data in [("tiny-wan", _builtin_data()["tiny-wan"])]:
+        for where in _paths(data):
+            node = data
+            for k in where:
+                node = node[k]
+            for key in list(node) if isinstance(node, dict) else range(len(node)):
+                for value in [*WRONG_TYPES, 0, 2**31, 2**64, -(2**64), 1e308, float("nan"), float("inf")]:
+                    mutated = copy.deepcopy(data)
+                    target = mutated
+                    for k in where:
+                        target = target[k]
+                    target[key] = value
+                    recipe = _only(RecipeError, parse_recipe, mutated)
+                    if recipe is not None:
+                        assert parse_recipe(yaml.safe_load(recipe.to_yaml())).to_dict() == recipe.to_dict(), (name, where, key, value)
 
 
 def test_deep_flow_nesting_is_refused_while_composing(recipe_path):
@@ -389,12 +419,6 @@ _NASTY_JSON = [
     "9" * 5000,  # past Python's int() digit limit
     "NaN", "Infinity", "-Infinity", "1e999", "null", "", "not json", '"\\ud800"', "[]", "{}", "5", "true", '"x"',
 ]
-
-
-# One of each JSON type, nested and not, and text no message should carry whole (long, multi-line):
-# what a value of the wrong type most often looks like.
-WRONG_TYPES = [5, -1, 1.5, None, True, "x", "", "a\nb", "x" * 3000, [], [5], [[1]], ["x" * 3000], ["a\nb"], {}, {"a": 1}]
-_WRONG_TYPES = st.sampled_from(WRONG_TYPES)
 
 
 @st.composite
