@@ -44,6 +44,7 @@ from typer.testing import CliRunner
 from hla_convert import HLAConfig, convert_attention, hla_parameters
 from hla_convert.adapter import ADAPTER_FILE, CONFIG_FILE, AdapterError, load_adapter, read_adapter_info, save_adapter
 from hla_convert.cli import app
+from hla_convert.errors import MAX_MESSAGE
 from hla_convert.recipes import RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
 from tiny_models import tiny_wan
 
@@ -66,7 +67,6 @@ def fuzz(examples: int):
     return settings(_CI, max_examples=_SCALE or examples)
 
 
-MAX_MESSAGE = 600
 MAX_RSS_GROWTH = 1 << 30  # bytes of peak resident memory a whole property may add
 
 
