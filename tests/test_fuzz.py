@@ -13,6 +13,12 @@ gigabytes of memory.
               random metadata values (modules, config, lora, base_fingerprint, format_version)
     CLI       `hla-convert recipes FILE` and `hla-convert validate DIR` on the same kinds of input
 
+Two grids complement the random search where it samples thinly: every recipe field, and every
+adapter metadata key, set to each of WRONG_TYPES in turn. A recipe that parses must also come back
+the same from its own to_yaml (the recipe.yaml that `validate` reads).
+
+Bounds: an example past the deadline (5 s, generous for a shared CI core; the readers take
+milliseconds) fails, and so does a test that raises the process's peak memory by 1 GiB or more.
 Examples are bounded and derandomized (the "hla-ci" profile below), so CI runs the same examples
 every time in well under a minute; HLA_FUZZ_EXAMPLES=2000 runs a longer local search with the same
 properties. Every bug the fuzz found is pinned by an explicit @example here, or by a plain regression
@@ -36,8 +42,8 @@ import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, event, example, given, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from safetensors.torch import save as safetensors_bytes
 from typer.testing import CliRunner
 
@@ -77,7 +83,9 @@ def _peak_rss() -> int:
 
 @pytest.fixture(autouse=True)
 def _bounded_memory():
-    """No example may allocate without bound: the process's peak RSS grows by less than 1 GiB."""
+    """No example may allocate without bound: the process's peak RSS grows by less than 1 GiB
+    (coarse, since it is a high-water mark, but free: tracemalloc would slow every example ~3x and
+    does not see torch's allocations)."""
     before = _peak_rss()
     yield
     grown = _peak_rss() - before
