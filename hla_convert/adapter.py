@@ -297,4 +297,6 @@ def _mismatch(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
     for name, p in params.items():
         if tensors[name].shape != p.shape:
             return f"{name} has shape {list(tensors[name].shape)}, the model expects {list(p.shape)}"
+        if not tensors[name].is_floating_point():  # an I32/U32 header over float bytes: garbage weights
+            return f"{name} has dtype {str(tensors[name].dtype).removeprefix('torch.')}, not a floating-point weight"
     return None

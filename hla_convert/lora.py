@@ -207,6 +207,9 @@ def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], config: 
             if tensors[k].shape != shape:
                 problem = f"LoRA weight {k} has shape {list(tensors[k].shape)}, the model expects {list(shape)}"
                 break
+            if not tensors[k].is_floating_point():
+                problem = f"LoRA weight {k} has dtype {str(tensors[k].dtype).removeprefix('torch.')}, not a floating-point weight"
+                break
     if problem:
         remove_lora(model)
         raise LoraError(problem)

@@ -243,6 +243,7 @@ def test_lora_adapter_round_trip_gives_identical_student_outputs(lora_adapter):
         (lambda t: t.pop("lora.blocks.1.ffn.net.2.lora_B.weight"), r"missing 1 LoRA key\(s\), e.g. blocks.1.ffn.net.2.lora_B.weight"),
         (lambda t: t.update({"lora.blocks.0.attn2.to_q.lora_A.weight": torch.zeros(4, 24)}), r"1 unexpected LoRA key\(s\)"),
         (lambda t: t.update({"lora.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(3, 24)}), r"has shape \[3, 24\]"),
+        (lambda t: t.update({"lora.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 24, dtype=torch.int32)}), "dtype int32, not a floating-point"),
     ],
 )
 def test_lora_key_mismatch_is_one_line_and_leaves_base_untouched(lora_adapter, change, expect):
