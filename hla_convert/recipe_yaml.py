@@ -9,7 +9,6 @@ from typing import Any
 
 import yaml
 
-from .errors import first_line
 from .recipe_schema import RecipeError, _clip, _r
 
 # What a recipe file may be: a few KB in practice. The bounds make a hostile file (an alias bomb, a
@@ -68,15 +67,20 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def construct_document(self, node):  # noqa: D102
         _expanded_size(node, {}, 0, set())
+        return super().construct_document(node)
+
+    def construct_object(self, node, deep=False):  # noqa: D102
         try:
-            return super().construct_document(node)
+            return super().construct_object(node, deep=deep)
         except (yaml.YAMLError, RecipeError, RecursionError):
             raise
-        except Exception as exc:  # noqa: BLE001 - PyYAML's scalar constructors call int() / float() /
+        except Exception:  # noqa: BLE001 - PyYAML's scalar constructors call int() / float() /
             # datetime() / re.match(...).groupdict() unguarded: "!!int 0b" (ValueError), a bare "!!int"
             # (IndexError), a bare "!!timestamp" (AttributeError), "2020-02-30", an int past Python's
             # 4300-digit limit
-            raise yaml.constructor.ConstructorError(None, None, f"{type(exc).__name__}: {first_line(exc)}", node.start_mark) from None
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            value = node.value if isinstance(node, yaml.ScalarNode) else ""
+            raise yaml.constructor.ConstructorError(None, None, f"{_r(value)} is not a valid {kind}", node.start_mark) from None
 
 
 def _expanded_size(node, memo: dict[int, int], depth: int, path: set[int]) -> int:

@@ -204,7 +204,7 @@ def test_random_recipe_text_is_a_recipe_error_or_a_recipe(recipe_path, data):
 @given(text=yaml_documents() | hostile_yaml())
 @example(text="name: x\ncalibration:\n  frames: " + "9" * 5000 + "\n")  # found: past Python's 4300-digit int() limit (ValueError)
 @example(text="a: &a [*a]\n")
-@example(text="name: " + "[" * 20_000 + "]" * 20_000)  # found: 1.5-5 s to reach the recursion limit
+@example(text="name: " + "[" * 20_000 + "]" * 20_000)  # found: 1.5-5 s to reach the recursion limit (past the deadline)
 def test_yaml_shapes_are_a_recipe_error_or_a_recipe(recipe_path, text):
     _load_recipe_file(recipe_path, text.encode("utf-8"))
 
@@ -284,14 +284,6 @@ def test_each_recipe_field_with_each_wrong_type_is_a_recipe_error_or_a_recipe():
                     recipe = _only(RecipeError, parse_recipe, mutated)
                     if recipe is not None:
                         assert parse_recipe(yaml.safe_load(recipe.to_yaml())).to_dict() == recipe.to_dict(), (name, where, key, value)
-
-
-def test_deep_flow_nesting_is_refused_while_composing(recipe_path):
-    """20,000 "[" used to run the composer into Python's recursion limit (1.5 s idle, 5 s on a busy
-    CI core) before the depth bound could say so; now the composer stops at the bound."""
-    with pytest.raises(RecipeError, match="nested more than 32 levels deep"):
-        recipe_path.write_bytes(b"name: " + b"[" * 20_000 + b"]" * 20_000)
-        load_recipe(str(recipe_path))
 
 
 # -- adapters ---------------------------------------------------------------------------------------
