@@ -209,6 +209,15 @@ def test_yaml_shapes_are_a_recipe_error_or_a_recipe(recipe_path, text):
     _load_recipe_file(recipe_path, text.encode("utf-8"))
 
 
+@fuzz(150)
+@given(name=st.text(_no_surrogates, max_size=40) | st.text(st.sampled_from("x./~-\\ y"), min_size=200, max_size=6000))
+@example(name="x" * 5000)  # found: a name past the file system's limit raised OSError (ENAMETOOLONG)
+def test_random_recipe_names_are_a_recipe_error_or_a_recipe(name):
+    """What `--recipe NAME` may be: a built-in name, a path, or anything else a user types."""
+    _only(RecipeError, load_recipe, name)
+    _only(RecipeError, recipe_text, name)
+
+
 @functools.cache
 def _builtin_data() -> dict[str, dict]:
     """The built-in recipes as YAML data (parsed once: PyYAML is pure Python here, ~10 ms a recipe)."""

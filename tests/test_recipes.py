@@ -204,3 +204,6 @@ def test_recipe_file_size_and_kind_are_checked(tmp_path):
         load_recipe("/dev/null")
     with pytest.raises(RecipeError, match="larger than 1 MiB"):
         recipe_text(str(big))
+    for read in (load_recipe, recipe_text):  # found by tests/test_fuzz.py: an OSError (ENAMETOOLONG) escaped
+        with pytest.raises(RecipeError, match="cannot be read"):
+            read("x" * 5000)
