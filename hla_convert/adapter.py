@@ -182,7 +182,11 @@ def save_adapter(
 def read_adapter_info(directory: str | Path) -> dict[str, Any]:
     """The adapter's metadata (format_version, base_source, base_revision, base_fingerprint, config, modules)."""
     path = Path(directory) / ADAPTER_FILE
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # a name too long for the file system
+        raise AdapterError(f"{shown(str(directory))} is not a usable path ({exc.strerror or type(exc).__name__})") from None
+    if not is_file:
         raise AdapterError(f"{directory} holds no {ADAPTER_FILE}: not an hla-convert adapter folder")
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import shown
 from .errors import first_line
 from .sample_media import (  # re-exported: the files a sample becomes
     FPS,
@@ -96,7 +97,11 @@ def read_inputs_file(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # a name too long for the file system
+        raise SampleError(f"--inputs {shown(str(path))} is not a usable path ({exc.strerror or type(exc).__name__})") from None
+    if not is_file:
         raise SampleError(f"--inputs {str(path)!r} is not a file (give a .safetensors file of named tensors)")
     try:
         tensors = load_file(str(path))

@@ -209,8 +209,13 @@ def test_yaml_shapes_are_a_recipe_error_or_a_recipe(recipe_path, text):
     _load_recipe_file(recipe_path, text.encode("utf-8"))
 
 
+# What a user may type where a name or a path goes: short text, or long runs of path characters
+# (past the file system's 255-byte name and 4096-byte path limits).
+path_names = st.text(_no_surrogates, max_size=40) | st.text(st.sampled_from("x./~-\\ y"), min_size=200, max_size=6000)
+
+
 @fuzz(150)
-@given(name=st.text(_no_surrogates, max_size=40) | st.text(st.sampled_from("x./~-\\ y"), min_size=200, max_size=6000))
+@given(name=path_names)
 @example(name="x" * 5000)  # found: a name past the file system's limit raised OSError (ENAMETOOLONG)
 def test_random_recipe_names_are_a_recipe_error_or_a_recipe(name):
     """What `--recipe NAME` may be: a built-in name, a path, or anything else a user types."""
@@ -493,6 +498,13 @@ def test_each_metadata_key_with_each_wrong_type_is_an_adapter_error_or_an_adapte
             data = safetensors_bytes(tensors, metadata={**meta, key: json.dumps(value)})
             for check_base in (True, False):
                 _read_then_load(adapter_dir, data, base, check_base=check_base)
+
+
+@fuzz(100)
+@given(name=path_names)
+@example(name="x" * 5000)  # found: ENAMETOOLONG from is_file() escaped as an OSError
+def test_random_adapter_folder_names_are_an_adapter_error(name):
+    _only(AdapterError, read_adapter_info, name)
 
 
 # -- the command line ---------------------------------------------------------------------------------

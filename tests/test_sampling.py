@@ -222,10 +222,11 @@ def test_base_can_be_a_copy_of_the_demo_folder(converted, tmp_path):
     assert np.array_equal(moved.teacher, here.teacher) and np.array_equal(moved.student, here.student)
 
 
-@pytest.mark.parametrize("name", ["x" * 5000, "x" * 5000 + ".gif"])
-def test_an_out_name_past_the_file_system_limit_is_bad_input(tmp_path, name):
+@pytest.mark.parametrize("args", [["--out", "x" * 5000], ["--out", "x" * 5000 + ".gif"], ["--inputs", "x" * 5000]])
+def test_a_name_past_the_file_system_limit_is_bad_input(tmp_path, args):
     """Found with tests/test_fuzz.py's long names (the recipe loader had the same OSError): the
-    is_dir() check on --out raised ENAMETOOLONG, reported as a failed run (exit 3)."""
-    result = invoke("sample", tmp_path, "--out", name)
+    is_dir() / is_file() checks on --out and --inputs raised ENAMETOOLONG, reported as a failed
+    run (exit 3)."""
+    result = invoke("sample", tmp_path, *args)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "is not a usable path (File name too long)" in lines[0], result.stderr
