@@ -33,7 +33,7 @@ from torch import nn
 from .checkpoints import atomic_write_bytes, atomic_write_text
 from .checks import shown
 from .config import ConfigError, HLAConfig
-from .errors import first_line
+from .errors import clip, first_line
 from .json_docs import DuplicateKeyError, loads_strict, same_json
 from .layers import hla_layers, hla_parameters
 from .lora import LORA_PREFIX, LoraError, has_lora, load_lora_state, lora_config, lora_state_dict, remove_lora, without_lora
@@ -47,7 +47,14 @@ _SAMPLES_PER_TENSOR = 4096
 
 
 class AdapterError(ValueError):
-    """An adapter that cannot be saved or loaded; the message is one line saying why."""
+    """An adapter that cannot be saved or loaded; the message is one line saying why.
+
+    The message is put on one line and bounded here, whatever a check put in it: metadata values
+    (a base_source with a newline, a 3,000-character module name) come from the file.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(clip(message))
 
 
 # Fingerprint schemes, told apart by their prefix. "sha256:" (hla-convert <= the first release)
@@ -178,13 +185,16 @@ def save_adapter(
 # hostile header with anything else is refused there, in one line, not deep inside a load). The
 # recorded base (base_source, base_revision) is checked where it is used: checks.check_recorded_base.
 _REQUIRED = ("base_fingerprint", "config", "modules")
-_TYPES: dict[str, tuple[type, ...]] = {
-    "base_fingerprint": (str,),
-    "config": (dict,),
-    "modules": (list,),
-    "base_class": (str, type(None)),
-    "lora": (dict, type(None)),
-    "extra": (dict, type(None)),
+# What each metadata value read by loading is (the file is input: "modules": 5 or [[1]] made
+# load_adapter raise TypeError, "extra": [1] an AttributeError in `validate`). base_source /
+# base_revision are not here: `validate` says which is unusable and that --base replaces them.
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "base_fingerprint": ((str,), "a string"),
+    "config": ((dict,), "a mapping"),
+    "modules": ((list,), "a non-empty list of module names"),
+    "base_class": ((str, type(None)), "a string"),
+    "lora": ((dict, type(None)), "a mapping"),
+    "extra": ((dict, type(None)), "a mapping"),
 }
 
 
@@ -193,7 +203,11 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
     modules, and lora / extra when present), each of the type a saved adapter has (table _TYPES;
     modules a list of module names), else AdapterError."""
     path = Path(directory) / ADAPTER_FILE
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # a name too long for the file system
+        raise AdapterError(f"{shown(str(directory))} is not a usable path ({exc.strerror or type(exc).__name__})") from None
+    if not is_file:
         raise AdapterError(f"{directory} holds no {ADAPTER_FILE}: not an hla-convert adapter folder")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -204,7 +218,7 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
         meta = {k: loads_strict(v) for k, v in header.items()}
     except DuplicateKeyError as exc:  # json.loads would keep the last value silently
         raise AdapterError(f"{path} has tampered metadata ({exc}): not as hla-convert wrote it") from None
-    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+    except (ValueError, RecursionError):  # RecursionError: a value nested thousands of levels deep
         raise AdapterError(f"{path} has unreadable metadata: not written by hla-convert") from None
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path} is not an hla-convert adapter (format {shown(meta.get('format'))})")
@@ -215,16 +229,24 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
     for key in _REQUIRED:
         if key not in meta:
             raise AdapterError(f"{path} metadata lacks {key!r}")
-    for key, types in _TYPES.items():
-        if key in meta and not isinstance(meta[key], types):
-            raise AdapterError(f"{path} metadata {key!r} is a {type(meta[key]).__name__} ({shown(meta[key])}), not what hla-convert writes")
-    if not meta["modules"] or not all(isinstance(m, str) and m for m in meta["modules"]):
-        raise AdapterError(f"{path} metadata 'modules' must be a non-empty list of module names, not {shown(meta['modules'])}")
+    problem = _metadata_type_problem(meta)
+    if problem:
+        raise AdapterError(f"{path} metadata {problem}: not written by hla-convert")
     try:  # the config's field types, before any model loads (factors: 2.0, normalize: 1 are refused)
         HLAConfig.from_dict(meta["config"])
     except (ConfigError, TypeError) as exc:
         raise AdapterError(f"{path} has an invalid config: {exc}") from None
     return meta
+
+
+def _metadata_type_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the types of the metadata values that loading reads (table _TYPES), or None."""
+    for key, (types, what) in _TYPES.items():
+        if key in meta and not isinstance(meta[key], types):
+            return f"{key!r} must be {what}, got {shown(meta[key])}"
+    if not meta["modules"] or not all(isinstance(m, str) and m for m in meta["modules"]):
+        return f"'modules' must be a non-empty list of module names, got {shown(meta['modules'])}"
+    return None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -254,8 +276,8 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
         matches, found = fingerprint_matches(base_model, meta["base_fingerprint"])
         if not matches:
             raise AdapterError(
-                f"the adapter was made for a different base ({meta.get('base_source') or 'unknown'}, "
-                f"fingerprint {meta['base_fingerprint']}); this model's fingerprint is {found}"
+                f"the adapter was made for a different base ({shown(meta.get('base_source') or 'unknown')}, "
+                f"fingerprint {shown(meta['base_fingerprint'])}); this model's fingerprint is {found}"
             )
     config = HLAConfig.from_dict(meta["config"])  # read_adapter_info has checked it
     tensors = _load_tensors(directory / ADAPTER_FILE)
@@ -298,4 +320,6 @@ def _mismatch(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
     for name, p in params.items():
         if tensors[name].shape != p.shape:
             return f"{name} has shape {list(tensors[name].shape)}, the model expects {list(p.shape)}"
+        if not tensors[name].is_floating_point():  # an I32/U32 header over float bytes: garbage weights
+            return f"{name} has dtype {str(tensors[name].dtype).removeprefix('torch.')}, not a floating-point weight"
     return None

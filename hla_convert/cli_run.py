@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .cli_checks import EXIT_BAD_INPUT, CommandFailed
+from .errors import ERROR_PREFIX, MAX_LINE, MAX_MESSAGE, clip  # noqa: F401 - MAX_LINE, MAX_MESSAGE: the CLI's surface
 from .json_docs import dumps_document
 
 EXIT_OK = 0
@@ -22,15 +23,6 @@ EXIT_DRIFT = 1
 EXIT_RUN_FAILED = 3
 EXIT_INTERRUPTED = 130
 
-ERROR_PREFIX = "hla-convert: error: "
-MAX_LINE = 600  # characters of a whole error line, prefix included (the README's promise)
-MAX_MESSAGE = MAX_LINE - len(ERROR_PREFIX)  # so a message never carries a whole input
-
-
-def clip(text: str, limit: int = MAX_MESSAGE) -> str:
-    """`text` on one line (whitespace runs made one space), cut to `limit` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def error_line(message: str) -> None:

@@ -12,6 +12,7 @@ from .checks import check_device as _check_device
 from .checks import check_model_path as _check_model_path
 from .checks import folder_arg as _folder_arg
 from .checks import hub_notice as _hub_notice
+from .checks import shown
 from .cli_checks import EXIT_BAD_INPUT, CommandFailed
 from .cli_display import stdout_console as _stdout
 from .cli_options import EXIT_CODES_HELP as _EXIT_CODES_HELP
@@ -117,10 +118,14 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
     from .sample_media import SAMPLE_AGAIN, sample_names
     from .sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side
 
-    if out is not None and Path(out).suffix == "" and not Path(out).is_dir():
-        out = out + default_video_suffix()
-    video = check_video_path(_folder_arg("--out", out) if out is not None else directory / f"sample{default_video_suffix()}")
-    if video.is_dir():
+    try:
+        if out is not None and Path(out).suffix == "" and not Path(out).is_dir():
+            out = out + default_video_suffix()
+        video = check_video_path(_folder_arg("--out", out) if out is not None else directory / f"sample{default_video_suffix()}")
+        is_folder = video.is_dir()
+    except OSError as exc:  # a name too long for the file system: bad input, not a failed run
+        raise SampleError(f"--out {shown(out)} is not a usable path ({exc.strerror or type(exc).__name__})") from None
+    if is_folder:
         raise SampleError(f"--out {str(video)!r} is a folder; give a file name ending in .mp4 or .gif")
     into_folder = video.parent.resolve() == directory.resolve()
     if into_folder:  # before the (slow) sampling; add_to_output checks again under the lock

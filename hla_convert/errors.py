@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+ERROR_PREFIX = "hla-convert: error: "
+MAX_LINE = 600  # characters of a whole error line, prefix included (the README's promise)
+MAX_MESSAGE = MAX_LINE - len(ERROR_PREFIX)  # so a message never carries a whole input
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """The text on one line (whitespace runs, newlines included, become one space), cut to `limit`."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()

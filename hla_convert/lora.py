@@ -20,6 +20,7 @@ updates at lr 1e-4 round away.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .checks import shown
 
 ADAPTER = "hla_lora"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -217,10 +220,7 @@ def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], config: 
     `lora_state_dict` gives them). Missing, extra or misshaped keys raise LoraError and leave no adapter."""
     from peft import set_peft_model_state_dict
 
-    try:
-        rank, alpha, modules = int(config["rank"]), float(config["alpha"]), list(config["modules"])
-    except (KeyError, TypeError, ValueError):
-        raise LoraError(f"the LoRA config {config!r} lacks rank, alpha or modules") from None
+    rank, alpha, modules = _saved_settings(config, tensors)
     add_lora(model, rank=rank, alpha=alpha, modules=saved_modules(modules, tensors))
     expected = {k: v.shape for k, v in lora_state_dict(model).items()}
     problem = None
@@ -232,6 +232,9 @@ def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], config: 
         for k, shape in expected.items():
             if tensors[k].shape != shape:
                 problem = f"LoRA weight {k} has shape {list(tensors[k].shape)}, the model expects {list(shape)}"
+                break
+            if not tensors[k].is_floating_point():
+                problem = f"LoRA weight {k} has dtype {str(tensors[k].dtype).removeprefix('torch.')}, not a floating-point weight"
                 break
     if problem:
         remove_lora(model)
@@ -258,6 +261,31 @@ def saved_modules(recorded: Sequence[str], tensors: dict[str, torch.Tensor]) -> 
     if legacy and all(any(covers(r, n) for r in recorded) for n in keyed) and all(any(covers(r, n) for n in keyed) for r in recorded):
         return keyed
     return recorded
+
+
+def _saved_settings(config: Any, tensors: dict[str, torch.Tensor]) -> tuple[int, float, list[str]]:
+    """(rank, alpha, modules) of a saved LoRA config, checked before add_lora builds anything.
+
+    The config is read from a file, so each value is checked for its type (rank 0 or false, a NaN
+    alpha, no modules made peft raise its own errors, or load NaN weights); and the rank must be the
+    one the saved lora_A weights ([rank, in_features]) have, so a forged rank cannot make add_lora
+    allocate more than the file itself holds (a weight of another shape is named by the shape check).
+    """
+    if not isinstance(config, dict):
+        raise LoraError(f"the LoRA config must be a mapping with rank, alpha and modules, got {shown(config)}")
+    rank, alpha, modules = config.get("rank"), config.get("alpha"), config.get("modules")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise LoraError(f"the LoRA config's rank must be a positive integer, got {shown(rank)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise LoraError(f"the LoRA config's alpha must be a positive number, got {shown(alpha)}")
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+        raise LoraError(f"the LoRA config's modules must be a non-empty list of module names, got {shown(modules)}")
+    saved = sorted({t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A.weight") and t.dim() == 2})
+    if rank not in saved:
+        raise LoraError(
+            f"the LoRA config's rank {rank} is not the rank of any saved lora_A weight ({', '.join(map(str, saved[:4])) or 'none saved'})"
+        )
+    return rank, float(alpha), list(modules)
 
 
 def _swap_base(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

@@ -45,11 +45,38 @@ class _BoundedLoader(yaml.SafeLoader):
     Aliases share one node in the composed graph, so the graph stays small while anything that walks
     the data (a check, a repr, a copy) sees every expansion: the expanded size is counted on the graph
     (memoised per node, so a bomb costs no more to count than to read) before any object is built.
+    Nesting is also refused while the document is composed (the composer recurses once per level:
+    20,000 "[" took 1.5 s to reach Python's recursion limit), and a scalar PyYAML's constructors
+    cannot build is a YAML error like any other.
     """
+
+    _depth = 0
+
+    def compose_node(self, parent, index):  # noqa: D102
+        self._depth += 1
+        try:
+            if self._depth > MAX_RECIPE_DEPTH + 1:
+                raise RecipeError("", f"the recipe is nested more than {MAX_RECIPE_DEPTH} levels deep: not a recipe")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_document(self, node):  # noqa: D102
         _expanded_size(node, {}, 0, set())
         return super().construct_document(node)
+
+    def construct_object(self, node, deep=False):  # noqa: D102
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecipeError, RecursionError):
+            raise
+        except Exception:  # noqa: BLE001 - PyYAML's scalar constructors call int() / float() /
+            # datetime() / re.match(...).groupdict() unguarded: "!!int 0b" (ValueError), a bare "!!int"
+            # (IndexError), a bare "!!timestamp" (AttributeError), "2020-02-30", an int past Python's
+            # 4300-digit limit
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            value = node.value if isinstance(node, yaml.ScalarNode) else ""
+            raise yaml.constructor.ConstructorError(None, None, f"{_r(value)} is not a valid {kind}", node.start_mark) from None
 
 
 def _expanded_size(node, memo: dict[int, int], depth: int, path: set[int]) -> int:

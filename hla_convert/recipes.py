@@ -82,7 +82,10 @@ def recipe_text(name: str) -> str:
 
 
 def _looks_like_path(s: str) -> bool:
-    return s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s or Path(s).is_file()
+    try:
+        return s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s or Path(s).is_file()
+    except OSError:  # a name the file system refuses (too long): meant as a path; read_recipe_file says why not
+        return True
 
 
 def _unknown_message(name: str, files: dict[str, Any]) -> str:

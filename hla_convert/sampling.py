@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import shown
 from .errors import first_line
 from .sample_media import (  # re-exported: the files a sample becomes
     FPS,
@@ -132,7 +133,11 @@ def read_inputs_file(path: str | Path) -> dict[str, torch.Tensor]:
     from .user_files import MAX_TENSOR_FILE_BYTES, check_regular_file
 
     path = Path(path)
-    if not path.is_file() and not path.exists():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # a name too long for the file system
+        raise SampleError(f"--inputs {shown(str(path))} is not a usable path ({exc.strerror or type(exc).__name__})") from None
+    if not is_file and not path.exists():
         raise SampleError(f"--inputs {str(path)!r} is not a file (give a .safetensors file of named tensors)")
     check_regular_file(path, f"--inputs {str(path)!r}", MAX_TENSOR_FILE_BYTES, SampleError)
     try:

@@ -156,6 +156,8 @@ def _rewrite(folder, change=None, change_meta=None):
         (lambda t: t.pop("blocks.1.attn1.hla.bias"), "missing 1 key"),
         (lambda t: t.__setitem__("blocks.1.attn1.hla.extra", torch.zeros(1)), "unexpected key"),
         (lambda t: t.__setitem__("blocks.1.attn1.hla.bias", torch.zeros(3)), "has shape"),
+        # found probing the dtypes tests/test_fuzz.py draws: an I32/U32 header over the float bytes loaded as huge integers
+        (lambda t: t.__setitem__("blocks.1.attn1.hla.bias", t["blocks.1.attn1.hla.bias"].view(torch.int32)), "dtype int32, not a floating-point"),
     ],
 )
 def test_key_mismatch_is_one_line_and_leaves_base_unconverted(saved, change, expect):
@@ -219,6 +221,55 @@ def test_truncated_and_corrupt_files(saved):
         load_adapter(tiny_wan(), folder)
 
 
+def test_metadata_nested_thousands_deep_is_unreadable_not_a_recursion_error(saved):
+    """Found by tests/test_fuzz.py: json.loads of a 100,000-deep metadata value raised RecursionError."""
+    folder, _ = saved
+    _rewrite(folder, change_meta=lambda meta: meta.update(base_class="[" * 100_000 + "]" * 100_000))
+    with pytest.raises(AdapterError, match="unreadable metadata"):
+        read_adapter_info(folder)
+
+
+@pytest.mark.parametrize(
+    "key, value, expect",
+    [  # found by tests/test_fuzz.py: the first four raised TypeError in load_adapter; the others loaded
+        ("modules", 5, "'modules' must be a non-empty list of module names, got 5"),
+        ("modules", None, "'modules' must be a non-empty list of module names, got None"),
+        ("modules", [5], "'modules' must be a non-empty list of module names"),
+        ("modules", [[1]], "'modules' must be a non-empty list of module names"),
+        ("base_fingerprint", 5, "'base_fingerprint' must be a string, got 5"),
+        ("lora", 5, "'lora' must be a mapping, got 5"),
+        ("extra", [1], "'extra' must be a mapping, got \\[1\\]"),  # an AttributeError in `validate`
+    ],
+)
+def test_metadata_values_of_the_wrong_type_are_refused_when_read(saved, key, value, expect):
+    folder, _ = saved
+    _rewrite(folder, change_meta=lambda meta: meta.update({key: json.dumps(value)}))
+    with pytest.raises(AdapterError, match=expect) as err:
+        read_adapter_info(folder)
+    assert "\n" not in str(err.value)
+    base = tiny_wan()
+    with pytest.raises(AdapterError, match=expect):
+        load_adapter(base, folder, check_base=False)
+    assert not hla_parameters(base)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [  # found by tests/test_fuzz.py: metadata text went into AdapterError whole, newlines included
+        {"base_source": "a\nb", "base_fingerprint": "sha256-v2:forged"},
+        {"base_source": "x" * 3000, "base_fingerprint": "sha256-v2:forged"},
+        {"modules": ["x" * 3000]},
+        {"config": {"kind": "x" * 3000}},
+    ],
+)
+def test_metadata_text_in_an_error_is_one_bounded_line(saved, change):
+    folder, _ = saved
+    _rewrite(folder, change_meta=lambda meta: meta.update({k: json.dumps(v) for k, v in change.items()}))
+    with pytest.raises(AdapterError) as err:
+        load_adapter(tiny_wan(), folder)
+    assert "\n" not in str(err.value) and len(str(err.value)) <= 600, str(err.value)[:200]
+
+
 def test_not_an_adapter(tmp_path):
     with pytest.raises(AdapterError, match="not an hla-convert adapter folder"):
         load_adapter(tiny_wan(), tmp_path)
@@ -235,14 +286,14 @@ def test_save_needs_a_converted_model(tmp_path):
 @pytest.mark.parametrize(
     "key, value, expect",
     [
-        ("modules", "5", "'modules' is a int"),
-        ("modules", "null", "'modules' is a NoneType"),
+        ("modules", "5", "'modules' must be a non-empty list of module names, got 5"),
+        ("modules", "null", "'modules' must be a non-empty list of module names, got None"),
         ("modules", "[]", "non-empty list of module names"),
         ("modules", "[1, 2]", "non-empty list of module names"),
-        ("config", '"hadamard"', "'config' is a str"),
-        ("base_fingerprint", "5", "'base_fingerprint' is a int"),
-        ("lora", "[1]", "'lora' is a list"),
-        ("extra", "[1]", "'extra' is a list"),
+        ("config", '"hadamard"', "'config' must be a mapping, got 'hadamard'"),
+        ("base_fingerprint", "5", "'base_fingerprint' must be a string, got 5"),
+        ("lora", "[1]", "'lora' must be a mapping, got \\[1\\]"),
+        ("extra", "[1]", "'extra' must be a mapping, got \\[1\\]"),
         ("extra", "[" * 100_000 + "]" * 100_000, "unreadable metadata"),  # nested past Python's recursion limit
     ],
 )

@@ -185,8 +185,13 @@ def test_calibration_and_stage1_train_through_the_block_causal_form(tmp_path, mo
     model, _ = _skyreels_df()
     convert_attention(model, rec.hla_config())
     blocks = []
-    real = HLAAttention._causal
-    monkeypatch.setattr(HLAAttention, "_causal", lambda self, *a: blocks.append(a[-1]) or real(self, *a))
+    real = HLAAttention.student
+
+    def student(self, q, k, v, key_mask=None, scale=None, causal_block=None):
+        blocks.append(causal_block)
+        return real(self, q, k, v, key_mask, scale, causal_block)
+
+    monkeypatch.setattr(HLAAttention, "student", student)
     inputs = build_inputs(model, rec, "train")
     initialize_feature_maps(model, inputs)
     out = attention_transfer(model, inputs, rec, tmp_path)

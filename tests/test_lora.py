@@ -199,14 +199,14 @@ def test_lora_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_lora_settings_are_part_of_the_stage2_fingerprint(tmp_path):
-    from hla_convert.distill import DistillError
+    from hla_convert.checkpoints import CheckpointError  # bad input (exit 2), as any mismatched checkpoint
 
     rec = recipe()
     model, inputs = stage1_model(rec)
     output_distillation(model, inputs, rec.with_overrides(stage2_steps=5), tmp_path)
     other = rec.with_overrides(stage2_steps=5, fields={"stage2.lora_lr": 1e-2})
     fresh, _ = stage1_model(rec)
-    with pytest.raises(DistillError, match="different recipe"):
+    with pytest.raises(CheckpointError, match="different recipe"):
         output_distillation(fresh, inputs, other, tmp_path, resume=True)
 
 
@@ -245,6 +245,7 @@ def test_lora_adapter_round_trip_gives_identical_student_outputs(lora_adapter):
         (lambda t: t.pop("lora.blocks.1.ffn.net.2.lora_B.weight"), r"missing 1 LoRA key\(s\), e.g. blocks.1.ffn.net.2.lora_B.weight"),
         (lambda t: t.update({"lora.blocks.0.attn2.to_q.lora_A.weight": torch.zeros(4, 24)}), r"1 unexpected LoRA key\(s\)"),
         (lambda t: t.update({"lora.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(3, 24)}), r"has shape \[3, 24\]"),
+        (lambda t: t.update({"lora.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 24, dtype=torch.int32)}), "dtype int32, not a floating-point"),
     ],
 )
 def test_lora_key_mismatch_is_one_line_and_leaves_base_untouched(lora_adapter, change, expect):
@@ -310,6 +311,29 @@ def test_adapters_that_recorded_peft_suffixes_load_as_their_weight_keys_say(tmp_
     with pytest.raises(AdapterError, match="LoRA module 'attn1.to_q' is not a linear layer"):
         load_adapter(base, tmp_path / "ad")
     assert not hla_layers(base) and not has_adapters(base)
+
+
+@pytest.mark.parametrize(
+    "forged, expect",
+    [  # found by tests/test_fuzz.py: each escaped as peft's own error, or loaded NaN weights
+        ({"rank": False}, "rank must be a positive integer, got False"),
+        ({"rank": 0}, "rank must be a positive integer, got 0"),
+        ({"alpha": float("nan")}, "unreadable metadata"),  # a bare NaN is not JSON: refused as the header is read
+        ({"alpha": "4"}, "alpha must be a positive number"),
+        ({"modules": []}, "modules must be a non-empty list of module names"),
+        ({"modules": [["blocks.0.attn1.to_q"]]}, "modules must be a non-empty list of module names"),
+        # a forged rank would have add_lora allocate rank x features per layer before any check: refused first
+        ({"rank": 2**40}, "rank 1099511627776 is not the rank of any saved lora_A weight"),
+    ],
+)
+def test_a_forged_lora_config_is_one_line_and_leaves_base_untouched(lora_adapter, forged, expect):
+    folder, _, _ = lora_adapter
+    _rewrite(folder, change_meta=lambda meta: meta.update(lora=json.dumps({**json.loads(meta["lora"]), **forged})))
+    base = tiny_model("wan")
+    with pytest.raises(AdapterError, match=expect) as e:
+        load_adapter(base, folder)
+    assert "\n" not in str(e.value)
+    assert not hla_layers(base) and not has_adapters(base) and not has_lora(base)
 
 
 def test_lora_adapter_refuses_a_different_base(lora_adapter):

@@ -163,7 +163,8 @@ def test_a_small_alias_expansion_is_shown_bounded(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("name: x\nstage1: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+        # refused while composing, at the bound (it took 1.5-5 s to reach the recursion limit first)
+        ("name: x\nstage1: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested more than 32 levels deep"),
         ("name: x\nstage1: " + "[" * 40 + "]" * 40 + "\n", "nested more than"),
         (b"name: caf\xe9\n", "not UTF-8"),
         ("", "is empty"),
@@ -174,6 +175,14 @@ def test_a_small_alias_expansion_is_shown_bounded(tmp_path):
         ("name: x\nattention:\n  kind: " + "k" * 100_000 + "\n", "attention.kind: 'kkk"),
         ("name: x\n" + "a" * 1000 + ": 1\n", "unknown section"),
         ("- just\n- a list\n", "must be a mapping"),
+        # scalars PyYAML's constructors raise on (found by tests/test_fuzz.py): were bare
+        # ValueError / IndexError / AttributeError, then the exception's text
+        ("name: x\nstage1:\n  lr: !!float x\n", "'x' is not a valid float in"),
+        ("name: x\ncalibration:\n  seed: !!int 0b\n", "'0b' is not a valid int in"),
+        ("!!int\n", "'' is not a valid int in"),
+        ("name: x\ndescription: !!timestamp\n", "'' is not a valid timestamp in"),
+        ("name: x\ndescription: 2020-02-30\n", "'2020-02-30' is not a valid timestamp in"),
+        ("name: x\ncalibration:\n  seed: " + "9" * 5000 + "\n", "is not a valid int in"),
     ],
 )
 def test_hostile_recipe_files_are_one_short_recipe_error(tmp_path, content, message):
@@ -195,6 +204,9 @@ def test_recipe_file_size_and_kind_are_checked(tmp_path):
         load_recipe("/dev/null")
     with pytest.raises(RecipeError, match="larger than 1 MiB"):
         recipe_text(str(big))
+    for read in (load_recipe, recipe_text):  # found by tests/test_fuzz.py: an OSError (ENAMETOOLONG) escaped
+        with pytest.raises(RecipeError, match="cannot be read"):
+            read("x" * 5000)
 
 
 # -- bounds: a value past them would allocate more than a machine holds, or loop for hours -------

@@ -252,3 +252,13 @@ def test_sample_never_replaces_a_user_edited_card_or_their_own_png(converted, tm
         assert line.startswith("hla-convert: error: ") and "\n" not in line and name in line and "--out" in line
         assert (folder / name).read_bytes() == content
         assert not [p for p in folder.glob("sample.*") if p.name != name]  # refused before sampling: nothing written
+
+
+@pytest.mark.parametrize("args", [["--out", "x" * 5000], ["--out", "x" * 5000 + ".gif"], ["--inputs", "x" * 5000]])
+def test_a_name_past_the_file_system_limit_is_bad_input(tmp_path, args):
+    """Found with tests/test_fuzz.py's long names (the recipe loader had the same OSError): the
+    is_dir() / is_file() checks on --out and --inputs raised ENAMETOOLONG, reported as a failed
+    run (exit 3)."""
+    result = invoke("sample", tmp_path, *args)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "is not a usable path (File name too long)" in lines[0], result.stderr
