@@ -3,14 +3,16 @@
 The public API; each name lives in the module that says what it holds.
 """
 
-from .adapter import AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
-from .config import ConfigError, HLAConfig
+from .io.adapter import AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
+from .model.config import ConfigError, HLAConfig
 from .conversion import ConversionResult, ProgressEvent, ValidationResult, convert, validate
 from .errors import InputError
-from .hub import HubError, push_output
-from .layers import HLAAttention, hla_layers, hla_parameters, set_attention_mode
-from .output import load_converted
-from .surgery import ConversionError, convert_attention, revert_attention, select_modules
+from .io.hub import HubError
+from .io.push import push_output
+from .model.layers import HLAAttention, hla_layers, hla_parameters
+from .model.modes import set_attention_mode
+from .io.output import load_converted
+from .model.surgery import ConversionError, convert_attention, revert_attention, select_modules
 
 __all__ = [
     "AdapterError",

@@ -1,4 +1,5 @@
-"""How an underlying library's exception becomes part of one of our one-line error messages."""
+"""How an underlying library's exception becomes part of one of our one-line error messages, and
+the error classes that several layers raise (the bottom layer: imports nothing from hla_convert)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,7 @@ class InputError(ValueError):
     device this machine lacks, a MODEL that is neither a folder nor a Hub ID, an empty folder name,
     a recipe that cannot be loaded or overridden. The message is one line; it names the command
     line's flag (--device, --out, MODEL), which is the argument of the same name in Python."""
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be used as asked; the message is one line saying why."""

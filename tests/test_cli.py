@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hla_convert.cli import app
-from hla_convert.recipes import load_recipe
+from hla_convert.recipe import load_recipe
 from tiny_models import tiny_wan
 
 runner = CliRunner()
@@ -115,7 +115,7 @@ def test_load_converted_gives_the_converted_transformer(converted):
     from hla_convert import hla_layers, load_converted
 
     out, _ = converted
-    from hla_convert.lora import lora_state_dict
+    from hla_convert.model.lora import lora_state_dict
 
     model = load_converted(out)
     weights = load_file(str(out / "adapter_model.safetensors"))
@@ -382,7 +382,7 @@ def test_a_missing_local_model_is_reported_missing(tmp_path):
 def test_a_hub_lookup_says_so_while_it_waits(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    import hla_convert.checks as checks
+    import hla_convert.io.checks as checks
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(checks, "HUB_NOTICE_AFTER_S", 0.0)  # the notice comes after 2 s; offline answers at once
@@ -404,7 +404,7 @@ def test_steps_zero_trains_nothing_in_either_stage(tmp_path, fast_recipe):
 
 
 def _demo_folder(path: Path, bump: float = 0.0) -> Path:
-    from hla_convert.loading import load_demo_model
+    from hla_convert.model.loading import load_demo_model
 
     model = load_demo_model().transformer
     if bump:

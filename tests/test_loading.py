@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from hla_convert.loading import ModelLoadError, load_transformer, parse_dtype
+from hla_convert.model.loading import ModelLoadError, load_transformer, parse_dtype
 
 
 def tiny_wan() -> WanTransformer3DModel:

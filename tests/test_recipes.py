@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hla_convert.config import HLAConfig
-from hla_convert.recipes import Recipe, RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
+from hla_convert.model.config import HLAConfig
+from hla_convert.recipe import Recipe, RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
 
 REQUIRED = {"tiny-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "cogvideox-2b", "hunyuanvideo", "ltx-video"}
 

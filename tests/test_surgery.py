@@ -1,4 +1,4 @@
-"""The diffusers seam (hla_convert.surgery) on tiny real models of the four main architectures.
+"""The diffusers seam (hla_convert.model.surgery) on tiny real models of the four main architectures.
 
 What a user relies on: an identity conversion changes nothing, bit for bit; HLA conversions train
 only the new parameters; only self-attention is converted unless asked otherwise; padded text
@@ -25,7 +25,7 @@ from hla_convert import (
     revert_attention,
     select_modules,
 )
-from hla_convert.surgery import HLAProcessor, attention_modules, converted_modules, key_mask_from_attn_mask
+from hla_convert.model.surgery import HLAProcessor, attention_modules, converted_modules, key_mask_from_attn_mask
 
 from tiny_models import (
     ARCHITECTURES,
