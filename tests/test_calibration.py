@@ -203,3 +203,13 @@ def test_trajectories_of_a_model_with_lora_are_the_base_models(tmp_path):
             p.add_(0.2)
     assert _same_items(base, build_inputs(model, recipe, "heldout", pipeline_dir=str(tmp_path / "pipe")))
     assert all(not m.disable_adapters for _, m in tuner_layers(model))  # LoRA on again afterwards
+
+
+def test_every_architecture_row_names_a_synthetic_builder_that_exists():
+    """A family's synthetic inputs are one key in its model.architectures row: a key without a
+    builder (a typo in a new row) would only fail at the first calibration."""
+    from hla_convert.model.architectures import ARCHITECTURES
+    from hla_convert.stages.calibration_synthetic import BUILDERS
+
+    keys = {row.synthetic for row in ARCHITECTURES.values() if row.synthetic is not None}
+    assert keys == set(BUILDERS)

@@ -36,6 +36,7 @@ from torch import nn
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter, read_adapter_info, save_adapter
 from ..atomic_files import atomic_write_text, write_json_atomic
+from ..model.architectures import with_field
 from ..model.loading import DEMO_MODEL_NAME, LoadedModel
 from .output_guard import (
     LOCK_FILE,
@@ -63,18 +64,7 @@ OUTPUT_FILES = (ADAPTER_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE, CARD_FILE)
 
 # Pipeline classes per transformer class, for the model card's loading example when the base was a
 # bare transformer (a pipeline folder names its own class in model_index.json).
-PIPELINE_FOR_TRANSFORMER = {
-    "WanTransformer3DModel": "WanPipeline",
-    "WanVACETransformer3DModel": "WanVACEPipeline",
-    "SkyReelsV2Transformer3DModel": "SkyReelsV2Pipeline",
-    "CogVideoXTransformer3DModel": "CogVideoXPipeline",
-    "HunyuanVideoTransformer3DModel": "HunyuanVideoPipeline",
-    "LTXVideoTransformer3DModel": "LTXPipeline",
-    "MochiTransformer3DModel": "MochiPipeline",
-    "AllegroTransformer3DModel": "AllegroPipeline",
-    "LatteTransformer3DModel": "LattePipeline",
-    "EasyAnimateTransformer3DModel": "EasyAnimatePipeline",
-}
+PIPELINE_FOR_TRANSFORMER: dict[str, str] = with_field("pipeline")  # model.architectures
 
 
 # -- starting, resuming and finishing a run ----------------------------------------------------

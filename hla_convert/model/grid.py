@@ -15,30 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import ARCHITECTURES, with_field
 from .layers import hla_layers
 
-# Layout per class: (video layout of hidden_states, where the joint-attention text tokens sit).
+# Layout per class (model.architectures): (video layout of hidden_states, where the joint-attention text tokens sit).
 _GRID_LAYOUTS: dict[str, tuple[str, str | None]] = {
-    "WanTransformer3DModel": ("BCFHW", None),
-    "WanVACETransformer3DModel": ("BCFHW", None),
-    "SkyReelsV2Transformer3DModel": ("BCFHW", None),
-    "CogVideoXTransformer3DModel": ("BFCHW", "first"),
-    "HunyuanVideoTransformer3DModel": ("BCFHW", "last"),
-    "LTXVideoTransformer3DModel": ("packed", None),
+    name: (layout, ARCHITECTURES[name].text_tokens) for name, layout in with_field("grid_layout").items()
 }
-
-
-def patch_sizes(config: Any) -> tuple[int, int, int]:
-    """(temporal, height, width) patch size of a video transformer config."""
-    p = config.get("patch_size", 1) if hasattr(config, "get") else getattr(config, "patch_size", 1)
-    if isinstance(p, (list, tuple)):
-        if len(p) == 3:
-            return int(p[0]), int(p[1]), int(p[2])
-        if len(p) == 2:
-            return 1, int(p[0]), int(p[1])
-        p = p[0]
-    pt = config.get("patch_size_t") if hasattr(config, "get") else getattr(config, "patch_size_t", None)
-    return int(pt or 1), int(p or 1), int(p or 1)
 
 
 def token_grid(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[int, int, int], int, bool]:
@@ -57,7 +40,7 @@ def token_grid(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[t
     x = bound.get("hidden_states")
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} was called without a hidden_states tensor")
-    pt, ph, pw = patch_sizes(model.config)
+    pt, ph, pw = ARCHITECTURES[name].patch_sizes(model.config)
     shape, text = layout
     if shape == "packed":
         dims = [bound.get(k) for k in ("num_frames", "height", "width")]

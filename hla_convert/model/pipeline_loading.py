@@ -15,17 +15,11 @@ from typing import Any
 from torch import nn
 
 from ..errors import first_line
-from .grid import patch_sizes
+from .architectures import patch_sizes_of, with_field
 from .loading import LoadedModel, ModelLoadError, loaded_from, resolve_model
 
 # Architectures whose converted self-attention also attends over the text tokens (joint attention).
-JOINT_TEXT_ATTENTION = (
-    "CogVideoXTransformer3DModel",
-    "ConsisIDTransformer3DModel",
-    "HunyuanVideoTransformer3DModel",
-    "HunyuanVideoFramepackTransformer3DModel",
-    "MochiTransformer3DModel",
-)
+JOINT_TEXT_ATTENTION = tuple(with_field("text_tokens"))
 
 
 def load_skeleton(model: str | None, revision: str | None = None, subfolder: str | None = None) -> LoadedModel:
@@ -77,7 +71,7 @@ def load_scheduler(loaded: LoadedModel) -> Any | None:
 
 def video_tokens(model: nn.Module, latent: tuple[int, int, int]) -> int:
     """Video tokens one self-attention sees for a latent of (frames, height, width)."""
-    pt, ph, pw = patch_sizes(model.config)
+    pt, ph, pw = patch_sizes_of(model)
     f, h, w = latent
     return -(-f // pt) * (h // ph) * (w // pw)
 
@@ -91,7 +85,7 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
     cal = recipe.calibration
     latent = cal.latent_shape()
     tokens = video_tokens(net, latent)
-    pt, ph, pw = patch_sizes(net.config)
+    pt, ph, pw = patch_sizes_of(net)
     grid = (-(-latent[0] // pt), latent[1] // ph, latent[2] // pw)  # for the hybrid kind's windows
     text_tokens = cal.text_len if type(net).__name__ in JOINT_TEXT_ATTENTION else 0
     n = tokens + text_tokens
@@ -127,7 +121,7 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
         "recipe": recipe.name,
         "attention": config.to_dict(),
         "video": {"frames": cal.frames, "height": cal.height, "width": cal.width, "latent": list(latent)},
-        "patch_size": list(patch_sizes(net.config)),
+        "patch_size": list(patch_sizes_of(net)),
         "tokens": tokens,
         "text_tokens": text_tokens,
         "modules": rows,
@@ -136,4 +130,4 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
     }
 
 
-__all__ = ["inspect_model", "load_scheduler", "load_skeleton", "patch_sizes", "video_tokens"]
+__all__ = ["inspect_model", "load_scheduler", "load_skeleton", "video_tokens"]

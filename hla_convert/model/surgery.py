@@ -26,40 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .architectures import with_field
 from .attn_masks import attention_mask_structure, key_mask_from_attn_mask
 from .config import HLAConfig
 from .flops import attention_flops
 from .grid import set_token_grid, token_grid
 from .layers import HLAAttention, hla_layers
 
-# Self-attention modules converted by default, per architecture (class name of the transformer).
-DEFAULT_INCLUDE: dict[str, tuple[str, ...]] = {
-    "WanTransformer3DModel": ("blocks.*.attn1",),
-    "WanVACETransformer3DModel": ("blocks.*.attn1", "vace_blocks.*.attn1"),
-    "SkyReelsV2Transformer3DModel": ("blocks.*.attn1",),
-    "CogVideoXTransformer3DModel": ("transformer_blocks.*.attn1",),
-    "ConsisIDTransformer3DModel": ("transformer_blocks.*.attn1",),
-    # joint text+video attention in the dual- and single-stream blocks; the text token refiner
-    # attends over a few hundred text tokens only and stays softmax.
-    "HunyuanVideoTransformer3DModel": ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
-    "HunyuanVideoFramepackTransformer3DModel": ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
-    "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn1",),
-    "MochiTransformer3DModel": ("transformer_blocks.*.attn1",),
-    "AllegroTransformer3DModel": ("transformer_blocks.*.attn1",),
-    "LatteTransformer3DModel": ("transformer_blocks.*.attn1", "temporal_transformer_blocks.*.attn1"),
-    "EasyAnimateTransformer3DModel": ("transformer_blocks.*.attn1",),
-    "CosmosTransformer3DModel": ("transformer_blocks.*.attn1",),
-    "ChronoEditTransformer3DModel": ("blocks.*.attn1",),
-    "HeliosTransformer3DModel": ("blocks.*.attn1",),
-    # the text token refiner stays softmax, as for HunyuanVideo
-    "HunyuanVideo15Transformer3DModel": ("transformer_blocks.*.attn",),
-    # These attention classes have no is_cross_attention flag, so the fallback would pick their
-    # text (and audio-video) cross-attention too. Video self-attention only; audio stays softmax.
-    "LTX2VideoTransformer3DModel": ("transformer_blocks.*.attn1",),
-    "MotifVideoTransformer3DModel": ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
-    "Kandinsky5Transformer3DModel": ("visual_transformer_blocks.*.self_attention",),
-    "Kandinsky6Transformer3DModel": ("visual_transformer_blocks.*.video_dec_block.self_attention",),
-}
+# Self-attention modules converted by default, per architecture (class name of the transformer; model.architectures).
+DEFAULT_INCLUDE: dict[str, tuple[str, ...]] = with_field("default_include")
 
 
 class ConversionError(ValueError):

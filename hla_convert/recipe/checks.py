@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
+from ..model.architectures import with_field
 from ..model.config import FAR_KINDS, KINDS, ConfigError
 from .schema import (
     DISTRIBUTIONS,
@@ -272,10 +273,11 @@ def _check_together(r: Any) -> None:
     if cbf is not None:
         from ..model.block_causal import latent_frames_problem
 
-        if arch is not None and arch != "SkyReelsV2Transformer3DModel":
+        causal = with_field("causal_blocks")  # SkyReels-V2 diffusion forcing (model.architectures)
+        if arch is not None and arch not in causal:
             raise RecipeError(
                 "attention.causal_block_frames",
-                f"only SkyReels-V2 diffusion-forcing models (SkyReelsV2Transformer3DModel) have causal frame blocks; model.architecture is {_r(arch)}: leave it null",
+                f"only SkyReels-V2 diffusion-forcing models ({', '.join(causal)}) have causal frame blocks; model.architecture is {_r(arch)}: leave it null",
             )
         problem = latent_frames_problem(c.latent_shape()[0], cbf)
         if problem is not None:

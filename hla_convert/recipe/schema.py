@@ -42,6 +42,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..model.architectures import with_field
+
 BUILTIN_PACKAGE = "hla_convert.builtin_recipes"
 
 SOURCES = ("synthetic", "trajectories", "folder")
@@ -52,19 +54,8 @@ DISTRIBUTIONS = ("uniform", "logit_normal")
 # DESIGN.md), so that would move the teacher too; LoRA adapters are disabled in teacher mode.
 STAGE2_TRAIN = ("hla", "lora")
 
-# (temporal, spatial) compression of each architecture's VAE: latent frames = (frames - 1) / t + 1.
-VAE_SCALES: dict[str, tuple[int, int]] = {
-    "WanTransformer3DModel": (4, 8),
-    "WanVACETransformer3DModel": (4, 8),
-    "SkyReelsV2Transformer3DModel": (4, 8),
-    "CogVideoXTransformer3DModel": (4, 8),
-    "ConsisIDTransformer3DModel": (4, 8),
-    "HunyuanVideoTransformer3DModel": (4, 8),
-    "HunyuanVideoFramepackTransformer3DModel": (4, 8),
-    "LTXVideoTransformer3DModel": (8, 32),
-    "MochiTransformer3DModel": (6, 8),
-    "AllegroTransformer3DModel": (4, 8),
-}
+# (temporal, spatial) compression of each architecture's VAE: latent frames = (frames - 1) / t + 1 (model.architectures).
+VAE_SCALES: dict[str, tuple[int, int]] = with_field("vae_scales")
 
 
 class RecipeError(ValueError):

@@ -1,84 +1,117 @@
 """Synthetic calibration inputs built from the model config and the recipe: gaussian latents and
-text for the known architectures, or the embedded demo's procedural videos (`demo_videos`)."""
+text for the known architectures (the builder a model.architectures row names, BUILDERS), or the
+embedded demo's procedural videos (`demo_videos`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .calibration_base import NUM_TRAIN_TIMESTEPS, CalibrationError, _arch, _chunks, _text_dim, sample_noise_levels, split_generator
+from ..model.architectures import architecture_of
 from ..recipe import Recipe
 
 
 def _gaussian_item(model: nn.Module, recipe: Recipe, b: int, g: torch.Generator) -> dict[str, Any]:
-    """One synthetic batch for a known architecture: gaussian latents and text, sampled timesteps."""
-    cfg, cal, arch = model.config, recipe.calibration, _arch(model)
-    f, h, w = cal.latent_shape()
-    c = int(cfg.in_channels)
+    """One synthetic batch for a known architecture: gaussian latents and text, sampled timesteps,
+    made by the builder its row in model.architectures names (`synthetic`)."""
+    cal, arch = recipe.calibration, _arch(model)
+    row = architecture_of(arch)
+    build = BUILDERS.get(row.synthetic) if row is not None and row.synthetic is not None else None
+    if build is None:
+        raise CalibrationError(
+            f"calibration.synthetic: no synthetic input recipe for {arch}; use calibration.source trajectories "
+            "(with the model's pipeline) or folder (cached inputs)"
+        )
     t = sample_noise_levels(recipe, b, g)
-    timestep = t * NUM_TRAIN_TIMESTEPS
-    text_dim = _text_dim(cfg)
-    if arch in ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel"):
-        item = {
-            "hidden_states": torch.randn(b, c, f, h, w, generator=g),
-            "timestep": timestep,
-            "encoder_hidden_states": torch.randn(b, cal.text_len, text_dim, generator=g),
-        }
-        if getattr(cfg, "image_dim", None):  # I2V: CLIP image tokens (257 for ViT-H/14)
-            item["encoder_hidden_states_image"] = torch.randn(b, 257, cfg.image_dim, generator=g)
-        return item
-    if arch == "CogVideoXTransformer3DModel":
-        p_t = cfg.patch_size_t or 1
-        if f % p_t:
-            raise CalibrationError(f"calibration.frames: {f} latent frames are not a multiple of the model's patch_size_t ({p_t})")
-        # the joint positional embedding covers exactly max_text_seq_length text tokens
-        item = {
-            "hidden_states": torch.randn(b, f, c, h, w, generator=g),
-            "encoder_hidden_states": torch.randn(b, cfg.max_text_seq_length, text_dim, generator=g),
-            "timestep": timestep.round().clamp(max=NUM_TRAIN_TIMESTEPS - 1).long(),
-        }
-        if cfg.use_rotary_positional_embeddings:
-            item["image_rotary_emb"] = cogvideox_rotary_emb(model, f, h, w)
-        if getattr(cfg, "ofs_embed_dim", None):
-            item["ofs"] = torch.full((b,), 2.0)
-        return item
-    if arch == "HunyuanVideoTransformer3DModel":
-        # padded prompts: a random number of real tokens per sample, the rest masked out
-        lengths = torch.randint(max(1, cal.text_len // 4), cal.text_len + 1, (b,), generator=g)
-        mask = (torch.arange(cal.text_len)[None, :] < lengths[:, None]).long()
-        item = {
-            "hidden_states": torch.randn(b, c, f, h, w, generator=g),
-            "timestep": timestep,
-            "encoder_hidden_states": torch.randn(b, cal.text_len, text_dim, generator=g) * mask[..., None],
-            "encoder_attention_mask": mask,
-            "pooled_projections": torch.randn(b, cfg.pooled_projection_dim, generator=g),
-        }
-        if cfg.guidance_embeds:
-            item["guidance"] = torch.full((b,), 6.0 * 1000)  # the pipeline's default 6.0, scaled by 1000
-        return item
-    if arch == "LTXVideoTransformer3DModel":
-        p, p_t = cfg.patch_size, cfg.patch_size_t
-        if f % p_t or h % p or w % p:
-            raise CalibrationError(f"calibration: latent {f}x{h}x{w} is not divisible by the model's patch ({p_t}, {p}, {p})")
-        n = (f // p_t) * (h // p) * (w // p)
-        lengths = torch.randint(max(1, cal.text_len // 4), cal.text_len + 1, (b,), generator=g)
-        return {
-            "hidden_states": torch.randn(b, n, c, generator=g),  # packed latent tokens
-            "encoder_hidden_states": torch.randn(b, cal.text_len, text_dim, generator=g),
-            "timestep": timestep,
-            "encoder_attention_mask": (torch.arange(cal.text_len)[None, :] < lengths[:, None]).long(),
-            "num_frames": f // p_t,
-            "height": h // p,
-            "width": w // p,
-            # as LTXPipeline at its default 25 fps
-            "rope_interpolation_scale": (cal.vae_scale_temporal / 25.0, float(cal.vae_scale_spatial), float(cal.vae_scale_spatial)),
-        }
-    raise CalibrationError(
-        f"calibration.synthetic: no synthetic input recipe for {arch}; use calibration.source trajectories "
-        "(with the model's pipeline) or folder (cached inputs)"
-    )
+    return build(model, cal, b, g, cal.latent_shape(), t * NUM_TRAIN_TIMESTEPS)
+
+
+# Each builder: (model, calibration section, batch size, generator, latent (frames, height, width),
+# model timesteps [b]) -> the model's keyword inputs for one batch.
+
+
+def _wan_item(model: nn.Module, cal: Any, b: int, g: torch.Generator, latent: tuple[int, int, int], timestep: torch.Tensor) -> dict[str, Any]:
+    cfg, (f, h, w) = model.config, latent
+    c, text_dim = int(cfg.in_channels), _text_dim(cfg)
+    item = {
+        "hidden_states": torch.randn(b, c, f, h, w, generator=g),
+        "timestep": timestep,
+        "encoder_hidden_states": torch.randn(b, cal.text_len, text_dim, generator=g),
+    }
+    if getattr(cfg, "image_dim", None):  # I2V: CLIP image tokens (257 for ViT-H/14)
+        item["encoder_hidden_states_image"] = torch.randn(b, 257, cfg.image_dim, generator=g)
+    return item
+
+
+def _cogvideox_item(model: nn.Module, cal: Any, b: int, g: torch.Generator, latent: tuple[int, int, int], timestep: torch.Tensor) -> dict[str, Any]:
+    cfg, (f, h, w) = model.config, latent
+    c, text_dim = int(cfg.in_channels), _text_dim(cfg)
+    p_t = cfg.patch_size_t or 1
+    if f % p_t:
+        raise CalibrationError(f"calibration.frames: {f} latent frames are not a multiple of the model's patch_size_t ({p_t})")
+    # the joint positional embedding covers exactly max_text_seq_length text tokens
+    item = {
+        "hidden_states": torch.randn(b, f, c, h, w, generator=g),
+        "encoder_hidden_states": torch.randn(b, cfg.max_text_seq_length, text_dim, generator=g),
+        "timestep": timestep.round().clamp(max=NUM_TRAIN_TIMESTEPS - 1).long(),
+    }
+    if cfg.use_rotary_positional_embeddings:
+        item["image_rotary_emb"] = cogvideox_rotary_emb(model, f, h, w)
+    if getattr(cfg, "ofs_embed_dim", None):
+        item["ofs"] = torch.full((b,), 2.0)
+    return item
+
+
+def _hunyuanvideo_item(model: nn.Module, cal: Any, b: int, g: torch.Generator, latent: tuple[int, int, int], timestep: torch.Tensor) -> dict[str, Any]:
+    cfg, (f, h, w) = model.config, latent
+    c, text_dim = int(cfg.in_channels), _text_dim(cfg)
+    # padded prompts: a random number of real tokens per sample, the rest masked out
+    lengths = torch.randint(max(1, cal.text_len // 4), cal.text_len + 1, (b,), generator=g)
+    mask = (torch.arange(cal.text_len)[None, :] < lengths[:, None]).long()
+    item = {
+        "hidden_states": torch.randn(b, c, f, h, w, generator=g),
+        "timestep": timestep,
+        "encoder_hidden_states": torch.randn(b, cal.text_len, text_dim, generator=g) * mask[..., None],
+        "encoder_attention_mask": mask,
+        "pooled_projections": torch.randn(b, cfg.pooled_projection_dim, generator=g),
+    }
+    if cfg.guidance_embeds:
+        item["guidance"] = torch.full((b,), 6.0 * 1000)  # the pipeline's default 6.0, scaled by 1000
+    return item
+
+
+def _ltx_item(model: nn.Module, cal: Any, b: int, g: torch.Generator, latent: tuple[int, int, int], timestep: torch.Tensor) -> dict[str, Any]:
+    cfg, (f, h, w) = model.config, latent
+    c, text_dim = int(cfg.in_channels), _text_dim(cfg)
+    p, p_t = cfg.patch_size, cfg.patch_size_t
+    if f % p_t or h % p or w % p:
+        raise CalibrationError(f"calibration: latent {f}x{h}x{w} is not divisible by the model's patch ({p_t}, {p}, {p})")
+    n = (f // p_t) * (h // p) * (w // p)
+    lengths = torch.randint(max(1, cal.text_len // 4), cal.text_len + 1, (b,), generator=g)
+    return {
+        "hidden_states": torch.randn(b, n, c, generator=g),  # packed latent tokens
+        "encoder_hidden_states": torch.randn(b, cal.text_len, text_dim, generator=g),
+        "timestep": timestep,
+        "encoder_attention_mask": (torch.arange(cal.text_len)[None, :] < lengths[:, None]).long(),
+        "num_frames": f // p_t,
+        "height": h // p,
+        "width": w // p,
+        # as LTXPipeline at its default 25 fps
+        "rope_interpolation_scale": (cal.vae_scale_temporal / 25.0, float(cal.vae_scale_spatial), float(cal.vae_scale_spatial)),
+    }
+
+
+#: the `synthetic` key of a model.architectures row -> its gaussian-input builder
+BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "wan": _wan_item,
+    "cogvideox": _cogvideox_item,
+    "hunyuanvideo": _hunyuanvideo_item,
+    "ltx": _ltx_item,
+}
 
 
 def cogvideox_rotary_emb(model: nn.Module, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
