@@ -261,6 +261,9 @@ def test_config_fields_validate_and_round_trip():
         ({"far": "linear", "feature_map": "taylor"}, "feature_map"),
         ({"factors": 3}, "factors"),  # taylor far needs even F
         ({"factors": 1}, "factors"),
+        ({"eps": True}, "eps"),  # a bool is an int to Python, not a number to a recipe
+        ({"eps": float("inf")}, "eps"),
+        ({"eps": 10**400}, "eps"),  # too large for a float
     ]:
         with pytest.raises(ConfigError, match=f"^{field}:"):
             HLAConfig(kind="hybrid", **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,16 @@ def _grid_triple(name: str, value: Any) -> tuple[int, int, int]:
     if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
         return tuple(value)  # type: ignore[return-value]
     raise ConfigError(f"{name}: must be 3 integers >= 0 (frames, height, width in latent tokens), got {value!r}")
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite number > 0; not a bool (True is an int), NaN, inf, or an int too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:
+        return False
 
 
 class ConfigError(ValueError):
@@ -116,7 +127,7 @@ class HLAConfig:
                 )
         if not isinstance(self.feature_dim, int) or isinstance(self.feature_dim, bool) or not 2 <= self.feature_dim <= 256:
             raise ConfigError(f"feature_dim: must be an integer in 2..256, got {self.feature_dim!r}")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+        if not _positive_number(self.eps):
             raise ConfigError(f"eps: must be a positive number, got {self.eps!r}")
 
     @property

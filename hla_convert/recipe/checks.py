@@ -11,13 +11,14 @@ import math
 from typing import Any
 
 from ..model.architectures import with_field
-from ..model.config import FAR_KINDS, KINDS, ConfigError
+from ..model.config import ConfigError, HLAConfig
 from .schema import (
     DISTRIBUTIONS,
     SOURCES,
     STAGE2_TRAIN,
     SYNTHETIC,
     VAE_SCALES,
+    HLA_FIELDS,
     AttentionSpec,
     CalibrationSpec,
     ModelSpec,
@@ -104,12 +105,6 @@ def _nonempty_list(path: str, v: Any) -> list[str]:
     return out
 
 
-def _grid_triple(path: str, v: Any) -> list[int]:
-    if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-        return list(v)
-    raise RecipeError(path, f"must be 3 integers >= 0 ([frames, height, width] in latent tokens, 0 = whole extent), got {_r(v)}")
-
-
 def _bool(path: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise RecipeError(path, f"must be true or false, got {_r(v)}")
@@ -143,21 +138,35 @@ def _section(path: str, data: Any, cls: type, checks: dict[str, Any]) -> Any:
 
 _MODEL = {"architecture": _optional_str, "hub_id": _optional_str}
 
-_ATTENTION = {
-    "kind": lambda p, v: _choice(p, v, KINDS),
-    "factors": lambda p, v: _integer(p, v),
-    "feature_dim": lambda p, v: _integer(p, v, 2),
-    "feature_map": _optional_str,
-    "eps": lambda p, v: _number(p, v, positive=True),
-    "normalize": _bool,
-    "far": lambda p, v: _choice(p, v, FAR_KINDS),
-    "window": _grid_triple,
-    "halo": _grid_triple,
-    "learn_temperature": _bool,
+def _hla_field(type_name: str):
+    """The YAML reading of an HLAConfig field: numbers YAML reads as strings ("1e-6") or integral
+    floats become the field's type; everything else goes to HLAConfig as written. The checks are
+    HLAConfig's own (_check_hla_config), one home per field."""
+
+    def read(path: str, v: Any) -> Any:
+        if isinstance(v, bool):
+            return v
+        if "float" in type_name and isinstance(v, (int, float, str)):
+            try:
+                return float(v)
+            except (ValueError, OverflowError):
+                return v
+        if "int" in type_name and "tuple" not in type_name and isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
+
+    return read
+
+
+_RECIPE_ATTENTION = {
     "include": lambda p, v: _string_list(p, v, nullable=True),
     "exclude": lambda p, v: _string_list(p, v, nullable=False),
     "softmax_layers": lambda p, v: _integer(p, v, 0),
-    "causal_block_frames": _optional(_integer),
+}
+_HLA_TYPES = {f.name: str(f.type) for f in dataclasses.fields(HLAConfig)}
+_ATTENTION = {
+    f.name: _RECIPE_ATTENTION[f.name] if f.name in _RECIPE_ATTENTION else _hla_field(_HLA_TYPES[f.name])
+    for f in dataclasses.fields(AttentionSpec)
 }
 
 _TIMESTEPS = {
@@ -236,6 +245,7 @@ def check_recipe(data: Any, recipe_cls: type) -> Any:
         raise RecipeError("description", f"must be a string, got {_r(description)}")
     model = _section("model", data.get("model"), ModelSpec, _MODEL)
     attention = _section("attention", data.get("attention"), AttentionSpec, _ATTENTION)
+    _check_hla_config(attention)
     calibration = _section("calibration", data.get("calibration"), CalibrationSpec, _CALIBRATION)
     stage1 = _section("stage1", data.get("stage1"), Stage1Spec, _STAGE1)
     stage2 = _section("stage2", data.get("stage2"), Stage2Spec, _STAGE2)
@@ -245,12 +255,17 @@ def check_recipe(data: Any, recipe_cls: type) -> Any:
     return recipe
 
 
-def _check_together(r: Any) -> None:
-    """Checks that involve more than one field."""
+def _check_hla_config(attention: Any) -> HLAConfig:
+    """The attention section's HLAConfig fields, checked by HLAConfig itself; its ConfigError
+    ("feature_dim: must be ...") becomes RecipeError("attention.feature_dim", "must be ...")."""
     try:
-        r.hla_config()
+        return HLAConfig(**{name: getattr(attention, name) for name in HLA_FIELDS})
     except ConfigError as e:
         raise RecipeError(f"attention.{str(e).split(':', 1)[0]}", str(e).split(": ", 1)[1]) from None
+
+
+def _check_together(r: Any) -> None:
+    """Checks that involve more than one field (the attention section's: _check_hla_config)."""
     c = r.calibration
     arch = r.model.architecture
     for attr, i in (("vae_scale_temporal", 0), ("vae_scale_spatial", 1)):

@@ -14,7 +14,7 @@ import yaml
 
 from ..model.config import _KIND_FEATURE_MAPS, HLAConfig
 from .checks import check_recipe
-from .schema import AttentionSpec, CalibrationSpec, ModelSpec, RecipeError, Stage1Spec, Stage2Spec, ValidationSpec
+from .schema import HLA_FIELDS, AttentionSpec, CalibrationSpec, ModelSpec, RecipeError, Stage1Spec, Stage2Spec, ValidationSpec
 
 
 @dataclass
@@ -30,11 +30,7 @@ class Recipe:
 
     def hla_config(self) -> HLAConfig:
         a = self.attention
-        return HLAConfig(
-            kind=a.kind, factors=a.factors, feature_dim=a.feature_dim, feature_map=a.feature_map, eps=a.eps, normalize=a.normalize,
-            far=a.far, window=tuple(a.window), halo=tuple(a.halo), learn_temperature=a.learn_temperature,
-            causal_block_frames=a.causal_block_frames,
-        )
+        return HLAConfig(**{name: getattr(a, name) for name in HLA_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

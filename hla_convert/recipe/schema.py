@@ -38,11 +38,13 @@ loading (built-in names, files) in recipes, which also re-exports this module's 
 
 from __future__ import annotations
 
+import dataclasses
 import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.architectures import with_field
+from ..model.config import HLAConfig
 
 BUILTIN_PACKAGE = "hla_convert.builtin_recipes"
 
@@ -94,27 +96,35 @@ class ModelSpec:
     hub_id: str | None = None
 
 
-@dataclass
-class AttentionSpec:
-    kind: str = "hadamard"
-    factors: int = 2
-    feature_dim: int = 32
-    feature_map: str | None = None
-    eps: float = 1e-6
-    normalize: bool = True
-    # hybrid only: the far kind, the softmax window and its halo on the latent token grid
-    far: str = "hadamard"
-    window: list[int] = field(default_factory=lambda: [1, 0, 0])
-    halo: list[int] = field(default_factory=lambda: [0, 0, 0])
-    learn_temperature: bool = False
-    include: list[str] | None = None
-    exclude: list[str] = field(default_factory=list)
-    # how many converted layers go back to exact softmax after stage 1, worst attention error first
-    # (hla_convert.stages.selection); 0 = none
-    softmax_layers: int = 0
-    # block-causal models (SkyReels-V2 diffusion forcing) only: latent frames per causal block, set
-    # on the model before calibration; null = the checkpoint's num_frame_per_block
-    causal_block_frames: int | None = None
+# The attention section: HLAConfig's fields (their names, defaults and checks have one home,
+# model.config.HLAConfig; tuples are lists here, as YAML writes them) and the recipe's own:
+#   include, exclude   which attention modules to convert (globs; null include = the architecture's)
+#   softmax_layers     how many converted layers go back to exact softmax after stage 1, worst
+#                      attention error first (hla_convert.stages.selection); 0 = none
+# in the order recipes have always been written in (causal_block_frames last).
+HLA_FIELDS = tuple(f.name for f in dataclasses.fields(HLAConfig))
+_RECIPE_ATTENTION_FIELDS = [
+    ("include", "list[str] | None", field(default=None)),
+    ("exclude", "list[str]", field(default_factory=list)),
+    ("softmax_layers", "int", field(default=0)),
+]
+
+
+def _attention_fields() -> list[tuple[str, Any, Any]]:
+    out = []
+    for f in dataclasses.fields(HLAConfig):
+        if f.name == "causal_block_frames":
+            out += _RECIPE_ATTENTION_FIELDS
+        if isinstance(f.default, tuple):
+            out.append((f.name, "list[int]", field(default_factory=lambda d=f.default: list(d))))
+        else:
+            out.append((f.name, f.type, field(default=f.default)))
+    return out
+
+
+AttentionSpec = dataclasses.make_dataclass("AttentionSpec", _attention_fields())
+AttentionSpec.__module__ = __name__
+AttentionSpec.__doc__ = "The recipe's attention section: HLAConfig's fields, then include, exclude, softmax_layers."
 
 
 @dataclass
