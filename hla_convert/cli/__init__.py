@@ -1,9 +1,9 @@
 """The `hla-convert` command line: flags in, tables / JSON / exit codes out. `convert` and
 `validate` call hla_convert.conversion (the Python API) and render its progress events and result
-(cli_display); cli_run maps a command's exceptions to exit codes and one line on stderr. `sample`
-and `push` are in cli_share, the options the commands share in cli_options.
+(cli.display); cli.run maps a command's exceptions to exit codes and one line on stderr. `sample`
+and `push` are in cli.share, the options the commands share in cli.options (docs/architecture.md).
 
-Every command shares these exit codes (EXIT_* in cli_run), so scripts can trust them:
+Every command shares these exit codes (EXIT_* in cli.run), so scripts can trust them:
 
     0  ok
     1  drift: the converted model's output drift is over the recipe's thresholds

@@ -1,9 +1,10 @@
 """Low-rank adapters (peft LoRA) on the base model's linear layers, for stage 2 `train: lora`.
 
-One copy of the weights serves teacher and student (DESIGN.md): the teacher is the base model
-with the adapters disabled and the softmax core, the student has them enabled and the HLA core.
-`set_attention_mode` switches both at once. peft's LoRA layer with its adapters disabled calls
-the wrapped base layer and nothing else, so the teacher is the base model bit for bit.
+One copy of the weights serves teacher and student (docs/architecture.md): the teacher is the
+base model with the adapters disabled and the softmax core, the student has them enabled and the
+HLA core. `set_attention_mode` (model.modes) switches both at once. peft's LoRA layer with its
+adapters disabled calls the wrapped base layer and nothing else, so the teacher is the base model
+bit for bit.
 
 The adapters live under the peft adapter name `ADAPTER` ("hla_lora"), so a user's own LoRAs
 loaded into the same model keep theirs. Parameter keys (peft's):

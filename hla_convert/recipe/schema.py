@@ -32,8 +32,9 @@ out with the reasoning for their values):
                   timestep_buckets
 
 A bad field raises RecipeError whose message starts with the field's dotted path and says what is
-allowed: "stage1.lr: must be a positive number, got 'fast'". The checks are in recipe_checks,
-loading (built-in names, files) in recipes, which also re-exports this module's public names.
+allowed: "stage1.lr: must be a positive number, got 'fast'". The checks are in recipe.checks,
+the Recipe in recipe.recipe, loading (built-in names, files) in recipe.builtin, which (with the
+package) re-exports this module's public names.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ SYNTHETIC = ("gaussian", "demo_videos")
 DISTRIBUTIONS = ("uniform", "logit_normal")
 # What stage 2 may train: the HLA parameters, or those plus LoRA adapters on base linears. Never
 # the base weights themselves: the teacher is the same weights in "teacher" mode (one copy,
-# DESIGN.md), so that would move the teacher too; LoRA adapters are disabled in teacher mode.
+# docs/architecture.md), so that would move the teacher too; LoRA adapters are disabled in
+# teacher mode.
 STAGE2_TRAIN = ("hla", "lora")
 
 # (temporal, spatial) compression of each architecture's VAE: latent frames = (frames - 1) / t + 1 (model.architectures).

@@ -1,7 +1,7 @@
 """The training stages: feature-map initialisation, attention transfer (stage 1), output distillation (stage 2).
 
-One copy of the weights (DESIGN.md). Stage 1 runs the model in mode "both": every converted layer
-computes the teacher's softmax output (the target, which flows on to the next layer) and the HLA
+One copy of the weights (docs/architecture.md). Stage 1 runs the model in mode "both": every
+converted layer computes the teacher's softmax output (the target, which flows on to the next layer) and the HLA
 output (the prediction) from the same q/k/v, so one teacher forward trains all layers at once.
 Each layer's loss is back-propagated the moment the layer has run (`streamed_pairs`): the loss of
 a layer depends only on that layer's HLA parameters and on q/k/v that carry no gradient, so the
