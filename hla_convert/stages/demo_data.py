@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..model.loading import DEMO_MODEL_PATH  # hla_convert/demo_model: its one home
+
 __all__ = [
     "DEMO_CHANNELS",
     "DEMO_FRAMES",
@@ -94,7 +96,7 @@ _PROMPT_TOKENS = 4
 
 def demo_model_dir() -> Path:
     """Folder of the shipped demo model (``config.json``, safetensors, ``demo_info.json``)."""
-    return Path(__file__).resolve().parents[1] / "demo_model"  # hla_convert/demo_model
+    return DEMO_MODEL_PATH
 
 
 def _prompt_table(text_dim: int) -> dict[str, torch.Tensor]:
