@@ -82,7 +82,7 @@ class Results(dict):
         self.save()
 
     def save(self) -> None:
-        from hla_convert.checkpoints import atomic_write_text  # after _imports() put the checkout on the path
+        from hla_convert.atomic_files import atomic_write_text  # after _imports() put the checkout on the path
 
         atomic_write_text(self.path, json.dumps(self, indent=1))
 

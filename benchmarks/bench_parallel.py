@@ -52,7 +52,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from bench_wan import SMOKE_CONFIG, WAN_1_3B_CONFIG, build_transformer, environment  # noqa: E402
 
-from hla_convert.checkpoints import atomic_write_text  # noqa: E402
+from hla_convert.atomic_files import atomic_write_text  # noqa: E402
 
 # Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json as published
 WAN_14B_CONFIG: dict[str, Any] = {
@@ -94,7 +94,7 @@ def prepare_model(shape: str, folder: Path, dtype: torch.dtype) -> dict[str, Any
 
 def write_recipe(shape: str, path: Path, steps: tuple[int, int], samples: int, heldout: int) -> dict[str, Any]:
     """The built-in recipe with the changes the module docstring lists, as a YAML file."""
-    from hla_convert.recipes import load_recipe, recipe_text
+    from hla_convert.recipe import load_recipe, recipe_text
 
     _, name = SHAPES[shape]
     data = yaml.safe_load(recipe_text(name))

@@ -13,7 +13,7 @@ measures, one JSON record per measurement:
                  UMT5 / VAE stand-ins, UniPC flow shift 3, guidance 5 -> 2 transformer calls a
                  step), seconds per video at 480p/81f with --sample-steps steps; `loop_s` is the
                  denoising loop alone (the stand-in VAE's decode is not the real one's cost).
-  stage1, stage2 distillation steps through hla_convert.distill.attention_transfer /
+  stage1, stage2 distillation steps through hla_convert.stages.distill.attention_transfer /
                  output_distillation on synthetic 480p inputs, seconds per step (median after the
                  first) and peak memory, with the recipe's batch sizes (stage 1: 4 forwards a step,
                  stage 2: 2 x (teacher forward + student forward/backward)).
@@ -217,7 +217,7 @@ def load_bench_recipe(overrides: list[str]):
     """The recipe with --attention FIELD=VALUE overrides (YAML values: 32, true, 1,0,0 -> [1, 0, 0])."""
     import yaml
 
-    from hla_convert.recipes import load_recipe
+    from hla_convert.recipe import load_recipe
 
     recipe = load_recipe(RECIPE)
     fields: dict[str, Any] = {}
@@ -242,7 +242,7 @@ def attention_lora_modules(model) -> list[str]:
 def convert(model, recipe) -> dict[str, Any]:
     """The recipe's attention on the model, its softmax_layers given back to softmax (the first ones)."""
     from hla_convert import convert_attention, revert_attention
-    from hla_convert.layers import hla_layers
+    from hla_convert.model.layers import hla_layers
 
     a = recipe.attention
     convert_attention(model, recipe.hla_config(), include=a.include, exclude=a.exclude)
@@ -289,7 +289,7 @@ def time_forward(fn, inputs, device, warmup, reps) -> dict[str, Any]:
 
 
 def time_forward_backward(fn, model, inputs, params, checkpointing, device, warmup, reps) -> dict[str, Any]:
-    from hla_convert.distill import _only_trainable
+    from hla_convert.stages.distill import _only_trainable
 
     def run():
         out = fn(**inputs, return_dict=False)[0]
@@ -371,7 +371,7 @@ def time_sampling(pipe, res, steps, device) -> dict[str, Any]:
 
 def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> list[dict[str, Any]]:
     """Stage 1 and stage 2 as the library runs them, `steps` steps each on synthetic inputs."""
-    from hla_convert.distill import attention_transfer, output_distillation
+    from hla_convert.stages.distill import attention_transfer, output_distillation
 
     items = [model_inputs(model, res, text_len, device, dtype, seed=10 + i) for i in range(4)]
     recipe = recipe.with_overrides(
@@ -409,9 +409,9 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> lis
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from hla_convert.distill import _stage2_lora
-    from hla_convert.layers import hla_parameters
-    from hla_convert.lora import add_lora, lora_parameters, remove_lora
+    from hla_convert.stages.distill import _stage2_lora
+    from hla_convert.model.layers import hla_parameters
+    from hla_convert.model.lora import add_lora, lora_parameters, remove_lora
     from torch._dynamo.utils import counters
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sample_steps = min(args.sample_steps, 2)
         args.distill_steps = min(args.distill_steps, 2)
     result = run(args)
-    from hla_convert.checkpoints import atomic_write_text
+    from hla_convert.atomic_files import atomic_write_text
 
     out = atomic_write_text(args.out, json.dumps(result, indent=1))  # written whole or not at all
     log(f"wrote {len(result['records'])} records to {out}")

@@ -55,7 +55,7 @@ def finite_numbers(obj) -> list[float]:
 
 
 def run_variant(name: str, attention: dict, stage2: dict, device: str, workdir: Path) -> dict:
-    from hla_convert.recipes import recipe_text
+    from hla_convert.recipe import recipe_text
 
     base = yaml.safe_load(recipe_text("tiny-wan"))
     base["name"] = f"check-{name}"

@@ -56,8 +56,8 @@ def measure_saved(out: Path, device: str = "cuda") -> dict:
     import hla_kernels
 
     import hla_convert
-    from hla_convert import layers
-    from hla_convert.loading import DEMO_MODEL_PATH
+    from hla_convert.model import layers
+    from hla_convert.model.loading import DEMO_MODEL_PATH
 
     model = hla_convert.load_converted(out, device=device, dtype="bf16")
     g = torch.Generator().manual_seed(0)

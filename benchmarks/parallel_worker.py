@@ -32,7 +32,7 @@ def _write_peak() -> None:
             peak_allocated_gb=torch.cuda.max_memory_allocated(index) / 2**30,
             peak_reserved_gb=torch.cuda.max_memory_reserved(index) / 2**30,
         )
-    from hla_convert.checkpoints import write_json_atomic
+    from hla_convert.atomic_files import write_json_atomic
 
     write_json_atomic(os.path.join(where, f"rank{rank}.json"), record)
 

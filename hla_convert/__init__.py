@@ -1,7 +1,7 @@
 """hla-convert: softmax video DiTs -> Hadamard Linear Attention.
 
 The public API; each name lives in the module that says what it holds. The names are imported on
-first use (PEP 562 __getattr__), so that `import hla_convert.cli_entry` (the console script) stays
+first use (PEP 562 __getattr__), so that `import hla_convert.cli.entry` (the console script) stays
 light and can install its Ctrl-C / SIGTERM handlers before torch and diffusers load.
 """
 
@@ -11,14 +11,16 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "adapter": ["AdapterError", "fingerprint_weights", "load_adapter", "read_adapter_info", "save_adapter"],
-    "config": ["ConfigError", "HLAConfig"],
+    "io.adapter": ["AdapterError", "fingerprint_weights", "load_adapter", "read_adapter_info", "save_adapter"],
+    "model.config": ["ConfigError", "HLAConfig"],
     "conversion": ["ConversionResult", "ProgressEvent", "ValidationResult", "convert", "validate"],
     "errors": ["InputError"],
-    "hub": ["HubError", "push_output"],
-    "layers": ["HLAAttention", "hla_layers", "hla_parameters", "set_attention_mode"],
-    "output": ["load_converted"],
-    "surgery": ["ConversionError", "convert_attention", "revert_attention", "select_modules"],
+    "io.hub": ["HubError"],
+    "io.push": ["push_output"],
+    "model.layers": ["HLAAttention", "hla_layers", "hla_parameters"],
+    "model.modes": ["set_attention_mode"],
+    "io.output": ["load_converted"],
+    "model.surgery": ["ConversionError", "convert_attention", "revert_attention", "select_modules"],
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 

@@ -1,5 +1,5 @@
 """`python -m hla_convert ...` runs the command line, for environments without the console script."""
 
-from .cli_entry import main
+from .cli.entry import main
 
 main()

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import check_arg_types, check_device, check_model_path, folder_arg, hub_notice, note_sampling, shown
+from .io.checks import check_arg_types, check_device, check_model_path, folder_arg, hub_notice, note_sampling, shown
 from .errors import InputError
-from .recipes import Recipe
+from .recipe import Recipe
 
 DEMO_RECIPE = "tiny-wan"
 
@@ -117,7 +117,7 @@ class ValidationResult:
 def resolve_recipe(recipe: str | Recipe | None, model: str | None) -> Recipe:
     """`recipe` (a Recipe, a built-in name or a YAML path), or the built-in recipe made for MODEL
     (the demo's, or one whose model.hub_id is MODEL)."""
-    from .recipes import builtin_recipes, load_recipe
+    from .recipe import builtin_recipes, load_recipe
 
     if isinstance(recipe, Recipe):
         return recipe
@@ -137,7 +137,7 @@ def resolve_recipe(recipe: str | Recipe | None, model: str | None) -> Recipe:
 
 def load_recipe_arg(name_or_path: str) -> Recipe:
     """A recipe by name or path; a bad one is an InputError saying which recipe and which field."""
-    from .recipes import RecipeError, load_recipe
+    from .recipe import RecipeError, load_recipe
 
     try:
         return load_recipe(name_or_path)
@@ -147,15 +147,15 @@ def load_recipe_arg(name_or_path: str) -> Recipe:
 
 def _check_calibration(recipe: Recipe) -> None:
     """The recipe's calibration.path, before the model load and before --overwrite clears anything."""
-    from .calibration_sources import check_calibration_path
+    from .stages.calibration_sources import check_calibration_path
 
     _bad_recipe(recipe, lambda: check_calibration_path(recipe))
 
 
 def _bad_recipe(recipe: Recipe, check: Callable[[], None]) -> None:
     """Run a check of the recipe against the machine or the model; its error as InputError naming the recipe."""
-    from .calibration_sources import CalibrationError
-    from .recipes import RecipeError
+    from .stages.calibration_sources import CalibrationError
+    from .recipe import RecipeError
 
     try:
         check()
@@ -164,7 +164,7 @@ def _bad_recipe(recipe: Recipe, check: Callable[[], None]) -> None:
 
 
 def override_recipe(recipe: Recipe, where: str, **kwargs: Any) -> Recipe:
-    from .recipes import RecipeError
+    from .recipe import RecipeError
 
     try:
         return recipe.with_overrides(**kwargs)
@@ -206,8 +206,8 @@ def plan_conversion(
     causal_block_frames: int | None = None,
 ) -> ConversionPlan:
     """Refuse everything that can be refused before the (slow) model load; see `convert`."""
-    from .loading import parse_dtype
-    from .output import run_identity
+    from .model.loading import parse_dtype
+    from .io.output import run_identity
 
     check_arg_types(
         model=(model, (str,)), recipe=(recipe, (str, Recipe)), out=(out, (str, os.PathLike)), device=(device, (str,)),
@@ -231,17 +231,17 @@ def plan_conversion(
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
     """Load -> convert -> calibrate -> distil -> validate -> save, under OUT's lock.
 
-    Under `accelerate launch` (several processes, hla_convert.parallel) every process runs every
+    Under `accelerate launch` (several processes, hla_convert.stages.parallel) every process runs every
     stage in lockstep, each on its accelerate device (plan.device is not used) and its share of
     each training step; the main process alone takes the lock and writes, the others wait for it.
     `progress` is called in every process (the command line shows the main process's)."""
-    from . import calibration, distill, drift
-    from .loading import load_transformer
-    from .output import WORK_DIR, check_output, save_output, start_run
-    from .output_guard import output_lock
-    from .parallel import Parallel
-    from .pipeline_loading import load_scheduler
-    from .surgery import convert_attention
+    from .stages import calibration, distill, drift
+    from .model.loading import load_transformer
+    from .io.output import WORK_DIR, check_output, save_output, start_run
+    from .io.output_guard import output_lock
+    from .stages.parallel import Parallel
+    from .model.pipeline_loading import load_scheduler
+    from .model.surgery import convert_attention
 
     par = Parallel.from_environment()
     p, rec, out, dev = plan, plan.recipe, plan.out, plan.device if par is None else par.device
@@ -258,7 +258,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             config = rec.hla_config()
             convert_attention(net, config, include=rec.attention.include, exclude=rec.attention.exclude)
             if par is not None and par.fsdp:
-                from .layers import hla_parameters
+                from .model.layers import hla_parameters
 
                 units = par.shard_frozen_base(net, list(hla_parameters(net).values()))  # and moves the rest to dev
                 par.note(f"FSDP: the frozen base is sharded over {par.count} processes ({units} blocks); HLA / LoRA stay whole")
@@ -363,9 +363,9 @@ def plan_validation(
     revision: str | None = None,
 ) -> ValidationPlan:
     """Read and check the output folder and the arguments before anything loads; see `validate`."""
-    from .hub import resolve_output_dir
-    from .loading import parse_dtype
-    from .output import base_of, read_output
+    from .io.hub import resolve_output_dir
+    from .model.loading import parse_dtype
+    from .io.output import base_of, read_output
 
     check_arg_types(dir=(out, (str, os.PathLike)), base=(base, (str,)), device=(device, (str,)), dtype=(dtype, (str,)), revision=(revision, (str,)))
     directory = resolve_output_dir(folder_arg("DIR", str(out)), revision)  # a Hub ID: its cached snapshot
@@ -381,10 +381,10 @@ def plan_validation(
 
 
 def run_validation(plan: ValidationPlan, progress: Progress | None = None) -> ValidationResult:
-    from . import calibration, drift
-    from .adapter import load_adapter
-    from .loading import load_transformer
-    from .pipeline_loading import load_scheduler
+    from .stages import calibration, drift
+    from .io.adapter import load_adapter
+    from .model.loading import load_transformer
+    from .model.pipeline_loading import load_scheduler
 
     p, rec, dev = plan, plan.recipe, plan.device
     stages = _Stages(progress)

@@ -1,6 +1,9 @@
-"""How an underlying library's exception becomes part of one of our one-line error messages."""
+"""How an underlying library's exception becomes part of one of our one-line error messages, and
+the error classes that several layers raise (the bottom layer: imports nothing from hla_convert)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 ERROR_PREFIX = "hla-convert: error: "
@@ -11,6 +14,12 @@ MAX_MESSAGE = MAX_LINE - len(ERROR_PREFIX)  # so a message never carries a whole
 def clip(text: str, limit: int = MAX_MESSAGE) -> str:
     """The text on one line (whitespace runs, newlines included, become one space), cut to `limit`."""
     text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a message never carries a whole input."""
+    text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -25,3 +34,7 @@ class InputError(ValueError):
     device this machine lacks, a MODEL that is neither a folder nor a Hub ID, an empty folder name,
     a recipe that cannot be loaded or overridden. The message is one line; it names the command
     line's flag (--device, --out, MODEL), which is the argument of the same name in Python."""
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be used as asked; the message is one line saying why."""

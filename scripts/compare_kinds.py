@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hla_convert.config import HLAConfig
-from hla_convert.recipes import load_recipe
+from hla_convert.model.config import HLAConfig
+from hla_convert.recipe import load_recipe
 
 KINDS = ("hadamard", "linear", "higher_order")
 

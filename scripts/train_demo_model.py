@@ -1,6 +1,6 @@
 """Train the embedded demo model: a tiny diffusers ``WanTransformer3DModel`` on moving shapes.
 
-The model works directly in pixel space on the procedural videos of ``hla_convert.demo_data``
+The model works directly in pixel space on the procedural videos of ``hla_convert.stages.demo_data``
 (``[B, 3, 8, 16, 16]``, 512 tokens after the (1, 2, 2) patch embedding) and is trained with
 rectified flow exactly as Wan is used with diffusers' ``FlowMatchEulerDiscreteScheduler``:
 ``x_t = (1 - t) x0 + t noise``, timestep ``1000 t``, target ``noise - x0``, MSE.
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from torch.overrides import TorchFunctionMode
 
-from hla_convert import demo_data as dd
+from hla_convert.stages import demo_data as dd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "hla_convert" / "demo_model"
@@ -353,7 +353,7 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output, safe_serialization=True)
     info = {
-        "description": "Tiny WanTransformer3DModel trained on hla_convert.demo_data moving shapes "
+        "description": "Tiny WanTransformer3DModel trained on hla_convert.stages.demo_data moving shapes "
         "(pixel space, no VAE) with rectified flow; made by scripts/train_demo_model.py.",
         "data": {
             "channels": dd.DEMO_CHANNELS,
@@ -365,7 +365,7 @@ def main() -> None:
             "tokens": (dd.DEMO_FRAMES // config["patch_size"][0])
             * (dd.DEMO_HEIGHT // config["patch_size"][1])
             * (dd.DEMO_WIDTH // config["patch_size"][2]),
-            "generator": "hla_convert.demo_data.sample_videos",
+            "generator": "hla_convert.stages.demo_data.sample_videos",
         },
         "flow_matching": {
             "x_t": "(1 - t) * x0 + t * noise",

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hla_convert import HLAConfig, convert_attention, hla_parameters
-from hla_convert.adapter import ADAPTER_FILE, CONFIG_FILE, AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
+from hla_convert.io.adapter import ADAPTER_FILE, CONFIG_FILE, AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
 
 from test_loading import tiny_wan
 
@@ -35,7 +35,7 @@ def saved(tmp_path):
 
 
 def test_round_trip_is_exact(saved):
-    from hla_convert.lora import has_adapters
+    from hla_convert.model.lora import has_adapters
 
     folder, out = saved
     assert "lora" not in read_adapter_info(folder)  # an HLA-only adapter: loads with no LoRA, as before LoRA existed
@@ -106,7 +106,7 @@ def test_a_base_with_one_weight_changed_is_refused(tmp_path):
 
 
 def test_adapters_with_the_first_fingerprint_scheme_still_load_checked_the_old_way(saved):
-    from hla_convert.adapter import _legacy_fingerprint
+    from hla_convert.io.adapter import _legacy_fingerprint
 
     folder, out = saved
     legacy = _legacy_fingerprint(tiny_wan())

@@ -8,14 +8,14 @@ import re
 import pytest
 import torch
 
-from hla_convert.calibration import (
+from hla_convert.stages.calibration import (
     CalibrationError,
     build_inputs,
     load_input_file,
     noise_levels,
     save_inputs,
 )
-from hla_convert.recipes import parse_recipe
+from hla_convert.recipe import parse_recipe
 from tiny_models import save_tiny_wan_pipeline, tiny_model
 
 CLASSES = {
@@ -73,12 +73,12 @@ def test_timestep_distribution_and_dtype():
     assert t.min() >= lo - 1e-6 and t.max() <= hi + 1e-6
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hla_convert.demo_data") is None, reason="demo data not installed")
+@pytest.mark.skipif(importlib.util.find_spec("hla_convert.stages.demo_data") is None, reason="demo data not installed")
 def test_demo_videos_are_noised_procedural_videos():
     from diffusers import WanTransformer3DModel
 
-    from hla_convert import demo_data as dd
-    from hla_convert.recipes import load_recipe
+    from hla_convert.stages import demo_data as dd
+    from hla_convert.recipe import load_recipe
 
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=dd.DEMO_CHANNELS,
@@ -143,7 +143,7 @@ def test_trajectories_need_a_pipeline():
 def test_trajectory_capture_from_a_tiny_pipeline(tmp_path):
     pytest.importorskip("transformers")
     from hla_convert import convert_attention
-    from hla_convert.layers import hla_layers
+    from hla_convert.model.layers import hla_layers
 
     model = tiny_model("wan")
     save_tiny_wan_pipeline(tmp_path / "pipe", model)
@@ -171,7 +171,7 @@ def test_trajectory_capture_from_a_tiny_pipeline(tmp_path):
 
 def test_both_splits_load_the_pipeline_once(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    from hla_convert import calibration
+    from hla_convert.stages import calibration
 
     model = tiny_model("wan")
     save_tiny_wan_pipeline(tmp_path / "pipe", model)
@@ -190,7 +190,7 @@ def test_trajectories_of_a_model_with_lora_are_the_base_models(tmp_path):
     base model, LoRA off (with LoRA on, the held-out inputs and so the drift differed from convert's)."""
     pytest.importorskip("transformers")
     from hla_convert import convert_attention
-    from hla_convert.lora import add_lora, lora_parameters, tuner_layers
+    from hla_convert.model.lora import add_lora, lora_parameters, tuner_layers
 
     model = tiny_model("wan")
     save_tiny_wan_pipeline(tmp_path / "pipe", model)
@@ -220,7 +220,7 @@ def test_a_tuple_count_past_the_files_tensors_is_refused_at_once(tmp_path):
 def test_calibration_files_that_are_not_regular_are_refused_before_the_run(tmp_path):
     import os
 
-    from hla_convert.calibration_sources import check_calibration_path
+    from hla_convert.stages.calibration_sources import check_calibration_path
 
     recipe = tiny_recipe().with_overrides(source="folder", path=str(tmp_path))
     (tmp_path / "train").mkdir()
@@ -253,3 +253,13 @@ def test_folder_inputs_that_the_model_cannot_take_are_refused_by_name(tmp_path, 
     save_inputs([change(item)], tmp_path / "cache" / "train")
     with pytest.raises(CalibrationError, match=re.escape(expect)):
         build_inputs(model, recipe.with_overrides(source="folder", path=str(tmp_path / "cache")), "train")
+
+
+def test_every_architecture_row_names_a_synthetic_builder_that_exists():
+    """A family's synthetic inputs are one key in its model.architectures row: a key without a
+    builder (a typo in a new row) would only fail at the first calibration."""
+    from hla_convert.model.architectures import ARCHITECTURES
+    from hla_convert.stages.calibration_synthetic import BUILDERS
+
+    keys = {row.synthetic for row in ARCHITECTURES.values() if row.synthetic is not None}
+    assert keys == set(BUILDERS)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hla_convert import HLAConfig
-from hla_convert.streaming import BlockStream
-from hla_convert.surgery import attention_mask_structure, convert_attention
+from hla_convert.model.streaming import BlockStream
+from hla_convert.model.surgery import attention_mask_structure, convert_attention
 
 torch.set_num_threads(1)
 
@@ -157,7 +157,7 @@ def test_other_masks_are_refused_with_one_line(kind):
 
 def test_mask_structure_is_read_once_per_mask_object(monkeypatch):
     """The blocks of one forward share the mask: its [N, N] scan runs once; a changed mask is re-read."""
-    from hla_convert import attn_masks
+    from hla_convert.model import attn_masks
 
     calls = []
     real = attn_masks._mask_structure
@@ -176,9 +176,9 @@ def test_calibration_and_stage1_train_through_the_block_causal_form(tmp_path, mo
     """Distillation of a diffusion-forcing model: teacher and student both see the frame blocks."""
     from test_distill import recipe
 
-    from hla_convert.calibration import build_inputs
-    from hla_convert.distill import attention_transfer, initialize_feature_maps
-    from hla_convert.layers import HLAAttention
+    from hla_convert.stages.calibration import build_inputs
+    from hla_convert.stages.distill import attention_transfer, initialize_feature_maps
+    from hla_convert.model.layers import HLAAttention
 
     # 13 video frames -> 4 latent frames -> 2 causal blocks of 2 frames
     rec = recipe(model__architecture="SkyReelsV2Transformer3DModel", calibration__frames=13, calibration__text_len=12, stage1__steps=15)
@@ -276,8 +276,8 @@ def test_convert_attention_sets_the_causal_blocks_and_refuses_other_models():
     from tiny_models import tiny_model
 
     from hla_convert import ConfigError
-    from hla_convert.recipes import RecipeError, parse_recipe
-    from hla_convert.surgery import ConversionError
+    from hla_convert.recipe import RecipeError, parse_recipe
+    from hla_convert.model.surgery import ConversionError
 
     model, _ = _skyreels_df()
     model._set_ar_attention(1)

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from hla_convert.checkpoints import atomic_write_bytes, write_json_atomic
+from hla_convert.atomic_files import atomic_write_bytes, write_json_atomic
 
 
 def test_replaces_whole_file_and_leaves_no_temporary(tmp_path):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hla_convert.cli import app
-from hla_convert.recipes import load_recipe
+from hla_convert.recipe import load_recipe
 from tiny_models import tiny_wan
 
 runner = CliRunner()
@@ -115,7 +115,7 @@ def test_load_converted_gives_the_converted_transformer(converted):
     from hla_convert import hla_layers, load_converted
 
     out, _ = converted
-    from hla_convert.lora import lora_state_dict
+    from hla_convert.model.lora import lora_state_dict
 
     model = load_converted(out)
     weights = load_file(str(out / "adapter_model.safetensors"))
@@ -382,7 +382,7 @@ def test_a_missing_local_model_is_reported_missing(tmp_path):
 def test_a_hub_lookup_says_so_while_it_waits(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    import hla_convert.checks as checks
+    import hla_convert.io.checks as checks
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(checks, "HUB_NOTICE_AFTER_S", 0.0)  # the notice comes after 2 s; offline answers at once
@@ -404,7 +404,7 @@ def test_steps_zero_trains_nothing_in_either_stage(tmp_path, fast_recipe):
 
 
 def test_a_nan_base_writes_its_report_with_nan_strings_and_fails_with_exit_1(tmp_path, fast_recipe):
-    from hla_convert.loading import load_demo_model
+    from hla_convert.model.loading import load_demo_model
 
     model = load_demo_model().transformer
     with torch.no_grad():
@@ -422,7 +422,7 @@ def test_a_nan_base_writes_its_report_with_nan_strings_and_fails_with_exit_1(tmp
 
 
 def _demo_folder(path: Path, bump: float = 0.0) -> Path:
-    from hla_convert.loading import load_demo_model
+    from hla_convert.model.loading import load_demo_model
 
     model = load_demo_model().transformer
     if bump:
@@ -490,7 +490,7 @@ def test_validate_compares_hla_config_by_type_and_refuses_duplicate_keys(convert
 
 def relist(folder: Path, name: str) -> None:
     """Put `name`'s current sha256 in the folder's manifest, as a run that wrote it would."""
-    from hla_convert.output_guard import read_manifest, sha256_file, write_manifest
+    from hla_convert.io.output_guard import read_manifest, sha256_file, write_manifest
 
     manifest = read_manifest(folder)
     manifest[name] = [sha256_file(folder / name)]
@@ -526,7 +526,7 @@ def test_validate_checks_the_manifest_hashes_of_what_it_trusts(converted, tmp_pa
     assert f"tensor {sorted(tensors)[0]!r}" in line
 
     # no manifest at all (a folder from before it existed, or a Hub download): not checked
-    from hla_convert.output import read_output
+    from hla_convert.io.output import read_output
 
     bare = tmp_path / "bare"
     shutil.copytree(out, bare)

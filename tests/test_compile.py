@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from hla_convert import convert_attention
-from hla_convert.config import HLAConfig
-from hla_convert.layers import hla_layers, hla_parameters
+from hla_convert.model.config import HLAConfig
+from hla_convert.model.layers import hla_layers, hla_parameters
 from tiny_models import tiny_inputs, tiny_model
 
 CONFIGS = {
@@ -46,7 +46,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _demo(kind: str) -> tuple[torch.nn.Module, dict]:
     """The embedded demo model (3 layers, 512 video tokens) converted with CONFIGS[kind], and one input."""
-    from hla_convert.loading import load_demo_model
+    from hla_convert.model.loading import load_demo_model
 
     model = _perturbed(convert_attention(load_demo_model().transformer, CONFIGS[kind]))
     g = torch.Generator().manual_seed(1)

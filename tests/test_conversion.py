@@ -17,8 +17,8 @@ from test_cli import FAST, invoke
 
 import hla_convert
 from hla_convert.conversion import STAGES
-from hla_convert.output_guard import OutputError
-from hla_convert.recipes import load_recipe
+from hla_convert.io.output_guard import OutputError
+from hla_convert.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")

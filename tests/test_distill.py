@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from hla_convert import convert_attention, hla_parameters
-from hla_convert.calibration import build_inputs
-from hla_convert.checkpoints import CheckpointError, checkpoint_path, load_checkpoint
-from hla_convert.distill import DistillError, attention_transfer, initialize_feature_maps, output_distillation
-from hla_convert.layers import hla_layers
-from hla_convert.recipes import parse_recipe
+from hla_convert.model.layers import hla_layers
+from hla_convert.recipe import parse_recipe
+from hla_convert.stages.calibration import build_inputs
+from hla_convert.stages.checkpoints import CheckpointError, checkpoint_path, load_checkpoint
+from hla_convert.stages.distill import DistillError, attention_transfer, initialize_feature_maps, output_distillation
 from tiny_models import tiny_model
 
 

@@ -8,11 +8,11 @@ import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from hla_convert import convert_attention
-from hla_convert.calibration import build_inputs
-from hla_convert.distill import attention_transfer, initialize_feature_maps
-from hla_convert.drift import PSNR_IDENTICAL, DriftReport, check_thresholds, measure_drift
-from hla_convert.layers import hla_layers
-from hla_convert.recipes import parse_recipe
+from hla_convert.stages.calibration import build_inputs
+from hla_convert.stages.distill import attention_transfer, initialize_feature_maps
+from hla_convert.stages.drift import PSNR_IDENTICAL, DriftReport, check_thresholds, measure_drift
+from hla_convert.model.layers import hla_layers
+from hla_convert.recipe import parse_recipe
 from tiny_models import tiny_model
 
 

@@ -48,10 +48,10 @@ from safetensors.torch import save as safetensors_bytes
 from typer.testing import CliRunner
 
 from hla_convert import HLAConfig, convert_attention, hla_parameters
-from hla_convert.adapter import ADAPTER_FILE, CONFIG_FILE, AdapterError, load_adapter, read_adapter_info, save_adapter
+from hla_convert.io.adapter import ADAPTER_FILE, CONFIG_FILE, AdapterError, load_adapter, read_adapter_info, save_adapter
 from hla_convert.cli import app
 from hla_convert.errors import MAX_MESSAGE
-from hla_convert.recipes import RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
+from hla_convert.recipe import RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
 from tiny_models import tiny_wan
 
 _SCALE = int(os.environ.get("HLA_FUZZ_EXAMPLES", "0") or 0)

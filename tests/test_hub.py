@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hla_convert.recipes import load_recipe
+from hla_convert.recipe import load_recipe
 from hub_standin import HubStandIn
 from test_cli import FAST, assert_one_line_error, invoke, relist
 from tiny_models import forward
@@ -71,9 +71,9 @@ def offline(monkeypatch, cache: Path) -> None:
 
 
 def test_the_card_front_matter_follows_the_hub_conventions(converted):
-    from hla_convert.adapter import read_adapter_info
-    from hla_convert.hub import HubError, check_card
-    from hla_convert.output import model_card
+    from hla_convert.io.adapter import read_adapter_info
+    from hla_convert.io.hub import HubError, check_card
+    from hla_convert.io.output import model_card
 
     card = check_card((converted / "README.md").read_text())
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-video"
@@ -104,8 +104,8 @@ def test_the_card_front_matter_follows_the_hub_conventions(converted):
 
 
 def test_push_uploads_the_conversion_and_its_card_names_the_repo(converted, tmp_path, hub):
-    from hla_convert.sampling import add_to_output, encode_outputs, sample_side_by_side
-    from hla_convert.output import read_output
+    from hla_convert.io.sampling import add_to_output, encode_outputs, sample_side_by_side
+    from hla_convert.io.output import read_output
 
     folder = with_verdict(converted, tmp_path / "passed", True)
     result = sample_side_by_side(folder, steps=2, device="cpu")
@@ -163,9 +163,9 @@ def test_push_bad_input_is_one_line(converted, tmp_path, hub):
 
 def test_load_by_hub_id_from_the_offline_cache(converted, tmp_path, hub, monkeypatch):
     from hla_convert import load_adapter, load_converted
-    from hla_convert.hub import HubError
-    from hla_convert.loading import load_demo_model
-    from hla_convert.sampling import demo_inputs
+    from hla_convert.io.hub import HubError
+    from hla_convert.model.loading import load_demo_model
+    from hla_convert.io.sampling import demo_inputs
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -217,7 +217,7 @@ def test_validate_a_hub_id_offline(converted, tmp_path, hub, monkeypatch):
 
 def test_a_revision_the_hub_does_not_have_is_one_line(hub, monkeypatch):
     """Online: huggingface_hub's own RevisionNotFound parsing, mapped to our message."""
-    from hla_convert.hub import HubError, resolve_output_dir
+    from hla_convert.io.hub import HubError, resolve_output_dir
 
     hub.repos[REPO] = {"visibility": "public"}
     hub.branches[REPO] = {"main"}
@@ -229,7 +229,7 @@ def test_a_revision_the_hub_does_not_have_is_one_line(hub, monkeypatch):
 
 
 def test_sample_a_hub_id_offline_writes_here(converted, tmp_path, hub, monkeypatch):
-    from hla_convert.sampling import default_video_suffix
+    from hla_convert.io.sampling import default_video_suffix
 
     folder = with_verdict(converted, tmp_path / "passed", True)
     assert invoke("push", folder, "--repo-id", REPO).exit_code == 0

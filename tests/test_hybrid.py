@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hla_convert import ConfigError, HLAAttention, HLAConfig, convert_attention, hla_layers, hla_parameters, revert_attention
 from hla_convert import ops
-from hla_convert.surgery import attention_flops, token_grid
+from hla_convert.model.surgery import attention_flops, token_grid
 
 from tiny_models import HUNYUAN_PADDED, forward, other_model, tiny_inputs, tiny_model
 
@@ -261,6 +261,9 @@ def test_config_fields_validate_and_round_trip():
         ({"far": "linear", "feature_map": "taylor"}, "feature_map"),
         ({"factors": 3}, "factors"),  # taylor far needs even F
         ({"factors": 1}, "factors"),
+        ({"eps": True}, "eps"),  # a bool is an int to Python, not a number to a recipe
+        ({"eps": float("inf")}, "eps"),
+        ({"eps": 10**400}, "eps"),  # too large for a float
     ]:
         with pytest.raises(ConfigError, match=f"^{field}:"):
             HLAConfig(kind="hybrid", **kwargs)
@@ -337,7 +340,7 @@ def test_hunyuan_padded_text_stays_invisible():
 
 
 def test_adapter_round_trip_restores_the_hybrid(tmp_path):
-    from hla_convert.adapter import load_adapter, save_adapter
+    from hla_convert.io.adapter import load_adapter, save_adapter
 
     model = tiny_model("cogvideox")
     base = copy.deepcopy(model)

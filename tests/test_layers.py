@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hla_convert import HLAAttention, HLAConfig, convert_attention, hla_layers, set_attention_mode
-from hla_convert.layers import hla_parameters
+from hla_convert.model.layers import hla_parameters
 
 from tiny_models import forward, tiny_inputs, tiny_model
 

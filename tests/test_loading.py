@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from hla_convert.loading import ModelLoadError, load_transformer, parse_dtype
+from hla_convert.model.loading import ModelLoadError, load_transformer, parse_dtype
 
 
 def tiny_wan() -> WanTransformer3DModel:
@@ -100,7 +100,7 @@ def _demo_copy_with(tmp_path, **config):
     import json
     import shutil
 
-    from hla_convert.loading import DEMO_MODEL_PATH
+    from hla_convert.model.loading import DEMO_MODEL_PATH
 
     folder = tmp_path / "model"
     shutil.copytree(DEMO_MODEL_PATH, folder)
@@ -111,7 +111,7 @@ def _demo_copy_with(tmp_path, **config):
 
 @pytest.mark.parametrize("field, value", [("num_layers", 100_000_000), ("ffn_dim", 10**9), ("num_attention_heads", 1_000_000)])
 def test_a_config_past_any_video_transformer_is_refused_before_building_it(tmp_path, field, value):
-    from hla_convert.loading import ModelLoadError, load_transformer
+    from hla_convert.model.loading import ModelLoadError, load_transformer
     from test_cli import assert_one_line_error, invoke
 
     folder = _demo_copy_with(tmp_path, **{field: value})
@@ -123,7 +123,7 @@ def test_a_config_past_any_video_transformer_is_refused_before_building_it(tmp_p
 def test_a_fifo_config_is_refused_without_blocking(tmp_path):
     import os
 
-    from hla_convert.loading import ModelLoadError, resolve_model
+    from hla_convert.model.loading import ModelLoadError, resolve_model
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from hla_convert import convert_attention, hla_parameters, set_attention_mode
-from hla_convert.adapter import ADAPTER_FILE, AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
-from hla_convert.calibration import build_inputs
-from hla_convert.distill import attention_transfer, forward, initialize_feature_maps, output_distillation
-from hla_convert.drift import measure_drift
-from hla_convert.layers import hla_layers
-from hla_convert.lora import (
+from hla_convert.io.adapter import ADAPTER_FILE, AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
+from hla_convert.stages.calibration import build_inputs
+from hla_convert.model.modes import forward
+from hla_convert.stages.distill import attention_transfer, initialize_feature_maps, output_distillation
+from hla_convert.stages.drift import measure_drift
+from hla_convert.model.layers import hla_layers
+from hla_convert.model.lora import (
     LoraError,
     adapted_modules,
     add_lora,
@@ -25,7 +26,7 @@ from hla_convert.lora import (
     lora_state_dict,
     lora_target_modules,
 )
-from hla_convert.recipes import RecipeError, parse_recipe
+from hla_convert.recipe import RecipeError, parse_recipe
 from test_adapter import _rewrite
 from tiny_models import tiny_inputs, tiny_model
 
@@ -119,7 +120,7 @@ def test_teacher_mode_is_the_base_model_bit_for_bit_with_nonzero_lora(arch):
     assert not torch.allclose(_out(model, arch, "student"), student0)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags, "mode switches must not touch requires_grad"
     # the fingerprint of the adapted model's base is the base's
-    from hla_convert.lora import without_lora
+    from hla_convert.model.lora import without_lora
 
     with without_lora(model):
         assert fingerprint_weights(model) == fingerprint_weights(base)
@@ -199,7 +200,7 @@ def test_lora_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_lora_settings_are_part_of_the_stage2_fingerprint(tmp_path):
-    from hla_convert.checkpoints import CheckpointError  # bad input (exit 2), as any mismatched checkpoint
+    from hla_convert.stages.checkpoints import CheckpointError  # bad input (exit 2), as any mismatched checkpoint
 
     rec = recipe()
     model, inputs = stage1_model(rec)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from hla_convert import ConfigError, HLAAttention, HLAConfig
 from hla_convert import ops
+from hla_convert.ops import _common as ops_common
 from hla_convert.ops import hadamard as hadamard_mod
 
 # tiny shapes on a shared CPU: more intra-op threads only contend
@@ -137,7 +138,8 @@ def test_hadamard_chunked_state_equals_one_shot(monkeypatch, factors, fmap):
     key_mask = _mask(3, n=23)
     qf, kf = layer.features(q, 0.3), layer.features(k, 0.3)
     whole = ops.hadamard_attention(qf, kf, v, key_mask)
-    monkeypatch.setattr(hadamard_mod, "chunk_size", lambda n, per_token, budget=0: 4)  # 23 = 5*4 + 3
+    for module in (hadamard_mod, ops_common):  # the readout and the state (ops/_common.py) both chunk
+        monkeypatch.setattr(module, "chunk_size", lambda n, per_token, budget=0: 4)  # 23 = 5*4 + 3
     chunked = ops.hadamard_attention(qf, kf, v, key_mask)
     assert _rel(chunked, whole) < 1e-12
     assert _rel(chunked, ops.hadamard_attention_naive(qf, kf, v, key_mask)) < 1e-10

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hla_convert.output import check_output, read_output, start_run
-from hla_convert.output_guard import LOCK_FILE, MANIFEST_FILE, OutputError, guarded_write, output_lock, write_manifest
-from hla_convert.recipes import load_recipe
+from hla_convert.io.output import check_output, read_output, start_run
+from hla_convert.io.output_guard import LOCK_FILE, MANIFEST_FILE, OutputError, guarded_write, output_lock, write_manifest
+from hla_convert.recipe import load_recipe
 from test_cli import FAST, assert_one_line_error, invoke
 
 RUN = {"model": "m", "revision": None, "subfolder": None, "dtype": None, "recipe_sha256": "x"}
@@ -248,7 +248,7 @@ def test_a_live_lock_is_refused_and_a_dead_one_taken_over(tmp_path, fast_recipe)
 def test_a_second_run_cannot_take_the_folder_mid_run(tmp_path):
     out = tmp_path / "o"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time; from pathlib import Path; from hla_convert.output_guard import output_lock\n"
+        [sys.executable, "-c", f"import sys, time; from pathlib import Path; from hla_convert.io.output_guard import output_lock\n"
          f"with output_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
@@ -266,7 +266,7 @@ def test_a_second_run_cannot_take_the_folder_mid_run(tmp_path):
 
 
 def test_a_killed_save_is_listed_resumable_and_validate_points_to_resume(tmp_path, fast_recipe, monkeypatch):
-    import hla_convert.output as output
+    import hla_convert.io.output as output
 
     out = tmp_path / "o"
     real = output.write_manifest
@@ -348,7 +348,7 @@ def test_a_kill_9_leaves_a_stale_lock_that_resume_takes_over(tmp_path, fast_reci
 
 def test_work_files_nested_past_the_recursion_limit_are_bad_input_not_a_crash(tmp_path):
     # issue 18: JSON nested 100,000 deep made json.loads raise RecursionError (exit 3)
-    from hla_convert.output_guard import LOCK_FILE, OutputError, lock_holder, read_run_file
+    from hla_convert.io.output_guard import LOCK_FILE, OutputError, lock_holder, read_run_file
 
     deep = "[" * 100_000 + "]" * 100_000
     work = tmp_path / ".hla_work"

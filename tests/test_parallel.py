@@ -1,4 +1,4 @@
-"""Distillation across processes (hla_convert.parallel): the share of a step each process gets, the
+"""Distillation across processes (hla_convert.stages.parallel): the share of a step each process gets, the
 shared relative error against a float64 reference, and real two-process runs of the demo on the
 CPU (accelerate launch, gloo): equal to one process at equal global batch, written once by the
 main process, and a run stopped under two processes resumed by one."""
@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from hla_convert.distill import _relative_sq_error, _shared_relative_sq_error
-from hla_convert.parallel import launched, share_step
-from hla_convert.recipes import recipe_text
+from hla_convert.stages.distill import _relative_sq_error, _shared_relative_sq_error
+from hla_convert.stages.parallel import launched, share_step
+from hla_convert.recipe import recipe_text
 
 # HLA / LoRA parameters after a short two-process run vs one process at the same global batch.
 # Measured 1.7e-6 after 10 + 2 steps of the demo recipe: float reordering (two 2-sample forwards
@@ -92,7 +92,7 @@ def test_shared_relative_error_sums_to_the_whole_inputs_error():
 def test_one_process_is_not_a_launch(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not launched()
-    from hla_convert.parallel import Parallel
+    from hla_convert.stages.parallel import Parallel
 
     assert Parallel.from_environment() is None
 

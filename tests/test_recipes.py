@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hla_convert.config import HLAConfig
-from hla_convert.recipes import Recipe, RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
+from hla_convert.model.config import HLAConfig
+from hla_convert.recipe import Recipe, RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
 
 REQUIRED = {"tiny-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "cogvideox-2b", "hunyuanvideo", "ltx-video"}
 
@@ -65,6 +65,10 @@ def _with(path: str, value):
         ("validation.min_output_cosine", 1.5, "validation.min_output_cosine: must be a number in [-1.0, 1.0]"),
         ("validation.timestep_buckets", "four", "validation.timestep_buckets: must be a positive integer"),
         ("attention.exclude", [1], "attention.exclude: must be a list of non-empty strings"),
+        # HLAConfig's fields have one check, HLAConfig's own: one range for feature_dim (was >= 2 here, 2..256 there)
+        ("attention.feature_dim", 1, "attention.feature_dim: must be an integer in 2..256, got 1"),
+        ("attention.eps", float("inf"), "attention.eps: must be a positive number, got inf"),
+        ("attention.causal_block_frames", 0, "attention.causal_block_frames: must be a positive integer or null, got 0"),
     ],
 )
 def test_bad_field_is_named(path, value, message):
@@ -238,3 +242,20 @@ def test_a_fifo_or_a_device_as_recipe_file_is_refused_without_reading(tmp_path):
     for path in (fifo, "/dev/zero"):
         with pytest.raises(RecipeError, match="not a regular file"):
             load_recipe(str(path))
+
+
+def test_attention_fields_and_defaults_are_hla_configs():
+    """The attention section is HLAConfig's fields (same defaults, read from YAML as HLAConfig takes
+    them) plus include, exclude, softmax_layers: a recipe that leaves them out gets HLAConfig()."""
+    import dataclasses
+
+    from hla_convert import HLAConfig
+    from hla_convert.recipe import AttentionSpec
+
+    names = [f.name for f in dataclasses.fields(AttentionSpec)]
+    assert set(names) == {f.name for f in dataclasses.fields(HLAConfig)} | {"include", "exclude", "softmax_layers"}
+    wan = {"architecture": "WanTransformer3DModel"}
+    assert parse_recipe({"name": "x", "model": wan}).hla_config() == HLAConfig()
+    r = parse_recipe({"name": "x", "model": wan, "attention": {"eps": "1e-3", "factors": 4.0, "window": [2, 0, 0]}})
+    assert (r.attention.eps, r.attention.factors, r.attention.window) == (1e-3, 4, [2, 0, 0])
+    assert r.hla_config().window == (2, 0, 0)

@@ -1,4 +1,4 @@
-"""`hla-convert sample` and hla_convert.sampling on a short conversion of the embedded demo model."""
+"""`hla-convert sample` and hla_convert.io.sampling on a short conversion of the embedded demo model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hla_convert.cli import app
-from hla_convert.recipes import load_recipe
+from hla_convert.recipe import load_recipe
 from test_cli import FAST
 
 runner = CliRunner()
@@ -37,9 +37,9 @@ def converted(tmp_path_factory) -> Path:
 
 
 def test_sample_writes_a_video_and_a_contact_sheet_into_the_folder(converted):
-    from hla_convert.output import read_output
-    from hla_convert.output_guard import foreign_entries, read_manifest
-    from hla_convert.sampling import default_video_suffix
+    from hla_convert.io.output import read_output
+    from hla_convert.io.output_guard import foreign_entries, read_manifest
+    from hla_convert.io.sampling import default_video_suffix
 
     result = invoke("sample", converted, "--steps", STEPS, "--seed", 2, "--device", "cpu", "--json")
     assert result.exit_code == 0, result.stderr
@@ -66,9 +66,9 @@ def test_teacher_half_is_the_plain_softmax_base_from_the_same_noise(converted, t
     import diffusers
     from diffusers import WanTransformer3DModel
 
-    from hla_convert import demo_data
-    from hla_convert.drift import sample_latents
-    from hla_convert.sampling import latents_to_frames, sample_side_by_side, upscale, write_contact_sheet
+    from hla_convert.stages import demo_data
+    from hla_convert.stages.drift import sample_latents
+    from hla_convert.io.sampling import latents_to_frames, sample_side_by_side, upscale, write_contact_sheet
 
     result = sample_side_by_side(converted, seed=5, steps=STEPS, device="cpu")
     base = WanTransformer3DModel.from_pretrained(demo_data.demo_model_dir()).eval()
@@ -163,8 +163,8 @@ def pipeline_conversion(tmp_path_factory) -> tuple[Path, Path, dict]:
 
 
 def test_convert_sample_puts_a_pipeline_sample_in_the_folder_and_card(pipeline_conversion):
-    from hla_convert.output_guard import foreign_entries
-    from hla_convert.sampling import default_video_suffix
+    from hla_convert.io.output_guard import foreign_entries
+    from hla_convert.io.sampling import default_video_suffix
 
     _, out, doc = pipeline_conversion
     sample = doc["sample"]
@@ -179,7 +179,7 @@ def test_convert_sample_puts_a_pipeline_sample_in_the_folder_and_card(pipeline_c
 def test_pipeline_teacher_is_the_plain_pipeline_from_the_same_seed(pipeline_conversion, tmp_path):
     from diffusers import WanPipeline
 
-    from hla_convert.sampling import sample_side_by_side, video_frames
+    from hla_convert.io.sampling import sample_side_by_side, video_frames
 
     pipe_dir, out, _ = pipeline_conversion
     result = sample_side_by_side(out, prompt="a red fox runs", seed=3, steps=2, device="cpu")
@@ -228,8 +228,8 @@ def test_what_cannot_be_sampled_is_refused_in_one_line(converted, tmp_path):
 
 
 def test_base_can_be_a_copy_of_the_demo_folder(converted, tmp_path):
-    from hla_convert import demo_data
-    from hla_convert.sampling import sample_side_by_side
+    from hla_convert.stages import demo_data
+    from hla_convert.io.sampling import sample_side_by_side
 
     copy = shutil.copytree(demo_data.demo_model_dir(), tmp_path / "demo-copy")
     moved = sample_side_by_side(converted, base=str(copy), seed=1, steps=1, device="cpu")

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from hla_convert import convert_attention, hla_layers, load_adapter, save_adapter, set_attention_mode
-from hla_convert.calibration import build_inputs
-from hla_convert.distill import distil, forward
-from hla_convert.recipes import RecipeError, parse_recipe
-from hla_convert.selection import choose_softmax_layers, give_back_to_softmax, measure_layer_errors
-from hla_convert.surgery import ConversionError
+from hla_convert.stages.calibration import build_inputs
+from hla_convert.model.modes import forward
+from hla_convert.stages.distill import distil
+from hla_convert.recipe import RecipeError, parse_recipe
+from hla_convert.stages.selection import choose_softmax_layers, give_back_to_softmax, measure_layer_errors
+from hla_convert.model.surgery import ConversionError
 from tiny_models import tiny_model
 
 

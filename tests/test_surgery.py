@@ -1,4 +1,4 @@
-"""The diffusers seam (hla_convert.surgery) on tiny real models of the four main architectures.
+"""The diffusers seam (hla_convert.model.surgery) on tiny real models of the four main architectures.
 
 What a user relies on: an identity conversion changes nothing, bit for bit; HLA conversions train
 only the new parameters; only self-attention is converted unless asked otherwise; padded text
@@ -25,7 +25,7 @@ from hla_convert import (
     revert_attention,
     select_modules,
 )
-from hla_convert.surgery import HLAProcessor, attention_modules, converted_modules, key_mask_from_attn_mask
+from hla_convert.model.surgery import HLAProcessor, attention_modules, converted_modules, key_mask_from_attn_mask
 
 from tiny_models import (
     ARCHITECTURES,
@@ -550,3 +550,15 @@ def test_other_architectures_convert(name):
         out = output_tensor(model(**inputs))
     assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
     assert all(layer.calls >= 1 for layer in hla_layers(model).values())
+
+
+def test_architecture_rows_are_checked_when_written():
+    """A new family is one row of model.architectures; a misspelt layout fails at import, with the
+    class named, instead of at the first hybrid forward."""
+    from hla_convert.model.architectures import ARCHITECTURES, Architecture
+
+    with pytest.raises(ValueError, match="MyTransformer3DModel: grid_layout 'BCHWF'"):
+        Architecture("MyTransformer3DModel", ("blocks.*.attn1",), "BCHWF")
+    with pytest.raises(ValueError, match="says where its text tokens sit"):
+        Architecture("MyTransformer3DModel", None, "BCFHW", "joint")
+    assert ARCHITECTURES["WanTransformer3DModel"].default_include == ("blocks.*.attn1",)

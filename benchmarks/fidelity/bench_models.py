@@ -96,7 +96,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: A
 
 def rotary_emb(model: nn.Module, spec: VideoSpec, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """CogVideoX's 3D RoPE for the benchmark's latent grid, exactly as the library builds it."""
-    from hla_convert.calibration import cogvideox_rotary_emb
+    from hla_convert.stages.calibration import cogvideox_rotary_emb
 
     cos, sin = cogvideox_rotary_emb(model, spec.frames, spec.height, spec.width)
     return cos.to(device), sin.to(device)

@@ -6,7 +6,7 @@
 
 For each model (a folder written by train_models.py, default benchmarks/fidelity/models/<model>)
 and seed, train and held-out inputs are drawn from the model's own data distribution
-(bench_data.py), written with `hla_convert.calibration.save_inputs` and read back through
+(bench_data.py), written with `hla_convert.stages.calibration.save_inputs` and read back through
 `calibration.source: folder`. Each config is a set of recipe overrides (CONFIGS below) on the
 model's base recipe (recipes/<model>.yaml). The conversion is `hla_convert.convert` — what
 `hla-convert convert <model folder> --recipe <yaml> --out X` runs — into an output folder under
@@ -122,7 +122,7 @@ def write_inputs(arch: str, model, spec: bd.VideoSpec, seed: int, n_train: int, 
     """
     from safetensors.torch import save_file
 
-    from hla_convert.calibration import save_inputs
+    from hla_convert.stages.calibration import save_inputs
 
     rope = bm.rotary_emb(model, spec) if arch == "cogvideox" else None
     for split, n, stream in (("train", n_train, 1), ("heldout", n_heldout, 2)):
@@ -157,8 +157,8 @@ def inputs_folder(cache: Path, arch: str, model, spec, seed: int, n_train: int, 
 @torch.no_grad()
 def true_target_losses(arch: str, model, heldout: list[dict], targets: torch.Tensor, t: torch.Tensor, buckets: int) -> dict:
     """Denoising MSE against the true flow target, teacher and student, per sample -> mean and buckets."""
-    from hla_convert.distill import forward
-    from hla_convert.layers import set_attention_mode
+    from hla_convert.model.modes import forward
+    from hla_convert.model.modes import set_attention_mode
 
     per = {"teacher": [], "student": []}
     i = 0
@@ -187,7 +187,7 @@ def true_target_losses(arch: str, model, heldout: list[dict], targets: torch.Ten
 
 def recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSpec, args):
     """The base recipe with the config's overrides, the run's inputs, seed and step scale."""
-    from hla_convert.recipes import load_recipe
+    from hla_convert.recipe import load_recipe
 
     base = load_recipe(str(HERE / "recipes" / f"{arch}.yaml"))
     fields = {
@@ -316,8 +316,10 @@ def measure(conv_dir: Path, arch: str, inputs: Path, device: torch.device, dtype
     import diffusers
     from safetensors.torch import load_file
 
-    from hla_convert import calibration, drift, load_converted
-    from hla_convert.recipes import load_recipe
+    from hla_convert import load_converted
+    from hla_convert.stages import calibration
+    from hla_convert.stages import drift
+    from hla_convert.recipe import load_recipe
 
     model = load_converted(conv_dir, device=str(device), dtype=dtype)
     rec = load_recipe(str(conv_dir / "recipe.yaml"))

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from ._common import compute_dtype, key_weights
-from .hadamard import _check_feats, hadamard_weights, kronecker_features
+from ._common import _check_feats, hadamard_weights, kronecker_features
 from .hybrid import SHIFT_FLOOR, check_qkv_beta
 
 DEFAULT_CHUNK = 128

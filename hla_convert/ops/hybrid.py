@@ -42,7 +42,7 @@ from functools import lru_cache
 import torch
 
 from ._common import compute_dtype, key_weights
-from .hadamard import hadamard_state, kronecker_features
+from ._common import hadamard_state, kronecker_features
 
 SHIFT_FLOOR = 30.0
 # elements of the largest per-chunk temporary (logits or window states), as ops/_common.chunk_size

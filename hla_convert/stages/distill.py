@@ -1,0 +1,296 @@
+"""The training stages: feature-map initialisation, attention transfer (stage 1), output distillation (stage 2).
+
+One copy of the weights (docs/architecture.md). Stage 1 runs the model in mode "both": every
+converted layer computes the teacher's softmax output (the target, which flows on to the next layer) and the HLA
+output (the prediction) from the same q/k/v, so one teacher forward trains all layers at once.
+Each layer's loss is back-propagated the moment the layer has run (`streamed_pairs`): the loss of
+a layer depends only on that layer's HLA parameters and on q/k/v that carry no gradient, so the
+gradient is the same as one backward of the summed loss, while only one layer's HLA graph is
+alive at a time: stage 1 costs the memory of teacher inference. Stage 2 runs the model in
+"teacher" mode under no_grad, then in "student" mode with gradients, and matches the outputs.
+
+Stage 1 trains the HLA parameters only. Stage 2 trains them, and with `stage2.train: lora` also
+peft LoRA adapters on base linear layers (hla_convert.model.lora), added when stage 2 starts with B = 0
+so that its step 0 is the HLA-only student. The base weights themselves never train: they are
+the teacher; the adapters are disabled in "teacher" mode, so the teacher stays the base model.
+
+Plain torch on one process: without mixed precision (HLA parameters are float32; the base model
+keeps its own dtype) `Accelerator.backward/prepare` add nothing but a wrapper. Device placement is
+the caller's (the model and the inputs from `build_inputs(device=...)` are already where they
+should be). Keeping the loop plain keeps it bit-for-bit deterministic on CPU, which the resume
+guarantee relies on. Under a multi-process launch, `parallel` (hla_convert.stages.parallel) shares each
+step's global batch out and sums the gradients with accelerate; the main process alone writes.
+
+The loop both stages share (schedule, batch order, checkpoints, resume, the multi-process step)
+is hla_convert.stages.distill_loop; a killed process leaves the last complete checkpoint there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distill_loop import DistillError, Progress, _only_trainable, _run_stage  # noqa: F401 - re-exported
+from ..model.layers import hla_layers, hla_parameters
+from ..model.lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules, without_lora
+from ..model.modes import attention_mode, forward, set_attention_mode, streamed_pairs
+from ..recipe import Recipe, RecipeError
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over processes (hla_convert.stages.parallel)
+
+
+# -- shared helpers ------------------------------------------------------------------------------------
+
+
+def _relative_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||pred - target||^2 / ||target||^2 over the whole tensor, in float32."""
+    p, t = pred.float(), target.float()
+    return (p - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
+def _shared_relative_sq_error(pred: torch.Tensor, target: torch.Tensor, reduce: Reduce) -> tuple[torch.Tensor, float]:
+    """This process's share of an input cut across processes: (its ||pred - target||^2 over the
+    whole input's ||target||^2, which sums to the whole relative error; the whole one's value)."""
+    p, t = pred.float(), target.float()
+    err = (p - t).pow(2).sum()
+    sums = reduce(torch.stack([err.detach(), t.detach().pow(2).sum()]))
+    ref = sums[1].clamp_min(1e-12)
+    return err / ref, float(sums[0] / ref)
+
+
+# -- feature-map initialisation ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def initialize_feature_maps(
+    model: nn.Module,
+    inputs: Sequence[dict[str, Any]],
+    progress: Progress | None = None,
+    max_batches: int = 8,
+    tokens_per_layer: int = 2048,
+) -> dict[str, Any]:
+    """Data-driven start for every HLA layer: teacher q/k samples -> `initialize_from_samples`.
+
+    Runs the model in teacher mode on up to `max_batches` inputs, each layer keeping an even
+    spread of about `tokens_per_layer` (q, k) token samples in all (bounded host memory: 2048 x
+    heads x head_dim x 2 floats per layer), then sets the feature maps from them (HLA-MATH.md:
+    principal directions of the teacher's q and k). Returns {"layers", "tokens"}.
+    """
+    layers = {n: l for n, l in hla_layers(model).items() if l.config.kind != "softmax"}
+    if not layers or not inputs:
+        return {"layers": 0, "tokens": 0}
+    batches = list(inputs[:max_batches])
+    with attention_mode(model, "teacher"):
+        for layer in layers.values():
+            layer.sample_sink = []
+            layer.sample_tokens = max(16, tokens_per_layer // len(batches))
+        for i, item in enumerate(batches):
+            forward(model, item)
+            if progress:
+                progress("init", i + 1, len(batches), {})
+        tokens = 0
+        for n, layer in layers.items():
+            sink = layer.sample_sink or []
+            if not sink:
+                raise DistillError(f"feature-map init: layer {n} was never called by the model's forward")
+            q = torch.cat([s[0] for s in sink]).to(next(layer.parameters()).device)
+            k = torch.cat([s[1] for s in sink]).to(q.device)
+            layer.initialize_from_samples(q, k, generator=torch.Generator().manual_seed(0))
+            tokens = q.shape[0]
+    return {"layers": len(layers), "tokens": tokens}
+
+
+# -- stage 1 -------------------------------------------------------------------------------------------
+
+
+def attention_transfer(
+    model: nn.Module,
+    inputs: Sequence[dict[str, Any]],
+    recipe: Recipe,
+    work_dir: str | Path,
+    resume: bool = False,
+    progress: Progress | None = None,
+    parallel: Any = None,
+) -> dict[str, Any]:
+    """Stage 1: every converted layer's HLA output learns its teacher's softmax output.
+
+    Loss per step: mean over converted layers of ||pred - target||^2 / ||target||^2, averaged
+    over the stage1.batch_size / calibration.batch_size inputs of the step. AdamW (no weight
+    decay) on the HLA parameters only, warm-up + cosine learning rate, gradient clipping.
+
+    Returns {"stage", "steps", "steps_run", "resumed_from", "checkpoint", "seconds",
+    "step_seconds" (each step run in this call), "initial_loss", "final_loss", "loss_history", "layers": {layer: relative L2 at the last step}}
+    ("skipped" instead when there is nothing to train). Raises DistillError on a non-finite loss.
+    """
+    n_layers = len([l for l in hla_layers(model).values() if l.config.kind != "softmax"])
+
+    def step_loss(item: dict[str, Any], scale: float, reduce: Reduce | None) -> tuple[float, dict[str, float]]:
+        per_layer: dict[str, float] = {}
+
+        def consume(name: str, target: torch.Tensor, pred: torch.Tensor) -> None:
+            if reduce is None:
+                rel = _relative_sq_error(pred, target)
+                value = float(rel.detach())
+            else:
+                rel, value = _shared_relative_sq_error(pred, target, reduce)
+            per_layer[name] = math.sqrt(value) if math.isfinite(value) else value
+            if math.isfinite(value) and rel.requires_grad:
+                (rel * (scale / n_layers)).backward()
+
+        set_attention_mode(model, "both")
+        with streamed_pairs(model, consume), torch.enable_grad():
+            forward(model, item)
+        if len(per_layer) != n_layers:
+            raise DistillError(f"stage 1: {n_layers - len(per_layer)} converted layers were not reached by the forward")
+        # per_layer holds relative L2 (sqrt); the loss is the mean relative squared error
+        loss = sum(v * v if math.isfinite(v) else v for v in per_layer.values()) / n_layers
+        return loss, per_layer
+
+    return _run_stage("stage1", model, inputs, recipe, work_dir, resume, progress, step_loss, parallel=parallel)
+
+
+# -- stage 2 -------------------------------------------------------------------------------------------
+
+
+def output_distillation(
+    model: nn.Module,
+    inputs: Sequence[dict[str, Any]],
+    recipe: Recipe,
+    work_dir: str | Path,
+    resume: bool = False,
+    progress: Progress | None = None,
+    parallel: Any = None,
+) -> dict[str, Any]:
+    """Stage 2: the converted model's denoiser output matches the teacher's at the same inputs.
+
+    Per input: teacher output under no_grad in "teacher" mode, then the student forward with
+    gradients; loss ||student - teacher||^2 / ||teacher||^2. Trains the HLA parameters (recipe
+    stage2.train "hla"), plus LoRA adapters (train "lora": stage2.lora_rank, lora_alpha,
+    lora_targets, lora_ffn; lr stage2.lora_lr or stage2.lr) that are added here, enabled, with
+    B = 0, and stay on the model (save_adapter stores them). The teacher forward runs with the
+    adapters disabled. stage2.gradient_checkpointing turns on the model's own gradient
+    checkpointing for the student forward. Returns the same summary as attention_transfer
+    (its "layers" is empty, "lora" lists the adapted modules); steps 0 returns {"skipped": ...}.
+    """
+    spec = recipe.stage2
+    extra: dict[str, nn.Parameter] = {}
+    lora_modules: list[str] = []
+    if spec.train == "lora" and spec.steps > 0 and hla_parameters(model):
+        extra, lora_modules = _stage2_lora(model, recipe)
+
+    def step_loss(item: dict[str, Any], scale: float, reduce: Reduce | None) -> tuple[float, dict[str, float]]:
+        set_attention_mode(model, "teacher")
+        with torch.no_grad():
+            target = forward(model, item).detach()
+        set_attention_mode(model, "student")
+        with torch.enable_grad():
+            pred = forward(model, item)
+            if reduce is None:
+                rel = _relative_sq_error(pred, target)
+                value = float(rel.detach())
+            else:
+                rel, value = _shared_relative_sq_error(pred, target, reduce)
+            if math.isfinite(value):
+                (rel * scale).backward()
+        return value, {}
+
+    checkpointing = recipe.stage2.gradient_checkpointing and getattr(model, "_supports_gradient_checkpointing", False)
+    was = bool(getattr(model, "is_gradient_checkpointing", False))
+    if checkpointing and not was:
+        model.enable_gradient_checkpointing()
+    try:
+        summary = _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss, extra, spec.lora_lr, parallel)
+    finally:
+        if checkpointing and not was:
+            model.disable_gradient_checkpointing()
+    if lora_modules:
+        summary["lora"] = {"modules": lora_modules, "parameters": sum(p.numel() for p in extra.values())}
+    return summary
+
+
+def check_lora_rank(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse (RecipeError) a stage2.lora_rank past min(in, out features) of a layer it adapts: a
+    rank-r update of a smaller layer is a full-rank one, at r x (in + out) parameters. Run once the
+    model is converted, before anything is trained or written."""
+    spec = recipe.stage2
+    if spec.train != "lora" or spec.steps <= 0 or not hla_layers(model):
+        return
+    try:
+        modules = lora_target_modules(model, list(hla_layers(model)), spec.lora_targets, spec.lora_ffn)
+    except LoraError as exc:
+        raise RecipeError("stage2.lora_ffn" if spec.lora_ffn and "feed-forward" in str(exc) else "stage2.lora_targets", str(exc)) from None
+    with without_lora(model):
+        layers = {name: model.get_submodule(name) for name in modules}
+    name, smallest = min(((n, min(m.in_features, m.out_features)) for n, m in layers.items()), key=lambda t: t[1])
+    if spec.lora_rank > smallest:
+        raise RecipeError("stage2.lora_rank", f"must be at most {smallest} (min of in and out features of {name}, a layer it adapts), got {spec.lora_rank}")
+
+
+def _stage2_lora(model: nn.Module, recipe: Recipe) -> tuple[dict[str, nn.Parameter], list[str]]:
+    """Add the recipe's LoRA adapter (or accept the same one already there); its parameters and modules."""
+    spec = recipe.stage2
+    alpha = float(spec.lora_alpha if spec.lora_alpha is not None else spec.lora_rank)
+    try:
+        modules = lora_target_modules(model, list(hla_layers(model)), spec.lora_targets, spec.lora_ffn)
+        if has_lora(model):
+            have = lora_config(model)
+            if have != {"rank": spec.lora_rank, "alpha": alpha, "modules": sorted(modules)}:
+                raise DistillError(
+                    f"stage 2: the model already has a LoRA adapter (rank {have['rank']}, {len(have['modules'])} modules) "
+                    "that differs from the recipe's stage2.lora_* settings"
+                )
+        else:
+            add_lora(model, rank=spec.lora_rank, alpha=alpha, modules=modules, seed=recipe.calibration.seed)
+    except LoraError as exc:  # the recipe names layers this model lacks: bad input, not a failed run
+        raise RecipeError("stage2.lora_ffn" if spec.lora_ffn and "feed-forward" in str(exc) else "stage2.lora_targets", str(exc)) from None
+    return lora_parameters(model), modules
+
+
+# -- the whole distil stage ----------------------------------------------------------------------------
+
+
+def distil(
+    model: nn.Module,
+    inputs: Sequence[dict[str, Any]],
+    recipe: Recipe,
+    work_dir: str | Path,
+    resume: bool = False,
+    progress: Progress | None = None,
+    parallel: Any = None,
+) -> dict[str, Any]:
+    """The distil stage as `hla-convert convert` runs it: feature-map init, stage 1, the recipe's
+    per-layer softmax budget (hla_convert.stages.selection), stage 2. Returns {"init", "stage1",
+    "selection", "stage2"} (each stage's summary). parallel: see hla_convert.stages.parallel; the init
+    and the selection run whole in every process (deterministic, so every process agrees)."""
+    from .selection import give_back_to_softmax
+
+    init = initialize_feature_maps(model, inputs, progress=progress)
+    stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
+    selection = give_back_to_softmax(model, inputs, recipe.attention.softmax_layers)
+    if parallel is not None:
+        # every process measured the same inputs; a device's non-deterministic kernels could still
+        # rank two close layers differently, and the processes would then train different models
+        differs = parallel.share_object(selection["softmax_layers"]) != selection["softmax_layers"]
+        if float(parallel.reduce_sum(torch.tensor([float(differs)], device=parallel.accelerator.device))) > 0:
+            raise DistillError(
+                "the processes chose different layers to give back to softmax (attention.softmax_layers); "
+                "run with one process, or set attention.softmax_layers to 0"
+            )
+    stage2 = output_distillation(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
+    return {"init": init, "stage1": stage1, "selection": selection, "stage2": stage2}
+
+
+__all__ = [
+    "DistillError",
+    "attention_transfer",
+    "distil",
+    "forward",
+    "initialize_feature_maps",
+    "output_distillation",
+    "streamed_pairs",
+]
