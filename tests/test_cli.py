@@ -1,93 +1,25 @@
 """The `hla-convert` command line, end to end on the embedded demo model.
 
 One short conversion (a test recipe: the demo's, with few samples and steps) is shared by the
-tests; it runs as a real subprocess of the installed `hla-convert` entry point. Everything else goes
-through typer's CliRunner, in process. Exit codes: 0 ok, 1 drift, 2 bad input, 130 interrupted.
+tests (conftest's `converted`); it runs as a real subprocess of the installed `hla-convert` entry
+point. Everything else goes through typer's CliRunner, in process. Exit codes: 0 ok, 1 drift, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from hla_convert.cli import app
 from hla_convert.recipes import load_recipe
+from helpers import FAST, assert_one_line_error, invoke
 from tiny_models import tiny_wan
-
-runner = CliRunner()
-
-# The demo recipe, cut down to a few seconds: 6 + 2 training steps, checkpoints every 2 and 1.
-FAST = {
-    "calibration.samples": 8,
-    "calibration.heldout": 4,
-    "calibration.batch_size": 2,
-    "stage1.steps": 6,
-    "stage1.batch_size": 2,
-    "stage1.checkpoint_every": 2,
-    "stage2.steps": 2,
-    "stage2.batch_size": 2,
-    "stage2.checkpoint_every": 1,
-    "validation.sampling_steps": 2,
-    # Loose enough that 8 steps pass; the fail case tightens one threshold from the command line.
-    "validation.max_attention_rel_l2": 10.0,
-    "validation.max_output_rel_l2": 10.0,
-    "validation.min_output_cosine": -1.0,
-    "validation.max_latent_rel_l2": 10.0,
-    "validation.min_latent_psnr": -100.0,
-}
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code: int = 2, contains: str | None = None) -> str:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    if code != 2:  # a run that failed on its way has logged its progress first
-        lines = lines[-1:]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("hla-convert: error: "), lines[0]
-    if contains is not None:
-        assert contains in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def fast_recipe(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "fast.yaml"
-    path.write_text(load_recipe("tiny-wan").with_overrides(fields=FAST).to_yaml())
-    return path
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, fast_recipe) -> tuple[Path, dict]:
-    """A finished conversion of the demo, made by the installed console script (a real subprocess)."""
-    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    assert exe, "the hla-convert console script is not installed"
-    out = tmp_path_factory.mktemp("runs") / "demo-hla"
-    proc = subprocess.run(
-        [exe, "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)  # stdout holds the one JSON document and nothing else
-    return out, doc
-
 
 # -- convert ------------------------------------------------------------------------------------
 
@@ -178,11 +110,10 @@ def test_validate_refuses_a_folder_without_a_conversion(tmp_path):
 # -- resume -------------------------------------------------------------------------------------
 
 
-def test_resume_after_an_interrupted_run_gives_the_same_adapter(tmp_path, fast_recipe):
-    # The reference runs in this process too: CPU float sums depend on the thread count, which the
-    # test process and a subprocess need not share.
-    reference = tmp_path / "uninterrupted"
-    assert invoke("convert", "--recipe", fast_recipe, "--out", reference, "--device", "cpu").exit_code == 0
+def test_resume_after_an_interrupted_run_gives_the_same_adapter(converted, tmp_path, fast_recipe):
+    # The reference is the shared uninterrupted run of the same recipe (one CPU thread there and here:
+    # float sums depend on the thread count).
+    reference, _ = converted
     out = tmp_path / "interrupted"
     stopped = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--stop-after-steps", "4")
     assert stopped.exit_code == 130, stopped.stderr

@@ -10,23 +10,8 @@ from hla_convert.calibration import build_inputs
 from hla_convert.checkpoints import checkpoint_path, load_checkpoint
 from hla_convert.distill import DistillError, attention_transfer, initialize_feature_maps, output_distillation
 from hla_convert.layers import hla_layers
-from hla_convert.recipes import parse_recipe
+from helpers import wan_recipe as recipe
 from tiny_models import tiny_model
-
-
-def recipe(**over):
-    data = {
-        "name": "t",
-        "model": {"architecture": "WanTransformer3DModel"},
-        "attention": {"kind": "hadamard", "feature_dim": 8},
-        "calibration": {"frames": 5, "height": 64, "width": 64, "samples": 16, "heldout": 4, "batch_size": 4, "text_len": 6},
-        "stage1": {"steps": 40, "lr": 5e-3, "batch_size": 8, "checkpoint_every": 10},
-        "stage2": {"steps": 12, "lr": 1e-3, "batch_size": 4, "checkpoint_every": 5, "gradient_checkpointing": True},
-    }
-    for path, value in over.items():
-        section, key = path.split("__")
-        data[section][key] = value
-    return parse_recipe(data)
 
 
 def converted(rec):
