@@ -47,6 +47,9 @@ def hub(tmp_path, monkeypatch):
 
     standin = HubStandIn(tmp_path / "hf-cache")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(standin.cache_dir))
+    # online towards the stand-in even where the caller's shell has HF_HUB_OFFLINE=1 (the stand-in
+    # replaces the transport: nothing reaches a network); offline() below turns it back on
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_standin")
     standin.install()
     yield standin
