@@ -182,9 +182,14 @@ def test_calibration_and_stage1_train_through_the_block_causal_form(tmp_path, mo
     rec = wan_recipe(model__architecture="SkyReelsV2Transformer3DModel", calibration__frames=13, calibration__text_len=12, stage1__steps=15)
     model, _ = _skyreels_df()
     convert_attention(model, rec.hla_config())
-    blocks = []
-    real = HLAAttention._causal
-    monkeypatch.setattr(HLAAttention, "_causal", lambda self, *a: blocks.append(a[-1]) or real(self, *a))
+    blocks = []  # the causal block of every student call (None: bidirectional)
+    real = HLAAttention.student
+
+    def student(self, q, k, v, key_mask, scale, causal_block=None):
+        blocks.append(causal_block)
+        return real(self, q, k, v, key_mask, scale, causal_block)
+
+    monkeypatch.setattr(HLAAttention, "student", student)
     inputs = build_inputs(model, rec, "train")
     initialize_feature_maps(model, inputs)
     out = attention_transfer(model, inputs, rec, tmp_path)
