@@ -242,6 +242,7 @@ def test_validate_waits_for_a_running_conversion(tmp_path):
         sleeper.wait()
 
 
+@pytest.mark.slow
 def test_a_kill_9_leaves_a_stale_lock_that_resume_takes_over(tmp_path, fast_recipe):
     import signal
     import time
