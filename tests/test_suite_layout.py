@@ -57,7 +57,10 @@ def test_every_gpu_test_carries_the_gpu_marker():
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test_gpu") and "gpu" not in _marks(node)
     ]
     found = [
-        node.name for tree in _modules().values() for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name.startswith("test_gpu")
+        node.name
+        for tree in _modules().values()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_gpu")
     ]
     assert len(found) >= 7  # the three kernel files' GPU tests (7 functions) are seen at all
     assert not unmarked, unmarked
