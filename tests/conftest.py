@@ -16,9 +16,9 @@ run made by the console script can be compared bit for bit with one made in proc
   a test that changes a field writes its own copy).
 - `converted`: one finished conversion of the demo with that recipe, made once per session by the
   installed console script in a real subprocess, as `(folder, the --json document)`; the same
-  adapter, bit for bit, as a run of that recipe in this process. Tests only
-  read it; one that writes into the folder (sample, push, a tampered file) copies it first
-  (`shutil.copytree`), so sharing does not couple tests.
+  adapter, bit for bit, as a run of that recipe in this process. Tests only read it; one that
+  writes into the folder (sample, push, a tampered file) copies it first (`shutil.copytree`), so
+  sharing does not couple tests.
 """
 
 from __future__ import annotations
