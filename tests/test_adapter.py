@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from hla_convert import HLAConfig, convert_attention, hla_parameters
 from hla_convert.io.adapter import ADAPTER_FILE, CONFIG_FILE, AdapterError, fingerprint_weights, load_adapter, read_adapter_info, save_adapter
-
-from test_loading import tiny_wan
+from helpers import rewrite_adapter as _rewrite
+from tiny_models import tiny_wan
 
 
 def inputs():
@@ -133,21 +133,6 @@ def test_wrong_base_is_refused(saved):
         other.proj_out.weight.mul_(2)
     with pytest.raises(AdapterError, match="different base"):
         load_adapter(other, folder)
-
-
-def _rewrite(folder, change=None, change_meta=None):
-    """Rewrite the adapter file with its tensors and/or its header metadata changed in place."""
-    from safetensors import safe_open
-
-    path = folder / ADAPTER_FILE
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-    tensors = load_file(str(path))
-    if change is not None:
-        change(tensors)
-    if change_meta is not None:
-        change_meta(meta)
-    save_file(tensors, str(path), metadata=meta)
 
 
 @pytest.mark.parametrize(

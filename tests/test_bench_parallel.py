@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_parallel.py"
 
 
@@ -23,6 +25,7 @@ def test_published_14b_config_is_the_14b_transformer():
     assert (cfg["num_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"]) == (40, 5120, 13824)
 
 
+@pytest.mark.slow
 def test_smoke_one_and_two_processes_give_the_same_adapter(tmp_path):
     out = tmp_path / "par.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")

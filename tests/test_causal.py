@@ -13,8 +13,6 @@ from hla_convert import ops
 from hla_convert.ops import causal as C
 from hla_convert.ops import causal_hadamard as CH
 
-torch.set_num_threads(1)
-
 B, H, N, R, DV = 2, 3, 23, 4, 5
 TOL = 1e-10
 

@@ -12,16 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 import hla_kernels.causal as kc  # noqa: E402
-from hla_kernels import _runtime as rt  # noqa: E402
 from hla_convert.ops.causal_hadamard import hadamard_causal, hadamard_causal_naive  # noqa: E402
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture
-def interp(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -102,6 +93,7 @@ def test_plan_and_supports(interp):
         kc.causal_hadamard_attention(q, q, v, block_size=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "n, block_size",
     [
@@ -111,11 +103,7 @@ def test_plan_and_supports(interp):
         (3 * 1560 + 700, 1560),  # a ragged last frame
     ],
 )
-def test_gpu_forward_backward(monkeypatch, n, block_size):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
+def test_gpu_forward_backward(gpu, n, block_size):
     _check(n, 32, 128, block_size, True, torch.bfloat16, 2e-2, device="cuda")
 
 
@@ -150,10 +138,8 @@ def test_benchmark_smoke_mode_runs_every_part(interp, tmp_path, monkeypatch):
     assert kc.INTERP_CONFIG["C"] == 16  # the table is restored after each config
 
 
-def test_gpu_second_order_forward(monkeypatch):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@pytest.mark.gpu
+def test_gpu_second_order_forward(gpu):
     from hla_convert.ops.causal import higher_order_causal
 
     g = torch.Generator().manual_seed(5)

@@ -10,8 +10,6 @@ from hla_convert import HLAConfig
 from hla_convert.model.streaming import BlockStream
 from hla_convert.model.surgery import attention_mask_structure, convert_attention
 
-torch.set_num_threads(1)
-
 FRAMES, PER_BLOCK = 4, 2  # latent frames, frames per causal block
 TOKENS_PER_BLOCK = PER_BLOCK * 4 * 4  # 8x8 latents, 2x2 patches
 
@@ -174,20 +172,20 @@ def test_mask_structure_is_read_once_per_mask_object(monkeypatch):
 
 def test_calibration_and_stage1_train_through_the_block_causal_form(tmp_path, monkeypatch):
     """Distillation of a diffusion-forcing model: teacher and student both see the frame blocks."""
-    from test_distill import recipe
+    from helpers import wan_recipe
 
     from hla_convert.stages.calibration import build_inputs
     from hla_convert.stages.distill import attention_transfer, initialize_feature_maps
     from hla_convert.model.layers import HLAAttention
 
     # 13 video frames -> 4 latent frames -> 2 causal blocks of 2 frames
-    rec = recipe(model__architecture="SkyReelsV2Transformer3DModel", calibration__frames=13, calibration__text_len=12, stage1__steps=15)
+    rec = wan_recipe(model__architecture="SkyReelsV2Transformer3DModel", calibration__frames=13, calibration__text_len=12, stage1__steps=15)
     model, _ = _skyreels_df()
     convert_attention(model, rec.hla_config())
-    blocks = []
+    blocks = []  # the causal block of every student call (None: bidirectional)
     real = HLAAttention.student
 
-    def student(self, q, k, v, key_mask=None, scale=None, causal_block=None):
+    def student(self, q, k, v, key_mask, scale, causal_block=None):
         blocks.append(causal_block)
         return real(self, q, k, v, key_mask, scale, causal_block)
 
@@ -231,7 +229,7 @@ def test_cli_converts_a_diffusion_forcing_model_with_its_causal_blocks(tmp_path)
     import json
 
     import yaml
-    from test_cli import assert_one_line_error, invoke
+    from helpers import assert_one_line_error, invoke
 
     from hla_convert import load_converted
 

@@ -1,8 +1,8 @@
 """The `hla-convert` command line, end to end on the embedded demo model.
 
 One short conversion (a test recipe: the demo's, with few samples and steps) is shared by the
-tests; it runs as a real subprocess of the installed `hla-convert` entry point. Everything else goes
-through typer's CliRunner, in process. Exit codes: 0 ok, 1 drift, 2 bad input, 130 interrupted.
+tests (conftest's `converted`); it runs as a real subprocess of the installed `hla-convert` entry
+point. Everything else goes through typer's CliRunner, in process. Exit codes: 0 ok, 1 drift, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,82 +12,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from hla_convert.cli import app
 from hla_convert.recipe import load_recipe
+from helpers import FAST, assert_one_line_error, console_script, invoke, relist
 from tiny_models import tiny_wan
-
-runner = CliRunner()
-
-# The demo recipe, cut down to a few seconds: 6 + 2 training steps, checkpoints every 2 and 1.
-FAST = {
-    "calibration.samples": 8,
-    "calibration.heldout": 4,
-    "calibration.batch_size": 2,
-    "stage1.steps": 6,
-    "stage1.batch_size": 2,
-    "stage1.checkpoint_every": 2,
-    "stage2.steps": 2,
-    "stage2.batch_size": 2,
-    "stage2.checkpoint_every": 1,
-    "validation.sampling_steps": 2,
-    # Loose enough that 8 steps pass; the fail case tightens one threshold from the command line.
-    "validation.max_attention_rel_l2": 10.0,
-    "validation.max_output_rel_l2": 10.0,
-    "validation.min_output_cosine": -1.0,
-    "validation.max_latent_rel_l2": 10.0,
-    "validation.min_latent_psnr": -100.0,
-}
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code: int = 2, contains: str | None = None) -> str:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    if code != 2:  # a run that failed on its way has logged its progress first
-        lines = lines[-1:]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("hla-convert: error: "), lines[0]
-    if contains is not None:
-        assert contains in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def fast_recipe(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "fast.yaml"
-    path.write_text(load_recipe("tiny-wan").with_overrides(fields=FAST).to_yaml())
-    return path
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, fast_recipe) -> tuple[Path, dict]:
-    """A finished conversion of the demo, made by the installed console script (a real subprocess)."""
-    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    assert exe, "the hla-convert console script is not installed"
-    out = tmp_path_factory.mktemp("runs") / "demo-hla"
-    proc = subprocess.run(
-        [exe, "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)  # stdout holds the one JSON document and nothing else
-    return out, doc
-
 
 # -- convert ------------------------------------------------------------------------------------
 
@@ -178,11 +112,10 @@ def test_validate_refuses_a_folder_without_a_conversion(tmp_path):
 # -- resume -------------------------------------------------------------------------------------
 
 
-def test_resume_after_an_interrupted_run_gives_the_same_adapter(tmp_path, fast_recipe):
-    # The reference runs in this process too: CPU float sums depend on the thread count, which the
-    # test process and a subprocess need not share.
-    reference = tmp_path / "uninterrupted"
-    assert invoke("convert", "--recipe", fast_recipe, "--out", reference, "--device", "cpu").exit_code == 0
+def test_resume_after_an_interrupted_run_gives_the_same_adapter(converted, tmp_path, fast_recipe):
+    # The reference is the shared uninterrupted run of the same recipe (one CPU thread there and here:
+    # float sums depend on the thread count).
+    reference, _ = converted
     out = tmp_path / "interrupted"
     stopped = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--stop-after-steps", "4")
     assert stopped.exit_code == 130, stopped.stderr
@@ -488,15 +421,6 @@ def test_validate_compares_hla_config_by_type_and_refuses_duplicate_keys(convert
     assert "hla_config.json" in line
 
 
-def relist(folder: Path, name: str) -> None:
-    """Put `name`'s current sha256 in the folder's manifest, as a run that wrote it would."""
-    from hla_convert.io.output_guard import read_manifest, sha256_file, write_manifest
-
-    manifest = read_manifest(folder)
-    manifest[name] = [sha256_file(folder / name)]
-    write_manifest(folder, manifest)
-
-
 def test_validate_checks_the_manifest_hashes_of_what_it_trusts(converted, tmp_path):
     out, _ = converted
     for name, edit in [
@@ -581,12 +505,6 @@ def test_unusable_paths_and_recorded_bases_are_bad_input(converted, tmp_path):
 # -- issue 18: exit codes and the --json promise at the edges ----------------------------------
 
 
-def _script() -> str:
-    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    assert exe, "the hla-convert console script is not installed"
-    return exe
-
-
 # Sends the signal to the process itself while it imports typer: the first second of a run, before
 # the command line is even parsed.
 _SIGNAL_DURING_IMPORTS = """
@@ -605,7 +523,7 @@ sys.meta_path.insert(0, _SignalOnImport())
 def test_a_signal_during_the_first_imports_is_exit_130_with_the_json_document(tmp_path, sig):
     (tmp_path / "sitecustomize.py").write_text(_SIGNAL_DURING_IMPORTS.format(sig=sig))
     env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([console_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "hla-convert: error: interrupted"
@@ -616,7 +534,7 @@ def test_a_signal_during_the_first_imports_is_exit_130_with_the_json_document(tm
 def test_a_reader_that_stops_early_ends_the_command_quietly(args):
     # `hla-convert recipes | head -0`: the pipe is closed before anything is written (git and ripgrep
     # end quietly there too); the command's exit code stands.
-    proc = subprocess.Popen([_script(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen([console_script(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -657,7 +575,7 @@ sys.meta_path.insert(0, _NoPydantic())
 def test_a_missing_dependency_is_one_line_naming_it(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(_NO_PYDANTIC)
     env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([console_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]

@@ -128,12 +128,6 @@ def test_compiled_backward_gives_the_eager_gradients(checkpointing):
 # -- the Triton kernels as custom ops (interpreter on the CPU) -------------------------------------
 
 
-@pytest.fixture
-def interp(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def _kernel_inputs(seed=0, b=1, h=2, n=24, r=4, dv=8):
     g = torch.Generator().manual_seed(seed)
     feats = [torch.nn.functional.softplus(torch.randn(b, h, n, r, generator=g)) for _ in range(4)]

@@ -2,8 +2,9 @@
 run as the `hla-convert convert` command (same report, same files), its progress events, its
 errors for bad input, and a validate round trip.
 
-Both the library run and the CLI run happen in this process: CPU float sums depend on the thread
-count, which a subprocess need not share.
+The CLI run is the session's demo conversion (conftest's `converted`, the console script in a
+subprocess); CPU float sums depend on the thread count, which conftest sets to one for this process
+and for every subprocess, so the two runs must agree to the last bit.
 """
 
 from __future__ import annotations
@@ -13,40 +14,24 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import FAST, invoke
 
 import hla_convert
 from hla_convert.conversion import STAGES
 from hla_convert.io.output_guard import OutputError
-from hla_convert.recipe import load_recipe
+from helpers import FAST
 
 
 @pytest.fixture(scope="module")
-def fast_recipe_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "fast.yaml"
-    path.write_text(load_recipe("tiny-wan").with_overrides(fields=FAST).to_yaml())
-    return path
-
-
-@pytest.fixture(scope="module")
-def library_run(tmp_path_factory, fast_recipe_file):
+def library_run(tmp_path_factory, fast_recipe):
     events = []
     out = tmp_path_factory.mktemp("lib") / "demo-hla"
-    result = hla_convert.convert(recipe=str(fast_recipe_file), out=out, device="cpu", progress=events.append)
+    result = hla_convert.convert(recipe=str(fast_recipe), out=out, device="cpu", progress=events.append)
     return out, result, events
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, fast_recipe_file):
-    out = tmp_path_factory.mktemp("cli") / "demo-hla"
-    done = invoke("convert", "--recipe", fast_recipe_file, "--out", out, "--device", "cpu", "--json")
-    assert done.exit_code == 0, done.stderr
-    return out, json.loads(done.stdout)
-
-
-def test_convert_gives_what_the_cli_reports(library_run, cli_run):
+def test_convert_gives_what_the_cli_reports(library_run, converted):
     out, result, _ = library_run
-    cli_out, doc = cli_run
+    cli_out, doc = converted
     assert result.passed is True and result.out_dir == out.absolute()
     assert _measured(result.report) == _measured(doc["drift"])  # the same numbers, to the last bit
     assert result.files == doc["files"] and result.recipe == doc["recipe"] == "tiny-wan"
@@ -120,7 +105,7 @@ def test_validate_round_trip(library_run):
         hla_convert.validate(out.parent / "missing")
 
 
-def test_an_interrupted_call_resumes_to_the_same_adapter(library_run, fast_recipe_file, tmp_path):
+def test_an_interrupted_call_resumes_to_the_same_adapter(library_run, fast_recipe, tmp_path):
     reference, _, _ = library_run
     out = tmp_path / "interrupted"
 
@@ -129,12 +114,12 @@ def test_an_interrupted_call_resumes_to_the_same_adapter(library_run, fast_recip
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        hla_convert.convert(recipe=str(fast_recipe_file), out=out, device="cpu", progress=stop_at_step_4)
+        hla_convert.convert(recipe=str(fast_recipe), out=out, device="cpu", progress=stop_at_step_4)
     assert not (out / ".hla-convert.lock").exists() and (out / ".hla_work" / "stage1.checkpoint.safetensors").is_file()
     with pytest.raises(OutputError, match="resume"):
-        hla_convert.convert(recipe=str(fast_recipe_file), out=out, device="cpu")
+        hla_convert.convert(recipe=str(fast_recipe), out=out, device="cpu")
 
-    result = hla_convert.convert(recipe=str(fast_recipe_file), out=out, device="cpu", resume=True)
+    result = hla_convert.convert(recipe=str(fast_recipe), out=out, device="cpu", resume=True)
     assert result.resumed and result.report["training"]["stage1"]["resumed_from"] == 4
     got, want = load_file(str(out / "adapter_model.safetensors")), load_file(str(reference / "adapter_model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

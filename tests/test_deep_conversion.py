@@ -16,12 +16,12 @@ import json
 
 import pytest
 import torch
-from test_cli import invoke
 
 import hla_convert
 from hla_convert.model.layers import hla_layers
 from hla_convert.model.lora import adapted_modules
 from hla_convert.recipe import load_recipe
+from helpers import invoke
 from tiny_models import forward, save_tiny_wan_pipeline, tiny_inputs, tiny_wan
 
 LAYERS = 20

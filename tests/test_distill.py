@@ -7,26 +7,11 @@ import torch
 
 from hla_convert import convert_attention, hla_parameters
 from hla_convert.model.layers import hla_layers
-from hla_convert.recipe import parse_recipe
 from hla_convert.stages.calibration import build_inputs
 from hla_convert.stages.checkpoints import CheckpointError, checkpoint_path, load_checkpoint
 from hla_convert.stages.distill import DistillError, attention_transfer, initialize_feature_maps, output_distillation
+from helpers import wan_recipe as recipe
 from tiny_models import tiny_model
-
-
-def recipe(**over):
-    data = {
-        "name": "t",
-        "model": {"architecture": "WanTransformer3DModel"},
-        "attention": {"kind": "hadamard", "feature_dim": 8},
-        "calibration": {"frames": 5, "height": 64, "width": 64, "samples": 16, "heldout": 4, "batch_size": 4, "text_len": 6},
-        "stage1": {"steps": 40, "lr": 5e-3, "batch_size": 8, "checkpoint_every": 10},
-        "stage2": {"steps": 12, "lr": 1e-3, "batch_size": 4, "checkpoint_every": 5, "gradient_checkpointing": True},
-    }
-    for path, value in over.items():
-        section, key = path.split("__")
-        data[section][key] = value
-    return parse_recipe(data)
 
 
 def converted(rec):

@@ -47,6 +47,7 @@ def test_train_models_writes_a_loadable_teacher(tiny_teacher):
     assert 0 < ent["mean"] <= ent["uniform_log_n"] + 1e-6
 
 
+@pytest.mark.slow
 def test_run_records_every_measure_and_softmax_is_exact(tiny_teacher, tmp_path, monkeypatch, capsys):
     run = _module("run")
     monkeypatch.setitem(run.CONFIGS, "no-such-field", {"attention.no_such_field": 1})

@@ -17,22 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from hla_convert.recipe import load_recipe
 from hub_standin import HubStandIn
-from test_cli import FAST, assert_one_line_error, invoke, relist
+from helpers import assert_one_line_error, invoke, relist
 from tiny_models import forward
 
 REPO = "my-org/demo-hla"
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    recipe = tmp_path_factory.mktemp("recipe") / "fast.yaml"
-    recipe.write_text(load_recipe("tiny-wan").with_overrides(fields=FAST).to_yaml())
-    out = tmp_path_factory.mktemp("runs") / "demo-hla"
-    result = invoke("convert", "--recipe", recipe, "--out", out, "--steps", 0, "--device", "cpu", "--json")
-    assert result.exit_code in (0, 1), result.stderr
-    return out
+def converted(converted) -> Path:
+    """The session's demo conversion (conftest), as its folder. Read only here: a test that changes
+    it works on a copy (with_verdict)."""
+    return converted[0]
 
 
 def with_verdict(src: Path, dst: Path, passed: bool | None, listed: bool = True) -> Path:
@@ -54,6 +50,9 @@ def hub(tmp_path, monkeypatch):
 
     standin = HubStandIn(tmp_path / "hf-cache")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(standin.cache_dir))
+    # online towards the stand-in even where the caller's shell has HF_HUB_OFFLINE=1 (the stand-in
+    # replaces the transport: nothing reaches a network); offline() below turns it back on
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_standin")
     standin.install()
     yield standin

@@ -23,8 +23,6 @@ from hla_convert.model.surgery import attention_flops, token_grid
 
 from tiny_models import HUNYUAN_PADDED, forward, other_model, tiny_inputs, tiny_model
 
-torch.set_num_threads(1)
-
 B, H, D = 2, 2, 8
 
 # (grid, window, halo, text_len, text_first)

@@ -15,24 +15,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from hla_kernels import _runtime as rt  # noqa: E402
 from hla_kernels import hybrid as hy  # noqa: E402
 from hla_convert.ops import hybrid as ops_hybrid  # noqa: E402
 from hla_convert.ops.hybrid import hybrid_attention, hybrid_attention_naive  # noqa: E402
-
-
-@pytest.fixture
-def interp(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
 
 
 def _inputs(grid, text, b=1, h=2, d=8, dv=8, r=4, masked=False, seed=0, logit_scale=1.0):
@@ -143,6 +128,7 @@ def test_linear_far_kind_has_no_kernel(interp):
 # -- GPU ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
 def test_gpu_real_head_sizes_match_float64(gpu, dtype, tol):
     grid = (4, 8, 12)  # 96-token frames: tiles end inside frames
@@ -156,6 +142,7 @@ def test_gpu_real_head_sizes_match_float64(gpu, dtype, tol):
         assert errs[-1] < 5 * tol, errs
 
 
+@pytest.mark.gpu
 def test_gpu_r64_matches_block_form(gpu):
     """r = 64 at a 480p-like frame (1,560 tokens), bf16, against the block form in fp32."""
     grid = (3, 30, 52)

@@ -19,25 +19,10 @@ import torch
 pytest.importorskip("triton")
 
 import hla_kernels  # noqa: E402
-from hla_kernels import _runtime as rt  # noqa: E402
 from hla_kernels import hadamard as hk  # noqa: E402
 from hla_convert.ops import hadamard_attention_naive  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-@pytest.fixture
-def interp(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(rt, "POISON_OUTPUTS", True)
 
 
 def _inputs(b, h, n, r, dv, dtype, device="cpu", masked=False, seed=0):
@@ -183,12 +168,14 @@ GPU_CASES = [(r, dv, torch.bfloat16) for r in (16, 32, 64) for dv in (64, 128)] 
     (16, 64, torch.float32), (32, 128, torch.float32), (64, 64, torch.float32), (32, 128, torch.float16)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("r,dv,dtype", GPU_CASES)
 def test_gpu_forward_backward(gpu, r, dv, dtype):
     q, k, v, do, mask = _inputs(2, 3, 1000, r, dv, dtype, device="cuda", masked=True, seed=r + dv)
     _check(q, k, v, do, mask, TOL[dtype])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_long_sequence_forward(gpu, dtype):
     """N = 8192 at the benchmark head sizes, forward against the float64 efficient reference
@@ -201,6 +188,7 @@ def test_gpu_long_sequence_forward(gpu, dtype):
     assert _rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.gpu
 def test_gpu_supports_rejects_small_r(gpu):
     q, k, v, _, _ = _inputs(1, 1, 64, 8, 64, torch.bfloat16, device="cuda")
     assert not hla_kernels.supports(q, k, v)

@@ -9,14 +9,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from hla_convert.model.loading import ModelLoadError, load_transformer, parse_dtype
-
-
-def tiny_wan() -> WanTransformer3DModel:
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-    ).eval()
+from tiny_models import tiny_wan
 
 
 def test_bare_transformer_folder_round_trip(tmp_path):

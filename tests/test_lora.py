@@ -27,7 +27,7 @@ from hla_convert.model.lora import (
     lora_target_modules,
 )
 from hla_convert.recipe import RecipeError, parse_recipe
-from test_adapter import _rewrite
+from helpers import rewrite_adapter as _rewrite
 from tiny_models import tiny_inputs, tiny_model
 
 

@@ -18,9 +18,6 @@ from hla_convert import ops
 from hla_convert.ops import _common as ops_common
 from hla_convert.ops import hadamard as hadamard_mod
 
-# tiny shapes on a shared CPU: more intra-op threads only contend
-torch.set_num_threads(1)
-
 B, H, N, D = 2, 2, 13, 8
 
 # (config, label): every kind and feature map the tool offers, at small state sizes.

@@ -16,7 +16,7 @@ import pytest
 from hla_convert.io.output import check_output, read_output, start_run
 from hla_convert.io.output_guard import LOCK_FILE, MANIFEST_FILE, OutputError, guarded_write, output_lock, write_manifest
 from hla_convert.recipe import load_recipe
-from test_cli import FAST, assert_one_line_error, invoke
+from helpers import assert_one_line_error, console_script, invoke
 
 RUN = {"model": "m", "revision": None, "subfolder": None, "dtype": None, "recipe_sha256": "x"}
 
@@ -42,13 +42,6 @@ def unfinished_work(out: Path) -> Path:
     (work / "run.json").write_text(json.dumps({"format": "hla-convert-run", **RUN}))
     (work / "stage1.checkpoint.safetensors").write_text("ckpt")
     return work
-
-
-@pytest.fixture
-def fast_recipe(tmp_path) -> Path:
-    path = tmp_path / "fast.yaml"
-    path.write_text(load_recipe("tiny-wan").with_overrides(fields=FAST).to_yaml())
-    return path
 
 
 # -- what --overwrite deletes -------------------------------------------------------------------
@@ -320,14 +313,13 @@ def test_validate_waits_for_a_running_conversion(tmp_path):
         sleeper.wait()
 
 
+@pytest.mark.slow
 def test_a_kill_9_leaves_a_stale_lock_that_resume_takes_over(tmp_path, fast_recipe):
-    import shutil
     import signal
     import time
 
-    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     out = tmp_path / "o"
-    proc = subprocess.Popen([exe, "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu"],
+    proc = subprocess.Popen([console_script(), "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240

@@ -185,6 +185,7 @@ def one_process(tmp_path_factory):
     return recipe, tmp / "out", result
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_only_the_main_process_writes(tmp_path, one_process):
     recipe, ref_out, ref = one_process
     out = tmp_path / "two"
@@ -209,6 +210,7 @@ def test_two_processes_equal_one_and_only_the_main_process_writes(tmp_path, one_
     assert run.stderr.count("attention transfer: step 4/4") == 1
 
 
+@pytest.mark.slow
 def test_a_run_stopped_under_two_fsdp_processes_resumes_under_one(tmp_path, one_process):
     """The 14B recipe's FSDP config (2 processes here): the frozen base sharded with FSDP2 over
     gloo, LoRA added to sharded blocks in stage 2; stopped after 4 + 1 steps (every process at the
@@ -230,6 +232,7 @@ def test_a_run_stopped_under_two_fsdp_processes_resumes_under_one(tmp_path, one_
     assert _max_diff(_adapter(out), _adapter(ref_out)) <= EQUAL_BOUND
 
 
+@pytest.mark.slow
 def test_fsdp_shards_a_bf16_model_whose_norms_stay_float32(tmp_path, one_process):
     """--dtype bf16 keeps the class's _keep_in_fp32_modules (Wan: norms, scale_shift_table) in
     float32 inside each block, and FSDP2 shards one dtype per unit: those few parameters stay whole

@@ -14,6 +14,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -28,12 +30,14 @@ def test_kernels_folder_is_not_a_package():
     assert (ROOT / "kernels" / "hla_kernels" / "__init__.py").exists()
 
 
+@pytest.mark.slow
 def test_module_cli_runs_from_the_repository_root():
     res = _run_in_root("-m", "hla_convert", "inspect")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_diffusers_model_imports_from_the_repository_root():
     res = _run_in_root("-c", "import hla_convert, hla_kernels; from diffusers import WanTransformer3DModel; print('ok')")
     assert res.returncode == 0, res.stderr[-2000:]

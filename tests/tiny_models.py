@@ -19,10 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-# One intra-op thread: these models are a few thousand parameters, and on a shared CPU extra
-# threads only spin against each other (2 threads made a 3 ms forward take 100-300 ms).
-torch.set_num_threads(1)
-
 ARCHITECTURES = ("wan", "cogvideox", "hunyuan", "ltx")
 
 # The self-attention modules a default conversion must pick in the default tiny configs, and the

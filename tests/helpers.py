@@ -1,0 +1,117 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py; tiny models in tiny_models.py).
+
+No test module imports another test module: what two of them need lives here.
+
+- `FAST`, the demo recipe's overrides that make a conversion take seconds on a CPU;
+- `invoke(*args)`, the `hla-convert` command line in process (typer's CliRunner), and
+  `assert_one_line_error`, the house rule for bad input: one `hla-convert: error: ...` line on stderr;
+- `console_script()`, the installed `hla-convert` entry point, for the tests that need a real process;
+- `wan_recipe(**over)`, a small hadamard recipe for the tiny Wan, fields overridden as `section__key`;
+- `rewrite_adapter(folder, ...)`, an adapter file with its tensors or header metadata edited in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from hla_convert.cli import app
+
+runner = CliRunner()
+
+# The demo recipe, cut down to a few seconds: 6 + 2 training steps, checkpoints every 2 and 1.
+FAST = {
+    "calibration.samples": 8,
+    "calibration.heldout": 4,
+    "calibration.batch_size": 2,
+    "stage1.steps": 6,
+    "stage1.batch_size": 2,
+    "stage1.checkpoint_every": 2,
+    "stage2.steps": 2,
+    "stage2.batch_size": 2,
+    "stage2.checkpoint_every": 1,
+    "validation.sampling_steps": 2,
+    # Loose enough that 8 steps pass; the fail case tightens one threshold from the command line.
+    "validation.max_attention_rel_l2": 10.0,
+    "validation.max_output_rel_l2": 10.0,
+    "validation.min_output_cosine": -1.0,
+    "validation.max_latent_rel_l2": 10.0,
+    "validation.min_latent_psnr": -100.0,
+}
+
+
+def invoke(*args):
+    """`hla-convert ARGS...` in this process; every argument is passed as its str()."""
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code: int = 2, contains: str | None = None) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    if code != 2:  # a run that failed on its way has logged its progress first
+        lines = lines[-1:]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("hla-convert: error: "), lines[0]
+    if contains is not None:
+        assert contains in lines[0], lines[0]
+    return lines[0]
+
+
+def console_script() -> str:
+    """The path of the installed `hla-convert` script (next to this Python first, then on PATH)."""
+    exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the hla-convert console script is not installed"
+    return exe
+
+
+def wan_recipe(**over):
+    """A hadamard recipe for tiny_models' Wan: 5 x 64 x 64 video, 16 + 4 calibration samples,
+    40 + 12 steps. `section__key=value` overrides one field (`stage1__steps=15`)."""
+    from hla_convert.recipe import parse_recipe
+
+    data = {
+        "name": "t",
+        "model": {"architecture": "WanTransformer3DModel"},
+        "attention": {"kind": "hadamard", "feature_dim": 8},
+        "calibration": {"frames": 5, "height": 64, "width": 64, "samples": 16, "heldout": 4, "batch_size": 4, "text_len": 6},
+        "stage1": {"steps": 40, "lr": 5e-3, "batch_size": 8, "checkpoint_every": 10},
+        "stage2": {"steps": 12, "lr": 1e-3, "batch_size": 4, "checkpoint_every": 5, "gradient_checkpointing": True},
+    }
+    for path, value in over.items():
+        section, key = path.split("__")
+        data[section][key] = value
+    return parse_recipe(data)
+
+
+def rewrite_adapter(folder: Path, change: Callable[[dict], None] | None = None, change_meta: Callable[[dict], None] | None = None) -> None:
+    """Rewrite the adapter file with its tensors and/or its header metadata changed in place
+    (`change(tensors)`, `change_meta(metadata)` edit the dicts they are given)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from hla_convert.io.adapter import ADAPTER_FILE
+
+    path = folder / ADAPTER_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    if change is not None:
+        change(tensors)
+    if change_meta is not None:
+        change_meta(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def relist(folder, name: str) -> None:
+    """Put `name`'s current sha256 in the folder's manifest, as a run that wrote it would."""
+    from hla_convert.io.output_guard import read_manifest, sha256_file, write_manifest
+
+    manifest = read_manifest(folder)
+    manifest[name] = [sha256_file(folder / name)]
+    write_manifest(folder, manifest)
