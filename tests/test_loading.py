@@ -105,7 +105,7 @@ def _demo_copy_with(tmp_path, **config):
 @pytest.mark.parametrize("field, value", [("num_layers", 100_000_000), ("ffn_dim", 10**9), ("num_attention_heads", 1_000_000)])
 def test_a_config_past_any_video_transformer_is_refused_before_building_it(tmp_path, field, value):
     from hla_convert.model.loading import ModelLoadError, load_transformer
-    from test_cli import assert_one_line_error, invoke
+    from helpers import assert_one_line_error, invoke
 
     folder = _demo_copy_with(tmp_path, **{field: value})
     with pytest.raises(ModelLoadError, match=f"{field} = {value:,} is past"):

@@ -145,7 +145,7 @@ def test_resume_refuses_outputs_put_into_the_folder_while_it_was_stopped(tmp_pat
 
 
 def test_a_readme_written_into_out_while_it_trains_is_kept_and_resume_finishes(tmp_path, fast_recipe, monkeypatch):
-    from hla_convert import distill
+    from hla_convert.stages import distill
 
     out = tmp_path / "o"
     real = distill.distil

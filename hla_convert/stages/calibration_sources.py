@@ -307,9 +307,9 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
     if not ok:
         raise CalibrationError(f"{where}: hidden_states: expected shape {expect} for this {arch}, got {list(hs.shape)}")
     if hs.dim() == 5:  # a latent video: each of F, H, W whole patches of the model (2x2 for most)
-        from ..model.pipeline_loading import patch_sizes
+        from ..model.architectures import patch_sizes_of
 
-        pt, ph, pw = patch_sizes(cfg)
+        pt, ph, pw = patch_sizes_of(model)
         f, h, w = (hs.shape[1], hs.shape[3], hs.shape[4]) if arch == "CogVideoXTransformer3DModel" else tuple(hs.shape[2:])
         if hs.shape[0] < 1 or any(n < m or n % m for n, m in ((f, pt), (h, ph), (w, pw))):
             raise CalibrationError(
