@@ -17,7 +17,7 @@ FLOPs per head: window softmax forward 4 N |W| D, backward 2.5x; far part forwar
 readout) 4 N r^2 dv, backward (dq, dT, dk/dv) 8 N r^2 dv.
 
 Correctness: the bf16 kernels against the PyTorch block form in fp32 (hla_convert.ops.hybrid_attention,
-itself equal to the float64 naive reference in tests/test_hybrid.py), forward and every gradient,
+itself equal to the float64 naive reference in tests/ops/test_hybrid.py), forward and every gradient,
 with 226 text tokens first and a key mask, H = 2; relative error ||x - ref|| / ||ref||.
 """
 

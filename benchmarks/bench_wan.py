@@ -260,7 +260,7 @@ def compiled(model, how: str | None):
     torch._dynamo.reset()
     # Under gradient checkpointing a converted block's forward has side effects dynamo will not
     # replay in the recompute (the processor enters its routing TorchFunctionMode, the core counts
-    # its calls); without this the whole forward falls back to eager (tests/test_compile.py).
+    # its calls); without this the whole forward falls back to eager (tests/model/test_compile.py).
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # newer torch only
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if how == "model":

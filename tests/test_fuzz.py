@@ -22,7 +22,7 @@ milliseconds) fails, and so does a test that raises the process's peak memory by
 Examples are bounded and derandomized (the "hla-ci" profile below), so CI runs the same examples
 every time in well under a minute; HLA_FUZZ_EXAMPLES=2000 runs a longer local search with the same
 properties. Every bug the fuzz found is pinned by an explicit @example here, or by a plain regression
-test next to the check that fixed it (tests/test_adapter.py, tests/test_lora.py).
+test next to the check that fixed it (tests/io/test_adapter.py, tests/model/test_lora.py).
 """
 
 from __future__ import annotations
@@ -511,7 +511,7 @@ def test_random_adapter_folder_names_are_an_adapter_error(name):
 #
 # Few examples each: a command's checks are the Python ones above, so these check what the command
 # line adds (its error rendering, exit code 2, nothing on stderr but the one line). In process,
-# through typer's CliRunner as tests/test_cli.py does: a subprocess costs ~3 s of imports, which
+# through typer's CliRunner as tests/cli/test_cli.py does: a subprocess costs ~3 s of imports, which
 # 2 x 15 examples cannot afford within this file's budget; one real subprocess per command checks
 # the installed entry point on a hostile input.
 

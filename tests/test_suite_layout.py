@@ -16,7 +16,8 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {p.name: ast.parse(p.read_text(), filename=str(p)) for p in sorted(TESTS.glob("*.py"))}
+    """Every Python file of the suite, by its path under tests/ (subfolders mirror hla_convert's layers)."""
+    return {str(p.relative_to(TESTS)): ast.parse(p.read_text(), filename=str(p)) for p in sorted(TESTS.rglob("*.py"))}
 
 
 def _imported(node: ast.AST) -> list[str]:
@@ -28,7 +29,7 @@ def _imported(node: ast.AST) -> list[str]:
 
 
 def test_no_test_module_imports_another():
-    test_modules = {p.stem for p in TESTS.glob("test_*.py")}
+    test_modules = {p.stem for p in TESTS.rglob("test_*.py")}
     offenders = [
         f"{name}:{node.lineno} imports {mod}"
         for name, tree in _modules().items()
@@ -47,6 +48,13 @@ def _marks(func: ast.FunctionDef) -> set[str]:
         if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute) and target.value.attr == "mark":
             names.add(target.attr)
     return names
+
+
+def test_test_files_are_named_uniquely_across_the_subfolders():
+    """The subfolders have no __init__.py (pytest imports each test file by its own name): two files
+    of one name would collide."""
+    names = [p.name for p in TESTS.rglob("test_*.py")]
+    assert len(names) == len(set(names)) and len(names) >= 30, sorted(n for n in names if names.count(n) > 1)
 
 
 def test_every_gpu_test_carries_the_gpu_marker():

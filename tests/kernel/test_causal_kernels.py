@@ -31,7 +31,7 @@ def _check(n, r, dv, block_size, masked, dtype, tol, device="cpu"):
     assert out.dtype == dtype and out.shape == v.shape
     (out.float() * do.to(device)).sum().backward()
     ref_leaves = [t.to(device).double().requires_grad_() for t in (*feats, v)]
-    # the explicit [N, N] reference on small shapes, its equal (tests/test_causal.py) chunked form on long ones
+    # the explicit [N, N] reference on small shapes, its equal (tests/ops/test_causal.py) chunked form on long ones
     reference = hadamard_causal_naive if n <= 256 else hadamard_causal
     ref = reference(ref_leaves[:2], ref_leaves[2:4], ref_leaves[4], mask, block_size=block_size)
     (ref * do.to(device).double()).sum().backward()
@@ -113,7 +113,7 @@ def test_benchmark_smoke_mode_runs_every_part(interp, tmp_path, monkeypatch):
     import json
     import pathlib
 
-    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    bench_dir = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
     monkeypatch.syspath_prepend(str(bench_dir))  # as `python benchmarks/bench_causal.py` has it
     path = bench_dir / "bench_causal.py"
     spec = importlib.util.spec_from_file_location("bench_causal", path)

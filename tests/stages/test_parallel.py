@@ -122,7 +122,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-FSDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_wan14b.yaml"
+FSDP_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp_wan14b.yaml"
 
 
 def _launch(tmp_path: Path, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
