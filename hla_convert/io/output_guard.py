@@ -64,8 +64,10 @@ def read_manifest(out: Path) -> dict[str, list[str]] | None:
         return None
     if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MANIFEST_BYTES:
         return None
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
+    from ..json_docs import loads_strict
+
+    try:  # a key given twice is not what the tool wrote: json.loads would keep the last silently
+        doc = loads_strict(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's limit
         return None
     files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT else None

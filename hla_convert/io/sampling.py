@@ -107,8 +107,12 @@ def with_demo_inputs(item: dict[str, torch.Tensor], inputs: dict[str, Any]) -> d
             raise SampleError(f"--inputs {key} is {kind}; the demo model takes floating-point tensors")
         shape = tuple(value.shape)
         if key == "hidden_states":
+            # the demo's RoPE covers at most rope_max_seq_len patches per axis (2x2 patches over H, W);
+            # past it the model fails inside its RoPE (exit 3), and the video would be past any memory
+            most = _demo_rope_len()
             ok = len(shape) == 5 and shape[:2] == tuple(ref.shape[:2]) and min(shape) > 0 and shape[3] % 2 == 0 and shape[4] % 2 == 0
-            wanted = f"[1, {ref.shape[1]}, F, H, W] with H and W even"
+            ok = ok and shape[2] <= most and shape[3] <= 2 * most and shape[4] <= 2 * most
+            wanted = f"[1, {ref.shape[1]}, F, H, W] with H and W even, F at most {most}, H and W at most {2 * most}"
         elif key == "encoder_hidden_states":
             ok = len(shape) == 3 and shape[0] == 1 and shape[1] > 0 and shape[2] == ref.shape[2]
             wanted = f"[1, L, {ref.shape[2]}]"
@@ -118,6 +122,15 @@ def with_demo_inputs(item: dict[str, torch.Tensor], inputs: dict[str, Any]) -> d
             raise SampleError(f"--inputs {key} has shape {list(shape)}; the demo model takes {wanted}")
         out[key] = value.to(ref.dtype)
     return out
+
+
+def _demo_rope_len() -> int:
+    """The demo model's rope_max_seq_len (its config.json, the one home of that number)."""
+    import json
+
+    from . import demo_data as dd
+
+    return int(json.loads((dd.demo_model_dir() / "config.json").read_text())["rope_max_seq_len"])
 
 
 def check_steps(steps: int | None) -> None:
@@ -146,6 +159,9 @@ def read_inputs_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise SampleError(f"--inputs {str(path)!r} is not a readable safetensors file ({first_line(exc)})") from None
     if not tensors:
         raise SampleError(f"--inputs {str(path)!r} holds no tensors")
+    for key, value in tensors.items():  # NaN conditioning samples a NaN video that "succeeds" (exit 0)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise SampleError(f"--inputs {str(path)!r}: {key} holds NaN or infinite values")
     return tensors
 
 

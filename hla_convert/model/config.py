@@ -26,9 +26,15 @@ _KIND_FEATURE_MAPS = {
 }
 
 
+MAX_GRID = 2048  # a window / halo in latent tokens per axis: no axis of a video's latent grid is longer
+
+
 def _grid_triple(name: str, value: Any) -> tuple[int, int, int]:
-    """(frames, height, width) of non-negative integers; lists (JSON) become tuples."""
+    """(frames, height, width) of non-negative integers, at most MAX_GRID each (past it a window
+    or halo would only size allocations: 10^9 asked for 128 GB); lists (JSON) become tuples."""
     if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
+        if max(value) > MAX_GRID:
+            raise ConfigError(f"{name}: must be at most {MAX_GRID:,} (latent tokens per axis; no axis of a clip is longer), got {value!r}")
         return tuple(value)  # type: ignore[return-value]
     raise ConfigError(f"{name}: must be 3 integers >= 0 (frames, height, width in latent tokens), got {value!r}")
 

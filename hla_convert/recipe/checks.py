@@ -93,6 +93,21 @@ MAX_SAMPLING_STEPS = 1_000  # a sampling trajectory is kept whole per held-out i
 MAX_TRAIN_TIMESTEPS = 1_000  # the flow-matching / DDPM schedulers of these models train on 1000 timesteps
 MAX_LORA_RANK = 1_024  # checked against the targets' in/out features once the model is loaded
 MAX_BATCH = 1_024
+MAX_STEP_BATCH = 65_536  # inputs per optimizer step: accumulated calibration batches, each a forward pass
+MAX_TEXT_LEN = 4_096  # text tokens: the models' encoders take 128 (LTX) to 512 (Wan's UMT5)
+MAX_SHIFT = 1_000.0  # flow-matching timestep shift: the models use 1 to 17; past ~1e38 it overflows to NaN timesteps
+
+
+def _at_most_number(maximum: float, why: str):
+    """A positive number with an upper bound and its reason (see _at_most)."""
+
+    def check(path: str, v: Any) -> float:
+        v = _number(path, v, positive=True)
+        if v > maximum:
+            raise RecipeError(path, f"must be at most {maximum:,g} ({why}), got {_r(v)}")
+        return v
+
+    return check
 
 
 def _choice(path: str, v: Any, allowed: tuple[str, ...]) -> str:
@@ -198,7 +213,7 @@ _TIMESTEPS = {
     "max": lambda p, v: _number(p, v, lo=0.0, hi=1.0),
     "mean": _number,
     "std": lambda p, v: _number(p, v, positive=True),
-    "shift": lambda p, v: _number(p, v, positive=True),
+    "shift": _at_most_number(MAX_SHIFT, "video models shift timesteps by 1 to 17; far past it the timesteps are NaN"),
 }
 
 _CALIBRATION = {
@@ -214,7 +229,7 @@ _CALIBRATION = {
     "samples": _at_most(MAX_SAMPLES, "the calibration inputs are held in memory"),
     "heldout": _at_most(MAX_SAMPLES, "the held-out inputs are held in memory"),
     "batch_size": _at_most(MAX_BATCH, "inputs per forward pass"),
-    "text_len": _integer,
+    "text_len": _at_most(MAX_TEXT_LEN, "text tokens; the models' text encoders take 128 to 512"),
     "trajectory_steps": _at_most(MAX_SAMPLING_STEPS, "scheduler steps of a captured trajectory"),
     "seed": lambda p, v: _integer(p, v, 0),
     "timesteps": lambda p, v: _section(p, v, TimestepSpec, _TIMESTEPS),
@@ -223,7 +238,7 @@ _CALIBRATION = {
 _STAGE1 = {
     "steps": lambda p, v: _integer(p, v, 0),
     "lr": lambda p, v: _number(p, v, positive=True),
-    "batch_size": _optional(_integer),
+    "batch_size": _optional(_at_most(MAX_STEP_BATCH, "inputs per optimizer step, each calibration batch of them a forward pass")),
     "checkpoint_every": _integer,
     "grad_clip": lambda p, v: _number(p, v, positive=True),
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,9 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
             continue
         if n not in item:
             raise CalibrationError(f"{where}: {n}: missing; {_arch(model)}.forward needs it")
+    for k, v in item.items():  # a file's JSON "values" can name a tensor input (a list in place of encoder_hidden_states)
+        if k != "timestep" and _tensor_only(params[k].annotation) and not isinstance(v, torch.Tensor):
+            raise CalibrationError(f"{where}: {k}: must be a tensor for {_arch(model)}.forward, got {_described(v)}")
     hs = item["hidden_states"]
     if not isinstance(hs, torch.Tensor) or not hs.is_floating_point():
         kind = str(hs.dtype).removeprefix("torch.") if isinstance(hs, torch.Tensor) else type(hs).__name__
@@ -323,6 +327,14 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
     for k, v in item.items():
         if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in ("image_rotary_emb",) and v.shape[0] not in (b, 1):
             raise CalibrationError(f"{where}: {k}: batch size {v.shape[0]} differs from hidden_states' {b}")
+
+
+def _tensor_only(annotation: Any) -> bool:
+    """Whether a forward parameter's annotation admits a tensor and nothing else (None aside):
+    "torch.Tensor", "torch.Tensor | None"; not "int | None", "tuple[torch.Tensor, torch.Tensor]"."""
+    text = re.sub(r"<class '([^']*)'>", r"\1", str(annotation))
+    alternatives = [a.strip() for a in text.split("|")]
+    return any(a != "None" for a in alternatives) and all(re.fullmatch(r"torch\.\w*Tensor|None", a) for a in alternatives)
 
 
 def _described(value: Any) -> str:

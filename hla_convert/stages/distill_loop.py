@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import first_line
+from ..json_docs import same_json
 from ..model.layers import hla_parameters
 from ..model.modes import attention_mode
 from ..recipe import Recipe
@@ -86,7 +87,9 @@ def _restore(
     """Load a stage's checkpoint into `params`, `optimizer` and torch's RNG; (step, loss history,
     last per-layer values). Everything read is checked first: a damaged or edited checkpoint (bad
     JSON, a string step, a step past the stage's end, a missing tensor, RNG garbage, a folder in
-    its place) is one CheckpointError (exit 2), not an exception from inside torch."""
+    its place; NaN or integer weights, optimizer hyper-parameters or moments not the recipe's, a loss
+    history that is not one finite number per step) is one CheckpointError (exit 2), not an exception
+    from inside torch, a "diverged" run (exit 3) or junk in the drift report."""
     def bad(why: str) -> CheckpointError:
         return CheckpointError(
             f"{stage}: the checkpoint {ckpt} {why}; start afresh without --resume (with --overwrite), "
@@ -106,10 +109,25 @@ def _restore(
         raise bad(f"records step {str(step)[:40]!r}, not a whole number from 0 to the stage's {total} steps")
     if not isinstance(history, list) or not isinstance(layers, dict) or not isinstance(state.get("optimizer"), dict):
         raise bad("has a damaged state (history, layers or optimizer of the wrong type)")
+    # the loss history and last per-layer values go into drift_report.json as they are: one finite
+    # number per step run (a NaN loss stops a run before its checkpoint), per layer
+    if len(history) != step or not all(_finite_number(x) for x in [*history, *layers.values()]):
+        raise bad("has a damaged state (the loss history or per-layer values are not one finite number per step and layer)")
     for n, p in params.items():
         t = tensors.get(f"param.{n}")
         if t is None or t.shape != p.shape:
             raise bad(f"lacks param.{n} or has it in another shape" )
+    for key, t in tensors.items():  # an integer weight would load truncated, a NaN one diverge as a "failed run"
+        if key != "rng.torch" and (not t.is_floating_point() or not bool(torch.isfinite(t).all())):
+            raise bad(f"has {key} {'with NaN or infinite values' if t.is_floating_point() else 'of dtype ' + str(t.dtype).removeprefix('torch.')}")
+    # the optimizer's hyper-parameters are the recipe's (the fingerprint says so); only the lr is
+    # recomputed every step. Anything else that differs (betas ["a", "b"]) is damage.
+    fresh = optimizer.state_dict()["param_groups"]
+    saved = state["optimizer"].get("param_groups")
+    if not isinstance(saved, list) or len(saved) != len(fresh) or not all(
+        isinstance(s, dict) and set(s) == set(f) and all(k == "lr" or same_json(s[k], f[k]) for k in f) for s, f in zip(saved, fresh)
+    ):
+        raise bad("has a damaged optimizer state (its param_groups are not the recipe's)")
     rng = tensors.get("rng.torch")
     if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
         raise bad("has no usable RNG state (rng.torch)")
@@ -120,10 +138,19 @@ def _restore(
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         torch.set_rng_state(saved_rng)
         raise bad(f"has a damaged optimizer or RNG state ({first_line(exc)[:200]})") from None
+    for p, entry in optimizer.state.items():  # AdamW's moments have the parameter's shape, its step is a scalar
+        if any(isinstance(v, torch.Tensor) and v.shape != p.shape and v.numel() != 1 for v in entry.values()):
+            optimizer.state.clear()
+            torch.set_rng_state(saved_rng)
+            raise bad("has a damaged optimizer state (a moment of another shape than its parameter)")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
     return step, history, layers
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _fingerprint(stage: str, recipe: Recipe, params: dict[str, nn.Parameter], n_inputs: int) -> str:

@@ -104,6 +104,24 @@ def test_a_folder_without_manifest_is_refused_with_the_reason(tmp_path):
         check_output(out, RUN, overwrite=True)
 
 
+def test_a_manifest_with_a_duplicate_key_is_not_trusted(tmp_path):
+    # the fresh hostile pass: a second "recipe.yaml" entry carrying the hash of an edited recipe
+    # was read last-wins, so validate and push trusted the edit
+    from hla_convert.io.output_guard import verify_files
+
+    out = finished_folder(tmp_path)
+    (out / "recipe.yaml").write_text("name: edited\n")
+    listed = json.loads((out / MANIFEST_FILE).read_text())["files"]
+    entries = [f'"{name}": {json.dumps(hashes)}' for name, hashes in listed.items()]
+    entries.append(f'"recipe.yaml": ["{sha("name: edited" + chr(10))}"]')  # the same key again, last
+    (out / MANIFEST_FILE).write_text('{"format": "hla-convert-output", "files": {' + ", ".join(entries) + "}}")
+    with pytest.raises(OutputError, match="is not a manifest hla-convert wrote"):
+        verify_files(out, ("recipe.yaml",))
+    with pytest.raises(OutputError):  # nor does --overwrite take it as the list of what it may delete
+        check_output(out, RUN, overwrite=True)
+    assert (out / "recipe.yaml").read_text() == "name: edited\n"
+
+
 def test_cli_overwrite_keeps_user_files_and_refuses_before_loading(tmp_path, fast_recipe):
     # the reproduction of the issue: both entries survive, the run stops before loading (one line)
     out = tmp_path / "o"

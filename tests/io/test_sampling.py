@@ -101,6 +101,10 @@ def test_sample_gif_to_another_place(converted, tmp_path):
         (["{dir}", "--inputs", "{tmp}/int64.safetensors"], "hidden_states is int64"),
         (["{dir}", "--inputs", "{tmp}/odd_height.safetensors"], "hidden_states has shape [1, 3, 8, 15, 16]"),
         (["{dir}", "--inputs", "{tmp}/text_dim.safetensors"], "encoder_hidden_states has shape [1, 8, 7]"),
+        # the fresh hostile pass: a NaN input sampled a NaN video (exit 0); a frame past the demo's
+        # RoPE (64 patches a side) failed inside the model (exit 3)
+        (["{dir}", "--inputs", "{tmp}/nan.safetensors"], "hidden_states holds NaN or infinite values"),
+        (["{dir}", "--inputs", "{tmp}/too_wide.safetensors"], "H and W at most 128"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(converted, tmp_path, args, contains):
@@ -113,6 +117,8 @@ def test_bad_input_is_one_line_and_exit_2(converted, tmp_path, args, contains):
         "int64": {"hidden_states": torch.zeros(1, 3, 8, 16, 16, dtype=torch.int64)},
         "odd_height": {"hidden_states": torch.zeros(1, 3, 8, 15, 16)},
         "text_dim": {"encoder_hidden_states": torch.zeros(1, 8, 7)},
+        "nan": {"hidden_states": torch.full((1, 3, 8, 16, 16), float("nan"))},
+        "too_wide": {"hidden_states": torch.zeros(1, 3, 2, 16, 130)},
     }.items():
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
     words = [a.format(dir=converted, empty=empty, tmp=tmp_path) for a in args]

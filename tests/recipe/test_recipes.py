@@ -226,6 +226,14 @@ def test_recipe_file_size_and_kind_are_checked(tmp_path):
         ("calibration.height", 4096, "pixels"),
         ("calibration.width", 4096, "pixels"),
         ("stage2.lora_rank", 2147483647, "LoRA ranks"),
+        # the fresh hostile pass: exit 3 (an allocation of 512 GB / 128 GB), a hang (10^9 forward
+        # passes a step), NaN timesteps reported as drift (exit 1)
+        ("calibration.text_len", 2147483647, "text tokens"),
+        ("attention.halo", [10**9, 0, 0], "latent tokens per axis"),
+        ("attention.window", [0, 0, 10**9], "latent tokens per axis"),
+        ("stage1.batch_size", 2147483646, "inputs per optimizer step"),
+        ("stage2.batch_size", 2147483646, "inputs per optimizer step"),
+        ("calibration.timesteps.shift", 1e308, "shift timesteps"),
     ],
 )
 def test_huge_recipe_values_are_refused_with_the_bound_and_its_reason(field, value, why):

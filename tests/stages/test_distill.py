@@ -130,6 +130,15 @@ def _edit_checkpoint(path, tensors_change=None, state_change=None, raw_state=Non
     save_file(tensors, str(path), metadata={"hla_convert_checkpoint": raw_state if raw_state is not None else json.dumps(state)})
 
 
+def _first(tensors, prefix):
+    return tensors[next(k for k in sorted(tensors) if k.startswith(prefix) and tensors[k].is_floating_point())]
+
+
+def _retype(tensors, prefix, dtype):
+    key = next(k for k in sorted(tensors) if k.startswith(prefix))
+    tensors[key] = tensors[key].to(dtype)
+
+
 def _folder_in_its_place(path):
     path.unlink()
     path.mkdir()
@@ -147,6 +156,16 @@ def _folder_in_its_place(path):
         (lambda p: _edit_checkpoint(p, tensors_change=lambda t: t.pop(next(k for k in t if k.startswith("param.")))), "lacks param."),
         (lambda p: _edit_checkpoint(p, tensors_change=lambda t: t.__setitem__("rng.torch", torch.zeros(7, dtype=torch.uint8))), "RNG state"),
         (lambda p: p.write_bytes(b"garbage"), "not a readable safetensors checkpoint"),
+        # the fresh hostile pass: these loaded, then diverged (exit 3, "lower the learning rate"),
+        # failed inside torch (exit 3) or trained on silently changed weights / wrote junk into the report
+        (lambda p: _edit_checkpoint(p, tensors_change=lambda t: _first(t, "param.").fill_(float("nan"))), "with NaN or infinite values"),
+        (lambda p: _edit_checkpoint(p, tensors_change=lambda t: _first(t, "optimizer.").fill_(float("inf"))), "with NaN or infinite values"),
+        (lambda p: _edit_checkpoint(p, tensors_change=lambda t: _retype(t, "param.", torch.int32)), "of dtype int32"),
+        (lambda p: _edit_checkpoint(p, tensors_change=lambda t: t.__setitem__(next(k for k in t if k.endswith(".step")), torch.zeros(5, 7, 3))),
+         "a moment of another shape"),
+        (lambda p: _edit_checkpoint(p, state_change=lambda s: s["optimizer"]["param_groups"][0].__setitem__("betas", ["a", "b"])), "param_groups"),
+        (lambda p: _edit_checkpoint(p, state_change=lambda s: s.__setitem__("history", ["a", "b"])), "loss history"),
+        (lambda p: _edit_checkpoint(p, state_change=lambda s: s.__setitem__("layers", {"blocks.0.attn1": "x"})), "per-layer values"),
         (_folder_in_its_place, "not a regular file"),
     ],
 )
