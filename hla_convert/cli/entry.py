@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Any
 
-from .run import EXIT_BAD_INPUT, EXIT_INTERRUPTED, early_document, error_line, missing_dependency, silence_stdout
+from .run import EXIT_BAD_INPUT, EXIT_INTERRUPTED, caused_by_interrupt, early_document, error_line, missing_dependency, silence_stdout
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -44,8 +44,16 @@ def main() -> None:
     except ImportError as exc:
         message = missing_dependency(exc)
         if message is None:
+            if caused_by_interrupt(exc):
+                code = _stop(words, EXIT_INTERRUPTED, "interrupted")
+            else:
+                raise
+        else:
+            code = _stop(words, EXIT_BAD_INPUT, message)
+    except Exception as exc:  # a library's own error around a Ctrl-C / SIGTERM during the imports
+        if not caused_by_interrupt(exc):
             raise
-        code = _stop(words, EXIT_BAD_INPUT, message)
+        code = _stop(words, EXIT_INTERRUPTED, "interrupted")
     sys.exit(code)
 
 

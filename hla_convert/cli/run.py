@@ -103,6 +103,19 @@ def _run_failed_types() -> tuple[type[BaseException], ...]:
     return (DistillError,)
 
 
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt (Ctrl-C, or SIGTERM as the entry point maps it) is in `exc`'s
+    chain of causes: diffusers' lazy imports turn one that lands while a model module loads into
+    "RuntimeError: Failed to import diffusers...", which is an interruption, not a failed run."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @contextlib.contextmanager
 def command(name: str, json_mode: bool, resume_hint: Callable[[], str | None] | None = None) -> Iterator[dict[str, Any]]:
     """Run a command body: map exceptions to exit codes, keep stdout clean in --json mode.
@@ -132,7 +145,10 @@ def command(name: str, json_mode: bool, resume_hint: Callable[[], str | None] | 
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         if isinstance(exc, (typer.Exit, SystemExit)):
             raise
-        if isinstance(exc, _bad_input_types()):
+        if caused_by_interrupt(exc):  # a Ctrl-C / SIGTERM that a library re-raised as its own error
+            hint = resume_hint() if resume_hint else None
+            code, doc["error"] = EXIT_INTERRUPTED, "interrupted" + (f"; continue with: {hint}" if hint else "")
+        elif isinstance(exc, _bad_input_types()):
             code, doc["error"] = EXIT_BAD_INPUT, str(exc)
         elif isinstance(exc, ImportError) and missing_dependency(exc):
             code, doc["error"] = EXIT_BAD_INPUT, missing_dependency(exc)
@@ -172,6 +188,6 @@ def _failure_message(exc: BaseException, resume_hint: Callable[[], str | None] |
 
 
 __all__ = [
-    "COMMANDS", "CommandFailed", "EXIT_BAD_INPUT", "EXIT_DRIFT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_RUN_FAILED", "MAX_LINE",
+    "COMMANDS", "CommandFailed", "caused_by_interrupt", "EXIT_BAD_INPUT", "EXIT_DRIFT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_RUN_FAILED", "MAX_LINE",
     "clip", "command", "early_document", "error_line", "missing_dependency", "silence_stdout", "write_stdout",
 ]

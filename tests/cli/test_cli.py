@@ -530,6 +530,25 @@ def test_a_signal_during_the_first_imports_is_exit_130_with_the_json_document(tm
     assert json.loads(proc.stdout) == {"command": "recipes", "exit_code": 130, "error": "interrupted"}
 
 
+def test_an_interrupt_a_library_rewraps_is_still_exit_130_with_the_json_document(capsys):
+    """Seen by the hostile pass under load: a SIGTERM while diffusers lazily imported a model module
+    came back as "RuntimeError: Failed to import diffusers..." and was reported as a failed run (3)."""
+    import typer
+
+    from hla_convert.cli.run import command
+
+    with pytest.raises(typer.Exit) as stopped:
+        with command("convert", json_mode=True):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise RuntimeError("Failed to import diffusers.models.modeling_utils") from exc
+    out, err = capsys.readouterr()
+    assert stopped.value.exit_code == 130
+    assert err.strip().splitlines()[-1] == "hla-convert: error: interrupted"
+    assert json.loads(out) == {"command": "convert", "exit_code": 130, "error": "interrupted"}
+
+
 @pytest.mark.parametrize("args", [["recipes"], ["recipes", "--json"], ["recipes", "tiny-wan"]])
 def test_a_reader_that_stops_early_ends_the_command_quietly(args):
     # `hla-convert recipes | head -0`: the pipe is closed before anything is written (git and ripgrep
