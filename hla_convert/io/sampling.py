@@ -128,7 +128,7 @@ def _demo_rope_len() -> int:
     """The demo model's rope_max_seq_len (its config.json, the one home of that number)."""
     import json
 
-    from . import demo_data as dd
+    from ..stages import demo_data as dd
 
     return int(json.loads((dd.demo_model_dir() / "config.json").read_text())["rope_max_seq_len"])
 
