@@ -6,8 +6,9 @@
   3D rotary embeddings: the same 4,096 video tokens plus the 8 text tokens, concatenated first,
   in one joint self-attention.
 
-Both: 6 blocks, 2 heads x 64 dims (inner 128), feed-forward 512, q/k normalisation as in the
-real models. Videos are ``[B, 3, F, H, W]`` (the data's layout and Wan's); CogVideoX takes
+Both: 2 heads x 64 dims (inner 128), feed-forward 512, q/k normalisation as in the real models;
+6 blocks (the fast tier, `models/`) or 15 (the deep tier, `models-deep/`: one kept softmax layer
+is 1/15 = 6.7 % of them, the share `softmax_layers: 2` keeps of Wan2.1-1.3B's 30). Videos are ``[B, 3, F, H, W]`` (the data's layout and Wan's); CogVideoX takes
 ``[B, F, 3, H, W]``, which `model_inputs` / `model_output` convert.
 """
 
@@ -28,9 +29,14 @@ CLASSES = {"wan": "WanTransformer3DModel", "cogvideox": "CogVideoXTransformer3DM
 INFO_FILE = "bench_info.json"
 
 
-def model_config(arch: str, spec: VideoSpec, tiny: bool = False) -> dict[str, Any]:
-    """diffusers config kwargs. tiny: 2 blocks, 2 heads x 16, for CPU smoke tests."""
-    layers, heads, head_dim, ffn = (2, 2, 16, 64) if tiny else (6, 2, 64, 512)
+DEPTHS = {"fast": 6, "deep": 15}
+
+
+def model_config(arch: str, spec: VideoSpec, tiny: bool = False, layers: int | None = None) -> dict[str, Any]:
+    """diffusers config kwargs. tiny: 2 blocks, 2 heads x 16, for CPU smoke tests; layers: the
+    number of blocks (default: the fast tier's 6)."""
+    depth, heads, head_dim, ffn = (2, 2, 16, 64) if tiny else (DEPTHS["fast"], 2, 64, 512)
+    layers = depth if layers is None else int(layers)
     if arch == "wan":
         return dict(
             patch_size=(1, 2, 2),
@@ -80,9 +86,9 @@ def model_class(arch: str):
     return getattr(diffusers, CLASSES[arch])
 
 
-def build_model(arch: str, spec: VideoSpec, seed: int, tiny: bool = False) -> nn.Module:
+def build_model(arch: str, spec: VideoSpec, seed: int, tiny: bool = False, layers: int | None = None) -> nn.Module:
     torch.manual_seed(seed)
-    return model_class(arch)(**model_config(arch, spec, tiny))
+    return model_class(arch)(**model_config(arch, spec, tiny, layers))
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> tuple[str, nn.Module, VideoSpec, dict]:

@@ -5,6 +5,9 @@ each with ``save_pretrained`` (bf16 safetensors, a few MB) plus ``bench_info.jso
 spec, the model and training config, final losses, attention entropy) to ``OUT/<arch>/``::
 
     python benchmarks/fidelity/train_models.py --out benchmarks/fidelity/models --minutes 3.5
+    python benchmarks/fidelity/train_models.py --out benchmarks/fidelity/models-deep --layers 15 --steps 2400
+
+(the fast tier, 6 blocks, and the deep tier, 15 blocks; see bench_models.py.)
 
 (CPU smoke test: ``--tiny --minutes 0.05 --device cpu``.) See bench_data.py for the videos and
 bench_models.py for the two architectures. Training is rectified flow as Wan is used with
@@ -142,8 +145,8 @@ def heldout_loss(arch, model, batches) -> dict:
 
 def train_one(arch: str, args, spec: bd.VideoSpec, device: torch.device) -> dict:
     seed = args.seed + (0 if arch == "wan" else 1000)
-    config = bm.model_config(arch, spec, args.tiny)
-    model = bm.build_model(arch, spec, seed, args.tiny).to(device).train()
+    config = bm.model_config(arch, spec, args.tiny, args.layers)
+    model = bm.build_model(arch, spec, seed, args.tiny, args.layers).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{arch}] {bm.CLASSES[arch]}: {n_params:,} parameters, {bm.video_tokens(arch, spec)} video tokens", flush=True)
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.qk_norm_lr_mult), lr=args.lr, betas=(0.9, 0.99))
@@ -196,7 +199,7 @@ def train_one(arch: str, args, spec: bd.VideoSpec, device: torch.device) -> dict
         item for item, _, _ in heldout_batches(arch, model, spec, device, 20_000 + args.seed, 3 * args.entropy_videos, args.entropy_videos)
     ]
     ent = attention_entropy(arch, model, ent_batches)
-    twin = bm.build_model(arch, spec, seed, args.tiny).to(device).eval()
+    twin = bm.build_model(arch, spec, seed, args.tiny, args.layers).to(device).eval()
     ent_twin = attention_entropy(arch, twin, ent_batches)
     del twin
     print(
@@ -274,6 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and models: a CPU smoke test")
+    ap.add_argument("--layers", type=int, default=None, help=f"transformer blocks (default {bm.DEPTHS['fast']}, the fast tier; {bm.DEPTHS['deep']}: the deep tier)")
     ap.add_argument("--heldout", type=int, default=64, help="held-out videos for the final loss")
     ap.add_argument("--entropy-videos", type=int, default=2, help="videos per t (0.17, 0.5, 0.83) for the entropy")
     ap.add_argument("--log-every", type=int, default=100)
