@@ -446,11 +446,13 @@ def output_tensor(out: Any) -> torch.Tensor:
 TINY_VOCAB = "a an the red fox cat dog runs across snowy snow meadow forest over sea boat".split()
 
 
-def save_tiny_wan_pipeline(folder: Any, transformer: nn.Module | None = None) -> Any:
+def save_tiny_wan_pipeline(folder: Any, transformer: nn.Module | None = None, transformer_2: nn.Module | None = None, boundary_ratio: float | None = None) -> Any:
     """A real WanPipeline from configs only, saved with save_pretrained into `folder`: a word-level
     tokenizer (TINY_VOCAB), a 1-layer UMT5 encoder (d_model 16 = tiny_wan's text_dim), a tiny
     AutoencoderKLWan (z_dim 4 = tiny_wan's channels; 4x temporal, 8x spatial), the FlowMatch Euler
-    scheduler (shift 3) and `transformer` (default tiny_wan()). Seeded; returns the pipeline."""
+    scheduler (shift 3) and `transformer` (default tiny_wan()). `transformer_2` and `boundary_ratio`:
+    a Wan2.2 A14B-style two-expert pipeline (transformer for t >= boundary_ratio * 1000). Seeded;
+    returns the pipeline."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
@@ -476,6 +478,7 @@ def save_tiny_wan_pipeline(folder: Any, transformer: nn.Module | None = None) ->
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer if transformer is not None else tiny_wan(),
+        **({"transformer_2": transformer_2, "boundary_ratio": boundary_ratio} if transformer_2 is not None else {}),
     )
     pipe.save_pretrained(folder)
     return pipe

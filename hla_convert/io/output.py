@@ -12,6 +12,23 @@
       .hla-convert.lock          only while a run is going on (output_guard.output_lock)
       .hla_work/                 only while a run is unfinished: run.json + training checkpoints
 
+A two-expert pipeline (Wan2.2 A14B: `transformer` for the high-noise steps, `transformer_2` for
+the low-noise ones; hla_convert.model.experts) adds one subfolder per further expert, and the
+top-level adapter is the first expert's (so a reader that knows one adapter per folder reads the
+first one, never a mix):
+
+    DIR/
+      adapter_model.safetensors, hla_config.json   the `transformer` expert's adapter
+      transformer_2/adapter_model.safetensors      the `transformer_2` expert's adapter
+      transformer_2/hla_config.json
+      recipe.yaml, README.md                      one recipe (both experts ran it), one card
+      drift_report.json                           a row per expert and the whole-pipeline check
+                                                  (stages.experts' docstring has its structure)
+
+Each adapter's metadata records "expert" (its component name) and "experts" (all of them, in the
+pipeline's order) under "extra"; a folder from a one-transformer model has neither, and no
+subfolder. The manifest lists the subfolder's files as "transformer_2/NAME".
+
 `.hla_work/` exists from the start of a run until its outputs are saved, then it is removed: a
 folder that still has one is a run that was interrupted (or failed) and that `--resume` continues.
 `run.json` there records what the run is (model, recipe text, dtype), so that `--resume` never
@@ -36,11 +53,13 @@ from torch import nn
 from .adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter, read_adapter_info, save_adapter
 from ..atomic_files import atomic_write_text, write_json_atomic
 from ..json_docs import json_safe, same_json
+from .checks import shown
 from ..model.architectures import with_field
 from ..model.loading import DEMO_MODEL_NAME, LoadedModel
 from .output_guard import (
     LOCK_FILE,
     MANIFEST_FILE,
+    SUBFOLDERS,
     RUN_FILE,
     WORK_DIR,
     OutputError,
@@ -165,7 +184,14 @@ class SavedRun:
     files: list[str]
 
 
-def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: Recipe, report: dict[str, Any]) -> SavedRun:
+def save_output(
+    out: str | Path,
+    model: nn.Module,
+    loaded: LoadedModel,
+    recipe: Recipe,
+    report: dict[str, Any],
+    experts: dict[str, tuple[nn.Module, LoadedModel]] | None = None,
+) -> SavedRun:
     """Write the adapter, recipe, drift report and model card, and the manifest listing them; then
     drop the work folder.
 
@@ -173,6 +199,9 @@ def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: 
     files a killed earlier save left, which are about to be replaced) goes in place before the
     renames, so whatever moment the run is killed at, every output in the folder is listed. The
     work folder goes last, so a run killed while saving is still resumable.
+
+    experts: a two-expert pipeline's further experts, {component: (converted model, its load)};
+    `model` is then the first expert (its adapter at the top, theirs in DIR/COMPONENT/).
     """
     out = Path(out)
     staging = out / WORK_DIR / STAGING_DIR
@@ -185,22 +214,46 @@ def save_output(out: str | Path, model: nn.Module, loaded: LoadedModel, recipe: 
         "pipeline": loaded.pipeline_dir,
         "pipeline_class": pipeline_class,
     }
+    if experts:
+        extra |= {"expert": loaded.subfolder, "experts": [loaded.subfolder, *experts]}
     save_adapter(model, staging, base_source=loaded.source, base_revision=loaded.revision, extra_metadata=extra)
+    for name, (net, where) in (experts or {}).items():
+        meta = extra | {"expert": name, "base_subfolder": where.subfolder}
+        save_adapter(net, staging / name, base_source=where.source, base_revision=where.revision, extra_metadata=meta)
     atomic_write_text(staging / RECIPE_FILE, recipe.to_yaml())
     write_json_atomic(staging / REPORT_FILE, json_safe(report))  # a NaN metric as "nan", as --json writes it
     card = model_card(read_adapter_info(staging), report)
     atomic_write_text(staging / CARD_FILE, card)
     names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
+    names += [f"{sub}/{f}" for sub in (experts or {}) for f in (ADAPTER_FILE, CONFIG_FILE)]
     new = {name: sha256_file(staging / name) for name in names}
     check_replaceable(out, names, RESUME_AGAIN)  # files that appeared in `out` while the run trained
     before = read_manifest(out) or {}
     listed = {name: [new[name]] + [h for h in before.get(name, []) if h != new[name]] for name in names}
     write_manifest(out, listed, staging)
     for name in names:
+        (out / name).parent.mkdir(exist_ok=True)
         os.replace(staging / name, out / name)
     write_manifest(out, {name: [new[name]] for name in names}, staging)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    return SavedRun(out, [name for name in OUTPUT_FILES if (out / name).is_file()])
+    return SavedRun(out, [name for name in OUTPUT_FILES if (out / name).is_file()] + [n for n in names if "/" in n])
+
+
+def experts_of(info: dict[str, Any]) -> list[str]:
+    """The experts an output folder holds, from its top-level adapter's metadata: [] for a folder
+    converted from a one-transformer model, else the component names (the first at the top)."""
+    names = (info.get("extra") or {}).get("experts")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        return []
+    bad = [n for n in names[1:] if n not in SUBFOLDERS]
+    if bad:
+        raise OutputError(f"the adapter's metadata names an expert {_short_repr(bad[0])} that hla-convert never writes")
+    return names
+
+
+def expert_dir(out: Path, info: dict[str, Any], name: str) -> Path:
+    """The folder holding expert `name`'s adapter (the top for the first expert)."""
+    return out if name == experts_of(info)[0] else out / name
 
 
 def pipeline_class_for(transformer_class: str, loaded: LoadedModel) -> str | None:
@@ -258,6 +311,12 @@ def read_output(out: str | Path, require_manifest: bool = False) -> tuple[dict[s
     if not isinstance(table, list) or not all(isinstance(r, dict) and "metric" in r and "value" in r for r in table):
         raise OutputError(f"{out / REPORT_FILE} is not a drift report written by hla-convert")
     verify_files(out, TRUSTED_FILES, require_manifest)
+    for name in experts_of(info)[1:]:
+        sub = out / name
+        if not (sub / ADAPTER_FILE).is_file():
+            raise OutputError(f"{out} is a two-expert conversion without {name}/{ADAPTER_FILE}; the folder is incomplete (run the conversion again)")
+        _check_config_file(sub, read_adapter_info(sub))
+        verify_files(out, (f"{name}/{ADAPTER_FILE}", f"{name}/{CONFIG_FILE}"), require_manifest)
     return info, recipe, report
 
 
@@ -306,7 +365,8 @@ def load_converted(
     device: str | None = None,
     dtype: str | None = None,
     revision: str | None = None,
-) -> nn.Module:
+    expert: str | None = None,
+) -> nn.Module | Any:
     """The converted transformer of an output folder, or of a conversion pushed to the Hub
     (`out_dir` "ORG/NAME", at `revision`; through the local Hugging Face cache, so HF_HUB_OFFLINE
     works once it is cached), ready for a diffusers pipeline.
@@ -317,6 +377,11 @@ def load_converted(
     gives the base model again.
 
         pipe = WanPipeline.from_pretrained(base, transformer=load_converted("wan-hla"))
+
+    A two-expert conversion (Wan2.2 A14B; the layout in this module's docstring) gives the whole
+    diffusers pipeline with every expert converted (`pipe.transformer`, `pipe.transformer_2`);
+    base, when given, must then be the pipeline. expert="transformer_2" (or "transformer") gives
+    that expert's converted transformer alone; `expert` on a one-transformer folder is an OutputError.
     """
     from .checks import check_arg_types, check_device, check_model_path
     from .hub import resolve_output_dir
@@ -326,14 +391,47 @@ def load_converted(
     if device is not None:
         check_device(device)  # before the load: a missing GPU is an InputError, not an AssertionError after it
     check_model_path(base, "--base")
+    check_arg_types(expert=(expert, (str,)))
     out_dir = resolve_output_dir(out_dir, revision)
     info = read_adapter_info(out_dir)
-    source, revision, subfolder = (base, None, None) if base is not None else base_of(info)
+    experts = experts_of(info)
+    if expert is not None and expert not in (experts or [None]):
+        held = f"the experts {', '.join(experts)}" if experts else "one transformer (leave expert out)"
+        raise OutputError(f"expert {_short_repr(expert)}: {out_dir} holds {held}")
+    if experts and expert is None:
+        return _load_expert_pipeline(out_dir, info, experts, base, device, dtype)
+    where = expert_dir(out_dir, info, expert) if expert else out_dir
+    if where != out_dir:
+        info = read_adapter_info(where)
+    source, revision, subfolder = (base, None, expert) if base is not None else base_of(info)
     loaded = load_transformer(source, revision=revision, subfolder=subfolder, dtype=dtype, device=device)
-    model = load_adapter(loaded.transformer, out_dir)
+    model = load_adapter(loaded.transformer, where)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _load_expert_pipeline(out: Path, info: dict[str, Any], experts: list[str], base: str | None, device: str | None, dtype: str | None) -> Any:
+    """The diffusers pipeline of a two-expert conversion with every expert converted (load_converted)."""
+    import diffusers
+
+    from ..errors import first_line
+    from ..model.loading import ModelLoadError, quiet_loading, resolve_model
+
+    source, revision, _ = (base, None, None) if base is not None else base_of(info)
+    pipeline = resolve_model(source, revision).pipeline_dir
+    if not pipeline:
+        raise OutputError(f"{out} is a two-expert conversion and {shown(source)} is not its pipeline; pass a pipeline as base, or expert= one of {', '.join(experts)}")
+    models = {name: load_converted(out, base=pipeline if base is not None else None, device=device, dtype=dtype, expert=name) for name in experts}
+    try:
+        cls = getattr(diffusers, diffusers.DiffusionPipeline.load_config(pipeline, **({"revision": revision} if revision else {}))["_class_name"])
+        with quiet_loading():
+            pipe = cls.from_pretrained(pipeline, torch_dtype=models[experts[0]].dtype, **models, **({"revision": revision} if revision else {}))
+    except Exception as exc:  # noqa: BLE001 - many ways a folder is not a loadable pipeline
+        raise ModelLoadError(f"cannot load the diffusers pipeline {pipeline!r}: {first_line(exc)}") from None
+    if device is not None:
+        pipe.to(device)
+    return pipe
 
 
 # -- the model card --------------------------------------------------------------------------
@@ -457,6 +555,8 @@ def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
 __all__ = [
     "OutputError",
     "SavedRun",
+    "expert_dir",
+    "experts_of",
     "load_converted",
     "model_card",
     "pipeline_class_for",

@@ -113,8 +113,16 @@ def verify_files(out: Path, names: tuple[str, ...], require_manifest: bool = Fal
             )
 
 
+# Subfolders an output folder may hold: one per further expert of a two-expert pipeline
+# (model.experts), each with that expert's adapter files; the manifest lists them as "SUB/NAME".
+SUBFOLDERS = ("transformer_2",)
+
+
 def _plain_name(name: Any) -> bool:
-    """A file name directly in the folder: no separators, no '.', '..', nothing the tool never writes."""
+    """A file name directly in the folder, or in one of its SUBFOLDERS ("transformer_2/NAME"): no
+    other separators, no '.', '..', nothing the tool never writes."""
+    if isinstance(name, str) and name.count("/") == 1 and name.split("/")[0] in SUBFOLDERS:
+        name = name.split("/")[1]
     return isinstance(name, str) and name not in ("", ".", "..", MANIFEST_FILE, LOCK_FILE, WORK_DIR) and "/" not in name and "\0" not in name and os.sep not in name
 
 
@@ -187,11 +195,28 @@ def foreign_entries(out: Path) -> list[str]:
                 ours = False
             if not ours:
                 problems.append(f"{name} (no run.json of hla-convert in it)")
+        elif name in SUBFOLDERS and entry.is_dir(follow_symlinks=False):
+            with os.scandir(out / name) as inner:
+                problems += _foreign_files(out, [f"{name}/{e.name}" for e in inner], manifest)
         elif not entry.is_file(follow_symlinks=False):
             problems.append(f"{name} (not written by hla-convert)")
         elif name not in manifest:
             problems.append(f"{name} (not written by hla-convert)")
         elif sha256_file(out / name) not in manifest[name]:
+            problems.append(f"{name} (changed since hla-convert wrote it)")
+    return problems
+
+
+def _foreign_files(out: Path, names: list[str], manifest: dict[str, list[str]]) -> list[str]:
+    """Those of `names` (paths in `out`) that are not regular files the manifest lists unchanged."""
+    problems = []
+    for name in sorted(names):
+        path = out / name
+        if path.is_symlink():
+            problems.append(f"{name} (a symlink)")
+        elif not path.is_file() or name not in manifest:
+            problems.append(f"{name} (not written by hla-convert)")
+        elif sha256_file(path) not in manifest[name]:
             problems.append(f"{name} (changed since hla-convert wrote it)")
     return problems
 
@@ -249,6 +274,9 @@ def clear_ours(out: Path) -> None:
     for name in sorted(manifest):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(out / name)
+    for sub in SUBFOLDERS:  # emptied above (foreign_entries: only listed files in it)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            (out / sub).rmdir()
     work = out / WORK_DIR
     if work.exists() and not work.is_symlink():
         shutil.rmtree(work)

@@ -10,6 +10,8 @@ Both runs use one copy of the weights: `set_attention_mode(model, "teacher")` is
   converted transformer as its transformer (teacher mode, then student mode): its text encoder,
   its scheduler and guidance defaults, the same seeded generator (so the same initial noise), and
   its VAE to decode. The video size is the recipe's calibration size.
+- A two-expert conversion (Wan2.2 A14B): the same, with the pipeline load_converted gives (every
+  expert converted), all experts in teacher mode, then all in student mode.
 - A bare transformer (no VAE, no text encoder) is refused with one line: pass --base PIPELINE.
 
 The files (video, contact sheet, the model card's section) are written by hla_convert.io.sample_media,
@@ -295,14 +297,20 @@ def _sample_pipeline(
     import inspect
 
     from ..model.modes import set_attention_mode
-    from .output import load_converted
+    from .adapter import read_adapter_info
+    from .output import experts_of, load_converted
 
     unknown = sorted(set(inputs or {}) - set(PIPELINE_INPUTS))
     if unknown:
         raise SampleError(f"--inputs {unknown[0]!r}: a pipeline takes {', '.join(PIPELINE_INPUTS)} from an inputs file")
     model = load_converted(out_dir, base=base, device=device)
-    dev = next(model.parameters()).device
-    pipe = load_pipeline(model, ref, dev)
+    if isinstance(model, torch.nn.Module):
+        dev = next(model.parameters()).device
+        pipe, nets = load_pipeline(model, ref, dev), [model]
+    else:  # a two-expert conversion: the pipeline with every expert converted (output.load_converted)
+        pipe = model
+        nets = [getattr(pipe, name) for name in experts_of(read_adapter_info(out_dir))]
+        dev = next(nets[0].parameters()).device
     accepted = inspect.signature(pipe.__call__).parameters
     cal = recipe.calibration
     call: dict[str, Any] = {"num_frames": cal.frames, "height": cal.height, "width": cal.width}
@@ -315,11 +323,13 @@ def _sample_pipeline(
     frames = {}
     try:
         for mode in ("teacher", "student"):
-            set_attention_mode(model, mode)
+            for net in nets:
+                set_attention_mode(net, mode)
             # A CPU generator seeded alike: both runs start from the same noise, on any device.
             frames[mode] = video_frames(pipe(**call, generator=torch.Generator().manual_seed(seed)))
     finally:
-        set_attention_mode(model, "student")
+        for net in nets:
+            set_attention_mode(net, "student")
     return SampleResult(
         teacher=frames["teacher"],
         student=frames["student"],

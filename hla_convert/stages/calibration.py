@@ -44,7 +44,9 @@ from .calibration_base import (
 from .calibration_sources import (
     HELDOUT_PROMPTS,
     TRAIN_PROMPTS,
+    _split_item,
     check_input,
+    expert_trajectory_inputs,
     folder_inputs,
     load_input_file,
     load_pipeline,
@@ -111,6 +113,48 @@ def build_input_sets(
     return {split: build_inputs(model, recipe, split, pipeline_dir, device, dtype, progress, pipe=pipe) for split in SPLITS}
 
 
+def build_expert_input_sets(
+    experts: dict[str, nn.Module],
+    recipe: Recipe,
+    boundary: float,
+    pipeline_dir: str | None = None,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+    splits: tuple[str, ...] = SPLITS,
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{expert: {split: inputs}} for a two-expert pipeline (model.experts): each expert gets only the
+    inputs of the timesteps it serves. Source "trajectories": one pass of the pipeline with every
+    expert in it, each expert's calls recorded (expert_trajectory_inputs); the others: the recipe's
+    inputs, each sample given to the expert whose side of `boundary` (0..1000 scale) its timestep
+    is on (t >= boundary: the first expert), as the pipeline would."""
+    from ..model.experts import expert_of
+
+    names = list(experts)
+    where = recipe.calibration.path or pipeline_dir
+    sets: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in names}
+    if recipe.calibration.source == "trajectories":
+        if not where:
+            raise CalibrationError("calibration.source: 'trajectories' needs the model's full diffusers pipeline")
+        first, rest = experts[names[0]], {k: v for k, v in experts.items() if k != names[0]}
+        pipe = load_pipeline(first, str(where), device, **rest)
+        for split in splits:
+            found = expert_trajectory_inputs(experts, recipe, split, str(where), device=device, progress=progress, pipe=pipe)
+            for name in names:
+                sets[name][split] = [_to(it, device, dtype) for it in found[name]]
+        return sets
+    for split in splits:
+        items = build_inputs(experts[names[0]], recipe, split, pipeline_dir, device, dtype, progress)
+        served: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for one in (x for item in items for x in _split_item(item)):
+            served[expert_of(float(one["timestep"].reshape(-1)[0]), boundary)].append(one)
+        for name in names:
+            if not served[name]:
+                raise CalibrationError(f"calibration: no {split} input has a timestep that {name} serves (boundary t = {boundary:g}); widen calibration.timesteps")
+            sets[name][split] = rebatch(served[name], recipe.calibration.batch_size)
+    return sets
+
+
 __all__ = [
     "CalibrationError",
     "HELDOUT_PROMPTS",
@@ -118,6 +162,7 @@ __all__ = [
     "SPLITS",
     "TRAIN_PROMPTS",
     "batch_size_of",
+    "build_expert_input_sets",
     "build_input_sets",
     "build_inputs",
     "check_input",

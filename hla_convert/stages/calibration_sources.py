@@ -4,6 +4,7 @@ files (`save_inputs` writes them, `folder_inputs` reads and checks them)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -118,8 +119,9 @@ def _call_kwargs(pipe: Any, **wanted: Any) -> dict[str, Any]:
     return {k: v for k, v in wanted.items() if k in params and v is not None}
 
 
-def load_pipeline(model: nn.Module, pipeline_dir: str, device: Any = "cpu") -> Any:
-    """The diffusers pipeline of `pipeline_dir` with `model` as its transformer, on `device`."""
+def load_pipeline(model: nn.Module, pipeline_dir: str, device: Any = "cpu", **experts: nn.Module) -> Any:
+    """The diffusers pipeline of `pipeline_dir` with `model` as its transformer, on `device`;
+    `experts`: its other transformers by component name (Wan2.2's transformer_2=...)."""
     import diffusers
     from diffusers import DiffusionPipeline
 
@@ -128,11 +130,12 @@ def load_pipeline(model: nn.Module, pipeline_dir: str, device: Any = "cpu") -> A
         # in place of loading another copy.
         name = DiffusionPipeline.load_config(pipeline_dir)["_class_name"]
         cls = getattr(diffusers, name, None) or DiffusionPipeline
-        pipe = cls.from_pretrained(pipeline_dir, transformer=model)
+        pipe = cls.from_pretrained(pipeline_dir, transformer=model, **experts)
     except Exception as e:  # noqa: BLE001 - many ways a folder is not a pipeline
         raise CalibrationError(f"calibration.source trajectories: cannot load a diffusers pipeline from {pipeline_dir!r}: {e}") from e
-    if getattr(pipe, "transformer", None) is not model:
-        raise CalibrationError(f"calibration.source trajectories: the pipeline in {pipeline_dir!r} did not take the model as its transformer")
+    for component, net in {"transformer": model, **experts}.items():
+        if getattr(pipe, component, None) is not net:
+            raise CalibrationError(f"calibration.source trajectories: the pipeline in {pipeline_dir!r} did not take the model as its {component}")
     pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -148,6 +151,19 @@ def trajectory_inputs(
     progress: Callable[[str, int, int, dict[str, Any]], None] | None = None,
     pipe: Any = None,
 ) -> list[dict[str, Any]]:
+    """Inputs recorded from the pipeline's own denoising loops; see expert_trajectory_inputs (one expert)."""
+    return expert_trajectory_inputs({"transformer": model}, recipe, split, pipeline_dir, device, progress, pipe)["transformer"]
+
+
+def expert_trajectory_inputs(
+    experts: dict[str, nn.Module],
+    recipe: Recipe,
+    split: str,
+    pipeline_dir: str,
+    device: Any = "cpu",
+    progress: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+    pipe: Any = None,
+) -> dict[str, list[dict[str, Any]]]:
     """Inputs recorded from the pipeline's own denoising loops, with `model` as its transformer.
 
     The pipeline is loaded from `pipeline_dir` with `transformer=model` (no second copy of the
@@ -156,7 +172,12 @@ def trajectory_inputs(
     share one load of the text encoder and VAE. Each run uses one prompt and
     recipe.calibration.trajectory_steps steps; every transformer call (classifier-free guidance halves included) gives samples, of which a seeded
     choice of `samples` (or `heldout`) is kept.
+
+    `experts`: the pipeline's transformers by component name ({"transformer": model}, or Wan2.2's
+    two); one pass of the pipeline records each one's calls (a pre-hook on each), so every expert
+    gets exactly the inputs the pipeline served it, and the runs go on until each has its count.
     """
+    model = experts["transformer"]
     from ..model.modes import attention_mode
 
     cal = recipe.calibration
@@ -167,18 +188,21 @@ def trajectory_inputs(
     else:
         prompts = list(TRAIN_PROMPTS if split == "train" else HELDOUT_PROMPTS)
     if pipe is None:
-        pipe = load_pipeline(model, pipeline_dir, device)
+        pipe = load_pipeline(model, pipeline_dir, device, **{k: v for k, v in experts.items() if k != "transformer"})
     g = split_generator(cal.seed, split)
-    recorder = _Recorder(model)
-    handle = model.register_forward_pre_hook(recorder, with_kwargs=True)
-    samples: list[dict[str, Any]] = []
+    recorders = {name: _Recorder(net) for name, net in experts.items()}
+    handles = [net.register_forward_pre_hook(recorders[name], with_kwargs=True) for name, net in experts.items()]
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in experts}
     runs = 0
-    with attention_mode(model, "teacher"):  # the original model: softmax cores, LoRA off
+    with contextlib.ExitStack() as modes:
+        for net in experts.values():
+            modes.enter_context(attention_mode(net, "teacher"))  # the original model: softmax cores, LoRA off
         try:
-            while len(samples) < want:
+            while min(len(samples) for samples in found.values()) < want:
                 prompt = prompts[runs % len(prompts)]
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-                recorder.calls.clear()
+                for recorder in recorders.values():
+                    recorder.calls.clear()
                 kwargs = _call_kwargs(
                     pipe,
                     prompt=prompt,
@@ -192,17 +216,24 @@ def trajectory_inputs(
                 )
                 with torch.no_grad():
                     pipe(**kwargs)
-                if not recorder.calls:
-                    raise CalibrationError(f"the pipeline in {pipeline_dir!r} never called its transformer; is it the model's pipeline?")
-                for call in recorder.calls:
-                    samples.extend(_split_item(call))
+                for name, recorder in recorders.items():
+                    if not recorder.calls:
+                        what = f"{name} in {cal.trajectory_steps} steps (raise calibration.trajectory_steps)" if len(experts) > 1 else "its transformer"
+                        raise CalibrationError(f"the pipeline in {pipeline_dir!r} never called {what}; is it the model's pipeline?")
+                    for call in recorder.calls:
+                        found[name].extend(_split_item(call))
                 runs += 1
                 if progress:
-                    progress("calibration", min(len(samples), want), want, {"split": split, "runs": runs})
+                    got = min(len(samples) for samples in found.values())
+                    progress("calibration", min(got, want), want, {"split": split, "runs": runs})
         finally:
-            handle.remove()
-    keep = torch.randperm(len(samples), generator=g)[:want].sort().values.tolist()
-    return rebatch([samples[i] for i in keep], cal.batch_size)
+            for handle in handles:
+                handle.remove()
+    kept = {}
+    for name, samples in found.items():  # one seeded choice per expert, in the experts' order
+        keep = torch.randperm(len(samples), generator=g)[:want].sort().values.tolist()
+        kept[name] = rebatch([samples[i] for i in keep], cal.batch_size)
+    return kept
 
 
 # -- folder ----------------------------------------------------------------------------------------
