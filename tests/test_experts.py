@@ -15,15 +15,15 @@ import json
 
 import pytest
 import torch
+from helpers import invoke
 from safetensors.torch import load_file
+from tiny_models import forward, save_tiny_wan_pipeline, tiny_inputs, tiny_wan
 
 import hla_convert
 from hla_convert.conversion import convert
 from hla_convert.io.output import OutputError
 from hla_convert.model.layers import hla_parameters
 from hla_convert.recipe import load_recipe
-from helpers import invoke
-from tiny_models import forward, save_tiny_wan_pipeline, tiny_inputs, tiny_wan
 
 LAYERS = 4  # the recipe keeps 2 layers softmax
 BOUNDARY = 500.0  # boundary_ratio 0.5 x 1000 train timesteps
@@ -157,3 +157,13 @@ def test_a_run_killed_in_the_second_expert_resumes_into_it(two, tmp_path):
     for sub in ("", "transformer_2/"):  # the same adapters as the uninterrupted run, bit for bit
         a, b = load_file(str(out / f"{sub}adapter_model.safetensors")), load_file(str(again / f"{sub}adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_push_publishes_both_adapters(two):
+    from hla_convert.io.output import read_output
+    from hla_convert.io.push import files_to_push
+
+    _, out, _ = two
+    read_output(out, require_manifest=True)  # push's check: every file of both experts as the run wrote it
+    names = files_to_push(out)
+    assert {"adapter_model.safetensors", "transformer_2/adapter_model.safetensors", "transformer_2/hla_config.json"} <= set(names)

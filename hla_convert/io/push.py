@@ -16,9 +16,18 @@ from pathlib import Path
 
 from ..errors import first_line
 from ..user_files import MAX_CARD_BYTES, read_text_file
+from .adapter import ADAPTER_FILE, CONFIG_FILE
 from .checks import looks_like_hub_id, shown
-from .hub import HUB_FILES, SAMPLE_PATTERN, SAMPLE_SUFFIXES, HubError, card_for_repo, check_card
+from .hub import (
+    HUB_FILES,
+    SAMPLE_PATTERN,
+    SAMPLE_SUFFIXES,
+    HubError,
+    card_for_repo,
+    check_card,
+)
 from .output import read_output
+from .output_guard import SUBFOLDERS
 
 
 @dataclass
@@ -34,6 +43,7 @@ class PushResult:
 def files_to_push(out: Path) -> list[str]:
     """The conversion's files in `out` (HUB_FILES and sample media), by name."""
     names = [n for n in HUB_FILES if (out / n).is_file()]
+    names += [f"{sub}/{n}" for sub in SUBFOLDERS for n in (ADAPTER_FILE, CONFIG_FILE) if (out / sub / n).is_file()]  # a second expert's adapter
     names += sorted(p.name for p in out.glob(SAMPLE_PATTERN) if p.is_file() and p.suffix.lower() in SAMPLE_SUFFIXES)
     return names
 
@@ -77,6 +87,7 @@ def push_output(
             if name == "README.md":
                 (stage / name).write_text(card, encoding="utf-8")
             else:
+                (stage / name).parent.mkdir(exist_ok=True)
                 shutil.copyfile(out / name, stage / name)
         try:
             repo = api.create_repo(repo_id, private=private, exist_ok=True)

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration_sources import HELDOUT_PROMPTS, _call_kwargs
-from .drift import psnr_db, within
 from ..model.modes import attention_mode
 from ..recipe import Recipe
+from .calibration_sources import HELDOUT_PROMPTS, _call_kwargs
+from .drift import psnr_db, within
 
 
 @torch.no_grad()
