@@ -98,7 +98,7 @@ def test_each_expert_is_calibrated_only_on_the_timesteps_it_serves(two):
 
 
 def test_load_converted_restores_both_experts(two):
-    root, out, _ = two
+    _, out, _ = two
     pipe = hla_convert.load_converted(out, device="cpu")
     assert type(pipe).__name__ == "WanPipeline" and pipe.config.boundary_ratio == 0.5
     inputs = tiny_inputs("wan")
