@@ -333,7 +333,7 @@ def convert(
 
     model: Hub ID or diffusers folder (pipeline or bare transformer); None = the embedded demo.
     recipe: a Recipe, a built-in name or a YAML path; None = the built-in recipe made for MODEL.
-    steps: stage-1 steps (stage 2 scaled in proportion); attention: override the attention kind.
+    steps: stage-1 steps (stages 2 and 3 scaled in proportion); attention: override the attention kind.
     causal_block_frames: override the recipe's attention.causal_block_frames (SkyReels-V2
     diffusion forcing: latent frames per causal block, set on the model before calibration).
     device: default cuda when available, else cpu; dtype: "float32", "bf16", ... (default: the
