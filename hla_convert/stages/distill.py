@@ -36,32 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distill_loop import DistillError, Progress, _only_trainable, _run_stage  # noqa: F401 - re-exported
+from .distill_loop import DistillError, Progress, _only_trainable, _relative_sq_error, _run_stage, _shared_relative_sq_error  # noqa: F401 - re-exported
 from ..model.layers import hla_layers, hla_parameters
 from ..model.lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules, without_lora
 from ..model.modes import attention_mode, forward, set_attention_mode, streamed_pairs
 from ..recipe import Recipe, RecipeError
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over processes (hla_convert.stages.parallel)
-
-
-# -- shared helpers ------------------------------------------------------------------------------------
-
-
-def _relative_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||pred - target||^2 / ||target||^2 over the whole tensor, in float32."""
-    p, t = pred.float(), target.float()
-    return (p - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
-
-
-def _shared_relative_sq_error(pred: torch.Tensor, target: torch.Tensor, reduce: Reduce) -> tuple[torch.Tensor, float]:
-    """This process's share of an input cut across processes: (its ||pred - target||^2 over the
-    whole input's ||target||^2, which sums to the whole relative error; the whole one's value)."""
-    p, t = pred.float(), target.float()
-    err = (p - t).pow(2).sum()
-    sums = reduce(torch.stack([err.detach(), t.detach().pow(2).sum()]))
-    ref = sums[1].clamp_min(1e-12)
-    return err / ref, float(sums[0] / ref)
 
 
 # -- feature-map initialisation ------------------------------------------------------------------------

@@ -62,6 +62,25 @@ def _only_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterat
 
 
 
+# -- the losses' shared helpers (stages 2 and 3) ------------------------------------------------------
+
+
+def _relative_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||pred - target||^2 / ||target||^2 over the whole tensor, in float32."""
+    p, t = pred.float(), target.float()
+    return (p - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
+def _shared_relative_sq_error(pred: torch.Tensor, target: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """This process's share of an input cut across processes: (its ||pred - target||^2 over the
+    whole input's ||target||^2, which sums to the whole relative error; the whole one's value)."""
+    p, t = pred.float(), target.float()
+    err = (p - t).pow(2).sum()
+    sums = reduce(torch.stack([err.detach(), t.detach().pow(2).sum()]))
+    ref = sums[1].clamp_min(1e-12)
+    return err / ref, float(sums[0] / ref)
+
+
 def _lr_at(step: int, total: int, lr: float) -> float:
     """Linear warm-up over the first 5% (at most 20 steps), then cosine down to 10% of lr."""
     warm = min(20, max(1, total // 20))

@@ -28,7 +28,7 @@ the model now), at stage3.lr x stage2.lora_lr / stage2.lr (the ratio stage 2 use
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,12 @@ from torch import nn
 from ..model.lora import has_lora, lora_parameters
 from ..model.modes import attention_mode, forward, set_attention_mode
 from ..recipe import Recipe, RecipeError
-from .distill import Reduce, _relative_sq_error, _shared_relative_sq_error
-from .distill_loop import Progress, _run_stage
+from .distill_loop import (
+    Progress,
+    _relative_sq_error,
+    _run_stage,
+    _shared_relative_sq_error,
+)
 from .drift import sampler_points
 
 NO_SCHEDULER = (
@@ -108,7 +112,7 @@ def onpolicy_distillation(
         sampler_forwards += k
         return student_point(model, item, scheduler, spec.sampling_steps, noise, k)
 
-    def step_loss(item: dict[str, Any], scale: float, reduce: Reduce | None) -> tuple[float, dict[str, float]]:
+    def step_loss(item: dict[str, Any], scale: float, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[float, dict[str, float]]:
         set_attention_mode(model, "teacher")
         with torch.no_grad():
             target = forward(model, item).detach()

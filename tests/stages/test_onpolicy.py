@@ -18,7 +18,11 @@ from hla_convert.model.pipeline_loading import demo_scheduler
 from hla_convert.recipe import RecipeError, load_recipe
 from hla_convert.stages.calibration import build_inputs
 from hla_convert.stages.checkpoints import checkpoint_path, load_checkpoint
-from hla_convert.stages.distill import distil, initialize_feature_maps, output_distillation
+from hla_convert.stages.distill import (
+    distil,
+    initialize_feature_maps,
+    output_distillation,
+)
 from hla_convert.stages.distill_loop import _batch_indices
 from hla_convert.stages.onpolicy import onpolicy_distillation, trajectory_draw
 
