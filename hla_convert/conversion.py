@@ -41,7 +41,7 @@ class ProgressEvent:
 
     kind "start" / "end": a stage of STAGES begins / ends (`seconds` set on "end").
     kind "step": the engine's progress inside a stage: `stage` is its sub-stage ("calibration",
-    "init", "stage1", "stage2", "drift"), `step` of `total` done, `info` e.g. {"loss": ...}.
+    "init", "stage1", "stage2", "stage3", "drift"), `step` of `total` done, `info` e.g. {"loss": ...}.
     """
 
     kind: str
@@ -163,6 +163,19 @@ def _bad_recipe(recipe: Recipe, check: Callable[[], None]) -> None:
         raise InputError(f"recipe {recipe.name}: {exc}") from None
 
 
+def _check_stage3_model(recipe: Recipe, model: str | None, revision: str | None, subfolder: str | None) -> None:
+    """Stage 3 samples with the pipeline's scheduler: refuse stage3.steps > 0 for a bare transformer
+    from its config files alone, before the model load (a pipeline whose model_index.json names
+    no scheduler is refused once it is loaded, still before anything is written)."""
+    if recipe.stage3.steps <= 0:
+        return
+    from .model.loading import resolve_model
+    from .stages.onpolicy import check_stage3_scheduler
+
+    ref = resolve_model(model, revision, subfolder)
+    _bad_recipe(recipe, lambda: check_stage3_scheduler(recipe, ref.is_demo or ref.pipeline_dir is not None))
+
+
 def override_recipe(recipe: Recipe, where: str, **kwargs: Any) -> Recipe:
     from .recipe import RecipeError
 
@@ -225,6 +238,7 @@ def plan_conversion(
     parse_dtype(dtype)
     dev = check_device(device)
     _check_calibration(rec)
+    _check_stage3_model(rec, model, revision, subfolder)
     run = run_identity(model, revision, subfolder, rec, dtype)
     experts = _experts_of(model, revision, subfolder)
     return ConversionPlan(model, rec, out, dev, dtype, revision, subfolder, resume, overwrite, run, experts)
@@ -259,6 +273,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
     from .stages.parallel import Parallel
     from .model.pipeline_loading import load_scheduler
     from .model.surgery import convert_attention
+    from .stages.onpolicy import check_stage3_scheduler
 
     par = Parallel.from_environment()
     p, rec, out, dev = plan, plan.recipe, plan.out, plan.device if par is None else par.device
@@ -280,6 +295,8 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
                 units = par.shard_frozen_base(net, list(hla_parameters(net).values()))  # and moves the rest to dev
                 par.note(f"FSDP: the frozen base is sharded over {par.count} processes ({units} blocks); HLA / LoRA stay whole")
             _bad_recipe(rec, lambda: distill.check_lora_rank(net, rec))  # before --overwrite clears anything
+            scheduler = load_scheduler(loaded)  # stage 3's sampler and the drift check's
+            _bad_recipe(rec, lambda: check_stage3_scheduler(rec, scheduler is not None))
         work = writer(lambda: start_run(out, p.run, p.overwrite, p.resume)) or out / WORK_DIR
         with stages.stage("calibrate"):
             inputs = calibration.build_input_sets(
@@ -287,12 +304,13 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             )
             train, heldout = inputs["train"], inputs["heldout"]
         with stages.stage("distil"):
-            trained = distill.distil(net, train, rec, work_dir=work, resume=p.resume, progress=stages.step, parallel=par)
+            trained = distill.distil(
+                net, train, rec, work_dir=work, resume=p.resume, progress=stages.step, parallel=par, scheduler=scheduler
+            )
         with stages.stage("validate"):
-            scheduler = load_scheduler(loaded)
             report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=stages.step).to_dict()
             note_sampling(report, rec, scheduler, "MODEL is a bare transformer: no pipeline scheduler to sample with")
-        report["training"] = {k: trained[k] for k in ("stage1", "selection", "stage2")}
+        report["training"] = {k: trained[k] for k in ("stage1", "selection", "stage2", "stage3")}
         if par is not None:
             report["training"]["parallel"] = {"processes": par.count, "fsdp": par.fsdp}
         with stages.stage("save"), par.full_weights(net) if par is not None else contextlib.nullcontext():
@@ -417,7 +435,7 @@ def convert(
 
     model: Hub ID or diffusers folder (pipeline or bare transformer); None = the embedded demo.
     recipe: a Recipe, a built-in name or a YAML path; None = the built-in recipe made for MODEL.
-    steps: stage-1 steps (stage 2 scaled in proportion); attention: override the attention kind.
+    steps: stage-1 steps (stages 2 and 3 scaled in proportion); attention: override the attention kind.
     causal_block_frames: override the recipe's attention.causal_block_frames (SkyReels-V2
     diffusion forcing: latent frames per causal block, set on the model before calibration).
     device: default cuda when available, else cpu; dtype: "float32", "bf16", ... (default: the

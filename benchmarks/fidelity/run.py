@@ -85,6 +85,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
         **HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.lora_rank": 32, "stage2.steps": 1200, "stage2.lora_lr": 1.0e-3,
     },
 }
+# Stage 3 (on-policy trajectory distillation, hla_convert.stages.onpolicy) on top of a row above:
+# stage3.steps = half of that row's stage-2 steps (run_one resolves "half" after --steps-scale),
+# sampling with --sampling-steps like the measure, so the sampled-video PSNR is compared with and
+# without it at the same stage 2. The teachers are bare transformers: run_one gives stage 3 the
+# measure's scheduler through a pipeline folder (onpolicy_pipeline).
+ONPOLICY_OF = ("hla-lora", "hybrid-lora-keep2", "hybrid-lora-keep2-lr32-s2x4")
+for _row in ONPOLICY_OF:
+    CONFIGS[f"{_row}-onpolicy"] = {**CONFIGS[_row], "stage3.steps": "half"}
 DEFAULT_CONFIGS = [c for c in CONFIGS if c != "softmax"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -205,7 +213,28 @@ def recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSp
         "validation.sampling_steps": args.sampling_steps,
     }
     fields.update(CONFIGS[config])
+    if fields.get("stage3.steps") == "half":  # half of this run's stage 2, whatever --steps-scale made it
+        fields["stage3.steps"] = max(1, fields["stage2.steps"] // 2)
+        fields["stage3.batch_size"] = args.batch_size
+        fields["stage3.sampling_steps"] = args.sampling_steps
     return base.with_overrides(source="folder", path=str(folder), seed=seed, fields=fields)
+
+
+def onpolicy_pipeline(model_dir: Path, where: Path) -> Path:
+    """A pipeline folder around a bare benchmark teacher (its transformer/ a symlink to model_dir)
+    with the measure's scheduler, so that `convert` has one for stage 3; built once per model."""
+    import diffusers
+
+    pipe = where / f"{model_dir.name}-pipeline"
+    if not (pipe / "model_index.json").is_file():
+        pipe.mkdir(parents=True, exist_ok=True)
+        if not (pipe / "transformer").exists():
+            (pipe / "transformer").symlink_to(model_dir.resolve(), target_is_directory=True)
+        diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=bd.NUM_TRAIN_TIMESTEPS, shift=SAMPLING_SHIFT).save_pretrained(pipe / "scheduler")
+        config = json.loads((model_dir / "config.json").read_text())
+        index = {"_class_name": "DiffusionPipeline", "transformer": ["diffusers", config["_class_name"]], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+        (pipe / "model_index.json").write_text(json.dumps(index))
+    return pipe
 
 
 def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, args, device: torch.device) -> dict:
@@ -239,18 +268,20 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         Path(recipe_file).write_text(f"# {config} on {arch}: benchmarks/fidelity/run.py, resolved\n" + rec.to_yaml())
         record["recipe_file"] = recipe_file
         conv_dir = Path(args.conversions_dir) / f"{arch}-{config}-seed{seed}"
+        source = model_dir if rec.stage3.steps == 0 else onpolicy_pipeline(model_dir, Path(args.conversions_dir))
         record["cli_equivalent"] = shlex.join(
-            ["hla-convert", "convert", str(model_dir), "--recipe", recipe_file, "--out", str(conv_dir), "--device", str(device), "--dtype", args.dtype, "--overwrite"]
+            ["hla-convert", "convert", str(source), "--recipe", recipe_file, "--out", str(conv_dir), "--device", str(device), "--dtype", args.dtype, "--overwrite"]
         )
         stage = "convert"
-        result = hla_convert.convert(model=str(model_dir), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=True)
+        result = hla_convert.convert(model=str(source), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=True)
         sync(device)
         record["output_dir"] = str(conv_dir)
         seconds.update({f"convert_{k}": v for k, v in result.seconds.items()})
         training = result.report.get("training", {})
-        s1, s2 = training.get("stage1") or {}, training.get("stage2") or {}
+        s1, s2, s3 = training.get("stage1") or {}, training.get("stage2") or {}, training.get("stage3") or {}
         seconds["stage1"] = float(s1.get("seconds", 0.0))
         seconds["stage2"] = float(s2.get("seconds", 0.0))
+        seconds["stage3"] = float(s3.get("seconds", 0.0))
         if device.type == "cuda":  # teacher + student share one copy of the weights (LoRA: adapters off)
             record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             torch.cuda.empty_cache()
@@ -283,6 +314,7 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
             in_process={"output_rel_l2": result.report["output"]["rel_l2"], "passed": result.passed},
             stage1={k: s1.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s1},
             stage2={k: s2.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s2},
+            stage3={k: s3.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped", "sampling_steps", "sampler_forwards") if k in s3},
             selection=(training.get("selection") or {}).get("softmax_layers", []) if isinstance(training.get("selection"), dict) else [],
             trainable=measured["trainable"],
         )

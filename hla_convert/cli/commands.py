@@ -156,7 +156,7 @@ def convert(
     ] = ...,  # type: ignore[assignment]
     steps: Annotated[
         int | None,
-        typer.Option("--steps", min=0, help="Stage-1 (attention transfer) steps; stage 2 is scaled in proportion (0: no training in either stage). Default: the recipe's.", show_default=False),
+        typer.Option("--steps", min=0, help="Stage-1 (attention transfer) steps; stages 2 and 3 are scaled in proportion (0: no training at all). Default: the recipe's.", show_default=False),
     ] = None,
     attention: Annotated[
         str | None,

@@ -44,9 +44,12 @@ _ENGINE_STAGES = {
     "init": "initialise feature maps",
     "stage1": "attention transfer",
     "stage2": "output distillation",
+    "stage3": "on-policy distillation",
     "drift": "held-out drift",
 }
 
+
+_TRAINING = ("stage1", "stage2", "stage3")  # the sub-stages that count towards stop_after_steps
 
 # What of the engine's progress info fits on a bar's line.
 _SHOWN_INFO = ("loss", "split", "sampling")
@@ -59,8 +62,8 @@ class StageProgress:
 
     Called with hla_convert.conversion's ProgressEvents (`convert`, `validate`), or used through
     `stage(name)` and `callback(stage, step, total, info)` (the engine's progress signature).
-    stop_after_steps (tests) raises a KeyboardInterrupt once that many training steps (stage 1 +
-    stage 2) have run: the same path as a Ctrl-C or a killed run.
+    stop_after_steps (tests) raises a KeyboardInterrupt once that many training steps (stages 1 to
+    3) have run: the same path as a Ctrl-C or a killed run.
     """
 
     def __init__(self, console: Console, stop_after_steps: int | None = None):
@@ -119,12 +122,12 @@ class StageProgress:
         if task is None:
             task = self._sub[stage] = self.progress.add_task("  " + label, total=total, info="")
         self.progress.update(task, completed=step, total=total, info=text)
-        if not self.live and stage in ("stage1", "stage2"):
+        if not self.live and stage in _TRAINING:
             tenth = step * 10 // total
             if tenth > self._logged.get(stage, 0) or step == total:
                 self._logged[stage] = tenth
                 self.console.print(f"  {label}: step {step}/{total} {text}")
-        if stage in ("stage1", "stage2"):
+        if stage in _TRAINING:
             self._train_steps[stage] = step
             if self.stop_after_steps is not None and sum(self._train_steps.values()) >= self.stop_after_steps:
                 raise _StopAfterSteps()

@@ -16,6 +16,7 @@ from .schema import (
     DISTRIBUTIONS,
     SOURCES,
     STAGE2_TRAIN,
+    STAGE3_SAMPLING_STEPS,
     SYNTHETIC,
     VAE_SCALES,
     HLA_FIELDS,
@@ -25,6 +26,7 @@ from .schema import (
     RecipeError,
     Stage1Spec,
     Stage2Spec,
+    Stage3Spec,
     TimestepSpec,
     ValidationSpec,
     _r,
@@ -254,6 +256,11 @@ _STAGE2 = {
     "lora_lr": _optional(lambda p, v: _number(p, v, positive=True)),
 }
 
+_STAGE3 = {
+    **_STAGE1,
+    "sampling_steps": _optional(_at_most(MAX_SAMPLING_STEPS, "scheduler steps of the student's sampler")),
+}
+
 _VALIDATION = {
     "max_attention_rel_l2": _optional(lambda p, v: _number(p, v, nonneg=True)),
     "max_output_rel_l2": _optional(lambda p, v: _number(p, v, nonneg=True)),
@@ -264,7 +271,7 @@ _VALIDATION = {
     "timestep_buckets": _at_most(MAX_TRAIN_TIMESTEPS, "no more buckets than the scheduler's training timesteps"),
 }
 
-_TOP = ("name", "description", "model", "attention", "calibration", "stage1", "stage2", "validation")
+_TOP = ("name", "description", "model", "attention", "calibration", "stage1", "stage2", "stage3", "validation")
 
 
 def check_recipe(data: Any, recipe_cls: type) -> Any:
@@ -287,8 +294,9 @@ def check_recipe(data: Any, recipe_cls: type) -> Any:
     calibration = _section("calibration", data.get("calibration"), CalibrationSpec, _CALIBRATION)
     stage1 = _section("stage1", data.get("stage1"), Stage1Spec, _STAGE1)
     stage2 = _section("stage2", data.get("stage2"), Stage2Spec, _STAGE2)
+    stage3 = _section("stage3", data.get("stage3"), Stage3Spec, _STAGE3)
     validation = _section("validation", data.get("validation"), ValidationSpec, _VALIDATION)
-    recipe = recipe_cls(name.strip(), description.strip(), model, attention, calibration, stage1, stage2, validation)
+    recipe = recipe_cls(name.strip(), description.strip(), model, attention, calibration, stage1, stage2, stage3, validation)
     _check_together(recipe)
     return recipe
 
@@ -339,7 +347,9 @@ def _check_together(r: Any) -> None:
         raise RecipeError("calibration.path", "source 'folder' needs the folder of cached *.safetensors inputs")
     if c.timesteps.min >= c.timesteps.max:
         raise RecipeError("calibration.timesteps.max", f"must be greater than min ({c.timesteps.min}), got {c.timesteps.max}")
-    for stage in ("stage1", "stage2"):
+    if r.stage3.sampling_steps is None:
+        r.stage3.sampling_steps = r.validation.sampling_steps or STAGE3_SAMPLING_STEPS
+    for stage in ("stage1", "stage2", "stage3"):
         spec = getattr(r, stage)
         if spec.batch_size is None:
             spec.batch_size = c.batch_size

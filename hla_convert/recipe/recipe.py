@@ -14,7 +14,7 @@ import yaml
 
 from ..model.config import _KIND_FEATURE_MAPS, HLAConfig
 from .checks import check_recipe
-from .schema import HLA_FIELDS, AttentionSpec, CalibrationSpec, ModelSpec, RecipeError, Stage1Spec, Stage2Spec, ValidationSpec
+from .schema import HLA_FIELDS, AttentionSpec, CalibrationSpec, ModelSpec, RecipeError, Stage1Spec, Stage2Spec, Stage3Spec, ValidationSpec
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Recipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     stage1: Stage1Spec = field(default_factory=Stage1Spec)
     stage2: Stage2Spec = field(default_factory=Stage2Spec)
+    stage3: Stage3Spec = field(default_factory=Stage3Spec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
 
     def hla_config(self) -> HLAConfig:
@@ -54,9 +55,9 @@ class Recipe:
     ) -> "Recipe":
         """A validated copy with command-line overrides applied.
 
-        steps:        stage-1 steps. Stage 2 is scaled by the same factor (rounded, at least 1 when
-                      it was on, 0 stays 0), so `--steps` shortens or lengthens the whole run in
-                      proportion; steps=0 turns both stages off. Pass stage2_steps to set it outright.
+        steps:        stage-1 steps. Stages 2 and 3 are scaled by the same factor (rounded, at least
+                      1 when on, 0 stays 0), so `--steps` shortens or lengthens the whole run in
+                      proportion; steps=0 turns every stage off. Pass stage2_steps to set it outright.
         kind:         attention kind (the comparison benchmark's `--attention`). The feature map
                       falls back to the new kind's default when the old one is not allowed for it.
         source, path: calibration source and its path (folder of cached inputs, or pipeline).
@@ -65,11 +66,13 @@ class Recipe:
         """
         data = self.to_dict()
         if steps is not None:
-            old1, old2 = data["stage1"]["steps"], data["stage2"]["steps"]
+            old1, old2, old3 = data["stage1"]["steps"], data["stage2"]["steps"], data["stage3"]["steps"]
             _set_path(data, "stage1.steps", steps)
-            if stage2_steps is None and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0 and old2:
-                # steps 0 means no training at all: stage 2 goes to 0 too
-                data["stage2"]["steps"] = 0 if steps == 0 else max(1, round(old2 * steps / max(old1, 1)))
+            if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0:
+                # steps 0 means no training at all: stages 2 and 3 go to 0 too
+                for later, old in (("stage2", old2), ("stage3", old3)):
+                    if old and not (later == "stage2" and stage2_steps is not None):
+                        data[later]["steps"] = 0 if steps == 0 else max(1, round(old * steps / max(old1, 1)))
         if stage2_steps is not None:
             _set_path(data, "stage2.steps", stage2_steps)
         if kind is not None:

@@ -27,6 +27,19 @@ out with the reasoning for their values):
                   holding converted modules), lora_lr (null = lr). "lora" trains peft LoRA
                   adapters on those base linears together with the HLA parameters; the teacher
                   is the same weights with the adapters disabled (hla_convert.model.lora)
+    stage3:       steps (0 = off), lr, batch_size, checkpoint_every, grad_clip, sampling_steps
+                  (null = validation.sampling_steps, or 10 when that is 0). On-policy trajectory
+                  distillation (hla_convert.stages.onpolicy): per input, the STUDENT samples from
+                  seeded noise for k steps (k uniform in [0, sampling_steps)) with the model's
+                  scheduler, and its prediction at the point reached is matched to the teacher's
+                  there, so the errors it makes along its own trajectory (exposure bias) are
+                  trained away. It trains what stage 2 trained (the HLA parameters, and the LoRA
+                  adapters stage 2 added, at lr x stage2.lora_lr / stage2.lr). Cost per input: k
+                  student forwards without gradients (on average (sampling_steps - 1) / 2), one
+                  teacher forward and one student forward + backward. Needs a scheduler: refused
+                  (before the model load) for a bare transformer. Off in every shipped recipe
+                  until the fidelity benchmark (benchmarks/fidelity, the *-onpolicy configs)
+                  measures its sampled-video PSNR
     validation:   max_attention_rel_l2, max_output_rel_l2, min_output_cosine, max_latent_rel_l2,
                   min_latent_psnr (null = not checked), sampling_steps (0 = no sampling run),
                   timestep_buckets
@@ -190,6 +203,23 @@ class Stage2Spec:
 
 
 @dataclass
+class Stage3Spec:
+    steps: int = 0
+    lr: float = 1e-4  # stage 2's default: the same parameters and the same loss, on other inputs
+    batch_size: int | None = None  # null: calibration.batch_size
+    checkpoint_every: int = 50
+    grad_clip: float = 1.0
+    # the student sampler's steps; null: validation.sampling_steps (the trajectory the sampling
+    # check measures), or STAGE3_SAMPLING_STEPS when that is 0
+    sampling_steps: int | None = None
+
+
+# stage3.sampling_steps when neither it nor validation.sampling_steps is set: the few-step regime
+# the distilled video samplers run in, and the cost of a step stays bounded (k <= 9 extra forwards)
+STAGE3_SAMPLING_STEPS = 10
+
+
+@dataclass
 class ValidationSpec:
     max_attention_rel_l2: float | None = None
     max_output_rel_l2: float | None = None
@@ -207,6 +237,7 @@ __all__ = [
     "RecipeError",
     "Stage1Spec",
     "Stage2Spec",
+    "Stage3Spec",
     "TimestepSpec",
     "ValidationSpec",
 ]

@@ -25,7 +25,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_path(work_dir: str | os.PathLike, stage: str) -> Path:
-    """Where the latest checkpoint of a stage ("stage1", "stage2") lives in a work folder."""
+    """Where the latest checkpoint of a stage ("stage1", "stage2", "stage3") lives in a work folder."""
     return Path(work_dir) / f"{stage}.checkpoint.safetensors"
 
 

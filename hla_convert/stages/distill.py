@@ -1,4 +1,5 @@
-"""The training stages: feature-map initialisation, attention transfer (stage 1), output distillation (stage 2).
+"""The training stages: feature-map initialisation, attention transfer (stage 1), output distillation (stage 2);
+`distil` runs them and stage 3 (on-policy trajectory distillation, hla_convert.stages.onpolicy).
 
 One copy of the weights (docs/architecture.md). Stage 1 runs the model in mode "both": every
 converted layer computes the teacher's softmax output (the target, which flows on to the next layer) and the HLA
@@ -35,32 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distill_loop import DistillError, Progress, _only_trainable, _run_stage  # noqa: F401 - re-exported
+from .distill_loop import DistillError, Progress, _only_trainable, _relative_sq_error, _run_stage, _shared_relative_sq_error  # noqa: F401 - re-exported
 from ..model.layers import hla_layers, hla_parameters
 from ..model.lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules, without_lora
 from ..model.modes import attention_mode, forward, set_attention_mode, streamed_pairs
 from ..recipe import Recipe, RecipeError
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over processes (hla_convert.stages.parallel)
-
-
-# -- shared helpers ------------------------------------------------------------------------------------
-
-
-def _relative_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||pred - target||^2 / ||target||^2 over the whole tensor, in float32."""
-    p, t = pred.float(), target.float()
-    return (p - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
-
-
-def _shared_relative_sq_error(pred: torch.Tensor, target: torch.Tensor, reduce: Reduce) -> tuple[torch.Tensor, float]:
-    """This process's share of an input cut across processes: (its ||pred - target||^2 over the
-    whole input's ||target||^2, which sums to the whole relative error; the whole one's value)."""
-    p, t = pred.float(), target.float()
-    err = (p - t).pow(2).sum()
-    sums = reduce(torch.stack([err.detach(), t.detach().pow(2).sum()]))
-    ref = sums[1].clamp_min(1e-12)
-    return err / ref, float(sums[0] / ref)
 
 
 # -- feature-map initialisation ------------------------------------------------------------------------
@@ -262,12 +244,18 @@ def distil(
     resume: bool = False,
     progress: Progress | None = None,
     parallel: Any = None,
+    scheduler: Any = None,
 ) -> dict[str, Any]:
     """The distil stage as `hla-convert convert` runs it: feature-map init, stage 1, the recipe's
-    per-layer softmax budget (hla_convert.stages.selection), stage 2. Returns {"init", "stage1",
-    "selection", "stage2"} (each stage's summary). parallel: see hla_convert.stages.parallel; the init
-    and the selection run whole in every process (deterministic, so every process agrees)."""
+    per-layer softmax budget (hla_convert.stages.selection), stage 2, stage 3 (on-policy, with
+    `scheduler`: hla_convert.stages.onpolicy; stage3.steps > 0 without one is a RecipeError, raised
+    before anything trains). Returns {"init", "stage1", "selection", "stage2", "stage3"} (each
+    stage's summary). parallel: see hla_convert.stages.parallel; the init and the selection run
+    whole in every process (deterministic, so every process agrees)."""
+    from .onpolicy import check_stage3_scheduler, onpolicy_distillation
     from .selection import give_back_to_softmax
+
+    check_stage3_scheduler(recipe, scheduler is not None)
 
     init = initialize_feature_maps(model, inputs, progress=progress)
     stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
@@ -282,7 +270,8 @@ def distil(
                 "run with one process, or set attention.softmax_layers to 0"
             )
     stage2 = output_distillation(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
-    return {"init": init, "stage1": stage1, "selection": selection, "stage2": stage2}
+    stage3 = onpolicy_distillation(model, inputs, recipe, scheduler, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
+    return {"init": init, "stage1": stage1, "selection": selection, "stage2": stage2, "stage3": stage3}
 
 
 __all__ = [

@@ -1,8 +1,8 @@
-"""The loop both distillation stages share (hla_convert.stages.distill has the stages' losses): the
+"""The loop the distillation stages share (hla_convert.stages.distill has the losses of stages 1 and 2, stages.onpolicy stage 3): the
 learning-rate schedule, the batch order, checkpoints and resume, the one-process step and the
 multi-process one (hla_convert.stages.parallel).
 
-Checkpoints: `<work_dir>/stage1.checkpoint.safetensors` (resp. stage2), one file written
+Checkpoints: `<work_dir>/stage1.checkpoint.safetensors` (resp. stage2, stage3), one file written
 atomically (temp file + os.replace) every `checkpoint_every` steps and at the end: the trained
 parameters, the AdamW state, the torch RNG state, the step and the loss history, and a
 fingerprint of what is trained (recipe fields, parameter shapes, input count: not the process
@@ -34,7 +34,8 @@ from .checkpoints import CheckpointError, checkpoint_path, load_checkpoint, opti
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
 _FORMAT = 1
-_STAGE_STREAM = {"stage1": 11, "stage2": 22}
+_STAGE_STREAM = {"stage1": 11, "stage2": 22, "stage3": 33}
+_STAGES = tuple(_STAGE_STREAM)  # in the order they run
 
 
 class DistillError(RuntimeError):
@@ -59,6 +60,25 @@ def _only_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterat
             p.requires_grad_(flags.get(n, p.requires_grad))
         model.train(was_training)
 
+
+
+# -- the losses' shared helpers (stages 2 and 3) ------------------------------------------------------
+
+
+def _relative_sq_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||pred - target||^2 / ||target||^2 over the whole tensor, in float32."""
+    p, t = pred.float(), target.float()
+    return (p - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
+def _shared_relative_sq_error(pred: torch.Tensor, target: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """This process's share of an input cut across processes: (its ||pred - target||^2 over the
+    whole input's ||target||^2, which sums to the whole relative error; the whole one's value)."""
+    p, t = pred.float(), target.float()
+    err = (p - t).pow(2).sum()
+    sums = reduce(torch.stack([err.detach(), t.detach().pow(2).sum()]))
+    ref = sums[1].clamp_min(1e-12)
+    return err / ref, float(sums[0] / ref)
 
 
 def _lr_at(step: int, total: int, lr: float) -> float:
@@ -182,12 +202,17 @@ def _run_stage(
     extra: dict[str, nn.Parameter] | None = None,
     extra_lr: float | None = None,
     parallel: Any = None,
+    prepare: Callable[[int, int, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Shared loop. step_loss(item, scale, reduce) runs one input, back-propagates scale * loss and
     returns (loss, per-layer values) as floats; reduce is None, or (an input cut across processes)
     sums a tensor over them, so that the loss's denominators are the whole input's. Trains the HLA
     parameters at spec.lr and `extra` (LoRA) at extra_lr (None: spec.lr), both on the same
-    warm-up + cosine schedule. parallel: a hla_convert.stages.parallel.Parallel, or None (one process)."""
+    warm-up + cosine schedule. parallel: a hla_convert.stages.parallel.Parallel, or None (one process).
+    prepare(step, j, item), when given, makes the input step_loss trains on from the j-th input of
+    step `step` (stage 3: the student's trajectory point); a pure function of its arguments, so a
+    resumed run sees the same inputs. Every process prepares the whole step before sharing it out
+    (same inputs everywhere, and an FSDP model's forwards stay in lockstep)."""
     main = parallel is None or parallel.is_main
     spec = getattr(recipe, stage)
     label = f"stage {stage[-1]}"
@@ -217,7 +242,7 @@ def _run_stage(
         summary["resumed_from"] = start
     elif main:
         # A fresh stage makes older checkpoints of it (and of what follows it) stale.
-        for later in ("stage1", "stage2")[("stage1", "stage2").index(stage) :]:
+        for later in _STAGES[_STAGES.index(stage) :]:
             checkpoint_path(work_dir, later).unlink(missing_ok=True)
     if parallel is not None:  # every process starts the stage from the main process's parameters
         parallel.broadcast_([params[n] for n in names])
@@ -250,11 +275,14 @@ def _run_stage(
                 group["lr"] = _lr_at(step, spec.steps, base_lr)
             loss, layer_vals = 0.0, {}
             indices = _batch_indices(step, accumulate, len(inputs), recipe.calibration.seed, stage)
+            items = [inputs[i] for i in indices]
+            if prepare is not None:
+                items = [prepare(step, j, item) for j, item in enumerate(items)]
             if parallel is not None:
-                loss, layer_vals = parallel.run_step([inputs[i] for i in indices], step_loss, [params[n] for n in names])
+                loss, layer_vals = parallel.run_step(items, step_loss, [params[n] for n in names])
             else:
-                for idx in indices:
-                    item_loss, item_layers = step_loss(inputs[idx], 1.0 / accumulate, None)
+                for item in items:
+                    item_loss, item_layers = step_loss(item, 1.0 / accumulate, None)
                     loss += item_loss / accumulate
                     for k, v in item_layers.items():
                         layer_vals[k] = layer_vals.get(k, 0.0) + v / accumulate

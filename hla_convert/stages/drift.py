@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,10 +203,16 @@ def _per_sample(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Ten
     return rel.cpu(), cos.cpu()
 
 
-@torch.no_grad()
-def sample_latents(model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor) -> torch.Tensor:
-    """A plain scheduler loop from `noise` with one input dict's conditioning (no guidance)."""
-    sched = copy.deepcopy(scheduler)
+def sampler_points(
+    model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, dict[str, Any] | None]]:
+    """A plain scheduler loop from `noise` with one input dict's conditioning (no guidance), one
+    step at a time. Yields (latents, point) before each of the `steps` steps: the latents x_i
+    [B, C, F, H, W] (float32, as the scheduler keeps them) and the model's input there (the item
+    with hidden_states = the scaled latents in the item's dtype, timestep [B] = the scheduler's t);
+    then (final latents, None). Each step runs the model (no_grad) in whatever mode it is in, so
+    stopping after k points leaves the trajectory at step k (stages.onpolicy trains there)."""
+    sched = copy.deepcopy(scheduler)  # the scheduler keeps a step index: every run starts afresh
     sched.set_timesteps(steps)
     latents = noise * getattr(sched, "init_noise_sigma", 1.0)
     t_dtype = item["timestep"].dtype if isinstance(item.get("timestep"), torch.Tensor) else torch.float32
@@ -214,8 +220,18 @@ def sample_latents(model: nn.Module, item: dict[str, Any], scheduler: Any, steps
     for t in sched.timesteps:
         model_in = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
         ts = t.to(device=latents.device, dtype=t_dtype).expand(b)
-        out = forward(model, {**item, "hidden_states": model_in.to(item["hidden_states"].dtype), "timestep": ts})
-        latents = sched.step(out.float(), t, latents, return_dict=False)[0]
+        point = {**item, "hidden_states": model_in.to(item["hidden_states"].dtype), "timestep": ts}
+        yield latents, point
+        with torch.no_grad():
+            out = forward(model, point)
+            latents = sched.step(out.float(), t, latents, return_dict=False)[0]
+    yield latents, None
+
+
+@torch.no_grad()
+def sample_latents(model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor) -> torch.Tensor:
+    """The final latents of `sampler_points`' whole loop (float32 as the scheduler keeps them)."""
+    *_, (latents, _) = sampler_points(model, item, scheduler, steps, noise)
     return latents
 
 
@@ -313,4 +329,4 @@ def measure_drift(
     return report
 
 
-__all__ = ["DriftReport", "PSNR_IDENTICAL", "check_thresholds", "measure_drift", "psnr_db", "sample_latents", "within"]
+__all__ = ["DriftReport", "PSNR_IDENTICAL", "check_thresholds", "measure_drift", "psnr_db", "sample_latents", "sampler_points", "within"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -608,3 +609,40 @@ def test_a_folder_name_that_is_not_utf8_is_refused_before_the_run(tmp_path):
     assert_one_line_error(invoke("convert", "--out", bad, "--steps", "0", "--device", "cpu"), contains="use a UTF-8 name")
     assert list(tmp_path.iterdir()) == []
     assert_one_line_error(invoke("validate", bad), contains="use a UTF-8 name")
+
+
+# -- stage 3 (on-policy trajectory distillation) -------------------------------------------------
+
+
+def test_convert_the_demo_with_stage3_and_load_it_back(tmp_path, fast_recipe):
+    """A small stage 3 on the demo through the command line: it runs after stage 2 with the demo's
+    scheduler, its summary is in the report, and the saved folder loads with load_converted."""
+    from hla_convert import load_converted
+    from hla_convert.model.lora import has_lora
+
+    recipe = tmp_path / "stage3.yaml"
+    fields = {"stage3.steps": 2, "stage3.batch_size": 2, "stage3.sampling_steps": 3}
+    recipe.write_text(load_recipe(str(fast_recipe)).with_overrides(fields=fields).to_yaml())
+    out = tmp_path / "out"
+    result = invoke("convert", "--recipe", recipe, "--out", out, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    stage3 = json.loads((out / "drift_report.json").read_text())["training"]["stage3"]
+    assert stage3["steps_run"] == 2 and stage3["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert all(math.isfinite(x) for x in stage3["loss_history"])
+    model = load_converted(out)
+    assert has_lora(model)
+    latents = torch.randn(1, 3, 2, 16, 16)
+    with torch.no_grad():
+        assert torch.isfinite(model(latents, torch.tensor([500.0]), torch.randn(1, 8, 32), return_dict=False)[0]).all()
+
+
+def test_stage3_on_a_bare_transformer_is_refused_before_the_load(tmp_path, fast_recipe):
+    bare = tmp_path / "bare"
+    tiny_wan().save_pretrained(bare)
+    (bare / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")  # never read: refused from the config
+    recipe = tmp_path / "stage3.yaml"
+    recipe.write_text(load_recipe(str(fast_recipe)).with_overrides(fields={"stage3.steps": 2}).to_yaml())
+    out = tmp_path / "out"
+    line = assert_one_line_error(invoke("convert", bare, "--recipe", recipe, "--out", out), contains="stage3.steps: must be 0")
+    assert "without a scheduler" in line
+    assert not out.exists()

@@ -62,6 +62,10 @@ def _with(path: str, value):
         ("stage1.batch_size", 6, "stage1.batch_size: must be a multiple of calibration.batch_size (4)"),
         ("stage2.train", "all", "stage2.train: 'all' is not one of hla"),
         ("stage2.steps", -1, "stage2.steps: must be an integer >= 0, got -1"),
+        ("stage3.sampling_steps", 0, "stage3.sampling_steps: must be a positive integer, got 0"),
+        ("stage3.batch_size", 6, "stage3.batch_size: must be a multiple of calibration.batch_size (4)"),
+        ("stage3.lr", "fast", "stage3.lr: must be a positive number, got 'fast'"),
+        ("stage3.steps", -1, "stage3.steps: must be an integer >= 0, got -1"),
         ("validation.min_output_cosine", 1.5, "validation.min_output_cosine: must be a number in [-1.0, 1.0]"),
         ("validation.timestep_buckets", "four", "validation.timestep_buckets: must be a positive integer"),
         ("attention.exclude", [1], "attention.exclude: must be a list of non-empty strings"),
@@ -84,8 +88,8 @@ def test_unknown_fields_and_sections():
     with pytest.raises(RecipeError, match=r"stage1\.stepz: unknown field; allowed: steps, lr"):
         parse_recipe(data)
     data = load_recipe("tiny-wan").to_dict()
-    data["stage3"] = {}
-    with pytest.raises(RecipeError, match="stage3: unknown section"):
+    data["stage4"] = {}
+    with pytest.raises(RecipeError, match="stage4: unknown section"):
         parse_recipe(data)
 
 
@@ -133,6 +137,23 @@ def test_steps_zero_turns_both_stages_off():
     assert r.stage2.steps > 0
     off = r.with_overrides(steps=0)
     assert off.stage1.steps == 0 and off.stage2.steps == 0
+
+
+def test_stage3_is_off_by_default_scales_with_steps_and_samples_as_the_sampling_check():
+    r = load_recipe("tiny-wan")
+    assert r.stage3.steps == 0  # off in every shipped recipe until the benchmark measures it
+    assert all(load_recipe(n).stage3.steps == 0 for n in builtin_recipes())
+    on = r.with_overrides(fields={"stage3.steps": 60})
+    # --steps scales stage 3 with the others, and 0 turns it off
+    assert on.with_overrides(steps=r.stage1.steps // 2).stage3.steps == 30
+    assert on.with_overrides(steps=0).stage3.steps == 0
+    # null sampling_steps: the sampling check's steps, or 10 when that is off
+    data = _with("stage3.sampling_steps", None)
+    data["validation"]["sampling_steps"] = 7
+    assert parse_recipe(data).stage3.sampling_steps == 7
+    data["validation"]["sampling_steps"] = 0
+    assert parse_recipe(data).stage3.sampling_steps == 10
+    assert r.with_overrides(fields={"stage3.sampling_steps": 3}).stage3.sampling_steps == 3
 
 
 # -- hostile recipe files: bounded work, one short line -------------------------------------------
