@@ -27,7 +27,7 @@ from typing import Any
 
 from .io.checks import check_arg_types, check_device, check_model_path, folder_arg, hub_notice, note_sampling, shown
 from .errors import InputError
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 
 DEMO_RECIPE = "tiny-wan"
 
@@ -241,6 +241,9 @@ def plan_conversion(
     _check_stage3_model(rec, model, revision, subfolder)
     run = run_identity(model, revision, subfolder, rec, dtype)
     experts = _experts_of(model, revision, subfolder)
+    if experts and rec.stage3.steps > 0:
+        # stage 3 samples a trajectory from noise, which runs both experts; each expert trains alone
+        raise RecipeError("stage3.steps", "on-policy distillation (stage 3) is not supported on a two-expert pipeline (transformer_2) yet; set stage3.steps: 0")
     return ConversionPlan(model, rec, out, dev, dtype, revision, subfolder, resume, overwrite, run, experts)
 
 

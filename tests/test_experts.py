@@ -167,3 +167,14 @@ def test_push_publishes_both_adapters(two):
     read_output(out, require_manifest=True)  # push's check: every file of both experts as the run wrote it
     names = files_to_push(out)
     assert {"adapter_model.safetensors", "transformer_2/adapter_model.safetensors", "transformer_2/hla_config.json"} <= set(names)
+
+
+def test_stage3_on_a_two_expert_pipeline_is_refused_before_the_load(two, tmp_path):
+    """On-policy sampling runs both experts; each trains alone: refused in one line, nothing written."""
+    root, _, _ = two
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(load_recipe("wan2.1-t2v-1.3b").with_overrides(fields={**CUT, "stage3.steps": 2}).to_yaml())
+    done = invoke("convert", root / "model", "--recipe", recipe, "--out", tmp_path / "o", "--device", "cpu")
+    assert done.exit_code == 2
+    assert "stage3.steps" in done.stderr and "two-expert" in done.stderr
+    assert not (tmp_path / "o").exists()
