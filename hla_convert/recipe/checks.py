@@ -15,6 +15,7 @@ from ..model.config import ConfigError, HLAConfig
 from .schema import (
     DISTRIBUTIONS,
     SOURCES,
+    STAGE2_TEACHER,
     STAGE2_TRAIN,
     SYNTHETIC,
     VAE_SCALES,
@@ -246,6 +247,7 @@ _STAGE1 = {
 _STAGE2 = {
     **_STAGE1,
     "train": lambda p, v: _choice(p, v, STAGE2_TRAIN),
+    "teacher": lambda p, v: _choice(p, v, STAGE2_TEACHER),
     "gradient_checkpointing": _bool,
     "lora_rank": _at_most(MAX_LORA_RANK, "LoRA ranks are 4 to 128 in practice; it must also fit the targets' features"),
     "lora_alpha": _optional(lambda p, v: _number(p, v, positive=True)),
@@ -339,6 +341,12 @@ def _check_together(r: Any) -> None:
         raise RecipeError("calibration.path", "source 'folder' needs the folder of cached *.safetensors inputs")
     if c.timesteps.min >= c.timesteps.max:
         raise RecipeError("calibration.timesteps.max", f"must be greater than min ({c.timesteps.min}), got {c.timesteps.max}")
+    if r.stage2.train == "full" and r.stage2.teacher != "cached":
+        raise RecipeError(
+            "stage2.teacher",
+            "must be cached with stage2.train full: the trained base weights are the teacher's, so a live teacher "
+            f"would swap the originals in from the host at every step; got {_r(r.stage2.teacher)}",
+        )
     for stage in ("stage1", "stage2"):
         spec = getattr(r, stage)
         if spec.batch_size is None:
