@@ -22,7 +22,8 @@ second one while teacher mode is on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -118,6 +119,18 @@ def show_base(model: nn.Module, original: bool) -> None:
         store.show(original)
 
 
+@contextlib.contextmanager
+def original_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with the original base weights shown inside (its fingerprint is the base's), then
+    as it was; only the weights: the attention modes and LoRA are left alone."""
+    was = showing_base(model)
+    show_base(model, True)
+    try:
+        yield model
+    finally:
+        show_base(model, was)
+
+
 def showing_base(model: nn.Module) -> bool:
     """Whether the original base weights are in the model now (teacher mode of a trained model)."""
     store = base_store(model)
@@ -130,6 +143,7 @@ __all__ = [
     "base_store",
     "full_tuning_blocks",
     "full_tuning_parameters",
+    "original_weights",
     "show_base",
     "showing_base",
 ]
