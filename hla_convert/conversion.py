@@ -292,6 +292,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         with stages.stage("convert"):
             config = rec.hla_config()
             convert_attention(net, config, include=rec.attention.include, exclude=rec.attention.exclude)
+            _bad_recipe(rec, lambda: distill.check_stage2_parallel(rec, par))  # train: full under FSDP, before sharding
             if par is not None and par.fsdp:
                 from .model.layers import hla_parameters
 

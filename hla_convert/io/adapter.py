@@ -1,19 +1,28 @@
-"""The adapter: only the new weights (HLA, and LoRA after a `train: lora` stage 2), as safetensors,
-bound to the base model they were made for.
+"""The adapter: only the new weights (HLA, and LoRA after a `train: lora` stage 2, the trained base
+weights of the converted blocks after a `train: full` one), as safetensors, bound to the base model
+they were made for.
 
 A folder holds two files (peft's shape: a config JSON plus a safetensors of the new weights):
 
     adapter_model.safetensors   HLA parameters under their model state_dict keys
                                 (e.g. "blocks.0.attn1.hla.proj"), and the LoRA weights of a
                                 stage 2 `train: lora` run under "lora." + peft's key
-                                (e.g. "lora.blocks.0.attn1.to_q.lora_A.weight"); header metadata below
+                                (e.g. "lora.blocks.0.attn1.to_q.lora_A.weight"), and the trained
+                                base weights of a `train: full` run under "full." + their
+                                parameter name ("full.blocks.0.ffn.net.2.weight"): whole tensors
+                                in the model's dtype, not differences (a bf16 difference added
+                                back to a bf16 base rounds: whole tensors load exactly); header
+                                metadata below
     hla_config.json             the same metadata as readable JSON
 
 Metadata: format ("hla-convert-adapter"), format_version, base_source (Hub ID or path),
 base_revision, base_fingerprint (see fingerprint_weights; of the base weights, LoRA excluded),
 config (HLAConfig JSON), modules (the converted attention modules) and, only with LoRA weights,
-lora ({"rank", "alpha", "modules": the adapted linear layers}). An adapter without "lora" is
-HLA-only (and older adapters load as before). The safetensors header is authoritative; both are
+lora ({"rank", "alpha", "modules": the adapted linear layers}), only with full weights, full
+({"train": "full", "blocks": the trained blocks, "parameters": their parameter count}). An adapter
+without "lora" or "full" is HLA-only (and older adapters load as before). Loading a full adapter
+puts the trained weights into the base after keeping its originals on the host
+(model.full_tuning), so "teacher" mode is still the base. The safetensors header is authoritative; both are
 written atomically (temp file, then rename). Loading refuses a NaN or infinite weight (a corrupt
 adapter: every output would be NaN).
 """
@@ -34,6 +43,7 @@ from ..atomic_files import atomic_write_bytes, atomic_write_text
 from ..errors import clip, first_line
 from ..json_docs import DuplicateKeyError, loads_strict, same_json
 from ..model.config import ConfigError, HLAConfig
+from ..model.full_tuning import attach_base_store, base_store, full_tuning_blocks, full_tuning_parameters, original_weights
 from ..model.layers import hla_layers, hla_parameters
 from ..model.lora import LORA_PREFIX, LoraError, has_lora, load_lora_state, lora_config, lora_state_dict, remove_lora, without_lora
 from ..model.surgery import ConversionError, convert_attention, revert_attention
@@ -44,6 +54,7 @@ CONFIG_FILE = "hla_config.json"
 FORMAT = "hla-convert-adapter"
 FORMAT_VERSION = 1
 _SAMPLES_PER_TENSOR = 4096
+FULL_PREFIX = "full."  # adapter-file keys of a `train: full` run's base weights: "full." + parameter name
 
 
 class AdapterError(ValueError):
@@ -142,7 +153,7 @@ def _adapter_metadata(model: nn.Module, base_source: str | None, base_revision: 
     configs = {layer.config for layer in layers.values()}
     if len(configs) != 1:
         raise AdapterError("the converted layers use different HLAConfigs; an adapter holds one config")
-    with without_lora(model):  # the base the adapter is for has no LoRA wrappers
+    with without_lora(model), original_weights(model):  # the base the adapter is for: no LoRA, untrained weights
         fingerprint = fingerprint_weights(model)
     meta = {
         "format": FORMAT,
@@ -156,6 +167,9 @@ def _adapter_metadata(model: nn.Module, base_source: str | None, base_revision: 
     }
     if has_lora(model):
         meta["lora"] = lora_config(model)
+    store = base_store(model)
+    if store is not None:
+        meta["full"] = {"train": "full", "blocks": full_tuning_blocks(model), "parameters": sum(p.numel() for p in store.params.values())}
     return meta
 
 
@@ -174,6 +188,9 @@ def save_adapter(
         meta["extra"] = extra_metadata
     tensors = {k: p.detach().to("cpu", torch.float32).contiguous() for k, p in hla_parameters(model).items()}
     tensors |= {LORA_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+    store = base_store(model)
+    if store is not None:  # the trained values (host copies), whether or not teacher mode shows the originals now
+        tensors |= {FULL_PREFIX + k: v.contiguous() for k, v in store.trained_state().items()}
     header = {k: json.dumps(v) for k, v in meta.items()}
     path = directory / ADAPTER_FILE
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=header))
@@ -194,6 +211,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "modules": ((list,), "a non-empty list of module names"),
     "base_class": ((str, type(None)), "a string"),
     "lora": ((dict, type(None)), "a mapping"),
+    "full": ((dict, type(None)), "a mapping"),
     "extra": ((dict, type(None)), "a mapping"),
 }
 
@@ -246,6 +264,11 @@ def _metadata_type_problem(meta: dict[str, Any]) -> str | None:
             return f"{key!r} must be {what}, got {shown(meta[key])}"
     if not meta["modules"] or not all(isinstance(m, str) and m for m in meta["modules"]):
         return f"'modules' must be a non-empty list of module names, got {shown(meta['modules'])}"
+    full = meta.get("full")
+    if isinstance(full, dict):
+        blocks = full.get("blocks")
+        if not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) and b for b in blocks):
+            return f"'full' must list its trained blocks (a non-empty list of module names), got {shown(blocks)}"
     return None
 
 
@@ -259,7 +282,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool = True, revision: str | None = None) -> nn.Module:
     """Convert `base_model` as the adapter says and load its weights (and its LoRA adapters, enabled,
-    when it has them); returns the model.
+    when it has them; and its trained base weights after a `train: full` stage 2, the base's own
+    kept on the host for "teacher" mode, model.full_tuning); returns the model.
 
     directory: a local folder, or a Hub ID "ORG/NAME" (at `revision`: branch, tag or commit),
     read through the local Hugging Face cache (hla_convert.io.hub.resolve_output_dir).
@@ -285,21 +309,38 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
     if bad is not None:  # a NaN weight makes every output NaN: a corrupt adapter, not a model to measure
         raise AdapterError(f"{directory / ADAPTER_FILE} is corrupt: tensor {bad!r} holds NaN or infinite values")
     lora_tensors = {k[len(LORA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(LORA_PREFIX)}
+    full_tensors = {k[len(FULL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(FULL_PREFIX)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith((LORA_PREFIX, FULL_PREFIX))}
     if lora_tensors and not isinstance(meta.get("lora"), dict):
         raise AdapterError(f"{directory / ADAPTER_FILE} holds {len(lora_tensors)} LoRA weight(s) but its metadata has no lora config")
+    if full_tensors and not isinstance(meta.get("full"), dict):
+        raise AdapterError(f"{directory / ADAPTER_FILE} holds {len(full_tensors)} full base weight(s) but its metadata has no full record")
     try:
         convert_attention(base_model, config, include=list(meta["modules"]))
     except ConversionError as exc:
         raise AdapterError(f"the adapter does not fit this model: {exc}") from None
     params = hla_parameters(base_model)
     problem = _mismatch(params, tensors)
+    full_params: dict[str, nn.Parameter] = {}
+    if problem is None and isinstance(meta.get("full"), dict):
+        known = {n for n, _ in base_model.named_modules()}
+        blocks = meta["full"]["blocks"]
+        missing = [b for b in blocks if b not in known]
+        if missing:
+            problem = f"its full weights are for a block {shown(missing[0])} this model lacks"
+        else:
+            full_params = full_tuning_parameters(base_model, blocks)
+            problem = _mismatch(full_params, full_tensors, FULL_PREFIX)
     if problem:
         revert_attention(base_model)
         raise AdapterError(f"{directory / ADAPTER_FILE} does not match the converted model: {problem}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.dtype))
+        if full_params:  # the base's originals to the host store first: teacher mode stays the base
+            attach_base_store(base_model, full_params)
+            for name, p in full_params.items():
+                p.copy_(full_tensors[name].to(p.dtype))
     if isinstance(meta.get("lora"), dict):
         try:
             load_lora_state(base_model, lora_tensors, meta["lora"])
@@ -310,16 +351,17 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
     return base_model
 
 
-def _mismatch(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str | None:
+def _mismatch(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], prefix: str = "") -> str | None:
+    """What keeps `tensors` (file keys without `prefix`) from loading into `params`, or None."""
     missing = sorted(set(params) - set(tensors))
     if missing:
-        return f"missing {len(missing)} key(s), e.g. {missing[0]}"
+        return f"missing {len(missing)} key(s), e.g. {prefix}{missing[0]}"
     extra = sorted(set(tensors) - set(params))
     if extra:
-        return f"{len(extra)} unexpected key(s), e.g. {extra[0]}"
+        return f"{len(extra)} unexpected key(s), e.g. {prefix}{extra[0]}"
     for name, p in params.items():
         if tensors[name].shape != p.shape:
-            return f"{name} has shape {list(tensors[name].shape)}, the model expects {list(p.shape)}"
+            return f"{prefix}{name} has shape {list(tensors[name].shape)}, the model expects {list(p.shape)}"
         if not tensors[name].is_floating_point():  # an I32/U32 header over float bytes: garbage weights
-            return f"{name} has dtype {str(tensors[name].dtype).removeprefix('torch.')}, not a floating-point weight"
+            return f"{prefix}{name} has dtype {str(tensors[name].dtype).removeprefix('torch.')}, not a floating-point weight"
     return None

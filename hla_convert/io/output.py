@@ -373,8 +373,9 @@ def load_converted(
 
     base: where to load the base model from (Hub ID or folder); None = the one the adapter records.
     Its weights must match the recorded fingerprint. LoRA weights in the adapter (stage 2
-    `train: lora`) come back as enabled peft adapters; set_attention_mode(model, "teacher")
-    gives the base model again.
+    `train: lora`) come back as enabled peft adapters, trained base weights (`train: full`) in
+    place of the base's (kept on the host); set_attention_mode(model, "teacher") gives the base
+    model again.
 
         pipe = WanPipeline.from_pretrained(base, transformer=load_converted("wan-hla"))
 
@@ -524,6 +525,9 @@ def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
             f" LoRA (rank {info['lora'].get('rank')}, {len(info['lora'].get('modules') or [])} projections) trained in"
             " stage 2 and saved under `lora.` keys; the teacher is the base with them disabled."
             if isinstance(info.get("lora"), dict)
+            else f" The weights of {len(info['full'].get('blocks') or [])} blocks trained in stage 2 (`train: full`) and saved"
+            " whole under `full.` keys; the teacher is the base with its original weights."
+            if isinstance(info.get("full"), dict)
             else ""
         ),
         "",

@@ -15,6 +15,7 @@ from ..model.config import ConfigError, HLAConfig
 from .schema import (
     DISTRIBUTIONS,
     SOURCES,
+    STAGE2_TEACHER,
     STAGE2_TRAIN,
     STAGE3_SAMPLING_STEPS,
     SYNTHETIC,
@@ -248,6 +249,7 @@ _STAGE1 = {
 _STAGE2 = {
     **_STAGE1,
     "train": lambda p, v: _choice(p, v, STAGE2_TRAIN),
+    "teacher": lambda p, v: _choice(p, v, STAGE2_TEACHER),
     "gradient_checkpointing": _bool,
     "lora_rank": _at_most(MAX_LORA_RANK, "LoRA ranks are 4 to 128 in practice; it must also fit the targets' features"),
     "lora_alpha": _optional(lambda p, v: _number(p, v, positive=True)),
@@ -347,6 +349,12 @@ def _check_together(r: Any) -> None:
         raise RecipeError("calibration.path", "source 'folder' needs the folder of cached *.safetensors inputs")
     if c.timesteps.min >= c.timesteps.max:
         raise RecipeError("calibration.timesteps.max", f"must be greater than min ({c.timesteps.min}), got {c.timesteps.max}")
+    if r.stage2.train == "full" and r.stage2.teacher != "cached":
+        raise RecipeError(
+            "stage2.teacher",
+            "must be cached with stage2.train full: the trained base weights are the teacher's, so a live teacher "
+            f"would swap the originals in from the host at every step; got {_r(r.stage2.teacher)}",
+        )
     if r.stage3.sampling_steps is None:
         r.stage3.sampling_steps = r.validation.sampling_steps or STAGE3_SAMPLING_STEPS
     for stage in ("stage1", "stage2", "stage3"):

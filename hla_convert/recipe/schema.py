@@ -20,13 +20,20 @@ out with the reasoning for their values):
                   timesteps: {distribution (uniform | logit_normal), min, max (noise level t in
                   [0, 1]; model timestep = 1000 t), mean, std (logit_normal), shift}
     stage1:       steps, lr, batch_size, checkpoint_every, grad_clip
-    stage2:       steps (0 = off), lr, batch_size, checkpoint_every, grad_clip, train (hla | lora),
-                  gradient_checkpointing, lora_rank (8), lora_alpha (null = rank), lora_targets
-                  (module-name suffixes inside each converted attention module; default to_q,
-                  to_k, to_v, to_out.0), lora_ffn (also the feed-forward linears of the blocks
-                  holding converted modules), lora_lr (null = lr). "lora" trains peft LoRA
-                  adapters on those base linears together with the HLA parameters; the teacher
-                  is the same weights with the adapters disabled (hla_convert.model.lora)
+    stage2:       steps (0 = off), lr, batch_size, checkpoint_every, grad_clip, train (hla | lora
+                  | full), teacher (cached | live), gradient_checkpointing, lora_rank (8),
+                  lora_alpha (null = rank), lora_targets (module-name suffixes inside each
+                  converted attention module; default to_q, to_k, to_v, to_out.0), lora_ffn (also
+                  the feed-forward linears of the blocks holding converted modules), lora_lr
+                  (null = lr). "lora" trains peft LoRA adapters on those base linears together
+                  with the HLA parameters; the teacher is the same weights with the adapters
+                  disabled (hla_convert.model.lora). "full" trains every weight of the blocks
+                  holding converted modules (hla_convert.model.full_tuning) with the HLA
+                  parameters, all at lr; the lora_* fields are then ignored (no LoRA is added).
+                  teacher "cached" (default): the teacher's outputs for the stage-2 inputs are
+                  computed once before the first step and kept on the host (the inputs are
+                  fixed, so the targets are too: half the compute of "live", which runs the
+                  teacher at every step); "full" needs "cached".
     stage3:       steps (0 = off), lr, batch_size, checkpoint_every, grad_clip, sampling_steps
                   (null = validation.sampling_steps, or 10 when that is 0). On-policy trajectory
                   distillation (hla_convert.stages.onpolicy): per input, the STUDENT samples from
@@ -65,11 +72,14 @@ BUILTIN_PACKAGE = "hla_convert.builtin_recipes"
 SOURCES = ("synthetic", "trajectories", "folder")
 SYNTHETIC = ("gaussian", "demo_videos")
 DISTRIBUTIONS = ("uniform", "logit_normal")
-# What stage 2 may train: the HLA parameters, or those plus LoRA adapters on base linears. Never
-# the base weights themselves: the teacher is the same weights in "teacher" mode (one copy,
-# docs/architecture.md), so that would move the teacher too; LoRA adapters are disabled in
-# teacher mode.
-STAGE2_TRAIN = ("hla", "lora")
+# What stage 2 may train: the HLA parameters, those plus LoRA adapters on base linears (disabled in
+# teacher mode), or those plus every base weight of the converted blocks ("full"): the teacher is
+# then the cached targets while training, and teacher mode swaps the original weights in from a
+# host copy (hla_convert.model.full_tuning), so one copy of the weights stays on the device.
+STAGE2_TRAIN = ("hla", "lora", "full")
+# Where stage 2's targets come from: computed once before the first step and kept on the host
+# ("cached"), or a teacher forward at every step ("live", the behaviour before caching).
+STAGE2_TEACHER = ("cached", "live")
 
 # (temporal, spatial) compression of each architecture's VAE: latent frames = (frames - 1) / t + 1 (model.architectures).
 VAE_SCALES: dict[str, tuple[int, int]] = with_field("vae_scales")
@@ -194,6 +204,7 @@ class Stage2Spec:
     checkpoint_every: int = 50
     grad_clip: float = 1.0
     train: str = "hla"
+    teacher: str = "cached"
     gradient_checkpointing: bool = False
     lora_rank: int = 8
     lora_alpha: float | None = None  # null: lora_rank (LoRA scale 1)

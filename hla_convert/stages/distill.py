@@ -12,8 +12,21 @@ alive at a time: stage 1 costs the memory of teacher inference. Stage 2 runs the
 
 Stage 1 trains the HLA parameters only. Stage 2 trains them, and with `stage2.train: lora` also
 peft LoRA adapters on base linear layers (hla_convert.model.lora), added when stage 2 starts with B = 0
-so that its step 0 is the HLA-only student. The base weights themselves never train: they are
-the teacher; the adapters are disabled in "teacher" mode, so the teacher stays the base model.
+so that its step 0 is the HLA-only student; the adapters are disabled in "teacher" mode, so the
+teacher stays the base model. With `stage2.train: full` it trains every weight of the blocks that
+hold converted modules (hla_convert.model.full_tuning): their original values are kept on the host
+first, and "teacher" mode swaps them in, so the teacher is still the base model.
+
+Stage 2's teacher (`stage2.teacher`): "cached" computes the teacher's output for every input the
+loop will use once, before the first step (teacher mode, no_grad, eval mode and gradient
+checkpointing as the live teacher would run), keeps it on the host and moves it to the device per
+step: the same targets as "live" (a teacher forward at every step) bit for bit, since the teacher
+is deterministic and does not train, at one forward a step instead of two. A resumed run
+recomputes them (a pure function of the fixed inputs and the base weights; with `train: full` the
+originals are swapped in from the host store, which is made from the freshly loaded base before
+the checkpoint's trained weights are restored). Under a multi-process launch every process caches
+the targets of all inputs (each input may be cut across processes, or go whole to one, step by
+step; the cut target follows its input through `parallel._cut`, as a batch-first tensor).
 
 Plain torch on one process: without mixed precision (HLA parameters are float32; the base model
 keeps its own dtype) `Accelerator.backward/prepare` add nothing but a wrapper. Device placement is
@@ -29,6 +42,7 @@ is hla_convert.stages.distill_loop; a killed process leaves the last complete ch
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,13 +50,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distill_loop import DistillError, Progress, _only_trainable, _relative_sq_error, _run_stage, _shared_relative_sq_error  # noqa: F401 - re-exported
+from .distill_loop import DistillError, Progress, _batch_indices, _only_trainable, _relative_sq_error, _run_stage, _shared_relative_sq_error  # noqa: F401 - re-exported
+from ..model.full_tuning import attach_base_store, full_tuning_blocks, full_tuning_parameters
 from ..model.layers import hla_layers, hla_parameters
 from ..model.lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules, without_lora
 from ..model.modes import attention_mode, forward, set_attention_mode, streamed_pairs
 from ..recipe import Recipe, RecipeError
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over processes (hla_convert.stages.parallel)
+# The key under which a stage-2 input dict carries its cached teacher output (host memory, batch
+# first like the input's tensors, so parallel._cut cuts it with them); removed before the forward.
+TARGET_KEY = "_hla_convert_target"
 
 
 # -- feature-map initialisation ------------------------------------------------------------------------
@@ -150,28 +168,45 @@ def output_distillation(
 ) -> dict[str, Any]:
     """Stage 2: the converted model's denoiser output matches the teacher's at the same inputs.
 
-    Per input: teacher output under no_grad in "teacher" mode, then the student forward with
-    gradients; loss ||student - teacher||^2 / ||teacher||^2. Trains the HLA parameters (recipe
-    stage2.train "hla"), plus LoRA adapters (train "lora": stage2.lora_rank, lora_alpha,
-    lora_targets, lora_ffn; lr stage2.lora_lr or stage2.lr) that are added here, enabled, with
-    B = 0, and stay on the model (save_adapter stores them). The teacher forward runs with the
-    adapters disabled. stage2.gradient_checkpointing turns on the model's own gradient
-    checkpointing for the student forward. Returns the same summary as attention_transfer
-    (its "layers" is empty, "lora" lists the adapted modules); steps 0 returns {"skipped": ...}.
+    Per input: the teacher's output (cached before the first step, or with stage2.teacher "live"
+    a no_grad "teacher" forward at every step), then the student forward with gradients; loss
+    ||student - teacher||^2 / ||teacher||^2. Trains the HLA parameters (recipe stage2.train
+    "hla"), plus LoRA adapters (train "lora": stage2.lora_rank, lora_alpha, lora_targets,
+    lora_ffn; lr stage2.lora_lr or stage2.lr) that are added here, enabled, with B = 0, and stay
+    on the model (save_adapter stores them), or plus every base weight of the blocks holding
+    converted modules (train "full", at stage2.lr; their originals go to the model's host store,
+    model.full_tuning, first). The teacher runs with the adapters disabled and the original
+    weights. stage2.gradient_checkpointing turns on the model's own gradient checkpointing for the
+    student forward. Returns the same summary as attention_transfer (its "layers" is empty, "lora"
+    lists the adapted modules, "full" the trained blocks, "teacher" how the targets came);
+    steps 0 returns {"skipped": ...}. Raises RecipeError for train "full" under FSDP.
     """
     spec = recipe.stage2
     extra: dict[str, nn.Parameter] = {}
     lora_modules: list[str] = []
-    if spec.train == "lora" and spec.steps > 0 and hla_parameters(model):
+    full_blocks: list[str] = []
+    active = spec.steps > 0 and bool(hla_parameters(model))
+    if active:
+        check_stage2_parallel(recipe, parallel)
+    if spec.train == "lora" and active:
         extra, lora_modules = _stage2_lora(model, recipe)
+    if spec.train == "full" and active:
+        full_blocks = full_tuning_blocks(model)
+        extra = full_tuning_parameters(model, full_blocks)
+        attach_base_store(model, extra)  # the originals, before any of them trains (or a checkpoint loads)
 
     def step_loss(item: dict[str, Any], scale: float, reduce: Reduce | None) -> tuple[float, dict[str, float]]:
-        set_attention_mode(model, "teacher")
-        with torch.no_grad():
-            target = forward(model, item).detach()
+        target = item.get(TARGET_KEY)
+        if target is None:
+            set_attention_mode(model, "teacher")
+            with torch.no_grad():
+                target = forward(model, item).detach()
+        else:
+            item = {k: v for k, v in item.items() if k != TARGET_KEY}
         set_attention_mode(model, "student")
         with torch.enable_grad():
             pred = forward(model, item)
+            target = target.to(pred.device)
             if reduce is None:
                 rel = _relative_sq_error(pred, target)
                 value = float(rel.detach())
@@ -186,13 +221,56 @@ def output_distillation(
     if checkpointing and not was:
         model.enable_gradient_checkpointing()
     try:
-        summary = _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss, extra, spec.lora_lr, parallel)
+        teacher: dict[str, Any] = {"mode": spec.teacher}
+        if spec.teacher == "cached" and active and inputs:
+            inputs, teacher["targets"], teacher["seconds"] = _cache_targets(model, inputs, recipe)
+        extra_lr = spec.lora_lr if spec.train == "lora" else None
+        summary = _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss, extra, extra_lr, parallel)
     finally:
         if checkpointing and not was:
             model.disable_gradient_checkpointing()
+    if active:
+        summary["teacher"] = teacher
     if lora_modules:
         summary["lora"] = {"modules": lora_modules, "parameters": sum(p.numel() for p in extra.values())}
+    if full_blocks:
+        summary["full"] = {"blocks": full_blocks, "parameters": sum(p.numel() for p in extra.values())}
     return summary
+
+
+def _cache_targets(model: nn.Module, inputs: Sequence[dict[str, Any]], recipe: Recipe) -> tuple[list[dict[str, Any]], int, float]:
+    """The stage-2 inputs, each one the loop will use carrying its teacher output under TARGET_KEY
+    (on the host); (inputs, how many targets, seconds). The teacher runs as the live one would
+    inside the loop: "teacher" mode, no_grad, eval mode (no dropout), the model's gradient
+    checkpointing setting as it is, so the targets are the live ones bit for bit."""
+    spec = recipe.stage2
+    accumulate = max(1, spec.batch_size // recipe.calibration.batch_size)
+    n = len(inputs)
+    used = sorted({i for step in range(spec.steps) for i in _batch_indices(step, accumulate, n, recipe.calibration.seed, "stage2")})
+    t0 = time.perf_counter()
+    out = list(inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with attention_mode(model, "teacher"), torch.no_grad():
+            for i in used:
+                target = forward(model, inputs[i]).detach()
+                out[i] = {**inputs[i], TARGET_KEY: target.to("cpu")}
+    finally:
+        model.train(was_training)
+    return out, len(used), time.perf_counter() - t0
+
+
+def check_stage2_parallel(recipe: Recipe, parallel: Any) -> None:
+    """Refuse (RecipeError) what stage 2 cannot train under this launch: `train: full` under FSDP,
+    which shards the frozen base (stages.parallel.shard_frozen_base) that full training would train.
+    Run before the base is sharded (conversion) and when stage 2 starts."""
+    if recipe.stage2.train == "full" and recipe.stage2.steps > 0 and getattr(parallel, "fsdp", False):
+        raise RecipeError(
+            "stage2.train",
+            "full is not supported under FSDP yet; FSDP shards the frozen base weights that full would train: "
+            "use lora, or launch without an FSDP config",
+        )
 
 
 def check_lora_rank(model: nn.Module, recipe: Recipe) -> None:
@@ -275,7 +353,9 @@ def distil(
 
 
 __all__ = [
+    "TARGET_KEY",
     "DistillError",
+    "check_stage2_parallel",
     "attention_transfer",
     "distil",
     "forward",

@@ -175,8 +175,9 @@ def _finite_number(x: Any) -> bool:
 
 def _fingerprint(stage: str, recipe: Recipe, params: dict[str, nn.Parameter], n_inputs: int) -> str:
     spec = getattr(recipe, stage)
-    fields = {k: v for k, v in vars(spec).items() if k != "checkpoint_every"}
-    if getattr(spec, "train", None) == "hla":  # unused LoRA settings: keep HLA-only fingerprints as they were
+    # teacher (cached | live) gives the same targets: a checkpoint of either resumes under the other
+    fields = {k: v for k, v in vars(spec).items() if k not in ("checkpoint_every", "teacher")}
+    if getattr(spec, "train", None) in ("hla", "full"):  # unused LoRA settings: keep HLA-only fingerprints as they were
         fields = {k: v for k, v in fields.items() if not k.startswith("lora_")}
     doc = {
         "stage": stage,

@@ -7,8 +7,9 @@ Metrics (all from one copy of the weights, switching attention modes):
   so this is the layer's own error, not accumulated drift).
 - output: the denoiser output of the student ("student" mode) against the teacher's (the output
   of the same "both" forward, which is exactly the "teacher" mode output: in "both" the teacher's
-  attention flows on). With LoRA adapters in the model, "both" runs the adapted projections, so
-  the teacher gets its own "teacher" forward (adapters disabled: the base model); the attention
+  attention flows on). With LoRA adapters in the model (or base weights trained by `train: full`),
+  "both" runs the adapted projections, so the teacher gets its own "teacher" forward (adapters
+  disabled, original weights swapped in: the base model); the attention
   errors are then those of the HLA core on the adapted model's q/k/v. Per sample: relative L2
   and cosine similarity of the flattened outputs; reported as means per noise-level bucket
   (t = timestep / 1000 split into validation.timestep_buckets equal ranges) and over all samples.
@@ -39,8 +40,7 @@ from torch import nn
 from .calibration import noise_levels
 from ..json_docs import number
 from ..model.layers import hla_layers
-from ..model.lora import has_adapters
-from ..model.modes import attention_mode, forward, set_attention_mode, streamed_pairs
+from ..model.modes import attention_mode, forward, set_attention_mode, streamed_pairs, teacher_needs_own_forward
 from ..recipe import Recipe, ValidationSpec
 from .selection import LayerErrors
 
@@ -257,7 +257,7 @@ def measure_drift(
         for name, layer in layers.items():
             if layer.config.kind == "softmax":  # identity conversion: no student, zero drift
                 errors.err2[name], errors.ref2[name] = 0.0, 1.0
-        adapted = has_adapters(model)
+        adapted = teacher_needs_own_forward(model)  # LoRA or train: full: "both" is not the base
         for i, item in enumerate(heldout_inputs):
             set_attention_mode(model, "both")
             with streamed_pairs(model, errors):

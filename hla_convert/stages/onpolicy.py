@@ -21,7 +21,10 @@ samples the whole step's trajectories (the same everywhere), then trains its sha
 
 What trains is what stage 2 trained: the HLA parameters, and the LoRA adapters stage 2 added (on
 the model now), at stage3.lr x stage2.lora_lr / stage2.lr (the ratio stage 2 used), with stage
-2's gradient_checkpointing setting for the student's backward. The loop
+2's gradient_checkpointing setting for the student's backward; after stage2.train "full", every
+weight of the converted blocks at stage3.lr (each teacher forward then swaps the host copy of the
+original weights in and out, model.full_tuning: two host-device copies of those blocks a step).
+The loop
 (schedule, batches, checkpoints, resume, the multi-process step) is distill_loop._run_stage.
 """
 
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.full_tuning import base_store, full_tuning_parameters
 from ..model.lora import has_lora, lora_parameters
 from ..model.modes import attention_mode, forward, set_attention_mode
 from ..recipe import Recipe, RecipeError
@@ -101,9 +105,15 @@ def onpolicy_distillation(
     and `scheduler` is None, DistillError on a non-finite loss."""
     spec = recipe.stage3
     check_stage3_scheduler(recipe, scheduler is not None)
-    extra = lora_parameters(model) if has_lora(model) and spec.steps > 0 else {}
     s2 = recipe.stage2
-    extra_lr = spec.lr * (s2.lora_lr / s2.lr) if extra and s2.lora_lr is not None else None
+    if s2.train == "full" and base_store(model) is not None and spec.steps > 0:
+        # what stage 2 trained: every weight of the converted blocks, at stage3.lr; the teacher
+        # forward swaps the host copy of the originals in and out (model.full_tuning) each step
+        extra = full_tuning_parameters(model)
+        extra_lr = None
+    else:
+        extra = lora_parameters(model) if has_lora(model) and spec.steps > 0 else {}
+        extra_lr = spec.lr * (s2.lora_lr / s2.lr) if extra and s2.lora_lr is not None else None
     sampler_forwards = 0
 
     def prepare(step: int, position: int, item: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +153,8 @@ def onpolicy_distillation(
             sampling_steps=spec.sampling_steps,
             scheduler=type(scheduler).__name__,
             sampler_forwards=sampler_forwards,
-            lora=sum(p.numel() for p in extra.values()),
+            lora=0 if s2.train == "full" else sum(p.numel() for p in extra.values()),
+            full=sum(p.numel() for p in extra.values()) if s2.train == "full" else 0,
         )
     return summary
 

@@ -38,9 +38,12 @@ def test_round_trip_is_exact(saved):
     from hla_convert.model.lora import has_adapters
 
     folder, out = saved
-    assert "lora" not in read_adapter_info(folder)  # an HLA-only adapter: loads with no LoRA, as before LoRA existed
+    from hla_convert.model.full_tuning import base_store
+
+    info = read_adapter_info(folder)
+    assert "lora" not in info and "full" not in info  # an HLA-only adapter: loads with no LoRA, as before LoRA (and full) existed
     model = load_adapter(tiny_wan(), folder)
-    assert not has_adapters(model)
+    assert not has_adapters(model) and base_store(model) is None
     with torch.no_grad():
         assert torch.equal(model(**inputs()).sample, out)
 
@@ -291,4 +294,58 @@ def test_metadata_of_the_wrong_type_is_one_adapter_error(saved, key, value, expe
         with pytest.raises(AdapterError, match=expect) as err:
             read()
         assert "\n" not in str(err.value) and len(str(err.value)) < 600
+    assert not hla_parameters(base)
+
+
+# -- train: full ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_saved(tmp_path):
+    """An adapter of a model whose converted blocks' base weights moved, as stage 2 `train: full`
+    leaves it (originals in the host store, trained values in the Parameters); (folder, student output)."""
+    from hla_convert.model.full_tuning import attach_base_store, full_tuning_parameters
+
+    model = convert_attention(tiny_wan(), HLAConfig(kind="hadamard", feature_dim=4, feature_map="softplus"))
+    trained = full_tuning_parameters(model)
+    attach_base_store(model, trained)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in [*hla_parameters(model).values(), *trained.values()]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        out = model(**inputs()).sample
+    save_adapter(model, tmp_path / "full", base_source="tiny/wan")
+    return tmp_path / "full", out
+
+
+def test_full_adapter_round_trip_restores_the_trained_blocks_and_keeps_the_base_as_teacher(full_saved):
+    from hla_convert.model.modes import attention_mode
+
+    folder, out = full_saved
+    info = read_adapter_info(folder)
+    assert info["full"]["train"] == "full" and info["full"]["blocks"] == ["blocks.0", "blocks.1"]
+    assert info["base_fingerprint"] == fingerprint_weights(tiny_wan())  # of the original base, not the trained weights
+    tensors = load_file(str(folder / ADAPTER_FILE))
+    full_keys = {k for k in tensors if k.startswith("full.")}
+    assert "full.blocks.0.attn1.to_q.weight" in full_keys and "full.blocks.1.ffn.net.2.weight" in full_keys
+    assert not any(".hla." in k or "patch_embedding" in k for k in full_keys)
+    model = load_adapter(tiny_wan(), folder)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs()).sample, out)  # whole tensors: exact
+        with attention_mode(model, "teacher"):
+            teacher = model(**inputs()).sample
+        assert torch.equal(teacher, tiny_wan()(**inputs()).sample)
+        assert torch.equal(model(**inputs()).sample, out)
+
+
+def test_full_adapter_refuses_another_base_and_a_missing_full_weight_in_one_line(full_saved):
+    folder, _ = full_saved
+    other = tiny_wan(seed=1)
+    with pytest.raises(AdapterError, match="different base") as err:
+        load_adapter(other, folder)
+    assert "\n" not in str(err.value) and not hla_parameters(other)
+    _rewrite(folder, lambda t: t.pop("full.blocks.1.ffn.net.2.weight"))
+    base = tiny_wan()
+    with pytest.raises(AdapterError, match=r"missing 1 key\(s\), e\.g\. full\.blocks\.1\.ffn\.net\.2\.weight"):
+        load_adapter(base, folder)
     assert not hla_parameters(base)

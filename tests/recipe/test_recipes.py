@@ -66,6 +66,7 @@ def _with(path: str, value):
         ("stage3.batch_size", 6, "stage3.batch_size: must be a multiple of calibration.batch_size (4)"),
         ("stage3.lr", "fast", "stage3.lr: must be a positive number, got 'fast'"),
         ("stage3.steps", -1, "stage3.steps: must be an integer >= 0, got -1"),
+        ("stage2.teacher", "frozen", "stage2.teacher: 'frozen' is not one of cached, live"),
         ("validation.min_output_cosine", 1.5, "validation.min_output_cosine: must be a number in [-1.0, 1.0]"),
         ("validation.timestep_buckets", "four", "validation.timestep_buckets: must be a positive integer"),
         ("attention.exclude", [1], "attention.exclude: must be a list of non-empty strings"),
@@ -80,6 +81,21 @@ def test_bad_field_is_named(path, value, message):
         parse_recipe(_with(path, value))
     assert str(e.value).startswith(message), str(e.value)
     assert e.value.field == path
+
+
+def test_stage2_teacher_defaults_to_cached_everywhere_and_full_needs_it():
+    from hla_convert.recipe import Stage2Spec
+
+    assert Stage2Spec().teacher == "cached"
+    for name in builtin_recipes():  # the shipped recipes say so, with a comment
+        assert load_recipe(name).stage2.teacher == "cached"
+        assert "teacher: cached " in recipe_text(name) and "#" in recipe_text(name).split("teacher: cached", 1)[1].split("\n")[0]
+    data = _with("stage2.train", "full")
+    assert parse_recipe(data).stage2.train == "full"  # lora_* fields set in tiny-wan: ignored, not refused
+    data["stage2"]["teacher"] = "live"
+    with pytest.raises(RecipeError, match=r"^stage2\.teacher: must be cached with stage2\.train full") as e:
+        parse_recipe(data)
+    assert e.value.field == "stage2.teacher"
 
 
 def test_unknown_fields_and_sections():

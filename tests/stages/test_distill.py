@@ -206,3 +206,98 @@ def test_softmax_kind_has_nothing_to_train(tmp_path):
     model, inputs = converted(rec)
     assert attention_transfer(model, inputs, rec, tmp_path)["skipped"]
     assert output_distillation(model, inputs, rec, tmp_path)["skipped"]
+
+
+# -- stage 2: cached teacher targets, train: full -------------------------------------------------
+
+
+def _stage2_run(rec, work, stop_at=None, resume=False):
+    """A converted tiny Wan (feature maps initialised, no stage 1) after stage 2 of `rec`; stop_at
+    raises Interrupt after that step (a killed run)."""
+    model, inputs = converted(rec)
+    model.forwards = 0
+    model.register_forward_pre_hook(lambda m, a: setattr(m, "forwards", m.forwards + 1))
+
+    def progress(stage, step, total, info):
+        if stage == "stage2" and step == stop_at:
+            raise Interrupt
+
+    out = output_distillation(model, inputs, rec, work, resume=resume, progress=progress)
+    return model, out
+
+
+@pytest.mark.parametrize("train", ["hla", "lora"])
+def test_cached_teacher_gives_the_live_runs_losses_and_weights_bit_for_bit(tmp_path, train):
+    # bit for bit, not to rounding: the cached targets are the same teacher forward (teacher mode,
+    # no_grad, eval, same gradient checkpointing) on the same inputs, only run before step 1; the
+    # teacher does not train (HLA parameters are unused in teacher mode, LoRA is off), and a copy
+    # to the host and back is exact
+    runs = {}
+    for teacher in ("live", "cached"):
+        rec = recipe(stage2__teacher=teacher, stage2__train=train, stage2__steps=6)
+        model, out = _stage2_run(rec, tmp_path / teacher)
+        assert out["teacher"]["mode"] == teacher
+        # 6 steps of 1 input: live runs teacher + student each step, cached one teacher forward per
+        # distinct input the steps use, before step 1
+        used = out["teacher"].get("targets", 0)
+        assert model.forwards == (12 if teacher == "live" else 6 + used) and (teacher == "live" or 0 < used <= 6)
+        runs[teacher] = (out["loss_history"], {k: v.detach().clone() for k, v in model.named_parameters()})
+    assert runs["cached"][0] == runs["live"][0]
+    assert runs["cached"][0][-1] != runs["cached"][0][0]  # it trained
+    for k, v in runs["live"][1].items():
+        assert torch.equal(v, runs["cached"][1][k]), k
+
+
+def test_full_trains_the_converted_blocks_and_teacher_mode_is_the_original_base_bit_for_bit(tmp_path):
+    from hla_convert.model.modes import attention_mode, forward
+
+    rec = recipe(stage2__train="full", stage2__steps=6)
+    model, inputs = converted(rec)
+    before = base_state(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    out = output_distillation(model, inputs, rec, tmp_path)
+    assert out["full"]["blocks"] == ["blocks.0", "blocks.1"] and out["teacher"]["mode"] == "cached"
+    trained = base_state(model)
+    changed = {k for k, v in trained.items() if not torch.equal(v, before[k])}
+    for k in ("blocks.0.attn1.to_q.weight", "blocks.1.attn1.to_out.0.weight", "blocks.0.ffn.net.2.weight", "blocks.1.attn2.to_k.weight"):
+        assert k in changed, k
+    assert all(k.startswith("blocks.") for k in changed), sorted(changed)  # embeddings and head stay the base's
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    item = inputs[0]
+    with torch.no_grad():
+        student = forward(model, item)
+        with attention_mode(model, "teacher"):
+            teacher = forward(model, item)
+            assert all(torch.equal(v, before[k]) for k, v in base_state(model).items())
+        reference = tiny_model("wan")(**item, return_dict=False)[0]  # the unconverted base
+        assert torch.equal(teacher, reference)
+        assert not torch.equal(student, teacher)
+        assert torch.equal(forward(model, item), student)  # the trained weights are back, in the same Parameters
+    assert all(torch.equal(v, trained[k]) for k, v in base_state(model).items())
+
+
+def test_full_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    # the resumed run recomputes the cached targets from the originals (its store is made from the
+    # freshly loaded base before the checkpoint's trained weights are restored)
+    rec = recipe(stage2__train="full", stage2__steps=8, stage2__checkpoint_every=3)
+    reference, ref_out = _stage2_run(rec, tmp_path / "a")
+    with pytest.raises(Interrupt):
+        _stage2_run(rec, tmp_path / "b", stop_at=5)
+    _, state = load_checkpoint(checkpoint_path(tmp_path / "b", "stage2"))
+    assert state["step"] == 3
+    resumed, out = _stage2_run(rec, tmp_path / "b", resume=True)
+    assert out["resumed_from"] == 3 and out["loss_history"] == ref_out["loss_history"]
+    theirs = dict(resumed.named_parameters())
+    for k, v in reference.named_parameters():
+        assert torch.equal(v, theirs[k]), f"{k} differs after resume"
+
+
+def test_full_is_refused_under_fsdp_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from hla_convert.recipe import RecipeError
+
+    rec = recipe(stage2__train="full")
+    model, inputs = converted(rec)
+    with pytest.raises(RecipeError, match=r"^stage2\.train: full is not supported under FSDP yet; .*lora"):
+        output_distillation(model, inputs, rec, tmp_path, parallel=SimpleNamespace(fsdp=True))

@@ -190,3 +190,24 @@ def test_distil_runs_stage3_after_stage2_with_the_scheduler(tmp_path):
     assert set(out) == {"init", "stage1", "selection", "stage2", "stage3"}
     assert out["stage3"]["steps_run"] == 1 and out["stage3"]["lora"] > 0
     assert [s for i, s in enumerate(order) if i == 0 or order[i - 1] != s] == ["init", "stage1", "stage2", "stage3"]
+
+
+def test_stage3_after_full_training_trains_the_blocks_and_keeps_the_original_teacher(tmp_path):
+    """After stage2.train full, stage 3 trains what stage 2 trained (the converted blocks' weights
+    too), and teacher mode is still the original base (the host copy swapped in per teacher forward)."""
+    from hla_convert.model.full_tuning import full_tuning_parameters
+
+    rec = small_recipe(**{"stage2.train": "full"})
+    model, inputs = after_stage2(rec, tmp_path)
+    original = load_demo_model().transformer
+    item = inputs[0]
+    with torch.no_grad():
+        want = original(**item).sample
+    before = {k: v.detach().clone() for k, v in full_tuning_parameters(model).items()}
+    out = onpolicy_distillation(model, inputs, rec, demo_scheduler(), tmp_path)
+    assert out["full"] == sum(v.numel() for v in before.values()) > 0 and out["lora"] == 0
+    after = full_tuning_parameters(model)
+    assert any(not torch.equal(after[k], v) for k, v in before.items()), "no block weight moved in stage 3"
+    with torch.no_grad(), attention_mode(model, "teacher"):
+        got = model(**item).sample
+    assert torch.equal(got, want)
