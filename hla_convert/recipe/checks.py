@@ -15,6 +15,7 @@ from ..model.config import ConfigError, HLAConfig
 from .schema import (
     DISTRIBUTIONS,
     SOURCES,
+    SOFTMAX_SELECT,
     STAGE2_TRAIN,
     SYNTHETIC,
     VAE_SCALES,
@@ -200,6 +201,7 @@ _RECIPE_ATTENTION = {
     "include": lambda p, v: _string_list(p, v, nullable=True),
     "exclude": lambda p, v: _string_list(p, v, nullable=False),
     "softmax_layers": lambda p, v: _integer(p, v, 0),
+    "softmax_select": lambda p, v: _choice(p, v, SOFTMAX_SELECT),
 }
 _HLA_TYPES = {f.name: str(f.type) for f in dataclasses.fields(HLAConfig)}
 _ATTENTION = {
