@@ -2,7 +2,15 @@
 
     python benchmarks/fidelity/run.py --models wan cogvideox --configs hla hla-lora hybrid-lora \\
         --seeds 0 1 --out results.json [--steps-scale 1.0] [--device cuda] [--resume]
+    python benchmarks/fidelity/run.py --tier deep --base shipped --seeds 0 1 2 --out deep.json
     python benchmarks/fidelity/report.py results.json
+
+Two bases (--base): `bench` (default), the benchmark's own recipes/<model>.yaml, and `shipped`, the
+built-in recipe a user runs on the real model (SHIPPED below) with only the fields that name the
+benchmark's model and its data changed (SHIPPED_CHANGES) and attention.softmax_layers kept as the
+same fraction of the blocks; its lr, batch sizes, steps, LoRA and stage 1 stay as shipped. The
+`shipped*` configs are the rows on that base. Two tiers (--tier): `fast`, the 6-block teachers of
+models/, and `deep`, the 15-block teachers of models-deep/ (one kept layer is 6.7 % of them).
 
 For each model (a folder written by train_models.py, default benchmarks/fidelity/models/<model>)
 and seed, train and held-out inputs are drawn from the model's own data distribution
@@ -85,7 +93,48 @@ CONFIGS: dict[str, dict[str, Any]] = {
         **HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.lora_rank": 32, "stage2.steps": 1200, "stage2.lora_lr": 1.0e-3,
     },
 }
-DEFAULT_CONFIGS = [c for c in CONFIGS if c != "softmax"]
+
+
+class HalfOf:
+    """A config value resolved on the run's recipe: half of another field's value (rounded, >= 1
+    when that field is > 0), e.g. the on-policy stage at half of stage 2's steps."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def resolve(self, data: dict) -> int:
+        value = data
+        for key in self.path.split("."):
+            value = value[key]
+        return max(1, round(value / 2)) if value else 0
+
+    def __repr__(self) -> str:
+        return f"half of {self.path}"
+
+
+# Rows on the shipped recipe (--base shipped). `shipped` is it as a user runs it: 64 calibration
+# videos, the real recipe's count; each other row changes one lever.
+SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
+    "shipped": {},
+    "shipped-cal512": {"calibration.samples": 512},  # what the small calibration set costs
+    "shipped-full": {"stage2.train": "full"},  # every base weight instead of LoRA (stage2.train: full)
+    "shipped-lora64": {"stage2.lora_rank": 64},
+    "shipped-lora128": {"stage2.lora_rank": 128},
+    "shipped-live": {"stage2.teacher": "live"},  # the teacher run live in stage 2, not cached targets
+    "shipped-onpolicy": {"stage3.steps": HalfOf("stage2.steps")},  # the on-policy stage, half of stage 2's steps
+    "shipped-select-output": {"attention.softmax_select": "output"},  # kept layers by their effect on the output
+    # windows of 2 and 3 latent frames against the own frame (1 frame = 16 x 16 = 256 keys of 4,096):
+    "shipped-chunk2": {"attention.window": [2, 0, 0]},  # query chunks of 2 frames, keys the same 2 (512)
+    "shipped-chunk1-halo1": {"attention.halo": [1, 0, 0]},  # own frame + 1 frame each side (768 keys)
+    # the own frame's size as a spatial tile: 4 x 4 tokens through all 16 frames = 256 keys
+    "shipped-tile": {"attention.window": [0, 4, 4]},
+    "shipped-keep0": {"attention.softmax_layers": 0},
+    "shipped-keep2": {"attention.softmax_layers": 2},
+}
+CONFIGS.update(SHIPPED_CONFIGS)
+DEFAULT_CONFIGS = [c for c in CONFIGS if c != "softmax" and not c.startswith("shipped")]
+BASES = ("bench", "shipped")
+TIERS = {"fast": "models", "deep": "models-deep"}  # bench_models.DEPTHS blocks each
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SAMPLING_SHIFT = 1.0  # the teachers are trained with t ~ U(0, 1): no shift
@@ -185,8 +234,68 @@ def true_target_losses(arch: str, model, heldout: list[dict], targets: torch.Ten
     return {"teacher": tl, "student": sl, "ratio": sl / tl, "buckets": out_buckets}
 
 
-def recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSpec, args):
-    """The base recipe with the config's overrides, the run's inputs, seed and step scale."""
+# ----------------------------------------------------------------------------------------------- recipes
+
+# The built-in recipe of each architecture and the number of blocks of the model it is for (the
+# diffusers transformer/config.json num_layers of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and of
+# THUDM/CogVideoX-2b: 30 each; the recipes' comments say so too).
+SHIPPED: dict[str, tuple[str, int]] = {"wan": ("wan2.1-t2v-1.3b", 30), "cogvideox": ("cogvideox-2b", 30)}
+# The only fields --base shipped changes (besides a row's own overrides, and stage1/2.steps when
+# --steps-scale is given): what names the benchmark's model and its inputs. Batch sizes stay as
+# shipped: the inputs are written in batches of the shipped calibration.batch_size.
+SHIPPED_CHANGES = (
+    "model.hub_id",
+    "calibration.source",
+    "calibration.path",
+    "calibration.samples",
+    "calibration.heldout",
+    "calibration.seed",
+    "calibration.frames",
+    "calibration.height",
+    "calibration.width",
+    "calibration.text_len",
+    "calibration.vae_scale_temporal",
+    "calibration.vae_scale_spatial",
+    "attention.softmax_layers",
+)
+
+
+def scaled_softmax_layers(shipped_count: int, shipped_layers: int, bench_layers: int) -> int:
+    """The shipped recipe's softmax_layers as the same fraction of the benchmark model's blocks:
+    round(count / shipped_layers x bench_layers), at least 1 when the shipped count is > 0 (2 of
+    Wan2.1-1.3B's 30 -> 1 of 15)."""
+    if shipped_count <= 0:
+        return 0
+    return max(1, round(shipped_count / shipped_layers * bench_layers))
+
+
+def shipped_recipe(arch: str):
+    from hla_convert.recipe import load_recipe
+
+    return load_recipe(SHIPPED[arch][0])
+
+
+def input_plan(arch: str, config: str, args) -> tuple[int, int]:
+    """(training samples, samples per saved batch) of a run's inputs. Bench base: --train-samples,
+    --batch-size. Shipped base: the row's calibration.samples, else --train-samples if given, else
+    the shipped recipe's (64); batches of the shipped calibration.batch_size."""
+    if args.base == "bench":
+        return args.train_samples, args.batch_size
+    cal = shipped_recipe(arch).calibration
+    n = CONFIGS[config].get("calibration.samples", args.train_samples or cal.samples)
+    return int(n), int(CONFIGS[config].get("calibration.batch_size", cal.batch_size))
+
+
+def resolved_overrides(config: str, data: dict) -> dict[str, Any]:
+    """The config's overrides with HalfOf values resolved on the recipe dict `data`."""
+    return {k: v.resolve(data) if isinstance(v, HalfOf) else v for k, v in CONFIGS[config].items()}
+
+
+def recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSpec, args, bench_layers: int | None = None):
+    """The base recipe (--base) with the config's overrides, the run's inputs, seed and step scale.
+    Shipped base: bench_layers (the benchmark model's blocks) scales attention.softmax_layers."""
+    if args.base == "shipped":
+        return shipped_recipe_for(arch, config, seed, folder, spec, args, bench_layers)
     from hla_convert.recipe import load_recipe
 
     base = load_recipe(str(HERE / "recipes" / f"{arch}.yaml"))
@@ -204,7 +313,35 @@ def recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSp
         "stage2.steps": max(1, round(base.stage2.steps * args.steps_scale)) if base.stage2.steps else 0,
         "validation.sampling_steps": args.sampling_steps,
     }
-    fields.update(CONFIGS[config])
+    fields.update(resolved_overrides(config, base.with_overrides(fields=fields).to_dict()))
+    return base.with_overrides(source="folder", path=str(folder), seed=seed, fields=fields)
+
+
+def shipped_recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSpec, args, bench_layers: int | None):
+    """The shipped recipe of `arch` on the benchmark model and its inputs: SHIPPED_CHANGES only,
+    then the row's overrides; stage1/stage2 steps scaled only by an explicit --steps-scale."""
+    if bench_layers is None:
+        raise ValueError("--base shipped needs the benchmark model's number of blocks")
+    base = shipped_recipe(arch)
+    n_train, _ = input_plan(arch, config, args)
+    fields: dict[str, Any] = {
+        "model.hub_id": None,
+        "calibration.samples": n_train,
+        "calibration.heldout": args.heldout_samples,
+        "calibration.frames": spec.frames,
+        "calibration.height": spec.height,
+        "calibration.width": spec.width,
+        "calibration.text_len": spec.text_len,
+        "calibration.vae_scale_temporal": 1,  # no VAE: the pixels are the latents
+        "calibration.vae_scale_spatial": 1,
+        "attention.softmax_layers": scaled_softmax_layers(base.attention.softmax_layers, SHIPPED[arch][1], bench_layers),
+    }
+    if args.steps_scale is not None:
+        fields["stage1.steps"] = max(1, round(base.stage1.steps * args.steps_scale))
+        fields["stage2.steps"] = max(1, round(base.stage2.steps * args.steps_scale)) if base.stage2.steps else 0
+    if args.sampling_steps is not None:
+        fields["validation.sampling_steps"] = args.sampling_steps
+    fields.update(resolved_overrides(config, base.with_overrides(fields=fields).to_dict()))
     return base.with_overrides(source="folder", path=str(folder), seed=seed, fields=fields)
 
 
@@ -218,7 +355,10 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
     """
     import hla_convert
 
-    record: dict[str, Any] = {"model": arch, "config": config, "seed": seed, "steps_scale": args.steps_scale, "dtype": args.dtype, "overrides": CONFIGS[config]}
+    record: dict[str, Any] = {
+        "model": arch, "config": config, "seed": seed, "tier": args.tier, "base": args.base, "steps_scale": args.steps_scale,
+        "dtype": args.dtype, "overrides": {k: repr(v) if isinstance(v, HalfOf) else v for k, v in CONFIGS[config].items()},
+    }  # fmt: skip
     seconds: dict[str, float] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -228,12 +368,19 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         _, model, spec, info = bm.load_model(model_dir, dtype=DTYPES[args.dtype], device="cpu")
         t0 = time.perf_counter()
         stage = "inputs"
-        folder = inputs_folder(cache, arch, model, spec, seed, args.train_samples, args.heldout_samples, args.batch_size)
+        n_train, batch = input_plan(arch, config, args)
+        folder = inputs_folder(cache, arch, model, spec, seed, n_train, args.heldout_samples, batch)
+        bench_layers = int(model.config.num_layers)
         del model  # convert loads the teacher itself, from model_dir
         seconds["make_inputs"] = time.perf_counter() - t0
         stage = "recipe"
-        rec = recipe_for(arch, config, seed, folder, spec, args)
+        rec = recipe_for(arch, config, seed, folder, spec, args, bench_layers)
         record["recipe"] = rec.to_dict()
+        record["blocks"] = bench_layers
+        record["calibration_samples"] = rec.calibration.samples
+        record["softmax_layers"] = rec.attention.softmax_layers
+        if args.base == "shipped":  # what differs from the shipped recipe, field by field
+            record["changed_from_shipped"] = changed_fields(shipped_recipe(arch).to_dict(), record["recipe"])
         recipe_file = Path(args.out).with_suffix("").as_posix() + f"-recipes/{arch}-{config}-seed{seed}.yaml"
         Path(recipe_file).parent.mkdir(parents=True, exist_ok=True)
         Path(recipe_file).write_text(f"# {config} on {arch}: benchmarks/fidelity/run.py, resolved\n" + rec.to_yaml())
@@ -248,9 +395,10 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         record["output_dir"] = str(conv_dir)
         seconds.update({f"convert_{k}": v for k, v in result.seconds.items()})
         training = result.report.get("training", {})
-        s1, s2 = training.get("stage1") or {}, training.get("stage2") or {}
+        s1, s2, s3 = training.get("stage1") or {}, training.get("stage2") or {}, training.get("stage3") or {}
         seconds["stage1"] = float(s1.get("seconds", 0.0))
         seconds["stage2"] = float(s2.get("seconds", 0.0))
+        seconds["stage3"] = float(s3.get("seconds", 0.0))  # the on-policy stage, where the recipe has one
         if device.type == "cuda":  # teacher + student share one copy of the weights (LoRA: adapters off)
             record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             torch.cuda.empty_cache()
@@ -283,7 +431,11 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
             in_process={"output_rel_l2": result.report["output"]["rel_l2"], "passed": result.passed},
             stage1={k: s1.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s1},
             stage2={k: s2.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s2},
+            stage3={k: s3.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s3},
             selection=(training.get("selection") or {}).get("softmax_layers", []) if isinstance(training.get("selection"), dict) else [],
+            # how they were chosen and every measured per-layer effect (attention errors; with
+            # softmax_select output, each layer's output drift when given back)
+            selection_summary=training.get("selection") if isinstance(training.get("selection"), dict) else {},
             trainable=measured["trainable"],
         )
     except Exception as e:  # noqa: BLE001 - one config failing must not end the grid
@@ -338,6 +490,20 @@ def measure(conv_dir: Path, arch: str, inputs: Path, device: torch.device, dtype
     }
 
 
+def changed_fields(before: dict, after: dict, prefix: str = "") -> dict[str, list]:
+    """{dotted field: [before, after]} of every field that differs between two recipe dicts (a
+    field only one of them has counts, as [value or None])."""
+    out: dict[str, list] = {}
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(changed_fields(a, b, path + "."))
+        elif a != b:
+            out[path] = [a, b]
+    return out
+
+
 def _mean(d: dict) -> float | None:
     vals = [v for v in d.values() if isinstance(v, (int, float)) and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
@@ -350,7 +516,7 @@ def finished(path: Path) -> set[tuple]:
             with contextlib.suppress(json.JSONDecodeError):
                 r = json.loads(line)
                 if r.get("status") == "ok":
-                    done.add((r["model"], r["config"], r["seed"], r.get("steps_scale"), r.get("dtype", "float32")))
+                    done.add((r.get("tier", "fast"), r["model"], r["config"], r["seed"], r.get("steps_scale"), r.get("dtype", "float32")))
     return done
 
 
@@ -364,11 +530,13 @@ def append(path: Path, record: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(bm.ARCHITECTURES), choices=bm.ARCHITECTURES)
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help=f"any of: {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", nargs="+", default=None, help=f"any of: {', '.join(CONFIGS)} (default: every non-softmax row of the --base)")
+    ap.add_argument("--base", choices=BASES, default="bench", help="bench: recipes/<model>.yaml; shipped: the built-in recipe as users run it (the shipped* configs)")
+    ap.add_argument("--tier", choices=list(TIERS), default="fast", help="fast: the 6-block teachers of models/; deep: the 15-block ones of models-deep/")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--out", required=True, help="results file (JSON lines, appended)")
-    ap.add_argument("--models-dir", default=str(HERE / "models"), help="folder with <model>/ from train_models.py")
-    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies both stages' steps")
+    ap.add_argument("--models-dir", default=None, help="folder with <model>/ from train_models.py (default: the --tier's)")
+    ap.add_argument("--steps-scale", type=float, default=None, help="multiplies both stages' steps (bench base: default 1; shipped base: only when given)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resume", action="store_true", help="skip (model, config, seed, steps-scale, dtype) already ok in --out")
     ap.add_argument(
@@ -376,10 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(tempfile.gettempdir()) / "hla-fidelity-inputs"),
         help="cache of the generated input sets (hundreds of MB; kept out of the results folder)",
     )
-    ap.add_argument("--train-samples", type=int, default=1024)
+    ap.add_argument("--train-samples", type=int, default=None, help="bench base: default 1,024; shipped base: the shipped count (64) unless given or a row sets it")
     ap.add_argument("--heldout-samples", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--sampling-steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=None, help="bench base only (default 8); the shipped base keeps its batch sizes")
+    ap.add_argument("--sampling-steps", type=int, default=None, help="bench base: default 20; shipped base: the shipped recipe's unless given")
     ap.add_argument("--stop-after-minutes", type=float, default=None, help="start no new run after this long (fit a time limit)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the teacher's weights and activations (HLA and LoRA parameters stay float32)")
     ap.add_argument("--threads", type=int, default=None)
@@ -398,11 +566,28 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(Path(args.measure), args.measure_arch, Path(args.measure_inputs), torch.device(args.device), args.dtype)
         print(json.dumps(result))
         return 0
+    shipped = args.base == "shipped"
+    if args.configs is None:
+        args.configs = list(SHIPPED_CONFIGS) if shipped else list(DEFAULT_CONFIGS)
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         print(f"unknown config {unknown[0]!r}; configs: {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
-    if args.heldout_samples < 4 or args.train_samples < 1:
+    wrong = [c for c in args.configs if c.startswith("shipped") != shipped]
+    if wrong:
+        print(f"config {wrong[0]!r} is for --base {'bench' if shipped else 'shipped'} (the shipped* configs are the shipped base's rows)", file=sys.stderr)
+        return 2
+    if args.batch_size is not None and shipped:
+        print("--batch-size is for --base bench: the shipped base keeps the shipped recipe's batch sizes", file=sys.stderr)
+        return 2
+    if not shipped:  # the bench base's defaults; the shipped base keeps the shipped recipe's
+        args.steps_scale = 1.0 if args.steps_scale is None else args.steps_scale
+        args.train_samples = 1024 if args.train_samples is None else args.train_samples
+        args.batch_size = 8 if args.batch_size is None else args.batch_size
+        args.sampling_steps = 20 if args.sampling_steps is None else args.sampling_steps
+    if args.models_dir is None:
+        args.models_dir = str(HERE / TIERS[args.tier])
+    if args.heldout_samples < 4 or (args.train_samples is not None and args.train_samples < 1):
         print("--heldout-samples must be >= 4 and --train-samples >= 1", file=sys.stderr)
         return 2
     if args.threads:
@@ -424,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.time()
     longest = 0.0
-    todo = sum(1 for a in args.models for sd in args.seeds for c in args.configs if (a, c, sd, args.steps_scale, args.dtype) not in done)
+    todo = sum(1 for a in args.models for sd in args.seeds for c in args.configs if (args.tier, a, c, sd, args.steps_scale, args.dtype) not in done)
     ran: list[float] = []
     for arch in args.models:
         model_dir = Path(args.models_dir) / arch
@@ -433,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for seed in args.seeds:
             for config in args.configs:
-                if (arch, config, seed, args.steps_scale, args.dtype) in done:
+                if (args.tier, arch, config, seed, args.steps_scale, args.dtype) in done:
                     print(f"{arch:10s} {config:20s} seed {seed}: done already (--resume)", flush=True)
                     continue
                 elapsed = time.time() - t_start
@@ -452,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(worst bucket {record['output']['worst_bucket_rel_l2']:.4f}), loss x{record['loss']['ratio']:.3f}, "
                         f"attn s1 {_fmt(record['attention']['stage1_mean'])} end {record['attention']['final_mean']:.3f}, "
                         + (f"PSNR {record['sampling']['psnr_db']:.1f} dB, " if record.get("sampling") else "")
-                        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, measured in a fresh process {s['measure_fresh_process']:.1f})",
+                        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, stage3 {s['stage3']:.1f}, measured in a fresh process {s['measure_fresh_process']:.1f})",
                         flush=True,
                     )
                 else:
