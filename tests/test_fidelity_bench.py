@@ -130,13 +130,13 @@ def test_report_targets_a_nan_seed_never_meets_them():
 
 
 def test_shipped_softmax_layers_keep_the_same_fraction_of_the_blocks():
-    run = _module("run")
-    assert run.SHIPPED["wan"] == ("wan2.1-t2v-1.3b", 30)
-    assert run.scaled_softmax_layers(2, 30, 15) == 1  # Wan2.1-1.3B's 2 of 30 -> 1 of the deep tier's 15
-    assert run.scaled_softmax_layers(2, 30, 30) == 2
-    assert run.scaled_softmax_layers(4, 30, 15) == 2
-    assert run.scaled_softmax_layers(2, 30, 6) == 1  # 0.4 rounds to 0: at least 1 when the shipped keeps any
-    assert run.scaled_softmax_layers(0, 30, 15) == 0
+    recipes = _module("bench_recipes")
+    assert recipes.SHIPPED["wan"] == ("wan2.1-t2v-1.3b", 30)
+    assert recipes.scaled_softmax_layers(2, 30, 15) == 1  # Wan2.1-1.3B's 2 of 30 -> 1 of the deep tier's 15
+    assert recipes.scaled_softmax_layers(2, 30, 30) == 2
+    assert recipes.scaled_softmax_layers(4, 30, 15) == 2
+    assert recipes.scaled_softmax_layers(2, 30, 6) == 1  # 0.4 rounds to 0: at least 1 when the shipped keeps any
+    assert recipes.scaled_softmax_layers(0, 30, 15) == 0
 
 
 def _args(**over):
@@ -147,16 +147,16 @@ def _args(**over):
 @pytest.mark.parametrize("arch", ["wan", "cogvideox"])
 def test_shipped_base_changes_only_the_model_and_data_fields(arch, tmp_path):
     """The resolved recipe differs from the shipped one only in the fields that name the benchmark's
-    model and inputs (run.SHIPPED_CHANGES) and the row's own; lr, batch, steps, LoRA, stage 1 stay."""
-    run = _module("run")
-    bd = run.bd
+    model and inputs (bench_recipes.SHIPPED_CHANGES) and the row's own; lr, batch, steps, LoRA, stage 1 stay."""
+    recipes = _module("bench_recipes")
+    bd = _module("run").bd
     from hla_convert.recipe import load_recipe
 
-    shipped = load_recipe(run.SHIPPED[arch][0]).to_dict()
+    shipped = load_recipe(recipes.SHIPPED[arch][0]).to_dict()
     spec = bd.VideoSpec()  # the benchmark's 16 x 32 x 32 pixels: 4,096 tokens
-    rec = run.recipe_for(arch, "shipped", 3, tmp_path, spec, _args(), bench_layers=15).to_dict()
-    changed = run.changed_fields(shipped, rec)
-    assert set(changed) <= set(run.SHIPPED_CHANGES), set(changed) - set(run.SHIPPED_CHANGES)
+    rec = recipes.recipe_for(arch, "shipped", 3, tmp_path, spec, _args(), bench_layers=15).to_dict()
+    changed = recipes.changed_fields(shipped, rec)
+    assert set(changed) <= set(recipes.SHIPPED_CHANGES), set(changed) - set(recipes.SHIPPED_CHANGES)
     assert changed["attention.softmax_layers"] == [2, 1] and changed["model.hub_id"][1] is None
     assert rec["calibration"]["samples"] == 64 == shipped["calibration"]["samples"]  # the real recipe's count
     assert (rec["calibration"]["frames"], rec["calibration"]["seed"], rec["calibration"]["source"]) == (16, 3, "folder")
@@ -165,19 +165,19 @@ def test_shipped_base_changes_only_the_model_and_data_fields(arch, tmp_path):
     assert {k: v for k, v in rec["attention"].items() if k != "softmax_layers"} == {k: v for k, v in shipped["attention"].items() if k != "softmax_layers"}
 
     # a row changes its lever and nothing else; --steps-scale only when given
-    rec = run.recipe_for(arch, "shipped-cal512", 0, tmp_path, spec, _args(), bench_layers=15).to_dict()
-    assert set(run.changed_fields(shipped, rec)) <= set(run.SHIPPED_CHANGES) and rec["calibration"]["samples"] == 512
-    rec = run.recipe_for(arch, "shipped-lora64", 0, tmp_path, spec, _args(), bench_layers=15).to_dict()
-    assert set(run.changed_fields(shipped, rec)) - set(run.SHIPPED_CHANGES) == {"stage2.lora_rank"}
-    rec = run.recipe_for(arch, "shipped-tile", 0, tmp_path, spec, _args(steps_scale=0.5), bench_layers=15).to_dict()
-    assert set(run.changed_fields(shipped, rec)) - set(run.SHIPPED_CHANGES) == {"attention.window", "stage1.steps", "stage2.steps"}
+    rec = recipes.recipe_for(arch, "shipped-cal512", 0, tmp_path, spec, _args(), bench_layers=15).to_dict()
+    assert set(recipes.changed_fields(shipped, rec)) <= set(recipes.SHIPPED_CHANGES) and rec["calibration"]["samples"] == 512
+    rec = recipes.recipe_for(arch, "shipped-lora64", 0, tmp_path, spec, _args(), bench_layers=15).to_dict()
+    assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) == {"stage2.lora_rank"}
+    rec = recipes.recipe_for(arch, "shipped-tile", 0, tmp_path, spec, _args(steps_scale=0.5), bench_layers=15).to_dict()
+    assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) == {"attention.window", "stage1.steps", "stage2.steps"}
     assert rec["stage2"]["steps"] == round(shipped["stage2"]["steps"] / 2)
-    assert run.input_plan(arch, "shipped-cal512", _args()) == (512, shipped["calibration"]["batch_size"])
+    assert recipes.input_plan(arch, "shipped-cal512", _args()) == (512, shipped["calibration"]["batch_size"])
 
 
 def test_window_rows_compare_equal_sized_windows():
     """The tile row's window holds as many tokens as the own frame at the benchmark's 16 x 16 x 16 grid."""
-    run = _module("run")
+    recipes = _module("bench_recipes")
     frames, side = 16, 16
 
     def keys(window, halo=(0, 0, 0)):
@@ -187,10 +187,10 @@ def test_window_rows_compare_equal_sized_windows():
         return n
 
     own = keys([1, 0, 0])
-    assert keys(run.CONFIGS["shipped-tile"]["attention.window"]) == own == 256
-    assert keys(run.CONFIGS["shipped-chunk2"]["attention.window"]) == 2 * own
-    assert keys([1, 0, 0], run.CONFIGS["shipped-chunk1-halo1"]["attention.halo"]) == 3 * own
-    assert run.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
+    assert keys(recipes.CONFIGS["shipped-tile"]["attention.window"]) == own == 256
+    assert keys(recipes.CONFIGS["shipped-chunk2"]["attention.window"]) == 2 * own
+    assert keys([1, 0, 0], recipes.CONFIGS["shipped-chunk1-halo1"]["attention.halo"]) == 3 * own
+    assert recipes.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
 
 
 def test_shipped_rows_need_the_shipped_base(tmp_path, monkeypatch, capsys):
@@ -224,7 +224,7 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     (r,) = map(json.loads, results.read_text().splitlines())
     assert r["status"] == "ok", r.get("error")
     assert (r["tier"], r["base"], r["blocks"], r["calibration_samples"], r["softmax_layers"]) == ("deep", "shipped", 4, 64, 1)
-    assert set(r["changed_from_shipped"]) - set(run.SHIPPED_CHANGES) == {
+    assert set(r["changed_from_shipped"]) - set(_module("bench_recipes").SHIPPED_CHANGES) == {
         "attention.softmax_select", "stage1.steps", "stage2.steps", "validation.sampling_steps"
     }  # fmt: skip
     assert r["recipe"]["stage2"]["train"] == "lora" and r["recipe"]["stage2"]["lora_rank"] == 32  # as shipped

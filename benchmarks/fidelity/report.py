@@ -255,9 +255,9 @@ def _render_bench(records: list[dict], tier: str) -> list[str]:
     for r in records:
         if r["config"] not in order:
             order.append(r["config"])
-    try:  # run.py's table order when it can be imported
+    try:  # the configs' table order (bench_recipes.CONFIGS) when it can be imported
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from run import CONFIGS
+        from bench_recipes import CONFIGS
 
         order = [c for c in CONFIGS if c in order] + [c for c in order if c not in CONFIGS]
     except Exception:  # noqa: BLE001 - the report must not need torch
