@@ -2,11 +2,13 @@
 
 Tiny teachers (2 blocks, 2 heads x 16, 4 x 8 x 8 pixels) are trained for two steps on the CPU, then
 run.py converts one of them with the identity conversion (kind softmax), a real HLA config and a
-config naming a recipe field that does not exist, for a few distillation steps.
+config naming a recipe field that does not exist, for a few distillation steps. A 4-block tiny
+teacher runs the deep tier's rows on the shipped recipe (--base shipped).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -122,3 +124,147 @@ def test_report_targets_a_nan_seed_never_meets_them():
     assert report.targets([record(0, 0.05), record(1, 0.06)], "wan", ["hla"])  # both meet
     assert report.targets([record(0, 0.05), record(1, math.nan)], "wan", ["hla"]) == []  # max() skipped the NaN
     assert report.targets([record(0, math.inf)], "wan", ["hla"]) == []
+
+
+# -- the shipped recipe as the base (--base shipped, --tier deep) --------------------------------------
+
+
+def test_shipped_softmax_layers_keep_the_same_fraction_of_the_blocks():
+    recipes = _module("bench_recipes")
+    assert recipes.SHIPPED["wan"] == ("wan2.1-t2v-1.3b", 30)
+    assert recipes.scaled_softmax_layers(2, 30, 15) == 1  # Wan2.1-1.3B's 2 of 30 -> 1 of the deep tier's 15
+    assert recipes.scaled_softmax_layers(2, 30, 30) == 2
+    assert recipes.scaled_softmax_layers(4, 30, 15) == 2
+    assert recipes.scaled_softmax_layers(2, 30, 6) == 1  # 0.4 rounds to 0: at least 1 when the shipped keeps any
+    assert recipes.scaled_softmax_layers(0, 30, 15) == 0
+
+
+def _args(**over):
+    base = {"base": "shipped", "train_samples": None, "heldout_samples": 64, "steps_scale": None, "sampling_steps": None, "batch_size": None}
+    return argparse.Namespace(**{**base, **over})
+
+
+@pytest.mark.parametrize("arch", ["wan", "cogvideox"])
+def test_shipped_base_changes_only_the_model_and_data_fields(arch, tmp_path):
+    """The resolved recipe differs from the shipped one only in the fields that name the benchmark's
+    model and inputs (bench_recipes.SHIPPED_CHANGES) and the row's own; lr, batch, steps, LoRA, stage 1 stay."""
+    recipes = _module("bench_recipes")
+    bd = _module("run").bd
+    from hla_convert.recipe import load_recipe
+
+    shipped = load_recipe(recipes.SHIPPED[arch][0]).to_dict()
+    spec = bd.VideoSpec()  # the benchmark's 16 x 32 x 32 pixels: 4,096 tokens
+    rec = recipes.recipe_for(arch, "shipped", 3, tmp_path, spec, _args(), bench_layers=15).to_dict()
+    changed = recipes.changed_fields(shipped, rec)
+    assert set(changed) <= set(recipes.SHIPPED_CHANGES), set(changed) - set(recipes.SHIPPED_CHANGES)
+    assert changed["attention.softmax_layers"] == [2, 1] and changed["model.hub_id"][1] is None
+    assert rec["calibration"]["samples"] == 64 == shipped["calibration"]["samples"]  # the real recipe's count
+    assert (rec["calibration"]["frames"], rec["calibration"]["seed"], rec["calibration"]["source"]) == (16, 3, "folder")
+    for section in ("stage1", "stage2", "validation"):
+        assert rec[section] == shipped[section]
+    assert {k: v for k, v in rec["attention"].items() if k != "softmax_layers"} == {k: v for k, v in shipped["attention"].items() if k != "softmax_layers"}
+
+    # a row changes its lever and nothing else; --steps-scale only when given
+    rec = recipes.recipe_for(arch, "shipped-cal512", 0, tmp_path, spec, _args(), bench_layers=15).to_dict()
+    assert set(recipes.changed_fields(shipped, rec)) <= set(recipes.SHIPPED_CHANGES) and rec["calibration"]["samples"] == 512
+    rec = recipes.recipe_for(arch, "shipped-lora64", 0, tmp_path, spec, _args(), bench_layers=15).to_dict()
+    assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) == {"stage2.lora_rank"}
+    rec = recipes.recipe_for(arch, "shipped-tile", 0, tmp_path, spec, _args(steps_scale=0.5), bench_layers=15).to_dict()
+    assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) == {"attention.window", "stage1.steps", "stage2.steps"}
+    assert rec["stage2"]["steps"] == round(shipped["stage2"]["steps"] / 2)
+    assert recipes.input_plan(arch, "shipped-cal512", _args()) == (512, shipped["calibration"]["batch_size"])
+
+
+def test_window_rows_compare_equal_sized_windows():
+    """The tile row's window holds as many tokens as the own frame at the benchmark's 16 x 16 x 16 grid."""
+    recipes = _module("bench_recipes")
+    frames, side = 16, 16
+
+    def keys(window, halo=(0, 0, 0)):
+        n = 1
+        for w, h, extent in zip(window, halo, (frames, side, side)):
+            n *= min(extent, (w or extent) + 2 * h)
+        return n
+
+    own = keys([1, 0, 0])
+    assert keys(recipes.CONFIGS["shipped-tile"]["attention.window"]) == own == 256
+    assert keys(recipes.CONFIGS["shipped-chunk2"]["attention.window"]) == 2 * own
+    assert keys([1, 0, 0], recipes.CONFIGS["shipped-chunk1-halo1"]["attention.halo"]) == 3 * own
+    assert recipes.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
+
+
+def test_shipped_rows_need_the_shipped_base(tmp_path, monkeypatch, capsys):
+    run = _module("run")
+    common = ["--models", "wan", "--out", str(tmp_path / "r.json"), "--device", "cpu"]
+    assert run.main([*common, "--configs", "shipped"]) == 2
+    assert "--base shipped" in capsys.readouterr().err
+    assert run.main([*common, "--base", "shipped", "--configs", "hla"]) == 2
+    assert run.main([*common, "--base", "shipped", "--batch-size", "4"]) == 2
+    monkeypatch.setattr(run, "HERE", tmp_path)  # --tier picks the models folder
+    capsys.readouterr()
+    assert run.main([*common, "--base", "shipped", "--tier", "deep"]) == 2
+    assert str(tmp_path / "models-deep" / "wan") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
+    """--base shipped end to end on a 4-block tiny teacher: the record says the tier, the base, the
+    calibration count (the shipped 64), the scaled softmax budget, what changed from the shipped
+    recipe, and the output-effect selection's measured per-layer effects."""
+    train, run = _module("train_models"), _module("run")
+    models = tmp_path_factory.mktemp("fidelity-deep-models")
+    argv = ["--out", str(models), "--tiny", "--layers", "4", "--steps", "1", "--models", "wan", "--heldout", "4",
+            "--entropy-videos", "1", "--device", "cpu", "--threads", "1", "--log-every", "1000"]  # fmt: skip
+    assert train.main(argv) == 0
+    results = tmp_path / "deep.json"
+    argv = ["--base", "shipped", "--tier", "deep", "--models-dir", str(models), "--models", "wan", "--configs", "shipped-select-output",
+            "--seeds", "0", "--out", str(results), "--steps-scale", "0.01", "--device", "cpu", "--heldout-samples", "4",
+            "--sampling-steps", "1", "--threads", "1", "--inputs-dir", str(tmp_path / "inputs"), "--conversions-dir", str(tmp_path / "conv")]  # fmt: skip
+    assert run.main(argv) == 0
+    (r,) = map(json.loads, results.read_text().splitlines())
+    assert r["status"] == "ok", r.get("error")
+    assert (r["tier"], r["base"], r["blocks"], r["calibration_samples"], r["softmax_layers"]) == ("deep", "shipped", 4, 64, 1)
+    assert set(r["changed_from_shipped"]) - set(_module("bench_recipes").SHIPPED_CHANGES) == {
+        "attention.softmax_select", "stage1.steps", "stage2.steps", "validation.sampling_steps"
+    }  # fmt: skip
+    assert r["recipe"]["stage2"]["train"] == "lora" and r["recipe"]["stage2"]["lora_rank"] == 32  # as shipped
+    sel = r["selection_summary"]
+    assert sel["select"] == "output" and r["selection"] == [sel["output_effects"][0]["picked"]]
+    assert len(sel["output_effects"][0]["with_softmax"]) == 4
+    assert {"stage1", "stage2", "stage3"} <= set(r["seconds"]) and math.isfinite(r["sampling"]["psnr_db"])
+
+
+def test_report_shows_what_each_lever_buys_against_the_shipped_row(tmp_path):
+    report = _module("report")
+
+    def record(config, seed, rel, psnr, s1=10.0, **extra):
+        return {"model": "wan", "config": config, "seed": seed, "status": "ok", "tier": "deep", "base": "shipped", "blocks": 15,
+                "calibration_samples": 512 if config == "shipped-cal512" else 64, "softmax_layers": 1,
+                "output": {"rel_l2": rel}, "sampling": {"psnr_db": psnr}, "seconds": {"stage1": s1, "stage2": 20.0, "stage3": 0.0}, **extra}  # fmt: skip
+
+    effects = {"select": "output", "errors": {"blocks.0.attn1": 0.1, "blocks.1.attn1": 0.3},
+               "output_effects": [{"drift": 0.2, "with_softmax": {"blocks.0.attn1": 0.12, "blocks.1.attn1": 0.18}, "picked": "blocks.0.attn1"}]}  # fmt: skip
+    records = [
+        record("shipped", 0, 0.10, 30.0), record("shipped", 1, 0.12, 28.0),
+        record("shipped-cal512", 0, 0.08, 31.0, s1=14.0),
+        record("shipped-tile", 0, 0.09, 30.5), record("shipped-chunk2", 0, 0.13, 27.0),
+        record("shipped-select-output", 0, 0.095, 30.2, selection_summary=effects),
+        {"model": "wan", "config": "shipped-full", "seed": 0, "status": "error", "tier": "deep", "base": "shipped", "error": "recipe: stage2.train: ..."},
+    ]  # fmt: skip
+    text = report.render(records)
+    assert "### wan, deep tier (15 blocks), shipped recipe: what each lever buys" in text
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and "shipped" in line.split(" | ")[1]}
+    assert "| 2 | 64 | 1 | 0.1100 ± 0.0100 |  | 29.0 ± 1.0 |  | 30 ± 0 |" in rows["shipped"]
+    assert "| 1 | 512 | 1 | 0.0800 | -0.0300 | 31.0 | +2.0 | 34 | +4 |" in rows["shipped-cal512"]
+    assert "shipped-tile has the lowest output rel L2" in text  # the window verdict
+    assert "given back alone blocks.0.attn1 -> 0.1200, blocks.1.attn1 -> 0.1800; picked blocks.0.attn1 (attention error would pick blocks.1.attn1)" in text
+    assert "- shipped-full failed: recipe: stage2.train: ..." in text
+
+    # --markers: the deep tier's section of the doc is written, the fast tier's kept
+    results = tmp_path / "deep.json"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    doc = tmp_path / "comparison.md"
+    doc.write_text(f"{report.START}\nfast table\n{report.END}\n<!-- fidelity-deep:start -->\nold\n<!-- fidelity-deep:end -->\n")
+    assert report.main([str(results), "--write", str(doc), "--markers", "fidelity-deep"]) == 0
+    written = doc.read_text()
+    assert "fast table" in written and "\nold\n" not in written and written.index("what each lever buys") > written.index(report.END)

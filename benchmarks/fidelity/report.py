@@ -1,12 +1,16 @@
 """Markdown tables of a fidelity benchmark results file (run.py's JSON lines), for docs/comparison.md.
 
-    python benchmarks/fidelity/report.py results.json [more.json ...] [--write docs/comparison.md]
+    python benchmarks/fidelity/report.py results.json [more.json ...] [--write docs/comparison.md] [--markers fidelity-deep]
 
 One table per model: each config's measures as mean ± half the range over its seeds (with two
 seeds, the two values are mean - x and mean + x), then the issue's targets per config, the
 Hadamard-vs-linear attention-transfer comparison, the configs that failed and the commands and
-commits that made the numbers. When a (model, config, seed) appears more than once (a rerun),
-the last record wins.
+commits that made the numbers. Runs on the shipped recipe (run.py --base shipped, the `shipped*`
+rows) get their own table per model and tier: what each lever buys against the `shipped` row
+(output rel L2, sampled-video PSNR, and the GPU seconds of stages 1 + 2 + 3), the window and
+layer-choice verdicts at the shipped layer budget, and the per-layer effects the output
+selection measured. When a (tier, model, config, seed) appears more than once (a rerun), the last
+record wins.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def load(paths: list[str]) -> list[dict]:
             except json.JSONDecodeError:
                 print(f"{p}:{n}: not a JSON record, skipped (a run killed mid-write?)", file=sys.stderr)
                 continue
-            records[(r["model"], r["config"], r["seed"], r.get("steps_scale"), r.get("dtype", "float32"))] = r
+            records[(r.get("tier", "fast"), r["model"], r["config"], r["seed"], r.get("steps_scale"), r.get("dtype", "float32"))] = r
     return list(records.values())
 
 
@@ -125,28 +129,146 @@ def hadamard_vs_linear(records: list[dict], model: str) -> list[str]:
     return out
 
 
+# The shipped base's rows: (group, what the row changes against `shipped`), in table order.
+LEVERS = {
+    "shipped": ("", "the shipped recipe: 64 calibration videos, its lr, batch, steps, LoRA r 32, softmax_layers by fraction"),
+    "shipped-cal512": ("calibration", "512 calibration videos instead of 64"),
+    "shipped-full": ("stage 2 trains", "every base weight (full) instead of LoRA"),
+    "shipped-lora64": ("stage 2 trains", "LoRA rank 64"),
+    "shipped-lora128": ("stage 2 trains", "LoRA rank 128"),
+    "shipped-live": ("teacher", "live teacher in stage 2 instead of cached targets"),
+    "shipped-onpolicy": ("on-policy", "stage 3 on the student's own samples, half of stage 2's steps"),
+    "shipped-select-output": ("layer choice", "kept layers chosen by their effect on the output"),
+    "shipped-keep0": ("layer choice", "no layer kept softmax"),
+    "shipped-keep2": ("layer choice", "2 layers kept softmax"),
+    "shipped-chunk2": ("window", "chunks of 2 frames (512 keys)"),
+    "shipped-chunk1-halo1": ("window", "own frame + 1 frame each side (768 keys)"),
+    "shipped-tile": ("window", "4 x 4 spatial tube through all frames (256 keys, as the own frame)"),
+}
+WINDOWS = ("shipped", "shipped-chunk2", "shipped-chunk1-halo1", "shipped-tile")  # own frame first
+
+
+def _seconds(r: dict) -> float:
+    s = r["seconds"]
+    return s.get("stage1", 0) + s.get("stage2", 0) + s.get("stage3", 0)
+
+
+def _mean_of(rs: list[dict], getter) -> float | None:
+    vals = [v for v in (_get(r, getter) for r in rs) if _finite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _delta(v: float | None, ref: float | None, digits: int) -> str:
+    return "–" if v is None or ref is None else f"{v - ref:+.{digits}f}"
+
+
+def lever_table(records: list[dict], model: str, tier: str) -> list[str]:
+    """What each lever buys on the shipped recipe: one row per shipped* config, each measure with its
+    difference from the `shipped` row (mean over seeds); the window and layer-choice verdicts."""
+    ok = [r for r in records if r["model"] == model and r.get("tier", "fast") == tier and r.get("status") == "ok"]
+    by = {c: [r for r in ok if r["config"] == c] for c in dict.fromkeys([*LEVERS, *(r["config"] for r in ok)])}
+    by = {c: rs for c, rs in by.items() if rs}
+    rel = lambda r: r["output"]["rel_l2"]
+    psnr = lambda r: (r.get("sampling") or {}).get("psnr_db")
+    ref = by.get("shipped", [])
+    ref_rel, ref_psnr, ref_s = _mean_of(ref, rel), _mean_of(ref, psnr), _mean_of(ref, _seconds)
+    lines = [
+        "| lever | config | what it changes | seeds | calibration | kept softmax | out rel L2 | Δ vs shipped | sampled PSNR dB | Δ dB | wall s stage 1 + 2 + 3 | Δ s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c, rs in by.items():
+        group, what = LEVERS.get(c, ("", ""))
+        m_rel, m_psnr, m_s = _mean_of(rs, rel), _mean_of(rs, psnr), _mean_of(rs, _seconds)
+        cal = sorted({r.get("calibration_samples") for r in rs}, key=str)
+        kept = sorted({r.get("softmax_layers") for r in rs}, key=str)
+        lines.append(
+            f"| {group} | {c} | {what} | {len(rs)} | {', '.join(map(str, cal))} | {', '.join(map(str, kept))} | "
+            f"{cell([_get(r, rel) for r in rs], 4)} | {_delta(m_rel, ref_rel, 4) if c != 'shipped' else ''} | "
+            f"{cell([_get(r, psnr) for r in rs], 1)} | {_delta(m_psnr, ref_psnr, 1) if c != 'shipped' else ''} | "
+            f"{cell([_seconds(r) for r in rs], 0)} | {_delta(m_s, ref_s, 0) if c != 'shipped' else ''} |"
+        )
+    notes = []
+    windows = {c: _mean_of(by[c], rel) for c in WINDOWS if c in by and _mean_of(by[c], rel) is not None}
+    if len(windows) > 1:
+        best = min(windows, key=windows.get)
+        kept = sorted({r.get("softmax_layers") for c in windows for r in by[c]}, key=str)
+        blocks = sorted({r.get("blocks") for c in windows for r in by[c]}, key=str)
+        notes.append(
+            f"window at {', '.join(map(str, kept))} kept softmax layer(s) of {', '.join(map(str, blocks))}: {best} has the lowest output rel L2 "
+            f"({', '.join(f'{c} {v:.4f}' for c, v in windows.items())})"
+        )
+    for r in by.get("shipped-select-output", []):
+        sel = r.get("selection_summary") or {}
+        for k, rnd in enumerate(sel.get("output_effects") or []):
+            top = sorted(rnd["with_softmax"].items(), key=lambda kv: kv[1] if _finite(kv[1]) else math.inf)[:3]
+            errs = sel.get("errors") or {}
+            by_attention = max(errs, key=lambda n: errs[n] if _finite(errs[n]) else math.inf) if errs else "?"
+            notes.append(
+                f"seed {r['seed']}, pick {k + 1}: output drift {rnd['drift']:.4f} with every layer converted; given back alone "
+                + ", ".join(f"{n} -> {v:.4f}" for n, v in top)
+                + f"; picked {rnd['picked']} (attention error would pick {by_attention})"
+            )
+    return lines + [""] + [f"- {x}" for x in notes]
+
+
 def render(records: list[dict]) -> str:
+    """The shipped-recipe tables (per model and tier), then the benchmark-base tables, then the
+    commands that made the numbers and what the columns are."""
+    shipped = [r for r in records if r.get("base") == "shipped"]
+    bench = [r for r in records if r.get("base") != "shipped"]
+    lines: list[str] = []
+    for m, tier in dict.fromkeys((r["model"], r.get("tier", "fast")) for r in shipped):
+        rs = [r for r in shipped if r["model"] == m and r.get("tier", "fast") == tier]
+        blocks = sorted({r.get("blocks") for r in rs if r.get("blocks")})
+        lines += [f"### {m}, {tier} tier ({' or '.join(map(str, blocks))} blocks), shipped recipe: what each lever buys", ""]
+        lines += lever_table(shipped, m, tier)
+        seen = set()
+        for r in rs:
+            if r.get("status") != "ok" and (r["config"], r.get("error")) not in seen:
+                seen.add((r["config"], r.get("error")))
+                lines.append(f"- {r['config']} failed: {r.get('error')}")
+        lines.append("")
+    for tier in dict.fromkeys(r.get("tier", "fast") for r in bench):
+        lines += _render_bench([r for r in bench if r.get("tier", "fast") == tier], tier)
+    envs = list(dict.fromkeys(((r.get("env") or {}).get("command"), (r.get("env") or {}).get("git_commit"), (r.get("env") or {}).get("device")) for r in records))
+    lines += ["Made by:", "", "```", *(f"{cmd}    # commit {commit or '?'}, {device or '?'}" for cmd, commit, device in envs), "```", ""]
+    if bench:
+        lines.append(
+            "Columns: denoiser output relative L2 vs the teacher on held-out inputs (mean over samples, and the worst "
+            "of 4 equal t buckets), cosine, denoising loss against the true flow target (student / teacher), mean "
+            "per-layer attention relative L2 at the end of stage 1 (its last batch) and on held-out at the end, "
+            "videos sampled from the same noise (FlowMatchEuler, shift 1: PSNR, peak-to-peak range of the teacher's "
+            "frames, and relative L2), wall seconds of the two training stages. Mean ± half the range over seeds."
+        )
+    if shipped:
+        lines.append(
+            "Shipped-recipe tables: the built-in recipe with only the model, its data and softmax_layers (the same "
+            "fraction of the blocks) changed, measured from the saved folder in a fresh process; Δ: the row's mean "
+            "minus the `shipped` row's; wall s: seconds of stages 1 + 2 + 3 of the conversion on the run's device (see Made by)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _render_bench(records: list[dict], tier: str) -> list[str]:
+    """The benchmark-base tables of one tier, per model."""
     order: list[str] = []
     for r in records:
         if r["config"] not in order:
             order.append(r["config"])
-    try:  # run.py's table order when it can be imported
+    try:  # the configs' table order (bench_recipes.CONFIGS) when it can be imported
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from run import CONFIGS
+        from bench_recipes import CONFIGS
 
         order = [c for c in CONFIGS if c in order] + [c for c in order if c not in CONFIGS]
     except Exception:  # noqa: BLE001 - the report must not need torch
         pass
     lines: list[str] = []
-    models = []
-    for r in records:
-        if r["model"] not in models:
-            models.append(r["model"])
+    models = list(dict.fromkeys(r["model"] for r in records))
     for m in models:
-        scales = sorted({r.get("steps_scale") for r in records if r["model"] == m})
+        scales = sorted({r.get("steps_scale") for r in records if r["model"] == m}, key=str)
         dtypes = sorted({r.get("dtype", "float32") for r in records if r["model"] == m})
         ok = [r for r in records if r["model"] == m and r.get("status") == "ok"]
-        head = f"### {m}"
+        head = f"### {m}" + (f", {tier} tier" if tier != "fast" else "")
         if ok:
             # settings that differ between runs are all listed (a row's runs may differ too)
             held = sorted({r["heldout_samples"] for r in ok})
@@ -173,41 +295,28 @@ def render(records: list[dict]) -> str:
                 seen.add(key)
                 lines.append(f"- {r['config']} failed: {r.get('error')}")
         lines.append("")
-    envs = []
-    for r in records:
-        e = r.get("env") or {}
-        key = (e.get("command"), e.get("git_commit"), e.get("device"))
-        if key not in envs:
-            envs.append(key)
-    lines.append("Made by:")
-    lines.append("")
-    lines.append("```")
-    for cmd, commit, device in envs:
-        lines.append(f"{cmd}    # commit {commit or '?'}, {device or '?'}")
-    lines.append("```")
-    lines.append("")
-    lines.append(
-        "Columns: denoiser output relative L2 vs the teacher on held-out inputs (mean over samples, and the worst "
-        "of 4 equal t buckets), cosine, denoising loss against the true flow target (student / teacher), mean "
-        "per-layer attention relative L2 at the end of stage 1 (its last batch) and on held-out at the end, "
-        "videos sampled from the same noise (FlowMatchEuler, shift 1: PSNR, peak-to-peak range of the teacher's "
-        "frames, and relative L2), wall seconds of the two training stages. Mean ± half the range over seeds."
-    )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 START, END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
 
 
-def write_between_markers(path: Path, text: str) -> None:
-    """Replace what lies between START and END in `path` (the rest of the file is kept)."""
+def markers(name: str) -> tuple[str, str]:
+    """The pair of HTML comments a `--markers name` section of the doc lies between."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_between_markers(path: Path, text: str, name: str = "fidelity") -> None:
+    """Replace what lies between the `name` markers (START and END by default) in `path` (the rest
+    of the file is kept)."""
+    start, end = markers(name)
     doc = path.read_text()
-    if START not in doc or END not in doc:
-        raise ValueError(f"{path}: no {START} ... {END} markers to write between")
-    head, rest = doc.split(START, 1)
-    tail = rest.split(END, 1)[1]
+    if start not in doc or end not in doc:
+        raise ValueError(f"{path}: no {start} ... {end} markers to write between")
+    head, rest = doc.split(start, 1)
+    tail = rest.split(end, 1)[1]
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(f"{head}{START}\n{text}{END}{tail}")
+    tmp.write_text(f"{head}{start}\n{text}{end}{tail}")
     tmp.replace(path)
 
 
@@ -215,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+")
     ap.add_argument("--write", type=Path, default=None, help=f"also write the tables between {START} and {END} in this file")
+    ap.add_argument("--markers", default="fidelity", help="which marked section --write replaces: NAME of <!-- NAME:start --> ... <!-- NAME:end --> (the deep tier's: fidelity-deep)")
     args = ap.parse_args(argv)
     missing = [p for p in args.results if not Path(p).is_file()]
     if missing:
@@ -228,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(text)
     if args.write:
         try:
-            write_between_markers(args.write, text)
+            write_between_markers(args.write, text, args.markers)
         except (OSError, ValueError) as e:
             print(str(e), file=sys.stderr)
             return 2

@@ -2,12 +2,20 @@
 
     python benchmarks/fidelity/run.py --models wan cogvideox --configs hla hla-lora hybrid-lora \\
         --seeds 0 1 --out results.json [--steps-scale 1.0] [--device cuda] [--resume]
+    python benchmarks/fidelity/run.py --tier deep --base shipped --seeds 0 1 2 --out deep.json
     python benchmarks/fidelity/report.py results.json
+
+Two bases (--base): `bench` (default), the benchmark's own recipes/<model>.yaml, and `shipped`, the
+built-in recipe a user runs on the real model (bench_recipes.SHIPPED) with only the fields that name the
+benchmark's model and its data changed (SHIPPED_CHANGES) and attention.softmax_layers kept as the
+same fraction of the blocks; its lr, batch sizes, steps, LoRA and stage 1 stay as shipped. The
+`shipped*` configs are the rows on that base. Two tiers (--tier): `fast`, the 6-block teachers of
+models/, and `deep`, the 15-block teachers of models-deep/ (one kept layer is 6.7 % of them).
 
 For each model (a folder written by train_models.py, default benchmarks/fidelity/models/<model>)
 and seed, train and held-out inputs are drawn from the model's own data distribution
 (bench_data.py), written with `hla_convert.stages.calibration.save_inputs` and read back through
-`calibration.source: folder`. Each config is a set of recipe overrides (CONFIGS below) on the
+`calibration.source: folder`. Each config is a set of recipe overrides (bench_recipes.CONFIGS) on the
 model's base recipe (recipes/<model>.yaml). The conversion is `hla_convert.convert` — what
 `hla-convert convert <model folder> --recipe <yaml> --out X` runs — into an output folder under
 --conversions-dir; the resolved recipe of every run is written beside the results. Every measure
@@ -53,47 +61,18 @@ import torch  # noqa: E402
 
 import bench_data as bd  # noqa: E402
 import bench_models as bm  # noqa: E402
-
-# ----------------------------------------------------------------------------------------------- configs
-# Recipe overrides by dotted field, on recipes/<model>.yaml. Adding a config is one line.
-LORA = {"stage2.train": "lora"}  # rank 8 on to_q/to_k/to_v/to_out.0, lr = stage2.lr (recipe defaults)
-HYBRID = {"attention.kind": "hybrid", "attention.far": "hadamard", "attention.window": [1, 0, 0]}
-CONFIGS: dict[str, dict[str, Any]] = {
-    "softmax": {"attention.kind": "softmax"},  # sanity: identity conversion, zero drift, loss ratio 1
-    "hla": {},  # the base recipe: hadamard, taylor, F = 2, r = 32, stage 2 on the HLA parameters
-    "hla-lora": {**LORA},
-    "linear-lora": {"attention.kind": "linear", "attention.feature_map": None, **LORA},  # same r^F state
-    "hybrid": {**HYBRID},
-    "hybrid-lora": {**HYBRID, **LORA},
-    "hybrid-linear-lora": {**HYBRID, "attention.far": "linear", "attention.feature_map": None, **LORA},
-    "hybrid-lora-tube": {**HYBRID, "attention.window": [0, 8, 8], **LORA},
-    "hybrid-lora-chunk": {**HYBRID, "attention.window": [2, 0, 0], "attention.halo": [1, 0, 0], **LORA},
-    "hla-softplus-lora": {"attention.feature_map": "softplus", **LORA},  # separate maps per factor
-    "hla-f3-lora": {"attention.feature_map": "softplus", "attention.factors": 3, "attention.feature_dim": 16, **LORA},
-    "hybrid-lora-temp": {**HYBRID, "attention.learn_temperature": True, **LORA},
-    "hybrid-lora-ffn": {**HYBRID, **LORA, "stage2.lora_ffn": True},
-    "hybrid-lora-keep2": {**HYBRID, **LORA, "attention.softmax_layers": 2},
-    # r / head dim = 1/4 instead of 1/2: what r = 32 instead of 64 is on a 128-dim model (Wan 1.3B)
-    "hybrid-lora-keep2-r16": {**HYBRID, **LORA, "attention.softmax_layers": 2, "attention.feature_dim": 16},
-    # the levers after keep2 (absolute steps: at --steps-scale 0.5 the default's stage 2 is 300 steps)
-    "hybrid-lora-keep2-s2x4": {**HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.steps": 1200},
-    "hybrid-lora-keep2-lr32": {**HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.lora_rank": 32},
-    "hybrid-lora-keep2-lr32-s2x4": {**HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.lora_rank": 32, "stage2.steps": 1200},
-    # not yet run: the next ones after the above (still falling at 1,200 steps; the LoRA rate)
-    "hybrid-lora-keep2-lr32-s2x8": {**HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.lora_rank": 32, "stage2.steps": 2400},
-    "hybrid-lora-keep2-lr32-s2x4-lrx2": {
-        **HYBRID, **LORA, "attention.softmax_layers": 2, "stage2.lora_rank": 32, "stage2.steps": 1200, "stage2.lora_lr": 1.0e-3,
-    },
-}
-# Stage 3 (on-policy trajectory distillation, hla_convert.stages.onpolicy) on top of a row above:
-# stage3.steps = half of that row's stage-2 steps (run_one resolves "half" after --steps-scale),
-# sampling with --sampling-steps like the measure, so the sampled-video PSNR is compared with and
-# without it at the same stage 2. The teachers are bare transformers: run_one gives stage 3 the
-# measure's scheduler through a pipeline folder (onpolicy_pipeline).
-ONPOLICY_OF = ("hla-lora", "hybrid-lora-keep2", "hybrid-lora-keep2-lr32-s2x4")
-for _row in ONPOLICY_OF:
-    CONFIGS[f"{_row}-onpolicy"] = {**CONFIGS[_row], "stage3.steps": "half"}
-DEFAULT_CONFIGS = [c for c in CONFIGS if c != "softmax"]
+from bench_recipes import (  # noqa: E402
+    BASES,
+    CONFIGS,
+    DEFAULT_CONFIGS,
+    SHIPPED_CONFIGS,
+    TIERS,
+    HalfOf,
+    changed_fields,
+    input_plan,
+    recipe_for,
+    shipped_recipe,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SAMPLING_SHIFT = 1.0  # the teachers are trained with t ~ U(0, 1): no shift
@@ -193,33 +172,6 @@ def true_target_losses(arch: str, model, heldout: list[dict], targets: torch.Ten
     return {"teacher": tl, "student": sl, "ratio": sl / tl, "buckets": out_buckets}
 
 
-def recipe_for(arch: str, config: str, seed: int, folder: Path, spec: bd.VideoSpec, args):
-    """The base recipe with the config's overrides, the run's inputs, seed and step scale."""
-    from hla_convert.recipe import load_recipe
-
-    base = load_recipe(str(HERE / "recipes" / f"{arch}.yaml"))
-    fields = {
-        "calibration.frames": spec.frames,
-        "calibration.height": spec.height,
-        "calibration.width": spec.width,
-        "calibration.text_len": spec.text_len,
-        "calibration.samples": args.train_samples,
-        "calibration.heldout": args.heldout_samples,
-        "calibration.batch_size": args.batch_size,
-        "stage1.batch_size": args.batch_size,
-        "stage2.batch_size": args.batch_size,
-        "stage1.steps": max(1, round(base.stage1.steps * args.steps_scale)),
-        "stage2.steps": max(1, round(base.stage2.steps * args.steps_scale)) if base.stage2.steps else 0,
-        "validation.sampling_steps": args.sampling_steps,
-    }
-    fields.update(CONFIGS[config])
-    if fields.get("stage3.steps") == "half":  # half of this run's stage 2, whatever --steps-scale made it
-        fields["stage3.steps"] = max(1, fields["stage2.steps"] // 2)
-        fields["stage3.batch_size"] = args.batch_size
-        fields["stage3.sampling_steps"] = args.sampling_steps
-    return base.with_overrides(source="folder", path=str(folder), seed=seed, fields=fields)
-
-
 def onpolicy_pipeline(model_dir: Path, where: Path) -> Path:
     """A pipeline folder around a bare benchmark teacher (its transformer/ a symlink to model_dir)
     with the measure's scheduler, so that `convert` has one for stage 3; built once per model."""
@@ -247,7 +199,10 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
     """
     import hla_convert
 
-    record: dict[str, Any] = {"model": arch, "config": config, "seed": seed, "steps_scale": args.steps_scale, "dtype": args.dtype, "overrides": CONFIGS[config]}
+    record: dict[str, Any] = {
+        "model": arch, "config": config, "seed": seed, "tier": args.tier, "base": args.base, "steps_scale": args.steps_scale,
+        "dtype": args.dtype, "overrides": {k: repr(v) if isinstance(v, HalfOf) else v for k, v in CONFIGS[config].items()},
+    }  # fmt: skip
     seconds: dict[str, float] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -257,12 +212,19 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         _, model, spec, info = bm.load_model(model_dir, dtype=DTYPES[args.dtype], device="cpu")
         t0 = time.perf_counter()
         stage = "inputs"
-        folder = inputs_folder(cache, arch, model, spec, seed, args.train_samples, args.heldout_samples, args.batch_size)
+        n_train, batch = input_plan(arch, config, args)
+        folder = inputs_folder(cache, arch, model, spec, seed, n_train, args.heldout_samples, batch)
+        bench_layers = int(model.config.num_layers)
         del model  # convert loads the teacher itself, from model_dir
         seconds["make_inputs"] = time.perf_counter() - t0
         stage = "recipe"
-        rec = recipe_for(arch, config, seed, folder, spec, args)
+        rec = recipe_for(arch, config, seed, folder, spec, args, bench_layers)
         record["recipe"] = rec.to_dict()
+        record["blocks"] = bench_layers
+        record["calibration_samples"] = rec.calibration.samples
+        record["softmax_layers"] = rec.attention.softmax_layers
+        if args.base == "shipped":  # what differs from the shipped recipe, field by field
+            record["changed_from_shipped"] = changed_fields(shipped_recipe(arch).to_dict(), record["recipe"])
         recipe_file = Path(args.out).with_suffix("").as_posix() + f"-recipes/{arch}-{config}-seed{seed}.yaml"
         Path(recipe_file).parent.mkdir(parents=True, exist_ok=True)
         Path(recipe_file).write_text(f"# {config} on {arch}: benchmarks/fidelity/run.py, resolved\n" + rec.to_yaml())
@@ -281,7 +243,7 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         s1, s2, s3 = training.get("stage1") or {}, training.get("stage2") or {}, training.get("stage3") or {}
         seconds["stage1"] = float(s1.get("seconds", 0.0))
         seconds["stage2"] = float(s2.get("seconds", 0.0))
-        seconds["stage3"] = float(s3.get("seconds", 0.0))
+        seconds["stage3"] = float(s3.get("seconds", 0.0))  # the on-policy stage, where the recipe has one
         if device.type == "cuda":  # teacher + student share one copy of the weights (LoRA: adapters off)
             record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             torch.cuda.empty_cache()
@@ -316,6 +278,9 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
             stage2={k: s2.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s2},
             stage3={k: s3.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped", "sampling_steps", "sampler_forwards") if k in s3},
             selection=(training.get("selection") or {}).get("softmax_layers", []) if isinstance(training.get("selection"), dict) else [],
+            # how they were chosen and every measured per-layer effect (attention errors; with
+            # softmax_select output, each layer's output drift when given back)
+            selection_summary=training.get("selection") if isinstance(training.get("selection"), dict) else {},
             trainable=measured["trainable"],
         )
     except Exception as e:  # noqa: BLE001 - one config failing must not end the grid
@@ -382,7 +347,7 @@ def finished(path: Path) -> set[tuple]:
             with contextlib.suppress(json.JSONDecodeError):
                 r = json.loads(line)
                 if r.get("status") == "ok":
-                    done.add((r["model"], r["config"], r["seed"], r.get("steps_scale"), r.get("dtype", "float32")))
+                    done.add((r.get("tier", "fast"), r["model"], r["config"], r["seed"], r.get("steps_scale"), r.get("dtype", "float32")))
     return done
 
 
@@ -396,11 +361,13 @@ def append(path: Path, record: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(bm.ARCHITECTURES), choices=bm.ARCHITECTURES)
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help=f"any of: {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", nargs="+", default=None, help=f"any of: {', '.join(CONFIGS)} (default: every non-softmax row of the --base)")
+    ap.add_argument("--base", choices=BASES, default="bench", help="bench: recipes/<model>.yaml; shipped: the built-in recipe as users run it (the shipped* configs)")
+    ap.add_argument("--tier", choices=list(TIERS), default="fast", help="fast: the 6-block teachers of models/; deep: the 15-block ones of models-deep/")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--out", required=True, help="results file (JSON lines, appended)")
-    ap.add_argument("--models-dir", default=str(HERE / "models"), help="folder with <model>/ from train_models.py")
-    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies both stages' steps")
+    ap.add_argument("--models-dir", default=None, help="folder with <model>/ from train_models.py (default: the --tier's)")
+    ap.add_argument("--steps-scale", type=float, default=None, help="multiplies both stages' steps (bench base: default 1; shipped base: only when given)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resume", action="store_true", help="skip (model, config, seed, steps-scale, dtype) already ok in --out")
     ap.add_argument(
@@ -408,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(tempfile.gettempdir()) / "hla-fidelity-inputs"),
         help="cache of the generated input sets (hundreds of MB; kept out of the results folder)",
     )
-    ap.add_argument("--train-samples", type=int, default=1024)
+    ap.add_argument("--train-samples", type=int, default=None, help="bench base: default 1,024; shipped base: the shipped count (64) unless given or a row sets it")
     ap.add_argument("--heldout-samples", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--sampling-steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=None, help="bench base only (default 8); the shipped base keeps its batch sizes")
+    ap.add_argument("--sampling-steps", type=int, default=None, help="bench base: default 20; shipped base: the shipped recipe's unless given")
     ap.add_argument("--stop-after-minutes", type=float, default=None, help="start no new run after this long (fit a time limit)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the teacher's weights and activations (HLA and LoRA parameters stay float32)")
     ap.add_argument("--threads", type=int, default=None)
@@ -430,11 +397,28 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(Path(args.measure), args.measure_arch, Path(args.measure_inputs), torch.device(args.device), args.dtype)
         print(json.dumps(result))
         return 0
+    shipped = args.base == "shipped"
+    if args.configs is None:
+        args.configs = list(SHIPPED_CONFIGS) if shipped else list(DEFAULT_CONFIGS)
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         print(f"unknown config {unknown[0]!r}; configs: {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
-    if args.heldout_samples < 4 or args.train_samples < 1:
+    wrong = [c for c in args.configs if c.startswith("shipped") != shipped]
+    if wrong:
+        print(f"config {wrong[0]!r} is for --base {'bench' if shipped else 'shipped'} (the shipped* configs are the shipped base's rows)", file=sys.stderr)
+        return 2
+    if args.batch_size is not None and shipped:
+        print("--batch-size is for --base bench: the shipped base keeps the shipped recipe's batch sizes", file=sys.stderr)
+        return 2
+    if not shipped:  # the bench base's defaults; the shipped base keeps the shipped recipe's
+        args.steps_scale = 1.0 if args.steps_scale is None else args.steps_scale
+        args.train_samples = 1024 if args.train_samples is None else args.train_samples
+        args.batch_size = 8 if args.batch_size is None else args.batch_size
+        args.sampling_steps = 20 if args.sampling_steps is None else args.sampling_steps
+    if args.models_dir is None:
+        args.models_dir = str(HERE / TIERS[args.tier])
+    if args.heldout_samples < 4 or (args.train_samples is not None and args.train_samples < 1):
         print("--heldout-samples must be >= 4 and --train-samples >= 1", file=sys.stderr)
         return 2
     if args.threads:
@@ -456,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.time()
     longest = 0.0
-    todo = sum(1 for a in args.models for sd in args.seeds for c in args.configs if (a, c, sd, args.steps_scale, args.dtype) not in done)
+    todo = sum(1 for a in args.models for sd in args.seeds for c in args.configs if (args.tier, a, c, sd, args.steps_scale, args.dtype) not in done)
     ran: list[float] = []
     for arch in args.models:
         model_dir = Path(args.models_dir) / arch
@@ -465,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for seed in args.seeds:
             for config in args.configs:
-                if (arch, config, seed, args.steps_scale, args.dtype) in done:
+                if (args.tier, arch, config, seed, args.steps_scale, args.dtype) in done:
                     print(f"{arch:10s} {config:20s} seed {seed}: done already (--resume)", flush=True)
                     continue
                 elapsed = time.time() - t_start
@@ -484,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(worst bucket {record['output']['worst_bucket_rel_l2']:.4f}), loss x{record['loss']['ratio']:.3f}, "
                         f"attn s1 {_fmt(record['attention']['stage1_mean'])} end {record['attention']['final_mean']:.3f}, "
                         + (f"PSNR {record['sampling']['psnr_db']:.1f} dB, " if record.get("sampling") else "")
-                        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, measured in a fresh process {s['measure_fresh_process']:.1f})",
+                        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, stage3 {s['stage3']:.1f}, measured in a fresh process {s['measure_fresh_process']:.1f})",
                         flush=True,
                     )
                 else:

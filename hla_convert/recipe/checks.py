@@ -15,6 +15,7 @@ from ..model.config import ConfigError, HLAConfig
 from .schema import (
     DISTRIBUTIONS,
     SOURCES,
+    SOFTMAX_SELECT,
     STAGE2_TEACHER,
     STAGE2_TRAIN,
     STAGE3_SAMPLING_STEPS,
@@ -203,6 +204,7 @@ _RECIPE_ATTENTION = {
     "include": lambda p, v: _string_list(p, v, nullable=True),
     "exclude": lambda p, v: _string_list(p, v, nullable=False),
     "softmax_layers": lambda p, v: _integer(p, v, 0),
+    "softmax_select": lambda p, v: _choice(p, v, SOFTMAX_SELECT),
 }
 _HLA_TYPES = {f.name: str(f.type) for f in dataclasses.fields(HLAConfig)}
 _ATTENTION = {

@@ -12,7 +12,10 @@ out with the reasoning for their values):
                   learn_temperature, causal_block_frames (HLAConfig fields; the last: latent
                   frames per causal block of a SkyReels-V2 diffusion-forcing model, null = as
                   its config says; must divide the calibration's latent frames),
-                  include (glob list or null: the architecture's default), exclude (kept softmax)
+                  include (glob list or null: the architecture's default), exclude (kept softmax),
+                  softmax_layers (converted layers given back to softmax after stage 1),
+                  softmax_select (attention | output: chosen by attention error or by their
+                  effect on the denoiser output, hla_convert.stages.selection)
     calibration:  source (synthetic | trajectories | folder), synthetic (gaussian | demo_videos),
                   path, prompts, frames, height, width (pixels), vae_scale_temporal,
                   vae_scale_spatial (null: the architecture's VAE), samples, heldout, batch_size,
@@ -80,6 +83,10 @@ STAGE2_TRAIN = ("hla", "lora", "full")
 # Where stage 2's targets come from: computed once before the first step and kept on the host
 # ("cached"), or a teacher forward at every step ("live", the behaviour before caching).
 STAGE2_TEACHER = ("cached", "live")
+# How attention.softmax_layers picks its layers (hla_convert.stages.selection): "attention" the
+# largest stage-1 attention error; "output" greedily the layer whose return to softmax lowers the
+# denoiser output error against the teacher most.
+SOFTMAX_SELECT = ("attention", "output")
 
 # (temporal, spatial) compression of each architecture's VAE: latent frames = (frames - 1) / t + 1 (model.architectures).
 VAE_SCALES: dict[str, tuple[int, int]] = with_field("vae_scales")
@@ -126,12 +133,15 @@ class ModelSpec:
 #   include, exclude   which attention modules to convert (globs; null include = the architecture's)
 #   softmax_layers     how many converted layers go back to exact softmax after stage 1, worst
 #                      attention error first (hla_convert.stages.selection); 0 = none
+#   softmax_select     how they are chosen: "attention" (stage-1 attention error) or "output" (their
+#                      measured effect on the denoiser output error)
 # in the order recipes have always been written in (causal_block_frames last).
 HLA_FIELDS = tuple(f.name for f in dataclasses.fields(HLAConfig))
 _RECIPE_ATTENTION_FIELDS = [
     ("include", "list[str] | None", field(default=None)),
     ("exclude", "list[str]", field(default_factory=list)),
     ("softmax_layers", "int", field(default=0)),
+    ("softmax_select", "str", field(default="attention")),
 ]
 
 
@@ -149,7 +159,7 @@ def _attention_fields() -> list[tuple[str, Any, Any]]:
 
 AttentionSpec = dataclasses.make_dataclass("AttentionSpec", _attention_fields())
 AttentionSpec.__module__ = __name__
-AttentionSpec.__doc__ = "The recipe's attention section: HLAConfig's fields, then include, exclude, softmax_layers."
+AttentionSpec.__doc__ = "The recipe's attention section: HLAConfig's fields, then include, exclude, softmax_layers, softmax_select."
 
 
 @dataclass

@@ -337,7 +337,7 @@ def distil(
 
     init = initialize_feature_maps(model, inputs, progress=progress)
     stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
-    selection = give_back_to_softmax(model, inputs, recipe.attention.softmax_layers)
+    selection = give_back_to_softmax(model, inputs, recipe.attention.softmax_layers, select=recipe.attention.softmax_select)
     if parallel is not None:
         # every process measured the same inputs; a device's non-deterministic kernels could still
         # rank two close layers differently, and the processes would then train different models

@@ -291,14 +291,14 @@ def test_a_fifo_or_a_device_as_recipe_file_is_refused_without_reading(tmp_path):
 
 def test_attention_fields_and_defaults_are_hla_configs():
     """The attention section is HLAConfig's fields (same defaults, read from YAML as HLAConfig takes
-    them) plus include, exclude, softmax_layers: a recipe that leaves them out gets HLAConfig()."""
+    them) plus include, exclude, softmax_layers, softmax_select: a recipe that leaves them out gets HLAConfig()."""
     import dataclasses
 
     from hla_convert import HLAConfig
     from hla_convert.recipe import AttentionSpec
 
     names = [f.name for f in dataclasses.fields(AttentionSpec)]
-    assert set(names) == {f.name for f in dataclasses.fields(HLAConfig)} | {"include", "exclude", "softmax_layers"}
+    assert set(names) == {f.name for f in dataclasses.fields(HLAConfig)} | {"include", "exclude", "softmax_layers", "softmax_select"}
     wan = {"architecture": "WanTransformer3DModel"}
     assert parse_recipe({"name": "x", "model": wan}).hla_config() == HLAConfig()
     r = parse_recipe({"name": "x", "model": wan, "attention": {"eps": "1e-3", "factors": 4.0, "window": [2, 0, 0]}})

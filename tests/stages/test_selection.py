@@ -81,3 +81,100 @@ def test_a_budget_that_would_revert_every_layer_is_refused():
 def test_softmax_layers_must_be_a_non_negative_integer():
     with pytest.raises(RecipeError, match=r"^attention\.softmax_layers: must be an integer >= 0"):
         recipe(-1)
+
+
+# -- attention.softmax_select: output ----------------------------------------------------------------
+
+
+def _converted(num_layers: int, bad: str | None = None):
+    """A tiny Wan with every self-attention converted (untrained HLA), its inputs; `bad`: that layer's
+    HLA projection scaled up 30x, so its student attention is far from its softmax."""
+    rec = recipe(1)
+    model = tiny_model("wan", num_layers=num_layers)
+    convert_attention(model, rec.hla_config())
+    if bad is not None:
+        with torch.no_grad():
+            hla_layers(model)[bad].proj.mul_(30.0)
+    return model, build_inputs(model, rec, "train")
+
+
+def _drift_after_revert(model, inputs, names) -> float:
+    """Brute force: a deep copy with `names` really reverted (revert_attention), its output rel L2
+    against the teacher over all inputs."""
+    import copy
+
+    from hla_convert.model.surgery import revert_attention
+
+    reverted = revert_attention(copy.deepcopy(model), names)
+    err2 = ref2 = 0.0
+    with torch.no_grad():
+        for item in inputs:
+            set_attention_mode(reverted, "teacher")
+            ref = forward(reverted, item)
+            set_attention_mode(reverted, "student")
+            err2 += float((forward(reverted, item) - ref).pow(2).sum())
+            ref2 += float(ref.pow(2).sum())
+    return (err2 / ref2) ** 0.5
+
+
+def test_output_selection_picks_the_layer_that_costs_the_output_most_and_records_every_effect():
+    model, inputs = _converted(3, bad="blocks.1.attn1")
+    out = give_back_to_softmax(model, inputs, 1, select="output")
+    assert out["select"] == "output" and out["softmax_layers"] == ["blocks.1.attn1"]
+    assert sorted(hla_layers(model)) == ["blocks.0.attn1", "blocks.2.attn1"]  # really reverted
+    (rnd,) = out["output_effects"]
+    assert rnd["picked"] == "blocks.1.attn1" and set(rnd["with_softmax"]) == {f"blocks.{i}.attn1" for i in range(3)}
+    assert rnd["with_softmax"]["blocks.1.attn1"] < rnd["drift"]  # giving it back lowers the drift
+    assert out["output_drift"] == {"all_converted": rnd["drift"], "after": rnd["with_softmax"]["blocks.1.attn1"]}
+    assert set(out["errors"]) == {f"blocks.{i}.attn1" for i in range(3)}  # the attention errors too, to compare
+    # the measured drift after the pick is the reverted model's own
+    assert out["output_drift"]["after"] == pytest.approx(_drift_after_revert(model, inputs[:4], []), rel=1e-5)
+
+
+def test_output_selection_equals_brute_force_and_is_deterministic():
+    """Each greedy round's choice is the one a brute-force search over really reverted copies
+    makes, and the mode switches leave the model as it was (a second run chooses the same)."""
+    model, inputs = _converted(3)
+    with torch.no_grad():
+        hla_layers(model)["blocks.2.attn1"].proj.mul_(3.0)
+    from hla_convert.stages.selection import choose_by_output
+
+    picked, rounds = choose_by_output(model, inputs, 2)
+    assert choose_by_output(model, inputs, 2) == (picked, rounds)
+    first = {n: _drift_after_revert(model, inputs, [n]) for n in hla_layers(model)}
+    assert rounds[0]["picked"] == min(first, key=first.get)
+    for n, d in first.items():
+        assert rounds[0]["with_softmax"][n] == pytest.approx(d, rel=1e-5)
+    second = {n: _drift_after_revert(model, inputs, [rounds[0]["picked"], n]) for n in hla_layers(model) if n != rounds[0]["picked"]}
+    assert rounds[1]["picked"] == min(second, key=second.get)
+    assert picked == sorted({rounds[0]["picked"], rounds[1]["picked"]})  # model order
+    assert all(layer.mode == "student" for layer in hla_layers(model).values())
+
+
+def test_output_selection_with_count_0_measures_nothing(monkeypatch):
+    from hla_convert.stages import selection
+
+    model, inputs = _converted(2)
+    monkeypatch.setattr(selection, "forward", lambda *a, **k: pytest.fail("a forward pass with count 0"))
+    assert give_back_to_softmax(model, inputs, 0, select="output") == {"select": "output", "errors": {}, "softmax_layers": []}
+    assert len(hla_layers(model)) == 2
+
+
+def test_softmax_select_is_read_from_the_recipe_and_checked():
+    assert recipe(1).attention.softmax_select == "attention"  # the default: as before
+    assert recipe(1).with_overrides(fields={"attention.softmax_select": "output"}).attention.softmax_select == "output"
+    with pytest.raises(RecipeError, match=r"^attention\.softmax_select: 'outputs' is not one of attention, output$"):
+        recipe(1).with_overrides(fields={"attention.softmax_select": "outputs"})
+    model, inputs = _converted(2)
+    with pytest.raises(RecipeError, match=r"^attention\.softmax_select: "):
+        give_back_to_softmax(model, inputs, 1, select="loss")
+
+
+def test_distil_uses_softmax_select_output(tmp_path):
+    rec = recipe(1).with_overrides(fields={"attention.softmax_select": "output", "stage2.steps": 0})
+    model = tiny_model("wan", num_layers=3)
+    convert_attention(model, rec.hla_config())
+    out = distil(model, build_inputs(model, rec, "train"), rec, work_dir=tmp_path / "work")
+    sel = out["selection"]
+    assert sel["select"] == "output" and len(sel["softmax_layers"]) == 1
+    assert sel["softmax_layers"] == [sel["output_effects"][0]["picked"]] and len(hla_layers(model)) == 2
