@@ -129,6 +129,17 @@ def test_report_targets_a_nan_seed_never_meets_them():
 # -- the shipped recipe as the base (--base shipped, --tier deep) --------------------------------------
 
 
+def test_onpolicy_rows_train_half_the_stage2_steps_sampling_as_the_measure_does():
+    """stage 3 at half of stage 2's steps, on the sampler the measure uses (--sampling-steps), not
+    the sampling_steps the recipe resolved when it was loaded."""
+    recipes = _module("bench_recipes")
+    data = {"stage2": {"steps": 400}, "validation": {"sampling_steps": 20}}
+    assert recipes.resolved_overrides("shipped-onpolicy", data) == {"stage3.steps": 200, "stage3.sampling_steps": 20}
+    got = recipes.resolved_overrides("hybrid-lora-keep2-onpolicy", data)
+    assert got["stage3.steps"] == 200 and got["stage3.sampling_steps"] == 20
+    assert "stage3.sampling_steps" not in recipes.resolved_overrides("shipped", data)
+
+
 def test_shipped_softmax_layers_keep_the_same_fraction_of_the_blocks():
     recipes = _module("bench_recipes")
     assert recipes.SHIPPED["wan"] == ("wan2.1-t2v-1.3b", 30)

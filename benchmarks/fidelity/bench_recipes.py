@@ -157,7 +157,12 @@ def input_plan(arch: str, config: str, args) -> tuple[int, int]:
 
 def resolved_overrides(config: str, data: dict) -> dict[str, Any]:
     """The config's overrides with HalfOf values resolved on the recipe dict `data`."""
-    return {k: v.resolve(data) if isinstance(v, HalfOf) else v for k, v in CONFIGS[config].items()}
+    out = {k: v.resolve(data) if isinstance(v, HalfOf) else v for k, v in CONFIGS[config].items()}
+    if out.get("stage3.steps") and "stage3.sampling_steps" not in out:
+        # the on-policy stage samples as the measure does (a recipe resolves a null
+        # stage3.sampling_steps when it is loaded, before --sampling-steps is applied)
+        out["stage3.sampling_steps"] = data["validation"]["sampling_steps"]
+    return out
 
 
 def recipe_for(arch: str, config: str, seed: int, folder: Path, spec, args, bench_layers: int | None = None):
