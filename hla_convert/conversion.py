@@ -204,6 +204,7 @@ def plan_conversion(
     resume: bool = False,
     overwrite: bool = False,
     causal_block_frames: int | None = None,
+    images: str | os.PathLike | None = None,
 ) -> ConversionPlan:
     """Refuse everything that can be refused before the (slow) model load; see `convert`."""
     from .model.loading import parse_dtype
@@ -212,14 +213,16 @@ def plan_conversion(
     check_arg_types(
         model=(model, (str,)), recipe=(recipe, (str, Recipe)), out=(out, (str, os.PathLike)), device=(device, (str,)),
         dtype=(dtype, (str,)), revision=(revision, (str,)), subfolder=(subfolder, (str,)), steps=(steps, (int,)),
-        attention=(attention, (str,)), causal_block_frames=(causal_block_frames, (int,)),
+        attention=(attention, (str,)), causal_block_frames=(causal_block_frames, (int,)), images=(images, (str, os.PathLike)),
     )
     if out is None:
         raise InputError("--out is missing; give the output folder")
     out = folder_arg("--out", str(out))
     check_model_path(model)
     rec = resolve_recipe(recipe, model)
-    fields = {} if causal_block_frames is None else {"attention.causal_block_frames": causal_block_frames}
+    fields: dict[str, Any] = {} if causal_block_frames is None else {"attention.causal_block_frames": causal_block_frames}
+    if images is not None:  # absolute in the saved recipe.yaml, so `validate` finds them from any folder
+        fields["calibration.images"] = str(Path(images).expanduser().absolute())
     rec = override_recipe(rec, f"recipe {rec.name}", steps=steps, kind=attention, fields=fields)
     parse_dtype(dtype)
     dev = check_device(device)
@@ -310,6 +313,7 @@ def convert(
     overwrite: bool = False,
     progress: Progress | None = None,
     causal_block_frames: int | None = None,
+    images: str | os.PathLike | None = None,
 ) -> ConversionResult:
     """Convert MODEL's self-attention to HLA, distil it, measure the drift, save the adapter in `out`.
 
@@ -318,6 +322,8 @@ def convert(
     steps: stage-1 steps (stage 2 scaled in proportion); attention: override the attention kind.
     causal_block_frames: override the recipe's attention.causal_block_frames (SkyReels-V2
     diffusion forcing: latent frames per causal block, set on the model before calibration).
+    images: a folder of png / jpg images conditioning an image-to-video pipeline's calibration
+    trajectories (recipe field calibration.images; default: the recipe's, null = synthetic images).
     device: default cuda when available, else cpu; dtype: "float32", "bf16", ... (default: the
     checkpoint's). resume continues the interrupted run in `out`; overwrite replaces the
     hla-convert output there (never other files). progress(ProgressEvent) is called at each
@@ -325,7 +331,9 @@ def convert(
 
     Returns the result whether or not the drift is within the recipe's thresholds: check `passed`.
     """
-    plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames)
+    plan = plan_conversion(
+        model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames, images
+    )
     return run_conversion(plan, progress)
 
 

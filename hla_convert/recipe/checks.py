@@ -220,6 +220,7 @@ _CALIBRATION = {
     "source": lambda p, v: _choice(p, v, SOURCES),
     "synthetic": lambda p, v: _choice(p, v, SYNTHETIC),
     "path": _optional_str,
+    "images": _optional_str,
     "prompts": lambda p, v: _string_list(p, v, nullable=True),
     "frames": _at_most(MAX_FRAMES, "pixel frames of a video DiT's clip"),
     "height": _at_most(MAX_PIXELS_SIDE, "pixels; what video DiTs are trained at is well below it"),
@@ -335,6 +336,11 @@ def _check_together(r: Any) -> None:
         problem = latent_frames_problem(c.latent_shape()[0], cbf)
         if problem is not None:
             raise RecipeError("attention.causal_block_frames", f"{problem} of calibration.frames = {c.frames}")
+    if c.images is not None and c.source != "trajectories":
+        raise RecipeError(
+            "calibration.images",
+            f"conditions an image-to-video pipeline's trajectories: only source trajectories uses it, source is {_r(c.source)}",
+        )
     if c.source == "folder" and not c.path:
         raise RecipeError("calibration.path", "source 'folder' needs the folder of cached *.safetensors inputs")
     if c.timesteps.min >= c.timesteps.max:

@@ -14,7 +14,9 @@ out with the reasoning for their values):
                   its config says; must divide the calibration's latent frames),
                   include (glob list or null: the architecture's default), exclude (kept softmax)
     calibration:  source (synthetic | trajectories | folder), synthetic (gaussian | demo_videos),
-                  path, prompts, frames, height, width (pixels), vae_scale_temporal,
+                  path, images (a folder of png/jpg conditioning images for an image-to-video
+                  pipeline's trajectories, cycled over the prompts; null: a seeded synthetic
+                  image per prompt), prompts, frames, height, width (pixels), vae_scale_temporal,
                   vae_scale_spatial (null: the architecture's VAE), samples, heldout, batch_size,
                   text_len, trajectory_steps, seed,
                   timesteps: {distribution (uniform | logit_normal), min, max (noise level t in
@@ -144,6 +146,7 @@ class CalibrationSpec:
     source: str = "synthetic"
     synthetic: str = "gaussian"
     path: str | None = None
+    images: str | None = None
     prompts: list[str] | None = None
     frames: int = 1
     height: int = 64
