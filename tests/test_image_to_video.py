@@ -111,6 +111,16 @@ def test_i2v_validate_reproduces_the_saved_drift(i2v, run):
         assert row["value"] == pytest.approx(saved[row["metric"]], rel=1e-4, abs=1e-6), row["metric"]
 
 
+def test_i2v_sample_runs_the_image_to_video_pipeline(i2v):
+    root, _, runs = i2v
+    video = root / "s.gif"
+    done = invoke("sample", runs["given"][0], "--out", video, "--steps", 2, "--device", "cpu", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert video.is_file() and video.stat().st_size > 0
+    doc = json.loads(done.stdout)
+    assert doc["pipeline"] == "WanImageToVideoPipeline" and doc["frames"] == 5
+
+
 def test_i2v_trajectories_carry_the_image_conditioning(i2v, tmp_path):
     root, _, runs = i2v
     model = hla_convert.load_converted(runs["given"][0], device="cpu")
