@@ -145,11 +145,11 @@ def load_recipe_arg(name_or_path: str) -> Recipe:
         raise InputError(f"recipe {name_or_path}: {exc}" if exc.field else str(exc)) from None
 
 
-def _check_calibration(recipe: Recipe) -> None:
-    """The recipe's calibration.path, before the model load and before --overwrite clears anything."""
+def _check_calibration(recipe: Recipe, model: str | None = None) -> None:
+    """The recipe's calibration.path and images, before the model load and before --overwrite clears anything."""
     from .stages.calibration_sources import check_calibration_path
 
-    _bad_recipe(recipe, lambda: check_calibration_path(recipe))
+    _bad_recipe(recipe, lambda: check_calibration_path(recipe, model))
 
 
 def _bad_recipe(recipe: Recipe, check: Callable[[], None]) -> None:
@@ -226,7 +226,7 @@ def plan_conversion(
     rec = override_recipe(rec, f"recipe {rec.name}", steps=steps, kind=attention, fields=fields)
     parse_dtype(dtype)
     dev = check_device(device)
-    _check_calibration(rec)
+    _check_calibration(rec, model)
     run = run_identity(model, revision, subfolder, rec, dtype)
     return ConversionPlan(model, rec, out, dev, dtype, revision, subfolder, resume, overwrite, run)
 

@@ -17,7 +17,7 @@ import torch
 import hla_convert
 import hla_convert.io.output as output_module
 from hla_convert.recipe import load_recipe
-from hla_convert.stages.calibration import build_inputs, folder_inputs, save_inputs
+from hla_convert.stages.calibration import build_inputs, folder_inputs, noise_levels, save_inputs
 from helpers import FAST, assert_one_line_error, invoke
 from tiny_models import (
     TINY_CLIP_DIM,
@@ -188,3 +188,24 @@ def test_ti2v_validate_reproduces_the_saved_drift(ti2v):
     saved = {row["metric"]: row["value"] for row in doc["drift"]["table"]}
     for row in json.loads(done.stdout)["drift"]["table"]:
         assert row["value"] == pytest.approx(saved[row["metric"]], rel=1e-4, abs=1e-6), row["metric"]
+
+
+def test_ti2v_image_mode_keeps_the_first_frame_clean(ti2v):
+    root, _, (out, _, _) = ti2v
+    save_tiny_wan_ti2v_pipeline(root / "i2v-pipe", image_to_video=True)
+    model = hla_convert.load_converted(out, device="cpu")
+    batch = build_inputs(model, load_recipe(str(out / "recipe.yaml")), "heldout", pipeline_dir=str(root / "i2v-pipe"))[0]
+    ts = batch["timestep"]
+    assert ts.shape == (batch["hidden_states"].shape[0], 8)
+    assert bool((ts[:, :4] == 0).all()) and bool((ts[:, 4:] > 0).all())  # the image's latent frame: 2 x 2 tokens at 0
+    assert bool((noise_levels(batch) > 0).all())  # bucketed by the noisy tokens, not the clean frame
+
+
+def test_images_for_a_text_to_video_pipeline_are_one_line(ti2v, tmp_path):
+    from PIL import Image
+
+    root, _, _ = ti2v
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    done = invoke("convert", root / "pipe", "--recipe", root / "out.yaml", "--images", tmp_path, "--out", tmp_path / "o", "--device", "cpu")
+    assert_one_line_error(done, 2, "calibration.images: WanPipeline is not an image-to-video pipeline")  # before the load
+    assert not (tmp_path / "o").exists()

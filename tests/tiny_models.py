@@ -557,17 +557,19 @@ def save_tiny_wan_i2v_pipeline(folder: Any, transformer: nn.Module | None = None
     return pipe
 
 
-def save_tiny_wan_ti2v_pipeline(folder: Any, transformer: nn.Module | None = None) -> Any:
+def save_tiny_wan_ti2v_pipeline(folder: Any, transformer: nn.Module | None = None, image_to_video: bool = False) -> Any:
     """A real Wan2.2-TI2V-style WanPipeline (expand_timesteps=True) saved with save_pretrained: a
     tiny Wan2.2 VAE (z_dim 48, residual, 2x2 patchify: 4x temporal, 16x spatial) and `transformer`
-    (default tiny_wan_ti2v()). Seeded; returns the pipeline."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    (default tiny_wan_ti2v()). image_to_video: a WanImageToVideoPipeline with expand_timesteps
+    instead (TI2V's image mode: the first latent frame is the image's, its tokens at timestep 0;
+    no CLIP encoder). Seeded; returns the pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
     tokenizer, text_encoder = _tiny_text_parts()
     vae = _tiny_wan_vae(
         TINY_TI2V_CHANNELS, is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16
     )
-    pipe = WanPipeline(
+    pipe = (WanImageToVideoPipeline if image_to_video else WanPipeline)(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,

@@ -80,15 +80,38 @@ def synthetic_image(seed: int, split: str, index: int, height: int, width: int) 
     return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
+def _not_image_to_video(name: str) -> CalibrationError:
+    return CalibrationError(
+        f"calibration.images: {name} is not an image-to-video pipeline (its __call__ takes no image); set calibration.images to null"
+    )
+
+
+def check_image_pipeline(pipeline_dir: str | Path | None) -> None:
+    """Before the model load: refuse calibration.images for a local pipeline folder whose
+    model_index.json names a diffusers pipeline that takes no image (a Hub ID or a folder without
+    one is checked once the pipeline is loaded, by image_kwargs)."""
+    from ..user_files import read_json_file
+
+    index = Path(pipeline_dir).expanduser() / "model_index.json" if pipeline_dir else None
+    if index is None or not index.is_file():
+        return
+    info = read_json_file(index, f"{index}", error=CalibrationError)
+    name = info.get("_class_name") if isinstance(info, dict) else None
+    if not isinstance(name, str):
+        return
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is not None and not image_conditioned(cls):
+        raise _not_image_to_video(name)
+
+
 def image_kwargs(pipe: Any, recipe: Recipe, split: str, run: int, images: list[Any] | None) -> dict[str, Any]:
     """The image argument of trajectory run `run` of `split`: {"image": ...} for an image-to-video
     pipeline (`images`: read_images of calibration.images, cycled; None: synthetic), {} otherwise."""
     if not image_conditioned(pipe):
         if recipe.calibration.images is not None:
-            raise CalibrationError(
-                f"calibration.images: {type(pipe).__name__} is not an image-to-video pipeline (its __call__ takes no image); "
-                "set calibration.images to null"
-            )
+            raise _not_image_to_video(type(pipe).__name__)
         return {}
     cal = recipe.calibration
     if images:
@@ -96,4 +119,4 @@ def image_kwargs(pipe: Any, recipe: Recipe, split: str, run: int, images: list[A
     return {"image": synthetic_image(cal.seed, split, run, cal.height, cal.width)}
 
 
-__all__ = ["IMAGE_SUFFIXES", "image_conditioned", "image_files", "image_kwargs", "read_images", "synthetic_image"]
+__all__ = ["IMAGE_SUFFIXES", "check_image_pipeline", "image_conditioned", "image_files", "image_kwargs", "read_images", "synthetic_image"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .calibration_base import CalibrationError, _arch, _text_dim, batch_size_of, split_generator
-from .calibration_images import image_conditioned, image_kwargs, read_images
+from .calibration_images import check_image_pipeline, image_conditioned, image_kwargs, read_images
 from ..atomic_files import atomic_write_bytes
 from ..recipe import Recipe
 
@@ -393,9 +393,10 @@ def input_files(folder: str | Path, split: str) -> list[Path]:
     return files
 
 
-def check_calibration_path(recipe: Recipe) -> None:
-    """Refuse a calibration.path that cannot serve the recipe's source, before a run loads its model
-    or clears the previous output (--overwrite): CalibrationError, one line."""
+def check_calibration_path(recipe: Recipe, model: str | None = None) -> None:
+    """Refuse a calibration.path (or calibration.images) that cannot serve the recipe's source,
+    before a run loads its model or clears the previous output (--overwrite): CalibrationError, one
+    line. model: MODEL, the pipeline folder trajectories run when calibration.path is null."""
     cal = recipe.calibration
     if cal.source == "folder":
         for split in ("train", "heldout"):
@@ -408,6 +409,7 @@ def check_calibration_path(recipe: Recipe) -> None:
             raise CalibrationError(f"calibration.path: {cal.path!r} is neither a pipeline folder nor a Hub ID")
     if cal.images is not None:
         read_images(cal.images)  # every file decodes: a damaged image is refused before the model load
+        check_image_pipeline(cal.path or model)
 
 
 def folder_inputs(model: nn.Module, recipe: Recipe, split: str, path: str | None = None) -> list[dict[str, Any]]:
