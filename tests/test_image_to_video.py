@@ -93,6 +93,8 @@ def test_i2v_load_converted_equals_the_converted_model(i2v, run):
     _, probe, runs = i2v
     out, doc, student = runs[run]
     assert doc["model"]["class"] == "WanTransformer3DModel" and doc["attention"]["kind"] == "hybrid"
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-to-video" in card and "WanImageToVideoPipeline.from_pretrained" in card
     model = hla_convert.load_converted(out, device="cpu")
     hla_convert.set_attention_mode(model, "student")
     with torch.no_grad():

@@ -8,7 +8,9 @@ import yaml
 from hla_convert.model.config import HLAConfig
 from hla_convert.recipe import Recipe, RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
 
-REQUIRED = {"tiny-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "cogvideox-2b", "hunyuanvideo", "ltx-video"}
+REQUIRED = {
+    "tiny-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.2-ti2v-5b", "cogvideox-2b", "hunyuanvideo", "ltx-video",
+}
 
 
 def test_builtin_recipes_load_and_give_valid_configs():
