@@ -145,11 +145,11 @@ def load_recipe_arg(name_or_path: str) -> Recipe:
         raise InputError(f"recipe {name_or_path}: {exc}" if exc.field else str(exc)) from None
 
 
-def _check_calibration(recipe: Recipe) -> None:
-    """The recipe's calibration.path, before the model load and before --overwrite clears anything."""
+def _check_calibration(recipe: Recipe, model: str | None = None) -> None:
+    """The recipe's calibration.path and images, before the model load and before --overwrite clears anything."""
     from .stages.calibration_sources import check_calibration_path
 
-    _bad_recipe(recipe, lambda: check_calibration_path(recipe))
+    _bad_recipe(recipe, lambda: check_calibration_path(recipe, model))
 
 
 def _bad_recipe(recipe: Recipe, check: Callable[[], None]) -> None:
@@ -218,6 +218,7 @@ def plan_conversion(
     resume: bool = False,
     overwrite: bool = False,
     causal_block_frames: int | None = None,
+    images: str | os.PathLike | None = None,
 ) -> ConversionPlan:
     """Refuse everything that can be refused before the (slow) model load; see `convert`."""
     from .model.loading import parse_dtype
@@ -226,18 +227,20 @@ def plan_conversion(
     check_arg_types(
         model=(model, (str,)), recipe=(recipe, (str, Recipe)), out=(out, (str, os.PathLike)), device=(device, (str,)),
         dtype=(dtype, (str,)), revision=(revision, (str,)), subfolder=(subfolder, (str,)), steps=(steps, (int,)),
-        attention=(attention, (str,)), causal_block_frames=(causal_block_frames, (int,)),
+        attention=(attention, (str,)), causal_block_frames=(causal_block_frames, (int,)), images=(images, (str, os.PathLike)),
     )
     if out is None:
         raise InputError("--out is missing; give the output folder")
     out = folder_arg("--out", str(out))
     check_model_path(model)
     rec = resolve_recipe(recipe, model)
-    fields = {} if causal_block_frames is None else {"attention.causal_block_frames": causal_block_frames}
+    fields: dict[str, Any] = {} if causal_block_frames is None else {"attention.causal_block_frames": causal_block_frames}
+    if images is not None:  # absolute in the saved recipe.yaml, so `validate` finds them from any folder
+        fields["calibration.images"] = str(Path(images).expanduser().absolute())
     rec = override_recipe(rec, f"recipe {rec.name}", steps=steps, kind=attention, fields=fields)
     parse_dtype(dtype)
     dev = check_device(device)
-    _check_calibration(rec)
+    _check_calibration(rec, model)
     _check_stage3_model(rec, model, revision, subfolder)
     run = run_identity(model, revision, subfolder, rec, dtype)
     experts = _experts_of(model, revision, subfolder)
@@ -434,6 +437,7 @@ def convert(
     overwrite: bool = False,
     progress: Progress | None = None,
     causal_block_frames: int | None = None,
+    images: str | os.PathLike | None = None,
 ) -> ConversionResult:
     """Convert MODEL's self-attention to HLA, distil it, measure the drift, save the adapter in `out`.
 
@@ -442,6 +446,8 @@ def convert(
     steps: stage-1 steps (stages 2 and 3 scaled in proportion); attention: override the attention kind.
     causal_block_frames: override the recipe's attention.causal_block_frames (SkyReels-V2
     diffusion forcing: latent frames per causal block, set on the model before calibration).
+    images: a folder of png / jpg images conditioning an image-to-video pipeline's calibration
+    trajectories (recipe field calibration.images; default: the recipe's, null = synthetic images).
     device: default cuda when available, else cpu; dtype: "float32", "bf16", ... (default: the
     checkpoint's). resume continues the interrupted run in `out`; overwrite replaces the
     hla-convert output there (never other files). progress(ProgressEvent) is called at each
@@ -449,7 +455,9 @@ def convert(
 
     Returns the result whether or not the drift is within the recipe's thresholds: check `passed`.
     """
-    plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames)
+    plan = plan_conversion(
+        model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames, images
+    )
     return run_conversion(plan, progress)
 
 

@@ -20,6 +20,7 @@ from .errors import InputError
 MAX_JSON_BYTES = 16 << 20  # config.json, hla_config.json, drift_report.json, model_index.json
 MAX_CARD_BYTES = 16 << 20  # README.md
 MAX_TENSOR_FILE_BYTES = 64 << 30  # a calibration or --inputs safetensors file (memory-mapped)
+MAX_IMAGE_BYTES = 256 << 20  # a calibration.images conditioning image (an 8K PNG is ~100 MiB)
 
 
 def _size(n: int) -> str:

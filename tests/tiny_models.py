@@ -446,14 +446,8 @@ def output_tensor(out: Any) -> torch.Tensor:
 TINY_VOCAB = "a an the red fox cat dog runs across snowy snow meadow forest over sea boat".split()
 
 
-def save_tiny_wan_pipeline(folder: Any, transformer: nn.Module | None = None, transformer_2: nn.Module | None = None, boundary_ratio: float | None = None) -> Any:
-    """A real WanPipeline from configs only, saved with save_pretrained into `folder`: a word-level
-    tokenizer (TINY_VOCAB), a 1-layer UMT5 encoder (d_model 16 = tiny_wan's text_dim), a tiny
-    AutoencoderKLWan (z_dim 4 = tiny_wan's channels; 4x temporal, 8x spatial), the FlowMatch Euler
-    scheduler (shift 3) and `transformer` (default tiny_wan()). `transformer_2` and `boundary_ratio`:
-    a Wan2.2 A14B-style two-expert pipeline (transformer for t >= boundary_ratio * 1000). Seeded;
-    returns the pipeline."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+def _tiny_text_parts() -> tuple[Any, Any]:
+    """A word-level tokenizer (TINY_VOCAB) and a 1-layer UMT5 encoder (d_model 16 = tiny_wan's text_dim)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -464,21 +458,129 @@ def save_tiny_wan_pipeline(folder: Any, transformer: nn.Module | None = None, tr
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     config = UMT5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8)
-    text_encoder = _seeded(lambda: UMT5EncoderModel(config), 1)
-    vae = _seeded(
+    return tokenizer, _seeded(lambda: UMT5EncoderModel(config), 1)
+
+
+def _tiny_wan_vae(z_dim: int = 4, **kwargs: Any) -> nn.Module:
+    """A tiny AutoencoderKLWan: Wan2.1's layout (4x temporal, 8x spatial) or with kwargs Wan2.2's."""
+    from diffusers import AutoencoderKLWan
+
+    return _seeded(
         lambda: AutoencoderKLWan(
-            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+            base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim, **kwargs,
         ),
         2,
     )  # fmt: skip
+
+
+def save_tiny_wan_pipeline(
+    folder: Any, transformer: nn.Module | None = None, transformer_2: nn.Module | None = None, boundary_ratio: float | None = None
+) -> Any:
+    """A real WanPipeline from configs only, saved with save_pretrained into `folder`: a word-level
+    tokenizer (TINY_VOCAB), a 1-layer UMT5 encoder (d_model 16 = tiny_wan's text_dim), a tiny
+    AutoencoderKLWan (z_dim 4 = tiny_wan's channels; 4x temporal, 8x spatial), the FlowMatch Euler
+    scheduler (shift 3) and `transformer` (default tiny_wan()). `transformer_2` and `boundary_ratio`:
+    a Wan2.2 A14B-style two-expert pipeline (transformer for t >= boundary_ratio * 1000). Seeded;
+    returns the pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer, text_encoder = _tiny_text_parts()
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        vae=vae,
+        vae=_tiny_wan_vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer if transformer is not None else tiny_wan(),
         **({"transformer_2": transformer_2, "boundary_ratio": boundary_ratio} if transformer_2 is not None else {}),
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+# Wan2.1 I2V in small: CLIP image tokens of TINY_CLIP_DIM features (2 x 2 patches + class token
+# of a 32 x 32 image), and hidden_states of 4 noise + 4 mask + 4 image-latent channels.
+TINY_CLIP_DIM = 8
+TINY_CLIP_TOKENS = 5
+TINY_I2V_CHANNELS = 12
+# Wan2.2 TI2V in small: the Wan2.2 VAE's 48 latent channels, 16x spatial compression (2x2 pixel
+# patchify inside the VAE), a timestep per video token (expand_timesteps).
+TINY_TI2V_CHANNELS = 48
+
+
+def tiny_wan_i2v(seed: int = 0, num_layers: int = 2) -> nn.Module:
+    """A Wan2.1-I2V-style WanTransformer3DModel: tiny_wan plus image_dim (CLIP image tokens to the
+    cross-attention through added_kv_proj_dim) and 12 input channels (4 noise + 4 mask + 4 image)."""
+    from diffusers import WanTransformer3DModel
+
+    return _seeded(
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=TINY_I2V_CHANNELS, out_channels=4,
+            text_dim=16, freq_dim=32, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32, image_dim=TINY_CLIP_DIM, added_kv_proj_dim=24,
+        ),
+        seed,
+    )  # fmt: skip
+
+
+def tiny_wan_ti2v(seed: int = 0, num_layers: int = 2) -> nn.Module:
+    """A Wan2.2-TI2V-style WanTransformer3DModel: tiny_wan with 48 input and output channels."""
+    from diffusers import WanTransformer3DModel
+
+    return _seeded(
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=TINY_TI2V_CHANNELS,
+            out_channels=TINY_TI2V_CHANNELS, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        seed,
+    )  # fmt: skip
+
+
+def save_tiny_wan_i2v_pipeline(folder: Any, transformer: nn.Module | None = None) -> Any:
+    """A real WanImageToVideoPipeline (Wan2.1 I2V layout) saved with save_pretrained into `folder`:
+    save_tiny_wan_pipeline's text encoder, VAE and scheduler, a tiny CLIPVisionModel (32 x 32 px,
+    16 px patches, TINY_CLIP_DIM features) with its CLIPImageProcessor, and `transformer`
+    (default tiny_wan_i2v()). Seeded; returns the pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    tokenizer, text_encoder = _tiny_text_parts()
+    vision = CLIPVisionConfig(
+        hidden_size=TINY_CLIP_DIM, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_tiny_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_encoder=_seeded(lambda: CLIPVisionModel(vision), 3),
+        transformer=transformer if transformer is not None else tiny_wan_i2v(),
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_tiny_wan_ti2v_pipeline(folder: Any, transformer: nn.Module | None = None, image_to_video: bool = False) -> Any:
+    """A real Wan2.2-TI2V-style WanPipeline (expand_timesteps=True) saved with save_pretrained: a
+    tiny Wan2.2 VAE (z_dim 48, residual, 2x2 patchify: 4x temporal, 16x spatial) and `transformer`
+    (default tiny_wan_ti2v()). image_to_video: a WanImageToVideoPipeline with expand_timesteps
+    instead (TI2V's image mode: the first latent frame is the image's, its tokens at timestep 0;
+    no CLIP encoder). Seeded; returns the pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+
+    tokenizer, text_encoder = _tiny_text_parts()
+    vae = _tiny_wan_vae(
+        TINY_TI2V_CHANNELS, is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16
+    )
+    pipe = (WanImageToVideoPipeline if image_to_video else WanPipeline)(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=transformer if transformer is not None else tiny_wan_ti2v(),
+        expand_timesteps=True,
     )
     pipe.save_pretrained(folder)
     return pipe

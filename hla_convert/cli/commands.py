@@ -179,6 +179,16 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    images: Annotated[
+        str | None,
+        typer.Option(
+            "--images",
+            help="Image-to-video pipelines (WanImageToVideoPipeline): a folder of png / jpg images, read in sorted order "
+            "and cycled over the calibration prompts, to condition the calibration trajectories on (recipe field "
+            "calibration.images). Default: the recipe's; null there: a seeded synthetic image per prompt.",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
@@ -209,7 +219,8 @@ def convert(
         if not (Path(out) / WORK_DIR / RUN_FILE).is_file():
             return None
         options = {
-            "--recipe": recipe, "--steps": steps, "--attention": attention, "--causal-block-frames": causal_block_frames, "--device": device,
+            "--recipe": recipe, "--steps": steps, "--attention": attention, "--causal-block-frames": causal_block_frames,
+            "--images": images, "--device": device,
             "--dtype": dtype, "--revision": revision, "--subfolder": subfolder,
         }
         words = ["hla-convert", "convert", *([model] if model else []), "--out", str(out)]
@@ -223,7 +234,9 @@ def convert(
         from ..conversion import plan_conversion, run_conversion
 
         # Everything that can be refused is refused here, before the (slow) model load.
-        plan = plan_conversion(model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames)
+        plan = plan_conversion(
+            model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames, images
+        )
         if sample_too:
             _check_sampleable(model, revision, subfolder)
         doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, resumed=resume)

@@ -9,7 +9,9 @@ Both runs use one copy of the weights: `set_attention_mode(model, "teacher")` is
 - A base that is a diffusers pipeline (folder or Hub ID): the whole pipeline, twice, with the
   converted transformer as its transformer (teacher mode, then student mode): its text encoder,
   its scheduler and guidance defaults, the same seeded generator (so the same initial noise), and
-  its VAE to decode. The video size is the recipe's calibration size.
+  its VAE to decode. The video size is the recipe's calibration size. An image-to-video pipeline
+  (WanImageToVideoPipeline) is given the first image of the recipe's calibration.images, or the
+  seeded synthetic image calibration would make (hla_convert.stages.calibration_images).
 - A two-expert conversion (Wan2.2 A14B): the same, with the pipeline load_converted gives (every
   expert converted), all experts in teacher mode, then all in student mode.
 - A bare transformer (no VAE, no text encoder) is refused with one line: pass --base PIPELINE.
@@ -291,6 +293,17 @@ def video_frames(output: Any) -> np.ndarray:
     return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+def _conditioning_image(pipe: Any, recipe: Any, seed: int) -> dict[str, Any]:
+    """An image-to-video pipeline's image: the first of the recipe's calibration.images, or the
+    held-out synthetic image of run `seed` (stages.calibration_images); {} for other pipelines."""
+    from ..stages.calibration_images import image_conditioned, image_kwargs, read_images
+
+    if not image_conditioned(pipe):
+        return {}
+    images = read_images(recipe.calibration.images)[:1] if recipe.calibration.images is not None else None
+    return image_kwargs(pipe, recipe, "heldout", seed, images)
+
+
 def _sample_pipeline(
     out_dir: Path, ref: Any, recipe: Any, base: str | None, inputs: dict[str, Any] | None, seed: int, steps: int, device: str | None, prompt: str | None
 ) -> SampleResult:
@@ -320,6 +333,7 @@ def _sample_pipeline(
     if "prompt_embeds" not in call:
         prompt = prompt or DEFAULT_PROMPT
         call["prompt"] = prompt
+    call |= _conditioning_image(pipe, recipe, seed)
     frames = {}
     try:
         for mode in ("teacher", "student"):
@@ -336,7 +350,7 @@ def _sample_pipeline(
         teacher_latents=None,
         student_latents=None,
         noise=None,
-        inputs={k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in call.items()},
+        inputs={k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in call.items() if k != "image"},
         psnr_db=frame_psnr(frames["teacher"], frames["student"]),
         steps=steps,
         seed=seed,

@@ -78,6 +78,24 @@ class Architecture:
             raise ValueError(f"{self.name}: vae_scales must be (temporal, spatial) positive integers, got {self.vae_scales!r}")
 
 
+# Wan's image-to-video variants are the same class (WanTransformer3DModel, one row below); what
+# sets them apart is in the model config, and the facts the calibration needs are these:
+# - Wan2.1 I2V (image_dim set, e.g. 1280): CLIP image tokens come in `encoder_hidden_states_image`
+#   and go to the cross-attention only (added_kv_proj_dim: attn2's add_k_proj / add_v_proj); the
+#   self-attention attn1 sees the video tokens alone. diffusers' WanAttnProcessor splits the image
+#   tokens off the cross-attention context by assuming exactly 512 text tokens (umT5's
+#   max_sequence_length, "hardcoded for now" in transformer_wan.py), so the text must be 512 long.
+# - Wan2.1 / 2.2 I2V: hidden_states carry the conditioning after the noisy latent on the channel
+#   axis (in_channels 36 = 16 noise + 4 first-frame mask + 16 image latent; out_channels 16): the
+#   latent grid, hence the token grid, is the video's.
+# - Wan2.2 TI2V-5B: in = out = 48 channels (the Wan2.2 VAE's z_dim, 4x temporal, 16x spatial
+#   compression: its recipe sets calibration.vae_scale_spatial 16, the table's (4, 8) is Wan2.1's
+#   VAE), and its pipeline (WanPipeline / WanImageToVideoPipeline with expand_timesteps) gives a
+#   timestep per video token, [B, F*H*W/4], the first latent frame at 0 (kept clean) for an image.
+WAN_I2V_TEXT_TOKENS = 512
+WAN_CLIP_IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token
+WAN_TI2V_CHANNELS = 48
+
 _ROWS = (
     Architecture("WanTransformer3DModel", ("blocks.*.attn1",), "BCFHW", None, (4, 8), "WanPipeline", synthetic="wan"),
     Architecture(
@@ -146,4 +164,16 @@ def with_field(attr: str) -> dict[str, Any]:
     return {row.name: getattr(row, attr) for row in _ROWS if getattr(row, attr) not in (None, False)}
 
 
-__all__ = ["ARCHITECTURES", "GRID_LAYOUTS", "TEXT_TOKENS", "Architecture", "architecture_of", "patch_sizes", "patch_sizes_of", "with_field"]
+__all__ = [
+    "ARCHITECTURES",
+    "GRID_LAYOUTS",
+    "TEXT_TOKENS",
+    "WAN_CLIP_IMAGE_TOKENS",
+    "WAN_I2V_TEXT_TOKENS",
+    "WAN_TI2V_CHANNELS",
+    "Architecture",
+    "architecture_of",
+    "patch_sizes",
+    "patch_sizes_of",
+    "with_field",
+]

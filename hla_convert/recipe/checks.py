@@ -225,6 +225,7 @@ _CALIBRATION = {
     "source": lambda p, v: _choice(p, v, SOURCES),
     "synthetic": lambda p, v: _choice(p, v, SYNTHETIC),
     "path": _optional_str,
+    "images": _optional_str,
     "prompts": lambda p, v: _string_list(p, v, nullable=True),
     "frames": _at_most(MAX_FRAMES, "pixel frames of a video DiT's clip"),
     "height": _at_most(MAX_PIXELS_SIDE, "pixels; what video DiTs are trained at is well below it"),
@@ -347,6 +348,11 @@ def _check_together(r: Any) -> None:
         problem = latent_frames_problem(c.latent_shape()[0], cbf)
         if problem is not None:
             raise RecipeError("attention.causal_block_frames", f"{problem} of calibration.frames = {c.frames}")
+    if c.images is not None and c.source != "trajectories":
+        raise RecipeError(
+            "calibration.images",
+            f"conditions an image-to-video pipeline's trajectories: only source trajectories uses it, source is {_r(c.source)}",
+        )
     if c.source == "folder" and not c.path:
         raise RecipeError("calibration.path", "source 'folder' needs the folder of cached *.safetensors inputs")
     if c.timesteps.min >= c.timesteps.max:
@@ -357,12 +363,21 @@ def _check_together(r: Any) -> None:
             "must be cached with stage2.train full: the trained base weights are the teacher's, so a live teacher "
             f"would swap the originals in from the host at every step; got {_r(r.stage2.teacher)}",
         )
+    # Fields given as null take their value from another field here; r.derived remembers which, so
+    # that to_dict writes them as null again and a copy with that other field overridden
+    # (with_overrides) derives them anew instead of keeping a stale value.
+    derived = set()
     if r.stage3.sampling_steps is None:
         r.stage3.sampling_steps = r.validation.sampling_steps or STAGE3_SAMPLING_STEPS
+        derived.add("stage3.sampling_steps")
     for stage in ("stage1", "stage2", "stage3"):
         spec = getattr(r, stage)
         if spec.batch_size is None:
             spec.batch_size = c.batch_size
+            derived.add(f"{stage}.batch_size")
+    r.derived = frozenset(derived)
+    for stage in ("stage1", "stage2", "stage3"):
+        spec = getattr(r, stage)
         bs = spec.batch_size
         if bs % c.batch_size:
             raise RecipeError(

@@ -33,8 +33,17 @@ class Recipe:
         a = self.attention
         return HLAConfig(**{name: getattr(a, name) for name in HLA_FIELDS})
 
+    # dotted paths of fields given as null and derived from another field by the checks (a stage's
+    # batch_size from calibration.batch_size, stage3.sampling_steps from validation's): to_dict
+    # writes them as null, so they follow that field in a copy (with_overrides) and a saved recipe.
+    derived = frozenset()  # not a dataclass field (no annotation): set by the checks
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for dotted in self.derived:
+            section, key = dotted.split(".")
+            data[section][key] = None
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)

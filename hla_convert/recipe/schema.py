@@ -17,7 +17,9 @@ out with the reasoning for their values):
                   softmax_select (attention | output: chosen by attention error or by their
                   effect on the denoiser output, hla_convert.stages.selection)
     calibration:  source (synthetic | trajectories | folder), synthetic (gaussian | demo_videos),
-                  path, prompts, frames, height, width (pixels), vae_scale_temporal,
+                  path, images (a folder of png/jpg conditioning images for an image-to-video
+                  pipeline's trajectories, cycled over the prompts; null: a seeded synthetic
+                  image per prompt), prompts, frames, height, width (pixels), vae_scale_temporal,
                   vae_scale_spatial (null: the architecture's VAE), samples, heldout, batch_size,
                   text_len, trajectory_steps, seed,
                   timesteps: {distribution (uniform | logit_normal), min, max (noise level t in
@@ -177,6 +179,7 @@ class CalibrationSpec:
     source: str = "synthetic"
     synthetic: str = "gaussian"
     path: str | None = None
+    images: str | None = None
     prompts: list[str] | None = None
     frames: int = 1
     height: int = 64

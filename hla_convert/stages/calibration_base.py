@@ -44,12 +44,15 @@ def sample_noise_levels(recipe: Recipe, n: int, generator: torch.Generator) -> t
 
 
 def noise_levels(item: dict[str, Any]) -> torch.Tensor:
-    """Per-sample noise level t = timestep / 1000, [B] float, of one input dict (for bucketing)."""
+    """Per-sample noise level t = timestep / 1000, [B] float, of one input dict (for bucketing).
+
+    A per-token timestep [B, N] (Wan2.2 TI2V) gives its largest: the noisy tokens' level, not the
+    0 of a first frame kept clean for image conditioning."""
     ts = torch.as_tensor(item["timestep"]).detach().float().cpu()
     b = batch_size_of(item)
     if ts.dim() == 0:
         ts = ts.expand(b)
-    return ts.reshape(ts.shape[0], -1)[:, 0] / NUM_TRAIN_TIMESTEPS
+    return ts.reshape(ts.shape[0], -1).amax(dim=1) / NUM_TRAIN_TIMESTEPS
 
 
 def batch_size_of(item: dict[str, Any]) -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .calibration_base import CalibrationError, _arch, _text_dim, batch_size_of, split_generator
+from .calibration_images import check_image_pipeline, image_conditioned, image_kwargs, read_images
 from ..atomic_files import atomic_write_bytes
 from ..recipe import Recipe
 
@@ -189,6 +190,7 @@ def expert_trajectory_inputs(
         prompts = list(TRAIN_PROMPTS if split == "train" else HELDOUT_PROMPTS)
     if pipe is None:
         pipe = load_pipeline(model, pipeline_dir, device, **{k: v for k, v in experts.items() if k != "transformer"})
+    images = read_images(cal.images) if cal.images is not None and image_conditioned(pipe) else None
     g = split_generator(cal.seed, split)
     recorders = {name: _Recorder(net) for name, net in experts.items()}
     handles = [net.register_forward_pre_hook(recorders[name], with_kwargs=True) for name, net in experts.items()]
@@ -213,6 +215,7 @@ def expert_trajectory_inputs(
                     max_sequence_length=cal.text_len,
                     output_type="latent",
                     generator=torch.Generator(device="cpu").manual_seed(seed),
+                    **image_kwargs(pipe, recipe, split, runs, images),  # an image-to-video pipeline's image
                 )
                 with torch.no_grad():
                     pipe(**kwargs)
@@ -326,9 +329,10 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
             raise CalibrationError(f"{where}: {k}: holds NaN or infinite values")
         if k == "timestep":
             number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            vector = isinstance(v, torch.Tensor) and v.dim() <= 1 and not v.is_complex() and v.dtype != torch.bool
+            # [B, N]: a timestep per video token (Wan2.2 TI2V's expand_timesteps), N checked below
+            vector = isinstance(v, torch.Tensor) and v.dim() <= 2 and not v.is_complex() and v.dtype != torch.bool
             if not (number or vector):
-                raise CalibrationError(f"{where}: timestep: must be a number or a [B] tensor, got {_described(v)}")
+                raise CalibrationError(f"{where}: timestep: must be a number, a [B] or a [B, tokens] tensor, got {_described(v)}")
     cfg, arch = model.config, _arch(model)
     c = getattr(cfg, "in_channels", None)
     if arch == "CogVideoXTransformer3DModel":
@@ -350,14 +354,39 @@ def check_input(model: nn.Module, item: dict[str, Any], where: str) -> None:
             raise CalibrationError(
                 f"{where}: hidden_states: frames x height x width {f} x {h} x {w} are not whole {pt} x {ph} x {pw} patches of this {arch}"
             )
+        ts, tokens = item.get("timestep"), (f // pt) * (h // ph) * (w // pw)
+        if isinstance(ts, torch.Tensor) and ts.dim() == 2 and ts.shape[1] != tokens:
+            raise CalibrationError(f"{where}: timestep: a per-token timestep needs the {tokens} video tokens of hidden_states, got {list(ts.shape)}")
     b = hs.shape[0]
     ehs = item.get("encoder_hidden_states")
     d = _text_dim(cfg)
     if isinstance(ehs, torch.Tensor) and d is not None and (ehs.dim() != 3 or ehs.shape[-1] != d):
         raise CalibrationError(f"{where}: encoder_hidden_states: expected shape [B, L, {d}], got {list(ehs.shape)}")
+    _check_image_tokens(cfg, arch, item, where)
     for k, v in item.items():
         if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in ("image_rotary_emb",) and v.shape[0] not in (b, 1):
             raise CalibrationError(f"{where}: {k}: batch size {v.shape[0]} differs from hidden_states' {b}")
+
+
+def _check_image_tokens(cfg: Any, arch: str, item: dict[str, Any], where: str) -> None:
+    """A Wan2.1 image-to-video transformer (config image_dim) needs its CLIP image tokens
+    [B, L, image_dim] and 512 text tokens (model.architectures: WAN_I2V_TEXT_TOKENS)."""
+    from ..model.architectures import WAN_I2V_TEXT_TOKENS
+
+    image_dim = getattr(cfg, "image_dim", None)
+    if arch != "WanTransformer3DModel" or not isinstance(image_dim, int):
+        return
+    img = item.get("encoder_hidden_states_image")
+    if img is None:
+        raise CalibrationError(f"{where}: encoder_hidden_states_image: missing; this image-to-video model (image_dim {image_dim}) needs its CLIP image tokens")
+    if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[-1] != image_dim:
+        raise CalibrationError(f"{where}: encoder_hidden_states_image: expected shape [B, L, {image_dim}], got {_described(img)}")
+    ehs = item.get("encoder_hidden_states")
+    if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 and ehs.shape[1] != WAN_I2V_TEXT_TOKENS:
+        raise CalibrationError(
+            f"{where}: encoder_hidden_states: an image-to-video Wan needs {WAN_I2V_TEXT_TOKENS} text tokens (diffusers splits the "
+            f"image tokens off its cross-attention context at that length), got {ehs.shape[1]}"
+        )
 
 
 def _tensor_only(annotation: Any) -> bool:
@@ -395,9 +424,10 @@ def input_files(folder: str | Path, split: str) -> list[Path]:
     return files
 
 
-def check_calibration_path(recipe: Recipe) -> None:
-    """Refuse a calibration.path that cannot serve the recipe's source, before a run loads its model
-    or clears the previous output (--overwrite): CalibrationError, one line."""
+def check_calibration_path(recipe: Recipe, model: str | None = None) -> None:
+    """Refuse a calibration.path (or calibration.images) that cannot serve the recipe's source,
+    before a run loads its model or clears the previous output (--overwrite): CalibrationError, one
+    line. model: MODEL, the pipeline folder trajectories run when calibration.path is null."""
     cal = recipe.calibration
     if cal.source == "folder":
         for split in ("train", "heldout"):
@@ -408,6 +438,9 @@ def check_calibration_path(recipe: Recipe) -> None:
         where = Path(cal.path).expanduser()
         if not where.is_dir() and (where.exists() or not looks_like_hub_id(cal.path)):
             raise CalibrationError(f"calibration.path: {cal.path!r} is neither a pipeline folder nor a Hub ID")
+    if cal.images is not None:
+        read_images(cal.images)  # every file decodes: a damaged image is refused before the model load
+        check_image_pipeline(cal.path or model)
 
 
 def folder_inputs(model: nn.Module, recipe: Recipe, split: str, path: str | None = None) -> list[dict[str, Any]]:

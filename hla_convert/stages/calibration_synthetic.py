@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .calibration_base import NUM_TRAIN_TIMESTEPS, CalibrationError, _arch, _chunks, _text_dim, sample_noise_levels, split_generator
-from ..model.architectures import architecture_of
+from ..model.architectures import WAN_CLIP_IMAGE_TOKENS, WAN_I2V_TEXT_TOKENS, WAN_TI2V_CHANNELS, architecture_of, patch_sizes_of
 from ..recipe import Recipe
 
 
@@ -35,15 +35,29 @@ def _gaussian_item(model: nn.Module, recipe: Recipe, b: int, g: torch.Generator)
 
 
 def _wan_item(model: nn.Module, cal: Any, b: int, g: torch.Generator, latent: tuple[int, int, int], timestep: torch.Tensor) -> dict[str, Any]:
+    """Wan (model.architectures says what sets its variants apart): I2V's hidden_states carry the
+    conditioning channels (in_channels, gaussian too); Wan2.1 I2V (image_dim) gets CLIP image
+    tokens and needs 512 text tokens; TI2V-5B (48 channels) gets a timestep per video token, the
+    first latent frame at 0 (kept clean, as its pipeline does for an image) in every other sample."""
     cfg, (f, h, w) = model.config, latent
     c, text_dim = int(cfg.in_channels), _text_dim(cfg)
+    if getattr(cfg, "image_dim", None) and cal.text_len != WAN_I2V_TEXT_TOKENS:
+        raise CalibrationError(
+            f"calibration.text_len: must be {WAN_I2V_TEXT_TOKENS} for an image-to-video Wan (image_dim {cfg.image_dim}): diffusers "
+            f"splits its image tokens off the cross-attention context at that length; got {cal.text_len}"
+        )
     item = {
         "hidden_states": torch.randn(b, c, f, h, w, generator=g),
         "timestep": timestep,
         "encoder_hidden_states": torch.randn(b, cal.text_len, text_dim, generator=g),
     }
-    if getattr(cfg, "image_dim", None):  # I2V: CLIP image tokens (257 for ViT-H/14)
-        item["encoder_hidden_states_image"] = torch.randn(b, 257, cfg.image_dim, generator=g)
+    if getattr(cfg, "image_dim", None):  # Wan2.1 I2V: CLIP image tokens
+        item["encoder_hidden_states_image"] = torch.randn(b, WAN_CLIP_IMAGE_TOKENS, cfg.image_dim, generator=g)
+    if c == WAN_TI2V_CHANNELS:
+        _, ph, pw = patch_sizes_of(model)
+        per_token = timestep[:, None, None].expand(b, f, (h // ph) * (w // pw)).clone()
+        per_token[0::2, 0] = 0.0
+        item["timestep"] = per_token.reshape(b, -1)
     return item
 
 

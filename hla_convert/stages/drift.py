@@ -203,6 +203,18 @@ def _per_sample(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Ten
     return rel.cpu(), cos.cpu()
 
 
+def noise_shape(model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the latent a sampling run denoises for these hidden_states: all of them, or for
+    an image-to-video model (in_channels > out_channels, [B, C, F, H, W]: the conditioning channels
+    follow the noisy latent, Wan I2V's 16 + 4 mask + 16 image latent) the first out_channels."""
+    cfg = model.config
+    c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
+    hs = hidden_states
+    if isinstance(c_in, int) and isinstance(c_out, int) and c_out < c_in == hs.shape[1] and hs.dim() == 5:
+        return (hs.shape[0], c_out, *hs.shape[2:])
+    return tuple(hs.shape)
+
+
 def sampler_points(
     model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor
 ) -> Iterator[tuple[torch.Tensor, dict[str, Any] | None]]:
@@ -211,16 +223,29 @@ def sampler_points(
     [B, C, F, H, W] (float32, as the scheduler keeps them) and the model's input there (the item
     with hidden_states = the scaled latents in the item's dtype, timestep [B] = the scheduler's t);
     then (final latents, None). Each step runs the model (no_grad) in whatever mode it is in, so
-    stopping after k points leaves the trajectory at step k (stages.onpolicy trains there)."""
+    stopping after k points leaves the trajectory at step k (stages.onpolicy trains there).
+
+    Image-to-video: `noise` has the latent's channels (noise_shape) and each step's input is it
+    followed by the item's conditioning channels, as WanImageToVideoPipeline concatenates them. A
+    per-token timestep [B, N] (Wan2.2 TI2V) is t on every token: the text-to-video mode of its
+    WanPipeline (the clean first frame of image conditioning is not in an input dict)."""
     sched = copy.deepcopy(scheduler)  # the scheduler keeps a step index: every run starts afresh
     sched.set_timesteps(steps)
     latents = noise * getattr(sched, "init_noise_sigma", 1.0)
-    t_dtype = item["timestep"].dtype if isinstance(item.get("timestep"), torch.Tensor) else torch.float32
+    given = item.get("timestep")
+    t_dtype = given.dtype if isinstance(given, torch.Tensor) else torch.float32
+    hs = item["hidden_states"]
+    condition = hs[:, noise.shape[1] :] if hs.dim() == 5 and noise.shape[1] < hs.shape[1] else None
     b = latents.shape[0]
     for t in sched.timesteps:
         model_in = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
+        model_in = model_in.to(hs.dtype)
+        if condition is not None:
+            model_in = torch.cat([model_in, condition], dim=1)
         ts = t.to(device=latents.device, dtype=t_dtype).expand(b)
-        point = {**item, "hidden_states": model_in.to(item["hidden_states"].dtype), "timestep": ts}
+        if isinstance(given, torch.Tensor) and given.dim() == 2:
+            ts = ts[:, None].expand(b, given.shape[1])
+        point = {**item, "hidden_states": model_in, "timestep": ts}
         yield latents, point
         with torch.no_grad():
             out = forward(model, point)
@@ -278,7 +303,7 @@ def measure_drift(
             item = heldout_inputs[0]
             hs = item["hidden_states"]
             g = torch.Generator().manual_seed(recipe.calibration.seed * 1_000_003 + 99)
-            noise = torch.randn(hs.shape, generator=g, dtype=torch.float32).to(hs.device)
+            noise = torch.randn(noise_shape(model, hs), generator=g, dtype=torch.float32).to(hs.device)
             finals = {}
             for j, mode in enumerate(("teacher", "student")):
                 set_attention_mode(model, mode)
@@ -329,4 +354,4 @@ def measure_drift(
     return report
 
 
-__all__ = ["DriftReport", "PSNR_IDENTICAL", "check_thresholds", "measure_drift", "psnr_db", "sample_latents", "sampler_points", "within"]
+__all__ = ["DriftReport", "PSNR_IDENTICAL", "check_thresholds", "measure_drift", "noise_shape", "psnr_db", "sample_latents", "sampler_points", "within"]

@@ -48,7 +48,7 @@ from .distill_loop import (
     _run_stage,
     _shared_relative_sq_error,
 )
-from .drift import sampler_points
+from .drift import noise_shape, sampler_points
 
 NO_SCHEDULER = (
     "must be 0 for a model without a scheduler (a bare transformer): stage 3 samples with the pipeline's "
@@ -62,7 +62,9 @@ def check_stage3_scheduler(recipe: Recipe, scheduler_known: bool) -> None:
         raise RecipeError("stage3.steps", NO_SCHEDULER)
 
 
-def trajectory_draw(recipe: Recipe, step: int, position: int, item: dict[str, Any]) -> tuple[int, torch.Tensor]:
+def trajectory_draw(
+    recipe: Recipe, step: int, position: int, item: dict[str, Any], shape: tuple[int, ...] | None = None
+) -> tuple[int, torch.Tensor]:
     """(k, noise) for the `position`-th input of stage 3's step `step`: k uniform in
     [0, stage3.sampling_steps), noise float32 of item["hidden_states"]'s shape [B, C, F, H, W], on
     its device. Seeded by (calibration.seed, step, position) alone, on a CPU generator, so a
@@ -71,7 +73,7 @@ def trajectory_draw(recipe: Recipe, step: int, position: int, item: dict[str, An
     g = torch.Generator().manual_seed(seed % (2**63))
     k = int(torch.randint(recipe.stage3.sampling_steps, (1,), generator=g))
     hs = item["hidden_states"]
-    noise = torch.randn(hs.shape, generator=g, dtype=torch.float32).to(hs.device)
+    noise = torch.randn(hs.shape if shape is None else shape, generator=g, dtype=torch.float32).to(hs.device)
     return k, noise
 
 
@@ -118,7 +120,7 @@ def onpolicy_distillation(
 
     def prepare(step: int, position: int, item: dict[str, Any]) -> dict[str, Any]:
         nonlocal sampler_forwards
-        k, noise = trajectory_draw(recipe, step, position, item)
+        k, noise = trajectory_draw(recipe, step, position, item, noise_shape(model, item["hidden_states"]))
         sampler_forwards += k
         return student_point(model, item, scheduler, spec.sampling_steps, noise, k)
 

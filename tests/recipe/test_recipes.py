@@ -8,7 +8,10 @@ import yaml
 from hla_convert.model.config import HLAConfig
 from hla_convert.recipe import Recipe, RecipeError, builtin_recipes, load_recipe, parse_recipe, recipe_text
 
-REQUIRED = {"tiny-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "cogvideox-2b", "hunyuanvideo", "ltx-video"}
+REQUIRED = {
+    "tiny-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b",
+    "cogvideox-2b", "hunyuanvideo", "ltx-video",
+}
 
 
 def test_builtin_recipes_load_and_give_valid_configs():
@@ -304,3 +307,19 @@ def test_attention_fields_and_defaults_are_hla_configs():
     r = parse_recipe({"name": "x", "model": wan, "attention": {"eps": "1e-3", "factors": 4.0, "window": [2, 0, 0]}})
     assert (r.attention.eps, r.attention.factors, r.attention.window) == (1e-3, 4, [2, 0, 0])
     assert r.hla_config().window == (2, 0, 0)
+
+
+def test_fields_derived_from_null_follow_their_source_in_an_overridden_copy():
+    """A stage's batch_size given as null is calibration.batch_size, and stays so when a copy
+    overrides calibration.batch_size (it was frozen at the first value, and the copy refused:
+    "stage3.batch_size: must be a multiple of calibration.batch_size"); an explicit value stays."""
+    data = load_recipe("wan2.1-t2v-1.3b").to_dict()  # calibration.batch_size 1, stage1 4, stage2 2
+    data["stage3"].update(batch_size=None, sampling_steps=None)
+    rec = parse_recipe(data)
+    assert rec.stage3.batch_size == 1 and rec.to_dict()["stage3"]["batch_size"] is None
+    copy = rec.with_overrides(fields={"calibration.batch_size": 2, "calibration.samples": 64})
+    assert (copy.stage1.batch_size, copy.stage2.batch_size, copy.stage3.batch_size) == (4, 2, 2)
+    assert rec.with_overrides(fields={"validation.sampling_steps": 20}).stage3.sampling_steps == 20
+    assert rec.with_overrides(fields={"stage3.sampling_steps": 7, "validation.sampling_steps": 20}).stage3.sampling_steps == 7
+    again = parse_recipe(yaml.safe_load(rec.to_yaml()))  # the saved recipe.yaml reads back the same
+    assert again == rec

@@ -241,8 +241,8 @@ def test_calibration_files_that_are_not_regular_are_refused_before_the_run(tmp_p
         (lambda it: dict(it, hidden_states=it["hidden_states"][..., :3]), "are not whole 1 x 2 x 2 patches"),
         (lambda it: dict(it, hidden_states=it["hidden_states"].clone().fill_(float("nan"))), "hidden_states: holds NaN or infinite values"),
         (lambda it: dict(it, encoder_hidden_states=it["encoder_hidden_states"] * float("inf")), "encoder_hidden_states: holds NaN"),
-        (lambda it: dict(it, timestep="late"), "timestep: must be a number or a [B] tensor, got str 'late'"),
-        (lambda it: dict(it, timestep=torch.zeros(1, 2, 3)), "timestep: must be a number or a [B] tensor"),
+        (lambda it: dict(it, timestep="late"), "timestep: must be a number, a [B] or a [B, tokens] tensor, got str 'late'"),
+        (lambda it: dict(it, timestep=torch.zeros(1, 2, 3)), "timestep: must be a number, a [B] or a [B, tokens] tensor"),
         # the fresh hostile pass: a tensor input given as JSON "values" or as tuple parts (exit 3 from the model)
         (lambda it: dict(it, encoder_hidden_states=[1, 2, 3]), "encoder_hidden_states: must be a tensor for WanTransformer3DModel.forward, got tuple"),
         (lambda it: dict(it, encoder_hidden_states=(it["encoder_hidden_states"], it["encoder_hidden_states"].clone())), "encoder_hidden_states: must be a tensor"),
