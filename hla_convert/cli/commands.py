@@ -190,7 +190,7 @@ def convert(
         typer.Option(
             "--sample",
             help="Then sample the conversion as `hla-convert sample OUT` does (seed 0, the recipe's sampling steps): "
-            "OUT/sample.mp4 or .gif and sample.png, shown in the model card. MODEL must be the demo or a pipeline.",
+            "OUT/sample.mp4 and sample.png, shown in the model card. MODEL must be the demo or a pipeline.",
         ),
     ] = False,
     json_out: JsonOpt = False,

@@ -62,9 +62,9 @@ def sample(
         typer.Option(
             "--out",
             "-o",
-            help="The side-by-side video, .mp4 (needs PyAV or imageio-ffmpeg) or .gif; the contact sheet goes beside it "
-            "as .png. Default: DIR/sample.mp4 where an MP4 encoder is installed, else DIR/sample.gif (listed in DIR's "
-            "manifest and linked from its model card); for a Hub ID, NAME-sample.mp4 (or .gif) here.",
+            help="The side-by-side video: .mp4 (H.264) or .gif (on request); a name without a suffix gets .mp4. The "
+            "contact sheet goes beside it as .png. Default: DIR/sample.mp4 (listed in DIR's manifest and linked from "
+            "its model card); for a Hub ID, NAME-sample.mp4 here.",
             show_default=False,
         ),
     ] = None,
@@ -115,7 +115,7 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
     from ..atomic_files import atomic_write_bytes
     from ..io.output import read_output
     from ..io.output_guard import check_replaceable, output_lock
-    from ..io.sample_media import SAMPLE_AGAIN, sample_names
+    from ..io.sample_media import SAMPLE_AGAIN, check_video_folder, sample_names
     from ..io.sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side
 
     try:
@@ -127,6 +127,7 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
         raise SampleError(f"--out {shown(out)} is not a usable path ({exc.strerror or type(exc).__name__})") from None
     if is_folder:
         raise SampleError(f"--out {str(video)!r} is a folder; give a file name ending in .mp4 or .gif")
+    check_video_folder(video)
     into_folder = video.parent.resolve() == directory.resolve()
     if into_folder:  # before the (slow) sampling; add_to_output checks again under the lock
         check_replaceable(directory, sample_names(video), SAMPLE_AGAIN)
@@ -138,8 +139,11 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
         with output_lock(directory):
             add_to_output(directory, info, report, files, result)
     else:
-        for path, data in files.items():
-            atomic_write_bytes(path, data)
+        try:
+            for path, data in files.items():
+                atomic_write_bytes(path, data)
+        except OSError as exc:  # the folder went away or filled up while sampling: bad --out, not a failed run
+            raise SampleError(f"--out {str(video)!r} cannot be written ({exc.strerror or type(exc).__name__})") from None
     result.files = {"video": str(video), "contact_sheet": str(video.with_suffix(".png"))}
     return result, video
 
