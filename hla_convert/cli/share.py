@@ -16,7 +16,7 @@ from ..io.checks import shown
 from .checks import EXIT_BAD_INPUT, CommandFailed
 from .display import stdout_console as _stdout
 from .options import EXIT_CODES_HELP as _EXIT_CODES_HELP
-from .options import DeviceOpt, DirRevisionOpt, HubDirArg, JsonOpt
+from .options import ConfigOpt, DeviceOpt, DirRevisionOpt, HubDirArg, JsonOpt
 from .run import command as _command
 
 
@@ -33,8 +33,9 @@ def sample(
         str | None,
         typer.Option(
             "--base",
-            help="Load the base model from here (Hub ID or folder) instead of the one the adapter records. A diffusers "
-            "pipeline runs whole (text encoder, scheduler, VAE); a bare transformer cannot be sampled (the demo aside).",
+            help="Load the base model from here (Hub ID, folder, or a single-file .safetensors with --config) instead of "
+            "the one the adapter records. A diffusers pipeline runs whole (text encoder, scheduler, VAE); a bare "
+            "transformer cannot be sampled (the demo aside).",
             show_default=False,
         ),
     ] = None,
@@ -69,6 +70,7 @@ def sample(
         ),
     ] = None,
     revision: DirRevisionOpt = None,
+    config: ConfigOpt = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -95,7 +97,7 @@ def sample(
             if out is None and is_hub_id(directory):
                 out = f"{str(directory).rsplit('/', 1)[-1]}-sample"
             extra = read_inputs_file(inputs) if inputs is not None else None
-            result, video = sample_into(local, out, base=base, inputs=extra, seed=seed, steps=steps, device=dev, prompt=prompt)
+            result, video = sample_into(local, out, base=base, inputs=extra, seed=seed, steps=steps, device=dev, prompt=prompt, config=config)
         except SampleError as exc:
             raise CommandFailed(str(exc), EXIT_BAD_INPUT) from None
         doc.update(out_dir=str(local.absolute()), device=str(dev), **result.summary())
@@ -188,12 +190,13 @@ def push(
 
 
 
-def check_sampleable(model: str | None, revision: str | None, subfolder: str | None) -> None:
-    """convert --sample needs what `sample` needs: the demo, or a pipeline (refused before the run)."""
+def check_sampleable(model: str | None, revision: str | None, subfolder: str | None, config: str | None = None) -> None:
+    """convert --sample needs what `sample` needs: the demo, or a pipeline (refused before the run);
+    a single-file MODEL has one when its --config is a pipeline."""
     from ..model.loading import resolve_model
 
     with _hub_notice(model):
-        ref = resolve_model(model, revision, subfolder)
+        ref = resolve_model(model, revision, subfolder, config)
     if not ref.is_demo and not ref.pipeline_dir:
         raise CommandFailed(f"--sample: MODEL {ref.path!r} is a bare transformer (no text encoder, no VAE); give its pipeline, or leave --sample out", EXIT_BAD_INPUT)
 
