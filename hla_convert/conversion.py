@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .model.single_file import is_single_file
 from .io.checks import check_arg_types, check_device, check_model_path, folder_arg, hub_notice, note_sampling, shown
 from .errors import InputError
 from .recipe import Recipe, RecipeError
@@ -114,9 +115,9 @@ class ValidationResult:
 # -- recipes ------------------------------------------------------------------------------------
 
 
-def resolve_recipe(recipe: str | Recipe | None, model: str | None) -> Recipe:
+def resolve_recipe(recipe: str | Recipe | None, model: str | None, config: str | None = None) -> Recipe:
     """`recipe` (a Recipe, a built-in name or a YAML path), or the built-in recipe made for MODEL
-    (the demo's, or one whose model.hub_id is MODEL)."""
+    (the demo's, or one whose model.hub_id is MODEL, or for a single file, is its --config)."""
     from .recipe import builtin_recipes, load_recipe
 
     if isinstance(recipe, Recipe):
@@ -128,7 +129,7 @@ def resolve_recipe(recipe: str | Recipe | None, model: str | None) -> Recipe:
     check_model_path(model)
     for name in builtin_recipes():
         candidate = load_recipe(name)
-        if candidate.model.hub_id and candidate.model.hub_id == model:
+        if candidate.model.hub_id and candidate.model.hub_id in (model, config):
             return candidate
     raise InputError(
         f"no built-in recipe is made for {shown(model)}; pass --recipe NAME|PATH (built-in: {', '.join(builtin_recipes())})"
@@ -203,6 +204,7 @@ class ConversionPlan:
     overwrite: bool
     run: dict[str, Any]
     experts: tuple[str, ...] = ()  # a two-expert pipeline's transformers (model.experts), else ()
+    config: str | None = None  # a single-file MODEL's diffusers config (--config, or the recipe's model.config)
 
 
 def plan_conversion(
@@ -219,6 +221,7 @@ def plan_conversion(
     overwrite: bool = False,
     causal_block_frames: int | None = None,
     images: str | os.PathLike | None = None,
+    config: str | None = None,
 ) -> ConversionPlan:
     """Refuse everything that can be refused before the (slow) model load; see `convert`."""
     from .model.loading import parse_dtype
@@ -228,12 +231,18 @@ def plan_conversion(
         model=(model, (str,)), recipe=(recipe, (str, Recipe)), out=(out, (str, os.PathLike)), device=(device, (str,)),
         dtype=(dtype, (str,)), revision=(revision, (str,)), subfolder=(subfolder, (str,)), steps=(steps, (int,)),
         attention=(attention, (str,)), causal_block_frames=(causal_block_frames, (int,)), images=(images, (str, os.PathLike)),
+        config=(config, (str,)),
     )
     if out is None:
         raise InputError("--out is missing; give the output folder")
     out = folder_arg("--out", str(out))
     check_model_path(model)
-    rec = resolve_recipe(recipe, model)
+    single = is_single_file(model)
+    if config is not None and not single:
+        raise InputError(f"--config applies to a single-file MODEL (a .safetensors checkpoint), not to {shown(model or 'the demo model')}")
+    rec = resolve_recipe(recipe, model, config)
+    if single and config is None:
+        config = rec.model.config  # None: resolve_model says that --config is needed
     fields: dict[str, Any] = {} if causal_block_frames is None else {"attention.causal_block_frames": causal_block_frames}
     if images is not None:  # absolute in the saved recipe.yaml, so `validate` finds them from any folder
         fields["calibration.images"] = str(Path(images).expanduser().absolute())
@@ -242,12 +251,12 @@ def plan_conversion(
     dev = check_device(device)
     _check_calibration(rec, model)
     _check_stage3_model(rec, model, revision, subfolder)
-    run = run_identity(model, revision, subfolder, rec, dtype)
-    experts = _experts_of(model, revision, subfolder)
+    run = run_identity(model, revision, subfolder, rec, dtype, config)
+    experts = () if single else _experts_of(model, revision, subfolder)
     if experts and rec.stage3.steps > 0:
         # stage 3 samples a trajectory from noise, which runs both experts; each expert trains alone
         raise RecipeError("stage3.steps", "on-policy distillation (stage 3) is not supported on a two-expert pipeline (transformer_2) yet; set stage3.steps: 0")
-    return ConversionPlan(model, rec, out, dev, dtype, revision, subfolder, resume, overwrite, run, experts)
+    return ConversionPlan(model, rec, out, dev, dtype, revision, subfolder, resume, overwrite, run, experts, config)
 
 
 def _experts_of(model: str | None, revision: str | None, subfolder: str | None) -> tuple[str, ...]:
@@ -290,7 +299,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         with stages.stage("load"), hub_notice(p.model):
             # FSDP: the whole model on the host first; each process keeps its shard on the device
             where = "cpu" if par is not None and par.fsdp else dev
-            loaded = load_transformer(p.model, revision=p.revision, subfolder=p.subfolder, dtype=p.dtype, device=where)
+            loaded = load_transformer(p.model, revision=p.revision, subfolder=p.subfolder, dtype=p.dtype, device=where, config=p.config)
         net = loaded.transformer
         with stages.stage("convert"):
             config = rec.hla_config()
@@ -438,10 +447,14 @@ def convert(
     progress: Progress | None = None,
     causal_block_frames: int | None = None,
     images: str | os.PathLike | None = None,
+    config: str | None = None,
 ) -> ConversionResult:
     """Convert MODEL's self-attention to HLA, distil it, measure the drift, save the adapter in `out`.
 
-    model: Hub ID or diffusers folder (pipeline or bare transformer); None = the embedded demo.
+    model: Hub ID or diffusers folder (pipeline or bare transformer), or a single-file checkpoint
+    (one .safetensors in the family's original layout, e.g. Wan-AI's); None = the embedded demo.
+    config: a single-file model's diffusers config, a local pipeline or transformer folder or a
+    Hub ID in the local cache (default: the recipe's model.config); recorded in the adapter.
     recipe: a Recipe, a built-in name or a YAML path; None = the built-in recipe made for MODEL.
     steps: stage-1 steps (stages 2 and 3 scaled in proportion); attention: override the attention kind.
     causal_block_frames: override the recipe's attention.causal_block_frames (SkyReels-V2
@@ -456,7 +469,7 @@ def convert(
     Returns the result whether or not the drift is within the recipe's thresholds: check `passed`.
     """
     plan = plan_conversion(
-        model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames, images
+        model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames, images, config
     )
     return run_conversion(plan, progress)
 
@@ -484,6 +497,7 @@ class ValidationPlan:
     subfolder: str | None
     device: str
     dtype: str | None
+    config: str | None = None
 
 
 def plan_validation(
@@ -493,23 +507,27 @@ def plan_validation(
     device: str | None = None,
     dtype: str | None = None,
     revision: str | None = None,
+    config: str | None = None,
 ) -> ValidationPlan:
     """Read and check the output folder and the arguments before anything loads; see `validate`."""
     from .io.hub import resolve_output_dir
     from .model.loading import parse_dtype
     from .io.output import base_of, read_output
 
-    check_arg_types(dir=(out, (str, os.PathLike)), base=(base, (str,)), device=(device, (str,)), dtype=(dtype, (str,)), revision=(revision, (str,)))
+    check_arg_types(
+        dir=(out, (str, os.PathLike)), base=(base, (str,)), device=(device, (str,)), dtype=(dtype, (str,)), revision=(revision, (str,)),
+        config=(config, (str,)),
+    )
     directory = resolve_output_dir(folder_arg("DIR", str(out)), revision)  # a Hub ID: its cached snapshot
     info, recipe_path, saved = read_output(directory)
     check_model_path(base, "--base")
     fields = {k if k.startswith("validation.") else f"validation.{k}": v for k, v in (thresholds or {}).items() if v is not None}
     rec = load_recipe_arg(str(recipe_path))
     rec = override_recipe(rec, "threshold options", fields=fields)
-    source, revision, subfolder = (base, None, None) if base else base_of(info)
+    source, revision, subfolder, config = base_of(info, base, config)
     parse_dtype(dtype)
     dev = check_device(device)
-    return ValidationPlan(directory, info, saved, rec, base, source, revision, subfolder, dev, dtype)
+    return ValidationPlan(directory, info, saved, rec, base, source, revision, subfolder, dev, dtype, config)
 
 
 def run_validation(plan: ValidationPlan, progress: Progress | None = None) -> ValidationResult:
@@ -525,7 +543,7 @@ def run_validation(plan: ValidationPlan, progress: Progress | None = None) -> Va
     p, rec, dev = plan, plan.recipe, plan.device
     stages = _Stages(progress)
     with stages.stage("load"), hub_notice(p.source):
-        loaded = load_transformer(p.source, revision=p.revision, subfolder=p.subfolder, dtype=p.dtype, device=dev)
+        loaded = load_transformer(p.source, revision=p.revision, subfolder=p.subfolder, dtype=p.dtype, device=dev, config=p.config)
         net = load_adapter(loaded.transformer, p.out).to(dev)
     with stages.stage("calibrate"):
         heldout = calibration.build_inputs(
@@ -605,6 +623,7 @@ def validate(
     dtype: str | None = None,
     progress: Progress | None = None,
     revision: str | None = None,
+    config: str | None = None,
 ) -> ValidationResult:
     """Measure a saved conversion's drift again, against its base model, on the recipe's held-out inputs.
 
@@ -612,8 +631,9 @@ def validate(
     `revision`). base: load the base model from here instead of the one the
     adapter records (its weights must match the recorded fingerprint). thresholds: override the
     saved recipe's, e.g. {"max_output_rel_l2": 0.3} (names of the recipe's validation section).
+    config: the diffusers config of a single-file base (default: the one recorded at conversion).
     """
-    return run_validation(plan_validation(out, base, thresholds, device, dtype, revision), progress)
+    return run_validation(plan_validation(out, base, thresholds, device, dtype, revision, config), progress)
 
 
 __all__ = [

@@ -7,7 +7,10 @@ No test module imports another test module: what two of them need lives here.
   `assert_one_line_error`, the house rule for bad input: one `hla-convert: error: ...` line on stderr;
 - `console_script()`, the installed `hla-convert` entry point, for the tests that need a real process;
 - `wan_recipe(**over)`, a small hadamard recipe for the tiny Wan, fields overridden as `section__key`;
-- `rewrite_adapter(folder, ...)`, an adapter file with its tensors or header metadata edited in place.
+- `rewrite_adapter(folder, ...)`, an adapter file with its tensors or header metadata edited in place;
+- `wan_original_layout(state_dict)` / `save_wan_single_file(model, path)`, a diffusers Wan
+  transformer's weights in Wan-AI's ORIGINAL single-file layout (the inverse of diffusers'
+  convert_wan_transformer_to_diffusers), and `save_wan_config(model, folder)`, its config alone.
 """
 
 from __future__ import annotations
@@ -115,3 +118,58 @@ def relist(folder, name: str) -> None:
     manifest = read_manifest(folder)
     manifest[name] = [sha256_file(folder / name)]
     write_manifest(folder, manifest)
+
+
+# diffusers name -> Wan-AI original name (substrings), the inverse of diffusers' TRANSFORMER_KEYS_RENAME_DICT
+# in convert_wan_transformer_to_diffusers for a text-to-video Wan (no image embedder, no VACE blocks).
+# diffusers swapped norm2 and norm3; the top-level scale_shift_table and proj_out are the head's.
+_WAN_TO_ORIGINAL = (
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    (".attn1.", ".self_attn."),
+    (".attn2.", ".cross_attn."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    (".to_out.0.", ".o."),
+    (".norm2.", ".norm3."),
+    (".ffn.net.0.proj.", ".ffn.0."),
+    (".ffn.net.2.", ".ffn.2."),
+    (".scale_shift_table", ".modulation"),
+)
+
+
+def wan_original_layout(state_dict: dict, prefix: str = "") -> dict:
+    """A WanTransformer3DModel state dict renamed to Wan-AI's original single-file layout
+    (`blocks.0.self_attn.q.weight`, `head.modulation`, ...), each name under `prefix`
+    (ComfyUI's files: "model.diffusion_model.")."""
+    out = {}
+    for key, value in state_dict.items():
+        if key == "scale_shift_table":
+            name = "head.modulation"
+        elif key.startswith("proj_out."):
+            name = "head.head." + key.removeprefix("proj_out.")
+        else:
+            name = key
+            for old, new in _WAN_TO_ORIGINAL:
+                name = name.replace(old, new)
+        out[prefix + name] = value.detach().clone().contiguous()
+    return out
+
+
+def save_wan_single_file(model, path: Path, prefix: str = "") -> Path:
+    """`model`'s weights as one safetensors file in the original Wan layout."""
+    from safetensors.torch import save_file
+
+    save_file(wan_original_layout(model.state_dict(), prefix), str(path))
+    return path
+
+
+def save_wan_config(model, folder: Path) -> Path:
+    """A diffusers model folder holding only `model`'s config.json (no weights): a single file's --config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(str(folder))
+    return folder

@@ -47,7 +47,7 @@ from .display import print_inspection as _print_inspection
 from .display import print_verdict as _print_verdict
 from .display import stderr_console as _stderr
 from .display import stdout_console as _stdout
-from .options import EXIT_CODES_HELP, DeviceOpt, DirRevisionOpt, DtypeOpt, HubDirArg, JsonOpt, ModelArg, RevisionOpt, SubfolderOpt
+from .options import EXIT_CODES_HELP, ConfigOpt, DeviceOpt, DirRevisionOpt, DtypeOpt, HubDirArg, JsonOpt, ModelArg, RevisionOpt, SubfolderOpt
 from .run import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED
 from .run import clip as _clip
 from .run import command as _command
@@ -193,6 +193,7 @@ def convert(
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
     subfolder: SubfolderOpt = None,
+    config: ConfigOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint (same MODEL, recipe and options).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the hla-convert output already in --out (other files are never deleted).")] = False,
     sample_too: Annotated[
@@ -200,7 +201,7 @@ def convert(
         typer.Option(
             "--sample",
             help="Then sample the conversion as `hla-convert sample OUT` does (seed 0, the recipe's sampling steps): "
-            "OUT/sample.mp4 or .gif and sample.png, shown in the model card. MODEL must be the demo or a pipeline.",
+            "OUT/sample.mp4 and sample.png, shown in the model card. MODEL must be the demo or a pipeline.",
         ),
     ] = False,
     json_out: JsonOpt = False,
@@ -221,7 +222,7 @@ def convert(
         options = {
             "--recipe": recipe, "--steps": steps, "--attention": attention, "--causal-block-frames": causal_block_frames,
             "--images": images, "--device": device,
-            "--dtype": dtype, "--revision": revision, "--subfolder": subfolder,
+            "--dtype": dtype, "--revision": revision, "--subfolder": subfolder, "--config": config,
         }
         words = ["hla-convert", "convert", *([model] if model else []), "--out", str(out)]
         words += [w for k, v in options.items() if v is not None for w in (k, str(v))]
@@ -235,10 +236,10 @@ def convert(
 
         # Everything that can be refused is refused here, before the (slow) model load.
         plan = plan_conversion(
-            model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames, images
+            model, recipe, out, device, dtype, revision, subfolder, steps, attention, resume, overwrite, causal_block_frames, images, config
         )
         if sample_too:
-            _check_sampleable(model, revision, subfolder)
+            _check_sampleable(model, revision, subfolder, plan.config)
         doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, resumed=resume)
         with StageProgress(_stderr() if not quiet else _Console(file=io.StringIO()), stop_after_steps) as bars:
             result = run_conversion(plan, progress=bars)
@@ -279,8 +280,14 @@ def validate(
     directory: HubDirArg,
     base: Annotated[
         str | None,
-        typer.Option("--base", help="Load the base model from here (Hub ID or folder) instead of the one the adapter records.", show_default=False),
+        typer.Option(
+            "--base",
+            help="Load the base model from here (Hub ID, folder, or a single-file .safetensors with --config) instead of "
+            "the one the adapter records.",
+            show_default=False,
+        ),
     ] = None,
+    config: ConfigOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     max_attention_rel_l2: Annotated[float | None, _threshold("--max-attention-rel-l2", "max attention relative L2")] = None,
@@ -308,7 +315,7 @@ def validate(
             min_latent_psnr=min_latent_psnr,
         )
         with _hub_notice(directory):
-            plan = plan_validation(directory, base, thresholds, device, dtype, revision)
+            plan = plan_validation(directory, base, thresholds, device, dtype, revision, config)
         doc.update(out_dir=str(plan.out.absolute()), recipe=plan.recipe.name, base=plan.info.get("base_source"))
         with StageProgress(_stderr()) as bars:
             result = run_validation(plan, progress=bars)
@@ -332,6 +339,7 @@ def inspect(
     width: Annotated[int | None, typer.Option("--width", min=1, help="Video width in pixels. Default: the recipe's.", show_default=False)] = None,
     revision: RevisionOpt = None,
     subfolder: SubfolderOpt = None,
+    config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Attention modules, which the recipe converts, tokens and attention FLOPs before/after.
@@ -345,11 +353,11 @@ def inspect(
         from ..model.pipeline_loading import inspect_model
 
         _check_model_path(model)
-        rec = _resolve_recipe(recipe, model)
+        rec = _resolve_recipe(recipe, model, config)
         sizes = {f"calibration.{k}": v for k, v in dict(frames=frames, height=height, width=width).items() if v is not None}
         rec = _override(rec, "video size options", fields=sizes)
         with _hub_notice(model):
-            report = inspect_model(model, rec, revision=revision, subfolder=subfolder)
+            report = inspect_model(model, rec, revision=revision, subfolder=subfolder, config=config)
         doc.update(report)
         if not json_out:
             _print_inspection(report)

@@ -17,7 +17,8 @@ ModelArg = Annotated[
     str | None,
     typer.Argument(
         metavar="[MODEL]",
-        help="Hub ID (owner/name) or local diffusers folder: a full pipeline or a bare transformer. "
+        help="Hub ID (owner/name) or local diffusers folder: a full pipeline or a bare transformer; or a single-file "
+        "checkpoint (one .safetensors in the original layout, e.g. Wan-AI's) with --config. "
         "Left out: the embedded demo model (a tiny Wan transformer).",
         show_default=False,
     ),
@@ -32,6 +33,16 @@ RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revisio
 SubfolderOpt = Annotated[
     str | None,
     typer.Option("--subfolder", help="Subfolder of MODEL holding the transformer (found by itself for pipelines).", show_default=False),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="The diffusers config of a single-file MODEL / --base (.safetensors): a local pipeline or transformer "
+        "folder, or a Hub ID in the local cache; a pipeline's also gives its scheduler. Default: the recipe's "
+        "model.config (convert), the one recorded at conversion (validate, sample).",
+        show_default=False,
+    ),
 ]
 HubDirArg = Annotated[
     str,
@@ -48,6 +59,7 @@ DirRevisionOpt = Annotated[
 
 
 __all__ = [
+    "ConfigOpt",
     "DeviceOpt",
     "DirRevisionOpt",
     "DtypeOpt",

@@ -16,7 +16,7 @@ from ..io.checks import shown
 from .checks import EXIT_BAD_INPUT, CommandFailed
 from .display import stdout_console as _stdout
 from .options import EXIT_CODES_HELP as _EXIT_CODES_HELP
-from .options import DeviceOpt, DirRevisionOpt, HubDirArg, JsonOpt
+from .options import ConfigOpt, DeviceOpt, DirRevisionOpt, HubDirArg, JsonOpt
 from .run import command as _command
 
 
@@ -33,8 +33,9 @@ def sample(
         str | None,
         typer.Option(
             "--base",
-            help="Load the base model from here (Hub ID or folder) instead of the one the adapter records. A diffusers "
-            "pipeline runs whole (text encoder, scheduler, VAE); a bare transformer cannot be sampled (the demo aside).",
+            help="Load the base model from here (Hub ID, folder, or a single-file .safetensors with --config) instead of "
+            "the one the adapter records. A diffusers pipeline runs whole (text encoder, scheduler, VAE); a bare "
+            "transformer cannot be sampled (the demo aside).",
             show_default=False,
         ),
     ] = None,
@@ -62,13 +63,14 @@ def sample(
         typer.Option(
             "--out",
             "-o",
-            help="The side-by-side video, .mp4 (needs PyAV or imageio-ffmpeg) or .gif; the contact sheet goes beside it "
-            "as .png. Default: DIR/sample.mp4 where an MP4 encoder is installed, else DIR/sample.gif (listed in DIR's "
-            "manifest and linked from its model card); for a Hub ID, NAME-sample.mp4 (or .gif) here.",
+            help="The side-by-side video: .mp4 (H.264) or .gif (on request); a name without a suffix gets .mp4. The "
+            "contact sheet goes beside it as .png. Default: DIR/sample.mp4 (listed in DIR's manifest and linked from "
+            "its model card); for a Hub ID, NAME-sample.mp4 here.",
             show_default=False,
         ),
     ] = None,
     revision: DirRevisionOpt = None,
+    config: ConfigOpt = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -95,7 +97,7 @@ def sample(
             if out is None and is_hub_id(directory):
                 out = f"{str(directory).rsplit('/', 1)[-1]}-sample"
             extra = read_inputs_file(inputs) if inputs is not None else None
-            result, video = sample_into(local, out, base=base, inputs=extra, seed=seed, steps=steps, device=dev, prompt=prompt)
+            result, video = sample_into(local, out, base=base, inputs=extra, seed=seed, steps=steps, device=dev, prompt=prompt, config=config)
         except SampleError as exc:
             raise CommandFailed(str(exc), EXIT_BAD_INPUT) from None
         doc.update(out_dir=str(local.absolute()), device=str(dev), **result.summary())
@@ -115,7 +117,7 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
     from ..atomic_files import atomic_write_bytes
     from ..io.output import read_output
     from ..io.output_guard import check_replaceable, output_lock
-    from ..io.sample_media import SAMPLE_AGAIN, sample_names
+    from ..io.sample_media import SAMPLE_AGAIN, check_video_folder, sample_names
     from ..io.sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side
 
     try:
@@ -127,6 +129,7 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
         raise SampleError(f"--out {shown(out)} is not a usable path ({exc.strerror or type(exc).__name__})") from None
     if is_folder:
         raise SampleError(f"--out {str(video)!r} is a folder; give a file name ending in .mp4 or .gif")
+    check_video_folder(video)
     into_folder = video.parent.resolve() == directory.resolve()
     if into_folder:  # before the (slow) sampling; add_to_output checks again under the lock
         check_replaceable(directory, sample_names(video), SAMPLE_AGAIN)
@@ -138,8 +141,11 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
         with output_lock(directory):
             add_to_output(directory, info, report, files, result)
     else:
-        for path, data in files.items():
-            atomic_write_bytes(path, data)
+        try:
+            for path, data in files.items():
+                atomic_write_bytes(path, data)
+        except OSError as exc:  # the folder went away or filled up while sampling: bad --out, not a failed run
+            raise SampleError(f"--out {str(video)!r} cannot be written ({exc.strerror or type(exc).__name__})") from None
     result.files = {"video": str(video), "contact_sheet": str(video.with_suffix(".png"))}
     return result, video
 
@@ -184,12 +190,13 @@ def push(
 
 
 
-def check_sampleable(model: str | None, revision: str | None, subfolder: str | None) -> None:
-    """convert --sample needs what `sample` needs: the demo, or a pipeline (refused before the run)."""
+def check_sampleable(model: str | None, revision: str | None, subfolder: str | None, config: str | None = None) -> None:
+    """convert --sample needs what `sample` needs: the demo, or a pipeline (refused before the run);
+    a single-file MODEL has one when its --config is a pipeline."""
     from ..model.loading import resolve_model
 
     with _hub_notice(model):
-        ref = resolve_model(model, revision, subfolder)
+        ref = resolve_model(model, revision, subfolder, config)
     if not ref.is_demo and not ref.pipeline_dir:
         raise CommandFailed(f"--sample: MODEL {ref.path!r} is a bare transformer (no text encoder, no VAE); give its pipeline, or leave --sample out", EXIT_BAD_INPUT)
 

@@ -77,17 +77,19 @@ def check_model_path(model: str | None, flag: str = "MODEL") -> None:
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
         raise InputError(f"{flag} {shown(model)} is not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
     if exists:
-        raise InputError(f"{flag} {shown(model)} is a file; it must be a diffusers folder or a Hub ID")
+        if path.suffix.lower() == ".safetensors" and path.is_file():  # a single-file checkpoint (model.single_file)
+            return
+        raise InputError(f"{flag} {shown(model)} is a file; it must be a diffusers folder, a Hub ID or a .safetensors checkpoint")
     if not looks_like_hub_id(model):
         raise InputError(f"{flag} {shown(model)} does not exist (not a folder, and not a Hub ID of the form owner/name)")
 
 
-def check_recorded_base(info: dict[str, Any], source: Any, revision: Any, subfolder: Any) -> None:
+def check_recorded_base(info: dict[str, Any], source: Any, revision: Any, subfolder: Any, config: Any = None) -> None:
     """The base an adapter records must be a usable MODEL (its metadata may have been edited)."""
     demo = source is None and info.get("base_source")
     if not demo and not (isinstance(source, str) and source.strip() and len(source) <= 4096):
         raise InputError(f"the adapter records no usable base model ({shown(info.get('base_source'))}); pass --base MODEL")
-    for what, value in (("revision", revision), ("subfolder", subfolder)):
+    for what, value in (("revision", revision), ("subfolder", subfolder), ("config", config)):
         if value is not None and not (isinstance(value, str) and len(value) <= 4096):
             raise InputError(f"the adapter records an unusable base {what} ({shown(value)}); pass --base MODEL")
     if not demo:

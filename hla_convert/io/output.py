@@ -95,17 +95,23 @@ PIPELINE_FOR_TRANSFORMER: dict[str, str] = with_field("pipeline")  # model.archi
 # -- starting, resuming and finishing a run ----------------------------------------------------
 
 
-def run_identity(model: str | None, revision: str | None, subfolder: str | None, recipe: Recipe, dtype: str | None) -> dict[str, Any]:
-    """What makes two invocations the same run (device and progress display do not)."""
-    if model is not None and Path(model).expanduser().is_dir():
+def run_identity(
+    model: str | None, revision: str | None, subfolder: str | None, recipe: Recipe, dtype: str | None, config: str | None = None
+) -> dict[str, Any]:
+    """What makes two invocations the same run (device and progress display do not); `config`, a
+    single-file MODEL's diffusers config, only when there is one (earlier runs resume as before)."""
+    if model is not None and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())  # ./pipe and /abs/pipe are the same model
-    return {
+    run = {
         "model": model or DEMO_MODEL_NAME,
         "revision": revision,
         "subfolder": subfolder,
         "dtype": dtype,
         "recipe_sha256": hashlib.sha256(recipe.to_yaml().encode()).hexdigest(),
     }
+    if config is not None:
+        run["config"] = str(Path(config).expanduser().resolve()) if Path(config).expanduser().is_dir() else config
+    return run
 
 
 def check_output(out: str | Path, run: dict[str, Any], overwrite: bool = False, resume: bool = False) -> None:
@@ -216,6 +222,8 @@ def save_output(
     }
     if experts:
         extra |= {"expert": loaded.subfolder, "experts": [loaded.subfolder, *experts]}
+    if loaded.config is not None:  # a single-file base (base_source: the .safetensors): the config it loads with
+        extra["base_config"] = loaded.config
     save_adapter(model, staging, base_source=loaded.source, base_revision=loaded.revision, extra_metadata=extra)
     for name, (net, where) in (experts or {}).items():
         meta = extra | {"expert": name, "base_subfolder": where.subfolder}
@@ -344,19 +352,25 @@ def _check_config_file(out: Path, header: dict[str, Any]) -> None:
         )
 
 
-def base_of(info: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
-    """(MODEL argument for load_transformer, revision, subfolder) of the base an adapter records,
-    checked as a MODEL argument is (checks.check_recorded_base: the metadata may have been edited).
+def base_of(info: dict[str, Any], base: str | None = None, config: str | None = None) -> tuple[str | None, str | None, str | None, str | None]:
+    """(MODEL argument for load_transformer, revision, subfolder, config) of the base an adapter
+    records, checked as a MODEL argument is (checks.check_recorded_base: the metadata may have been
+    edited); or of `base` (--base) when given. config: a single-file base's diffusers config
+    (extra.base_config); `config` (--config) replaces the recorded one.
 
     The demo's recorded name maps to None (the embedded model).
     """
     from ..model.loading import resolve_source
+    from ..model.single_file import is_single_file
     from .checks import check_recorded_base
 
     extra = info.get("extra") or {}
+    recorded_config = extra.get("base_config")
+    if base is not None:
+        return base, None, None, (config or recorded_config) if is_single_file(base) else config
     source, revision, subfolder = resolve_source(info.get("base_source") or ""), info.get("base_revision"), extra.get("base_subfolder")
-    check_recorded_base(info, source, revision, subfolder)
-    return source, revision, subfolder
+    check_recorded_base(info, source, revision, subfolder, recorded_config)
+    return source, revision, subfolder, config or recorded_config
 
 
 def load_converted(
@@ -366,16 +380,18 @@ def load_converted(
     dtype: str | None = None,
     revision: str | None = None,
     expert: str | None = None,
+    config: str | None = None,
 ) -> nn.Module | Any:
     """The converted transformer of an output folder, or of a conversion pushed to the Hub
     (`out_dir` "ORG/NAME", at `revision`; through the local Hugging Face cache, so HF_HUB_OFFLINE
     works once it is cached), ready for a diffusers pipeline.
 
     base: where to load the base model from (Hub ID or folder); None = the one the adapter records.
-    Its weights must match the recorded fingerprint. LoRA weights in the adapter (stage 2
-    `train: lora`) come back as enabled peft adapters, trained base weights (`train: full`) in
-    place of the base's (kept on the host); set_attention_mode(model, "teacher") gives the base
-    model again.
+    Its weights must match the recorded fingerprint. config: the diffusers config of a single-file
+    base (a .safetensors; default: the one recorded at conversion). LoRA weights in the adapter
+    (stage 2 `train: lora`) come back as enabled peft adapters, trained base weights (`train:
+    full`) in place of the base's (kept on the host); set_attention_mode(model, "teacher") gives
+    the base model again.
 
         pipe = WanPipeline.from_pretrained(base, transformer=load_converted("wan-hla"))
 
@@ -388,7 +404,10 @@ def load_converted(
     from .hub import resolve_output_dir
     from ..model.loading import load_transformer
 
-    check_arg_types(dir=(out_dir, (str, os.PathLike)), base=(base, (str,)), device=(device, (str,)), dtype=(dtype, (str,)), revision=(revision, (str,)))
+    check_arg_types(
+        dir=(out_dir, (str, os.PathLike)), base=(base, (str,)), device=(device, (str,)), dtype=(dtype, (str,)), revision=(revision, (str,)),
+        config=(config, (str,)),
+    )
     if device is not None:
         check_device(device)  # before the load: a missing GPU is an InputError, not an AssertionError after it
     check_model_path(base, "--base")
@@ -404,8 +423,10 @@ def load_converted(
     where = expert_dir(out_dir, info, expert) if expert else out_dir
     if where != out_dir:
         info = read_adapter_info(where)
-    source, revision, subfolder = (base, None, expert) if base is not None else base_of(info)
-    loaded = load_transformer(source, revision=revision, subfolder=subfolder, dtype=dtype, device=device)
+    source, revision, subfolder, config = base_of(info, base, config)
+    if base is not None and expert:
+        subfolder = expert
+    loaded = load_transformer(source, revision=revision, subfolder=subfolder, dtype=dtype, device=device, config=config)
     model = load_adapter(loaded.transformer, where)
     if device is not None:
         model.to(device)
@@ -419,7 +440,7 @@ def _load_expert_pipeline(out: Path, info: dict[str, Any], experts: list[str], b
     from ..errors import first_line
     from ..model.loading import ModelLoadError, quiet_loading, resolve_model
 
-    source, revision, _ = (base, None, None) if base is not None else base_of(info)
+    source, revision, _, _ = base_of(info, base)
     pipeline = resolve_model(source, revision).pipeline_dir
     if not pipeline:
         raise OutputError(f"{out} is a two-expert conversion and {shown(source)} is not its pipeline; pass a pipeline as base, or expert= one of {', '.join(experts)}")

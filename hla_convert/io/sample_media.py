@@ -2,14 +2,18 @@
 per-frame PSNR, and the "Sample" section of an output folder's model card (hla_convert.io.sampling
 makes the SampleResult these write).
 
-The video is MP4 when imageio has an encoder (PyAV, or imageio-ffmpeg), GIF (Pillow) otherwise;
-the contact sheet is a PNG. Each is encoded in memory and written atomically.
+The video is MP4 (H.264, yuv420p) by default, through imageio's FFMPEG plugin and the ffmpeg binary
+that the imageio-ffmpeg wheel bundles (a dependency, as for diffusers' export_to_video: no system
+package needed; PyAV is used instead where only it is there); GIF (Pillow) when the file name asks
+for .gif. The contact sheet is a PNG. Each is encoded in memory and written atomically (a temporary
+file in the same folder, then os.replace: atomic_files.atomic_write_bytes).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,27 +100,54 @@ def side_by_side(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
 
 
 def mp4_plugin() -> str | None:
-    """The imageio plugin that can write MP4 here, or None (then videos are GIFs)."""
-    if importlib.util.find_spec("av") is not None:
-        return "pyav"
+    """The imageio plugin that writes MP4 here: "FFMPEG" (imageio-ffmpeg, a dependency), else
+    "pyav" (PyAV), else None (an install without its dependencies: MP4 is refused, GIF works)."""
     if importlib.util.find_spec("imageio_ffmpeg") is not None:
         return "FFMPEG"
+    if importlib.util.find_spec("av") is not None:
+        return "pyav"
     return None
 
 
 def default_video_suffix() -> str:
-    return ".mp4" if mp4_plugin() else ".gif"
+    """The video of `sample` without --out (and of --out without a suffix): MP4, as model cards show."""
+    return ".mp4"
 
 
 def check_video_path(path: str | Path) -> Path:
-    """A video path `write_video` can serve: .mp4 (when an encoder is installed) or .gif."""
+    """A video path `write_video` can serve: .mp4 or .gif (SampleError, one line, otherwise)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
         raise SampleError(f"--out {str(path)!r}: the video must end in .mp4 or .gif")
     if suffix == ".mp4" and mp4_plugin() is None:
-        raise SampleError(f"--out {str(path)!r}: no MP4 encoder here (pip install av, or imageio-ffmpeg); use a .gif name")
+        raise SampleError(
+            f"--out {str(path)!r}: no MP4 encoder here: imageio-ffmpeg, a dependency of hla-convert, is not installed "
+            "(pip install imageio-ffmpeg); or use a .gif name"
+        )
     return path
+
+
+def check_video_folder(path: Path) -> None:
+    """Refuse (SampleError, one line) a video path whose folder cannot be written: its nearest
+    existing ancestor (folders that are missing are created) must be a writable folder. Checked
+    before the (slow) sampling, so that a bad --out costs nothing."""
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SampleError(f"--out {str(path)!r} cannot be written: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SampleError(f"--out {str(path)!r} cannot be written: the folder {str(parent)!r} is not writable")
+
+
+def even_size(frames: np.ndarray) -> np.ndarray:
+    """Frames ``[F, H, W, 3]`` padded (white, bottom / right) to an even height and width: H.264 in
+    yuv420p halves the chroma planes, and ffmpeg would otherwise rescale the frames."""
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if not (pad_h or pad_w):
+        return frames
+    return np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=255)
 
 
 def encode_video(frames: np.ndarray, suffix: str, fps: int = FPS) -> bytes:
@@ -128,8 +159,10 @@ def encode_video(frames: np.ndarray, suffix: str, fps: int = FPS) -> bytes:
         # holds fewer frames than were sampled (the same picture, the same total duration).
         return iio.imwrite("<bytes>", frames, extension=".gif", duration=int(1000 / fps), loop=0)
     plugin = mp4_plugin()
+    frames = even_size(frames)
     if plugin == "pyav":
         return iio.imwrite("<bytes>", frames, extension=".mp4", plugin="pyav", codec="libx264", fps=fps, out_pixel_format="yuv420p")
+    # H.264 in yuv420p (imageio-ffmpeg's default codec and pixel format: what browsers and the Hub play)
     return iio.imwrite("<bytes>", frames, extension=".mp4", plugin="FFMPEG", fps=fps, macro_block_size=2)
 
 
@@ -260,12 +293,14 @@ __all__ = [
     "SAMPLE_AGAIN",
     "add_to_output",
     "card_section",
+    "check_video_folder",
     "check_video_path",
     "contact_sheet",
     "default_video_suffix",
     "encode_contact_sheet",
     "encode_outputs",
     "encode_video",
+    "even_size",
     "frame_psnr",
     "mp4_plugin",
     "side_by_side",

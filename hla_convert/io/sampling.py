@@ -178,9 +178,13 @@ def sample_side_by_side(
     device: str | None = None,
     prompt: str | None = None,
     revision: str | None = None,
+    config: str | None = None,
 ) -> SampleResult:
     """Sample the conversion in `out_dir` (a folder, or a Hub ID at `revision`) as teacher and as
     student from the same noise.
+
+    config: the diffusers config of a single-file base (default: the one recorded at conversion;
+    a pipeline config gives the pipeline that samples).
 
     base: where to load the base model from (as load_converted); a pipeline (folder or Hub ID)
     runs whole (see the module docstring). steps: scheduler steps (default: the recipe's
@@ -201,8 +205,8 @@ def sample_side_by_side(
     recipe = load_recipe(str(recipe_path))
     if steps is None:
         steps = recipe.validation.sampling_steps or DEFAULT_STEPS
-    source, rev, subfolder = (base, None, None) if base is not None else base_of(info)
-    ref = resolve_model(source, rev, subfolder)
+    source, rev, subfolder, config = base_of(info, base, config)
+    ref = resolve_model(source, rev, subfolder, config)
     if ref.is_demo or (info.get("base_source") == DEMO_MODEL_NAME and not ref.pipeline_dir):  # --base: a copy of the demo
         if prompt is not None:
             raise SampleError("--prompt applies to pipelines; the demo model's prompt is drawn from --seed (or give --inputs)")
@@ -316,7 +320,7 @@ def _sample_pipeline(
     unknown = sorted(set(inputs or {}) - set(PIPELINE_INPUTS))
     if unknown:
         raise SampleError(f"--inputs {unknown[0]!r}: a pipeline takes {', '.join(PIPELINE_INPUTS)} from an inputs file")
-    model = load_converted(out_dir, base=base, device=device)
+    model = load_converted(out_dir, base=base, device=device, config=ref.config)
     if isinstance(model, torch.nn.Module):
         dev = next(model.parameters()).device
         pipe, nets = load_pipeline(model, ref, dev), [model]

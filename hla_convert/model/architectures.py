@@ -54,6 +54,10 @@ class Architecture:
         inputs (calibration.source trajectories or folder).
     causal_blocks: the model attends in causal frame blocks (SkyReels-V2 diffusion forcing:
         attention.causal_block_frames, model.block_causal).
+    single_file_keys: tensor names that a single-file checkpoint of the family's ORIGINAL layout
+        (as its authors release it, and ComfyUI uses it; model.single_file) holds, without a
+        "model.diffusion_model." prefix; () = no single-file loading (diffusers' from_single_file
+        converts the layout). The row whose keys are all present, most keys first, names the file's class.
     """
 
     name: str
@@ -65,6 +69,7 @@ class Architecture:
     patch_sizes: Callable[[Any], tuple[int, int, int]] = patch_sizes
     synthetic: str | None = None
     causal_blocks: bool = False
+    single_file_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # a typo in a new row fails here, at import, rather than at the first forward that needs it
@@ -96,10 +101,18 @@ WAN_I2V_TEXT_TOKENS = 512
 WAN_CLIP_IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token
 WAN_TI2V_CHANNELS = 48
 
+# Wan-AI's released layout (diffusers' convert_wan_transformer_to_diffusers renames these):
+# "head.modulation" is what diffusers itself looks for; the others make a partial file fail here.
+_WAN_ORIGINAL_KEYS = ("patch_embedding.weight", "head.modulation", "blocks.0.self_attn.q.weight")
+
 _ROWS = (
-    Architecture("WanTransformer3DModel", ("blocks.*.attn1",), "BCFHW", None, (4, 8), "WanPipeline", synthetic="wan"),
     Architecture(
-        "WanVACETransformer3DModel", ("blocks.*.attn1", "vace_blocks.*.attn1"), "BCFHW", None, (4, 8), "WanVACEPipeline"
+        "WanTransformer3DModel", ("blocks.*.attn1",), "BCFHW", None, (4, 8), "WanPipeline", synthetic="wan",
+        single_file_keys=_WAN_ORIGINAL_KEYS,
+    ),
+    Architecture(
+        "WanVACETransformer3DModel", ("blocks.*.attn1", "vace_blocks.*.attn1"), "BCFHW", None, (4, 8), "WanVACEPipeline",
+        single_file_keys=(*_WAN_ORIGINAL_KEYS, "vace_blocks.0.after_proj.weight"),
     ),
     Architecture(
         "SkyReelsV2Transformer3DModel", ("blocks.*.attn1",), "BCFHW", None, (4, 8), "SkyReelsV2Pipeline",

@@ -4,6 +4,10 @@ Accepted MODEL forms:
 - a local pipeline folder (has model_index.json): its transformer component is loaded;
 - a local bare transformer folder (has config.json with a diffusers `_class_name`);
 - a Hugging Face Hub ID ("owner/name"): a pipeline repository (model_index.json) or a bare one;
+- a single-file checkpoint (one .safetensors in the family's original layout, model.single_file)
+  with `config`: the diffusers config that describes it, a local pipeline or transformer folder or
+  a Hub ID (through the local Hugging Face cache); loaded by diffusers' `from_single_file`. A
+  pipeline config also gives the pipeline (scheduler, text encoder, VAE) around it;
 - None: the embedded demo model shipped in the package.
 """
 
@@ -47,6 +51,7 @@ class LoadedModel:
     subfolder: str | None
     pipeline_dir: str | None  # the full pipeline (local folder or Hub ID) when MODEL is one
     is_demo: bool = False
+    config: str | None = None  # a single-file MODEL's diffusers config (folder or Hub ID)
 
 
 def looks_like_hub_id(model: str) -> bool:
@@ -179,6 +184,8 @@ class ModelRef:
     revision: str | None
     pipeline_dir: str | None
     is_demo: bool
+    config: str | None = None  # a single-file MODEL (path: the .safetensors): its diffusers config
+    config_subfolder: str | None = None  # "transformer" when `config` is a pipeline
 
     @property
     def source(self) -> str:
@@ -189,8 +196,15 @@ class ModelRef:
         return {k: v for k, v in {"subfolder": self.subfolder, "revision": self.revision}.items() if v}
 
 
-def resolve_model(model: str | None, revision: str | None = None, subfolder: str | None = None) -> ModelRef:
-    """Find MODEL's transformer (see module docstring) from its config files only; no weights read."""
+def resolve_model(model: str | None, revision: str | None = None, subfolder: str | None = None, config: str | None = None) -> ModelRef:
+    """Find MODEL's transformer (see module docstring) from its config files only; no weights read.
+    `config` is for a single-file MODEL only (its diffusers config)."""
+    from .single_file import is_single_file
+
+    if is_single_file(model):
+        return _single_file_ref(Path(os.path.expanduser(model)).resolve(), revision, subfolder, config)
+    if config is not None:
+        raise ModelLoadError(f"--config applies to a single-file MODEL (a .safetensors checkpoint), not to {model or 'the demo model'}")
     is_demo = model is None
     if is_demo:
         model = str(DEMO_MODEL_PATH)
@@ -204,7 +218,7 @@ def resolve_model(model: str | None, revision: str | None = None, subfolder: str
         name, sub, pipeline = _local_component(path, subfolder)
         where = str(path)
     elif path.exists():
-        raise ModelLoadError(f"{model} is a file; MODEL must be a folder or a Hub ID")
+        raise ModelLoadError(f"{model} is a file; MODEL must be a folder, a Hub ID or a .safetensors checkpoint")
     elif _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
         name, sub, pipeline = _hub_component(model, revision, subfolder)
         where = model
@@ -213,23 +227,93 @@ def resolve_model(model: str | None, revision: str | None = None, subfolder: str
     return ModelRef(_transformer_class(name, where), where, sub, revision, pipeline, is_demo)
 
 
+def _single_file_ref(path: Path, revision: str | None, subfolder: str | None, config: str | None) -> ModelRef:
+    """The ModelRef of a single-file checkpoint: its class from its tensor names (the architecture
+    table), its config from `config`, which must describe that class."""
+    from .single_file import SingleFileError, checkpoint_architecture
+
+    if revision or subfolder:
+        raise ModelLoadError(f"--revision and --subfolder apply to folders and Hub IDs, not to the single file {path}")
+    try:
+        arch = checkpoint_architecture(path)
+    except SingleFileError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if not config:
+        raise ModelLoadError(
+            f"{path} is a single-file {arch} checkpoint: give its diffusers config with --config (a local pipeline or "
+            "transformer folder, or a Hub ID in the local cache) or the recipe's model.config"
+        )
+    folder = Path(os.path.expanduser(config))
+    if folder.is_dir():
+        where = str(folder.resolve())
+        name, sub, pipeline = _local_component(Path(where), None)
+    elif looks_like_hub_id(config):
+        where = config
+        name, sub, pipeline = _hub_component(config, None, None)
+    else:
+        raise ModelLoadError(f"--config {config!r} is neither an existing folder nor a Hub ID of the form owner/name")
+    if name != arch:
+        raise ModelLoadError(f"--config {where} describes a {name}, but {path} is a {arch} checkpoint")
+    cls = _transformer_class(name, where)
+    if not hasattr(cls, "from_single_file"):
+        raise ModelLoadError(f"{name} cannot load a single file in diffusers (no from_single_file); convert it to a diffusers folder")
+    return ModelRef(cls, str(path), None, None, pipeline, False, config=where, config_subfolder=sub)
+
+
+def _from_single_file(ref: ModelRef, torch_dtype: torch.dtype | None) -> nn.Module:
+    """diffusers' from_single_file with the config `ref` names; a file that does not fill the
+    config's model (weights left on the meta device) or holds more tensors than it has is refused."""
+    from accelerate import init_empty_weights
+
+    from .single_file import checkpoint_keys
+
+    # The tensor count first, against the config's model built on the meta device (no storage):
+    # diffusers leaves a missing weight on the meta device and drops an unused one with a warning.
+    sub = {"subfolder": ref.config_subfolder} if ref.config_subfolder else {}
+    with init_empty_weights():
+        skeleton = ref.cls.from_config(ref.cls.load_config(ref.config, **sub))
+    differ = len(checkpoint_keys(ref.path)) - len(skeleton.state_dict())
+    if differ:
+        what = f"lacks {-differ} weight(s) of" if differ < 0 else f"holds {differ} tensor(s) more than"
+        raise ModelLoadError(f"{ref.path} {what} the {ref.cls.__name__} that {ref.config} describes: not a checkpoint of that config")
+    kwargs = {"config": ref.config, **sub}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    transformer = ref.cls.from_single_file(ref.path, **kwargs)
+    missing = sorted(k for k, v in transformer.state_dict().items() if v.is_meta)
+    if missing:  # the count matched, the names did not
+        raise ModelLoadError(f"{ref.path} lacks the weight {missing[0]} of the {ref.cls.__name__} that {ref.config} describes: not a checkpoint of that config")
+    return transformer
+
+
 def load_transformer(
     model: str | None,
     revision: str | None = None,
     subfolder: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    config: str | None = None,
 ) -> LoadedModel:
-    """Load the video transformer of MODEL (see module docstring) in eval mode; None = the demo model."""
+    """Load the video transformer of MODEL (see module docstring) in eval mode; None = the demo model.
+    config: a single-file MODEL's diffusers config (folder or Hub ID)."""
     torch_dtype = parse_dtype(dtype)
-    ref = resolve_model(model, revision, subfolder)
+    ref = resolve_model(model, revision, subfolder, config)
     kwargs = ref.pretrained_kwargs()
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
         with quiet_loading():
-            transformer = ref.cls.from_pretrained(ref.path, **kwargs)
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # TypeError: a config value of the wrong type
+            if ref.config is not None:
+                transformer = _from_single_file(ref, torch_dtype)
+            else:
+                transformer = ref.cls.from_pretrained(ref.path, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # TypeError: a config value of the wrong type
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise ModelLoadError(f"could not load {ref.cls.__name__} from {ref.path}: {first_line(exc)}") from None
+    except Exception as exc:  # diffusers' SingleFileComponentError (an Exception): weights missing from the file
+        if type(exc).__name__ != "SingleFileComponentError":
+            raise
         raise ModelLoadError(f"could not load {ref.cls.__name__} from {ref.path}: {first_line(exc)}") from None
     if device is not None:
         transformer.to(device)
@@ -280,6 +364,7 @@ def loaded_from(ref: ModelRef, transformer: nn.Module) -> LoadedModel:
         subfolder=ref.subfolder,
         pipeline_dir=ref.pipeline_dir,
         is_demo=ref.is_demo,
+        config=ref.config,
     )
 
 

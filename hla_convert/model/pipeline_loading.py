@@ -22,14 +22,16 @@ from .loading import LoadedModel, ModelLoadError, loaded_from, quiet_loading, re
 JOINT_TEXT_ATTENTION = tuple(with_field("text_tokens"))
 
 
-def load_skeleton(model: str | None, revision: str | None = None, subfolder: str | None = None) -> LoadedModel:
-    """MODEL's transformer (resolved as loading.load_transformer does) with meta-device weights."""
+def load_skeleton(model: str | None, revision: str | None = None, subfolder: str | None = None, config: str | None = None) -> LoadedModel:
+    """MODEL's transformer (resolved as loading.load_transformer does) with meta-device weights;
+    a single-file MODEL's from the config `config` names."""
     from accelerate import init_empty_weights
 
-    ref = resolve_model(model, revision, subfolder)
+    ref = resolve_model(model, revision, subfolder, config)
+    where, kwargs = (ref.config, {"subfolder": ref.config_subfolder} if ref.config_subfolder else {}) if ref.config else (ref.path, ref.pretrained_kwargs())
     try:
         with quiet_loading():
-            config = ref.cls.load_config(ref.path, **ref.pretrained_kwargs())
+            config = ref.cls.load_config(where, **kwargs)
             with init_empty_weights():
                 transformer = ref.cls.from_config(config)
     except (OSError, ValueError, TypeError) as exc:
@@ -77,11 +79,15 @@ def video_tokens(model: nn.Module, latent: tuple[int, int, int]) -> int:
     return -(-f // pt) * (h // ph) * (w // pw)
 
 
-def inspect_model(model: str | None, recipe, revision: str | None = None, subfolder: str | None = None) -> dict[str, Any]:
-    """Attention modules, which the recipe converts, tokens and attention FLOPs (a JSON-able dict)."""
+def inspect_model(model: str | None, recipe, revision: str | None = None, subfolder: str | None = None, config: str | None = None) -> dict[str, Any]:
+    """Attention modules, which the recipe converts, tokens and attention FLOPs (a JSON-able dict).
+    config: a single-file MODEL's diffusers config (default: the recipe's model.config)."""
+    from .single_file import is_single_file
     from .surgery import _heads_and_query, _is_self_attention, attention_flops, attention_modules, select_modules
 
-    loaded = load_skeleton(model, revision=revision, subfolder=subfolder)
+    if config is None and is_single_file(model):
+        config = recipe.model.config
+    loaded = load_skeleton(model, revision=revision, subfolder=subfolder, config=config)
     net = loaded.transformer
     cal = recipe.calibration
     latent = cal.latent_shape()

@@ -178,7 +178,7 @@ def _section(path: str, data: Any, cls: type, checks: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-_MODEL = {"architecture": _optional_str, "hub_id": _optional_str}
+_MODEL = {"architecture": _optional_str, "hub_id": _optional_str, "config": _optional_str}
 
 def _hla_field(type_name: str):
     """The YAML reading of an HLAConfig field: numbers YAML reads as strings ("1e-6") or integral

@@ -7,7 +7,11 @@ built-in recipes in `recipes/*.yaml`, installed as `hla_convert.builtin_recipes`
 out with the reasoning for their values):
 
     name, description
-    model:        architecture (expected transformer class name or null), hub_id (or null)
+    model:        architecture (expected transformer class name or null), hub_id (or null),
+                  config (or null): the diffusers config of a single-file MODEL (one .safetensors
+                  in the original layout), a local pipeline or transformer folder (relative to the
+                  current folder) or a Hub ID in the local cache; --config replaces it, and it
+                  is not used for a folder or Hub ID MODEL (hla_convert.model.single_file)
     attention:    kind, factors, feature_dim, feature_map, eps, normalize, far, window, halo,
                   learn_temperature, causal_block_frames (HLAConfig fields; the last: latent
                   frames per causal block of a SkyReels-V2 diffusion-forcing model, null = as
@@ -128,6 +132,7 @@ def _clip(text: str, limit: int) -> str:
 class ModelSpec:
     architecture: str | None = None
     hub_id: str | None = None
+    config: str | None = None  # a single-file MODEL's diffusers config (folder or Hub ID)
 
 
 # The attention section: HLAConfig's fields (their names, defaults and checks have one home,

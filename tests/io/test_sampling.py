@@ -27,19 +27,21 @@ def converted(converted, tmp_path_factory) -> Path:
 def test_sample_writes_a_video_and_a_contact_sheet_into_the_folder(converted):
     from hla_convert.io.output import read_output
     from hla_convert.io.output_guard import foreign_entries, read_manifest
-    from hla_convert.io.sampling import default_video_suffix
 
     result = invoke("sample", converted, "--steps", STEPS, "--seed", 2, "--device", "cpu", "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    video = converted / f"sample{default_video_suffix()}"
+    video = converted / "sample.mp4"  # MP4 by default: imageio-ffmpeg (its bundled ffmpeg) is a dependency
     sheet = converted / "sample.png"
     assert doc["files"] == {"video": str(video), "contact_sheet": str(sheet)}
     assert (doc["frames"], doc["height"], doc["width"], doc["steps"]) == (8, 16, 16, STEPS)
     assert len(doc["psnr_db"]) == 8 and all(0 < p <= 200 for p in doc["psnr_db"])
-    frames = iio.imread(video, index=None)
-    # teacher | 4 px separator | student, each 16 px frame upscaled x8 (nearest)
-    assert frames.shape == (8, 128, 128 + 4 + 128, 3)
+    assert video.read_bytes()[4:8] == b"ftyp"  # an MP4 (ISO media) container, not a GIF under another name
+    meta = iio.immeta(video, plugin="FFMPEG")
+    assert meta["codec"] == "h264" and meta["fps"] == 4
+    frames = iio.imread(video, index=None, plugin="FFMPEG")
+    # every sampled frame, teacher | 4 px separator | student, each 16 px frame upscaled x8 (nearest)
+    assert frames.shape == (doc["frames"], 128, 128 + 4 + 128, 3)
     with Image.open(sheet) as im:
         assert im.format == "PNG" and im.width >= 8 * 128 and im.height >= 2 * 128
     # registered as hla-convert's own: `convert --overwrite` may replace them, the card links them
@@ -88,6 +90,30 @@ def test_sample_gif_to_another_place(converted, tmp_path):
     assert "PSNR" in result.stdout
 
 
+def test_mp4_of_an_odd_frame_size_keeps_every_pixel_and_frame(tmp_path):
+    """H.264 (yuv420p) needs even sides: frames are padded white to even, never rescaled by ffmpeg."""
+    from hla_convert.io.sample_media import encode_video
+
+    frames = np.zeros((5, 45, 67, 3), dtype=np.uint8)
+    frames[:, :, :33] = 200
+    (tmp_path / "odd.mp4").write_bytes(encode_video(frames, ".mp4"))
+    back = iio.imread(tmp_path / "odd.mp4", index=None, plugin="FFMPEG")
+    assert back.shape == (5, 46, 68, 3)
+    # the picture is where it was (lossy codec: near, not equal); the padding is white
+    assert np.abs(back[:, :45, :67].astype(int) - frames).mean() < 8
+    assert back[:, 45, :].min() > 200 and back[:, :, 67].min() > 200
+
+
+def test_without_an_mp4_encoder_mp4_is_refused_in_one_line_and_gif_still_works(monkeypatch, tmp_path):
+    from hla_convert.io import sample_media
+
+    monkeypatch.setattr(sample_media.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(sample_media.SampleError, match="imageio-ffmpeg.*use a .gif name") as info:
+        sample_media.check_video_path(tmp_path / "s.mp4")
+    assert "\n" not in str(info.value)
+    assert sample_media.check_video_path(tmp_path / "s.GIF") == tmp_path / "s.GIF"
+
+
 @pytest.mark.parametrize(
     "args, contains",
     [
@@ -95,6 +121,8 @@ def test_sample_gif_to_another_place(converted, tmp_path):
         (["{dir}", "--out", "{tmp}/x.avi"], ".mp4 or .gif"),
         (["{dir}", "--steps", "0"], "--steps"),
         (["{dir}", "--out", "{tmp}"], "folder"),
+        (["{dir}", "--out", "{tmp}/extra_key.safetensors/s.mp4"], "is not a folder"),  # its folder is a file
+        (["{dir}", "--out", "{tmp}/extra_key.safetensors/new/s"], "cannot be written"),
         # issue 18: these were exit 3 from inside torch / the model
         (["{dir}", "--seed", "99999999999999999999999"], "seed must be an integer from 0 to"),
         (["{dir}", "--inputs", "{tmp}/extra_key.safetensors"], "--inputs holds 'guidance'"),
