@@ -19,6 +19,7 @@ _HOMES = {
     "io.push": ["push_output"],
     "model.layers": ["HLAAttention", "hla_layers", "hla_parameters"],
     "model.modes": ["set_attention_mode"],
+    "model.user_loras": ["CONVERSION_ADAPTER"],
     "io.output": ["load_converted"],
     "model.surgery": ["ConversionError", "convert_attention", "revert_attention", "select_modules"],
 }
@@ -40,6 +41,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterError",
+    "CONVERSION_ADAPTER",
     "fingerprint_weights",
     "load_adapter",
     "read_adapter_info",

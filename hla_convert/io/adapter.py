@@ -47,6 +47,7 @@ from ..model.full_tuning import attach_base_store, base_store, full_tuning_block
 from ..model.layers import hla_layers, hla_parameters
 from ..model.lora import LORA_PREFIX, LoraError, has_lora, load_lora_state, lora_config, lora_state_dict, remove_lora, without_lora
 from ..model.surgery import ConversionError, convert_attention, revert_attention
+from ..model.user_loras import share_lora_api
 from .checks import shown
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -288,7 +289,9 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
     directory: a local folder, or a Hub ID "ORG/NAME" (at `revision`: branch, tag or commit),
     read through the local Hugging Face cache (hla_convert.io.hub.resolve_output_dir).
     The base's fingerprint must match the one recorded at save time (check_base=False skips it,
-    for deliberate transfers to fine-tuned bases).
+    for deliberate transfers to fine-tuned bases). A user's own LoRAs load onto the result through
+    diffusers (`pipe.load_lora_weights(..., adapter_name="style")`) beside the conversion's
+    (model.user_loras.share_lora_api).
     """
     from .hub import resolve_output_dir
 
@@ -348,7 +351,7 @@ def load_adapter(base_model: nn.Module, directory: str | Path, check_base: bool 
             remove_lora(base_model)
             revert_attention(base_model)
             raise AdapterError(f"{directory / ADAPTER_FILE} does not match the converted model: {exc}") from None
-    return base_model
+    return share_lora_api(base_model)  # a user's LoRAs loaded through diffusers keep the conversion's on
 
 
 def _mismatch(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], prefix: str = "") -> str | None:
