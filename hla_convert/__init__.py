@@ -20,7 +20,7 @@ _HOMES = {
     "model.layers": ["HLAAttention", "hla_layers", "hla_parameters"],
     "model.modes": ["set_attention_mode"],
     "model.user_loras": ["CONVERSION_ADAPTER"],
-    "io.output": ["load_converted"],
+    "io.converted": ["load_converted"],
     "model.surgery": ["ConversionError", "convert_attention", "revert_attention", "select_modules"],
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -160,7 +160,7 @@ def test_a_run_killed_in_the_second_expert_resumes_into_it(two, tmp_path):
 
 
 def test_push_publishes_both_adapters(two):
-    from hla_convert.io.output import read_output
+    from hla_convert.io.converted import read_output
     from hla_convert.io.push import files_to_push
 
     _, out, _ = two

@@ -141,7 +141,7 @@ def _short(v: Any) -> str:
 
 def drift_table(report: dict[str, Any], saved: dict[str, Any] | None = None) -> Table:
     """The drift report as a table; `saved` adds the values measured at convert time (validate)."""
-    from ..io.output import drift_rows
+    from ..io.model_card import drift_rows
 
     table = Table(title="Output drift (held-out)", title_justify="left")
     table.add_column("metric")

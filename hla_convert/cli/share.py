@@ -115,7 +115,7 @@ def sample_into(directory: Path, out: str | None, **kwargs: Any) -> tuple[Any, P
     manifest, linked from its card) when `out` is None or inside it, else at `out`. `out` without
     a suffix gets the default one. Raises SampleError."""
     from ..atomic_files import atomic_write_bytes
-    from ..io.output import read_output
+    from ..io.converted import read_output
     from ..io.output_guard import check_replaceable, output_lock
     from ..io.sample_media import SAMPLE_AGAIN, check_video_folder, sample_names
     from ..io.sampling import SampleError, add_to_output, check_video_path, default_video_suffix, encode_outputs, sample_side_by_side

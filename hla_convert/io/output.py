@@ -50,13 +50,16 @@ from typing import Any
 
 from torch import nn
 
-from .adapter import ADAPTER_FILE, CONFIG_FILE, load_adapter, read_adapter_info, save_adapter
+from .adapter import ADAPTER_FILE, CONFIG_FILE, read_adapter_info, save_adapter
 from ..atomic_files import atomic_write_text, write_json_atomic
-from ..json_docs import json_safe, same_json
-from .checks import shown
+from ..json_docs import json_safe
+from .model_card import model_card
 from ..model.architectures import with_field
 from ..model.loading import DEMO_MODEL_NAME, LoadedModel
 from .output_guard import (
+    CARD_FILE,
+    RECIPE_FILE,
+    REPORT_FILE,
     LOCK_FILE,
     MANIFEST_FILE,
     SUBFOLDERS,
@@ -67,19 +70,14 @@ from .output_guard import (
     clear_ours,
     describe,
     foreign_entries,
-    lock_holder,
     read_manifest,
     read_run_file,
     run_file_content,
     sha256_file,
-    verify_files,
     write_manifest,
 )
 from ..recipe import Recipe
 
-RECIPE_FILE = "recipe.yaml"
-REPORT_FILE = "drift_report.json"
-CARD_FILE = "README.md"
 STAGING_DIR = "save"  # in WORK_DIR: the outputs are written here, then renamed into the folder
 OUTPUT_FILES = (ADAPTER_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE, CARD_FILE)
 # What validate and push believe (weights, what they are, the thresholds, the verdict): checked
@@ -281,312 +279,16 @@ def pipeline_class_for(transformer_class: str, loaded: LoadedModel) -> str | Non
     return PIPELINE_FOR_TRANSFORMER.get(transformer_class)
 
 
-# -- reading a finished output folder --------------------------------------------------------
-
-
-def read_output(out: str | Path, require_manifest: bool = False) -> tuple[dict[str, Any], Path, dict[str, Any]]:
-    """(adapter metadata, recipe.yaml path, saved drift report) of a finished output folder.
-
-    A folder whose run is unfinished (its work folder is still there: killed in training or while
-    saving) points to `--resume`; an hla_config.json that disagrees with the adapter's own metadata
-    (types included: true is not 1) is refused, since it is what people read to know what the
-    adapter is; so is a JSON file with a duplicate key. The adapter, hla_config.json, recipe.yaml
-    and drift_report.json must have the sha256 the folder's manifest lists (output_guard.verify_files;
-    a folder without a manifest is not checked unless `require_manifest`).
-    """
-    out = Path(out)
-    try:
-        is_dir, exists = out.is_dir(), out.exists()
-    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
-        raise OutputError(f"{_short_repr(str(out))} is not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
-    if not is_dir:
-        raise OutputError(f"{out} is not a folder" if exists else f"{out} does not exist")
-    holder = lock_holder(out)
-    if holder is not None:
-        raise OutputError(f"{out} is being written by a running hla-convert ({holder}); validate it once that run has finished")
-    if (out / WORK_DIR).is_dir() and not (out / WORK_DIR).is_symlink():
-        raise OutputError(
-            f"{out} holds an unfinished conversion (its {WORK_DIR} folder is still there: the run was stopped "
-            f"before its save completed); finish it with `hla-convert convert ... --out {out} --resume`"
-        )
-    info = read_adapter_info(out)
-    _check_config_file(out, info)
-    recipe = out / RECIPE_FILE
-    if not recipe.is_file():
-        raise OutputError(f"{out} has no {RECIPE_FILE}: not a folder written by hla-convert convert")
-    report = _read_json_file(out / REPORT_FILE, missing={})
-    table = report.get("table", []) if isinstance(report, dict) else None
-    if not isinstance(table, list) or not all(isinstance(r, dict) and "metric" in r and "value" in r for r in table):
-        raise OutputError(f"{out / REPORT_FILE} is not a drift report written by hla-convert")
-    verify_files(out, TRUSTED_FILES, require_manifest)
-    for name in experts_of(info)[1:]:
-        sub = out / name
-        if not (sub / ADAPTER_FILE).is_file():
-            raise OutputError(f"{out} is a two-expert conversion without {name}/{ADAPTER_FILE}; the folder is incomplete (run the conversion again)")
-        _check_config_file(sub, read_adapter_info(sub))
-        verify_files(out, (f"{name}/{ADAPTER_FILE}", f"{name}/{CONFIG_FILE}"), require_manifest)
-    return info, recipe, report
-
-
-def _read_json_file(path: Path, missing: Any = None) -> Any:
-    from ..user_files import MAX_JSON_BYTES, read_json_file
-
-    if not (path.exists() or path.is_symlink()):
-        return missing
-    return read_json_file(path, str(path), MAX_JSON_BYTES, OutputError)
-
-
-def _check_config_file(out: Path, header: dict[str, Any]) -> None:
-    """hla_config.json must say what the adapter's header (`header`: read_adapter_info's metadata,
-    authoritative) says, as JSON: same keys, same values of the same types (true is not 1)."""
-    config = _read_json_file(out / CONFIG_FILE)
-    if config is None:
-        raise OutputError(f"{out} has no {CONFIG_FILE}; the folder is incomplete (run the conversion again)")
-    if not isinstance(config, dict):
-        raise OutputError(f"{out / CONFIG_FILE} is not the adapter's metadata (a JSON object)")
-    differ = sorted(k for k in set(config) | set(header) if k not in config or k not in header or not same_json(config[k], header[k]))
-    if differ:
-        raise OutputError(
-            f"{out / CONFIG_FILE} disagrees with the metadata in {ADAPTER_FILE} ({', '.join(differ[:4])}); "
-            "it was edited or belongs to another adapter: restore it or run the conversion again"
-        )
-
-
-def base_of(info: dict[str, Any], base: str | None = None, config: str | None = None) -> tuple[str | None, str | None, str | None, str | None]:
-    """(MODEL argument for load_transformer, revision, subfolder, config) of the base an adapter
-    records, checked as a MODEL argument is (checks.check_recorded_base: the metadata may have been
-    edited); or of `base` (--base) when given. config: a single-file base's diffusers config
-    (extra.base_config); `config` (--config) replaces the recorded one.
-
-    The demo's recorded name maps to None (the embedded model).
-    """
-    from ..model.loading import resolve_source
-    from ..model.single_file import is_single_file
-    from .checks import check_recorded_base
-
-    extra = info.get("extra") or {}
-    recorded_config = extra.get("base_config")
-    if base is not None:
-        return base, None, None, (config or recorded_config) if is_single_file(base) else config
-    source, revision, subfolder = resolve_source(info.get("base_source") or ""), info.get("base_revision"), extra.get("base_subfolder")
-    check_recorded_base(info, source, revision, subfolder, recorded_config)
-    return source, revision, subfolder, config or recorded_config
-
-
-def load_converted(
-    out_dir: str | Path,
-    base: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    revision: str | None = None,
-    expert: str | None = None,
-    config: str | None = None,
-) -> nn.Module | Any:
-    """The converted transformer of an output folder, or of a conversion pushed to the Hub
-    (`out_dir` "ORG/NAME", at `revision`; through the local Hugging Face cache, so HF_HUB_OFFLINE
-    works once it is cached), ready for a diffusers pipeline.
-
-    base: where to load the base model from (Hub ID or folder); None = the one the adapter records.
-    Its weights must match the recorded fingerprint. config: the diffusers config of a single-file
-    base (a .safetensors; default: the one recorded at conversion). LoRA weights in the adapter
-    (stage 2 `train: lora`) come back as enabled peft adapters, trained base weights (`train:
-    full`) in place of the base's (kept on the host); set_attention_mode(model, "teacher") gives
-    the base model again.
-
-        pipe = WanPipeline.from_pretrained(base, transformer=load_converted("wan-hla"))
-
-    A two-expert conversion (Wan2.2 A14B; the layout in this module's docstring) gives the whole
-    diffusers pipeline with every expert converted (`pipe.transformer`, `pipe.transformer_2`);
-    base, when given, must then be the pipeline. expert="transformer_2" (or "transformer") gives
-    that expert's converted transformer alone; `expert` on a one-transformer folder is an OutputError.
-    """
-    from .checks import check_arg_types, check_device, check_model_path
-    from .hub import resolve_output_dir
-    from ..model.loading import load_transformer
-
-    check_arg_types(
-        dir=(out_dir, (str, os.PathLike)), base=(base, (str,)), device=(device, (str,)), dtype=(dtype, (str,)), revision=(revision, (str,)),
-        config=(config, (str,)),
-    )
-    if device is not None:
-        check_device(device)  # before the load: a missing GPU is an InputError, not an AssertionError after it
-    check_model_path(base, "--base")
-    check_arg_types(expert=(expert, (str,)))
-    out_dir = resolve_output_dir(out_dir, revision)
-    info = read_adapter_info(out_dir)
-    experts = experts_of(info)
-    if expert is not None and expert not in (experts or [None]):
-        held = f"the experts {', '.join(experts)}" if experts else "one transformer (leave expert out)"
-        raise OutputError(f"expert {_short_repr(expert)}: {out_dir} holds {held}")
-    if experts and expert is None:
-        return _load_expert_pipeline(out_dir, info, experts, base, device, dtype)
-    where = expert_dir(out_dir, info, expert) if expert else out_dir
-    if where != out_dir:
-        info = read_adapter_info(where)
-    source, revision, subfolder, config = base_of(info, base, config)
-    if base is not None and expert:
-        subfolder = expert
-    loaded = load_transformer(source, revision=revision, subfolder=subfolder, dtype=dtype, device=device, config=config)
-    model = load_adapter(loaded.transformer, where)
-    if device is not None:
-        model.to(device)
-    return model.eval()
-
-
-def _load_expert_pipeline(out: Path, info: dict[str, Any], experts: list[str], base: str | None, device: str | None, dtype: str | None) -> Any:
-    """The diffusers pipeline of a two-expert conversion with every expert converted (load_converted)."""
-    import diffusers
-
-    from ..errors import first_line
-    from ..model.loading import ModelLoadError, quiet_loading, resolve_model
-
-    source, revision, _, _ = base_of(info, base)
-    pipeline = resolve_model(source, revision).pipeline_dir
-    if not pipeline:
-        raise OutputError(f"{out} is a two-expert conversion and {shown(source)} is not its pipeline; pass a pipeline as base, or expert= one of {', '.join(experts)}")
-    models = {name: load_converted(out, base=pipeline if base is not None else None, device=device, dtype=dtype, expert=name) for name in experts}
-    try:
-        cls = getattr(diffusers, diffusers.DiffusionPipeline.load_config(pipeline, **({"revision": revision} if revision else {}))["_class_name"])
-        with quiet_loading():
-            pipe = cls.from_pretrained(pipeline, torch_dtype=models[experts[0]].dtype, **models, **({"revision": revision} if revision else {}))
-    except Exception as exc:  # noqa: BLE001 - many ways a folder is not a loadable pipeline
-        raise ModelLoadError(f"cannot load the diffusers pipeline {pipeline!r}: {first_line(exc)}") from None
-    if device is not None:
-        pipe.to(device)
-    return pipe
-
-
-# -- the model card --------------------------------------------------------------------------
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("hla-convert")
-    except PackageNotFoundError:
-        return "(source checkout)"
-
-
-def drift_rows(report: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
-    """(metric, value, threshold, verdict) rows of a drift report's table, formatted for display."""
-    rows = []
-    for row in (report or {}).get("table") or []:
-        ok, limit = row.get("ok"), row.get("threshold")
-        verdict = "" if ok is None else "pass" if ok else "FAIL"
-        rows.append((str(row["metric"]), _fmt(row["value"]), "-" if limit is None else _fmt(limit), verdict))
-    return rows
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
-
-
-def pipeline_tag_for(pipeline_class: str | None) -> str:
-    """The Hub's pipeline_tag of a video pipeline class (text-to-video unless its name says otherwise)."""
-    name = pipeline_class or ""
-    if "ImageToVideo" in name or "I2V" in name:
-        return "image-to-video"
-    if "VideoToVideo" in name or "V2V" in name:
-        return "video-to-video"
-    return "text-to-video"
-
-
-def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
-    """README.md of an output folder: base model, recipe, drift table, how to load it."""
-    from .checks import looks_like_hub_id
-
-    extra = info.get("extra") or {}
-    base = info.get("base_source") or "the base model"
-    revision = info.get("base_revision")
-    pipeline_class, pipeline = extra.get("pipeline_class"), extra.get("pipeline")
-    recipe_name = extra.get("recipe", "?")
-    passed = report.get("passed")
-    verdict = "passed" if passed else "FAILED" if passed is not None else "not checked"
-    table = ["| metric | value | threshold | |", "|---|---|---|---|"]
-    table += [f"| {m} | {v} | {t} | {ok} |" for m, v, t, ok in drift_rows(report)]
-    failures = [f"- {f}" for f in report.get("failures") or []]
-    cfg = ", ".join(f"{k}={v}" for k, v in (info.get("config") or {}).items())
-    # The Hub's model-card metadata (checked offline by hub.check_card before a push): base_model
-    # only when the base is a Hub ID (the Hub links it and lists this repo as its adapter).
-    front = ["---", "library_name: diffusers", f"pipeline_tag: {pipeline_tag_for(pipeline_class)}"]
-    if looks_like_hub_id(base) and not base.startswith("hla-convert/"):
-        front += [f"base_model: {base}", "base_model_relation: adapter"]
-    front += ["tags: [hla-convert, hadamard-linear-attention, linear-attention, video-diffusion]", "---"]
-    use = [
-        "```python",
-        "from hla_convert import load_converted",
-        "",
-        "# loads the base model, converts its attention, loads the HLA (and LoRA) weights",
-        'transformer = load_converted("<this folder>")',
-    ]
-    if pipeline_class:
-        source = f'"{pipeline}"' if pipeline else f'"<a {pipeline_class} folder or Hub ID>"'
-        use[1:1] = [f"from diffusers import {pipeline_class}"]
-        use += [f"pipe = {pipeline_class}.from_pretrained({source}, transformer=transformer)"]
-    elif info.get("base_source") == DEMO_MODEL_NAME:
-        use += [
-            "# the demo model is a bare pixel-space transformer (no VAE, no text encoder):",
-            "# call it as in hla_convert.stages.demo_data.flow_matching_inputs",
-        ]
-    use += ["```"]
-    lines = [
-        *front,
-        "",
-        f"# {base} with Hadamard Linear Attention",
-        "",
-        f"The self-attention of `{base}`{f' (revision `{revision}`)' if revision else ''} "
-        f"({info.get('base_class', 'transformer')}) converted to HLA by hla-convert {_version()} and "
-        f"distilled with the recipe `{recipe_name}` (in `{RECIPE_FILE}`).",
-        "",
-        f"Attention: {cfg}. Converted modules: {len(info.get('modules') or [])}."
-        + (
-            f" LoRA (rank {info['lora'].get('rank')}, {len(info['lora'].get('modules') or [])} projections) trained in"
-            " stage 2 and saved under `lora.` keys; the teacher is the base with them disabled."
-            if isinstance(info.get("lora"), dict)
-            else f" The weights of {len(info['full'].get('blocks') or [])} blocks trained in stage 2 (`train: full`) and saved"
-            " whole under `full.` keys; the teacher is the base with its original weights."
-            if isinstance(info.get("full"), dict)
-            else ""
-        ),
-        "",
-        f"## Output drift on held-out inputs: {verdict}",
-        "",
-        *table,
-        *([""] + failures if failures else []),
-        "",
-        f"The full report is in `{REPORT_FILE}`; `hla-convert validate <this folder>` measures it again.",
-        "",
-        "## Use it",
-        "",
-        *use,
-        "",
-        "`load_converted(folder or Hub ID, base=None, device=None, dtype=None, revision=None)`: pass `base=` when the base model "
-        f"lives elsewhere now; its weights must match the fingerprint in `{CONFIG_FILE}`.",
-        "",
-        "## Files",
-        "",
-        f"- `{ADAPTER_FILE}`: the HLA parameters only (safetensors, metadata in the header)",
-        f"- `{CONFIG_FILE}`: the adapter metadata (base model, base fingerprint, HLAConfig, converted modules)",
-        f"- `{RECIPE_FILE}`: the recipe as run",
-        f"- `{REPORT_FILE}`: drift metrics, thresholds and the training summary",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 __all__ = [
+    "CARD_FILE",
     "OutputError",
+    "RECIPE_FILE",
+    "REPORT_FILE",
     "SavedRun",
+    "check_output",
     "expert_dir",
     "experts_of",
-    "load_converted",
-    "model_card",
     "pipeline_class_for",
-    "check_output",
-    "read_output",
     "run_identity",
     "save_output",
     "start_run",

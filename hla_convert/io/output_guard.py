@@ -37,6 +37,10 @@ LOCK_FILE = ".hla-convert.lock"
 WORK_DIR = ".hla_work"
 RUN_FILE = "run.json"
 RUN_FORMAT = "hla-convert-run"
+# the outputs beside the adapter (io.adapter ADAPTER_FILE, CONFIG_FILE): io.output writes them
+RECIPE_FILE = "recipe.yaml"
+REPORT_FILE = "drift_report.json"
+CARD_FILE = "README.md"
 # The keys of run.json as written before it carried "format": still recognised as a work folder.
 _LEGACY_RUN_KEYS = {"model", "revision", "subfolder", "dtype", "recipe_sha256"}
 _MAX_MANIFEST_BYTES = 1 << 20

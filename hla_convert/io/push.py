@@ -26,7 +26,7 @@ from .hub import (
     card_for_repo,
     check_card,
 )
-from .output import read_output
+from .converted import read_output
 from .output_guard import SUBFOLDERS
 
 

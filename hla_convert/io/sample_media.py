@@ -260,7 +260,9 @@ def add_to_output(out_dir: str | Path, info: dict[str, Any], report: dict[str, A
     """
     import hashlib
 
-    from .output import CARD_FILE, model_card
+    from .output import CARD_FILE
+
+    from .model_card import model_card
     from .output_guard import check_replaceable, read_manifest, write_manifest
 
     out = Path(out_dir)

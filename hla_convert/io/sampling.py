@@ -195,7 +195,7 @@ def sample_side_by_side(
     """
     from .hub import resolve_output_dir
     from ..model.loading import DEMO_MODEL_NAME, resolve_model
-    from .output import base_of, read_output
+    from .converted import base_of, read_output
     from ..recipe import load_recipe
 
     check_steps(steps)
@@ -222,7 +222,7 @@ def sample_side_by_side(
 def _sample_demo(out_dir: Path, base: str | None, inputs: dict[str, Any] | None, seed: int, steps: int, device: str | None) -> SampleResult:
     from ..stages.drift import sample_latents
     from ..model.modes import set_attention_mode
-    from .output import load_converted
+    from .converted import load_converted
     from ..model.pipeline_loading import demo_scheduler
 
     scheduler = demo_scheduler()  # the drift check's, through pipeline_loading.load_scheduler
@@ -315,7 +315,8 @@ def _sample_pipeline(
 
     from ..model.modes import set_attention_mode
     from .adapter import read_adapter_info
-    from .output import experts_of, load_converted
+    from .output import experts_of
+    from .converted import load_converted
 
     unknown = sorted(set(inputs or {}) - set(PIPELINE_INPUTS))
     if unknown:
@@ -324,7 +325,7 @@ def _sample_pipeline(
     if isinstance(model, torch.nn.Module):
         dev = next(model.parameters()).device
         pipe, nets = load_pipeline(model, ref, dev), [model]
-    else:  # a two-expert conversion: the pipeline with every expert converted (output.load_converted)
+    else:  # a two-expert conversion: the pipeline with every expert converted (io.converted.load_converted)
         pipe = model
         nets = [getattr(pipe, name) for name in experts_of(read_adapter_info(out_dir))]
         dev = next(nets[0].parameters()).device

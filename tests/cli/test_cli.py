@@ -451,7 +451,7 @@ def test_validate_checks_the_manifest_hashes_of_what_it_trusts(converted, tmp_pa
     assert f"tensor {sorted(tensors)[0]!r}" in line
 
     # no manifest at all (a folder from before it existed, or a Hub download): not checked
-    from hla_convert.io.output import read_output
+    from hla_convert.io.converted import read_output
 
     bare = tmp_path / "bare"
     shutil.copytree(out, bare)

@@ -72,7 +72,7 @@ def offline(monkeypatch, cache: Path) -> None:
 def test_the_card_front_matter_follows_the_hub_conventions(converted):
     from hla_convert.io.adapter import read_adapter_info
     from hla_convert.io.hub import HubError, check_card
-    from hla_convert.io.output import model_card
+    from hla_convert.io.model_card import model_card
 
     card = check_card((converted / "README.md").read_text())
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-video"
@@ -104,7 +104,7 @@ def test_the_card_front_matter_follows_the_hub_conventions(converted):
 
 def test_push_uploads_the_conversion_and_its_card_names_the_repo(converted, tmp_path, hub):
     from hla_convert.io.sampling import add_to_output, encode_outputs, sample_side_by_side
-    from hla_convert.io.output import read_output
+    from hla_convert.io.converted import read_output
 
     folder = with_verdict(converted, tmp_path / "passed", True)
     result = sample_side_by_side(folder, steps=2, device="cpu")

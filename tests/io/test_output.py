@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hla_convert.io.output import check_output, read_output, start_run
+from hla_convert.io.output import check_output, start_run
+
+from hla_convert.io.converted import read_output
 from hla_convert.io.output_guard import LOCK_FILE, MANIFEST_FILE, OutputError, guarded_write, output_lock, write_manifest
 from hla_convert.recipe import load_recipe
 from helpers import assert_one_line_error, console_script, invoke

@@ -25,7 +25,7 @@ def converted(converted, tmp_path_factory) -> Path:
 
 
 def test_sample_writes_a_video_and_a_contact_sheet_into_the_folder(converted):
-    from hla_convert.io.output import read_output
+    from hla_convert.io.converted import read_output
     from hla_convert.io.output_guard import foreign_entries, read_manifest
 
     result = invoke("sample", converted, "--steps", STEPS, "--seed", 2, "--device", "cpu", "--json")
