@@ -189,6 +189,26 @@ def onpolicy_pipeline(model_dir: Path, where: Path) -> Path:
     return pipe
 
 
+def progress_log(tag: str, every: float = 30.0):
+    """A convert() progress callback that prints (flushed) each stage's end with its seconds and a
+    training step at most every `every` seconds, so a run cut off by a time limit still says how
+    far it got and where its time went (the run's record is only written at its end)."""
+    last = [time.time()]
+    t0 = time.time()
+
+    def log(event) -> None:
+        now = time.time()
+        if event.kind == "end":
+            print(f"  [{tag}] {event.stage} done in {event.seconds:.1f}s ({now - t0:.0f}s in)", flush=True)
+        elif event.kind == "step" and (now - last[0] >= every or event.step == event.total):
+            last[0] = now
+            loss = event.info.get("loss") if isinstance(event.info, dict) else None
+            extra = f", loss {loss:.4g}" if isinstance(loss, float) else ""
+            print(f"  [{tag}] {event.stage} {event.step}/{event.total}{extra} ({now - t0:.0f}s in)", flush=True)
+
+    return log
+
+
 def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, args, device: torch.device) -> dict:
     """Convert, distil and measure one (model, config, seed); the record (status "error" on failure).
 
@@ -235,7 +255,10 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
             ["hla-convert", "convert", str(source), "--recipe", recipe_file, "--out", str(conv_dir), "--device", str(device), "--dtype", args.dtype, "--overwrite"]
         )
         stage = "convert"
-        result = hla_convert.convert(model=str(source), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=True)
+        result = hla_convert.convert(
+            model=str(source), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=True,
+            progress=progress_log(f"{arch} {config} seed {seed}"),
+        )
         sync(device)
         record["output_dir"] = str(conv_dir)
         seconds.update({f"convert_{k}": v for k, v in result.seconds.items()})
