@@ -537,26 +537,52 @@ def tiny_wan_ti2v(seed: int = 0, num_layers: int = 2) -> nn.Module:
     )  # fmt: skip
 
 
-def save_tiny_wan_i2v_pipeline(folder: Any, transformer: nn.Module | None = None) -> Any:
+def tiny_wan22_i2v(seed: int = 0, num_layers: int = 2) -> nn.Module:
+    """A Wan2.2-I2V-A14B-style expert: tiny_wan with 12 input channels (4 noise + 4 mask + 4 image
+    latent) and no image_dim (Wan2.2 I2V has no CLIP image tokens: the image latent is its only
+    conditioning)."""
+    from diffusers import WanTransformer3DModel
+
+    return _seeded(
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=TINY_I2V_CHANNELS, out_channels=4,
+            text_dim=16, freq_dim=32, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ),
+        seed,
+    )  # fmt: skip
+
+
+def save_tiny_wan_i2v_pipeline(
+    folder: Any, transformer: nn.Module | None = None, transformer_2: nn.Module | None = None, boundary_ratio: float | None = None
+) -> Any:
     """A real WanImageToVideoPipeline (Wan2.1 I2V layout) saved with save_pretrained into `folder`:
     save_tiny_wan_pipeline's text encoder, VAE and scheduler, a tiny CLIPVisionModel (32 x 32 px,
     16 px patches, TINY_CLIP_DIM features) with its CLIPImageProcessor, and `transformer`
-    (default tiny_wan_i2v()). Seeded; returns the pipeline."""
+    (default tiny_wan_i2v()). `transformer_2` and `boundary_ratio`: the Wan2.2 I2V A14B layout
+    instead, two experts (tiny_wan22_i2v) and no image encoder / processor (Wan2.2 I2V has none).
+    Seeded; returns the pipeline."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     tokenizer, text_encoder = _tiny_text_parts()
-    vision = CLIPVisionConfig(
-        hidden_size=TINY_CLIP_DIM, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16
-    )
+    if transformer_2 is not None:
+        parts: dict[str, Any] = {"transformer_2": transformer_2, "boundary_ratio": boundary_ratio}
+    else:
+        vision = CLIPVisionConfig(
+            hidden_size=TINY_CLIP_DIM, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16
+        )
+        parts = {
+            "image_processor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+            "image_encoder": _seeded(lambda: CLIPVisionModel(vision), 3),
+        }
     pipe = WanImageToVideoPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=_tiny_wan_vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        image_encoder=_seeded(lambda: CLIPVisionModel(vision), 3),
         transformer=transformer if transformer is not None else tiny_wan_i2v(),
+        **parts,
     )
     pipe.save_pretrained(folder)
     return pipe

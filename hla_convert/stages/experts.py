@@ -12,7 +12,10 @@ The pipeline check runs the real pipeline (its text encoder, scheduler, guidance
 validation.sampling_steps steps from the same seeded noise, once with every expert in teacher mode
 and once in student mode, output_type "latent", and compares the final latents as drift's
 sampling check does (relative L2, PSNR over the teacher's range) against the same thresholds
-(validation.max_latent_rel_l2, validation.min_latent_psnr).
+(validation.max_latent_rel_l2, validation.min_latent_psnr). An image-to-video pipeline (Wan2.2 I2V
+A14B) gets the image of the held-out split's first trajectory run (stages.calibration_images: the
+first file of calibration.images, or its synthetic image), the same in both modes and on every
+`validate`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..model.modes import attention_mode
 from ..recipe import Recipe
+from .calibration_images import image_conditioned, image_kwargs, read_images
 from .calibration_sources import HELDOUT_PROMPTS, _call_kwargs
 from .drift import psnr_db, within
 
@@ -38,12 +42,14 @@ def pipeline_check(pipe: Any, experts: dict[str, nn.Module], recipe: Recipe) -> 
     if val.sampling_steps <= 0:
         return None
     prompt = cal.prompts[-1] if cal.prompts else HELDOUT_PROMPTS[0]
+    images = read_images(cal.images) if cal.images is not None and image_conditioned(pipe) else None
+    image = image_kwargs(pipe, recipe, "heldout", 0, images)  # {} for a text-to-video pipeline
     finals = {}
     for mode in ("teacher", "student"):
         kwargs = _call_kwargs(
             pipe, prompt=prompt, num_inference_steps=val.sampling_steps, height=cal.height, width=cal.width,
             num_frames=cal.frames, max_sequence_length=cal.text_len, output_type="latent",
-            generator=torch.Generator(device="cpu").manual_seed(cal.seed * 1_000_003 + 99),
+            generator=torch.Generator(device="cpu").manual_seed(cal.seed * 1_000_003 + 99), **image,
         )  # fmt: skip
         with contextlib.ExitStack() as modes:
             for net in experts.values():
