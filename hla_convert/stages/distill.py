@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distill_loop import DistillError, Progress, _batch_indices, _only_trainable, _relative_sq_error, _run_stage, _shared_relative_sq_error  # noqa: F401 - re-exported
+from .distill_loop import DistillError, Progress, _batch_indices, _only_trainable, _relative_sq_error, _run_stage, _shared_relative_sq_error, student_matches  # noqa: F401 - re-exported
 from ..model.full_tuning import attach_base_store, full_tuning_blocks, full_tuning_parameters
 from ..model.layers import hla_layers, hla_parameters
 from ..model.lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules, without_lora
@@ -203,18 +203,7 @@ def output_distillation(
                 target = forward(model, item).detach()
         else:
             item = {k: v for k, v in item.items() if k != TARGET_KEY}
-        set_attention_mode(model, "student")
-        with torch.enable_grad():
-            pred = forward(model, item)
-            target = target.to(pred.device)
-            if reduce is None:
-                rel = _relative_sq_error(pred, target)
-                value = float(rel.detach())
-            else:
-                rel, value = _shared_relative_sq_error(pred, target, reduce)
-            if math.isfinite(value):
-                (rel * scale).backward()
-        return value, {}
+        return student_matches(model, item, target, scale, reduce), {}
 
     checkpointing = recipe.stage2.gradient_checkpointing and getattr(model, "_supports_gradient_checkpointing", False)
     was = bool(getattr(model, "is_gradient_checkpointing", False))

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import first_line
 from ..json_docs import same_json
 from ..model.layers import hla_parameters
-from ..model.modes import attention_mode
+from ..model.modes import attention_mode, forward, set_attention_mode
 from ..recipe import Recipe
 from .checkpoints import CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint
 
@@ -79,6 +79,26 @@ def _shared_relative_sq_error(pred: torch.Tensor, target: torch.Tensor, reduce: 
     sums = reduce(torch.stack([err.detach(), t.detach().pow(2).sum()]))
     ref = sums[1].clamp_min(1e-12)
     return err / ref, float(sums[0] / ref)
+
+
+def student_matches(
+    model: nn.Module, item: dict[str, Any], target: torch.Tensor, scale: float, reduce: Callable[[torch.Tensor], torch.Tensor] | None
+) -> float:
+    """The output-matching step stages 2 and 3 share: the student forward (student mode, with
+    gradients) on `item`, loss ||student - target||^2 / ||target||^2 (this process's share under
+    `reduce`), back-propagated times `scale` when finite; returns the loss's value."""
+    set_attention_mode(model, "student")
+    with torch.enable_grad():
+        pred = forward(model, item)
+        target = target.to(pred.device)
+        if reduce is None:
+            rel = _relative_sq_error(pred, target)
+            value = float(rel.detach())
+        else:
+            rel, value = _shared_relative_sq_error(pred, target, reduce)
+        if math.isfinite(value):
+            (rel * scale).backward()
+    return value
 
 
 def _lr_at(step: int, total: int, lr: float) -> float:

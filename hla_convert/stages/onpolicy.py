@@ -30,7 +30,6 @@ The loop
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,7 @@ from ..model.full_tuning import base_store, full_tuning_parameters
 from ..model.lora import has_lora, lora_parameters
 from ..model.modes import attention_mode, forward, set_attention_mode
 from ..recipe import Recipe, RecipeError
-from .distill_loop import (
-    Progress,
-    _relative_sq_error,
-    _run_stage,
-    _shared_relative_sq_error,
-)
+from .distill_loop import Progress, _run_stage, student_matches
 from .drift import noise_shape, sampler_points
 
 NO_SCHEDULER = (
@@ -128,17 +122,7 @@ def onpolicy_distillation(
         set_attention_mode(model, "teacher")
         with torch.no_grad():
             target = forward(model, item).detach()
-        set_attention_mode(model, "student")
-        with torch.enable_grad():
-            pred = forward(model, item)
-            if reduce is None:
-                rel = _relative_sq_error(pred, target)
-                value = float(rel.detach())
-            else:
-                rel, value = _shared_relative_sq_error(pred, target, reduce)
-            if math.isfinite(value):
-                (rel * scale).backward()
-        return value, {}
+        return student_matches(model, item, target, scale, reduce), {}
 
     # the student's backward is stage 2's: its memory setting too (the sampler runs without gradients)
     checkpointing = s2.gradient_checkpointing and getattr(model, "_supports_gradient_checkpointing", False)
