@@ -3,8 +3,9 @@
 Every converted layer (model.layers.HLAAttention) computes the teacher (the model's own softmax),
 the student (HLA) or both in one pass (`mode`). "teacher" is the base model: it also turns the
 LoRA adapters (model.lora) off and, after a stage 2 `train: full`, shows the original base weights
-kept on the host (model.full_tuning.BaseStore) in place of the trained ones. Here because it needs both the layers and LoRA, which the layers
-themselves must not import (docs/architecture.md).
+kept on the host (model.full_tuning.BaseStore) in place of the trained ones. Here because it needs
+the layers, LoRA and the host store, which the layers themselves must not import
+(docs/architecture.md).
 
     set_attention_mode(model, mode)       every converted layer (and the LoRA adapters) to a mode
     with attention_mode(model, mode): ... borrow a mode, then put modes and adapters back
@@ -21,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .full_tuning import show_base, showing_base
+from .full_tuning import base_store, show_base, showing_base
 from .layers import MODES, HLAAttention, hla_layers
-from .full_tuning import base_store
 from .lora import has_adapters, set_lora_enabled, tuner_layers
 
 
@@ -45,8 +45,9 @@ def set_attention_mode(model: nn.Module, mode: str) -> None:
 def attention_mode(model: nn.Module, mode: str | None = None) -> Iterator[nn.Module]:
     """Run the body in `mode` (set_attention_mode; None: leave it), then put every converted layer's
     mode, every peft adapter layer's on/off state and which base weights are shown (original or
-    trained) back as they were, and drop the layers' recorded pairs and token samples. The one way to borrow the teacher: setting `layer.mode` alone
-    leaves the LoRA adapters on, and the "teacher" is then not the base model."""
+    trained) back as they were, and drop the layers' recorded pairs and token samples. The one way
+    to borrow the teacher: setting `layer.mode` alone leaves the LoRA adapters on (and the trained
+    weights in), and the "teacher" is then not the base model."""
     layers = hla_layers(model)
     modes = {n: layer.mode for n, layer in layers.items()}
     adapters = [(m, bool(m.disable_adapters)) for _, m in tuner_layers(model)]
