@@ -2,7 +2,8 @@
 
 No test module imports another test module: what two of them need lives here.
 
-- `FAST`, the demo recipe's overrides that make a conversion take seconds on a CPU;
+- `FAST`, the demo recipe's overrides that make a conversion take seconds on a CPU; `TWO_EXPERT_CUT`,
+  a shipped two-expert recipe's cut to a tiny two-expert pipeline;
 - `invoke(*args)`, the `hla-convert` command line in process (typer's CliRunner), and
   `assert_one_line_error`, the house rule for bad input: one `hla-convert: error: ...` line on stderr;
 - `console_script()`, the installed `hla-convert` entry point, for the tests that need a real process;
@@ -45,6 +46,30 @@ FAST = {
     "validation.min_output_cosine": -1.0,
     "validation.max_latent_rel_l2": 10.0,
     "validation.min_latent_psnr": -100.0,
+}
+
+
+# A shipped two-expert recipe cut to a tiny two-expert pipeline (tests/test_experts*.py): 5 frames
+# (2 latent frames: for image-to-video, the image's and one generated), 32 x 32 pixels (a 4 x 4
+# latent, 2 x 2 tokens), 4 + 2 inputs per expert, 2 + 2 training steps, LoRA rank 4; 4 trajectory
+# steps at the pipeline's shift 3 put 2 steps above t = 500 (transformer) and 2 below (transformer_2).
+TWO_EXPERT_CUT = {
+    "calibration.frames": 5,
+    "calibration.height": 32,
+    "calibration.width": 32,
+    "calibration.samples": 4,
+    "calibration.heldout": 2,
+    "calibration.batch_size": 2,
+    "calibration.text_len": 6,
+    "calibration.trajectory_steps": 4,
+    "stage1.steps": 2,
+    "stage1.batch_size": 2,
+    "stage1.checkpoint_every": 1,
+    "stage2.steps": 2,
+    "stage2.batch_size": 2,
+    "stage2.checkpoint_every": 1,
+    "stage2.lora_rank": 4,
+    "validation.sampling_steps": 2,
 }
 
 

@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from helpers import invoke
+from helpers import TWO_EXPERT_CUT, invoke
 from safetensors.torch import load_file
 from tiny_models import forward, save_tiny_wan_pipeline, tiny_inputs, tiny_wan
 
@@ -27,24 +27,7 @@ from hla_convert.recipe import load_recipe
 
 LAYERS = 4  # the recipe keeps 2 layers softmax
 BOUNDARY = 500.0  # boundary_ratio 0.5 x 1000 train timesteps
-CUT = {
-    "calibration.frames": 5,
-    "calibration.height": 32,
-    "calibration.width": 32,
-    "calibration.samples": 4,
-    "calibration.heldout": 2,
-    "calibration.batch_size": 2,
-    "calibration.text_len": 6,
-    "calibration.trajectory_steps": 4,  # shift 3: 2 steps above t = 500 (transformer), 2 below
-    "stage1.steps": 2,
-    "stage1.batch_size": 2,
-    "stage1.checkpoint_every": 1,
-    "stage2.steps": 2,
-    "stage2.batch_size": 2,
-    "stage2.checkpoint_every": 1,
-    "stage2.lora_rank": 4,
-    "validation.sampling_steps": 2,
-}
+CUT = TWO_EXPERT_CUT
 
 
 def _experts():

@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from helpers import invoke
+from helpers import TWO_EXPERT_CUT, invoke
 from safetensors.torch import load_file
 from tiny_models import (
     TINY_I2V_CHANNELS,
@@ -33,24 +33,7 @@ from hla_convert.recipe import load_recipe
 LAYERS = 4  # the recipe gives 2 layers back to softmax
 BOUNDARY = 500.0  # boundary_ratio 0.5 x 1000 train timesteps
 EXPERTS = ("transformer", "transformer_2")
-CUT = {
-    "calibration.frames": 5,  # 2 latent frames: the image's and one generated
-    "calibration.height": 32,
-    "calibration.width": 32,  # 2 x 4 x 4 latent, 2 x 2 x 2 tokens
-    "calibration.samples": 4,
-    "calibration.heldout": 2,
-    "calibration.batch_size": 2,
-    "calibration.text_len": 6,  # no image_dim: no 512-token rule (Wan2.1 I2V's)
-    "calibration.trajectory_steps": 4,  # the pipeline's shift 3: 2 steps above t = 500 (transformer), 2 below
-    "stage1.steps": 2,
-    "stage1.batch_size": 2,
-    "stage1.checkpoint_every": 1,
-    "stage2.steps": 2,
-    "stage2.batch_size": 2,
-    "stage2.checkpoint_every": 1,
-    "stage2.lora_rank": 4,
-    "validation.sampling_steps": 2,
-}
+CUT = TWO_EXPERT_CUT
 
 
 def _experts():
