@@ -11,12 +11,17 @@ measures, one JSON record per measurement:
                  checkpointing as the recipe says.
   sampling       one full WanPipeline call (built from configs: the 1.3B transformer plus small
                  UMT5 / VAE stand-ins, UniPC flow shift 3, guidance 5 -> 2 transformer calls a
-                 step), seconds per video at 480p/81f with --sample-steps steps; `loop_s` is the
-                 denoising loop alone (the stand-in VAE's decode is not the real one's cost).
+                 step), seconds per video at each of --resolutions (480p/81f: 32,760 tokens,
+                 720p/81f: 21x45x80 = 75,600) with --sample-steps steps, softmax and converted in
+                 the same run, each also compiled under --compile; `loop_s` is the denoising loop
+                 alone (the stand-in VAE's decode is not the real one's cost).
   stage1, stage2 distillation steps through hla_convert.stages.distill.attention_transfer /
                  output_distillation on synthetic 480p inputs, seconds per step (median after the
                  first) and peak memory, with the recipe's batch sizes (stage 1: 4 forwards a step,
-                 stage 2: 2 x (teacher forward + student forward/backward)).
+                 stage 2: 2 student forward/backwards). Stage 2 runs twice: `teacher: cached` (the
+                 recipe's: the teacher targets computed once before step 1, `cache_s`, so a step
+                 is the student's forward/backward alone) and `teacher: live` (a no_grad teacher
+                 forward before each student forward/backward); both records carry `teacher`.
 
 Softmax = torch's default SDPA backend (diffusers' native attention). Converted = the recipe's
 attention (wan2.1-t2v-1.3b: hybrid, far hadamard, taylor r=32, window [1,0,0]) with its
@@ -25,22 +30,31 @@ the time). GPU times are medians of CUDA events, peak memory is torch.cuda.max_m
 
     python benchmarks/bench_wan.py OUT.json [--parts forward,forward_backward,sampling,distill]
         [--resolutions 480p,720p] [--attention feature_dim=32 ...] [--compile [model|blocks]]
+        [--compile-backend inductor]
         [--sample-steps 10] [--reps 5] [--commit SHA]
     python benchmarks/bench_wan.py OUT.json --smoke     # 2 tiny layers, tiny grid, CPU is fine
 
 --attention FIELD=VALUE overrides the recipe's attention section (e.g. feature_dim=32,
 window=1,0,0, kind=hadamard, softmax_layers=0). --compile also times torch.compile of the
-transformer for both sides (model: torch.compile(transformer); blocks: diffusers'
-compile_repeated_blocks, one compiled block reused 30 times); compiled records carry dynamo's
-graph and graph-break counts.
+transformer for both sides, in forward, forward_backward and sampling (model:
+torch.compile(transformer); blocks: diffusers' compile_repeated_blocks, one compiled block reused
+30 times; --compile-backend picks dynamo's backend, default inductor); compiled records carry
+dynamo's graph and graph-break counts.
 
 On the lent GPU (benchmarks/RESULTS.md, last section: wheels carried in .whl/, PYTHONPATH, the
 two links). The sampling stand-ins need transformers and tokenizers; without them both sampling
-records say why and the rest runs. Each command stays under the 10-minute limit when split so:
+records say why and the rest runs. Split so, each command should stay under the 10-minute limit
+(the sampling split is an estimate from the forward times: 720p sampling is not measured yet;
+a sampling run makes a warm-up video and a timed one per side, resolution and compile mode):
 
     GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_fwd.json --parts forward,forward_backward
-    GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_sample.json --parts sampling,distill
+    GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_distill.json --parts distill
+    GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_sample480.json --parts sampling --resolutions 480p --compile blocks
+    GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_sample720.json --parts sampling --resolutions 720p
+    GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_sample720c.json --parts sampling --resolutions 720p --compile blocks
     GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_compile.json --parts forward,forward_backward --compile blocks
+
+(the last two also time the eager runs again: the compiled records' baseline from the same run)
 """
 
 from __future__ import annotations
@@ -252,9 +266,11 @@ def convert(model, recipe) -> dict[str, Any]:
     return {"softmax_layers": back, "converted_layers": len(hla_layers(model))}
 
 
-def compiled(model, how: str | None):
+def compiled(model, how: str | None, backend: str = "inductor", in_place: bool = False):
     """The callable to time: the model itself, torch.compile(model), or the model with its repeated
-    blocks compiled in place (diffusers' regional compilation)."""
+    blocks compiled in place (diffusers' regional compilation). in_place: "model" compiles the
+    model object itself (nn.Module.compile), so that a pipeline holding it calls the compiled one;
+    undo either in-place form with uncompile_blocks."""
     if how is None:
         return model
     torch._dynamo.reset()
@@ -263,9 +279,12 @@ def compiled(model, how: str | None):
     # its calls); without this the whole forward falls back to eager (tests/model/test_compile.py).
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # newer torch only
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if how == "model" and not in_place:
+        return torch.compile(model, backend=backend)
     if how == "model":
-        return torch.compile(model)
-    model.compile_repeated_blocks()
+        model.compile(backend=backend)
+    else:
+        model.compile_repeated_blocks(backend=backend)
     return model
 
 
@@ -370,15 +389,21 @@ def time_sampling(pipe, res, steps, device) -> dict[str, Any]:
 
 
 def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> list[dict[str, Any]]:
-    """Stage 1 and stage 2 as the library runs them, `steps` steps each on synthetic inputs."""
+    """Stage 1, then stage 2 with its teacher live and cached, as the library runs them: `steps`
+    steps each on synthetic inputs. The cached run's first step also holds the targets' cache
+    (`cache_s`), which the median after the first step leaves out."""
     from hla_convert.stages.distill import attention_transfer, output_distillation
 
     items = [model_inputs(model, res, text_len, device, dtype, seed=10 + i) for i in range(4)]
     recipe = recipe.with_overrides(
         fields={"stage1.steps": steps, "stage2.steps": steps, "stage1.checkpoint_every": 10**6, "stage2.checkpoint_every": 10**6}
     )
+    accumulate = recipe.stage2.batch_size // recipe.calibration.batch_size
+    runs = [("stage1", attention_transfer, recipe, None)] + [
+        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how}), how) for how in ("live", "cached")
+    ]
     out = []
-    for stage, run in (("stage1", attention_transfer), ("stage2", output_distillation)):
+    for stage, run, recipe, how in runs:
         marks: list[float] = []
 
         def progress(_stage, _done, _total, _info):
@@ -402,6 +427,14 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> lis
             "final_loss": summary.get("final_loss"),
             "peak_mem_gb": peak_gb(device),
         })  # fmt: skip
+        if how is not None:  # stage 2: how the targets came, and the teacher forwards a step costs
+            teacher = summary.get("teacher") or {}
+            out[-1].update({
+                "teacher": teacher.get("mode", how),
+                "teacher_forwards_per_step": accumulate if how == "live" else 0,
+                "cache_s": teacher.get("seconds"),
+                "cached_targets": teacher.get("targets"),
+            })  # fmt: skip
     return out
 
 
@@ -469,7 +502,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def side_measurements(side: str, trainable: Callable[[], dict[str, torch.nn.Parameter]], extra: dict[str, Any]) -> None:
         for how in compile_modes:
-            fn = compiled(model, how)
+            fn = compiled(model, how, args.compile_backend)
             try:
                 if "forward" in parts:
                     for r in resolutions:
@@ -499,13 +532,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - recorded by both sampling measurements
             pipe.append(exc)
 
-    def sample() -> dict[str, Any]:
-        if isinstance(pipe[0], Exception):
-            raise pipe[0]
-        return time_sampling(pipe[0], table["480p"], args.sample_steps, device)
+    def sampling_measurements(side: str, extra: dict[str, Any]) -> None:
+        """One video per resolution, as is and compiled: the pipeline holds the model itself, so
+        a compiled run compiles it in place (and undoes that after)."""
+        for how in compile_modes:
+            for r in resolutions:
+
+                def sample(r=r, how=how) -> dict[str, Any]:
+                    if isinstance(pipe[0], Exception):
+                        raise pipe[0]
+                    try:
+                        compiled(model, how, args.compile_backend, in_place=True)
+                        return time_sampling(pipe[0], table[r], args.sample_steps, device)
+                    finally:
+                        if how is not None:
+                            uncompile_blocks(model)
+
+                attempt(side, "sampling", r, how, extra, sample)
 
     if "sampling" in parts:
-        attempt("softmax", "sampling", "480p", None, {}, sample)
+        sampling_measurements("softmax", {})
 
     # converted: the recipe's attention
     conv = convert(model, recipe)
@@ -519,7 +565,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return hla_parameters(model) | lora_parameters(model)
 
     if "sampling" in parts:  # before LoRA: the converted model as inference runs it
-        attempt("converted", "sampling", "480p", None, extra, sample)
+        sampling_measurements("converted", extra)
         pipe.clear()
     side_measurements("converted", converted_trainable, extra)
     if "distill" in parts:
@@ -538,9 +584,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="JSON file to write")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    ap.add_argument("--resolutions", default="480p,720p", help="for forward / forward_backward (sampling and distill: 480p)")
+    ap.add_argument("--resolutions", default="480p,720p", help="for forward, forward_backward and sampling (distill: 480p)")
     ap.add_argument("--attention", action="append", default=[], metavar="FIELD=VALUE", help="recipe attention override (repeatable)")
     ap.add_argument("--compile", nargs="?", const="model", choices=("model", "blocks"), help="also time compiled models")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (eager, aot_eager: tests)")
     ap.add_argument("--sample-steps", type=int, default=10, help="sampling steps per video")
     ap.add_argument("--distill-steps", type=int, default=3, help="steps per distillation stage (the first is warm-up)")
     ap.add_argument("--warmup", type=int, default=2)

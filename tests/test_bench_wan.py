@@ -51,3 +51,27 @@ def test_smoke_run_writes_every_measurement(tmp_path):
 def test_bad_override_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="attention.feature_dim"):
         _bench().main([str(tmp_path / "x.json"), "--smoke", "--attention", "feature_dim=banana"])
+
+
+def test_smoke_sampling_at_both_resolutions_compiled_and_stage2_live_and_cached(tmp_path):
+    """--parts sampling: 480p and 720p, softmax and converted in one run, each as is and compiled
+    (dynamo's eager backend here: the wiring, not inductor); --parts distill: stage 2 as the
+    recipe runs it (teacher cached: no teacher forward in a step) beside the live teacher."""
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--parts", "sampling,distill", "--resolutions", "480p,720p", "--compile", "blocks", "--compile-backend", "eager"]
+    assert _bench().main([str(out), *argv]) == 0
+    recs = json.loads(out.read_text())["records"]
+    for r in recs:
+        assert "error" not in r, r
+    sampling = {(r["model"], r["resolution"], r["compile"]): r for r in recs if r["measurement"] == "sampling"}
+    assert set(sampling) == {(m, res, how) for m in ("softmax", "converted") for res in ("480p", "720p") for how in (None, "blocks")}
+    assert sampling[("softmax", "720p", None)]["tokens"] > sampling[("softmax", "480p", None)]["tokens"]
+    assert all(r["seconds_per_video"] > 0 and r["steps"] == 2 for r in sampling.values())
+    # the compiled runs went through dynamo, and the model is eager again afterwards
+    assert all(r["dynamo_graphs"] >= 1 for k, r in sampling.items() if k[2] == "blocks")
+    stage2 = {r["teacher"]: r for r in recs if r["measurement"] == "stage2"}
+    assert set(stage2) == {"live", "cached"}
+    assert stage2["cached"]["teacher_forwards_per_step"] == 0 and stage2["live"]["teacher_forwards_per_step"] == 2
+    assert stage2["cached"]["cache_s"] > 0 and stage2["cached"]["cached_targets"] >= 1 and stage2["live"]["cache_s"] is None
+    assert all(r["seconds_per_step"] > 0 for r in stage2.values())
+    assert [r["measurement"] for r in recs if r["measurement"].startswith("stage")] == ["stage1", "stage2", "stage2"]
