@@ -198,8 +198,13 @@ class HLAAttention(nn.Module):
         # float32 parameters receive float32 gradients through the cast), as autocast would do.
         dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else next(self.parameters()).dtype
         if c.feature_kind == "hadamard" and c.feature_map == "taylor":
-            y = torch.matmul(x.to(dt), self.proj.to(dt)) * math.sqrt(scale / c.factors)
-            phi = torch.cat([torch.ones_like(y[..., :1]), y], dim=-1)
+            # phi = [1, c * x P] from one GEMM that writes it whole: the scale folded into P
+            # ([H, d, r-1], small) and a zero first column there, set to 1 in place. The same values
+            # as (x @ P) * c with a ones column cat in front, without the two passes over
+            # [B, H, N, r] that the multiply and the cat made (benchmarks/profile_block.py).
+            w = F.pad(self.proj * math.sqrt(scale / c.factors), (1, 0)).to(dt)  # [H, d, r]
+            phi = torch.matmul(x.to(dt), w)
+            phi[..., 0] = 1.0  # the matmul's backward needs x and w, not its output: in place is safe
             return [phi] * c.factors
         groups, _, _, width = self.weight.shape
         # all factors in one batched GEMM over (B, H): x [B, H, N, d] @ [H, d, F*r]; no copy of x

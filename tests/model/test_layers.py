@@ -213,3 +213,50 @@ def test_modes_on_a_converted_model():
     assert all(layer.last_pair is None for layer in layers.values())
     with pytest.raises(ValueError):
         set_attention_mode(model, "softmax")
+
+
+def _taylor_features_before(core, x, scale):
+    """The taylor map as it was written before it became one GEMM: (x @ P) * c, a ones column cat in front."""
+    c = core.config
+    y = torch.matmul(x.to(x.dtype), core.proj.to(x.dtype)) * math.sqrt(scale / c.factors)
+    return torch.cat([torch.ones_like(y[..., :1]), y], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_taylor_features_are_one_gemm_with_the_same_values_and_gradients(dtype):
+    """phi = [1, c * x P]: the same values and gradients (x and P) as the multiply-and-cat form it
+    replaced, from one matmul with no cat and no multiply over the [B, H, N, r] features."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    core = HLAAttention(HLAConfig(kind="hybrid", factors=2, feature_dim=8, feature_map="taylor"), num_heads=2, head_dim=16)
+    with torch.no_grad():
+        core.proj.copy_(torch.randn(core.proj.shape, generator=torch.Generator().manual_seed(3)))
+    x = torch.randn(2, 2, 40, 16, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_(True)
+    scale = 16**-0.5
+    feats = core.features(x, scale)
+    ref = _taylor_features_before(core, x, scale)
+    assert len(feats) == 2 and feats[0] is feats[1] and feats[0].dtype == dtype and feats[0].shape == (2, 2, 40, 8)
+    assert torch.equal(feats[0][..., 0], torch.ones_like(feats[0][..., 0]))
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(feats[0], ref, **tol)
+    g = torch.randn(feats[0].shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    got = torch.autograd.grad(feats[0], (x, core.proj), g)
+    want = torch.autograd.grad(ref, (x, core.proj), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-2] == 40:  # a [.., N, *] token tensor
+                self.big.append(func.__name__.split(".")[0])
+            return out
+
+    with Ops() as ops, torch.no_grad():
+        core.features(x, scale)
+    # the GEMM and views of it: no cat, multiply or copy of the features
+    assert "bmm" in ops.big and set(ops.big) <= {"expand", "view", "bmm", "mm", "_unsafe_view", "select", "fill_"}, ops.big
