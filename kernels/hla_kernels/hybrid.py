@@ -21,7 +21,8 @@ has the algebra). Backward, one of two (env HLA_HYBRID_BWD, `backward_path`):
   (benchmarks/bench_hybrid.py --bwd both).
 
 Extra memory per head: the per-block states T_rest, dT_rest (NB x R^2 x dv, fp32 while summed),
-O(N) row statistics; never an N x N matrix.
+O(N) row statistics, and in the one-pass backward the fp32 dQ buffer (N x d, twice a bf16 dQ);
+never an N x N matrix.
 """
 
 from __future__ import annotations
