@@ -152,7 +152,8 @@ def input_plan(arch: str, config: str, args) -> tuple[int, int]:
         return args.train_samples, args.batch_size
     cal = shipped_recipe(arch).calibration
     n = CONFIGS[config].get("calibration.samples", args.train_samples or cal.samples)
-    return int(n), int(CONFIGS[config].get("calibration.batch_size", cal.batch_size))
+    batch = getattr(args, "calibration_batch", None) or cal.batch_size
+    return int(n), int(CONFIGS[config].get("calibration.batch_size", batch))
 
 
 def resolved_overrides(config: str, data: dict) -> dict[str, Any]:
@@ -197,7 +198,7 @@ def shipped_recipe_for(arch: str, config: str, seed: int, folder: Path, spec, ar
     if bench_layers is None:
         raise ValueError("--base shipped needs the benchmark model's number of blocks")
     base = shipped_recipe(arch)
-    n_train, _ = input_plan(arch, config, args)
+    n_train, per_forward = input_plan(arch, config, args)
     fields: dict[str, Any] = {
         "model.hub_id": None,
         "calibration.samples": n_train,
@@ -210,6 +211,10 @@ def shipped_recipe_for(arch: str, config: str, seed: int, folder: Path, spec, ar
         "calibration.vae_scale_spatial": 1,
         "attention.softmax_layers": scaled_softmax_layers(base.attention.softmax_layers, SHIPPED[arch][1], bench_layers),
     }
+    if per_forward != base.calibration.batch_size:
+        # --calibration-batch: samples per forward only; the stages' batch sizes (samples a step)
+        # stay as shipped, so a step sees the same samples in fewer, larger forwards
+        fields["calibration.batch_size"] = per_forward
     if args.steps_scale is not None:
         fields["stage1.steps"] = max(1, round(base.stage1.steps * args.steps_scale))
         fields["stage2.steps"] = max(1, round(base.stage2.steps * args.steps_scale)) if base.stage2.steps else 0

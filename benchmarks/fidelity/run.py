@@ -254,10 +254,16 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         record["cli_equivalent"] = shlex.join(
             ["hla-convert", "convert", str(source), "--recipe", recipe_file, "--out", str(conv_dir), "--device", str(device), "--dtype", args.dtype, "--overwrite"]
         )
+        from hla_convert.io.output_guard import RUN_FILE, WORK_DIR
+
         stage = "convert"
+        # --resume also continues a conversion cut off by a time limit from its last checkpoint
+        # (hla-convert convert --resume), when its work folder is there
+        resume = bool(args.resume) and (conv_dir / WORK_DIR / RUN_FILE).is_file()
+        record["resumed"] = resume
         result = hla_convert.convert(
-            model=str(source), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=True,
-            progress=progress_log(f"{arch} {config} seed {seed}"),
+            model=str(source), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=not resume,
+            resume=resume, progress=progress_log(f"{arch} {config} seed {seed}"),
         )
         sync(device)
         record["output_dir"] = str(conv_dir)
@@ -392,13 +398,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models-dir", default=None, help="folder with <model>/ from train_models.py (default: the --tier's)")
     ap.add_argument("--steps-scale", type=float, default=None, help="multiplies both stages' steps (bench base: default 1; shipped base: only when given)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--resume", action="store_true", help="skip (model, config, seed, steps-scale, dtype) already ok in --out")
+    ap.add_argument(
+        "--resume", action="store_true",
+        help="skip (model, config, seed, steps-scale, dtype) already ok in --out, and continue a conversion cut off in --conversions-dir",
+    )
     ap.add_argument(
         "--inputs-dir",
         default=str(Path(tempfile.gettempdir()) / "hla-fidelity-inputs"),
         help="cache of the generated input sets (hundreds of MB; kept out of the results folder)",
     )
     ap.add_argument("--train-samples", type=int, default=None, help="bench base: default 1,024; shipped base: the shipped count (64) unless given or a row sets it")
+    ap.add_argument(
+        "--calibration-batch", type=int, default=None,
+        help="shipped base: samples per forward (calibration.batch_size; default the shipped 1). The stages' batch sizes "
+        "(samples a step) stay as shipped: a step sees the same samples in fewer forwards (fewer launches on a small model)",
+    )
     ap.add_argument("--heldout-samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=None, help="bench base only (default 8); the shipped base keeps its batch sizes")
     ap.add_argument("--sampling-steps", type=int, default=None, help="bench base: default 20; shipped base: the shipped recipe's unless given")
