@@ -260,6 +260,7 @@ def test_report_shows_what_each_lever_buys_against_the_shipped_row(tmp_path):
         record("shipped-cal512", 0, 0.08, 31.0, s1=14.0),
         record("shipped-tile", 0, 0.09, 30.5), record("shipped-chunk2", 0, 0.13, 27.0),
         record("shipped-select-output", 0, 0.095, 30.2, selection_summary=effects),
+        record("shipped-keep0", 0, 0.2, 25.0, s1=0.0, resumed=True),  # resumed: its stage times are not in the record
         {"model": "wan", "config": "shipped-full", "seed": 0, "status": "error", "tier": "deep", "base": "shipped", "error": "recipe: stage2.train: ..."},
     ]  # fmt: skip
     text = report.render(records)
@@ -267,6 +268,7 @@ def test_report_shows_what_each_lever_buys_against_the_shipped_row(tmp_path):
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and "shipped" in line.split(" | ")[1]}
     assert "| 2 | 64 | 1 | 0.1100 ± 0.0100 |  | 29.0 ± 1.0 |  | 30 ± 0 |" in rows["shipped"]
     assert "| 1 | 512 | 1 | 0.0800 | -0.0300 | 31.0 | +2.0 | 34 | +4 |" in rows["shipped-cal512"]
+    assert "| 1 | 64 | 1 | 0.2000 | +0.0900 | 25.0 | -4.0 | – | – |" in rows["shipped-keep0"]  # not "20 s"
     assert "shipped-tile has the lowest output rel L2" in text  # the window verdict
     assert "given back alone blocks.0.attn1 -> 0.1200, blocks.1.attn1 -> 0.1800; picked blocks.0.attn1 (attention error would pick blocks.1.attn1)" in text
     assert "- shipped-full failed: recipe: stage2.train: ..." in text

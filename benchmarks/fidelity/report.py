@@ -148,7 +148,12 @@ LEVERS = {
 WINDOWS = ("shipped", "shipped-chunk2", "shipped-chunk1-halo1", "shipped-tile")  # own frame first
 
 
-def _seconds(r: dict) -> float:
+def _seconds(r: dict) -> float | None:
+    """Training seconds of stages 1 + 2 + 3; None for a conversion resumed from checkpoints (run.py
+    --resume after a time limit): its record holds only the resumed call's part, the rest is in the
+    cut-off call's log."""
+    if r.get("resumed"):
+        return None
     s = r["seconds"]
     return s.get("stage1", 0) + s.get("stage2", 0) + s.get("stage3", 0)
 
@@ -244,7 +249,8 @@ def render(records: list[dict]) -> str:
         lines.append(
             "Shipped-recipe tables: the built-in recipe with only the model, its data and softmax_layers (the same "
             "fraction of the blocks) changed, measured from the saved folder in a fresh process; Δ: the row's mean "
-            "minus the `shipped` row's; wall s: seconds of stages 1 + 2 + 3 of the conversion on the run's device (see Made by)."
+            "minus the `shipped` row's; wall s: seconds of stages 1 + 2 + 3 of the conversion on the run's device (see Made by); "
+            "– where the conversion was resumed from its checkpoints after a time limit (its stage times are in the cut-off call's log)."
         )
     return "\n".join(lines) + "\n"
 
