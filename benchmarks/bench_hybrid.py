@@ -4,12 +4,6 @@ PyTorch block form (what the layer ran before the kernels) and the plain HLA ker
     python benchmarks/bench_hybrid.py results.json                  # checks + timings, 480p and 720p
     python benchmarks/bench_hybrid.py results.json --sweep          # also sweep the launch configs
     python benchmarks/bench_hybrid.py results.json --rs 64 --grids 21x30x52 --no-check
-    python benchmarks/bench_hybrid.py results.json --bwd two_pass     # one backward only (default: both)
-
-Backward paths (hla_kernels.hybrid.backward_path, env HLA_HYBRID_BWD): one_pass (key tiles, dQ by
-atomic adds, the default) and two_pass (dq and dk/dv kernels). --bwd both (default) checks and times
-each in the same run; rows carry "bwd". The sweep times the kernels of the paths asked for: dq and
-dkdv are two_pass's, bwd_far and bwd one_pass's.
 
 Shape: Wan2.1-1.3B's self-attention: B = 1, H = 12, head dim 128, bf16; latent grids 21x30x52
 (480p/81 frames, N = 32,760) and 21x45x80 (720p/81 frames, N = 75,600); the default window, the
@@ -30,7 +24,6 @@ with 226 text tokens first and a key mask, H = 2; relative error ||x - ref|| / |
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -51,20 +44,6 @@ from hla_convert.ops.hybrid import hybrid_attention as block_form
 B, H, D = 1, 12, 128
 DEV = "cuda"
 log = gpu_timing.log
-
-
-@contextlib.contextmanager
-def backward(path):
-    """HLA_HYBRID_BWD set to `path` inside the block (hla_kernels.hybrid reads it at each backward)."""
-    old = os.environ.get("HLA_HYBRID_BWD")
-    os.environ["HLA_HYBRID_BWD"] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["HLA_HYBRID_BWD"]
-        else:
-            os.environ["HLA_HYBRID_BWD"] = old
 
 
 def bench(fn, warmup=10, rep=50):
@@ -114,7 +93,7 @@ def sdpa_flops(n, bwd=False):
 
 
 # ------------------------------------------------------------------------------------------ check
-def check(grid, r, text=226, mask_frac=0.1, paths=hy.BWD_PATHS):
+def check(grid, r, text=226, mask_frac=0.1):
     scale = D ** -0.5
     q, k, v, proj, log_beta, mask = make(grid, r, h=2, text=text, mask_frac=mask_frac, seed=1)
     log_beta = torch.randn(2, device=DEV) * 0.3
@@ -132,35 +111,30 @@ def check(grid, r, text=226, mask_frac=0.1, paths=hy.BWD_PATHS):
 
     ref = run(torch.float32, block_form)
     res = {}
-    for path in paths:
-        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            with backward(path):
-                got = run(dtype, hla_kernels.hybrid_attention)
-            errs = [rel(a, b) for a, b in zip(got, ref)]
-            res[f"{name} {path}"] = dict(zip(["out", "dq", "dk", "dv", "dphi_q", "dphi_k", "dlog_beta"], errs))
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        got = run(dtype, hla_kernels.hybrid_attention)
+        errs = [rel(a, b) for a, b in zip(got, ref)]
+        res[name] = dict(zip(["out", "dq", "dk", "dv", "dphi_q", "dphi_k", "dlog_beta"], errs))
     return res
 
 
 # ------------------------------------------------------------------------------------------ times
-def timings(grid, r, baselines=True, block=False, paths=hy.BWD_PATHS):
+def timings(grid, r, baselines=True, block=False):
     scale = D ** -0.5
     q, k, v, proj, log_beta, _ = make(grid, r)
     n = q.shape[2]
     rows = []
 
-    def add(method, mode, fn, fl, bwd=None):
-        base = {"grid": "x".join(map(str, grid)), "N": n, "r": r, "method": method, "mode": mode}
-        if bwd is not None:
-            base["bwd"] = bwd
+    def add(method, mode, fn, fl):
         try:
-            with backward(bwd or hy.BWD_PATHS[0]):
-                ms = bench(fn)
-                mem = peak_extra_mb(fn)
-            rows.append({**base, "ms": round(ms, 3), "tflops": round(fl / ms / 1e9, 1) if fl else None, "peak_extra_mb": mem})
-            log(f"  {method:28s} {mode:8s} {bwd or '':8s} N={n:6d} r={r:3d} {ms:9.3f} ms  {rows[-1]['tflops']} TFLOP/s  {mem} MB")
+            ms = bench(fn)
+            mem = peak_extra_mb(fn)
+            rows.append({"grid": "x".join(map(str, grid)), "N": n, "r": r, "method": method, "mode": mode,
+                         "ms": round(ms, 3), "tflops": round(fl / ms / 1e9, 1) if fl else None, "peak_extra_mb": mem})
+            log(f"  {method:28s} {mode:8s} N={n:6d} r={r:3d} {ms:9.3f} ms  {rows[-1]['tflops']} TFLOP/s  {mem} MB")
         except Exception as e:  # one failing row must not lose the rest
-            rows.append({**base, "error": repr(e)})
-            log(f"  {method} {mode} {bwd or ''}: FAILED {e!r}")
+            rows.append({"grid": "x".join(map(str, grid)), "N": n, "r": r, "method": method, "mode": mode, "error": repr(e)})
+            log(f"  {method} {mode}: FAILED {e!r}")
 
     qf, kf = taylor(q, proj, scale), taylor(k, proj, scale)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -182,11 +156,9 @@ def timings(grid, r, baselines=True, block=False, paths=hy.BWD_PATHS):
         return torch.autograd.grad(out, [qg, kg, vg, pg, lbg], do)
 
     add("hybrid kernel (core)", "fwd", core_fwd, flops(grid, r))
-    for path in paths:
-        add("hybrid kernel (core)", "fwd+bwd", core_fb, flops(grid, r, bwd=True), bwd=path)
+    add("hybrid kernel (core)", "fwd+bwd", core_fb, flops(grid, r, bwd=True))
     add("hybrid kernel (layer)", "fwd", lambda: hla_kernels.hybrid_attention(q, k, v, taylor(q, proj, scale), taylor(k, proj, scale), scale, log_beta, grid, (1, 0, 0)), flops(grid, r))
-    for path in paths:
-        add("hybrid kernel (layer)", "fwd+bwd", layer_fb, flops(grid, r, bwd=True), bwd=path)
+    add("hybrid kernel (layer)", "fwd+bwd", layer_fb, flops(grid, r, bwd=True))
     if block:
         add("hybrid block form (torch)", "fwd", lambda: block_form(q, k, v, qf, kf, scale, log_beta, grid, (1, 0, 0)), flops(grid, r))
 
@@ -226,18 +198,11 @@ SWEEP = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
     "dq": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 4, 2)],
     "dkdv": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
-    # one-pass (BLOCK_M queries a step, BLOCK_N keys held). Compiled for sm_90 without a GPU
-    # (bf16, r = 32): every one uses 255 registers and spills, local memory 224-752 bytes (16/128/8/2
-    # least, 64/128/8/2 most; the two-pass dkdv at 32/64/4/3: 248); which spill costs is the GPU's to say.
-    "bwd": [(32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 2), (16, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2)],
-    "bwd_far": [(64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 4, 3), (128, 32, 8, 2)],  # BLOCK_N unused
 }
-SWEEP_PATH = {"fwd": None, "dq": "two_pass", "dkdv": "two_pass", "bwd": "one_pass", "bwd_far": "one_pass"}
 
 
-def sweep(grid, r, paths=hy.BWD_PATHS):
-    """Times each launch config of each kernel (others at their defaults) of the forward and the
-    backward paths asked for, a backward kernel under its own path; returns the best per kernel."""
+def sweep(grid, r):
+    """Times each launch config of each kernel (others at their defaults); returns the best per kernel."""
     scale = D ** -0.5
     q, k, v, proj, log_beta, _ = make(grid, r)
     qf, kf = taylor(q, proj, scale), taylor(k, proj, scale)
@@ -248,9 +213,6 @@ def sweep(grid, r, paths=hy.BWD_PATHS):
     rows, best = [], {}
     keep = {name: dict(cfg) for name, cfg in hy.GPU_CONFIG.items()}
     for name, cands in SWEEP.items():
-        path = SWEEP_PATH[name]
-        if path is not None and path not in paths:
-            continue
         results = []
         for bm, bn, warps, stages in cands:
             hy.GPU_CONFIG[name] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
@@ -258,8 +220,7 @@ def sweep(grid, r, paths=hy.BWD_PATHS):
                 if name == "fwd":
                     ms = bench(lambda: hla_kernels.hybrid_attention(q, k, v, qf, kf, scale, log_beta, grid, (1, 0, 0)))
                 else:
-                    with backward(path):
-                        ms = bench(lambda: torch.autograd.grad(out, [qg, kg, vg, *fg], do, retain_graph=True))
+                    ms = bench(lambda: torch.autograd.grad(out, [qg, kg, vg, *fg], do, retain_graph=True))
             except Exception as e:
                 ms = float("inf")
                 log(f"  sweep {name} {bm},{bn},{warps},{stages}: FAILED {e!r}"[:300])
@@ -290,8 +251,7 @@ def probe(r=64):
         for n, c in over.items():
             hy.GPU_CONFIG[n] = dict(c)
         try:
-            path = hy.BWD_PATHS[0]  # the forward's configs: one backward is enough
-            res = check((3, 30, 52), r, paths=(path,))[f"bf16 {path}"]
+            res = check((3, 30, 52), r)["bf16"]
         except Exception as e:
             res = {"error": repr(e)[:300]}
         hy.GPU_CONFIG.update(saved)
@@ -310,12 +270,10 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--probe", action="store_true", help="only: which forward configs are right at r = 64 in bf16")
     ap.add_argument("--no-baselines", action="store_true")
-    ap.add_argument("--bwd", choices=[*hy.BWD_PATHS, "both"], default="both", help="which backward to check, time and sweep")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", ""))
     args = ap.parse_args()
     grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")]
     rs = [int(x) for x in args.rs.split(",")]
-    paths = hy.BWD_PATHS if args.bwd == "both" else (args.bwd,)
     import triton
 
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,
@@ -333,7 +291,7 @@ def main():
     if args.sweep:
         for r in rs:
             log(f"sweep r={r} at {grids[0]}")
-            rows, best = sweep(grids[0], r, paths)
+            rows, best = sweep(grids[0], r)
             res["sweep"] += rows
             res["best"][str(r)] = best
             save()
@@ -345,7 +303,7 @@ def main():
                     for n, (bm, bn, w, s) in res["best"][str(r)].items():
                         hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
                 try:
-                    res["checks"][f"r{r}_{cfg_name}"] = check((3, 30, 52), r, paths=paths)
+                    res["checks"][f"r{r}_{cfg_name}"] = check((3, 30, 52), r)
                 except Exception:
                     res["checks"][f"r{r}_{cfg_name}"] = {"error": traceback.format_exc()[-2000:]}
                 hy.GPU_CONFIG.update(saved)
@@ -358,7 +316,7 @@ def main():
                 for n, (bm, bn, w, s) in res["best"][str(r)].items():
                     hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
             log(f"timings {grid} r={r} configs {hy.GPU_CONFIG}")
-            res["rows"] += timings(grid, r, baselines=not args.no_baselines and i == 0, block=(grid == grids[0] and i == 0), paths=paths)
+            res["rows"] += timings(grid, r, baselines=not args.no_baselines and i == 0, block=(grid == grids[0] and i == 0))
             hy.GPU_CONFIG.update(saved)
             save()
     save()

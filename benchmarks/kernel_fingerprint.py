@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 BF, F32 = "*bf16", "*fp32"
 _BF16_PTRS = ("Q1", "Q2", "K1", "K2", "V", "dO", "Out", "T", "dT", "P1", "P2", "X", "Q", "K", "Trest", "dTeff", "dQ", "dK", "dV", "dQ2", "dK1", "dK2")
-_F32_PTRS = ("W", "WZ", "ZOut", "Z", "Den", "Wb", "dQ1a", "dQ1b", "dK1a", "dK1b", "dZ", "Tpart", "Zpart", "Zrest", "dZeff", "Beta", "Mst", "Dst", "Delta", "Dbeta", "KM", "dQ1", "dQacc")
+_F32_PTRS = ("W", "WZ", "ZOut", "Z", "Den", "Wb", "dQ1a", "dQ1b", "dK1a", "dK1b", "dZ", "Tpart", "Zpart", "Zrest", "dZeff", "Beta", "Mst", "Dst", "Delta", "Dbeta", "KM", "dQ1")
 TYPES = {**{n: BF for n in _BF16_PTRS}, **{n: F32 for n in _F32_PTRS}, **{n: "fp32" for n in ("eps", "qk_scale", "floor2", "far_init", "sm_scale")}}
 CAUSAL_TYPES = dict(TYPES, dQ2=F32, dK2=F32, dV=F32)  # the causal kernels' gradient outputs are fp32
 
@@ -74,17 +74,10 @@ def jobs():
             c._prefix_state_kernel, CAUSAL_TYPES,
             dict(base, R=r, DV=dv, G=k["G"], BLOCK_N=k["BLOCK_N"], BLOCK_DV=k["BLOCK_DV"], HAS_W=True, HAS_WZ=True, **consts), *launch(k),
         )
-    hyb = (  # name, kernel, the backward's variant (hybrid.py: two_pass = dq + dkdv, one_pass = bwd_far + bwd)
-        ("fwd", y._hyb_fwd_kernel, {}),
-        ("dq", y._hyb_dq_kernel, {"WINDOW": True}),
-        ("dkdv", y._hyb_dkdv_kernel, {"DQ_ATOMIC": False}),
-        ("bwd_far", y._hyb_dq_kernel, {"WINDOW": False}),
-        ("bwd", y._hyb_dkdv_kernel, {"DQ_ATOMIC": True}),
-    )
-    for name, kern, variant in hyb:
+    for name, kern, small in (("fwd", y._hyb_fwd_kernel, True), ("dq", y._hyb_dq_kernel, True), ("dkdv", y._hyb_dkdv_kernel, False)):
         k = hy.GPU_CONFIG[name]
-        consts = dict(base, D=d, DV=dv, R=r, G=max(1, 64 // r), BLOCK_M=k["BLOCK_M"], BLOCK_N=k["BLOCK_N"], HAS_KM=True, QK_PREC=None, **variant)
-        if kern is not y._hyb_dkdv_kernel:
+        consts = dict(base, D=d, DV=dv, R=r, G=max(1, 64 // r), BLOCK_M=k["BLOCK_M"], BLOCK_N=k["BLOCK_N"], HAS_KM=True, QK_PREC=None)
+        if small:
             consts["SMALL_PREC"] = "tf32x3"
         out[f"hybrid.{name}"] = (kern, TYPES, consts, *launch(k))
     return out

@@ -29,31 +29,10 @@ in its own T_window). d log_beta = sum_i w_i (dO_i . F_i - delta_i Fd_i).
 
 Kernels:
   _hyb_fwd_kernel   O, M, Dn
-  _hyb_dq_kernel    dQ (window part, WINDOW only), dQ1, dQ2 (far part), Wb = [w, -w delta], per-row
-                    d log_beta
-  _hyb_dkdv_kernel  dK, dV (window part + far part's dV), dK1, dK2 (far part); DQ_ATOMIC: also the
-                    window part's dQ, by atomic adds
+  _hyb_dq_kernel    dQ (window part), dQ1, dQ2 (far part), Wb = [w, -w delta], per-row d log_beta
+  _hyb_dkdv_kernel  dK, dV (window part + far part's dV), dK1, dK2 (far part)
 The far part's states (T_window per block, and dT_rest) come from the Hadamard module's
 _state_kernel / _zstate_kernel with one split per block.
-
-Two backwards (hla_kernels.hybrid picks one, env HLA_HYBRID_BWD):
-  two_pass  _hyb_dq_kernel(WINDOW) over query tiles, states, _hyb_dkdv_kernel: the window logits
-            are computed twice, once in each flash-style kernel. Deterministic.
-  one_pass  (default) _hyb_dq_kernel(WINDOW=False): the far part only, O(N r^2 dv), no logits;
-            states; _hyb_dkdv_kernel(DQ_ATOMIC): one program per (key tile of a block, batch * head)
-            walks the query tiles whose window holds its keys, computes each tile pair's logits ONCE
-            and gets dK, dV in registers and dQ += sm_scale ds K by tl.atomic_add into an fp32
-            [B*H, N, D] buffer (FlashAttention-2's backward; the host casts it to q's dtype). Text
-            stays in the same pass: a video key tile's queries are its block's plus the text
-            queries, a text key tile's are all N queries (every window holds the text keys).
-            Why the far part's query side is a pass of its own and not fused: dT_rest(b) sums
-            w_i kk_q,i (x) dO_i over every query of block b, and every video key's far gradient
-            needs dT_eff = sum over the other blocks, so all query rows' w_i must exist before any
-            key tile's far part runs (a grid-wide dependency; no grid barrier in Triton). That pass
-            reads O(N (r^2 + dv)) and never touches the window, so the logits are still formed once.
-            Determinism: the order of the atomic adds varies between GPU runs, so dQ (and only
-            dQ) is not bit-reproducible: it differs by fp32 rounding of the sum (~1e-7 relative)
-            before the cast. The interpreter runs programs in order: reproducible there.
 """
 
 from __future__ import annotations
@@ -233,11 +212,8 @@ def _hyb_dq_kernel(
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
-    WINDOW: tl.constexpr,
 ):
-    """Query gradients of one tile: dQ from the window's softmax (WINDOW, the two-pass backward;
-    else dQ is neither computed nor written: the one-pass key-tile kernel adds it), dQ1 / dQ2 from
-    the far part.
+    """Query gradients of one tile: dQ from the window's softmax, dQ1 / dQ2 from the far part.
 
     The far part follows hla_kernels' _dq_kernel with the row weight w = beta 2^(-c2) / den in
     place of 1 / den: dkk_q = w (E - delta z^T), E = dO T_rest^T, and writes Wb[0] = w,
@@ -273,11 +249,10 @@ def _hyb_dq_kernel(
     dq = tl.full((BLOCK_M, D), 0.0, tl.float32)
     e1_ptr = dQ1 + bh * N * R + rows[:, None] * R
     if is_video:
-        if WINDOW:
-            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, q_lo, q_lo + L, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
-            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, t0, t0 + TL, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, q_lo, q_lo + L, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, t0, t0 + TL, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = Trest + state * (R * R * DV)
@@ -311,31 +286,22 @@ def _hyb_dq_kernel(
         e1 = tl.load(e1_ptr + offs_r[None, :], mask=mmask[:, None], other=0.0)
         tl.store(e1_ptr + offs_r[None, :], w[:, None] * (e1 - delta_far[:, None] * zq1), mask=mmask[:, None])
     else:
-        if WINDOW:
-            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, 0, N, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, 0, N, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
         zero_r = tl.full((BLOCK_M, R), 0.0, tl.float32)
         tl.store(e1_ptr + offs_r[None, :], zero_r, mask=mmask[:, None])
         tl.store(dQ2 + b * sg2b + h * sg2h + rows[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dQ2.dtype.element_ty, EMU), mask=mmask[:, None])
         tl.store(Dbeta + bh * N + rows, tl.full((BLOCK_M,), 0.0, tl.float32), mask=mmask)
-    if WINDOW:
-        tl.store(dQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :], _store_cast(dq * sm_scale, dQ.dtype.element_ty, EMU), mask=mmask[:, None])
+    tl.store(dQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :], _store_cast(dq * sm_scale, dQ.dtype.element_ty, EMU), mask=mmask[:, None])
 
 
 @triton.jit
 def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, lo, hi, sq, sdo, qk_scale,
-                 dq_ptr, sm_scale,
-                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
-                 DQ_ATOMIC: tl.constexpr):
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
     """dk, dv of one key tile from the queries lo..hi-1 whose window holds it (transposed tiles:
-    s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones (masked and
-    out-of-range keys are zeroed by a select, not a product: exp2 of a masked key's logit may be inf).
-    DQ_ATOMIC: also dQ[rows] += sm_scale ds k for these keys, an fp32 atomic add into the head's
-    [N, D] rows at dq_ptr (the one-pass backward: the logits of a (key tile, query tile) pair are
-    computed once)."""
+    s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones."""
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
-    keep = km_w > 0
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mmask = offs_m < hi
@@ -346,32 +312,26 @@ def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, lo,
         delta = tl.load(delta_ptr + offs_m, mask=mmask, other=0.0)
         st = _qk(k, q, EMU, PREC) * qk_scale
         pt = tl.math.exp2(st - m_i[None, :]) * rden[None, :]
-        pt = tl.where(keep[:, None] & mmask[None, :], pt, 0.0)
+        pt = tl.where(mmask[None, :], pt, 0.0) * km_w[:, None]
         dv = _pv(pt, do, dv, EMU, PREC)
         dpt = _qk(v, do, EMU, PREC)
         dst = pt * (dpt - delta[None, :])
         dk = _pv(dst, q, dk, EMU, PREC)
-        if DQ_ATOMIC:
-            dq = _pv(tl.trans(dst), k, tl.full((BLOCK_M, D), 0.0, tl.float32), EMU, PREC)
-            # relaxed: only the sum after the kernel is read, no ordering with other memory is needed
-            tl.atomic_add(dq_ptr + offs_m[:, None] * D + offs_d[None, :], dq * sm_scale, mask=mmask[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _hyb_dkdv_kernel(
     Q, K, V, K1, K2, dO, Mst, Dst, Delta, dTeff, dZeff, KM,
-    dK, dV, dK1, dK2, dQacc,
+    dK, dV, dK1, dK2,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sdob, sdoh, sdon,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, skmb,
     H, N, L, NB, v0, t0, TL, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
 ):
-    """Key and value gradients of one tile of BLOCK_N keys of video block `blk` (or text, blk = NB);
-    with DQ_ATOMIC also the window's dQ, added atomically into dQacc (fp32 [B*H, N, D], zeroed).
+    """Key and value gradients of one tile of BLOCK_N keys of video block `blk` (or text, blk = NB).
 
     Window part: a video key is in its block's queries' windows and in every text query's; a text
     key in every query's. Far part (video keys): dV += w kk dT_eff, dkk = w (V dT_eff^T + dz_eff),
@@ -405,21 +365,14 @@ def _hyb_dkdv_kernel(
     m_ptr = Mst + bh * N
     d_ptr = Dst + bh * N
     delta_ptr = Delta + bh * N
-    dq_ptr = dQacc + bh.to(tl.int64) * N * D
 
     dk = tl.full((BLOCK_N, D), 0.0, tl.float32)
     dv = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     if is_video:
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, k_lo, k_lo + L, sqn, sdon,
-                              qk_scale, dq_ptr, sm_scale, D, DV, BLOCK_M, EMU, QK_PREC, DQ_ATOMIC)
+                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, t0, t0 + TL, sqn, sdon,
-                              qk_scale, dq_ptr, sm_scale, D, DV, BLOCK_M, EMU, QK_PREC, DQ_ATOMIC)
-    else:
-        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, 0, N, sqn, sdon,
-                              qk_scale, dq_ptr, sm_scale, D, DV, BLOCK_M, EMU, QK_PREC, DQ_ATOMIC)
-    # dK is final here: stored before the far part, whose loop then has dk's registers
-    tl.store(dK + b * sdkb + h * sdkh + cols_n[:, None] * sdkn + offs_d[None, :], _store_cast(dk * sm_scale, dK.dtype.element_ty, EMU), mask=nmask[:, None])
-    if is_video:
+                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = dTeff + state * (R * R * DV)
@@ -435,7 +388,10 @@ def _hyb_dkdv_kernel(
                                     R, DV, G, BLOCK_N, True, False, DOT_DT, PREC, EMU)
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * km_w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     else:
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, 0, N, sqn, sdon,
+                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
         zero_r = tl.full((BLOCK_N, R), 0.0, tl.float32)
         tl.store(dK1 + b * sg1b + h * sg1h + cols_n[:, None] * sg1n + offs_r[None, :], _store_cast(zero_r, dK1.dtype.element_ty, EMU), mask=nmask[:, None])
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dK2.dtype.element_ty, EMU), mask=nmask[:, None])
+    tl.store(dK + b * sdkb + h * sdkh + cols_n[:, None] * sdkn + offs_d[None, :], _store_cast(dk * sm_scale, dK.dtype.element_ty, EMU), mask=nmask[:, None])
     tl.store(dV + b * sdvb + h * sdvh + cols_n[:, None] * sdvn + offs_c[None, :], _store_cast(dv, dV.dtype.element_ty, EMU), mask=nmask[:, None])

@@ -10,25 +10,17 @@ Forward: the Hadamard module's state kernels with one split per window block giv
 and Z_window(blk) in one launch each; T_rest = T_all - T_window (torch, fp32, then the dot dtype);
 one fused kernel per query tile reads the far part out of T_rest as the online softmax's initial
 accumulator and runs flash attention over the block's keys and the text keys (_hybrid_triton.py
-has the algebra). Backward, one of two (env HLA_HYBRID_BWD, `backward_path`):
-- one_pass (default): a dq kernel for the far part only (dQ1, dQ2, the row weights and the per-row
-  d log_beta; no window logits), the state kernels again for dT_rest(blk) over each block's queries,
-  and one key-tile kernel that forms each window logit once: dK, dV in registers, dQ by fp32
-  atomic adds (not bit-reproducible on the GPU), plus the far part's dV, dK1, dK2 with
-  dT_eff = sum_b dT_rest(b) - dT_rest(blk).
-- two_pass: the dq kernel also does the window's dQ (flash style over key tiles), then the states,
-  then the dk/dv kernel without dQ: the logits twice, deterministic. Kept to compare on the GPU
-  (benchmarks/bench_hybrid.py --bwd both).
+has the algebra). Backward: a dq kernel (window softmax + far part, also the row weights and the
+per-row d log_beta), the state kernels again for dT_rest(blk) over each block's queries, and a
+dk/dv kernel (window softmax + far part with dT_eff = sum_b dT_rest(b) - dT_rest(blk)).
 
 Extra memory per head: the per-block states T_rest, dT_rest (NB x R^2 x dv, fp32 while summed),
-O(N) row statistics, and in the one-pass backward the fp32 dQ buffer (N x d, twice a bf16 dQ);
-never an N x N matrix.
+O(N) row statistics; never an N x N matrix.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -46,46 +38,22 @@ _LOG2E = 1.0 / math.log(2.0)
 # at r = 32, but on Triton 3.6 it returned NaN outputs at r = 64 (and failed the r = 32 GPU test
 # with text tokens) while every 4-warp config was right; cause not found. G = 64 // r keeps the
 # far part's state rows per step at 64.
-# "dq" and "dkdv" are the two-pass backward's kernels; "bwd_far" (the far-part-only dq kernel,
-# BLOCK_M query rows; BLOCK_N unused) and "bwd" (the one-pass key-tile kernel: BLOCK_N keys held,
-# BLOCK_M queries a step) the one-pass backward's. Their values are NOT measured yet: "bwd" starts
-# from the measured dkdv config (the same loop plus one dot and the atomic add), "bwd_far" from dq's
-# BLOCK_M; bench_hybrid.py --sweep times candidates for both.
 GPU_CONFIG: dict[str, dict] = {
     "fwd": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
     "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    "bwd_far": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
-    "bwd": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
 }
 GPU_CONFIG_FP32: dict[str, dict] = {
     "fwd": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-    "bwd_far": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-    "bwd": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
 }
 # Interpreter: tiles smaller than a block, so tiles end inside blocks and text ranges.
 INTERP_CONFIG: dict[str, dict] = {
     "fwd": {"BLOCK_M": 4, "BLOCK_N": 4},
     "dq": {"BLOCK_M": 4, "BLOCK_N": 4},
     "dkdv": {"BLOCK_M": 4, "BLOCK_N": 4},
-    "bwd_far": {"BLOCK_M": 4, "BLOCK_N": 4},
-    "bwd": {"BLOCK_M": 4, "BLOCK_N": 4},
 }
-
-#: The backward paths `backward_path` accepts; the first is the default.
-BWD_PATHS = ("one_pass", "two_pass")
-
-
-def backward_path() -> str:
-    """The backward the env variable HLA_HYBRID_BWD names (read at each backward), default one_pass.
-
-    Raises ValueError on another value."""
-    path = os.environ.get("HLA_HYBRID_BWD", "").strip().lower() or BWD_PATHS[0]
-    if path not in BWD_PATHS:
-        raise ValueError(f"HLA_HYBRID_BWD: must be one of {', '.join(BWD_PATHS)}, got {path!r}")
-    return path
 
 
 def _kernels(interp: bool) -> ModuleType:
@@ -207,7 +175,6 @@ def _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, eps):
 
 
 def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, mst, dst, t_rest, z_rest, do):
-    one_pass = backward_path() == "one_pass"
     interp, fp32, dot, qk_prec, small_prec = _common(q, v, q1)
     hmod, mod = hk.kernels(interp), _kernels(interp)
     b, h, n, d = q.shape
@@ -215,23 +182,22 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     vid = lay.vid
     do = rowmajor(do)
     delta = (do.float() * out.float()).sum(-1).reshape(b * h, n)
-    # one_pass: the key-tile kernel adds dQ into a zeroed fp32 buffer; the dq kernel writes none
-    dq = torch.zeros((b * h, n, d), dtype=torch.float32, device=q.device) if one_pass else empty(q.shape, q.dtype, q.device)
+    dq = empty(q.shape, q.dtype, q.device)
     dq1 = empty((b, h, n, r), torch.float32, q.device)
     dq2 = empty(q2.shape, q2.dtype, q.device)
     wb = torch.zeros((2, b * h, n), dtype=torch.float32, device=q.device)
     dbeta = empty((b * h, n), torch.float32, q.device)
     km = kmask if kmask is not None else q
     nblk = lay.nb + (1 if lay.tl else 0)
-    cfg = _config("bwd_far" if one_pass else "dq", interp, fp32)
+    cfg = _config("dq", interp, fp32)
     mod._hyb_dq_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), nblk, b * h)](
         q, k, v, q1, q2, t_rest, z_rest, km, beta, do, mst, dst, delta,
         dq, dq1, dq2, wb, dbeta,
-        *s3(q), *s3(k), *s3(v), *s3(q1), *s3(q2), *s3(do), *(s3(q) if one_pass else s3(dq)), *s3(dq2), n,
+        *s3(q), *s3(k), *s3(v), *s3(q1), *s3(q2), *s3(do), *s3(dq), *s3(dq2), n,
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
-        WINDOW=not one_pass, **rt.launch_extra(cfg, interp),
+        **rt.launch_extra(cfg, interp),
     )
     # dT_rest(blk) = sum over the block's queries of kk_q (x) w dO, dZ_rest with -w delta
     rows = (h * n, n, 1)
@@ -242,19 +208,17 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     dvv = empty(v.shape, v.dtype, v.device)
     dk1 = empty(k1.shape, k1.dtype, k.device)
     dk2 = empty(k2.shape, k2.dtype, k.device)
-    cfg = _config("bwd" if one_pass else "dkdv", interp, fp32)
+    cfg = _config("dkdv", interp, fp32)
     mod._hyb_dkdv_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_N"]), nblk, b * h)](
         q, k, v, k1, k2, do, mst, dst, delta, dt_eff, dz_eff, km,
-        dk, dvv, dk1, dk2, dq,
+        dk, dvv, dk1, dk2,
         *s3(q), *s3(k), *s3(v), *s3(k1), *s3(k2), *s3(do),
         *s3(dk), *s3(dvv), *s3(dk1), *s3(dk2), n,
         h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
-        DQ_ATOMIC=one_pass, **rt.launch_extra(cfg, interp),
+        **rt.launch_extra(cfg, interp),
     )
-    if one_pass:
-        dq = dq.view(b, h, n, d).to(q.dtype)
     dlog_beta = dbeta.view(b, h, n).sum((0, 2))
     return dq, dk, dvv, dq1.to(q1.dtype), dq2, dk1, dk2, dlog_beta
 

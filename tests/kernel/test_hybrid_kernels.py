@@ -96,70 +96,6 @@ def test_masked_window_and_large_negative_logits_use_the_shift_floor(interp):
     assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
 
 
-# -- the one-pass backward (dQ by atomic adds from key tiles) at block and tile boundaries
-
-BWD_CASES = [
-    # grid, window, text_len, text_first, masked: the interpreter's tiles are 4 tokens
-    ((3, 2, 3), (1, 0, 0), 0, True, False),  # NB = 3, L = 6: the last tile of each block is ragged
-    ((2, 5, 1), (2, 0, 0), 0, True, True),  # NB = 1, L = 10
-    ((2, 5, 1), (0, 0, 0), 3, False, True),  # NB = 1 (window 0 = all frames), text last, 3 < a tile
-    ((2, 2, 2), (1, 0, 0), 4, True, False),  # NB = 2, L = 8 and 4 text tokens: tiles end on the edges
-    ((3, 2, 3), (1, 0, 0), 5, True, True),  # NB = 3 with text first and a key mask
-]
-
-
-@pytest.mark.parametrize("grid,window,text,first,masked", BWD_CASES)
-def test_one_pass_backward_matches_float64_reference(interp, monkeypatch, grid, window, text, first, masked):
-    monkeypatch.setenv("HLA_HYBRID_BWD", "one_pass")
-    tensors, do, mask = _inputs(grid, text, h=1, masked=masked, seed=5)
-    errs = _compare(grid, window, text, first, mask, tensors, do, torch.float32)
-    assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
-
-
-def test_one_pass_backward_bf16_matches_float64_reference(interp, monkeypatch):
-    monkeypatch.setenv("HLA_HYBRID_BWD", "one_pass")
-    grid = (2, 5, 1)  # NB = 1, L = 10, text first
-    tensors, do, mask = _inputs(grid, 3, h=1, masked=True, seed=6)
-    errs = _compare(grid, (2, 0, 0), 3, True, mask, tensors, do, torch.bfloat16)
-    assert max(errs[:-1]) < 2e-2 and errs[-1] < 5e-2, errs
-
-
-def _kernel_grads(grid, window, text, first, mask, tensors, do, dtype, device="cpu"):
-    """[out, dq, dk, dv, dq1, dq2, dk1, dk2, dlog_beta] of hla_kernels.hybrid_attention."""
-    scale = tensors[0].shape[-1] ** -0.5
-    ins = [(t.to(dtype) if i < 7 else t.float()).to(device).requires_grad_() for i, t in enumerate(tensors)]
-    kmask = None if mask is None else mask.to(device)
-    out = hy.hybrid_attention(ins[0], ins[1], ins[2], ins[3:5], ins[5:7], scale, ins[7], grid, window, (0, 0, 0), text, first, kmask)
-    grads = torch.autograd.grad(out, ins, do.to(device, dtype))
-    return [out.detach().cpu(), *(g.cpu() for g in grads)]
-
-
-def test_one_pass_and_two_pass_backwards_give_the_same_gradients(interp, monkeypatch):
-    """Batch 2 (the atomic buffer's head offsets), text first, a key mask. Only dQ is
-    summed differently (atomic adds per key tile against one pass over the keys); the far part and
-    dK, dV run the same code in both, so they agree bit for bit."""
-    grid = (3, 2, 3)
-    tensors, do, mask = _inputs(grid, 5, b=2, h=1, masked=True, seed=7)
-    got = {}
-    for path in hy.BWD_PATHS:
-        monkeypatch.setenv("HLA_HYBRID_BWD", path)
-        got[path] = _kernel_grads(grid, (1, 0, 0), 5, True, mask, tensors, do, torch.float32)
-    one, two = got["one_pass"], got["two_pass"]
-    torch.testing.assert_close(one[1], two[1], rtol=1e-5, atol=1e-6)
-    for i in (0, *range(2, 9)):
-        assert torch.equal(one[i], two[i]), i
-
-
-def test_the_default_backward_is_one_pass_and_a_bad_choice_is_refused(monkeypatch):
-    monkeypatch.delenv("HLA_HYBRID_BWD", raising=False)
-    assert hy.backward_path() == "one_pass"
-    monkeypatch.setenv("HLA_HYBRID_BWD", " Two_Pass ")
-    assert hy.backward_path() == "two_pass"
-    monkeypatch.setenv("HLA_HYBRID_BWD", "fused")
-    with pytest.raises(ValueError, match=r"^HLA_HYBRID_BWD: must be one of one_pass, two_pass, got 'fused'$"):
-        hy.backward_path()
-
-
 def test_block_form_and_kernel_agree_on_the_shift_floor():
     assert hy.SHIFT_FLOOR == ops_hybrid.SHIFT_FLOOR
 
@@ -193,10 +129,8 @@ def test_linear_far_kind_has_no_kernel(interp):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["one_pass", "two_pass"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
-def test_gpu_real_head_sizes_match_float64(gpu, monkeypatch, path, dtype, tol):
-    monkeypatch.setenv("HLA_HYBRID_BWD", path)
+def test_gpu_real_head_sizes_match_float64(gpu, dtype, tol):
     grid = (4, 8, 12)  # 96-token frames: tiles end inside frames
     tensors, do, mask = _inputs(grid, 40, h=2, d=128, dv=128, r=32, masked=True, seed=3, logit_scale=0.5)
     errs = _compare(grid, (1, 0, 0), 40, True, mask, tensors, do, dtype, device="cuda")
@@ -219,29 +153,3 @@ def test_gpu_r64_matches_block_form(gpu):
     half = [t.bfloat16() for t in dev[:7]]
     out = hy.hybrid_attention(half[0], half[1], half[2], half[3:5], half[5:7], scale, dev[7], grid, (1, 0, 0))
     assert _rel(out.cpu(), ref.cpu()) < 2e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
-def test_gpu_one_pass_single_block_with_text_last_matches_float64(gpu, monkeypatch, dtype, tol):
-    """NB = 1 (a 2-frame window over 2 frames of 100 tokens: ragged last tiles), 37 text tokens last."""
-    monkeypatch.setenv("HLA_HYBRID_BWD", "one_pass")
-    grid = (2, 10, 10)
-    tensors, do, mask = _inputs(grid, 37, h=2, d=128, dv=128, r=32, masked=True, seed=8, logit_scale=0.5)
-    errs = _compare(grid, (2, 0, 0), 37, False, mask, tensors, do, dtype, device="cuda")
-    assert max(errs[:-1]) < tol, errs
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_gpu_one_pass_and_two_pass_backwards_agree(gpu, monkeypatch, dtype, tol):
-    """Both backwards on one input (480p-like frames, text first, a key mask): the gradients agree
-    to rounding (dQ's atomic adds run in no fixed order on the GPU)."""
-    grid = (3, 30, 52)
-    tensors, do, mask = _inputs(grid, 226, h=2, d=128, dv=128, r=32, masked=True, seed=9, logit_scale=0.5)
-    got = {}
-    for path in hy.BWD_PATHS:
-        monkeypatch.setenv("HLA_HYBRID_BWD", path)
-        got[path] = _kernel_grads(grid, (1, 0, 0), 226, True, mask, tensors, do, dtype, device="cuda")
-    errs = [_rel(a, b) for a, b in zip(got["one_pass"][1:8], got["two_pass"][1:8])]
-    assert max(errs) < tol, errs
