@@ -19,6 +19,11 @@ run made by the console script can be compared bit for bit with one made in proc
   adapter, bit for bit, as a run of that recipe in this process. Tests only read it; one that
   writes into the folder (sample, push, a tampered file) copies it first (`shutil.copytree`), so
   sharing does not couple tests.
+- `parallel_smoke`: benchmarks/bench_parallel.py --smoke, run once per session (a tiny Wan saved with
+  save_pretrained, `accelerate launch` of the conversion with 1 and with 2 gloo processes on the
+  CPU), every atomic write of every process logged with its rank (helpers.write_logging_env), as
+  `(the results document, the --work folder, the write log)`. The benchmark's own test and the
+  stage layer's two-process test (tests/stages/test_parallel.py) read the same two runs.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import FAST, console_script
+from helpers import FAST, console_script, write_logging_env
 
 os.environ["OMP_NUM_THREADS"] = "1"  # inherited by every subprocess the tests start
 torch.set_num_threads(1)
@@ -90,3 +96,19 @@ def converted(tmp_path_factory, fast_recipe) -> tuple[Path, dict]:
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # stdout holds the one JSON document and nothing else
     return out, doc
+
+
+@pytest.fixture(scope="session")
+def parallel_smoke(tmp_path_factory) -> tuple[dict, Path, Path]:
+    """bench_parallel.py --smoke: one 1-process and one 2-process launch of the same conversion."""
+    tmp = tmp_path_factory.mktemp("parallel-smoke")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_parallel.py"
+    log = tmp / "writes.log"
+    env = write_logging_env(tmp / "hook", log)
+    env.pop("WORLD_SIZE", None)
+    # cwd outside the checkout: `-m` and script launches put it first on sys.path, and a checkout's
+    # hla_convert lacks the built-in recipes a (non-editable) install maps into it, as CI installs it
+    proc = subprocess.run([sys.executable, str(script), str(tmp / "par.json"), "--smoke", "--work", str(tmp / "work")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp / "par.json").read_text()), tmp / "work", log
