@@ -114,6 +114,12 @@ def test_validate_refuses_a_folder_without_a_conversion(tmp_path):
 
 
 def test_resume_after_an_interrupted_run_gives_the_same_adapter(converted, tmp_path, fast_recipe):
+    """Stopped in stage 1 and resumed, through the command line and the Python API (one stopped
+    run serves both: --stop-after-steps is a KeyboardInterrupt raised from the progress callback,
+    as a Ctrl-C during hla_convert.convert, and --resume is convert(resume=True))."""
+    import hla_convert
+    from hla_convert.io.output_guard import OutputError
+
     # The reference is the shared uninterrupted run of the same recipe (one CPU thread there and here:
     # float sums depend on the thread count).
     reference, _ = converted
@@ -122,8 +128,10 @@ def test_resume_after_an_interrupted_run_gives_the_same_adapter(converted, tmp_p
     assert stopped.exit_code == 130, stopped.stderr
     assert "--resume" in stopped.stderr
     assert (out / ".hla_work" / "stage1.checkpoint.safetensors").is_file()
-    assert not (out / "adapter_model.safetensors").exists()
+    assert not (out / "adapter_model.safetensors").exists() and not (out / ".hla-convert.lock").exists()
 
+    with pytest.raises(OutputError, match="resume"):  # the API refuses to start over it as well
+        hla_convert.convert(recipe=str(fast_recipe), out=out, device="cpu")
     again = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu")
     assert_one_line_error(again, contains="--resume")
     assert_one_line_error(invoke("validate", out), contains="unfinished")
