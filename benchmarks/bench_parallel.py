@@ -15,9 +15,10 @@ built-in one with only these changes, so that a run takes minutes: calibration.s
 fewer, stage1.steps / stage2.steps the --steps given. Attention, batch sizes, learning rates,
 LoRA, gradient checkpointing and softmax_layers are the recipe's.
 
-Per run (one JSON record each, the file rewritten after every run): seconds per step of each
-stage (median of the steps after the first, from the drift report's training.stageN.step_seconds),
-the stage seconds, each process's peak GPU memory, the exit code, the wall time. Per pair of runs
+Per run (one JSON record each, the file rewritten after every run; the launch's whole stdout and
+stderr next to its output folder, --work's out-SHAPE-RUN.stdout.log / .stderr.log): seconds per
+step of each stage (median of the steps after the first, from the drift report's
+training.stageN.step_seconds), the stage seconds, each process's peak GPU memory, the exit code, the wall time. Per pair of runs
 ("compare"): the final adapter tensors' max |a - b| and relative L2 ||a - b|| / ||a||, HLA and LoRA
 apart, the softmax layers each chose, and the speed-up in seconds per step.
 
@@ -160,6 +161,8 @@ def run_once(run: str, model: Path, recipe: Path, out: Path, dtype: str, timeout
         stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
     wall = time.perf_counter() - t0
     record: dict[str, Any] = {"run": run, "command": "accelerate launch " + " ".join(cmd[3:]), "exit_code": code, "wall_s": round(wall, 1)}
+    for name, text in (("stdout", stdout), ("stderr", stderr)):  # every process's, whole (the record keeps a tail)
+        record[f"{name}_log"] = str(atomic_write_text(out.with_name(f"{out.name}.{name}.log"), text))
     record["processes"] = [json.loads(p.read_text()) for p in sorted(peaks.glob("rank*.json"))]
     report_path = out / "drift_report.json"
     if not report_path.is_file():

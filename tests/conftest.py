@@ -14,11 +14,16 @@ run made by the console script can be compared bit for bit with one made in proc
   `gpu` marker (`pytest -m gpu` selects them); without CUDA they are skipped at collection.
 - `fast_recipe`: the demo recipe cut down by helpers.FAST, written once per session (read-only:
   a test that changes a field writes its own copy).
-- `converted`: one finished conversion of the demo with that recipe, made once per session by the
-  installed console script in a real subprocess, as `(folder, the --json document)`; the same
+- `converted`: one finished conversion of the demo with that recipe, made once per test run (also
+  under pytest-xdist's workers: `_made_once`) by the installed console script in a real subprocess, as `(folder, the --json document)`; the same
   adapter, bit for bit, as a run of that recipe in this process. Tests only read it; one that
   writes into the folder (sample, push, a tampered file) copies it first (`shutil.copytree`), so
   sharing does not couple tests.
+- `parallel_smoke`: benchmarks/bench_parallel.py --smoke, run once per test run (a tiny Wan saved with
+  save_pretrained, `accelerate launch` of the conversion with 1 and with 2 gloo processes on the
+  CPU), every atomic write of every process logged with its rank (helpers.write_logging_env), as
+  `(the results document, the --work folder, the write log)`. The benchmark's own test and the
+  stage layer's two-process test (tests/stages/test_parallel.py) read the same two runs.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from helpers import FAST, console_script
+from helpers import FAST, console_script, write_logging_env
 
 os.environ["OMP_NUM_THREADS"] = "1"  # inherited by every subprocess the tests start
 torch.set_num_threads(1)
@@ -77,16 +85,64 @@ def fast_recipe(tmp_path_factory) -> Path:
     return path
 
 
+def _made_once(tmp_path_factory, name: str, make: Callable[[Path], Any]) -> Any:
+    """`make(folder)`, a JSON value, made once per test run. Under pytest-xdist (the README's test
+    command runs 2 worker processes, each with its own session fixtures) the first worker to ask
+    makes it in the run's shared temporary folder, holding a file lock, and the others wait for it
+    and read the value back: a session fixture's conversion is not run once per worker."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    from hla_convert.atomic_files import write_json_atomic
+
+    folder = tmp_path_factory.getbasetemp().parent / name  # the run's folder, above each worker's own
+    with FileLock(f"{folder}.lock"):
+        done = folder.with_name(f"{name}.json")
+        if done.is_file():
+            return json.loads(done.read_text())
+        if folder.exists():
+            pytest.fail(f"{name}: another worker started it and failed; its error is in that worker's report")
+        folder.mkdir()
+        value = make(folder)
+        write_json_atomic(done, value)
+        return value
+
+
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory, fast_recipe) -> tuple[Path, dict]:
     """A finished conversion of the demo, made by the installed console script (a real subprocess)."""
-    out = tmp_path_factory.mktemp("runs") / "demo-hla"
-    proc = subprocess.run(
-        [console_script(), "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)  # stdout holds the one JSON document and nothing else
-    return out, doc
+
+    def make(folder: Path) -> list:
+        out = folder / "demo-hla"
+        proc = subprocess.run(
+            [console_script(), "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return [str(out), json.loads(proc.stdout)]  # stdout holds the one JSON document and nothing else
+
+    out, doc = _made_once(tmp_path_factory, "converted", make)
+    return Path(out), doc
+
+
+@pytest.fixture(scope="session")
+def parallel_smoke(tmp_path_factory) -> tuple[dict, Path, Path]:
+    """bench_parallel.py --smoke: one 1-process and one 2-process launch of the same conversion."""
+
+    def make(tmp: Path) -> list:
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_parallel.py"
+        log = tmp / "writes.log"
+        env = write_logging_env(tmp / "hook", log)
+        env.pop("WORLD_SIZE", None)
+        # cwd outside the checkout: `-m` and script launches put it first on sys.path, and a checkout's
+        # hla_convert lacks the built-in recipes a (non-editable) install maps into it, as CI installs it
+        proc = subprocess.run([sys.executable, str(script), str(tmp / "par.json"), "--smoke", "--work", str(tmp / "work")],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=tmp, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads((tmp / "par.json").read_text()), str(tmp / "work"), str(log)]
+
+    doc, work, log = _made_once(tmp_path_factory, "parallel-smoke", make)
+    return doc, Path(work), Path(log)

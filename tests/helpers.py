@@ -9,6 +9,8 @@ No test module imports another test module: what two of them need lives here.
 - `console_script()`, the installed `hla-convert` entry point, for the tests that need a real process;
 - `wan_recipe(**over)`, a small hadamard recipe for the tiny Wan, fields overridden as `section__key`;
 - `rewrite_adapter(folder, ...)`, an adapter file with its tensors or header metadata edited in place;
+- `write_logging_env(folder, log)`, the environment for a launch whose every process logs each atomic
+  write (os.replace) with its rank, so a test can see that only the main process writes;
 - `wan_original_layout(state_dict)` / `save_wan_single_file(model, path)`, a diffusers Wan
   transformer's weights in Wan-AI's ORIGINAL single-file layout (the inverse of diffusers'
   convert_wan_transformer_to_diffusers), and `save_wan_config(model, folder)`, its config alone.
@@ -96,6 +98,39 @@ def console_script() -> str:
     exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert exe, "the hla-convert console script is not installed"
     return exe
+
+
+_WRITE_LOG_HOOK = """\
+import os
+_replace = os.replace
+def _logged(src, dst, *a, **k):
+    log = os.environ.get('HLA_TEST_WRITE_LOG')
+    if log:
+        with open(log, 'a') as f:
+            f.write(f"{os.environ.get('RANK', '-')} {os.fspath(dst)}\\n")
+    return _replace(src, dst, *a, **k)
+os.replace = _logged
+"""
+
+
+def write_logging_env(folder: Path, log: Path) -> dict[str, str]:
+    """This process's environment plus a sitecustomize (written into `folder`, put first on
+    PYTHONPATH) that appends `RANK DESTINATION` to `log` for every os.replace (each atomic write)
+    of every Python process started with it (RANK "-" where none is set); one torch thread."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_WRITE_LOG_HOOK)
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(folder), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        HLA_TEST_WRITE_LOG=str(log),
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def read_write_log(log: Path) -> list[tuple[str, str]]:
+    """The `(rank, destination)` pairs a write_logging_env log holds, in order."""
+    return [tuple(line.split(" ", 1)) for line in log.read_text().splitlines()]
 
 
 def wan_recipe(**over):

@@ -1,6 +1,8 @@
 """hla_convert.convert / validate, the one-call Python API, on the embedded demo model: the same
 run as the `hla-convert convert` command (same report, same files), its progress events, its
-errors for bad input, and a validate round trip.
+errors for bad input, and a validate round trip. An interrupted call and its resume=True are
+tests/cli/test_cli.py's resume test (the command's --stop-after-steps is a KeyboardInterrupt from
+the progress callback; its --resume is resume=True), against the same reference.
 
 The CLI run is the session's demo conversion (conftest's `converted`, the console script in a
 subprocess); CPU float sums depend on the thread count, which conftest sets to one for this process
@@ -104,23 +106,3 @@ def test_validate_round_trip(library_run):
         hla_convert.validate(out, thresholds={"max_output_rel_l2": -1.0})
     with pytest.raises(OutputError, match="does not exist"):
         hla_convert.validate(out.parent / "missing")
-
-
-def test_an_interrupted_call_resumes_to_the_same_adapter(library_run, fast_recipe, tmp_path):
-    reference, _, _ = library_run
-    out = tmp_path / "interrupted"
-
-    def stop_at_step_4(event):  # what a Ctrl-C in the middle of stage 1 does
-        if event.kind == "step" and event.stage == "stage1" and event.step == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        hla_convert.convert(recipe=str(fast_recipe), out=out, device="cpu", progress=stop_at_step_4)
-    assert not (out / ".hla-convert.lock").exists() and (out / ".hla_work" / "stage1.checkpoint.safetensors").is_file()
-    with pytest.raises(OutputError, match="resume"):
-        hla_convert.convert(recipe=str(fast_recipe), out=out, device="cpu")
-
-    result = hla_convert.convert(recipe=str(fast_recipe), out=out, device="cpu", resume=True)
-    assert result.resumed and result.report["training"]["stage1"]["resumed_from"] == 4
-    got, want = load_file(str(out / "adapter_model.safetensors")), load_file(str(reference / "adapter_model.safetensors"))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
