@@ -94,6 +94,12 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     "shipped-chunk1-halo1": {"attention.halo": [1, 0, 0]},  # own frame + 1 frame each side (768 keys)
     # the own frame's size as a spatial tile: 4 x 4 tokens through all 16 frames = 256 keys
     "shipped-tile": {"attention.window": [0, 4, 4]},
+    # the next ones after the first deep run (docs/comparison.md "Fifth run"): the stage-2 schedule
+    # (the fast tier's base trains 5x the shipped lr; 4x the steps took it 0.112 -> 0.076) and the
+    # two levers that helped, together
+    "shipped-s2x4": {"stage2.steps": 1600},
+    "shipped-lr5x": {"stage2.lr": 5.0e-4},
+    "shipped-select-output-full": {"attention.softmax_select": "output", "stage2.train": "full"},
     "shipped-keep0": {"attention.softmax_layers": 0},
     "shipped-keep2": {"attention.softmax_layers": 2},
 }
