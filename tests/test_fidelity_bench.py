@@ -221,14 +221,15 @@ def test_shipped_rows_need_the_shipped_base(tmp_path, monkeypatch, capsys):
 def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     """--base shipped end to end on a 4-block tiny teacher: the record says the tier, the base, the
     calibration count (the shipped 64), the scaled softmax budget, what changed from the shipped
-    recipe, and the output-effect selection's measured per-layer effects."""
+    recipe, and the output-effect selection's measured per-layer effects (wan2.1-t2v-1.3b's
+    softmax_select: output)."""
     train, run = _module("train_models"), _module("run")
     models = tmp_path_factory.mktemp("fidelity-deep-models")
     argv = ["--out", str(models), "--tiny", "--layers", "4", "--steps", "1", "--models", "wan", "--heldout", "4",
             "--entropy-videos", "1", "--device", "cpu", "--threads", "1", "--log-every", "1000"]  # fmt: skip
     assert train.main(argv) == 0
     results = tmp_path / "deep.json"
-    argv = ["--base", "shipped", "--tier", "deep", "--models-dir", str(models), "--models", "wan", "--configs", "shipped-select-output",
+    argv = ["--base", "shipped", "--tier", "deep", "--models-dir", str(models), "--models", "wan", "--configs", "shipped",
             "--seeds", "0", "--out", str(results), "--steps-scale", "0.01", "--device", "cpu", "--heldout-samples", "4",
             "--sampling-steps", "1", "--threads", "1", "--inputs-dir", str(tmp_path / "inputs"), "--conversions-dir", str(tmp_path / "conv")]  # fmt: skip
     assert run.main(argv) == 0
@@ -236,7 +237,7 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     assert r["status"] == "ok", r.get("error")
     assert (r["tier"], r["base"], r["blocks"], r["calibration_samples"], r["softmax_layers"]) == ("deep", "shipped", 4, 64, 1)
     assert set(r["changed_from_shipped"]) - set(_module("bench_recipes").SHIPPED_CHANGES) == {
-        "attention.softmax_select", "stage1.steps", "stage2.steps", "validation.sampling_steps"
+        "stage1.steps", "stage2.steps", "validation.sampling_steps"
     }  # fmt: skip
     assert r["recipe"]["stage2"]["train"] == "lora" and r["recipe"]["stage2"]["lora_rank"] == 32  # as shipped
     sel = r["selection_summary"]

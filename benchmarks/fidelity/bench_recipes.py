@@ -89,6 +89,8 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     "shipped-live": {"stage2.teacher": "live"},  # the teacher run live in stage 2, not cached targets
     "shipped-onpolicy": {"stage3.steps": HalfOf("stage2.steps")},  # the on-policy stage, half of stage 2's steps
     "shipped-select-output": {"attention.softmax_select": "output"},  # kept layers by their effect on the output
+    # wan2.1-t2v-1.3b chooses by output since 2026-12-06 (where "shipped" now is the row above): the old choice
+    "shipped-select-attention": {"attention.softmax_select": "attention"},
     # windows of 2 and 3 latent frames against the own frame (1 frame = 16 x 16 = 256 keys of 4,096):
     "shipped-chunk2": {"attention.window": [2, 0, 0]},  # query chunks of 2 frames, keys the same 2 (512)
     "shipped-chunk1-halo1": {"attention.halo": [1, 0, 0]},  # own frame + 1 frame each side (768 keys)

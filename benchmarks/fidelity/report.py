@@ -139,6 +139,7 @@ LEVERS = {
     "shipped-live": ("teacher", "live teacher in stage 2 instead of cached targets"),
     "shipped-onpolicy": ("on-policy", "stage 3 on the student's own samples, half of stage 2's steps"),
     "shipped-select-output": ("layer choice", "kept layers chosen by their effect on the output"),
+    "shipped-select-attention": ("layer choice", "kept layers by stage-1 attention error"),
     "shipped-keep0": ("layer choice", "no layer kept softmax"),
     "shipped-s2x4": ("schedule", "4x the stage-2 steps (1,600)"),
     "shipped-lr5x": ("schedule", "5x the stage-2 lr (5e-4)"),
