@@ -318,24 +318,22 @@ def distil(
     `scheduler`: hla_convert.stages.onpolicy; stage3.steps > 0 without one is a RecipeError, raised
     before anything trains). Returns {"init", "stage1", "selection", "stage2", "stage3"} (each
     stage's summary). parallel: see hla_convert.stages.parallel; the init and the selection run
-    whole in every process (deterministic, so every process agrees)."""
+    whole in every process, and every process reverts the layers the main process (rank 0) chose
+    (selection.main_process_choice: a device's non-deterministic kernels can make the processes'
+    choices differ; the summary's "processes_disagreed" says when they did)."""
+    from ..model.surgery import revert_attention
     from .onpolicy import check_stage3_scheduler, onpolicy_distillation
-    from .selection import give_back_to_softmax
+    from .selection import choose_softmax_layers, main_process_choice
 
     check_stage3_scheduler(recipe, scheduler is not None)
 
     init = initialize_feature_maps(model, inputs, progress=progress)
     stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
-    selection = give_back_to_softmax(model, inputs, recipe.attention.softmax_layers, select=recipe.attention.softmax_select)
+    chosen, selection = choose_softmax_layers(model, inputs, recipe.attention.softmax_layers, select=recipe.attention.softmax_select)
     if parallel is not None:
-        # every process measured the same inputs; a device's non-deterministic kernels could still
-        # rank two close layers differently, and the processes would then train different models
-        differs = parallel.share_object(selection["softmax_layers"]) != selection["softmax_layers"]
-        if float(parallel.reduce_sum(torch.tensor([float(differs)], device=parallel.accelerator.device))) > 0:
-            raise DistillError(
-                "the processes chose different layers to give back to softmax (attention.softmax_layers); "
-                "run with one process, or set attention.softmax_layers to 0"
-            )
+        selection = main_process_choice(selection, parallel)  # every process trains rank 0's choice
+        chosen = selection["softmax_layers"]
+    revert_attention(model, chosen)
     stage2 = output_distillation(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
     stage3 = onpolicy_distillation(model, inputs, recipe, scheduler, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
     return {"init": init, "stage1": stage1, "selection": selection, "stage2": stage2, "stage3": stage3}

@@ -14,7 +14,8 @@ the model as it will run. `attention.softmax_select` says which:
   own softmax core, same weights), never a copy; the summary keeps every measured effect.
 
 Either choice is a pure function of the model's weights and the inputs (ties: the earlier layer),
-so a resumed run makes the same one.
+so a resumed run makes the same one. `choose_softmax_layers` chooses, `give_back_to_softmax` chooses
+and reverts; under several processes every process trains rank 0's choice (`main_process_choice`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def measure_layer_errors(model: nn.Module, inputs: Sequence[dict[str, Any]], max
     return errors.rel_l2()
 
 
-def choose_softmax_layers(errors: dict[str, float], count: int) -> list[str]:
+def largest_errors(errors: dict[str, float], count: int) -> list[str]:
     """The `count` layers with the largest error (ties: the earlier name), in model order. A NaN or
     infinite error counts as the largest (NaN compares False both ways, so a plain sort would put
     such a layer anywhere)."""
@@ -129,22 +130,23 @@ def choose_by_output(
     return [n for n in names if n in picked], rounds
 
 
-def give_back_to_softmax(
+def choose_softmax_layers(
     model: nn.Module, inputs: Sequence[dict[str, Any]], count: int, max_batches: int = 4, select: str = "attention"
-) -> dict[str, Any]:
-    """Choose `count` converted layers (`select`: "attention" or "output", see the module docstring)
-    and revert them to softmax; returns {"select", "errors": {layer: stage-1 attention rel L2},
-    "softmax_layers": [names reverted, model order]} plus, for "output", "output_effects" (the
-    rounds of choose_by_output) and "output_drift" (before any pick, and after the picks).
-    count 0 measures nothing."""
-    from ..model.surgery import ConversionError, revert_attention
+) -> tuple[list[str], dict[str, Any]]:
+    """Choose `count` converted layers to give back to softmax (`select`: "attention" or "output",
+    see the module docstring) without changing the model: (the names in model order, the summary
+    {"select", "errors": {layer: stage-1 attention rel L2}, "softmax_layers": the names} plus, for
+    "output", "output_effects" (the rounds of choose_by_output) and "output_drift" (before any
+    pick, and after the picks)). count 0 measures nothing. Raises RecipeError for an unknown
+    `select`, ConversionError for a budget that would leave no layer converted."""
+    from ..model.surgery import ConversionError
 
     if select not in SOFTMAX_SELECT:
         raise RecipeError("attention.softmax_select", f"{select!r} is not one of {', '.join(SOFTMAX_SELECT)}")
 
     layers = [n for n, layer in hla_layers(model).items() if layer.config.kind != "softmax"]
     if count <= 0 or not layers:
-        return {"select": select, "errors": {}, "softmax_layers": []}
+        return [], {"select": select, "errors": {}, "softmax_layers": []}
     if count >= len(layers):
         raise ConversionError(
             f"attention.softmax_layers is {count} but only {len(layers)} layers are converted: "
@@ -157,10 +159,47 @@ def give_back_to_softmax(
         summary["output_effects"] = rounds
         summary["output_drift"] = {"all_converted": rounds[0]["drift"], "after": rounds[-1]["with_softmax"][rounds[-1]["picked"]]}
     else:
-        chosen = choose_softmax_layers(errors, count)
-    revert_attention(model, chosen)
+        chosen = largest_errors(errors, count)
     summary["softmax_layers"] = chosen
+    return chosen, summary
+
+
+def give_back_to_softmax(
+    model: nn.Module, inputs: Sequence[dict[str, Any]], count: int, max_batches: int = 4, select: str = "attention"
+) -> dict[str, Any]:
+    """choose_softmax_layers, then revert the chosen layers (model.surgery.revert_attention); its summary."""
+    from ..model.surgery import revert_attention
+
+    chosen, summary = choose_softmax_layers(model, inputs, count, max_batches, select)
+    revert_attention(model, chosen)
     return summary
+
+
+def main_process_choice(summary: dict[str, Any], parallel: Any) -> dict[str, Any]:
+    """Under a multi-process launch: the main process's (rank 0's) selection summary, in every process,
+    with "processes_disagreed": whether any process had chosen other layers than rank 0.
+
+    Every process measured the same inputs on the same weights, but a device's non-deterministic
+    kernels (atomics in a reduction, autotuned configs) can still rank two close layers differently;
+    then each process would train a different model. Choosing is a heuristic, what matters is that
+    every process trains the same one: all of them take rank 0's layers (the caller reverts exactly
+    those), and the summary says when some had chosen otherwise (a note on stderr too) instead of
+    ending the run. A collective: every process calls it, after its own choice.
+
+    Every process still runs all the measuring forwards: letting rank 0 measure alone would save no
+    wall-clock time (the others would only wait for its answer, inside a collective whose timeout
+    then bounds the selection), and under FSDP a forward is itself a collective (each block's
+    weights are all-gathered), so a forward on one process alone would hang."""
+    mine = list(summary["softmax_layers"])
+    shared = dict(parallel.share_object(summary))
+    differs = torch.tensor([float(mine != list(shared["softmax_layers"]))], dtype=torch.float64, device=parallel.device)
+    shared["processes_disagreed"] = bool(float(parallel.reduce_sum(differs).sum()) > 0)
+    if shared["processes_disagreed"]:
+        parallel.note(
+            "the processes chose different layers to give back to softmax (attention.softmax_layers): "
+            f"every process trains the main process's choice ({', '.join(shared['softmax_layers'])})"
+        )
+    return shared
 
 
 __all__ = [
@@ -169,5 +208,7 @@ __all__ = [
     "choose_by_output",
     "choose_softmax_layers",
     "give_back_to_softmax",
+    "largest_errors",
+    "main_process_choice",
     "measure_layer_errors",
 ]

@@ -184,6 +184,9 @@ def test_two_processes_equal_one_and_only_the_main_process_writes(parallel_smoke
     assert _max_diff(_adapter(two), _adapter(one)) <= EQUAL_BOUND
     report, ref = (json.loads((folder / "drift_report.json").read_text()) for folder in (two, one))
     assert report["training"]["parallel"] == {"processes": 2, "fsdp": False}
+    # the layers given back to softmax: rank 0's (shared over gloo), the ones each process chose
+    assert report["training"]["selection"]["processes_disagreed"] is False
+    assert report["training"]["selection"]["softmax_layers"] == ref["training"]["selection"]["softmax_layers"] != []
     for stage in ("stage1", "stage2"):
         a, b = report["training"][stage]["loss_history"], ref["training"][stage]["loss_history"]
         assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-4

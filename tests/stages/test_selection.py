@@ -10,7 +10,7 @@ from hla_convert.stages.calibration import build_inputs
 from hla_convert.model.modes import forward
 from hla_convert.stages.distill import distil
 from hla_convert.recipe import RecipeError, parse_recipe
-from hla_convert.stages.selection import choose_softmax_layers, give_back_to_softmax, measure_layer_errors
+from hla_convert.stages.selection import choose_softmax_layers, give_back_to_softmax, largest_errors, measure_layer_errors
 from hla_convert.model.surgery import ConversionError
 from tiny_models import tiny_model
 
@@ -30,16 +30,16 @@ def recipe(softmax_layers: int = 1, **stage):
 
 def test_choose_takes_the_largest_errors_in_model_order():
     errors = {"blocks.0.attn1": 0.3, "blocks.1.attn1": 0.1, "blocks.2.attn1": 0.5, "blocks.3.attn1": 0.3}
-    assert choose_softmax_layers(errors, 2) == ["blocks.0.attn1", "blocks.2.attn1"]
-    assert choose_softmax_layers(errors, 0) == []
+    assert largest_errors(errors, 2) == ["blocks.0.attn1", "blocks.2.attn1"]
+    assert largest_errors(errors, 0) == []
 
 
 def test_a_nan_or_inf_layer_error_counts_as_the_largest():
     nan = float("nan")
     errors = {"blocks.0.attn1": 0.2, "blocks.1.attn1": 0.9, "blocks.2.attn1": nan, "blocks.3.attn1": 0.1}
-    assert choose_softmax_layers(errors, 1) == ["blocks.2.attn1"]  # not wherever the sort left it
-    assert choose_softmax_layers(errors, 2) == ["blocks.1.attn1", "blocks.2.attn1"]
-    assert choose_softmax_layers({**errors, "blocks.0.attn1": float("inf")}, 2) == ["blocks.0.attn1", "blocks.2.attn1"]
+    assert largest_errors(errors, 1) == ["blocks.2.attn1"]  # not wherever the sort left it
+    assert largest_errors(errors, 2) == ["blocks.1.attn1", "blocks.2.attn1"]
+    assert largest_errors({**errors, "blocks.0.attn1": float("inf")}, 2) == ["blocks.0.attn1", "blocks.2.attn1"]
 
 
 def test_the_worst_layer_goes_back_to_softmax_and_the_adapter_leaves_it_out(tmp_path):
@@ -178,3 +178,68 @@ def test_distil_uses_softmax_select_output(tmp_path):
     sel = out["selection"]
     assert sel["select"] == "output" and len(sel["softmax_layers"]) == 1
     assert sel["softmax_layers"] == [sel["output_effects"][0]["picked"]] and len(hla_layers(model)) == 2
+
+
+# -- several processes: every one trains rank 0's choice ---------------------------------------------
+
+
+class FakeParallel:
+    """One process of a two-process launch, the other simulated: `share_object` gives `rank0`'s
+    selection summary (None: this process is rank 0, its own), `reduce_sum` adds `others` (what the
+    other process contributes); `note` keeps every line asked for (Parallel.note prints those of the main process)."""
+
+    def __init__(self, rank0_layers=None, others: float = 0.0):
+        self.rank0_layers, self.others = rank0_layers, others
+        self.is_main, self.fsdp, self.device = rank0_layers is None, False, "cpu"
+        self.notes: list[str] = []
+
+    def share_object(self, obj):
+        return obj if self.rank0_layers is None else {**obj, "softmax_layers": list(self.rank0_layers), "errors": {"rank": 0.0}}
+
+    def reduce_sum(self, tensor):
+        return tensor.detach().clone() + self.others
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def _distil_selecting(tmp_path, parallel):
+    """distil with no training steps (selection on the freshly initialised HLA layers) on a tiny Wan of
+    3 layers, one of them given back; (the model, the selection summary)."""
+    rec = recipe(1).with_overrides(fields={"stage1.steps": 0, "stage2.steps": 0})
+    model = tiny_model("wan", num_layers=3)
+    convert_attention(model, rec.hla_config())
+    out = distil(model, build_inputs(model, rec, "train"), rec, work_dir=tmp_path / "work", parallel=parallel)
+    return model, out["selection"]
+
+
+def test_every_process_reverts_the_layers_rank_0_chose_and_the_summary_says_they_disagreed(tmp_path):
+    _, alone = _distil_selecting(tmp_path / "one", None)  # this process's own choice
+    (mine,) = alone["softmax_layers"]
+    assert "processes_disagreed" not in alone  # one process: the summary as before
+    theirs = next(n for n in (f"blocks.{i}.attn1" for i in range(3)) if n != mine)
+    parallel = FakeParallel(rank0_layers=[theirs])
+    model, sel = _distil_selecting(tmp_path / "two", parallel)
+    assert sorted(hla_layers(model)) == sorted({f"blocks.{i}.attn1" for i in range(3)} - {theirs})  # rank 0's reverted, not mine
+    assert sel["softmax_layers"] == [theirs] and sel["processes_disagreed"] is True
+    assert sel["errors"] == {"rank": 0.0}  # the summary recorded is rank 0's
+    assert len(parallel.notes) == 1  # Parallel.note prints it from the main process only
+
+
+def test_rank_0_keeps_its_choice_and_hears_that_another_process_chose_otherwise(tmp_path):
+    _, alone = _distil_selecting(tmp_path / "one", None)
+    parallel = FakeParallel(others=1.0)  # the other process's flag: it chose differently
+    model, sel = _distil_selecting(tmp_path / "two", parallel)
+    assert sel["softmax_layers"] == alone["softmax_layers"] and sel["processes_disagreed"] is True
+    assert alone["softmax_layers"][0] not in hla_layers(model)
+    assert len(parallel.notes) == 1 and alone["softmax_layers"][0] in parallel.notes[0]
+    agreed = FakeParallel()
+    _, sel = _distil_selecting(tmp_path / "three", agreed)
+    assert sel["processes_disagreed"] is False and agreed.notes == []
+
+
+def test_choose_softmax_layers_leaves_the_model_as_it_was():
+    model, inputs = _converted(3, bad="blocks.1.attn1")
+    names, summary = choose_softmax_layers(model, inputs, 1, select="output")
+    assert names == summary["softmax_layers"] == ["blocks.1.attn1"]
+    assert len(hla_layers(model)) == 3  # nothing reverted: give_back_to_softmax or the caller does that
