@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules (fixtures live in conftest.py; tiny models in tiny_models.py).
+"""Helpers shared by the test modules (fixtures live in conftest.py; tiny models in tiny_models/).
 
 No test module imports another test module: what two of them need lives here.
 
