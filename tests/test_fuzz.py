@@ -515,7 +515,7 @@ def test_random_adapter_folder_names_are_an_adapter_error(name):
 #
 # Few examples each: a command's checks are the Python ones above, so these check what the command
 # line adds (its error rendering, exit code 2, nothing on stderr but the one line). In process,
-# through typer's CliRunner as tests/cli/test_cli.py does: a subprocess costs ~3 s of imports, which
+# through typer's CliRunner as the tests in tests/cli/ do: a subprocess costs ~3 s of imports, which
 # 2 x 15 examples cannot afford within this file's budget; one real subprocess per command checks
 # the installed entry point on a hostile input.
 
