@@ -55,387 +55,55 @@ a sampling run makes a warm-up video and a timed one per side, resolution and co
     GIT_COMMIT=<sha> python3 benchmarks/bench_wan.py $OUT/wan_compile.json --parts forward,forward_backward --compile blocks
 
 (the last two also time the eager runs again: the compiled records' baseline from the same run)
+
+This file holds the run and the command line; the model, its inputs and the stand-in pipeline are
+in wan_bench/model.py, the clocks and measurements in wan_bench/timing.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json as published (diffusers 0.33+).
-WAN_1_3B_CONFIG: dict[str, Any] = {
-    "_class_name": "WanTransformer3DModel",
-    "added_kv_proj_dim": None,
-    "attention_head_dim": 128,
-    "cross_attn_norm": True,
-    "eps": 1e-06,
-    "ffn_dim": 8960,
-    "freq_dim": 256,
-    "image_dim": None,
-    "in_channels": 16,
-    "num_attention_heads": 12,
-    "num_layers": 30,
-    "out_channels": 16,
-    "patch_size": [1, 2, 2],
-    "qk_norm": "rms_norm_across_heads",
-    "rope_max_seq_len": 1024,
-    "text_dim": 4096,
-}
-# --smoke: the same architecture, 2 small layers
-SMOKE_CONFIG: dict[str, Any] = {
-    **WAN_1_3B_CONFIG, "attention_head_dim": 32, "ffn_dim": 64, "freq_dim": 32, "num_attention_heads": 2,
-    "num_layers": 2, "text_dim": 32, "rope_max_seq_len": 64,
-}  # fmt: skip
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # wan_bench/, also when loaded by path
+from wan_bench.model import (  # noqa: E402
+    RESOLUTIONS,
+    SMOKE_CONFIG,
+    SMOKE_RESOLUTIONS,
+    SMOKE_TEXT_LEN,
+    TEXT_LEN,
+    WAN_1_3B_CONFIG,
+    attention_lora_modules,
+    build_transformer,
+    compiled,
+    convert,
+    latent_shape,
+    load_bench_recipe,
+    model_inputs,
+    stand_in_pipeline,
+    tokens_of,
+    uncompile_blocks,
+)
+from wan_bench.timing import (  # noqa: E402
+    environment,
+    time_distill,
+    time_forward,
+    time_forward_backward,
+    time_sampling,
+)
+from wan_bench.timing import _sync  # noqa: E402, F401 - profile_block.py calls bench_wan._sync
 
-# name -> (frames, height, width) in pixels; the latent is 16 x ((f-1)/4+1) x h/8 x w/8
-RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}
-SMOKE_RESOLUTIONS = {"480p": (9, 64, 64), "720p": (9, 64, 96)}
-TEXT_LEN, SMOKE_TEXT_LEN = 512, 8
-RECIPE = "wan2.1-t2v-1.3b"
 PARTS = ("forward", "forward_backward", "sampling", "distill")
 
 
 def log(*a: Any) -> None:
     print(*a, file=sys.stderr, flush=True)
-
-
-# -- environment --------------------------------------------------------------------------------
-
-
-def environment(device: torch.device, commit: str) -> dict[str, Any]:
-    def version(name: str) -> str | None:
-        try:
-            return __import__(name).__version__
-        except Exception:  # noqa: BLE001 - absent is an answer
-            return None
-
-    source = "argument"
-    if not commit:
-        source = "git (the device's .git may be stale: pass --commit or GIT_COMMIT there)"
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:  # noqa: BLE001
-            commit, source = "", "unknown"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "commit_source": source,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "diffusers": version("diffusers"),
-    }
-
-
-# -- timing -------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> dict[str, Any]:
-    """Median time of fn (CUDA events on a GPU, perf_counter on the CPU) and the peak memory of
-    the timed calls (GB allocated by torch, None on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize(device)
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return {"median_ms": statistics.median(times), "times_ms": [round(t, 3) for t in times], "peak_mem_gb": peak_gb(device)}
-
-
-def peak_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def reset_peak(device: torch.device) -> None:
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-# -- the model and its inputs -------------------------------------------------------------------
-
-
-def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """WanTransformer3DModel from `config` with random weights drawn on the device, cast to dtype."""
-    from diffusers import WanTransformer3DModel
-
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-    kwargs["patch_size"] = tuple(kwargs["patch_size"])
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = WanTransformer3DModel(**kwargs)
-    # as from_pretrained(torch_dtype=dtype) loads it: the class's _keep_in_fp32_modules stay float32
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.is_floating_point() and not keep.intersection(name.split(".")):
-                t.data = t.data.to(dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-def latent_shape(res: tuple[int, int, int], channels: int) -> tuple[int, int, int, int, int]:
-    f, h, w = res
-    return (1, channels, (f - 1) // 4 + 1, h // 8, w // 8)
-
-
-def model_inputs(model, res, text_len, device, dtype, seed=0) -> dict[str, torch.Tensor]:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    cfg = model.config
-    x = torch.randn(latent_shape(res, cfg.in_channels), generator=g)
-    text = torch.randn(1, text_len, cfg.text_dim, generator=g)
-    return {
-        "hidden_states": x.to(device, dtype),
-        "timestep": torch.tensor([500.0], device=device),
-        "encoder_hidden_states": text.to(device, dtype),
-    }
-
-
-def tokens_of(model, res) -> int:
-    _, _, f, h, w = latent_shape(res, model.config.in_channels)
-    pt, ph, pw = model.config.patch_size
-    return (f // pt) * (h // ph) * (w // pw)
-
-
-def load_bench_recipe(overrides: list[str]):
-    """The recipe with --attention FIELD=VALUE overrides (YAML values: 32, true, 1,0,0 -> [1, 0, 0])."""
-    import yaml
-
-    from hla_convert.recipe import load_recipe
-
-    recipe = load_recipe(RECIPE)
-    fields: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--attention {item!r}: expected FIELD=VALUE, e.g. feature_dim=32")
-        parsed = yaml.safe_load(f"[{value}]") if "," in value else yaml.safe_load(value)
-        fields[f"attention.{key.strip()}"] = parsed
-    try:
-        return recipe.with_overrides(fields=fields)
-    except ValueError as exc:  # RecipeError: one line naming the field
-        raise SystemExit(f"--attention: {exc}") from None
-
-
-def attention_lora_modules(model) -> list[str]:
-    """The recipe's stage-2 LoRA targets on every block's self-attention (the softmax side's LoRA)."""
-    names = dict(model.named_modules())
-    return [f"{b}.{t}" for b in (n for n in names if n.endswith(".attn1")) for t in ("to_q", "to_k", "to_v", "to_out.0") if f"{b}.{t}" in names]
-
-
-def convert(model, recipe) -> dict[str, Any]:
-    """The recipe's attention on the model, its softmax_layers given back to softmax (the first ones)."""
-    from hla_convert import convert_attention, revert_attention
-    from hla_convert.model.layers import hla_layers
-
-    a = recipe.attention
-    convert_attention(model, recipe.hla_config(), include=a.include, exclude=a.exclude)
-    back = list(hla_layers(model))[: a.softmax_layers]
-    if back:
-        revert_attention(model, back)
-    return {"softmax_layers": back, "converted_layers": len(hla_layers(model))}
-
-
-def compiled(model, how: str | None, backend: str = "inductor", in_place: bool = False):
-    """The callable to time: the model itself, torch.compile(model), or the model with its repeated
-    blocks compiled in place (diffusers' regional compilation). in_place: "model" compiles the
-    model object itself (nn.Module.compile), so that a pipeline holding it calls the compiled one;
-    undo either in-place form with uncompile_blocks."""
-    if how is None:
-        return model
-    torch._dynamo.reset()
-    # Under gradient checkpointing a converted block's forward has side effects dynamo will not
-    # replay in the recompute (the processor enters its routing TorchFunctionMode, the core counts
-    # its calls); without this the whole forward falls back to eager (tests/model/test_compile.py).
-    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # newer torch only
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    if how == "model" and not in_place:
-        return torch.compile(model, backend=backend)
-    if how == "model":
-        model.compile(backend=backend)
-    else:
-        model.compile_repeated_blocks(backend=backend)
-    return model
-
-
-def uncompile_blocks(model) -> None:
-    """Undo compile_repeated_blocks (nn.Module.compile sets _compiled_call_impl)."""
-    for m in model.modules():
-        if getattr(m, "_compiled_call_impl", None) is not None:
-            m._compiled_call_impl = None
-    torch._dynamo.reset()
-
-
-# -- measurements ---------------------------------------------------------------------------------
-
-
-def time_forward(fn, inputs, device, warmup, reps) -> dict[str, Any]:
-    def run():
-        with torch.no_grad():
-            fn(**inputs, return_dict=False)
-
-    return measure(run, device, warmup, reps)
-
-
-def time_forward_backward(fn, model, inputs, params, checkpointing, device, warmup, reps) -> dict[str, Any]:
-    from hla_convert.stages.distill import _only_trainable
-
-    def run():
-        out = fn(**inputs, return_dict=False)[0]
-        out.float().square().mean().backward()
-        for p in params.values():
-            p.grad = None
-
-    was = bool(getattr(model, "is_gradient_checkpointing", False))
-    if checkpointing and not was:
-        model.enable_gradient_checkpointing()
-    try:
-        with _only_trainable(model, params), torch.enable_grad():
-            res = measure(run, device, warmup, reps)
-    finally:
-        if checkpointing and not was:
-            model.disable_gradient_checkpointing()
-    res["trainable_parameters"] = sum(p.numel() for p in params.values())
-    res["gradient_checkpointing"] = bool(checkpointing)
-    return res
-
-
-def stand_in_pipeline(transformer, device, dtype, smoke: bool):
-    """WanPipeline around `transformer` with a 1-layer UMT5 (its d_model = text_dim), a word-level
-    tokenizer built here, a small AutoencoderKLWan (same 4x/8x compression, z_dim 16) and Wan's
-    UniPC flow scheduler (shift 3)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {f"w{i}": 3 + i for i in range(253)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(1)
-    d = transformer.config.text_dim
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(vocab), d_model=d, d_kv=64, d_ff=256, num_layers=1, num_heads=max(1, d // 64 // 8))
-    ).to(device, dtype).eval()
-    vae = AutoencoderKLWan(base_dim=4 if smoke else 16, z_dim=transformer.config.in_channels, num_res_blocks=1).to(device).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def time_sampling(pipe, res, steps, device) -> dict[str, Any]:
-    f, h, w = res
-    marks: list[float] = []
-
-    def on_step(_pipe, _i, _t, kwargs):
-        _sync(device)
-        marks.append(time.perf_counter())
-        return kwargs
-
-    def run():
-        marks.clear()
-        g = torch.Generator(device="cpu").manual_seed(0)
-        t0 = time.perf_counter()
-        pipe(
-            prompt="w1 w2 w3 w4", negative_prompt="w5 w6", height=h, width=w, num_frames=f, num_inference_steps=steps,
-            guidance_scale=5.0, generator=g, output_type="np", callback_on_step_end=on_step,
-        )
-        _sync(device)
-        return t0, time.perf_counter()
-
-    run()  # warm-up (first kernels, allocator)
-    reset_peak(device)
-    t0, t1 = run()
-    step_s = [b - a for a, b in zip([t0] + marks[:-1], marks)]
-    return {
-        "seconds_per_video": t1 - t0,
-        "loop_s": marks[-1] - t0,
-        "steps": steps,
-        "median_step_s": statistics.median(step_s[1:] or step_s),
-        "guidance_scale": 5.0,
-        "peak_mem_gb": peak_gb(device),
-    }
-
-
-def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> list[dict[str, Any]]:
-    """Stage 1, then stage 2 with its teacher live and cached, as the library runs them: `steps`
-    steps each on synthetic inputs. The cached run's first step also holds the targets' cache
-    (`cache_s`), which the median after the first step leaves out."""
-    from hla_convert.stages.distill import attention_transfer, output_distillation
-
-    items = [model_inputs(model, res, text_len, device, dtype, seed=10 + i) for i in range(4)]
-    recipe = recipe.with_overrides(
-        fields={"stage1.steps": steps, "stage2.steps": steps, "stage1.checkpoint_every": 10**6, "stage2.checkpoint_every": 10**6}
-    )
-    accumulate = recipe.stage2.batch_size // recipe.calibration.batch_size
-    runs = [("stage1", attention_transfer, recipe, None)] + [
-        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how}), how) for how in ("live", "cached")
-    ]
-    out = []
-    for stage, run, recipe, how in runs:
-        marks: list[float] = []
-
-        def progress(_stage, _done, _total, _info):
-            _sync(device)
-            marks.append(time.perf_counter())
-
-        reset_peak(device)
-        with tempfile.TemporaryDirectory() as work:
-            t0 = time.perf_counter()
-            summary = run(model, items, recipe, work_dir=work, progress=progress)
-        step_s = [b - a for a, b in zip([t0] + marks[:-1], marks)]
-        spec = getattr(recipe, stage)
-        out.append({
-            "measurement": stage,
-            "steps": len(step_s),
-            "seconds_per_step": statistics.median(step_s[1:] or step_s),
-            "step_s": [round(s, 4) for s in step_s],
-            "forwards_per_step": spec.batch_size // recipe.calibration.batch_size,
-            "gradient_checkpointing": bool(stage == "stage2" and recipe.stage2.gradient_checkpointing),
-            "lora": summary.get("lora"),
-            "final_loss": summary.get("final_loss"),
-            "peak_mem_gb": peak_gb(device),
-        })  # fmt: skip
-        if how is not None:  # stage 2: how the targets came, and the teacher forwards a step costs
-            teacher = summary.get("teacher") or {}
-            out[-1].update({
-                "teacher": teacher.get("mode", how),
-                "teacher_forwards_per_step": accumulate if how == "live" else 0,
-                "cache_s": teacher.get("seconds"),
-                "cached_targets": teacher.get("targets"),
-            })  # fmt: skip
-    return out
 
 
 # -- the run --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules; plain helpers are in helpers.py, tiny models in tiny_models.py.
+"""Fixtures shared by the test modules; plain helpers are in helpers.py, tiny models in tiny_models/.
 
 One CPU thread for torch, in this process and (OMP_NUM_THREADS=1) in every process a test starts:
 the models here are a few thousand parameters, and on a shared 2-core machine extra threads only

@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules (fixtures live in conftest.py; tiny models in tiny_models.py).
+"""Helpers shared by the test modules (fixtures live in conftest.py; tiny models in tiny_models/).
 
 No test module imports another test module: what two of them need lives here.
 
@@ -13,20 +13,28 @@ No test module imports another test module: what two of them need lives here.
   write (os.replace) with its rank, so a test can see that only the main process writes;
 - `wan_original_layout(state_dict)` / `save_wan_single_file(model, path)`, a diffusers Wan
   transformer's weights in Wan-AI's ORIGINAL single-file layout (the inverse of diffusers'
-  convert_wan_transformer_to_diffusers), and `save_wan_config(model, folder)`, its config alone.
+  convert_wan_transformer_to_diffusers), and `save_wan_config(model, folder)`, its config alone;
+- the seam tests' (tests/model/test_surgery.py and its neighbours) configs and tiny models:
+  `HADAMARD`, `STUDENT_CONFIGS` / `STUDENT_IDS`, `tiny_base(arch)` (a fresh copy of a tiny model,
+  its inputs and its unconverted output, built once per process) and `forward_no_grad`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
+from hla_convert import HLAConfig
 from hla_convert.cli import app
+
+from tiny_models import forward, tiny_inputs, tiny_model
 
 runner = CliRunner()
 
@@ -233,3 +241,35 @@ def save_wan_config(model, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_config(str(folder))
     return folder
+
+
+# -- the seam tests' configs and tiny models (tests/model/test_surgery.py and its neighbours) ---------
+
+HADAMARD = HLAConfig(kind="hadamard", factors=2, feature_dim=4)
+STUDENT_CONFIGS = [
+    HADAMARD,
+    HLAConfig(kind="hadamard", factors=3, feature_dim=3, feature_map="softplus"),
+    HLAConfig(kind="linear", factors=2, feature_dim=3),
+    HLAConfig(kind="higher_order", feature_dim=4),
+    HLAConfig(kind="hybrid", factors=2, feature_dim=4, window=(1, 0, 0), halo=(0, 1, 1)),
+]
+STUDENT_IDS = ["hadamard-taylor", "hadamard-softplus-F3", "linear", "higher_order", "hybrid"]
+
+_CACHE: dict[str, tuple[torch.nn.Module, dict, torch.Tensor]] = {}
+
+
+def tiny_base(arch: str):
+    """(a fresh copy of the tiny model, its inputs, its unconverted output)."""
+    if arch not in _CACHE:
+        model = tiny_model(arch)
+        inputs = tiny_inputs(arch, model=model)
+        with torch.no_grad():
+            ref = forward(model, inputs)
+        _CACHE[arch] = (model, inputs, ref)
+    model, inputs, ref = _CACHE[arch]
+    return copy.deepcopy(model), inputs, ref
+
+
+def forward_no_grad(model, inputs):
+    with torch.no_grad():
+        return forward(model, inputs)

@@ -1,7 +1,7 @@
 """hla_convert.convert / validate, the one-call Python API, on the embedded demo model: the same
 run as the `hla-convert convert` command (same report, same files), its progress events, its
 errors for bad input, and a validate round trip. An interrupted call and its resume=True are
-tests/cli/test_cli.py's resume test (the command's --stop-after-steps is a KeyboardInterrupt from
+tests/cli/test_resume.py's resume test (the command's --stop-after-steps is a KeyboardInterrupt from
 the progress callback; its --resume is resume=True), against the same reference.
 
 The CLI run is the session's demo conversion (conftest's `converted`, the console script in a

@@ -1,8 +1,8 @@
 """The test suite's own rules, read from the test files' source (no test runs here).
 
 - No test module imports another test module: what two of them share lives in helpers.py,
-  conftest.py (fixtures) or tiny_models.py, so running one file never collects another's tests
-  and a module's fixtures never run twice under two names.
+  conftest.py (fixtures), tiny_models/ or fuzzing.py (the fuzz tests' strategies), so running one
+  file never collects another's tests and a module's fixtures never run twice under two names.
 - A GPU test (`test_gpu_*`) carries the `gpu` marker, so `pytest -m gpu` selects every one and a
   CPU machine skips them at collection.
 """

@@ -72,7 +72,7 @@ class HalfOf:
 # at half of that row's stage-2 steps, sampling with the measure's --sampling-steps (the recipe's
 # validation.sampling_steps, stage3.sampling_steps' default), so the sampled-video PSNR is compared
 # with and without it at the same stage 2. The teachers are bare transformers: run.py gives stage 3
-# the measure's scheduler through a pipeline folder (run.onpolicy_pipeline).
+# the measure's scheduler through a pipeline folder (conversion.onpolicy_pipeline).
 ONPOLICY_OF = ("hla-lora", "hybrid-lora-keep2", "hybrid-lora-keep2-lr32-s2x4")
 for _row in ONPOLICY_OF:
     CONFIGS[f"{_row}-onpolicy"] = {**CONFIGS[_row], "stage3.steps": HalfOf("stage2.steps")}

@@ -144,7 +144,7 @@ def test_wrong_base_is_refused(saved):
         (lambda t: t.pop("blocks.1.attn1.hla.bias"), "missing 1 key"),
         (lambda t: t.__setitem__("blocks.1.attn1.hla.extra", torch.zeros(1)), "unexpected key"),
         (lambda t: t.__setitem__("blocks.1.attn1.hla.bias", torch.zeros(3)), "has shape"),
-        # found probing the dtypes tests/test_fuzz.py draws: an I32/U32 header over the float bytes loaded as huge integers
+        # found probing the dtypes tests/fuzzing.py draws: an I32/U32 header over the float bytes loaded as huge integers
         (lambda t: t.__setitem__("blocks.1.attn1.hla.bias", t["blocks.1.attn1.hla.bias"].view(torch.int32)), "dtype int32, not a floating-point"),
     ],
 )
@@ -210,7 +210,7 @@ def test_truncated_and_corrupt_files(saved):
 
 
 def test_metadata_nested_thousands_deep_is_unreadable_not_a_recursion_error(saved):
-    """Found by tests/test_fuzz.py: json.loads of a 100,000-deep metadata value raised RecursionError."""
+    """Found by tests/io/test_adapter_fuzz.py: json.loads of a 100,000-deep metadata value raised RecursionError."""
     folder, _ = saved
     _rewrite(folder, change_meta=lambda meta: meta.update(base_class="[" * 100_000 + "]" * 100_000))
     with pytest.raises(AdapterError, match="unreadable metadata"):
@@ -219,7 +219,7 @@ def test_metadata_nested_thousands_deep_is_unreadable_not_a_recursion_error(save
 
 @pytest.mark.parametrize(
     "key, value, expect",
-    [  # found by tests/test_fuzz.py: the first four raised TypeError in load_adapter; the others loaded
+    [  # found by tests/io/test_adapter_fuzz.py: the first four raised TypeError in load_adapter; the others loaded
         ("modules", 5, "'modules' must be a non-empty list of module names, got 5"),
         ("modules", None, "'modules' must be a non-empty list of module names, got None"),
         ("modules", [5], "'modules' must be a non-empty list of module names"),
@@ -243,7 +243,7 @@ def test_metadata_values_of_the_wrong_type_are_refused_when_read(saved, key, val
 
 @pytest.mark.parametrize(
     "change",
-    [  # found by tests/test_fuzz.py: metadata text went into AdapterError whole, newlines included
+    [  # found by tests/io/test_adapter_fuzz.py: metadata text went into AdapterError whole, newlines included
         {"base_source": "a\nb", "base_fingerprint": "sha256-v2:forged"},
         {"base_source": "x" * 3000, "base_fingerprint": "sha256-v2:forged"},
         {"modules": ["x" * 3000]},

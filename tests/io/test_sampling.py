@@ -278,7 +278,7 @@ def test_sample_never_replaces_a_user_edited_card_or_their_own_png(converted, tm
 
 @pytest.mark.parametrize("args", [["--out", "x" * 5000], ["--out", "x" * 5000 + ".gif"], ["--inputs", "x" * 5000]])
 def test_a_name_past_the_file_system_limit_is_bad_input(tmp_path, args):
-    """Found with tests/test_fuzz.py's long names (the recipe loader had the same OSError): the
+    """Found with tests/fuzzing.py's long names (the recipe loader had the same OSError): the
     is_dir() / is_file() checks on --out and --inputs raised ENAMETOOLONG, reported as a failed
     run (exit 3)."""
     result = invoke("sample", tmp_path, *args)

@@ -4,7 +4,7 @@ A graph break inside the attention layer would cost a compiled converted model i
 every converted layer; `fullgraph=True` makes any break an error, so these tests fail on one.
 CPU only: the reference path of the HLA layer (PyTorch ops) and, under the Triton interpreter,
 the kernels as torch.library custom ops (what dynamo sees on the GPU). Backend "eager" / "aot_eager"
-(no code generation), the embedded demo model and a one-block tiny Wan (tests/tiny_models.py), so
+(no code generation), the embedded demo model and a one-block tiny Wan (tests/tiny_models/), so
 the tests stay a few seconds each.
 """
 

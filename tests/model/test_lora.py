@@ -316,7 +316,7 @@ def test_adapters_that_recorded_peft_suffixes_load_as_their_weight_keys_say(tmp_
 
 @pytest.mark.parametrize(
     "forged, expect",
-    [  # found by tests/test_fuzz.py: each escaped as peft's own error, or loaded NaN weights
+    [  # found by tests/io/test_adapter_fuzz.py: each escaped as peft's own error, or loaded NaN weights
         ({"rank": False}, "rank must be a positive integer, got False"),
         ({"rank": 0}, "rank must be a positive integer, got 0"),
         ({"alpha": float("nan")}, "unreadable metadata"),  # a bare NaN is not JSON: refused as the header is read

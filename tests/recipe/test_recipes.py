@@ -219,7 +219,7 @@ def test_a_small_alias_expansion_is_shown_bounded(tmp_path):
         ("name: x\nattention:\n  kind: " + "k" * 100_000 + "\n", "attention.kind: 'kkk"),
         ("name: x\n" + "a" * 1000 + ": 1\n", "unknown section"),
         ("- just\n- a list\n", "must be a mapping"),
-        # scalars PyYAML's constructors raise on (found by tests/test_fuzz.py): were bare
+        # scalars PyYAML's constructors raise on (found by tests/recipe/test_recipe_fuzz.py): were bare
         # ValueError / IndexError / AttributeError, then the exception's text
         ("name: x\nstage1:\n  lr: !!float x\n", "'x' is not a valid float in"),
         ("name: x\ncalibration:\n  seed: !!int 0b\n", "'0b' is not a valid int in"),
@@ -248,7 +248,7 @@ def test_recipe_file_size_and_kind_are_checked(tmp_path):
         load_recipe("/dev/null")
     with pytest.raises(RecipeError, match="larger than 1 MiB"):
         recipe_text(str(big))
-    for read in (load_recipe, recipe_text):  # found by tests/test_fuzz.py: an OSError (ENAMETOOLONG) escaped
+    for read in (load_recipe, recipe_text):  # found by tests/recipe/test_recipe_fuzz.py: an OSError (ENAMETOOLONG) escaped
         with pytest.raises(RecipeError, match="cannot be read"):
             read("x" * 5000)
 
