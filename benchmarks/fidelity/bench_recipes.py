@@ -97,7 +97,7 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     # the own frame's size as a spatial tile: 4 x 4 tokens through all 16 frames = 256 keys
     "shipped-tile": {"attention.window": [0, 4, 4]},
     # the next ones after the first deep run (docs/comparison.md "Fifth run"): the stage-2 schedule
-    # (the fast tier's base trains 5x the shipped lr; 4x the steps took it 0.112 -> 0.076) and the
+    # (the fast tier's base trains 5x the shipped lr; 4x the steps took it 0.112 -> 0.085) and the
     # two levers that helped, together
     "shipped-s2x4": {"stage2.steps": 1600},
     "shipped-lr5x": {"stage2.lr": 5.0e-4},
