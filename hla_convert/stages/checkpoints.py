@@ -18,6 +18,9 @@ from ..atomic_files import atomic_write_bytes
 from ..errors import first_line
 
 _STATE_KEY = "hla_convert_checkpoint"
+# The layers given back to softmax after stage 1 (stages.selection.record_choice): a resumed run
+# reverts these instead of choosing again, so stages 2 and 3 go on training the model they started.
+SELECTION_FILE = "softmax_selection.json"
 
 
 class CheckpointError(ValueError):
@@ -27,6 +30,11 @@ class CheckpointError(ValueError):
 def checkpoint_path(work_dir: str | os.PathLike, stage: str) -> Path:
     """Where the latest checkpoint of a stage ("stage1", "stage2", "stage3") lives in a work folder."""
     return Path(work_dir) / f"{stage}.checkpoint.safetensors"
+
+
+def selection_path(work_dir: str | os.PathLike) -> Path:
+    """Where the recorded choice of layers given back to softmax lives in a work folder."""
+    return Path(work_dir) / SELECTION_FILE
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
@@ -91,10 +99,12 @@ def optimizer_from_checkpoint(
 
 
 __all__ = [
+    "SELECTION_FILE",
     "CheckpointError",
     "checkpoint_path",
     "load_checkpoint",
     "optimizer_from_checkpoint",
     "optimizer_to_checkpoint",
     "save_checkpoint",
+    "selection_path",
 ]

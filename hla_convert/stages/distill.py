@@ -320,19 +320,19 @@ def distil(
     stage's summary). parallel: see hla_convert.stages.parallel; the init and the selection run
     whole in every process, and every process reverts the layers the main process (rank 0) chose
     (selection.main_process_choice: a device's non-deterministic kernels can make the processes'
-    choices differ; the summary's "processes_disagreed" says when they did)."""
+    choices differ; the summary's "processes_disagreed" says when they did). The choice is recorded
+    in `work_dir`; a resumed run reverts the recorded layers without choosing again (its summary
+    then says "reused_on_resume": true), so stages 2 and 3 resume the model their checkpoints trained."""
     from ..model.surgery import revert_attention
     from .onpolicy import check_stage3_scheduler, onpolicy_distillation
-    from .selection import choose_softmax_layers, main_process_choice
+    from .selection import softmax_choice
 
     check_stage3_scheduler(recipe, scheduler is not None)
 
     init = initialize_feature_maps(model, inputs, progress=progress)
     stage1 = attention_transfer(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
-    chosen, selection = choose_softmax_layers(model, inputs, recipe.attention.softmax_layers, select=recipe.attention.softmax_select)
-    if parallel is not None:
-        selection = main_process_choice(selection, parallel)  # every process trains rank 0's choice
-        chosen = selection["softmax_layers"]
+    attn = recipe.attention
+    chosen, selection = softmax_choice(model, inputs, attn.softmax_layers, attn.softmax_select, work_dir, resume=resume, parallel=parallel)
     revert_attention(model, chosen)
     stage2 = output_distillation(model, inputs, recipe, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)
     stage3 = onpolicy_distillation(model, inputs, recipe, scheduler, work_dir=work_dir, resume=resume, progress=progress, parallel=parallel)

@@ -30,7 +30,7 @@ from ..json_docs import same_json
 from ..model.layers import hla_parameters
 from ..model.modes import attention_mode, forward, set_attention_mode
 from ..recipe import Recipe
-from .checkpoints import CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint, selection_path
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
 _FORMAT = 1
@@ -262,9 +262,12 @@ def _run_stage(
         start, history, last_layers = _restore(ckpt, fingerprint, params, optimizer, spec.steps, stage, work_dir)
         summary["resumed_from"] = start
     elif main:
-        # A fresh stage makes older checkpoints of it (and of what follows it) stale.
+        # A fresh stage makes older checkpoints of it (and of what follows it) stale; a fresh stage 1
+        # also the softmax layers chosen after it.
         for later in _STAGES[_STAGES.index(stage) :]:
             checkpoint_path(work_dir, later).unlink(missing_ok=True)
+        if stage == _STAGES[0]:
+            selection_path(work_dir).unlink(missing_ok=True)
     if parallel is not None:  # every process starts the stage from the main process's parameters
         parallel.broadcast_([params[n] for n in names])
 

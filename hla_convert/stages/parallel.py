@@ -144,7 +144,7 @@ class Parallel:
 
     def main_first(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the main process only (the others wait); an error there is raised on every
-        process (same type for InputError / OutputError, so that the exit codes agree)."""
+        process (same type for InputError / OutputError / CheckpointError, so that the exit codes agree)."""
         from accelerate.utils import broadcast_object_list
 
         result, error = None, ["", ""]
@@ -340,8 +340,9 @@ def quiet_unless_main() -> Iterator[bool]:
 
 def _error_type(name: str) -> type[Exception]:
     from ..errors import InputError, OutputError
+    from .checkpoints import CheckpointError
 
-    return {"InputError": InputError, "OutputError": OutputError}.get(name, RuntimeError)
+    return {"InputError": InputError, "OutputError": OutputError, "CheckpointError": CheckpointError}.get(name, RuntimeError)
 
 
 __all__ = ["Parallel", "StepShare", "launched", "quiet_unless_main", "secondary_process", "share_step"]

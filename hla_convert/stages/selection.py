@@ -13,8 +13,12 @@ the model as it will run. `attention.softmax_select` says which:
   it. Each candidate is tried as a temporary mode switch (that layer alone in "teacher" mode: its
   own softmax core, same weights), never a copy; the summary keeps every measured effect.
 
-Either choice is a pure function of the model's weights and the inputs (ties: the earlier layer),
-so a resumed run makes the same one. `choose_softmax_layers` chooses, `give_back_to_softmax` chooses
+Either choice is a pure function of the model's weights and the inputs (ties: the earlier layer)
+on one machine, but measured drifts can rank two close layers differently on another device type,
+process count or torch version. So the choice is made once: `softmax_choice` records it in the work
+folder (checkpoints.SELECTION_FILE, JSON, written atomically by the main process) and a resumed run
+reverts the recorded layers without choosing again, so stages 2 and 3 go on training the model
+their checkpoints were trained on. `choose_softmax_layers` chooses, `give_back_to_softmax` chooses
 and reverts; under several processes every process trains rank 0's choice (`main_process_choice`).
 """
 
@@ -22,14 +26,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..atomic_files import atomic_write_text
+from ..json_docs import dumps_document, loads_strict
 from ..model.layers import hla_layers
 from ..model.modes import attention_mode, forward, streamed_pairs
 from ..recipe.schema import SOFTMAX_SELECT, RecipeError
+from .checkpoints import CheckpointError, selection_path
 
 
 class LayerErrors:
@@ -202,6 +210,80 @@ def main_process_choice(summary: dict[str, Any], parallel: Any) -> dict[str, Any
     return shared
 
 
+# -- the choice of a run, recorded in its work folder ------------------------------------------------
+
+
+def softmax_choice(
+    model: nn.Module, inputs: Sequence[dict[str, Any]], count: int, select: str, work_dir: str | Path, resume: bool = False, parallel: Any = None
+) -> tuple[list[str], dict[str, Any]]:
+    """The layers to give back to softmax after stage 1 and the selection summary, without changing
+    the model (the caller reverts them).
+
+    resume with a recorded choice in `work_dir`: that one, its summary plus "reused_on_resume": true
+    (the main process reads it, every process gets its copy). Otherwise choose_softmax_layers (and,
+    under several processes, main_process_choice), recorded by the main process for a later resume.
+    Raises CheckpointError (one line) for a recorded choice that is damaged, made for another
+    attention.softmax_layers / softmax_select, or names a layer this model has not converted."""
+    def run_on_main(fn: Any) -> Any:
+        return fn() if parallel is None else parallel.main_first(fn)
+
+    if resume:
+        recorded = run_on_main(lambda: recorded_choice(work_dir, model, count, select))
+        if parallel is not None:
+            recorded = parallel.share_object(recorded)
+        if recorded is not None:
+            return list(recorded["softmax_layers"]), {**recorded, "reused_on_resume": True}
+    chosen, summary = choose_softmax_layers(model, inputs, count, select=select)
+    if parallel is not None:
+        summary = main_process_choice(summary, parallel)  # every process trains rank 0's choice
+        chosen = list(summary["softmax_layers"])
+    run_on_main(lambda: record_choice(work_dir, summary))
+    return chosen, summary
+
+
+def record_choice(work_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Write a selection summary to the work folder's SELECTION_FILE, atomically (non-finite errors
+    as the strings json_docs writes)."""
+    return atomic_write_text(selection_path(work_dir), dumps_document(summary) + "\n")
+
+
+def recorded_choice(work_dir: str | Path, model: nn.Module, count: int, select: str) -> dict[str, Any] | None:
+    """The selection summary recorded in `work_dir`, checked against the recipe's budget (`count`,
+    `select`) and the model's converted layers; None when there is none (a work folder from before
+    choices were recorded, or whose stage 1 started afresh). Raises CheckpointError, one line."""
+    path = selection_path(work_dir)
+    if not (path.exists() or path.is_symlink()):
+        return None
+    again = "start afresh without --resume (with --overwrite)"
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"the softmax layers recorded in {path} {why}; {again}, or delete {Path(work_dir)} first")
+
+    if not path.is_file() or path.is_symlink():
+        raise damaged("are not a regular file")
+    try:
+        doc = loads_strict(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise damaged("are damaged (not readable JSON)") from None
+    names = doc.get("softmax_layers") if isinstance(doc, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise damaged("are damaged (softmax_layers is not a list of distinct layer names)")
+    converted = [n for n, layer in hla_layers(model).items() if layer.config.kind != "softmax"]
+    expected = count if count > 0 and converted else 0
+    if doc.get("select") != select or len(names) != expected:
+        raise CheckpointError(
+            f"the softmax layers recorded in {path} were chosen for a different recipe (attention.softmax_layers, softmax_select); "
+            f"resume with the same one, or {again}"
+        )
+    unknown = [n for n in names if n not in converted]
+    if unknown:
+        raise CheckpointError(
+            f"the softmax layers recorded in {path} name {unknown[0]}, which is not a converted attention module of this model "
+            f"(a different recipe or model); resume with the same ones, or {again}"
+        )
+    return doc
+
+
 __all__ = [
     "LayerErrors",
     "OutputDrift",
@@ -211,4 +293,7 @@ __all__ = [
     "largest_errors",
     "main_process_choice",
     "measure_layer_errors",
+    "record_choice",
+    "recorded_choice",
+    "softmax_choice",
 ]

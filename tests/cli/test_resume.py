@@ -71,3 +71,36 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_its_checkpoint(tmp_path, fa
     assert "loss is nan" in line and "step 1" in line
     assert (out / ".hla_work" / "stage1.checkpoint.safetensors").is_file()
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_a_run_resumed_in_stage_2_keeps_the_softmax_layers_it_chose(converted, tmp_path, fast_recipe, monkeypatch):
+    """Stopped after stage 2's first step (6 + 1 steps) and resumed where the chooser would now pick
+    another layer (as another device or torch version could): the recorded layers are reverted, and
+    the adapter is the uninterrupted run's."""
+    from hla_convert.stages import selection
+
+    reference, ref_doc = converted
+    chosen = ref_doc["drift"]["training"]["selection"]["softmax_layers"]
+    out = tmp_path / "stopped"
+    stopped = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--stop-after-steps", "7")
+    assert stopped.exit_code == 130, stopped.stderr
+    assert (out / ".hla_work" / "stage2.checkpoint.safetensors").is_file()
+    assert json.loads((out / ".hla_work" / "softmax_selection.json").read_text())["softmax_layers"] == chosen
+
+    def chooses_otherwise(model, inputs, count, max_batches=4, select="attention"):
+        from hla_convert.model.layers import hla_layers
+
+        other = [n for n in hla_layers(model) if n not in chosen][:count]
+        return other, {"select": select, "errors": {}, "softmax_layers": other}
+
+    monkeypatch.setattr(selection, "choose_softmax_layers", chooses_otherwise)
+    resumed = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    training = json.loads(resumed.stdout)["drift"]["training"]
+    assert training["stage2"]["resumed_from"] == 1
+    assert training["selection"]["softmax_layers"] == chosen and training["selection"]["reused_on_resume"] is True
+    got = load_file(str(out / "adapter_model.safetensors"))
+    want = load_file(str(reference / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

@@ -202,14 +202,17 @@ class FakeParallel:
     def note(self, text):
         self.notes.append(text)
 
+    def main_first(self, fn):  # Parallel.main_first: the main process runs it, the others get None
+        return fn() if self.is_main else None
 
-def _distil_selecting(tmp_path, parallel):
+
+def _distil_selecting(tmp_path, parallel, resume=False):
     """distil with no training steps (selection on the freshly initialised HLA layers) on a tiny Wan of
     3 layers, one of them given back; (the model, the selection summary)."""
     rec = recipe(1).with_overrides(fields={"stage1.steps": 0, "stage2.steps": 0})
     model = tiny_model("wan", num_layers=3)
     convert_attention(model, rec.hla_config())
-    out = distil(model, build_inputs(model, rec, "train"), rec, work_dir=tmp_path / "work", parallel=parallel)
+    out = distil(model, build_inputs(model, rec, "train"), rec, work_dir=tmp_path / "work", parallel=parallel, resume=resume)
     return model, out["selection"]
 
 
@@ -243,3 +246,156 @@ def test_choose_softmax_layers_leaves_the_model_as_it_was():
     names, summary = choose_softmax_layers(model, inputs, 1, select="output")
     assert names == summary["softmax_layers"] == ["blocks.1.attn1"]
     assert len(hla_layers(model)) == 3  # nothing reverted: give_back_to_softmax or the caller does that
+
+
+# -- resume: the layers the stage-2 checkpoint was trained with -------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _other_layer(model_layers, chosen):
+    """Any converted layer other than `chosen` (a chooser that now decides otherwise)."""
+    return next(n for n in model_layers if n not in chosen)
+
+
+def _run_to_stage2(work, stop_at=None, resume=False, select="attention"):
+    """distil on a tiny Wan of 3 layers, 1 given back; stop_at: killed after that stage-2 step
+    (checkpoint_every 1: its checkpoint is written). (the model, the summary)."""
+    rec = recipe(1).with_overrides(fields={"attention.softmax_select": select})
+    model = tiny_model("wan", num_layers=3)
+    convert_attention(model, rec.hla_config())
+    inputs = build_inputs(model, rec, "train")
+
+    def progress(stage, step, total, info):
+        if stage == "stage2" and step == stop_at:
+            raise Interrupt
+
+    out = distil(model, inputs, rec, work_dir=work, resume=resume, progress=progress)
+    return model, out
+
+
+def _trained(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".hla." in k}
+
+
+def test_a_resumed_run_reverts_the_recorded_layers_even_if_the_chooser_now_picks_others(tmp_path, monkeypatch):
+    """The choice is made once, after stage 1, and recorded in the work folder; a run resumed in
+    stage 2 (another device, process count or torch version could measure the drifts differently)
+    trains the layers its checkpoint was trained with, and ends as the uninterrupted run."""
+    from hla_convert.stages import selection
+    from hla_convert.stages.checkpoints import selection_path
+
+    reference, ref = _run_to_stage2(tmp_path / "a")
+    chosen = ref["selection"]["softmax_layers"]
+    with pytest.raises(Interrupt):
+        _run_to_stage2(tmp_path / "b", stop_at=1)
+    assert selection_path(tmp_path / "b").is_file()
+
+    real = selection.choose_softmax_layers
+
+    def chooses_otherwise(model, inputs, count, max_batches=4, select="attention"):
+        names, summary = real(model, inputs, count, max_batches, select)
+        other = [_other_layer(hla_layers(model), names)]
+        return other, {**summary, "softmax_layers": other}
+
+    monkeypatch.setattr(selection, "choose_softmax_layers", chooses_otherwise)
+    model, out = _run_to_stage2(tmp_path / "b", resume=True)
+    assert out["stage2"]["resumed_from"] == 1
+    assert out["selection"]["softmax_layers"] == chosen and out["selection"]["reused_on_resume"] is True
+    assert out["selection"]["errors"] == ref["selection"]["errors"]  # the recorded summary, not a new one
+    assert sorted(hla_layers(model)) == sorted(hla_layers(reference))
+    want, got = _trained(reference), _trained(model)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(v, got[k]), k
+
+
+def test_a_work_folder_without_a_recorded_choice_chooses_again(tmp_path, monkeypatch):
+    """An older work folder (no recorded choice): the layers are chosen after stage 1 as before."""
+    from hla_convert.stages import selection
+    from hla_convert.stages.checkpoints import selection_path
+
+    _, ref = _run_to_stage2(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        _run_to_stage2(tmp_path / "b", stop_at=1)
+    selection_path(tmp_path / "b").unlink()
+    calls = []
+    real = selection.choose_softmax_layers
+    monkeypatch.setattr(selection, "choose_softmax_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, out = _run_to_stage2(tmp_path / "b", resume=True)
+    assert calls == [1] and "reused_on_resume" not in out["selection"]
+    assert out["selection"]["softmax_layers"] == ref["selection"]["softmax_layers"]
+    assert selection_path(tmp_path / "b").is_file()  # recorded now, for a later resume
+
+
+@pytest.mark.parametrize(
+    "edit, expect",
+    [
+        (lambda doc: doc.update(softmax_layers=["blocks.9.attn1"]), "blocks.9.attn1"),
+        (lambda doc: doc.update(softmax_layers=["blocks.0.attn1", "blocks.1.attn1"]), "different recipe"),
+        (lambda doc: doc.update(select="output"), "different recipe"),
+        (lambda doc: doc.update(softmax_layers="blocks.0.attn1"), "damaged"),
+        (None, "damaged"),
+    ],
+)
+def test_a_recorded_choice_that_does_not_fit_the_model_or_recipe_is_one_line(tmp_path, edit, expect):
+    import json
+
+    from hla_convert.stages.checkpoints import CheckpointError, selection_path
+
+    with pytest.raises(Interrupt):
+        _run_to_stage2(tmp_path, stop_at=1)
+    path = selection_path(tmp_path)
+    if edit is None:
+        path.write_text("{not json")
+    else:
+        doc = json.loads(path.read_text())
+        edit(doc)
+        path.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=expect) as err:
+        _run_to_stage2(tmp_path, resume=True)
+    assert "\n" not in str(err.value) and "--resume" in str(err.value)
+
+
+def test_a_fresh_stage_1_forgets_an_earlier_choice(tmp_path):
+    from hla_convert.stages.checkpoints import checkpoint_path, selection_path
+
+    with pytest.raises(Interrupt):
+        _run_to_stage2(tmp_path, stop_at=1)
+    checkpoint_path(tmp_path, "stage1").unlink()  # stage 1 starts afresh: the choice is made again
+    selection_path(tmp_path).write_text('{"select": "attention", "softmax_layers": ["blocks.9.attn1"], "errors": {}}')
+    _, out = _run_to_stage2(tmp_path, resume=True)
+    assert "reused_on_resume" not in out["selection"] and out["selection"]["softmax_layers"] != ["blocks.9.attn1"]
+
+
+class SharesRecord(FakeParallel):
+    """A process other than rank 0 on resume: Parallel.main_first runs only on rank 0, and
+    share_object gives rank 0's object, here `record` (what rank 0 read from its work folder)."""
+
+    def __init__(self, record):
+        super().__init__(rank0_layers=[])
+        self.record = record
+
+    def share_object(self, obj):
+        assert obj is None  # this process read nothing itself
+        return self.record
+
+
+def test_under_several_processes_rank_0_records_the_choice_and_every_process_resumes_it(tmp_path):
+    import json
+
+    from hla_convert.stages.checkpoints import selection_path
+
+    _, first = _distil_selecting(tmp_path / "main", FakeParallel())  # rank 0 writes the record
+    record = json.loads(selection_path(tmp_path / "main" / "work").read_text())
+    assert record["softmax_layers"] == first["softmax_layers"] and record["processes_disagreed"] is False
+    _distil_selecting(tmp_path / "other", FakeParallel(rank0_layers=first["softmax_layers"]))
+    assert not selection_path(tmp_path / "other" / "work").exists()  # only the main process writes
+
+    theirs = next(n for n in (f"blocks.{i}.attn1" for i in range(3)) if n not in first["softmax_layers"])
+    model, sel = _distil_selecting(tmp_path / "other", SharesRecord({**record, "softmax_layers": [theirs]}), resume=True)
+    assert sel["softmax_layers"] == [theirs] and sel["reused_on_resume"] is True
+    assert theirs not in hla_layers(model) and len(hla_layers(model)) == 2
+    assert not selection_path(tmp_path / "other" / "work").exists()
