@@ -280,17 +280,18 @@ def _trained(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if ".hla." in k}
 
 
-def test_a_resumed_run_reverts_the_recorded_layers_even_if_the_chooser_now_picks_others(tmp_path, monkeypatch):
+@pytest.mark.parametrize("select", ["attention", "output"])
+def test_a_resumed_run_reverts_the_recorded_layers_even_if_the_chooser_now_picks_others(tmp_path, monkeypatch, select):
     """The choice is made once, after stage 1, and recorded in the work folder; a run resumed in
     stage 2 (another device, process count or torch version could measure the drifts differently)
     trains the layers its checkpoint was trained with, and ends as the uninterrupted run."""
     from hla_convert.stages import selection
     from hla_convert.stages.checkpoints import selection_path
 
-    reference, ref = _run_to_stage2(tmp_path / "a")
+    reference, ref = _run_to_stage2(tmp_path / "a", select=select)
     chosen = ref["selection"]["softmax_layers"]
     with pytest.raises(Interrupt):
-        _run_to_stage2(tmp_path / "b", stop_at=1)
+        _run_to_stage2(tmp_path / "b", stop_at=1, select=select)
     assert selection_path(tmp_path / "b").is_file()
 
     real = selection.choose_softmax_layers
@@ -301,7 +302,7 @@ def test_a_resumed_run_reverts_the_recorded_layers_even_if_the_chooser_now_picks
         return other, {**summary, "softmax_layers": other}
 
     monkeypatch.setattr(selection, "choose_softmax_layers", chooses_otherwise)
-    model, out = _run_to_stage2(tmp_path / "b", resume=True)
+    model, out = _run_to_stage2(tmp_path / "b", resume=True, select=select)
     assert out["stage2"]["resumed_from"] == 1
     assert out["selection"]["softmax_layers"] == chosen and out["selection"]["reused_on_resume"] is True
     assert out["selection"]["errors"] == ref["selection"]["errors"]  # the recorded summary, not a new one
