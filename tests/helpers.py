@@ -16,7 +16,9 @@ No test module imports another test module: what two of them need lives here.
   convert_wan_transformer_to_diffusers), and `save_wan_config(model, folder)`, its config alone;
 - the seam tests' (tests/model/test_surgery.py and its neighbours) configs and tiny models:
   `HADAMARD`, `STUDENT_CONFIGS` / `STUDENT_IDS`, `tiny_base(arch)` (a fresh copy of a tiny model,
-  its inputs and its unconverted output, built once per process) and `forward_no_grad`.
+  its inputs and its unconverted output, built once per process) and `forward_no_grad`;
+- `kernel_autograd_bytes(forward, do)`, what autograd keeps and allocates around a kernel's custom
+  ops: the saved tensors' bytes and the bytes allocated in the backward outside the kernel's op.
 """
 
 from __future__ import annotations
@@ -273,3 +275,37 @@ def tiny_base(arch: str):
 def forward_no_grad(model, inputs):
     with torch.no_grad():
         return forward(model, inputs)
+
+
+def kernel_autograd_bytes(forward: Callable[[], torch.Tensor], do: torch.Tensor) -> tuple[list[int], int]:
+    """(bytes of each tensor saved for backward by `forward()`, bytes autograd allocates in the
+    backward outside the hla_kernels custom ops).
+
+    The second counts every factory call (zeros, empty, ...) the backward makes other than inside
+    an hla_kernels op (a dispatch mode sees a custom op as one call): the zero gradients autograd
+    materialises for outputs the formula ignores land here. A kernel's own temporaries do not.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    factories = {"empty", "empty_like", "empty_strided", "zeros", "zeros_like", "full", "full_like", "new_empty", "new_zeros", "new_full"}
+
+    class Allocations(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.namespace != "hla_kernels" and func.overloadpacket.__name__ in factories:
+                Allocations.total += out.numel() * out.element_size()
+            return out
+
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    with Allocations():
+        out.backward(do)
+    return saved, Allocations.total

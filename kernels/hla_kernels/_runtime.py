@@ -129,6 +129,20 @@ def launch_extra(cfg: dict, interp: bool) -> dict:
     return {} if interp else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
+def no_zero_grads(ctx) -> None:
+    """In a custom op's setup_context: the backward gets None, not zeros, for the forward's
+    non-differentiable extra outputs (den, states: returned only because a custom op's backward may
+    save nothing else).
+
+    torch.library's autograd wrapper is an autograd.Function, which by default materialises a zero
+    gradient of each output's shape and dtype before calling the backward; those zeros stay alive
+    through the backward kernels. For the causal kernel that is one more copy of every per-slot
+    state: token-causal N = 32,760, H = 12, r = 32, dv = 128, bf16: 391.5 MiB of the 2,041 MB peak
+    (benchmarks/RESULTS.md, 2026-12-06). The formulas never read those gradients.
+    """
+    ctx.set_materialize_grads(False)
+
+
 def mask_weights(key_mask: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor | None:
     """bool key_mask [B, N] (True = keep) -> fp32 weights [B, N] on v's device, or None."""
     if key_mask is None:

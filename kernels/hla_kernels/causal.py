@@ -249,6 +249,7 @@ def _setup_context(ctx, inputs, output):
     q1, q2, k1, k2, v, wmask, eps, block_size = inputs
     out, den, tsel, zsel = output
     ctx.mark_non_differentiable(den, tsel, zsel)
+    rt.no_zero_grads(ctx)
     ctx.save_for_backward(q1, q2, k1, k2, v, wmask, out, den, tsel, zsel)
     ctx.eps, ctx.block_size = eps, block_size
 

@@ -357,6 +357,7 @@ def _setup_context(ctx, inputs, output):
     q1, q2, k1, k2, v, wmask, _eps = inputs
     _out, den, t_dot, z = output
     ctx.mark_non_differentiable(den, t_dot, z)
+    rt.no_zero_grads(ctx)
     ctx.save_for_backward(q1, q2, k1, k2, v, wmask, den, t_dot, z)
 
 

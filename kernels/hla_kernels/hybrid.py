@@ -273,6 +273,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_first, _eps = inputs
     out, mst, dst, t_rest, z_rest = output
     ctx.mark_non_differentiable(mst, dst, t_rest, z_rest)
+    rt.no_zero_grads(ctx)
     ctx.save_for_backward(q, k, v, q1, q2, k1, k2, log_beta, kmask, out, mst, dst, t_rest, z_rest)
     ctx.layout = (scale, big, nb, text_len, text_first)
 

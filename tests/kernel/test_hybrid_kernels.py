@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from hla_kernels import hybrid as hy  # noqa: E402
 from hla_convert.ops import hybrid as ops_hybrid  # noqa: E402
 from hla_convert.ops.hybrid import hybrid_attention, hybrid_attention_naive  # noqa: E402
+from helpers import kernel_autograd_bytes  # noqa: E402
 
 
 def _inputs(grid, text, b=1, h=2, d=8, dv=8, r=4, masked=False, seed=0, logit_scale=1.0):
@@ -81,6 +82,20 @@ def test_bf16_matches_float64_reference(interp):
     tensors, do, mask = _inputs(grid, 5, h=1, masked=True, seed=1)
     errs = _compare(grid, (1, 0, 0), 5, True, mask, tensors, do, torch.bfloat16)
     assert max(errs[:-1]) < 2e-2 and errs[-1] < 5e-2, errs
+
+
+def test_backward_allocates_nothing_outside_its_op(interp):
+    """No zero gradients for the forward's non-differentiable outputs (the softmax statistics and the
+    per-block linear states, which the formula ignores: _runtime.no_zero_grads)."""
+    tensors, do, _ = _inputs((3, 2, 3), 5)
+    leaves = [t.requires_grad_() for t in tensors]
+    scale = tensors[0].shape[-1] ** -0.5
+    _, backward_bytes = kernel_autograd_bytes(
+        lambda: hy.hybrid_attention(*leaves[:3], leaves[3:5], leaves[5:7], scale, leaves[7], (3, 2, 3), (1, 0, 0), (0, 0, 0), 5, True),
+        do,
+    )
+    assert backward_bytes == 0
+    assert all(t.grad is not None for t in leaves)
 
 
 def test_masked_window_and_large_negative_logits_use_the_shift_floor(interp):

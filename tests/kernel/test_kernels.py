@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 import hla_kernels  # noqa: E402
 from hla_kernels import hadamard as hk  # noqa: E402
 from hla_convert.ops import hadamard_attention_naive  # noqa: E402
+from helpers import kernel_autograd_bytes  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -128,6 +129,21 @@ def test_interpreter_partial_grads_and_no_grad(interp):
     with torch.no_grad():
         out2 = hla_kernels.hadamard_attention(q, k, v, mask)
     torch.testing.assert_close(out2, out.detach())
+
+
+def test_backward_memory_is_the_saved_state_alone(interp):
+    """Autograd keeps q1, q2, k1, k2, v (bf16), den (fp32 [B*H, N]) and the state (T bf16
+    [B*H, r*r, dv], Z fp32 [B*H, r*r]); the backward allocates nothing outside its kernel op (no zero
+    gradients for den, T and Z, which the formula ignores: see _runtime.no_zero_grads)."""
+    b, h, n, r, dv = 1, 2, 24, 4, 8
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.nn.functional.softplus(torch.randn(b, h, n, r, generator=g)).bfloat16().requires_grad_() for _ in range(4)]
+    v = torch.randn(b, h, n, dv, generator=g).bfloat16().requires_grad_()
+    saved, backward_bytes = kernel_autograd_bytes(
+        lambda: hla_kernels.hadamard_attention(leaves[:2], leaves[2:], v), torch.randn(b, h, n, dv).bfloat16()
+    )
+    assert sum(saved) == b * h * (n * (2 * (4 * r + dv) + 4) + 2 * r * r * dv + 4 * r * r)
+    assert backward_bytes == 0
 
 
 def test_interpreter_all_keys_masked(interp):
