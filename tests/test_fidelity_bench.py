@@ -282,3 +282,94 @@ def test_report_shows_what_each_lever_buys_against_the_shipped_row(tmp_path):
     assert report.main([str(results), "--write", str(doc), "--markers", "fidelity-deep"]) == 0
     written = doc.read_text()
     assert "fast table" in written and "\nold\n" not in written and written.index("what each lever buys") > written.index(report.END)
+
+
+# -- run.py --jobs N: the runs N at a time, each by a worker process (jobs.py) -------------------------
+
+_FAKE_WORKER = """
+import json, pathlib, sys, time
+name, record_file, meet = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+(meet / name).touch()
+print(f"{name} started", flush=True)
+t0 = time.time()
+while len(list(meet.iterdir())) < 2 and time.time() - t0 < 20:  # both running at once, or a timeout
+    time.sleep(0.02)
+if name == "crash":
+    print("Segmentation fault (core dumped)", file=sys.stderr, flush=True)
+    sys.exit(139)
+record_file.write_text(json.dumps({"model": "wan", "config": name, "seed": 0, "status": "ok", "met": len(list(meet.iterdir()))}) + "\\n")
+"""
+
+
+def test_jobs_run_at_once_and_a_crashed_worker_is_an_error_record(tmp_path, capsys):
+    """Two workers run at the same time (each waits to see the other start); the parent appends both
+    records to --out, a worker that dies without a record gives a one-line error record, and each
+    worker's lines are streamed prefixed and kept in its log file."""
+    run = _module("run")
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    out = tmp_path / "r.jsonl"
+
+    def worker_cmd(r, record_file):
+        return [sys.executable, "-c", _FAKE_WORKER, r[1], str(record_file), str(meet)]
+
+    def error_fields(r):
+        return {"model": r[0], "config": r[1], "seed": r[2]}
+
+    rc = run.jobs.run_grid([("wan", "ok", 0), ("wan", "crash", 0)], 2, out, worker_cmd, error_fields, run.append, "python run.py --jobs 2")
+    assert rc == 0
+    records = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["ok"]["status"] == "ok" and records["ok"]["met"] == 2  # the two ran at once
+    assert records["ok"]["env"]["command"] == "python run.py --jobs 2" and records["ok"]["worker"]["jobs"] == 2
+    crash = records["crash"]
+    assert crash["status"] == "error" and crash["error"] == "worker: exit status 139: Segmentation fault (core dumped)"
+    assert (crash["model"], crash["seed"]) == ("wan", 0) and crash["seconds"]["total"] > 0
+    text = capsys.readouterr().out
+    assert "[wan ok 0] ok started" in text and "[wan crash 0] Segmentation fault (core dumped)" in text
+    assert "ok started" in (tmp_path / "r-logs" / "wan-ok-seed0.log").read_text()
+    assert list((tmp_path / "r-jobs").iterdir()) == []  # the workers' record files are gone once appended
+
+
+def test_jobs_start_no_run_once_the_time_is_up(tmp_path, capsys):
+    run = _module("run")
+    out = tmp_path / "r.jsonl"
+    script = "import json, sys, time; time.sleep(0.5); open(sys.argv[1], 'w').write(json.dumps({'config': sys.argv[2]}))"
+    rc = run.jobs.run_grid(
+        [("wan", c, 0) for c in ("a", "b", "c")], 1, out, lambda r, f: [sys.executable, "-c", script, str(f), r[1]],
+        lambda r: {}, run.append, "cmd", stop_after_minutes=0.01,
+    )  # fmt: skip
+    # the first run starts (nothing measured yet); after it, 0.5 s used + 0.5 s for the next > 0.6 s
+    assert rc == 0 and [json.loads(x)["config"] for x in out.read_text().splitlines()] == ["a"]
+    assert "2 not started; --resume continues" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_jobs_two_give_the_records_of_one_and_resume_skips_them(tiny_teacher, tmp_path, capsys):
+    """--jobs 2 over two configs: the same records, bit for bit in every measure (one thread, the
+    same seeds), as --jobs 1, in the one --out file; --resume after it starts nothing."""
+    run = _module("run")
+
+    def argv(name, jobs):
+        return ["--models-dir", str(tiny_teacher), "--models", "wan", "--configs", "softmax", "hla", "--seeds", "0",
+                "--out", str(tmp_path / f"{name}.jsonl"), "--steps-scale", "0.01", "--device", "cpu", "--train-samples", "8",
+                "--heldout-samples", "4", "--batch-size", "4", "--sampling-steps", "1", "--threads", "1",
+                "--inputs-dir", str(tmp_path / f"inputs-{name}"), "--conversions-dir", str(tmp_path / f"conv-{name}"), "--jobs", str(jobs)]  # fmt: skip
+
+    assert run.main(argv("one", 1)) == 0
+    assert run.main(argv("two", 2)) == 0
+    one = {r["config"]: r for r in map(json.loads, (tmp_path / "one.jsonl").read_text().splitlines())}
+    two = {r["config"]: r for r in map(json.loads, (tmp_path / "two.jsonl").read_text().splitlines())}
+    assert set(one) == set(two) == {"softmax", "hla"}
+    for config, a in one.items():
+        b = two[config]
+        assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
+        for key in ("output", "loss", "attention", "sampling", "stage1", "stage2", "trainable", "heldout_samples", "overrides"):
+            assert a[key] == b[key], (config, key)
+        assert b["output_dir"] == str(tmp_path / "conv-two" / f"wan-{config}-seed0")  # the --jobs 1 folder: either mode resumes it
+        assert b["env"]["command"].endswith("--jobs 2") and "worker" not in a
+    assert one["hla"]["output"]["rel_l2"] > 0
+
+    capsys.readouterr()
+    assert run.main([*argv("two", 2), "--resume"]) == 0
+    assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 2
+    assert capsys.readouterr().out.count("done already (--resume)") == 2

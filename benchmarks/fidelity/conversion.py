@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,13 +45,24 @@ def onpolicy_pipeline(model_dir: Path, where: Path) -> Path:
 
     pipe = where / f"{model_dir.name}-pipeline"
     if not (pipe / "model_index.json").is_file():
-        pipe.mkdir(parents=True, exist_ok=True)
-        if not (pipe / "transformer").exists():
-            (pipe / "transformer").symlink_to(model_dir.resolve(), target_is_directory=True)
-        diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=bd.NUM_TRAIN_TIMESTEPS, shift=SAMPLING_SHIFT).save_pretrained(pipe / "scheduler")
+        # built in a folder of this process's own and renamed into place whole: runs started at
+        # once (run.py --jobs) never read a half-written one; the first rename wins
+        tmp = where / f".{pipe.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "transformer").symlink_to(model_dir.resolve(), target_is_directory=True)
+        diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=bd.NUM_TRAIN_TIMESTEPS, shift=SAMPLING_SHIFT).save_pretrained(tmp / "scheduler")
         config = json.loads((model_dir / "config.json").read_text())
         index = {"_class_name": "DiffusionPipeline", "transformer": ["diffusers", config["_class_name"]], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
-        (pipe / "model_index.json").write_text(json.dumps(index))
+        (tmp / "model_index.json").write_text(json.dumps(index))
+        if pipe.is_dir() and not (pipe / "model_index.json").is_file():
+            shutil.rmtree(pipe, ignore_errors=True)  # one cut off before this scheme
+        try:
+            os.rename(tmp, pipe)
+        except OSError:  # another process renamed its own in first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (pipe / "model_index.json").is_file():
+                raise
     return pipe
 
 

@@ -6,6 +6,8 @@ with the held-out split's true flow targets, and cached by their parameters.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -46,7 +48,23 @@ def write_inputs(arch: str, model, spec: bd.VideoSpec, seed: int, n_train: int, 
 
 
 def inputs_folder(cache: Path, arch: str, model, spec, seed: int, n_train: int, n_heldout: int, batch: int) -> Path:
+    """The cached input set of these parameters, written first if it is not there.
+
+    Written into a folder of this process's own and renamed into place whole, so that runs of the
+    same (model, seed) started at once (run.py --jobs) never read a half-written set: the first
+    rename wins and the others use its set (the same inputs: they are drawn from the seed).
+    """
     folder = cache / f"{arch}-seed{seed}-n{n_train}-h{n_heldout}-b{batch}-{spec.frames}x{spec.height}x{spec.width}"
     if not (folder / "DONE").is_file():
-        write_inputs(arch, model, spec, seed, n_train, n_heldout, batch, folder)
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_inputs(arch, model, spec, seed, n_train, n_heldout, batch, tmp)
+        if folder.is_dir() and not (folder / "DONE").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a set cut off before this scheme: no writer is in it
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process renamed its set in first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "DONE").is_file():
+                raise
     return folder

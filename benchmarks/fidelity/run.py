@@ -3,6 +3,8 @@
     python benchmarks/fidelity/run.py --models wan cogvideox --configs hla hla-lora hybrid-lora \\
         --seeds 0 1 --out results.json [--steps-scale 1.0] [--device cuda] [--resume]
     python benchmarks/fidelity/run.py --tier deep --base shipped --seeds 0 1 2 --out deep.json
+    python benchmarks/fidelity/run.py --tier deep --base shipped --models wan cogvideox \\
+        --configs shipped shipped-select-output --seeds 0 1 --jobs 8 --out deep.json --resume
     python benchmarks/fidelity/report.py results.json
 
 Two bases (--base): `bench` (default), the benchmark's own recipes/<model>.yaml, and `shipped`, the
@@ -34,8 +36,17 @@ One JSON record per line, appended and flushed as each run ends (a run killed by
 the finished ones; --resume skips them). A config whose recipe fields do not exist yet, or whose
 conversion fails, becomes a record with "status": "error" and one line saying why; the rest go on.
 
-The pieces: input_sets.py (the inputs), measure.py (the measures), conversion.py (one run); this
-file holds the grid, the results file and the command line.
+--jobs N runs up to N of the grid's (model, config, seed) runs at once, each in its own `run.py`
+process (one run, its own conversion folder, OMP_NUM_THREADS small), on the one device: a benchmark
+model this small is bound by kernel launches, so eight runs share one H100 well (docs/comparison.md,
+"Fifth run"). This process alone appends the workers' records to --out as each ends; their lines are
+printed prefixed `[model config seed]` and kept in <out>-logs/. --resume and --stop-after-minutes
+mean what they mean with one process: no run starts once the time is up, and a worker cut off
+(SIGTERM, Ctrl-C: the workers are ended with it) leaves its conversion for --resume. A worker that
+crashes gives a record with status "error" and one line. --jobs 1 (default) runs them here, one by one.
+
+The pieces: input_sets.py (the inputs), measure.py (the measures), conversion.py (one run), jobs.py
+(the worker processes of --jobs); this file holds the grid, the results file and the command line.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ import torch  # noqa: E402
 
 import bench_data as bd  # noqa: E402, F401 - tests/test_fidelity_bench.py reads run.bd
 import bench_models as bm  # noqa: E402
+import jobs  # noqa: E402
 from bench_recipes import BASES, CONFIGS, DEFAULT_CONFIGS, SHIPPED_CONFIGS, TIERS  # noqa: E402
 from conversion import DTYPES, run_one  # noqa: E402
 from measure import measure  # noqa: E402
@@ -131,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(tempfile.gettempdir()) / "hla-fidelity-conversions"),
         help="where each run's output folder is written (the folder that is measured; replaced by the next run of the same name)",
     )
+    ap.add_argument(
+        "--jobs", type=int, default=1,
+        help="run up to this many (model, config, seed) runs at once, each in its own run.py process (jobs.py); "
+        "a small model is bound by kernel launches, so several share one GPU well",
+    )
+    ap.add_argument("--record-to", default=None, help=argparse.SUPPRESS)  # internal (--jobs): a worker's record goes here, not to --out
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: measure one saved folder, JSON to stdout
     ap.add_argument("--measure-arch", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--measure-inputs", default=None, help=argparse.SUPPRESS)
@@ -162,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         args.sampling_steps = 20 if args.sampling_steps is None else args.sampling_steps
     if args.models_dir is None:
         args.models_dir = str(HERE / TIERS[args.tier])
+    if args.jobs < 1:
+        print("--jobs must be >= 1", file=sys.stderr)
+        return 2
     if args.heldout_samples < 4 or (args.train_samples is not None and args.train_samples < 1):
         print("--heldout-samples must be >= 4 and --train-samples >= 1", file=sys.stderr)
         return 2
@@ -175,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     cache = Path(args.inputs_dir)
     done = finished(out) if args.resume else set()
+    argv = list(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/fidelity/run.py", *argv])
+    if args.jobs > 1:
+        return run_in_workers(args, argv, out, done, command)
     env = {
-        "command": shlex.join(["python", "benchmarks/fidelity/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "git_commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -202,26 +227,59 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
                 record = run_one(arch, config, seed, model_dir, cache, args, device)
                 record["env"] = env
-                append(out, record)
+                append(Path(args.record_to) if args.record_to else out, record)
                 longest = max(longest, record["seconds"]["total"])
                 ran.append(record["seconds"]["total"])
-                s = record["seconds"]
-                if record["status"] == "ok":
-                    print(
-                        f"{arch:10s} {config:20s} seed {seed}: out rel L2 {record['output']['rel_l2']:.4f} "
-                        f"(worst bucket {record['output']['worst_bucket_rel_l2']:.4f}), loss x{record['loss']['ratio']:.3f}, "
-                        f"attn s1 {_fmt(record['attention']['stage1_mean'])} end {record['attention']['final_mean']:.3f}, "
-                        + (f"PSNR {record['sampling']['psnr_db']:.1f} dB, " if record.get("sampling") else "")
-                        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, stage3 {s['stage3']:.1f}, measured in a fresh process {s['measure_fresh_process']:.1f})",
-                        flush=True,
-                    )
-                else:
-                    print(f"{arch:10s} {config:20s} seed {seed}: ERROR {record['error']} ({s['total']:.1f}s)", flush=True)
+                print(summary(record), flush=True)
                 left = todo - len(ran)
                 if left:
                     est = left * sum(ran[-4:]) / len(ran[-4:])
                     print(f"  {len(ran)}/{todo} runs in {time.time() - t_start:.0f}s; about {est / 60:.1f} min for the {left} left at this rate", flush=True)
     return 0
+
+
+def run_in_workers(args, argv: list[str], out: Path, done: set[tuple], command: str) -> int:
+    """--jobs N: every run not done yet, each by a `run.py` worker process, N at a time (jobs.py)."""
+    runs = []
+    for arch in args.models:
+        model_dir = Path(args.models_dir) / arch
+        if not (model_dir / bm.INFO_FILE).is_file():
+            print(f"{model_dir}: no trained {arch} model ({bm.INFO_FILE} missing); run benchmarks/fidelity/train_models.py first", file=sys.stderr)
+            return 2
+        for seed in args.seeds:
+            for config in args.configs:
+                if (args.tier, arch, config, seed, args.steps_scale, args.dtype) in done:
+                    print(f"{arch:10s} {config:20s} seed {seed}: done already (--resume)", flush=True)
+                else:
+                    runs.append((arch, config, seed))
+
+    def worker_cmd(run: tuple, record_file: Path) -> list[str]:  # the caller's arguments, narrowed to one run
+        arch, config, seed = run
+        one = ["--models", arch, "--configs", config, "--seeds", str(seed), "--jobs", "1", "--record-to", str(record_file)]
+        return [sys.executable, str(HERE / "run.py"), *argv, *one]
+
+    def error_fields(run: tuple) -> dict:
+        keys = ("tier", "base", "steps_scale", "dtype")
+        return {"model": run[0], "config": run[1], "seed": run[2], **{k: getattr(args, k) for k in keys}}
+
+    return jobs.run_grid(
+        runs, args.jobs, out, worker_cmd, error_fields, append, command,
+        threads=args.threads, stop_after_minutes=args.stop_after_minutes, on_record=lambda r: print(summary(r), flush=True),
+    )  # fmt: skip
+
+
+def summary(record: dict) -> str:
+    """The one line a finished run prints: its headline measures and where its time went."""
+    arch, config, seed, s = record["model"], record["config"], record["seed"], record["seconds"]
+    if record["status"] != "ok":
+        return f"{arch:10s} {config:20s} seed {seed}: ERROR {record['error']} ({s['total']:.1f}s)"
+    return (
+        f"{arch:10s} {config:20s} seed {seed}: out rel L2 {record['output']['rel_l2']:.4f} "
+        f"(worst bucket {record['output']['worst_bucket_rel_l2']:.4f}), loss x{record['loss']['ratio']:.3f}, "
+        f"attn s1 {_fmt(record['attention']['stage1_mean'])} end {record['attention']['final_mean']:.3f}, "
+        + (f"PSNR {record['sampling']['psnr_db']:.1f} dB, " if record.get("sampling") else "")
+        + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, stage3 {s['stage3']:.1f}, measured in a fresh process {s['measure_fresh_process']:.1f})"
+    )
 
 
 def _fmt(v) -> str:
