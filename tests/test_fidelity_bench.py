@@ -373,3 +373,43 @@ def test_jobs_two_give_the_records_of_one_and_resume_skips_them(tiny_teacher, tm
     assert run.main([*argv("two", 2), "--resume"]) == 0
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 2
     assert capsys.readouterr().out.count("done already (--resume)") == 2
+
+
+def test_jobs_sigterm_ends_the_workers_and_writes_no_record(tmp_path, capsys):
+    """A caller's time limit (SIGTERM to run.py) ends every worker with it, not orphaned to run on;
+    no record is written for a run cut off (--resume continues its conversion), and run.py says 130."""
+    import os
+    import signal
+    import threading
+    import time
+
+    run = _module("run")
+    out = tmp_path / "r.jsonl"
+    script = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+    pids = [tmp_path / f"pid{i}" for i in range(2)]
+
+    def limit():  # the caller's limit: SIGTERM once both workers run
+        t0 = time.time()
+        while not all(p.is_file() and p.read_text() for p in pids) and time.time() - t0 < 30:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=limit, daemon=True).start()
+    t0 = time.time()
+    rc = run.jobs.run_grid(
+        [("wan", "a", 0), ("wan", "b", 0)], 2, out, lambda r, f: [sys.executable, "-c", script, str(pids[r[1] == "b"])],
+        lambda r: {}, run.append, "cmd",
+    )  # fmt: skip
+    assert rc == 130 and time.time() - t0 < 30 and not out.exists()
+    for p in pids:  # both workers are gone (ended and reaped)
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(p.read_text()), 0)
+    assert "interrupted: cut off wan-a-seed0, wan-b-seed0; --resume continues them" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    run = _module("run")
+    assert run.main(["--models", "wan", "--out", str(tmp_path / "r.json"), "--device", "cpu", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
