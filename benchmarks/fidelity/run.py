@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     done = finished(out) if args.resume else set()
     argv = list(argv if argv is not None else sys.argv[1:])
     command = shlex.join(["python", "benchmarks/fidelity/run.py", *argv])
+    runs = pending_runs(args, done)
+    if runs is None:
+        return 2
     if args.jobs > 1:
-        return run_in_workers(args, argv, out, done, command)
+        return run_in_workers(args, argv, out, runs, command)
     env = {
         "command": command,
         "git_commit": git_commit(),
@@ -209,49 +212,45 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.time()
     longest = 0.0
-    todo = sum(1 for a in args.models for sd in args.seeds for c in args.configs if (args.tier, a, c, sd, args.steps_scale, args.dtype) not in done)
     ran: list[float] = []
-    for arch in args.models:
-        model_dir = Path(args.models_dir) / arch
-        if not (model_dir / bm.INFO_FILE).is_file():
-            print(f"{model_dir}: no trained {arch} model ({bm.INFO_FILE} missing); run benchmarks/fidelity/train_models.py first", file=sys.stderr)
-            return 2
-        for seed in args.seeds:
-            for config in args.configs:
-                if (args.tier, arch, config, seed, args.steps_scale, args.dtype) in done:
-                    print(f"{arch:10s} {config:20s} seed {seed}: done already (--resume)", flush=True)
-                    continue
-                elapsed = time.time() - t_start
-                if args.stop_after_minutes is not None and elapsed + longest > args.stop_after_minutes * 60:
-                    print(f"stopping: {elapsed:.0f}s used, the next run may take {longest:.0f}s (--stop-after-minutes); --resume continues", flush=True)
-                    return 0
-                record = run_one(arch, config, seed, model_dir, cache, args, device)
-                record["env"] = env
-                append(Path(args.record_to) if args.record_to else out, record)
-                longest = max(longest, record["seconds"]["total"])
-                ran.append(record["seconds"]["total"])
-                print(summary(record), flush=True)
-                left = todo - len(ran)
-                if left:
-                    est = left * sum(ran[-4:]) / len(ran[-4:])
-                    print(f"  {len(ran)}/{todo} runs in {time.time() - t_start:.0f}s; about {est / 60:.1f} min for the {left} left at this rate", flush=True)
+    for arch, config, seed in runs:
+        elapsed = time.time() - t_start
+        if args.stop_after_minutes is not None and elapsed + longest > args.stop_after_minutes * 60:
+            print(f"stopping: {elapsed:.0f}s used, the next run may take {longest:.0f}s (--stop-after-minutes); --resume continues", flush=True)
+            return 0
+        record = run_one(arch, config, seed, Path(args.models_dir) / arch, cache, args, device)
+        record["env"] = env
+        append(Path(args.record_to) if args.record_to else out, record)
+        longest = max(longest, record["seconds"]["total"])
+        ran.append(record["seconds"]["total"])
+        print(summary(record), flush=True)
+        left = len(runs) - len(ran)
+        if left:
+            est = left * sum(ran[-4:]) / len(ran[-4:])
+            print(f"  {len(ran)}/{len(runs)} runs in {time.time() - t_start:.0f}s; about {est / 60:.1f} min for the {left} left at this rate", flush=True)
     return 0
 
 
-def run_in_workers(args, argv: list[str], out: Path, done: set[tuple], command: str) -> int:
-    """--jobs N: every run not done yet, each by a `run.py` worker process, N at a time (jobs.py)."""
+def pending_runs(args, done: set[tuple]) -> list[tuple[str, str, int]] | None:
+    """The grid's (model, config, seed) runs not in `done` (--resume), in run order; each finished one
+    says so. None, after one line on stderr, when a model of --models has no trained folder."""
     runs = []
     for arch in args.models:
         model_dir = Path(args.models_dir) / arch
         if not (model_dir / bm.INFO_FILE).is_file():
             print(f"{model_dir}: no trained {arch} model ({bm.INFO_FILE} missing); run benchmarks/fidelity/train_models.py first", file=sys.stderr)
-            return 2
+            return None
         for seed in args.seeds:
             for config in args.configs:
                 if (args.tier, arch, config, seed, args.steps_scale, args.dtype) in done:
                     print(f"{arch:10s} {config:20s} seed {seed}: done already (--resume)", flush=True)
                 else:
                     runs.append((arch, config, seed))
+    return runs
+
+
+def run_in_workers(args, argv: list[str], out: Path, runs: list[tuple[str, str, int]], command: str) -> int:
+    """--jobs N: the runs (pending_runs), each by a `run.py` worker process, N at a time (jobs.py)."""
 
     def worker_cmd(run: tuple, record_file: Path) -> list[str]:  # the caller's arguments, narrowed to one run
         arch, config, seed = run
