@@ -205,6 +205,19 @@ class ValidationPlan:
     dtype: str | None
     config: str | None = None
 
+    def result(self, report: dict[str, Any], seconds: dict[str, float], device: Any) -> ValidationResult:
+        """What `validate` returns for this folder: the drift report measured on `device`."""
+        return ValidationResult(
+            out_dir=self.out.absolute(),
+            recipe=self.recipe.name,
+            base=self.info.get("base_source"),
+            report=report,
+            passed=bool(report.get("passed")),
+            seconds=seconds,
+            saved_report=self.saved_report,
+            device=str(device),
+        )
+
 
 def _main_only(par: Any) -> Callable[[Callable[[], Any]], Any]:
     """How run_conversion writes: directly with one process; under a launch, on the main process

@@ -133,13 +133,4 @@ def _validate_experts(plan: ValidationPlan, progress: Progress | None) -> Valida
             net.to("cpu")
         check = _pipeline_check(nets, pipeline_dir, rec, dev, load_pipeline, pipeline_check)
         report = experts_report(reports, check, rec, boundary)
-    return ValidationResult(
-        out_dir=p.out.absolute(),
-        recipe=rec.name,
-        base=p.info.get("base_source"),
-        report=report,
-        passed=bool(report.get("passed")),
-        seconds=stages.seconds,
-        saved_report=p.saved_report,
-        device=str(dev),
-    )
+    return p.result(report, stages.seconds, dev)

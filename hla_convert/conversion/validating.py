@@ -65,16 +65,7 @@ def run_validation(plan: ValidationPlan, progress: Progress | None = None) -> Va
         report = drift.measure_drift(net, heldout, rec, scheduler=scheduler, progress=stages.step).to_dict()
         why = "--base is a bare transformer" if p.base else "the base is a bare transformer"
         note_sampling(report, rec, scheduler, f"{why}: no pipeline scheduler to sample with (pass a pipeline folder or Hub ID)")
-    return ValidationResult(
-        out_dir=p.out.absolute(),
-        recipe=rec.name,
-        base=p.info.get("base_source"),
-        report=report,
-        passed=bool(report.get("passed")),
-        seconds=stages.seconds,
-        saved_report=p.saved_report,
-        device=str(dev),
-    )
+    return p.result(report, stages.seconds, dev)
 
 
 def validate(
