@@ -217,11 +217,3 @@ class ValidationPlan:
             saved_report=self.saved_report,
             device=str(device),
         )
-
-
-def _main_only(par: Any) -> Callable[[Callable[[], Any]], Any]:
-    """How run_conversion writes: directly with one process; under a launch, on the main process
-    while the others wait (its errors raised everywhere), None as the others' result."""
-    if par is None:
-        return lambda fn: fn()
-    return par.main_first

@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..io.checks import check_arg_types, check_device, check_model_path, folder_arg, hub_notice, note_sampling, shown
 from ..model.single_file import is_single_file
 from ..recipe import Recipe, RecipeError
-from .common import ConversionPlan, ConversionResult, Progress, _bad_recipe, _check_calibration, _check_stage3_model, _main_only, _Stages, override_recipe, resolve_recipe
+from .common import ConversionPlan, ConversionResult, Progress, _bad_recipe, _check_calibration, _check_stage3_model, _Stages, override_recipe, resolve_recipe
 from .experts import _run_experts
 
 
@@ -94,14 +94,14 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
     from ..model.loading import load_transformer
     from ..io.output import WORK_DIR, check_output, save_output, start_run
     from ..io.output_guard import output_lock
-    from ..stages.parallel import Parallel
+    from ..stages.parallel import Parallel, main_only
     from ..model.pipeline_loading import load_scheduler
     from ..model.surgery import convert_attention
     from ..stages.onpolicy import check_stage3_scheduler
 
     par = Parallel.from_environment()
     p, rec, out, dev = plan, plan.recipe, plan.out, plan.device if par is None else par.device
-    writer = _main_only(par)
+    writer = main_only(par)
     stages = _Stages(progress)
     with output_lock(out) if par is None or par.is_main else contextlib.nullcontext():
         writer(lambda: check_output(out, p.run, p.overwrite, p.resume))  # under the lock: nothing else changes it now

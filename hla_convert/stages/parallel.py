@@ -345,4 +345,13 @@ def _error_type(name: str) -> type[Exception]:
     return {"InputError": InputError, "OutputError": OutputError, "CheckpointError": CheckpointError}.get(name, RuntimeError)
 
 
-__all__ = ["Parallel", "StepShare", "launched", "quiet_unless_main", "secondary_process", "share_step"]
+def main_only(parallel: Parallel | None) -> Callable[[Callable[[], Any]], Any]:
+    """How a stage or the conversion writes: directly with one process (parallel None); under a
+    launch, Parallel.main_first (on the main process while the others wait, its errors raised
+    everywhere, None as the others' result)."""
+    if parallel is None:
+        return lambda fn: fn()
+    return parallel.main_first
+
+
+__all__ = ["Parallel", "StepShare", "launched", "main_only", "quiet_unless_main", "secondary_process", "share_step"]

@@ -224,9 +224,9 @@ def softmax_choice(
     under several processes, main_process_choice), recorded by the main process for a later resume.
     Raises CheckpointError (one line) for a recorded choice that is damaged, made for another
     attention.softmax_layers / softmax_select, or names a layer this model has not converted."""
-    def run_on_main(fn: Any) -> Any:
-        return fn() if parallel is None else parallel.main_first(fn)
+    from .parallel import main_only
 
+    run_on_main = main_only(parallel)
     if resume:
         recorded = run_on_main(lambda: recorded_choice(work_dir, model, count, select))
         if parallel is not None:
