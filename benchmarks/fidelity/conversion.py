@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ import torch
 import bench_data as bd
 import bench_models as bm
 from bench_recipes import CONFIGS, HalfOf, changed_fields, input_plan, recipe_for, shipped_recipe
-from input_sets import inputs_folder
+from input_sets import built_once, inputs_folder
 from measure import SAMPLING_SHIFT
 
 HERE = Path(__file__).resolve().parent
@@ -43,27 +41,15 @@ def onpolicy_pipeline(model_dir: Path, where: Path) -> Path:
     with the measure's scheduler, so that `convert` has one for stage 3; built once per model."""
     import diffusers
 
-    pipe = where / f"{model_dir.name}-pipeline"
-    if not (pipe / "model_index.json").is_file():
-        # built in a folder of this process's own and renamed into place whole: runs started at
-        # once (run.py --jobs) never read a half-written one; the first rename wins
-        tmp = where / f".{pipe.name}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+    def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         (tmp / "transformer").symlink_to(model_dir.resolve(), target_is_directory=True)
         diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=bd.NUM_TRAIN_TIMESTEPS, shift=SAMPLING_SHIFT).save_pretrained(tmp / "scheduler")
         config = json.loads((model_dir / "config.json").read_text())
         index = {"_class_name": "DiffusionPipeline", "transformer": ["diffusers", config["_class_name"]], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
         (tmp / "model_index.json").write_text(json.dumps(index))
-        if pipe.is_dir() and not (pipe / "model_index.json").is_file():
-            shutil.rmtree(pipe, ignore_errors=True)  # one cut off before this scheme
-        try:
-            os.rename(tmp, pipe)
-        except OSError:  # another process renamed its own in first
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (pipe / "model_index.json").is_file():
-                raise
-    return pipe
+
+    return built_once(where / f"{model_dir.name}-pipeline", "model_index.json", build)  # once per model, also under --jobs
 
 
 def progress_log(tag: str, every: float = 30.0):

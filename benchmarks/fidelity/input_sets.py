@@ -47,24 +47,28 @@ def write_inputs(arch: str, model, spec: bd.VideoSpec, seed: int, n_train: int, 
     (folder / "DONE").write_text(json.dumps({"arch": arch, "seed": seed, "train": n_train, "heldout": n_heldout, "batch": batch}))
 
 
-def inputs_folder(cache: Path, arch: str, model, spec, seed: int, n_train: int, n_heldout: int, batch: int) -> Path:
-    """The cached input set of these parameters, written first if it is not there.
-
-    Written into a folder of this process's own and renamed into place whole, so that runs of the
-    same (model, seed) started at once (run.py --jobs) never read a half-written set: the first
-    rename wins and the others use its set (the same inputs: they are drawn from the seed).
-    """
-    folder = cache / f"{arch}-seed{seed}-n{n_train}-h{n_heldout}-b{batch}-{spec.frames}x{spec.height}x{spec.width}"
-    if not (folder / "DONE").is_file():
+def built_once(folder: Path, marker: str, build) -> Path:
+    """`folder`, built by `build(tmp)` unless its `marker` file is there: into a folder of this
+    process's own, then renamed into place whole, so that runs started at once (run.py --jobs) never
+    read a half-built one. The first rename wins; the others drop theirs and use it (built from the
+    same arguments: the same content)."""
+    if not (folder / marker).is_file():
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_inputs(arch, model, spec, seed, n_train, n_heldout, batch, tmp)
-        if folder.is_dir() and not (folder / "DONE").is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # a set cut off before this scheme: no writer is in it
+        build(tmp)
+        if folder.is_dir() and not (folder / marker).is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # one cut off before this scheme: no writer is in it
         try:
             os.rename(tmp, folder)
-        except OSError:  # another process renamed its set in first
+        except OSError:  # another process renamed its own in first
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (folder / "DONE").is_file():
+            if not (folder / marker).is_file():
                 raise
     return folder
+
+
+def inputs_folder(cache: Path, arch: str, model, spec, seed: int, n_train: int, n_heldout: int, batch: int) -> Path:
+    """The cached input set of these parameters, written first if it is not there (built_once: runs
+    of the same (model, seed) started at once share one set, drawn from the seed)."""
+    folder = cache / f"{arch}-seed{seed}-n{n_train}-h{n_heldout}-b{batch}-{spec.frames}x{spec.height}x{spec.width}"
+    return built_once(folder, "DONE", lambda tmp: write_inputs(arch, model, spec, seed, n_train, n_heldout, batch, tmp))
