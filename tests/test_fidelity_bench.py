@@ -413,3 +413,35 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     run = _module("run")
     assert run.main(["--models", "wan", "--out", str(tmp_path / "r.json"), "--device", "cpu", "--jobs", "0"]) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_stage1_from_starts_a_later_lever_from_the_same_stage1(tiny_teacher, tmp_path, capsys):
+    """--stage1-from: a row that differs only after stage 1 (hla-lora after hla) restores the kept
+    stage-1 checkpoint of the earlier row (same losses and per-layer values, no stage-1 step run)
+    and is measured as usual; a row with another stage 1 (another attention config) trains its own."""
+    run = _module("run")
+
+    def argv(name, configs, *extra):
+        return ["--models-dir", str(tiny_teacher), "--models", "wan", "--configs", *configs, "--seeds", "0",
+                "--out", str(tmp_path / f"{name}.jsonl"), "--steps-scale", "0.01", "--device", "cpu", "--train-samples", "8",
+                "--heldout-samples", "4", "--batch-size", "4", "--sampling-steps", "1", "--threads", "1",
+                "--inputs-dir", str(tmp_path / "inputs"), "--conversions-dir", str(tmp_path / f"conv-{name}"), *extra]  # fmt: skip
+
+    assert run.main(argv("a", ["hla"])) == 0
+    kept = tmp_path / "conv-a" / "stage1-checkpoints" / "wan-hla-seed0.safetensors"
+    assert kept.is_file()  # the finished conversion dropped its work folder; the copy stays
+    assert run.main(argv("b", ["hla-lora", "hybrid-lora"], "--stage1-from", str(tmp_path / "conv-a"))) == 0
+    (a,) = map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())
+    b = {r["config"]: r for r in map(json.loads, (tmp_path / "b.jsonl").read_text().splitlines())}
+    lora, hybrid = b["hla-lora"], b["hybrid-lora"]
+    assert lora["status"] == hybrid["status"] == "ok", (lora.get("error"), hybrid.get("error"))
+    assert lora["stage1_from"] == str(kept) and "stage1_from" not in hybrid
+    steps = a["stage1"]["steps"]
+    assert a["stage1"].pop("resumed_from") is None and lora["stage1"].pop("resumed_from") == steps  # restored, not run
+    assert lora["stage1"] == a["stage1"] and lora["attention"]["stage1_train"] == a["attention"]["stage1_train"]
+    assert lora["recipe"]["stage2"]["train"] == "lora" and lora["trainable"] != a["trainable"]  # its own stage 2
+    assert hybrid["attention"]["stage1_train"] != a["attention"]["stage1_train"]
+    out = capsys.readouterr().out
+    assert f"stage 1: from {kept}" in out and "no finished one of this fingerprint, trained here" in out
+    report = _module("report")
+    assert report._seconds(lora) is None and report._seconds(hybrid) is not None  # its stage-1 time is not its own

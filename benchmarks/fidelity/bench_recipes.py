@@ -102,6 +102,9 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     "shipped-s2x4": {"stage2.steps": 1600},
     "shipped-lr5x": {"stage2.lr": 5.0e-4},
     "shipped-select-output-full": {"attention.softmax_select": "output", "stage2.train": "full"},
+    # the stage-2 levers together (second deep run): the longer schedule with all weights or 5x the lr
+    "shipped-s2x4-full": {"stage2.steps": 1600, "stage2.train": "full"},
+    "shipped-s2x4-lr5x": {"stage2.steps": 1600, "stage2.lr": 5.0e-4},
     "shipped-keep0": {"attention.softmax_layers": 0},
     "shipped-keep2": {"attention.softmax_layers": 2},
 }

@@ -21,6 +21,7 @@ import bench_models as bm
 from bench_recipes import CONFIGS, HalfOf, changed_fields, input_plan, recipe_for, shipped_recipe
 from input_sets import built_once, inputs_folder
 from measure import SAMPLING_SHIFT
+from stage1_reuse import KEPT_DIR, finished_stage1, keep_stage1, seed_work_folder
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -70,6 +71,16 @@ def progress_log(tag: str, every: float = 30.0):
             print(f"  [{tag}] {event.stage} {event.step}/{event.total}{extra} ({now - t0:.0f}s in)", flush=True)
 
     return log
+
+
+def both(*hooks):
+    """One progress callback calling each of `hooks` in turn."""
+
+    def call(event) -> None:
+        for hook in hooks:
+            hook(event)
+
+    return call
 
 
 def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, args, device: torch.device) -> dict:
@@ -124,9 +135,17 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         # (hla-convert convert --resume), when its work folder is there
         resume = bool(args.resume) and (conv_dir / WORK_DIR / RUN_FILE).is_file()
         record["resumed"] = resume
+        kept_as = Path(args.conversions_dir) / KEPT_DIR / f"{arch}-{config}-seed{seed}.safetensors"  # for --stage1-from
+        if not resume and getattr(args, "stage1_from", None):  # a finished stage 1 of the same fingerprint
+            ckpt = finished_stage1(args.stage1_from, arch, seed, rec, math.ceil(n_train / batch))
+            if ckpt is not None:
+                seed_work_folder(conv_dir, str(source), rec, args.dtype, ckpt)
+                record["stage1_from"] = str(ckpt)
+                resume = True
+            print(f"  [{arch} {config} seed {seed}] stage 1: {'from ' + str(ckpt) if ckpt else 'no finished one of this fingerprint, trained here'}", flush=True)
         result = hla_convert.convert(
             model=str(source), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=not resume,
-            resume=resume, progress=progress_log(f"{arch} {config} seed {seed}"),
+            resume=resume, progress=both(progress_log(f"{arch} {config} seed {seed}"), keep_stage1(conv_dir, kept_as)),
         )
         sync(device)
         record["output_dir"] = str(conv_dir)
@@ -166,7 +185,7 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
             },
             sampling=report["sampling"],
             in_process={"output_rel_l2": result.report["output"]["rel_l2"], "passed": result.passed},
-            stage1={k: s1.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s1},
+            stage1={k: s1.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped", "resumed_from") if k in s1},
             stage2={k: s2.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s2},
             stage3={k: s3.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped", "sampling_steps", "sampler_forwards") if k in s3},
             selection=(training.get("selection") or {}).get("softmax_layers", []) if isinstance(training.get("selection"), dict) else [],

@@ -154,9 +154,9 @@ WINDOWS = ("shipped", "shipped-chunk2", "shipped-chunk1-halo1", "shipped-tile") 
 
 def _seconds(r: dict) -> float | None:
     """Training seconds of stages 1 + 2 + 3; None for a conversion resumed from checkpoints (run.py
-    --resume after a time limit): its record holds only the resumed call's part, the rest is in the
-    cut-off call's log."""
-    if r.get("resumed"):
+    --resume after a time limit: its record holds only the resumed call's part, the rest is in the
+    cut-off call's log) or started from another run's stage 1 (run.py --stage1-from)."""
+    if r.get("resumed") or r.get("stage1_from"):
         return None
     s = r["seconds"]
     return s.get("stage1", 0) + s.get("stage2", 0) + s.get("stage3", 0)
@@ -254,7 +254,8 @@ def render(records: list[dict]) -> str:
             "Shipped-recipe tables: the built-in recipe with only the model, its data and softmax_layers (the same "
             "fraction of the blocks) changed, measured from the saved folder in a fresh process; Δ: the row's mean "
             "minus the `shipped` row's; wall s: seconds of stages 1 + 2 + 3 of the conversion on the run's device (see Made by); "
-            "– where the conversion was resumed from its checkpoints after a time limit (its stage times are in the cut-off call's log)."
+            "– where the conversion was resumed from its checkpoints after a time limit (its stage times are in the cut-off call's log) "
+            "or started from the finished stage 1 of another row of the same stage-1 fingerprint (run.py --stage1-from)."
         )
     return "\n".join(lines) + "\n"
 

@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where each run's output folder is written (the folder that is measured; replaced by the next run of the same name)",
     )
     ap.add_argument(
+        "--stage1-from", nargs="+", default=None, metavar="DIR",
+        help="conversion folders of earlier runs (their --conversions-dir): a run whose stage 1 has the fingerprint of a "
+        "finished stage-1 checkpoint there starts from it (stage1_reuse.py); the record says so (stage1_from)",
+    )
+    ap.add_argument(
         "--jobs", type=int, default=1,
         help="run up to this many (model, config, seed) runs at once, each in its own run.py process (jobs.py); "
         "a small model is bound by kernel launches, so several share one GPU well",

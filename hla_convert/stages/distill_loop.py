@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,11 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _fingerprint(stage: str, recipe: Recipe, params: dict[str, nn.Parameter], n_inputs: int) -> str:
+def stage_fingerprint(stage: str, recipe: Recipe, params: Mapping[str, Any], n_inputs: int) -> str:
+    """What a stage checkpoint must have been written for to be resumed: the stage's recipe fields
+    (not checkpoint_every or teacher), the attention config, the calibration batch and seed, the
+    trained parameters' names and shapes (`params`: name -> anything with a .shape) and the number
+    of inputs (calibration batches). A 16-hex-digit hash."""
     spec = getattr(recipe, stage)
     # teacher (cached | live) gives the same targets: a checkpoint of either resumes under the other
     fields = {k: v for k, v in vars(spec).items() if k not in ("checkpoint_every", "teacher")}
@@ -249,7 +253,7 @@ def _run_stage(
     extra = extra or {}
     params = hla | extra
     accumulate = max(1, spec.batch_size // recipe.calibration.batch_size)
-    fingerprint = _fingerprint(stage, recipe, params, len(inputs))
+    fingerprint = stage_fingerprint(stage, recipe, params, len(inputs))
     names = list(params)
     groups = [{"params": [hla[n] for n in hla], "lr": spec.lr}]
     if extra:
