@@ -144,6 +144,8 @@ LEVERS = {
     "shipped-s2x4": ("schedule", "4x the stage-2 steps (1,600)"),
     "shipped-lr5x": ("schedule", "5x the stage-2 lr (5e-4)"),
     "shipped-select-output-full": ("together", "layers by output effect, and full fine-tuning"),
+    "shipped-s2x4-full": ("together", "4x the stage-2 steps with every base weight (full)"),
+    "shipped-s2x4-lr5x": ("together", "4x the stage-2 steps at 5x the lr"),
     "shipped-keep2": ("layer choice", "2 layers kept softmax"),
     "shipped-chunk2": ("window", "chunks of 2 frames (512 keys)"),
     "shipped-chunk1-halo1": ("window", "own frame + 1 frame each side (768 keys)"),

@@ -158,9 +158,11 @@ def time_sampling(pipe, res, steps, device) -> dict[str, Any]:
 
 
 def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> list[dict[str, Any]]:
-    """Stage 1, then stage 2 with its teacher live and cached, as the library runs them: `steps`
-    steps each on synthetic inputs. The cached run's first step also holds the targets' cache
-    (`cache_s`), which the median after the first step leaves out."""
+    """Stage 1, then stage 2 with its teacher live and cached, and cached with `train: full` (every
+    weight of the converted blocks, not LoRA), as the library runs them: `steps` steps each on
+    synthetic inputs. The cached runs' first step also holds the targets' cache (`cache_s`), which
+    the median after the first step leaves out. A run that fails (full's optimizer out of memory)
+    is a record with "error"; full runs last, as it changes the weights it trains."""
     from hla_convert.stages.distill import attention_transfer, output_distillation
 
     items = [model_inputs(model, res, text_len, device, dtype, seed=10 + i) for i in range(4)]
@@ -170,7 +172,7 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> lis
     accumulate = recipe.stage2.batch_size // recipe.calibration.batch_size
     runs = [("stage1", attention_transfer, recipe, None)] + [
         ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how}), how) for how in ("live", "cached")
-    ]
+    ] + [("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", "stage2.train": "full"}), "cached")]
     out = []
     for stage, run, recipe, how in runs:
         marks: list[float] = []
@@ -180,19 +182,28 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> lis
             marks.append(time.perf_counter())
 
         reset_peak(device)
-        with tempfile.TemporaryDirectory() as work:
-            t0 = time.perf_counter()
-            summary = run(model, items, recipe, work_dir=work, progress=progress)
+        train = getattr(recipe, stage).train if stage == "stage2" else "hla"
+        try:
+            with tempfile.TemporaryDirectory() as work:
+                t0 = time.perf_counter()
+                summary = run(model, items, recipe, work_dir=work, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - one run failing (memory) keeps the others' records
+            out.append({"measurement": stage, "train": train, "teacher": how, "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         step_s = [b - a for a, b in zip([t0] + marks[:-1], marks)]
         spec = getattr(recipe, stage)
         out.append({
             "measurement": stage,
+            "train": train,
             "steps": len(step_s),
             "seconds_per_step": statistics.median(step_s[1:] or step_s),
             "step_s": [round(s, 4) for s in step_s],
             "forwards_per_step": spec.batch_size // recipe.calibration.batch_size,
             "gradient_checkpointing": bool(stage == "stage2" and recipe.stage2.gradient_checkpointing),
             "lora": summary.get("lora"),
+            "full": summary.get("full"),
             "final_loss": summary.get("final_loss"),
             "peak_mem_gb": peak_gb(device),
         })  # fmt: skip
