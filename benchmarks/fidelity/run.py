@@ -80,6 +80,9 @@ from measure import measure  # noqa: E402
 
 
 def git_commit() -> str:
+    """$GIT_COMMIT when set (a copied tree whose .git is stale, as on the lent GPU), else git's."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
