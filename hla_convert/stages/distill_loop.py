@@ -31,6 +31,7 @@ from ..model.layers import hla_parameters
 from ..model.modes import attention_mode, forward, set_attention_mode
 from ..recipe import Recipe
 from .checkpoints import CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint, selection_path
+from .master_weights import MasterWeights
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
 _FORMAT = 1
@@ -255,15 +256,19 @@ def _run_stage(
     accumulate = max(1, spec.batch_size // recipe.calibration.batch_size)
     fingerprint = stage_fingerprint(stage, recipe, params, len(inputs))
     names = list(params)
-    groups = [{"params": [hla[n] for n in hla], "lr": spec.lr}]
+    # the optimizer steps fp32 masters of bf16 / fp16 parameters (train: full on a bf16 model), and
+    # the checkpoint holds them: a bf16 weight updated in place loses every update below its precision
+    masters = MasterWeights(params)
+    opt = masters.opt
+    groups = [{"params": [opt[n] for n in hla], "lr": spec.lr}]
     if extra:
-        groups.append({"params": [extra[n] for n in extra], "lr": extra_lr or spec.lr})
+        groups.append({"params": [opt[n] for n in extra], "lr": extra_lr or spec.lr})
     base_lrs = [g["lr"] for g in groups]
     optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=0.0)
     start, history, last_layers = 0, [], {}
 
     if resume and (ckpt.exists() or ckpt.is_symlink()):
-        start, history, last_layers = _restore(ckpt, fingerprint, params, optimizer, spec.steps, stage, work_dir)
+        start, history, last_layers = _restore(ckpt, fingerprint, opt, optimizer, spec.steps, stage, work_dir)
         summary["resumed_from"] = start
     elif main:
         # A fresh stage makes older checkpoints of it (and of what follows it) stale; a fresh stage 1
@@ -273,11 +278,12 @@ def _run_stage(
         if stage == _STAGES[0]:
             selection_path(work_dir).unlink(missing_ok=True)
     if parallel is not None:  # every process starts the stage from the main process's parameters
-        parallel.broadcast_([params[n] for n in names])
+        parallel.broadcast_([opt[n] for n in names])
+    masters.to_model()  # a restored or broadcast master's value into the model
 
     def save(step: int) -> None:
         opt_tensors, opt_meta = optimizer_to_checkpoint(optimizer)
-        tensors = {f"param.{n}": params[n] for n in names} | opt_tensors | {"rng.torch": torch.get_rng_state()}
+        tensors = {f"param.{n}": opt[n] for n in names} | opt_tensors | {"rng.torch": torch.get_rng_state()}
         state = {
             "format": _FORMAT,
             "stage": stage,
@@ -314,6 +320,7 @@ def _run_stage(
                     loss += item_loss / accumulate
                     for k, v in item_layers.items():
                         layer_vals[k] = layer_vals.get(k, 0.0) + v / accumulate
+            masters.grads_to_masters()
             kept = (
                 f"the last good checkpoint (step {last_saved}) is kept in {work_dir}"
                 if last_saved is not None
@@ -322,12 +329,13 @@ def _run_stage(
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 raise DistillError(f"{label} step {step + 1}: loss is {loss}; {kept}")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in names], spec.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([opt[n] for n in names], spec.grad_clip))
             if not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 raise DistillError(f"{label} step {step + 1}: gradient norm is {grad_norm}; {kept}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            masters.to_model()
             history.append(loss)
             last_layers = layer_vals
             done = step + 1

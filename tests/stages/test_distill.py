@@ -301,3 +301,63 @@ def test_full_is_refused_under_fsdp_in_one_line(tmp_path):
     model, inputs = converted(rec)
     with pytest.raises(RecipeError, match=r"^stage2\.train: full is not supported under FSDP yet; .*lora"):
         output_distillation(model, inputs, rec, tmp_path, parallel=SimpleNamespace(fsdp=True))
+
+
+def _bf16_full_run(work, monkeypatch=None, masters=True, stop_at=None, resume=False, dtype=torch.bfloat16):
+    """Stage 2 `train: full` on a bf16 tiny Wan at a small lr; (2-D block weights before, after)."""
+    from hla_convert.stages import distill_loop
+    from hla_convert.stages.master_weights import MasterWeights
+
+    class NoMasters(MasterWeights):  # the bf16 weights stepped in place, as before master weights
+        def __init__(self, params):
+            self.params, self.masters, self.opt = params, {}, dict(params)
+
+    if not masters:
+        monkeypatch.setattr(distill_loop, "MasterWeights", NoMasters)
+    rec = recipe(stage2__train="full", stage2__steps=12, stage2__lr=5e-5, stage2__checkpoint_every=4)
+    model = tiny_model("wan").to(dtype)
+    convert_attention(model, rec.hla_config())
+    inputs = build_inputs(model, rec, "train", dtype=dtype)
+    initialize_feature_maps(model, inputs)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("blocks.") and ".hla." not in k and v.dim() == 2}
+
+    def progress(stage, step, total, info):
+        if step == stop_at:
+            raise Interrupt
+
+    output_distillation(model, inputs, rec, work, resume=resume, progress=progress)
+    return before, {k: v for k, v in model.state_dict().items() if k in before}
+
+
+def test_full_on_a_bf16_model_steps_fp32_masters_so_small_updates_add_up(tmp_path, monkeypatch):
+    """AdamW stepping bf16 weights in place rounds away every update below half a bf16 step: at
+    lr 5e-5 over 12 steps no weight of magnitude >= 0.03 moves at all. With the fp32 masters
+    (stages.master_weights) they move, and the trained weights follow the fp32 run's."""
+
+    def moved(before, after):
+        big = torch.cat([v.flatten().float() for v in before.values()]).abs() >= 0.03
+        changed = torch.cat([(after[k] != v).flatten() for k, v in before.items()])
+        delta = torch.cat([(after[k].float() - v.float()).flatten() for k, v in before.items()])
+        return float(changed[big].float().mean()), delta
+
+    with_masters, d_masters = moved(*_bf16_full_run(tmp_path / "a"))
+    in_place, d_in_place = moved(*_bf16_full_run(tmp_path / "b", monkeypatch, masters=False))
+    monkeypatch.undo()
+    _, d_fp32 = moved(*_bf16_full_run(tmp_path / "c", dtype=torch.float32))
+    assert in_place == 0.0 and with_masters > 0.15
+    assert d_masters.abs().mean() > 0.5 * d_fp32.abs().mean() > 3 * d_in_place.abs().mean()
+    corr = lambda a, b: float(torch.corrcoef(torch.stack([a, b]))[0, 1])  # noqa: E731
+    assert corr(d_masters, d_fp32) > corr(d_in_place, d_fp32) + 0.2
+
+
+def test_full_on_a_bf16_model_resumes_exactly_from_its_fp32_masters(tmp_path):
+    _, reference = _bf16_full_run(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        _bf16_full_run(tmp_path / "b", stop_at=6)
+    tensors, state = load_checkpoint(checkpoint_path(tmp_path / "b", "stage2"))
+    assert state["step"] == 4
+    masters = [t for k, t in tensors.items() if k.startswith("param.blocks.0.attn1.to_q.weight")]
+    assert masters and masters[0].dtype == torch.float32  # the checkpoint holds the fp32 masters
+    _, resumed = _bf16_full_run(tmp_path / "b", resume=True)
+    for k, v in reference.items():
+        assert torch.equal(v, resumed[k]), f"{k} differs after resume"
