@@ -40,6 +40,7 @@ CUT = {  # the shipped recipe at tiny sizes: 5 frames x 32 x 32 pixels -> 2 x 4 
     "stage2.steps": 3,
     "stage2.batch_size": 2,
     "stage2.checkpoint_every": 2,
+    "stage2.train": "lora",  # the LoRA path past 20 targets (the shipped recipe trains full since 2026-12-07)
     "stage2.lora_rank": 8,  # the shipped 32 is past the tiny model's 24 features (refused, as it should be)
     "validation.sampling_steps": 2,
 }

@@ -84,8 +84,10 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     "shipped": {},
     "shipped-cal512": {"calibration.samples": 512},  # what the small calibration set costs
     "shipped-full": {"stage2.train": "full"},  # every base weight instead of LoRA (stage2.train: full)
-    "shipped-lora64": {"stage2.lora_rank": 64},
-    "shipped-lora128": {"stage2.lora_rank": 128},
+    # wan2.1-t2v-1.3b trains full since 2026-12-07 (its "shipped" is the row above): LoRA rows say so
+    "shipped-lora": {"stage2.train": "lora"},
+    "shipped-lora64": {"stage2.train": "lora", "stage2.lora_rank": 64},
+    "shipped-lora128": {"stage2.train": "lora", "stage2.lora_rank": 128},
     "shipped-live": {"stage2.teacher": "live"},  # the teacher run live in stage 2, not cached targets
     "shipped-onpolicy": {"stage3.steps": HalfOf("stage2.steps")},  # the on-policy stage, half of stage 2's steps
     "shipped-select-output": {"attention.softmax_select": "output"},  # kept layers by their effect on the output

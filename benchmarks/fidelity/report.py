@@ -131,9 +131,10 @@ def hadamard_vs_linear(records: list[dict], model: str) -> list[str]:
 
 # The shipped base's rows: (group, what the row changes against `shipped`), in table order.
 LEVERS = {
-    "shipped": ("", "the shipped recipe: 64 calibration videos, its lr, batch, steps, LoRA r 32, softmax_layers by fraction"),
+    "shipped": ("", "the shipped recipe: 64 calibration videos, its lr, batch, steps, stage-2 training, softmax_layers by fraction"),
     "shipped-cal512": ("calibration", "512 calibration videos instead of 64"),
     "shipped-full": ("stage 2 trains", "every base weight (full) instead of LoRA"),
+    "shipped-lora": ("stage 2 trains", "LoRA rank 32 (wan2.1-t2v-1.3b before 2026-12-07; cogvideox-2b's default)"),
     "shipped-lora64": ("stage 2 trains", "LoRA rank 64"),
     "shipped-lora128": ("stage 2 trains", "LoRA rank 128"),
     "shipped-live": ("teacher", "live teacher in stage 2 instead of cached targets"),
