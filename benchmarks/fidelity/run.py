@@ -45,6 +45,10 @@ mean what they mean with one process: no run starts once the time is up, and a w
 (SIGTERM, Ctrl-C: the workers are ended with it) leaves its conversion for --resume. A worker that
 crashes gives a record with status "error" and one line. --jobs 1 (default) runs them here, one by one.
 
+--stage1-from DIR... starts a run from the finished stage 1 of an earlier run with the same stage-1
+fingerprint (stage1_reuse.py: rows that differ only after stage 1 pay for it once); its record says
+so ("stage1_from") and report.py shows no wall time for it.
+
 The pieces: input_sets.py (the inputs), measure.py (the measures), conversion.py (one run), jobs.py
 (the worker processes of --jobs); this file holds the grid, the results file and the command line.
 """
