@@ -106,6 +106,9 @@ def write_recipe(shape: str, path: Path, steps: tuple[int, int], samples: int, h
         "calibration.heldout": heldout,
         "stage1.steps": steps[0],
         "stage2.steps": steps[1],
+        # LoRA, as the rows RESULTS.md records (wan2.1-t2v-1.3b trains full since 2026-12-07; full is
+        # refused under FSDP, the 14B shape's launch)
+        "stage2.train": "lora",
     }
     if shape == "smoke":  # a few hundred tokens on the CPU
         changes.update({"calibration.frames": 5, "calibration.height": 32, "calibration.width": 32,

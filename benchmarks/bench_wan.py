@@ -18,10 +18,12 @@ measures, one JSON record per measurement:
   stage1, stage2 distillation steps through hla_convert.stages.distill.attention_transfer /
                  output_distillation on synthetic 480p inputs, seconds per step (median after the
                  first) and peak memory, with the recipe's batch sizes (stage 1: 4 forwards a step,
-                 stage 2: 2 student forward/backwards). Stage 2 runs twice: `teacher: cached` (the
-                 recipe's: the teacher targets computed once before step 1, `cache_s`, so a step
-                 is the student's forward/backward alone) and `teacher: live` (a no_grad teacher
-                 forward before each student forward/backward); both records carry `teacher`.
+                 stage 2: 2 student forward/backwards). Stage 2 runs three times: with LoRA and
+                 `teacher: cached` (the targets computed once before step 1, `cache_s`, so a step
+                 is the student's forward/backward alone), with LoRA and `teacher: live` (a
+                 no_grad teacher forward before each student forward/backward), and `train: full`
+                 cached (the recipe's since 2026-12-07: every weight of the blocks, fp32 masters);
+                 the records carry `train` and `teacher`.
 
 Softmax = torch's default SDPA backend (diffusers' native attention). Converted = the recipe's
 attention (wan2.1-t2v-1.3b: hybrid, far hadamard, taylor r=32, window [1,0,0]) with its

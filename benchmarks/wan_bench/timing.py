@@ -171,7 +171,7 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> lis
     )
     accumulate = recipe.stage2.batch_size // recipe.calibration.batch_size
     runs = [("stage1", attention_transfer, recipe, None)] + [
-        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how}), how) for how in ("live", "cached")
+        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how, "stage2.train": "lora"}), how) for how in ("live", "cached")
     ] + [("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", "stage2.train": "full"}), "cached")]
     out = []
     for stage, run, recipe, how in runs:
