@@ -2,8 +2,10 @@
 bf16 or fp16 model).
 
 AdamW updating bf16 weights in place rounds away every update smaller than half a bf16 step of the
-weight (2^-9 of its magnitude): at stage 2's lr (1e-4, cosine down to 1e-5) the updates of most
-weights larger than ~0.03 are lost, step after step. Here the optimizer steps fp32 copies instead,
+weight (2^-8 of the power of two below it): an AdamW step is at most about the lr, so at stage 2's
+lr (1e-4, cosine down to 1e-5) every update of a weight of magnitude >= 2^-5 (0.031; half a step
+there is 1.2e-4) is lost, step after step, and smaller weights lose theirs as the lr decays. Here
+the optimizer steps fp32 copies instead,
 and the model's bf16 / fp16 weights are set from them after every step: the usual mixed-precision
 master weights. fp32 parameters (the HLA parameters, LoRA, any parameter of an fp32 model) are
 stepped as they are, with no copy.
