@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
 import pytest
@@ -34,7 +35,12 @@ sys.meta_path.insert(0, _SignalOnImport())
 def test_a_signal_during_the_first_imports_is_exit_130_with_the_json_document(tmp_path, sig):
     (tmp_path / "sitecustomize.py").write_text(_SIGNAL_DURING_IMPORTS.format(sig=sig))
     env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([console_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    # SIGINT at its default in the child: a suite started as a background job (`cmd &` in a shell
+    # without job control) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    proc = subprocess.run(
+        [console_script(), "recipes", "--json"], capture_output=True, text=True, env=env, timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "hla-convert: error: interrupted"
