@@ -36,6 +36,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, event, settings
@@ -79,15 +80,21 @@ def _peak_rss() -> int:
     return kib * (1 if sys.platform == "darwin" else 1024)
 
 
+@pytest.fixture(autouse=True)
 def bounded_memory():
     """No example may allocate without bound: the process's peak RSS grows by less than 1 GiB
     (coarse, since it is a high-water mark, but free: tracemalloc would slow every example ~3x and
-    does not see torch's allocations). Each fuzz module's autouse fixture:
-    `yield from bounded_memory()`."""
+    does not see torch's allocations). Autouse in each fuzz module that imports it."""
     before = _peak_rss()
     yield
     grown = _peak_rss() - before
     assert grown < MAX_RSS_GROWTH, f"peak memory grew by {grown >> 20} MiB"
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tmp_path_factory) -> Path:
+    """One recipe file a fuzz module's examples write and read in turn."""
+    return tmp_path_factory.mktemp("fuzz_recipe") / "recipe.yaml"
 
 
 def only(error: type[ValueError], fn, *args, **kwargs):

@@ -34,18 +34,9 @@ from fuzzing import (
     mutated_recipes,
     random_metadata,
     random_safetensors,
+    recipe_path,
     yaml_soup,
 )
-
-
-@pytest.fixture(autouse=True)
-def _bounded_memory():
-    yield from bounded_memory()
-
-
-@pytest.fixture(scope="module")
-def recipe_path(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fuzz_recipe") / "recipe.yaml"
 
 
 @pytest.fixture(scope="module")

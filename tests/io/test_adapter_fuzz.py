@@ -35,11 +35,6 @@ from fuzzing import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _bounded_memory():
-    yield from bounded_memory()
-
-
 @pytest.fixture(scope="module")
 def base():
     return TinyBase()

@@ -29,19 +29,10 @@ from fuzzing import (
     no_surrogates,
     only,
     path_names,
+    recipe_path,
     yaml_documents,
     yaml_soup,
 )
-
-
-@pytest.fixture(autouse=True)
-def _bounded_memory():
-    yield from bounded_memory()
-
-
-@pytest.fixture(scope="module")
-def recipe_path(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fuzz_recipe") / "recipe.yaml"
 
 
 def _load_recipe_file(path: Path, data: bytes):
