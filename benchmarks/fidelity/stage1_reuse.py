@@ -21,9 +21,9 @@ checkpoint it started from ("stage1_from"), and its stage-1 seconds are not its 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from hla_convert.atomic_files import atomic_write_bytes
 from hla_convert.io.output import run_identity, start_run
 from hla_convert.io.output_guard import WORK_DIR
 from hla_convert.stages.checkpoints import checkpoint_path, load_checkpoint
@@ -57,9 +57,7 @@ def keep_stage1(conv_dir: Path, kept_as: Path):
 
 
 def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".copying")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    atomic_write_bytes(dst, src.read_bytes())  # a stage-1 checkpoint holds the HLA parameters only (~1 MB)
 
 
 def finished_stage1(folders: list[str | Path], arch: str, seed: int, recipe, n_inputs: int) -> Path | None:
