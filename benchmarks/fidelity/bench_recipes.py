@@ -107,6 +107,12 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     # the stage-2 levers together (second deep run): the longer schedule with all weights or 5x the lr
     "shipped-s2x4-full": {"stage2.steps": 1600, "stage2.train": "full"},
     "shipped-s2x4-lr5x": {"stage2.steps": 1600, "stage2.lr": 5.0e-4},
+    # the stage-2 schedule on the full-tuning default (third deep run): 5x the lr with LoRA (as good
+    # as full at 1e-4 on the CPU), and twice the steps, alone and at 2.5x / 5x the lr
+    "shipped-lora-lr5x": {"stage2.train": "lora", "stage2.lr": 5.0e-4},
+    "shipped-lr2.5x": {"stage2.lr": 2.5e-4},
+    "shipped-s2x2": {"stage2.steps": 800},
+    "shipped-s2x2-lr5x": {"stage2.steps": 800, "stage2.lr": 5.0e-4},
     "shipped-keep0": {"attention.softmax_layers": 0},
     "shipped-keep2": {"attention.softmax_layers": 2},
 }
