@@ -19,6 +19,7 @@ _HOMES = {
     "io.push": ["push_output"],
     "model.layers": ["HLAAttention", "hla_layers", "hla_parameters"],
     "model.modes": ["set_attention_mode"],
+    "model.teacher_steps": ["teacher_steps"],
     "model.user_loras": ["CONVERSION_ADAPTER"],
     "io.converted": ["load_converted"],
     "model.surgery": ["ConversionError", "convert_attention", "revert_attention", "select_modules"],
@@ -65,4 +66,5 @@ __all__ = [
     "revert_attention",
     "select_modules",
     "set_attention_mode",
+    "teacher_steps",
 ]

@@ -58,6 +58,17 @@ def sample(
         int | None,
         typer.Option("--steps", min=1, max=1000, help="Scheduler steps. Default: the recipe's validation.sampling_steps.", show_default=False),
     ] = None,
+    teacher_steps: Annotated[
+        int,
+        typer.Option(
+            "--teacher-steps",
+            min=0,
+            max=1000,
+            help="Run the first K of the student's steps with the teacher (the base model), the rest converted: the "
+            "layout is decided early, so a few softmax steps buy much of the video's fidelity (K of N steps cost K/N "
+            "of the softmax time). Python: hla_convert.teacher_steps(pipe, K).",
+        ),
+    ] = 0,
     out: Annotated[
         str | None,
         typer.Option(
@@ -97,7 +108,9 @@ def sample(
             if out is None and is_hub_id(directory):
                 out = f"{str(directory).rsplit('/', 1)[-1]}-sample"
             extra = read_inputs_file(inputs) if inputs is not None else None
-            result, video = sample_into(local, out, base=base, inputs=extra, seed=seed, steps=steps, device=dev, prompt=prompt, config=config)
+            result, video = sample_into(
+                local, out, base=base, inputs=extra, seed=seed, steps=steps, device=dev, prompt=prompt, config=config, teacher_steps=teacher_steps
+            )
         except SampleError as exc:
             raise CommandFailed(str(exc), EXIT_BAD_INPUT) from None
         doc.update(out_dir=str(local.absolute()), device=str(dev), **result.summary())
@@ -105,7 +118,8 @@ def sample(
             con = _stdout()
             psnr = ", ".join("identical" if p >= 200 else f"{p:.1f}" for p in result.psnr_db)
             what = f", {result.pipeline}" if result.pipeline else ""
-            con.print(f"teacher | student{what}, {result.steps} steps, seed {seed}" + (f", prompt \"{result.prompt}\"" if result.prompt else ""))
+            mixed = f" (first {teacher_steps} steps by the teacher)" if teacher_steps else ""
+            con.print(f"teacher | student{mixed}{what}, {result.steps} steps, seed {seed}" + (f", prompt \"{result.prompt}\"" if result.prompt else ""))
             con.print(f"per-frame PSNR dB: {psnr}")
             con.print(f"saved {video} and {video.with_suffix('.png')}")
 

@@ -43,6 +43,7 @@ class SampleResult:
     for a pipeline run (its VAE decoded them inside the pipeline). noise: the demo's starting noise
     (a pipeline draws its own from the seeded generator: None).
     psnr_db: per frame, student against teacher (uint8 frames, peak 255; PSNR_IDENTICAL if equal).
+    teacher_steps: how many of the student run's first steps the teacher ran (model.teacher_steps).
     """
 
     teacher: np.ndarray
@@ -58,6 +59,7 @@ class SampleResult:
     prompt: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     pipeline: str | None = None  # the pipeline class of a pipeline run
+    teacher_steps: int = 0
 
     def summary(self) -> dict[str, Any]:
         """What --json reports (no tensors)."""
@@ -66,6 +68,7 @@ class SampleResult:
             "height": int(self.teacher.shape[1]),
             "width": int(self.teacher.shape[2]),
             "steps": self.steps,
+            "teacher_steps": self.teacher_steps,
             "seed": self.seed,
             "scheduler": self.scheduler,
             "pipeline": self.pipeline,
@@ -224,13 +227,14 @@ def card_section(video: str, sheet: str, result: SampleResult) -> str:
     """The model card's "Sample" section (file names relative to the card)."""
     psnr = ", ".join("identical" if p >= PSNR_IDENTICAL else f"{p:.1f}" for p in result.psnr_db)
     what = f' (prompt "{result.prompt}")' if result.prompt else ""
+    mixed = f", its first {result.teacher_steps} steps run by the teacher" if result.teacher_steps else ""
     return "\n".join(
         [
             "## Sample",
             "",
             f"![teacher (top) and student (bottom), frame by frame]({sheet})",
             "",
-            f"The base model (teacher) and the converted one (student) from the same noise{what}, seed {result.seed}, "
+            f"The base model (teacher) and the converted one (student{mixed}) from the same noise{what}, seed {result.seed}, "
             f"{result.steps} {result.scheduler} steps"
             + (f" through the whole {result.pipeline} (decoded by its VAE)" if result.pipeline else "")
             + f"; side by side as a video: [`{video}`]({video}). "

@@ -179,9 +179,13 @@ def sample_side_by_side(
     prompt: str | None = None,
     revision: str | None = None,
     config: str | None = None,
+    teacher_steps: int = 0,
 ) -> SampleResult:
     """Sample the conversion in `out_dir` (a folder, or a Hub ID at `revision`) as teacher and as
     student from the same noise.
+
+    teacher_steps: the first k steps of the student's run by the teacher (model.teacher_steps: the
+    sampling-time lever, at the softmax cost of those k steps); below `steps`.
 
     config: the diffusers config of a single-file base (default: the one recorded at conversion;
     a pipeline config gives the pipeline that samples).
@@ -200,26 +204,34 @@ def sample_side_by_side(
 
     check_steps(steps)
     check_seed(seed)
+    if isinstance(teacher_steps, bool) or not isinstance(teacher_steps, int) or teacher_steps < 0:
+        raise SampleError(f"teacher_steps must be a whole number >= 0, got {teacher_steps!r}")
     out_dir = resolve_output_dir(out_dir, revision)
     info, recipe_path, _ = read_output(out_dir)
     recipe = load_recipe(str(recipe_path))
     if steps is None:
         steps = recipe.validation.sampling_steps or DEFAULT_STEPS
+    if teacher_steps >= steps:
+        raise SampleError(
+            f"--teacher-steps {teacher_steps} must be below the {steps} sampling steps: the first k run by the teacher, the rest by the conversion"
+        )
     source, rev, subfolder, config = base_of(info, base, config)
     ref = resolve_model(source, rev, subfolder, config)
     if ref.is_demo or (info.get("base_source") == DEMO_MODEL_NAME and not ref.pipeline_dir):  # --base: a copy of the demo
         if prompt is not None:
             raise SampleError("--prompt applies to pipelines; the demo model's prompt is drawn from --seed (or give --inputs)")
-        return _sample_demo(out_dir, base, inputs, seed, steps, device)
+        return _sample_demo(out_dir, base, inputs, seed, steps, device, teacher_steps)
     if not ref.pipeline_dir:
         raise SampleError(
             f"the base {ref.path!r} is a bare transformer: no text encoder and no VAE to sample with; "
             "pass --base with its diffusers pipeline (folder or Hub ID)"
         )
-    return _sample_pipeline(out_dir, ref, recipe, base, inputs, seed, steps, device, prompt)
+    return _sample_pipeline(out_dir, ref, recipe, base, inputs, seed, steps, device, prompt, teacher_steps)
 
 
-def _sample_demo(out_dir: Path, base: str | None, inputs: dict[str, Any] | None, seed: int, steps: int, device: str | None) -> SampleResult:
+def _sample_demo(
+    out_dir: Path, base: str | None, inputs: dict[str, Any] | None, seed: int, steps: int, device: str | None, teacher_steps: int = 0
+) -> SampleResult:
     from ..stages.drift import sample_latents
     from ..model.modes import set_attention_mode
     from .converted import load_converted
@@ -237,7 +249,8 @@ def _sample_demo(out_dir: Path, base: str | None, inputs: dict[str, Any] | None,
     finals = {}
     for mode in ("teacher", "student"):
         set_attention_mode(model, mode)
-        finals[mode] = sample_latents(model, item, scheduler, steps, noise.to(dev)).float().cpu()
+        k = teacher_steps if mode == "student" else 0
+        finals[mode] = sample_latents(model, item, scheduler, steps, noise.to(dev), teacher_steps=k).float().cpu()
     set_attention_mode(model, "student")
     teacher, student = latents_to_frames(finals["teacher"]), latents_to_frames(finals["student"])
     return SampleResult(
@@ -252,6 +265,7 @@ def _sample_demo(out_dir: Path, base: str | None, inputs: dict[str, Any] | None,
         seed=seed,
         scheduler=type(scheduler).__name__,
         prompt=prompt,
+        teacher_steps=teacher_steps,
     )
 
 
@@ -309,9 +323,21 @@ def _conditioning_image(pipe: Any, recipe: Any, seed: int) -> dict[str, Any]:
 
 
 def _sample_pipeline(
-    out_dir: Path, ref: Any, recipe: Any, base: str | None, inputs: dict[str, Any] | None, seed: int, steps: int, device: str | None, prompt: str | None
+    out_dir: Path,
+    ref: Any,
+    recipe: Any,
+    base: str | None,
+    inputs: dict[str, Any] | None,
+    seed: int,
+    steps: int,
+    device: str | None,
+    prompt: str | None,
+    teacher_steps: int = 0,
 ) -> SampleResult:
+    import contextlib
     import inspect
+
+    from ..model.teacher_steps import TeacherSteps
 
     from ..model.modes import set_attention_mode
     from .adapter import read_adapter_info
@@ -344,8 +370,10 @@ def _sample_pipeline(
         for mode in ("teacher", "student"):
             for net in nets:
                 set_attention_mode(net, mode)
-            # A CPU generator seeded alike: both runs start from the same noise, on any device.
-            frames[mode] = video_frames(pipe(**call, generator=torch.Generator().manual_seed(seed)))
+            mixed = TeacherSteps(nets, pipe.scheduler, teacher_steps) if mode == "student" and teacher_steps else contextlib.nullcontext()
+            with mixed:
+                # A CPU generator seeded alike: both runs start from the same noise, on any device.
+                frames[mode] = video_frames(pipe(**call, generator=torch.Generator().manual_seed(seed)))
     finally:
         for net in nets:
             set_attention_mode(net, "student")
@@ -362,6 +390,7 @@ def _sample_pipeline(
         scheduler=type(pipe.scheduler).__name__,
         prompt=prompt,
         pipeline=type(pipe).__name__,
+        teacher_steps=teacher_steps,
     )
 
 

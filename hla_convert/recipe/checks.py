@@ -274,6 +274,7 @@ _VALIDATION = {
     "min_latent_psnr": _optional(_number),
     "sampling_steps": _at_most(MAX_SAMPLING_STEPS, "scheduler steps; every step's latents are kept per held-out input", 0),
     "timestep_buckets": _at_most(MAX_TRAIN_TIMESTEPS, "no more buckets than the scheduler's training timesteps"),
+    "teacher_steps": _at_most(MAX_SAMPLING_STEPS, "sampling steps run by the teacher (model.teacher_steps)", 0),
 }
 
 _TOP = ("name", "description", "model", "attention", "calibration", "stage1", "stage2", "stage3", "validation")
@@ -362,6 +363,13 @@ def _check_together(r: Any) -> None:
             "stage2.teacher",
             "must be cached with stage2.train full: the trained base weights are the teacher's, so a live teacher "
             f"would swap the originals in from the host at every step; got {_r(r.stage2.teacher)}",
+        )
+    v = r.validation
+    if v.teacher_steps and v.teacher_steps >= v.sampling_steps:
+        raise RecipeError(
+            "validation.teacher_steps",
+            f"must be below validation.sampling_steps ({v.sampling_steps}): the first k of those steps run by the teacher, "
+            f"the rest by the converted model; got {v.teacher_steps}",
         )
     # Fields given as null take their value from another field here; r.derived remembers which, so
     # that to_dict writes them as null again and a copy with that other field overridden

@@ -257,6 +257,7 @@ class ValidationSpec:
     min_latent_psnr: float | None = None
     sampling_steps: int = 0
     timestep_buckets: int = 4
+    teacher_steps: int = 0  # > 0: the sampled-video check also samples with the first k steps by the teacher
 
 
 __all__ = [

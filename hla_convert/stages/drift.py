@@ -19,6 +19,8 @@ Metrics (all from one copy of the weights, switching attention modes):
   10 log10(R^2 / MSE) with R = the teacher's final latent range (max - min): for the demo's
   pixel-space latents in [-1, 1] that is the usual peak-to-peak 2; for VAE latents it is the
   nearest analogue. Identical latents report 200 dB; a NaN or infinite output reports NaN.
+  With validation.teacher_steps = k > 0, a third run from the same noise has its first k steps by
+  the teacher (model.teacher_steps, the sampling-time lever) and is reported beside it, unchecked.
 
 Thresholds come from recipe.validation (null = not checked); a NaN or infinite metric fails its
 threshold (`within`), in the table's "ok" as in `failures`. `check_thresholds` re-checks a saved
@@ -57,7 +59,7 @@ class DriftReport:
     buckets: list[dict[str, Any]] = field(default_factory=list)  # t_min, t_max, samples, rel_l2, cosine
     output_rel_l2: float = 0.0
     output_cosine: float = 1.0
-    sampling: dict[str, Any] | None = None  # steps, samples, rel_l2, psnr_db, peak
+    sampling: dict[str, Any] | None = None  # steps, samples, rel_l2, psnr_db, peak[, teacher_steps: {steps, rel_l2, psnr_db}]
     heldout_samples: int = 0
     kind: str = ""
     thresholds: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +100,9 @@ class DriftReport:
             sampling = dict(data["sampling"]) if data.get("sampling") else None
             if sampling is not None:
                 sampling.update({k: number(sampling[k]) for k in ("rel_l2", "psnr_db")})
+                if isinstance(sampling.get("teacher_steps"), dict):
+                    ts = dict(sampling["teacher_steps"])
+                    sampling["teacher_steps"] = {**ts, **{k: number(ts[k]) for k in ("rel_l2", "psnr_db")}}
             return cls(
                 attention={k: number(v) for k, v in att["per_layer"].items()},
                 buckets=[{**b, "rel_l2": number(b["rel_l2"]), "cosine": number(b["cosine"])} for b in out["buckets"]],
@@ -132,6 +137,10 @@ class DriftReport:
         if self.sampling is not None:
             row(f"final latent rel L2 ({self.sampling['steps']} steps)", self.sampling["rel_l2"], "max_latent_rel_l2", False)
             row(f"final latent PSNR dB ({self.sampling['steps']} steps)", self.sampling["psnr_db"], "min_latent_psnr", True)
+            ts = self.sampling.get("teacher_steps")
+            if isinstance(ts, dict):
+                metric = f"final latent PSNR dB, first {ts['steps']} of {self.sampling['steps']} steps by the teacher"
+                rows.append({"metric": metric, "value": ts["psnr_db"], "threshold": None, "ok": None})
         return rows
 
 
@@ -216,7 +225,7 @@ def noise_shape(model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, ...
 
 
 def sampler_points(
-    model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor
+    model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor, teacher_steps: int = 0
 ) -> Iterator[tuple[torch.Tensor, dict[str, Any] | None]]:
     """A plain scheduler loop from `noise` with one input dict's conditioning (no guidance), one
     step at a time. Yields (latents, point) before each of the `steps` steps: the latents x_i
@@ -224,6 +233,8 @@ def sampler_points(
     with hidden_states = the scaled latents in the item's dtype, timestep [B] = the scheduler's t);
     then (final latents, None). Each step runs the model (no_grad) in whatever mode it is in, so
     stopping after k points leaves the trajectory at step k (stages.onpolicy trains there).
+    teacher_steps = k > 0: the first k steps run in teacher mode and the rest in student mode (the
+    sampling-time lever of model.teacher_steps); the model is left in student mode.
 
     Image-to-video: `noise` has the latent's channels (noise_shape) and each step's input is it
     followed by the item's conditioning channels, as WanImageToVideoPipeline concatenates them. A
@@ -237,7 +248,7 @@ def sampler_points(
     hs = item["hidden_states"]
     condition = hs[:, noise.shape[1] :] if hs.dim() == 5 and noise.shape[1] < hs.shape[1] else None
     b = latents.shape[0]
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         model_in = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
         model_in = model_in.to(hs.dtype)
         if condition is not None:
@@ -247,16 +258,21 @@ def sampler_points(
             ts = ts[:, None].expand(b, given.shape[1])
         point = {**item, "hidden_states": model_in, "timestep": ts}
         yield latents, point
+        if teacher_steps > 0:
+            set_attention_mode(model, "teacher" if i < teacher_steps else "student")
         with torch.no_grad():
             out = forward(model, point)
             latents = sched.step(out.float(), t, latents, return_dict=False)[0]
+    if teacher_steps > 0:
+        set_attention_mode(model, "student")
     yield latents, None
 
 
 @torch.no_grad()
-def sample_latents(model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor) -> torch.Tensor:
-    """The final latents of `sampler_points`' whole loop (float32 as the scheduler keeps them)."""
-    *_, (latents, _) = sampler_points(model, item, scheduler, steps, noise)
+def sample_latents(model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor, teacher_steps: int = 0) -> torch.Tensor:
+    """The final latents of `sampler_points`' whole loop (float32 as the scheduler keeps them);
+    teacher_steps: the first k steps by the teacher (sampler_points)."""
+    *_, (latents, _) = sampler_points(model, item, scheduler, steps, noise, teacher_steps)
     return latents
 
 
@@ -275,7 +291,8 @@ def measure_drift(
     coss: list[torch.Tensor] = []
     levels: list[torch.Tensor] = []
     with_sampling = scheduler is not None and val.sampling_steps > 0 and bool(heldout_inputs)
-    total = len(heldout_inputs) + (2 if with_sampling else 0)
+    runs = ("teacher", "student") + (("teacher_steps",) if val.teacher_steps > 0 else ())
+    total = len(heldout_inputs) + (len(runs) if with_sampling else 0)
 
     layers = hla_layers(model)
     with attention_mode(model), torch.no_grad():
@@ -305,23 +322,29 @@ def measure_drift(
             g = torch.Generator().manual_seed(recipe.calibration.seed * 1_000_003 + 99)
             noise = torch.randn(noise_shape(model, hs), generator=g, dtype=torch.float32).to(hs.device)
             finals = {}
-            for j, mode in enumerate(("teacher", "student")):
-                set_attention_mode(model, mode)
-                finals[mode] = sample_latents(model, item, scheduler, val.sampling_steps, noise).float()
+            for j, run in enumerate(runs):
+                set_attention_mode(model, "student" if run == "teacher_steps" else run)
+                k = val.teacher_steps if run == "teacher_steps" else 0
+                finals[run] = sample_latents(model, item, scheduler, val.sampling_steps, noise, teacher_steps=k).float()
                 if progress:
-                    progress("drift", len(heldout_inputs) + j + 1, total, {"sampling": mode})
+                    progress("drift", len(heldout_inputs) + j + 1, total, {"sampling": run})
             t, s = finals["teacher"], finals["student"]
-            mse = float((s - t).pow(2).mean())
             peak = float(t.max() - t.min())
-            psnr = psnr_db(mse, peak)
             sampling = {
                 "steps": val.sampling_steps,
                 "samples": int(hs.shape[0]),
                 "rel_l2": float((s - t).norm() / t.norm().clamp_min(1e-12)),
-                "psnr_db": psnr,
+                "psnr_db": psnr_db(float((s - t).pow(2).mean()), peak),
                 "peak": peak,
                 "scheduler": type(scheduler).__name__,
             }
+            if "teacher_steps" in finals:  # the same noise, the first k steps by the teacher
+                m = finals["teacher_steps"]
+                sampling["teacher_steps"] = {
+                    "steps": val.teacher_steps,
+                    "rel_l2": float((m - t).norm() / t.norm().clamp_min(1e-12)),
+                    "psnr_db": psnr_db(float((m - t).pow(2).mean()), peak),
+                }
     rel_all = torch.cat(rels) if rels else torch.zeros(0)
     cos_all = torch.cat(coss) if coss else torch.zeros(0)
     lev_all = torch.cat(levels) if levels else torch.zeros(0)

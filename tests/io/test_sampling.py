@@ -284,3 +284,82 @@ def test_a_name_past_the_file_system_limit_is_bad_input(tmp_path, args):
     result = invoke("sample", tmp_path, *args)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "is not a usable path (File name too long)" in lines[0], result.stderr
+
+
+# -- teacher steps: the first k sampling steps by the base model (model.teacher_steps) -------------
+
+
+def test_teacher_steps_run_the_first_steps_by_the_plain_base_then_the_conversion(converted):
+    import diffusers
+    from diffusers import WanTransformer3DModel
+
+    from hla_convert import load_converted
+    from hla_convert.stages import demo_data
+    from hla_convert.io.sampling import sample_side_by_side
+
+    k = 2
+    result = sample_side_by_side(converted, seed=5, steps=STEPS, device="cpu", teacher_steps=k)
+    plain = sample_side_by_side(converted, seed=5, steps=STEPS, device="cpu")
+    assert result.teacher_steps == k and torch.equal(result.teacher_latents, plain.teacher_latents)
+    # the reference: one scheduler stepped by hand, the unconverted base for steps < k, the
+    # conversion (student) for the rest
+    base = WanTransformer3DModel.from_pretrained(demo_data.demo_model_dir()).eval()
+    student = load_converted(converted, device="cpu")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    sched.set_timesteps(STEPS)
+    item = result.inputs
+    latents = result.noise.clone()
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            net = base if i < k else student
+            ts = t.to(item["timestep"].dtype).expand(latents.shape[0])
+            out = net(**{**item, "hidden_states": latents.to(item["hidden_states"].dtype), "timestep": ts}, return_dict=False)[0]
+            latents = sched.step(out.float(), t, latents, return_dict=False)[0]
+    torch.testing.assert_close(result.student_latents, latents, atol=1e-6, rtol=0)
+    assert not torch.equal(result.student_latents, plain.student_latents)  # the teacher's steps changed the run
+    assert result.summary()["teacher_steps"] == k
+
+
+def test_sample_teacher_steps_from_the_command_line(converted, tmp_path):
+    result = invoke("sample", converted, "--steps", STEPS, "--teacher-steps", 1, "--out", tmp_path / "t.gif", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["teacher_steps"] == 1 and doc["steps"] == STEPS
+    for k in (STEPS, STEPS + 4):  # every step by the teacher is no conversion at all
+        bad = invoke("sample", converted, "--steps", STEPS, "--teacher-steps", k, "--out", tmp_path / "x.gif")
+        lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+        assert bad.exit_code == 2 and len(lines) == 1 and f"must be below the {STEPS} sampling steps" in lines[0], bad.stderr
+    bad = invoke("sample", converted, "--teacher-steps", -1, "--out", tmp_path / "x.gif")
+    assert bad.exit_code == 2 and "Traceback" not in bad.stderr
+
+
+def test_pipeline_teacher_steps_equal_switching_modes_between_steps(pipeline_conversion):
+    """The hooks (model.teacher_steps) against an independent way to do the same: the pipeline's own
+    step-end callback switching the conversion from teacher to student after step k - 1."""
+    from hla_convert import hla_layers, load_converted, set_attention_mode, teacher_steps
+    from hla_convert.io.sampling import load_pipeline, sample_side_by_side, video_frames
+    from hla_convert.model.loading import resolve_model
+
+    pipe_dir, out, _ = pipeline_conversion
+    steps, k = 3, 1
+    result = sample_side_by_side(out, prompt="a red fox runs", seed=3, steps=steps, device="cpu", teacher_steps=k)
+    model = load_converted(out, device="cpu")
+    pipe = load_pipeline(model, resolve_model(str(pipe_dir)), torch.device("cpu"))
+    call = dict(prompt="a red fox runs", num_frames=5, height=32, width=32, num_inference_steps=steps, output_type="np")
+
+    def switch(p, i, t, kwargs):
+        if i == k - 1:
+            set_attention_mode(model, "student")
+        return {}
+
+    set_attention_mode(model, "teacher")
+    expected = video_frames(pipe(**call, generator=torch.Generator().manual_seed(3), callback_on_step_end=switch))
+    assert np.abs(result.student.astype(int) - expected.astype(int)).max() <= 1
+    assert not np.array_equal(result.student, result.teacher)
+    # what ran where: both forwards of each guided step fall on the same step; student mode after
+    own_hooks = dict(model._forward_pre_hooks)  # the token-grid hook of the conversion
+    with teacher_steps(pipe, k) as hooks:
+        pipe(**call, generator=torch.Generator().manual_seed(3))
+    seen = sorted(set(hooks.steps_seen))
+    assert seen == [(0, "teacher"), (1, "student"), (2, "student")], hooks.steps_seen
+    assert {layer.mode for layer in hla_layers(model).values()} == {"student"} and dict(model._forward_pre_hooks) == own_hooks

@@ -72,6 +72,7 @@ def _with(path: str, value):
         ("stage2.teacher", "frozen", "stage2.teacher: 'frozen' is not one of cached, live"),
         ("validation.min_output_cosine", 1.5, "validation.min_output_cosine: must be a number in [-1.0, 1.0]"),
         ("validation.timestep_buckets", "four", "validation.timestep_buckets: must be a positive integer"),
+        ("validation.teacher_steps", -1, "validation.teacher_steps: must be an integer >= 0, got -1"),
         ("attention.exclude", [1], "attention.exclude: must be a list of non-empty strings"),
         # HLAConfig's fields have one check, HLAConfig's own: one range for feature_dim (was >= 2 here, 2..256 there)
         ("attention.feature_dim", 1, "attention.feature_dim: must be an integer in 2..256, got 1"),
@@ -173,6 +174,19 @@ def test_stage3_is_off_by_default_scales_with_steps_and_samples_as_the_sampling_
     data["validation"]["sampling_steps"] = 0
     assert parse_recipe(data).stage3.sampling_steps == 10
     assert r.with_overrides(fields={"stage3.sampling_steps": 3}).stage3.sampling_steps == 3
+
+
+def test_validation_teacher_steps_must_leave_a_converted_step():
+    r = load_recipe("tiny-wan")  # validation.sampling_steps 10
+    assert r.validation.teacher_steps == 0
+    assert r.with_overrides(fields={"validation.teacher_steps": 9}).validation.teacher_steps == 9
+    for k in (10, 11):
+        with pytest.raises(RecipeError, match=r"validation.teacher_steps: must be below validation.sampling_steps \(10\)"):
+            parse_recipe(_with("validation.teacher_steps", k))
+    data = _with("validation.teacher_steps", 2)
+    data["validation"]["sampling_steps"] = 0  # no sampling check: nothing to run teacher steps in
+    with pytest.raises(RecipeError, match="below validation.sampling_steps"):
+        parse_recipe(data)
 
 
 # -- hostile recipe files: bounded work, one short line -------------------------------------------

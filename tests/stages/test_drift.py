@@ -83,6 +83,38 @@ def test_training_reduces_drift(tmp_path):
     assert after.output_rel_l2 < before.output_rel_l2
 
 
+def test_teacher_steps_are_sampled_beside_the_student_from_the_same_noise():
+    """validation.teacher_steps = k: a third sampling run, its first k steps by the teacher; equal to
+    sample_latents with teacher_steps = k from the measure's noise, reported unchecked, round-tripped."""
+    import torch
+
+    from hla_convert.stages.drift import noise_shape, psnr_db, sample_latents
+
+    rec = recipe(min_latent_psnr=90.0, teacher_steps=2)
+    model, held = setup(rec)
+    sched = FlowMatchEulerDiscreteScheduler()
+    report = measure_drift(model, held, rec, scheduler=sched)
+    ts = report.sampling["teacher_steps"]
+    assert ts["steps"] == 2 and report.sampling["steps"] == 3
+    item = held[0]
+    g = torch.Generator().manual_seed(rec.calibration.seed * 1_000_003 + 99)
+    noise = torch.randn(noise_shape(model, item["hidden_states"]), generator=g)
+    teacher = sample_latents(model, item, sched, 3, noise, teacher_steps=3)  # every step by the teacher
+    mixed = sample_latents(model, item, sched, 3, noise, teacher_steps=2)
+    student = sample_latents(model, item, sched, 3, noise)
+    assert all(layer.mode == "student" for layer in hla_layers(model).values())
+    peak = float(teacher.max() - teacher.min())
+    assert ts["psnr_db"] == pytest.approx(psnr_db(float((mixed - teacher).pow(2).mean()), peak), rel=1e-5)
+    assert report.sampling["psnr_db"] == pytest.approx(psnr_db(float((student - teacher).pow(2).mean()), peak), rel=1e-5)
+    assert ts["psnr_db"] > report.sampling["psnr_db"]  # two of three steps exact: closer to the teacher
+    # only the plain student is checked against min_latent_psnr; the row is in the table, unchecked
+    assert sum("min_latent_psnr" in f for f in report.failures) == 1
+    row = [r for r in report.summary_rows() if "first 2 of 3 steps by the teacher" in r["metric"]]
+    assert len(row) == 1 and row[0]["ok"] is None
+    again = DriftReport.from_dict(json.loads(json.dumps(report.to_dict(), allow_nan=False)))
+    assert again.sampling["teacher_steps"] == ts
+
+
 def test_from_dict_rejects_other_json():
     with pytest.raises(ValueError, match="not a drift report"):
         DriftReport.from_dict({"passed": True})
