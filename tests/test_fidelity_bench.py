@@ -239,8 +239,11 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     assert r["status"] == "ok", r.get("error")
     assert (r["tier"], r["base"], r["blocks"], r["calibration_samples"], r["softmax_layers"]) == ("deep", "shipped", 4, 64, 1)
     assert set(r["changed_from_shipped"]) - set(_module("bench_recipes").SHIPPED_CHANGES) == {
-        "stage1.steps", "stage2.steps", "validation.sampling_steps"
+        "stage1.steps", "stage2.steps", "validation.sampling_steps", "validation.teacher_steps"
     }  # fmt: skip
+    assert r["recipe"]["validation"]["teacher_steps"] == 0  # the shipped 2 of 10 at 1 step: none left to give
+    scaled = _module("bench_recipes").scaled_teacher_steps
+    assert (scaled(2, 10, 20), scaled(2, 10, 10), scaled(2, 10, 3), scaled(2, 10, 2), scaled(0, 10, 20)) == (4, 2, 1, 1, 0)
     assert r["recipe"]["stage2"]["train"] == "full"  # as shipped (wan2.1-t2v-1.3b since 2026-12-07)
     sel = r["selection_summary"]
     assert sel["select"] == "output" and r["selection"] == [sel["output_effects"][0]["picked"]]

@@ -128,8 +128,8 @@ TIERS = {"fast": "models", "deep": "models-deep"}  # bench_models.DEPTHS blocks 
 # diffusers transformer/config.json num_layers of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and of
 # THUDM/CogVideoX-2b: 30 each; the recipes' comments say so too).
 SHIPPED: dict[str, tuple[str, int]] = {"wan": ("wan2.1-t2v-1.3b", 30), "cogvideox": ("cogvideox-2b", 30)}
-# The only fields --base shipped changes (besides a row's own overrides, and stage1/2.steps when
-# --steps-scale is given): what names the benchmark's model and its inputs. Batch sizes stay as
+# The only fields --base shipped changes (besides a row's own overrides, stage1/2.steps when
+# --steps-scale is given and validation.sampling_steps / teacher_steps when --sampling-steps is): what names the benchmark's model and its inputs. Batch sizes stay as
 # shipped: the inputs are written in batches of the shipped calibration.batch_size.
 SHIPPED_CHANGES = (
     "model.hub_id",
@@ -239,8 +239,18 @@ def shipped_recipe_for(arch: str, config: str, seed: int, folder: Path, spec, ar
         fields["stage2.steps"] = max(1, round(base.stage2.steps * args.steps_scale)) if base.stage2.steps else 0
     if args.sampling_steps is not None:
         fields["validation.sampling_steps"] = args.sampling_steps
+        # the teacher's share of the sampling check's steps stays as shipped (2 of 10 -> 4 of 20)
+        fields["validation.teacher_steps"] = scaled_teacher_steps(base.validation.teacher_steps, base.validation.sampling_steps, args.sampling_steps)
     fields.update(resolved_overrides(config, base.with_overrides(fields=fields).to_dict()))
     return base.with_overrides(source="folder", path=str(folder), seed=seed, fields=fields)
+
+
+def scaled_teacher_steps(shipped_k: int, shipped_steps: int, steps: int) -> int:
+    """validation.teacher_steps as the same share of `steps` sampling steps as shipped (k of
+    shipped_steps), below `steps` (a step must stay converted), 0 when off or no sampling."""
+    if shipped_k <= 0 or shipped_steps <= 0 or steps <= 1:
+        return 0
+    return min(steps - 1, max(1, round(shipped_k / shipped_steps * steps)))
 
 
 def changed_fields(before: dict, after: dict, prefix: str = "") -> dict[str, list]:
