@@ -103,6 +103,22 @@ def assert_one_line_error(result, code: int = 2, contains: str | None = None) ->
     return lines[0]
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(path: Path, name: str):
+    """A benchmark script (not a package module) imported from its file as module `name`; its
+    folder first on sys.path, so that its sibling modules import as it imports them."""
+    import importlib.util
+
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def console_script() -> str:
     """The path of the installed `hla-convert` script (next to this Python first, then on PATH)."""
     exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))

@@ -3,20 +3,17 @@ Wan of the same class, writes one JSON record with the fields RESULTS.md is buil
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_wan.py"
+from helpers import BENCHMARKS, load_script
+
+SCRIPT = BENCHMARKS / "bench_wan.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_wan", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "bench_wan")
 
 
 def test_published_config_is_the_1_3b_transformer():

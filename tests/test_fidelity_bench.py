@@ -9,7 +9,6 @@ teacher runs the deep tier's rows on the shipped recipe (--base shipped).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -17,16 +16,13 @@ from pathlib import Path
 
 import pytest
 
-FIDELITY = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity"
+from helpers import BENCHMARKS, load_script
+
+FIDELITY = BENCHMARKS / "fidelity"
 
 
 def _module(name: str):
-    if str(FIDELITY) not in sys.path:
-        sys.path.insert(0, str(FIDELITY))
-    spec = importlib.util.spec_from_file_location(f"fidelity_{name}", FIDELITY / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(FIDELITY / f"{name}.py", f"fidelity_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,18 @@ block, the groups summing to the total and each variant's attention core found w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_block.py"
+from helpers import BENCHMARKS, load_script
+
+SCRIPT = BENCHMARKS / "profile_block.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_block", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "profile_block")
 
 
 def test_smoke_profile_groups_sum_to_the_total_and_find_the_core(tmp_path, capsys):

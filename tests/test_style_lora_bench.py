@@ -4,23 +4,15 @@ teacher, saved in diffusers' format, applied to the teacher and to the converted
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-FIDELITY = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity"
+from helpers import BENCHMARKS, load_script
 
 
 def _style_module():
-    if str(FIDELITY) not in sys.path:
-        sys.path.insert(0, str(FIDELITY))
-    spec = importlib.util.spec_from_file_location("fidelity_style_lora", FIDELITY / "style_lora.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCHMARKS / "fidelity" / "style_lora.py", "fidelity_style_lora")
 
 
 @pytest.mark.slow  # a few seconds: it trains, loads and samples five models
