@@ -78,7 +78,13 @@ def model_card(info: dict[str, Any], report: dict[str, Any]) -> str:
     if pipeline_class:
         source = f'"{pipeline}"' if pipeline else f'"<a {pipeline_class} folder or Hub ID>"'
         use[1:1] = [f"from diffusers import {pipeline_class}"]
-        use += [f"pipe = {pipeline_class}.from_pretrained({source}, transformer=transformer)"]
+        use += [
+            f"pipe = {pipeline_class}.from_pretrained({source}, transformer=transformer)",
+            "",
+            "# optional: the base model runs the first k sampling steps, where the layout is decided",
+            "# (closer to the base model's video, at the softmax cost of k of the steps)",
+            "# import hla_convert; with hla_convert.teacher_steps(pipe, 4): video = pipe(prompt).frames[0]",
+        ]
     elif info.get("base_source") == DEMO_MODEL_NAME:
         use += [
             "# the demo model is a bare pixel-space transformer (no VAE, no text encoder):",

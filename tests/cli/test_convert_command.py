@@ -97,6 +97,7 @@ def test_convert_a_pipeline_folder(tmp_path, fast_recipe):
     assert doc["drift"]["sampling"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     card = (out / "README.md").read_text()
     assert f'WanPipeline.from_pretrained("{pipe.resolve()}", transformer=transformer)' in card
+    assert "with hla_convert.teacher_steps(pipe, 4):" in card  # the sampling-time lever, named where users load it
     assert invoke("validate", out, "--device", "cpu").exit_code == 0
     inspected = json.loads(invoke("inspect", pipe, "--recipe", recipe, "--json").stdout)
     assert inspected["tokens"] == 2 * 2 * 2 and len(inspected["converted"]) == 2
