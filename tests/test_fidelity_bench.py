@@ -245,6 +245,12 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     assert sel["select"] == "output" and r["selection"] == [sel["output_effects"][0]["picked"]]
     assert len(sel["output_effects"][0]["with_softmax"]) == 4
     assert {"stage1", "stage2", "stage3"} <= set(r["seconds"]) and math.isfinite(r["sampling"]["psnr_db"])
+    # dense_steps.py on the saved folder: the student alone, the teacher's first step, its last step
+    dense, out = _module("dense_steps"), tmp_path / "dense.jsonl"
+    argv = [str(tmp_path / "conv" / "wan-shipped-seed0"), "--out", str(out), "--ks", "0", "1", "--steps", "2", "--items", "1", "--device", "cpu"]
+    assert dense.main(argv) == 0
+    rows = {(d["where"], d["teacher_steps"]): d for d in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {("none", 0), ("first", 1), ("last", 1)} and all(math.isfinite(d["psnr_db"]) for d in rows.values())
 
 
 def test_report_shows_what_each_lever_buys_against_the_shipped_row(tmp_path):

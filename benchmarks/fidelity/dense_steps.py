@@ -8,7 +8,8 @@ For each saved conversion (a run.py conversion folder: adapter, recipe.yaml nami
 folder), loaded with `load_converted` as a user gets it, and each of the first --items held-out
 inputs of its recipe: the teacher's video from seeded noise (FlowMatchEuler, shift 1, --steps steps:
 the fidelity measure's sampler), then the student's from the same noise with the first k steps in
-teacher mode ("first") and with the last k ("last"), for each k of --ks; PSNR and relative L2 of the
+teacher mode ("first": the library's teacher steps, as `hla-convert sample --teacher-steps k` runs
+them) and with the last k ("last"), for each k of --ks; PSNR and relative L2 of the
 final latents against the teacher's (the measure's definitions: peak = the teacher's range). The
 cost of a run is the share of steps that run softmax, k / steps: at a 2x faster student per step,
 k = 2 of 20 keeps 1.8x. One JSON record per (folder, where, k), the means over the items.
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
 
     from hla_convert import load_converted
-    from hla_convert.model.modes import attention_mode
+    from hla_convert.model.modes import attention_mode, set_attention_mode
+    from hla_convert.stages.drift import sample_latents
     from hla_convert.recipe import load_recipe
     from hla_convert.stages import calibration
 
@@ -86,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                 teacher = sample(model, item, scheduler, args.steps, noise, set(range(args.steps)))
                 for k in args.ks:
                     for where in ("first", "last") if k else ("first",):
-                        dense = set(range(k)) if where == "first" else set(range(args.steps - k, args.steps))
-                        student = sample(model, item, scheduler, args.steps, noise, dense)
+                        if where == "first":  # what `sample --teacher-steps k` runs (stages.drift.sample_latents)
+                            set_attention_mode(model, "student")
+                            student = sample_latents(model, item, scheduler, args.steps, noise, teacher_steps=k)
+                        else:
+                            student = sample(model, item, scheduler, args.steps, noise, set(range(args.steps - k, args.steps)))
                         results.setdefault((where, k), []).append(psnr(student, teacher))
         with open(args.out, "a") as f:
             for (where, k), vals in results.items():
