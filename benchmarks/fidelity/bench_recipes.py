@@ -90,6 +90,8 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     "shipped-lora128": {"stage2.train": "lora", "stage2.lora_rank": 128},
     "shipped-live": {"stage2.teacher": "live"},  # the teacher run live in stage 2, not cached targets
     "shipped-onpolicy": {"stage3.steps": HalfOf("stage2.steps")},  # the on-policy stage, half of stage 2's steps
+    # ... with half of its inputs the calibration ones (on trajectories alone it forgot them: drift 0.17 -> 0.26)
+    "shipped-onpolicy-mix": {"stage3.steps": HalfOf("stage2.steps"), "stage3.onpolicy_share": 0.5},
     "shipped-select-output": {"attention.softmax_select": "output"},  # kept layers by their effect on the output
     # wan2.1-t2v-1.3b chooses by output since 2026-12-06 (where "shipped" now is the row above): the old choice
     "shipped-select-attention": {"attention.softmax_select": "attention"},

@@ -139,6 +139,7 @@ LEVERS = {
     "shipped-lora128": ("stage 2 trains", "LoRA rank 128"),
     "shipped-live": ("teacher", "live teacher in stage 2 instead of cached targets"),
     "shipped-onpolicy": ("on-policy", "stage 3 on the student's own samples, half of stage 2's steps"),
+    "shipped-onpolicy-mix": ("on-policy", "stage 3, half of its inputs the calibration ones (onpolicy_share 0.5)"),
     "shipped-select-output": ("layer choice", "kept layers chosen by their effect on the output"),
     "shipped-select-attention": ("layer choice", "kept layers by stage-1 attention error"),
     "shipped-keep0": ("layer choice", "no layer kept softmax"),

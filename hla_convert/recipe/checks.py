@@ -264,6 +264,7 @@ _STAGE2 = {
 _STAGE3 = {
     **_STAGE1,
     "sampling_steps": _optional(_at_most(MAX_SAMPLING_STEPS, "scheduler steps of the student's sampler")),
+    "onpolicy_share": lambda p, v: _number(p, v, lo=0.0, hi=1.0),
 }
 
 _VALIDATION = {

@@ -241,6 +241,9 @@ class Stage3Spec:
     # the student sampler's steps; null: validation.sampling_steps (the trajectory the sampling
     # check measures), or STAGE3_SAMPLING_STEPS when that is 0
     sampling_steps: int | None = None
+    # the share of a step's inputs taken from the student's trajectories; the rest are calibration
+    # inputs as stage 2 saw them (teacher-made), so stage 3 does not forget the teacher's inputs
+    onpolicy_share: float = 1.0
 
 
 # stage3.sampling_steps when neither it nor validation.sampling_steps is set: the few-step regime

@@ -14,6 +14,12 @@ Stage 3 trains where the student actually goes. Per input of a step:
 3. the teacher's prediction there (teacher mode, no_grad) is the target of the student's (with
    gradients): loss ||student - teacher||^2 / ||teacher||^2, as in stage 2.
 
+stage3.onpolicy_share < 1: each input is taken from the student's trajectory (steps 1-3) with that
+probability (drawn per (step, position) from its own seeded generator: a resume draws the same),
+else it is the calibration input as stage 2 saw it, the teacher's prediction there the target. On
+the deep fidelity benchmark stage 3 on trajectories alone fitted them and forgot the teacher's
+inputs (drift there 0.17 -> 0.26, docs/comparison.md); the calibration share keeps them in the loss.
+
 One k per input: the item's B samples share the scheduler's step. Cost per input: k student
 forwards without gradients (on average (sampling_steps - 1) / 2), one teacher forward, one student
 forward + backward; stage 2's step is the last two alone. Under several processes every process
@@ -71,6 +77,17 @@ def trajectory_draw(
     return k, noise
 
 
+def onpolicy_pick(recipe: Recipe, step: int, position: int) -> bool:
+    """Whether the `position`-th input of stage 3's step `step` comes from the student's trajectory
+    (probability stage3.onpolicy_share; always at 1) rather than being the calibration input as is.
+    Seeded by (calibration.seed, step, position) alone, apart from trajectory_draw's generator."""
+    share = recipe.stage3.onpolicy_share
+    if share >= 1.0:
+        return True
+    seed = ((recipe.calibration.seed * 1_000_003 + 77) * 2_147_483_647 + step) * 4_099 + position
+    return float(torch.rand((), generator=torch.Generator().manual_seed(seed % (2**63)))) < share
+
+
 @torch.no_grad()
 def student_point(model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor, k: int) -> dict[str, Any]:
     """The model input at step k of the student's `steps`-step sampler from `noise` with `item`'s
@@ -111,9 +128,14 @@ def onpolicy_distillation(
         extra = lora_parameters(model) if has_lora(model) and spec.steps > 0 else {}
         extra_lr = spec.lr * (s2.lora_lr / s2.lr) if extra and s2.lora_lr is not None else None
     sampler_forwards = 0
+    counts = {"onpolicy_inputs": 0, "calibration_inputs": 0}
 
     def prepare(step: int, position: int, item: dict[str, Any]) -> dict[str, Any]:
         nonlocal sampler_forwards
+        if not onpolicy_pick(recipe, step, position):
+            counts["calibration_inputs"] += 1
+            return item
+        counts["onpolicy_inputs"] += 1
         k, noise = trajectory_draw(recipe, step, position, item, noise_shape(model, item["hidden_states"]))
         sampler_forwards += k
         return student_point(model, item, scheduler, spec.sampling_steps, noise, k)
@@ -139,10 +161,12 @@ def onpolicy_distillation(
             sampling_steps=spec.sampling_steps,
             scheduler=type(scheduler).__name__,
             sampler_forwards=sampler_forwards,
+            onpolicy_share=spec.onpolicy_share,
+            **counts,
             lora=0 if s2.train == "full" else sum(p.numel() for p in extra.values()),
             full=sum(p.numel() for p in extra.values()) if s2.train == "full" else 0,
         )
     return summary
 
 
-__all__ = ["NO_SCHEDULER", "check_stage3_scheduler", "onpolicy_distillation", "student_point", "trajectory_draw"]
+__all__ = ["NO_SCHEDULER", "check_stage3_scheduler", "onpolicy_distillation", "onpolicy_pick", "student_point", "trajectory_draw"]

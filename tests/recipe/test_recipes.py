@@ -69,6 +69,7 @@ def _with(path: str, value):
         ("stage3.batch_size", 6, "stage3.batch_size: must be a multiple of calibration.batch_size (4)"),
         ("stage3.lr", "fast", "stage3.lr: must be a positive number, got 'fast'"),
         ("stage3.steps", -1, "stage3.steps: must be an integer >= 0, got -1"),
+        ("stage3.onpolicy_share", 1.5, "stage3.onpolicy_share: must be a number in [0.0, 1.0]"),
         ("stage2.teacher", "frozen", "stage2.teacher: 'frozen' is not one of cached, live"),
         ("validation.min_output_cosine", 1.5, "validation.min_output_cosine: must be a number in [-1.0, 1.0]"),
         ("validation.timestep_buckets", "four", "validation.timestep_buckets: must be a positive integer"),

@@ -24,7 +24,7 @@ from hla_convert.stages.distill import (
     output_distillation,
 )
 from hla_convert.stages.distill_loop import _batch_indices
-from hla_convert.stages.onpolicy import onpolicy_distillation, trajectory_draw
+from hla_convert.stages.onpolicy import onpolicy_distillation, onpolicy_pick, trajectory_draw
 
 # the demo recipe cut down: 2 inputs of 2 videos, one stage-2 step (adds the LoRA), stage 3 on
 SMALL = {
@@ -126,6 +126,39 @@ def test_stage3_trains_on_the_students_own_trajectory_points(tmp_path):
         assert torch.equal(student[3], t.expand(x.shape[0]))
         assert student[4] is text  # the calibration input's conditioning, as it is
         assert torch.equal(target[2], student[2]) and torch.equal(target[3], student[3])
+
+
+def test_onpolicy_share_mixes_calibration_inputs_as_stage2_saw_them(tmp_path):
+    """stage3.onpolicy_share 0.5: each input is the student's trajectory point or, as onpolicy_pick
+    draws, the calibration input itself (no sampler forwards); share 0 is stage 2 on live targets."""
+    steps, per_step = 3, 2  # 2 calibration batches a step
+    rec = small_recipe(**{"stage3.steps": steps, "stage3.batch_size": 4, "stage3.onpolicy_share": 0.5})
+    picks = [onpolicy_pick(rec, step, j) for step in range(steps) for j in range(per_step)]
+    assert 0 < sum(picks) < len(picks)  # this recipe's seeds draw both kinds
+    assert picks == [onpolicy_pick(rec, step, j) for step in range(steps) for j in range(per_step)]  # a pure function
+    model, inputs = after_stage2(rec, tmp_path)
+    trained_on = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():
+            trained_on.append((kwargs["hidden_states"].detach().clone(), kwargs["timestep"].clone()))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = onpolicy_distillation(model, inputs, rec, demo_scheduler(), tmp_path)
+    finally:
+        hook.remove()
+    assert (out["onpolicy_inputs"], out["calibration_inputs"]) == (sum(picks), len(picks) - sum(picks))
+    assert out["onpolicy_share"] == 0.5 and len(trained_on) == len(picks)
+    for n, ((hs, t), on) in enumerate(zip(trained_on, picks)):
+        step, j = divmod(n, per_step)
+        item = inputs[_batch_indices(step, per_step, len(inputs), rec.calibration.seed, "stage3")[j]]
+        as_is = torch.equal(hs, item["hidden_states"]) and torch.equal(t, item["timestep"])
+        assert as_is != on, (n, on)  # a calibration pick is the input itself; a trajectory point is not
+    off = small_recipe(**{"stage3.steps": 2, "stage3.onpolicy_share": 0.0})
+    model, inputs = after_stage2(off, tmp_path / "off")
+    out = onpolicy_distillation(model, inputs, off, demo_scheduler(), tmp_path / "off")
+    assert out["sampler_forwards"] == 0 and out["onpolicy_inputs"] == 0 and out["calibration_inputs"] == 2
 
 
 class Interrupt(Exception):
