@@ -337,9 +337,8 @@ def _sample_pipeline(
     import contextlib
     import inspect
 
-    from ..model.teacher_steps import TeacherSteps
-
     from ..model.modes import set_attention_mode
+    from ..model.teacher_steps import TeacherSteps
     from .adapter import read_adapter_info
     from .output import experts_of
     from .converted import load_converted
