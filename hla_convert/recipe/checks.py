@@ -365,13 +365,6 @@ def _check_together(r: Any) -> None:
             "must be cached with stage2.train full: the trained base weights are the teacher's, so a live teacher "
             f"would swap the originals in from the host at every step; got {_r(r.stage2.teacher)}",
         )
-    v = r.validation
-    if v.teacher_steps and v.teacher_steps >= v.sampling_steps:
-        raise RecipeError(
-            "validation.teacher_steps",
-            f"must be below validation.sampling_steps ({v.sampling_steps}): the first k of those steps run by the teacher, "
-            f"the rest by the converted model; got {v.teacher_steps}",
-        )
     # Fields given as null take their value from another field here; r.derived remembers which, so
     # that to_dict writes them as null again and a copy with that other field overridden
     # (with_overrides) derives them anew instead of keeping a stale value.

@@ -260,7 +260,9 @@ class ValidationSpec:
     min_latent_psnr: float | None = None
     sampling_steps: int = 0
     timestep_buckets: int = 4
-    teacher_steps: int = 0  # > 0: the sampled-video check also samples with the first k steps by the teacher
+    # > 0: the sampled-video check also samples with the first k steps by the teacher (at most
+    # sampling_steps - 1 of them, so that a recipe copied with fewer sampling steps still runs)
+    teacher_steps: int = 0
 
 
 __all__ = [

@@ -20,7 +20,8 @@ Metrics (all from one copy of the weights, switching attention modes):
   pixel-space latents in [-1, 1] that is the usual peak-to-peak 2; for VAE latents it is the
   nearest analogue. Identical latents report 200 dB; a NaN or infinite output reports NaN.
   With validation.teacher_steps = k > 0, a third run from the same noise has its first k steps by
-  the teacher (model.teacher_steps, the sampling-time lever) and is reported beside it, unchecked.
+  the teacher (model.teacher_steps, the sampling-time lever; at most sampling_steps - 1) and is
+  reported beside it, unchecked.
 
 Thresholds come from recipe.validation (null = not checked); a NaN or infinite metric fails its
 threshold (`within`), in the table's "ok" as in `failures`. `check_thresholds` re-checks a saved
@@ -291,7 +292,8 @@ def measure_drift(
     coss: list[torch.Tensor] = []
     levels: list[torch.Tensor] = []
     with_sampling = scheduler is not None and val.sampling_steps > 0 and bool(heldout_inputs)
-    runs = ("teacher", "student") + (("teacher_steps",) if val.teacher_steps > 0 else ())
+    k_teacher = min(val.teacher_steps, val.sampling_steps - 1)  # a step must stay converted
+    runs = ("teacher", "student") + (("teacher_steps",) if k_teacher > 0 else ())
     total = len(heldout_inputs) + (len(runs) if with_sampling else 0)
 
     layers = hla_layers(model)
@@ -324,7 +326,7 @@ def measure_drift(
             finals = {}
             for j, run in enumerate(runs):
                 set_attention_mode(model, "student" if run == "teacher_steps" else run)
-                k = val.teacher_steps if run == "teacher_steps" else 0
+                k = k_teacher if run == "teacher_steps" else 0
                 finals[run] = sample_latents(model, item, scheduler, val.sampling_steps, noise, teacher_steps=k).float()
                 if progress:
                     progress("drift", len(heldout_inputs) + j + 1, total, {"sampling": run})
@@ -341,7 +343,7 @@ def measure_drift(
             if "teacher_steps" in finals:  # the same noise, the first k steps by the teacher
                 m = finals["teacher_steps"]
                 sampling["teacher_steps"] = {
-                    "steps": val.teacher_steps,
+                    "steps": k_teacher,
                     "rel_l2": float((m - t).norm() / t.norm().clamp_min(1e-12)),
                     "psnr_db": psnr_db(float((m - t).pow(2).mean()), peak),
                 }

@@ -113,6 +113,11 @@ def test_teacher_steps_are_sampled_beside_the_student_from_the_same_noise():
     assert len(row) == 1 and row[0]["ok"] is None
     again = DriftReport.from_dict(json.loads(json.dumps(report.to_dict(), allow_nan=False)))
     assert again.sampling["teacher_steps"] == ts
+    # a recipe asking for as many teacher steps as sampling steps (a copy with fewer sampling
+    # steps) runs, with one step left converted
+    capped = measure_drift(model, held, recipe(teacher_steps=5), scheduler=sched)
+    assert capped.sampling["teacher_steps"]["steps"] == 2
+    assert capped.sampling["teacher_steps"]["psnr_db"] == pytest.approx(ts["psnr_db"], rel=1e-6)
 
 
 def test_from_dict_rejects_other_json():
