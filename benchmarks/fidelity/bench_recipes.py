@@ -131,7 +131,8 @@ TIERS = {"fast": "models", "deep": "models-deep"}  # bench_models.DEPTHS blocks 
 # THUDM/CogVideoX-2b: 30 each; the recipes' comments say so too).
 SHIPPED: dict[str, tuple[str, int]] = {"wan": ("wan2.1-t2v-1.3b", 30), "cogvideox": ("cogvideox-2b", 30)}
 # The only fields --base shipped changes (besides a row's own overrides, stage1/2.steps when
-# --steps-scale is given and validation.sampling_steps / teacher_steps when --sampling-steps is): what names the benchmark's model and its inputs. Batch sizes stay as
+# --steps-scale is given and validation.sampling_steps / teacher_steps when --sampling-steps is):
+# what names the benchmark's model and its inputs. Batch sizes stay as
 # shipped: the inputs are written in batches of the shipped calibration.batch_size.
 SHIPPED_CHANGES = (
     "model.hub_id",
