@@ -77,10 +77,12 @@ class TeacherSteps:
         self._handles = [net.register_forward_pre_hook(self._hook(net), with_kwargs=True) for net in nets]
 
     def _hook(self, net: nn.Module):
+        layers = list(hla_layers(net).values())  # found once, not on every forward of the run
+
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             step = step_of(self.scheduler, _timestep_of(args, kwargs))
             mode = "teacher" if step < self.first else "student"
-            if any(layer.mode != mode for layer in hla_layers(net).values()):
+            if any(layer.mode != mode for layer in layers):
                 set_attention_mode(net, mode)
             self.steps_seen.append((step, mode))
 
