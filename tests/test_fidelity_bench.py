@@ -251,6 +251,13 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     assert dense.main(argv) == 0
     rows = {(d["where"], d["teacher_steps"]): d for d in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {("none", 0), ("first", 1), ("last", 1)} and all(math.isfinite(d["psnr_db"]) for d in rows.values())
+    # fit_gap.py on the same folder: drift on 2 of the 32 calibration forwards it trained on, and on the held-out ones
+    gap, out = _module("fit_gap"), tmp_path / "gap.jsonl"
+    assert gap.main([str(tmp_path / "conv" / "wan-shipped-seed0"), "--out", str(out), "--device", "cpu", "--limit", "2"]) == 0
+    rows = {d["split"]: d for d in map(json.loads, out.read_text().splitlines())}
+    batch = r["recipe"]["calibration"]["batch_size"]
+    assert (rows["train"]["inputs"], rows["train"]["samples"], rows["heldout"]["samples"]) == (2, 2 * batch, 2 * batch)
+    assert all(0 < d["output_rel_l2"] < 10 and d["buckets"] for d in rows.values())
 
 
 def test_report_shows_what_each_lever_buys_against_the_shipped_row(tmp_path):
