@@ -231,6 +231,7 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
             "--seeds", "0", "--out", str(results), "--steps-scale", "0.01", "--device", "cpu", "--heldout-samples", "4",
             "--sampling-steps", "1", "--threads", "1", "--inputs-dir", str(tmp_path / "inputs"), "--conversions-dir", str(tmp_path / "conv")]  # fmt: skip
     assert run.main(argv) == 0
+    run_argv = argv
     (r,) = map(json.loads, results.read_text().splitlines())
     assert r["status"] == "ok", r.get("error")
     assert (r["tier"], r["base"], r["blocks"], r["calibration_samples"], r["softmax_layers"]) == ("deep", "shipped", 4, 64, 1)
@@ -258,6 +259,16 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     batch = r["recipe"]["calibration"]["batch_size"]
     assert (rows["train"]["inputs"], rows["train"]["samples"], rows["heldout"]["samples"]) == (2, 2 * batch, 2 * batch)
     assert all(0 < d["output_rel_l2"] < 10 and d["buckets"] for d in rows.values())
+    # --resume where the folder was saved whole but no record written (a time limit cut the measure):
+    # measured from the folder, not converted again; a row of another recipe is converted
+    again = tmp_path / "again.json"
+    assert run.main([*run_argv[: run_argv.index("--out")], "--out", str(again), *run_argv[run_argv.index("--out") + 2 :], "--resume"]) == 0
+    (r2,) = map(json.loads, again.read_text().splitlines())
+    assert r2["status"] == "ok" and r2.get("reused_saved_conversion") and not r.get("reused_saved_conversion")
+    assert (r2["output"]["rel_l2"], r2["stage1"], r2["selection"]) == (r["output"]["rel_l2"], r["stage1"], r["selection"])
+    conversion = _module("conversion")
+    rec = _module("bench_recipes").shipped_recipe("wan")
+    assert conversion.finished_conversion(tmp_path / "conv" / "wan-shipped-seed0", rec) is None
 
 
 def test_report_shows_what_each_lever_buys_against_the_shipped_row(tmp_path):

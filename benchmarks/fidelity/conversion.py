@@ -135,22 +135,29 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
         # (hla-convert convert --resume), when its work folder is there
         resume = bool(args.resume) and (conv_dir / WORK_DIR / RUN_FILE).is_file()
         record["resumed"] = resume
+        saved = finished_conversion(conv_dir, rec) if args.resume and not resume else None
         kept_as = Path(args.conversions_dir) / KEPT_DIR / f"{arch}-{config}-seed{seed}.safetensors"  # for --stage1-from
-        if not resume and getattr(args, "stage1_from", None):  # a finished stage 1 of the same fingerprint
-            ckpt = finished_stage1(args.stage1_from, arch, seed, rec, math.ceil(n_train / batch))
-            if ckpt is not None:
-                seed_work_folder(conv_dir, str(source), rec, args.dtype, ckpt)
-                record["stage1_from"] = str(ckpt)
-                resume = True
-            print(f"  [{arch} {config} seed {seed}] stage 1: {'from ' + str(ckpt) if ckpt else 'no finished one of this fingerprint, trained here'}", flush=True)
-        result = hla_convert.convert(
-            model=str(source), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=not resume,
-            resume=resume, progress=both(progress_log(f"{arch} {config} seed {seed}"), keep_stage1(conv_dir, kept_as)),
-        )
-        sync(device)
+        if saved is not None:  # saved whole before a time limit cut its measure: measure it, do not convert again
+            print(f"  [{arch} {config} seed {seed}] conversion: saved already in {conv_dir}, measured", flush=True)
+            record["reused_saved_conversion"] = True
+            report_saved, passed = saved, bool(saved.get("passed"))
+        else:
+            if not resume and getattr(args, "stage1_from", None):  # a finished stage 1 of the same fingerprint
+                ckpt = finished_stage1(args.stage1_from, arch, seed, rec, math.ceil(n_train / batch))
+                if ckpt is not None:
+                    seed_work_folder(conv_dir, str(source), rec, args.dtype, ckpt)
+                    record["stage1_from"] = str(ckpt)
+                    resume = True
+                print(f"  [{arch} {config} seed {seed}] stage 1: {'from ' + str(ckpt) if ckpt else 'no finished one of this fingerprint, trained here'}", flush=True)
+            result = hla_convert.convert(
+                model=str(source), recipe=recipe_file, out=conv_dir, device=str(device), dtype=args.dtype, overwrite=not resume,
+                resume=resume, progress=both(progress_log(f"{arch} {config} seed {seed}"), keep_stage1(conv_dir, kept_as)),
+            )
+            sync(device)
+            seconds.update({f"convert_{k}": v for k, v in result.seconds.items()})
+            report_saved, passed = result.report, result.passed
         record["output_dir"] = str(conv_dir)
-        seconds.update({f"convert_{k}": v for k, v in result.seconds.items()})
-        training = result.report.get("training", {})
+        training = report_saved.get("training", {})
         s1, s2, s3 = training.get("stage1") or {}, training.get("stage2") or {}, training.get("stage3") or {}
         seconds["stage1"] = float(s1.get("seconds", 0.0))
         seconds["stage2"] = float(s2.get("seconds", 0.0))
@@ -184,7 +191,7 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
                 "final_max": report["attention"]["max"],
             },
             sampling=report["sampling"],
-            in_process={"output_rel_l2": result.report["output"]["rel_l2"], "passed": result.passed},
+            in_process={"output_rel_l2": report_saved["output"]["rel_l2"], "passed": passed},
             stage1={k: s1.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped", "resumed_from") if k in s1},
             stage2={k: s2.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s2},
             stage3={k: s3.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped", "sampling_steps", "sampler_forwards") if k in s3},
@@ -202,6 +209,26 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
     seconds["total"] = time.perf_counter() - t_run
     record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return record
+
+
+def finished_conversion(conv_dir: Path, rec) -> dict | None:
+    """The drift report (with its training summary) of a conversion saved whole in conv_dir by this
+    recipe (no work folder left, its recipe.yaml the same recipe), else None. A run cut off by a
+    time limit after `convert` saved its folder but before the measure ended is measured from it
+    under --resume instead of converted again."""
+    from hla_convert.io.output_guard import MANIFEST_FILE, WORK_DIR
+    from hla_convert.recipe import load_recipe
+
+    report, saved_recipe = conv_dir / "drift_report.json", conv_dir / "recipe.yaml"
+    whole = all((conv_dir / name).is_file() for name in (MANIFEST_FILE, "hla_config.json", report.name, saved_recipe.name))
+    if (conv_dir / WORK_DIR).exists() or not whole:
+        return None
+    try:
+        if load_recipe(str(saved_recipe)).to_dict() != rec.to_dict():
+            return None
+        return json.loads(report.read_text())
+    except Exception:  # noqa: BLE001 - an unreadable folder is converted again (with overwrite)
+        return None
 
 
 def measure_saved(conv_dir: Path, arch: str, inputs: Path, args, device: torch.device) -> dict:
