@@ -1,5 +1,6 @@
-"""Triton kernels for hybrid attention: exact softmax inside a window of whole latent frames, Hadamard
-HLA (F = 2) outside it, one normaliser (HLA-MATH.md section 4; reference hla_convert.ops.hybrid).
+"""Triton kernels for hybrid attention: exact softmax inside a window of L consecutive tokens (whole
+latent frames, or any box after hla_kernels.hybrid permutes the tokens), Hadamard HLA (F = 2) outside
+it, one normaliser (HLA-MATH.md section 4; reference hla_convert.ops.hybrid).
 
 Loaded by `hla_kernels.hybrid` through importlib, once per mode (compiled or interpreted), after
 _triton_common.py of the same mode, whose @jit helpers (mm, kron_dot, kron_readout, ...) these reuse.

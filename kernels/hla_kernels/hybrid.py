@@ -1,10 +1,17 @@
 """Host side of the hybrid attention kernels: checks, launches, autograd.
 
 Same contract as `hla_convert.ops.hybrid_attention` (HLA-MATH.md section 4) for the windows a
-kernel tiles cheaply: whole latent frames, `window = (wt, 0 | >= Hg, 0 | >= Wg)` with `wt` dividing
-the frame count and no halo (the default `(1, 0, 0)`, a token's own latent frame), the Hadamard far
-kind with F = 2, text tokens first or last, key padding masks. Anything else goes to the reference
-(`supports` says why not).
+kernel tiles cheaply: boxes that tile the grid exactly, `window = (wt, wh, ww)` with each side
+dividing its axis (0 or >= the axis: all of it) and no halo — whole latent frames (the default
+`(1, 0, 0)`, a token's own frame) or spatial tiles through some or all frames (`(0, 4, 4)`) — the
+Hadamard far kind with F = 2, text tokens first or last, key padding masks. Anything else goes to
+the reference (`supports` says why not).
+
+The kernels see each window as L consecutive tokens. Whole frames are that already; any other box
+is made so by a permutation of the video tokens (block-major: block by block, the box's tokens in
+grid order), undone on the output: the window softmax and the far part's sums over keys do not
+depend on the order of tokens, so the result is the same. The permutation costs one copy of q, k,
+v, the features and the output a call (and their gradients), not done for whole frames.
 
 Forward: the Hadamard module's state kernels with one split per window block give T_window(blk)
 and Z_window(blk) in one launch each; T_rest = T_all - T_window (torch, fp32, then the dot dtype);
@@ -61,18 +68,62 @@ def _kernels(interp: bool) -> ModuleType:
     return rt.load_jitted("_hybrid_triton", interp)
 
 
-def _frame_blocks(grid: Sequence[int], window: Sequence[int], halo: Sequence[int]) -> tuple[int, int] | str:
-    """(L tokens per block, NB blocks) for a whole-frame window, or why the kernel cannot tile it."""
-    t, hg, wg = (int(x) for x in grid)
-    wt, wh, ww = (int(x) for x in window)
-    wt = t if wt == 0 or wt > t else wt
-    if (wh != 0 and wh < hg) or (ww != 0 and ww < wg):
-        return f"window {tuple(window)} is not whole latent frames of the {t}x{hg}x{wg} grid"
+def _box(grid: Sequence[int], window: Sequence[int], halo: Sequence[int]) -> tuple[int, int, int] | str:
+    """The window's box (wt, wh, ww), each side dividing its grid axis (0 or more than the axis:
+    all of it), or why the kernel cannot tile the grid with it."""
     if any(int(x) != 0 for x in halo):
         return f"halo {tuple(halo)}: the kernel has no overlapping windows"
-    if t % wt:
-        return f"window of {wt} frames does not divide the grid's {t} frames"
-    return wt * hg * wg, t // wt
+    box = tuple(e if w == 0 or w > e else w for e, w in zip((int(x) for x in grid), (int(x) for x in window)))
+    for axis, e, w in zip(("frames", "height", "width"), grid, box):
+        if int(e) % w:
+            return f"window {tuple(window)}: {w} does not divide the grid's {e} {axis} ({tuple(grid)})"
+    return box  # type: ignore[return-value]
+
+
+def _blocks(grid: Sequence[int], window: Sequence[int], halo: Sequence[int]) -> tuple[int, int] | str:
+    """(L tokens per block, NB blocks) for a window box that tiles the grid, or why not."""
+    box = _box(grid, window, halo)
+    if isinstance(box, str):
+        return box
+    big = box[0] * box[1] * box[2]
+    return big, math.prod(int(e) for e in grid) // big
+
+
+def _permutes(grid: Sequence[int], box: Sequence[int]) -> bool:
+    """Whether the box's tokens are not consecutive in grid order (any box but whole frames)."""
+    return any(w != int(e) for e, w in zip(grid[1:], box[1:]))
+
+
+def to_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, dim: int = 2) -> torch.Tensor:
+    """x with its video tokens (`dim`, after or before text_len text tokens) in block-major order:
+    block by block (blocks in grid order), each block's tokens in grid order."""
+    return _reorder(x, grid, box, text_len, text_first, dim, inverse=False)
+
+
+def from_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, dim: int = 2) -> torch.Tensor:
+    """The inverse of to_blocks."""
+    return _reorder(x, grid, box, text_len, text_first, dim, inverse=True)
+
+
+def _reorder(x, grid, box, text_len, text_first, dim, inverse):
+    t, hg, wg = (int(e) for e in grid)
+    wt, wh, ww = (int(w) for w in box)
+    nv = t * hg * wg
+    v0 = text_len if text_first else 0
+    vid = x.narrow(dim, v0, nv)
+    lead, tail = vid.shape[:dim], vid.shape[dim + 1 :]
+    nd = len(lead)
+    # grid order: (t/wt, wt, hg/wh, wh, wg/ww, ww); block-major: (t/wt, hg/wh, wg/ww, wt, wh, ww)
+    grid_sides, block_sides = (t // wt, wt, hg // wh, wh, wg // ww, ww), (t // wt, hg // wh, wg // ww, wt, wh, ww)
+    to_block = (0, 2, 4, 1, 3, 5)  # block-major axis i is grid-order axis to_block[i]
+    from_block = (0, 3, 1, 4, 2, 5)
+    sides, order = (block_sides, from_block) if inverse else (grid_sides, to_block)
+    perm = [*range(nd), *(nd + a for a in order), *range(nd + 6, nd + 6 + len(tail))]
+    out = vid.reshape(*lead, *sides, *tail).permute(perm).reshape(vid.shape)
+    if not text_len:
+        return out
+    text = x.narrow(dim, 0 if text_first else nv, text_len)
+    return torch.cat([text, out] if text_first else [out, text], dim=dim)
 
 
 def unsupported_reason(
@@ -98,7 +149,7 @@ def unsupported_reason(
     lo = 2 if rt.interpreting() else 16
     if not (rt.pow2(d) and lo <= d <= 128):
         return f"head dim {d}: need a power of two in [{lo}, 128]"
-    tiles = _frame_blocks(grid, window, halo)
+    tiles = _blocks(grid, window, halo)
     if isinstance(tiles, str):
         return tiles
     big, nb = tiles
@@ -305,7 +356,7 @@ def hybrid_attention(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Hybrid attention on Triton kernels, differentiable; the contract of
-    hla_convert.ops.hybrid_attention with far = hadamard, F = 2, whole-frame windows.
+    hla_convert.ops.hybrid_attention with far = hadamard, F = 2, windows that tile the grid.
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; q_feats, k_feats: 2 tensors [B, H, N, r] each (feature
     maps applied, same dtype as v); log_beta: [H]; grid (T, Hg, Wg); text_len tokens before
@@ -317,11 +368,18 @@ def hybrid_attention(
         raise ValueError(f"hla_kernels.hybrid_attention: {reason}")
     if log_beta.shape != (q.shape[1],):
         raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
-    big, nb = _frame_blocks(grid, window, halo)
+    big, nb = _blocks(grid, window, halo)
+    box = _box(grid, window, halo)
+    if _permutes(grid, box):  # the kernels see each window as consecutive tokens (module docstring)
+        blocked = lambda x, d=2: to_blocks(x, grid, box, text_len, text_first, d)  # noqa: E731
+        q, k, v = blocked(q), blocked(k), blocked(v)
+        q_feats, k_feats = [blocked(f) for f in q_feats], [blocked(f) for f in k_feats]
+        key_mask = None if key_mask is None else blocked(key_mask, 1)
     kmask = rt.mask_weights(key_mask, v)
     rm = rowmajor
     q1, q2 = (rm(t) for t in q_feats)
     k1, k2 = (rm(t) for t in k_feats)
-    return _forward_op(
+    out = _forward_op(
         rm(q), rm(k), rm(v), q1, q2, k1, k2, log_beta, kmask, float(scale), int(big), int(nb), int(text_len), bool(text_first), float(eps)
     )[0]
+    return from_blocks(out, grid, box, text_len, text_first) if _permutes(grid, box) else out

@@ -65,6 +65,10 @@ CASES = [
     ((3, 2, 3), (1, 0, 0), 0, True, False),
     ((3, 2, 3), (1, 0, 0), 5, True, True),
     ((4, 3, 2), (2, 0, 0), 3, False, True),
+    # boxes that are not whole frames: the kernels run them on permuted tokens (block-major)
+    ((3, 4, 4), (0, 2, 2), 0, True, False),  # spatial tiles through all frames
+    ((4, 2, 6), (2, 2, 3), 3, True, True),  # 2-frame x 2 x 3 boxes, text first, masked
+    ((2, 4, 2), (0, 2, 0), 2, False, True),  # half-height tiles, text last
 ]
 
 
@@ -111,6 +115,21 @@ def test_masked_window_and_large_negative_logits_use_the_shift_floor(interp):
     assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
 
 
+def test_block_order_is_a_permutation_undone_by_its_inverse():
+    """to_blocks puts each window's tokens next to each other (text tokens stay where they are);
+    from_blocks undoes it exactly."""
+    grid, box, text = (2, 4, 6), (2, 2, 3), 3  # 2 x 3 tiles through both frames: 4 blocks of 12 tokens
+    pos = torch.arange(text + 48).view(1, 1, -1, 1)
+    blocked = hy.to_blocks(pos, grid, box, text, True)
+    assert blocked[0, 0, :text, 0].tolist() == [0, 1, 2]
+    _, h_, w_ = torch.meshgrid(torch.arange(2), torch.arange(4), torch.arange(6), indexing="ij")
+    block_of = ((h_ // 2) * 2 + w_ // 3).flatten()
+    assert block_of[blocked[0, 0, text:, 0] - text].tolist() == [b for b in range(4) for _ in range(12)]
+    assert torch.equal(hy.from_blocks(blocked, grid, box, text, True), pos)
+    mask = torch.rand(2, 48 + text) > 0.5  # key masks: [B, N], tokens on dim 1, text last
+    assert torch.equal(hy.from_blocks(hy.to_blocks(mask, grid, box, text, False, 1), grid, box, text, False, 1), mask)
+
+
 def test_block_form_and_kernel_agree_on_the_shift_floor():
     assert hy.SHIFT_FLOOR == ops_hybrid.SHIFT_FLOOR
 
@@ -118,9 +137,9 @@ def test_block_form_and_kernel_agree_on_the_shift_floor():
 @pytest.mark.parametrize(
     "grid,window,halo,text,why",
     [
-        ((2, 4, 4), (0, 2, 2), (0, 0, 0), 0, "not whole latent frames"),
+        ((2, 4, 4), (0, 3, 2), (0, 0, 0), 0, "3 does not divide the grid's 4 height"),
         ((2, 4, 4), (1, 0, 0), (1, 0, 0), 0, "halo"),
-        ((3, 4, 4), (2, 0, 0), (0, 0, 0), 0, "does not divide"),
+        ((3, 4, 4), (2, 0, 0), (0, 0, 0), 0, "2 does not divide the grid's 3 frames"),
         ((2, 4, 4), (1, 0, 0), (0, 0, 0), 3, "!= N"),
     ],
 )
