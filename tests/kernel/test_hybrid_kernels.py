@@ -187,3 +187,17 @@ def test_gpu_r64_matches_block_form(gpu):
     half = [t.bfloat16() for t in dev[:7]]
     out = hy.hybrid_attention(half[0], half[1], half[2], half[3:5], half[5:7], scale, dev[7], grid, (1, 0, 0))
     assert _rel(out.cpu(), ref.cpu()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_spatial_tiles_match_block_form(gpu):
+    """Spatial tiles through all frames (the permuted path) at a 480p-like frame, bf16, against the
+    block form in fp32: 6 x 13 tiles of the 30 x 52 grid through 3 frames, 234 keys a window."""
+    grid, window = (3, 30, 52), (0, 6, 13)
+    tensors, do, _ = _inputs(grid, 0, h=2, d=128, dv=128, r=32, seed=5, logit_scale=0.5)
+    dev = [t.cuda() for t in tensors]
+    scale = 128 ** -0.5
+    ref = hybrid_attention(dev[0], dev[1], dev[2], dev[3:5], dev[5:7], scale, dev[7], grid, window)
+    half = [t.bfloat16() for t in dev[:7]]
+    out = hy.hybrid_attention(half[0], half[1], half[2], half[3:5], half[5:7], scale, dev[7], grid, window)
+    assert _rel(out.cpu(), ref.cpu()) < 2e-2
