@@ -1,17 +1,18 @@
 """Host side of the hybrid attention kernels: checks, launches, autograd.
 
-Same contract as `hla_convert.ops.hybrid_attention` (HLA-MATH.md section 4) for the windows a
-kernel tiles cheaply: boxes that tile the grid exactly, `window = (wt, wh, ww)` with each side
-dividing its axis (0 or >= the axis: all of it) and no halo — whole latent frames (the default
+Same contract as `hla_convert.ops.hybrid_attention` (HLA-MATH.md section 4) for windows without a
+halo: boxes `window = (wt, wh, ww)` (0 or more than an axis: all of it) laid over the grid from its
+origin, edge boxes clipped where a side does not divide its axis — whole latent frames (the default
 `(1, 0, 0)`, a token's own frame) or spatial tiles through some or all frames (`(0, 4, 4)`) — the
 Hadamard far kind with F = 2, text tokens first or last, key padding masks. Anything else goes to
 the reference (`supports` says why not).
 
-The kernels see each window as L consecutive tokens. Whole frames are that already; any other box
-is made so by a permutation of the video tokens (block-major: block by block, the box's tokens in
-grid order), undone on the output: the window softmax and the far part's sums over keys do not
-depend on the order of tokens, so the result is the same. The permutation costs one copy of q, k,
-v, the features and the output a call (and their gradients), not done for whole frames.
+The kernels see each window as L consecutive tokens. Whole frames that divide the frame count are
+that already; any other box is made so by reordering the video tokens block by block (each block's
+L slots in grid order, the clipped slots of an edge box as masked padding), undone on the output:
+the window softmax and the far part's sums over keys do not depend on the order of tokens, so the
+result is the same. The reorder costs one gather of q, k, v and the features and one of the output
+a call (and their gradients); whole frames skip it.
 
 Forward: the Hadamard module's state kernels with one split per window block give T_window(blk)
 and Z_window(blk) in one launch each; T_rest = T_all - T_window (torch, fp32, then the dot dtype);
@@ -28,6 +29,7 @@ O(N) row statistics; never an N x N matrix.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -68,62 +70,105 @@ def _kernels(interp: bool) -> ModuleType:
     return rt.load_jitted("_hybrid_triton", interp)
 
 
+def _volume(sides: Sequence[int]) -> int:
+    return int(sides[0]) * int(sides[1]) * int(sides[2])
+
+
 def _box(grid: Sequence[int], window: Sequence[int], halo: Sequence[int]) -> tuple[int, int, int] | str:
-    """The window's box (wt, wh, ww), each side dividing its grid axis (0 or more than the axis:
-    all of it), or why the kernel cannot tile the grid with it."""
+    """The window's box (wt, wh, ww) on the grid (0 or more than an axis: all of it), or why the
+    kernel cannot run it."""
     if any(int(x) != 0 for x in halo):
         return f"halo {tuple(halo)}: the kernel has no overlapping windows"
-    box = tuple(e if w == 0 or w > e else w for e, w in zip((int(x) for x in grid), (int(x) for x in window)))
-    for axis, e, w in zip(("frames", "height", "width"), grid, box):
-        if int(e) % w:
-            return f"window {tuple(window)}: {w} does not divide the grid's {e} {axis} ({tuple(grid)})"
-    return box  # type: ignore[return-value]
+    g, w = [int(x) for x in grid], [int(x) for x in window]
+    return tuple([e if b == 0 or b > e else b for e, b in zip(g, w)])  # type: ignore[return-value]
 
 
-def _blocks(grid: Sequence[int], window: Sequence[int], halo: Sequence[int]) -> tuple[int, int] | str:
-    """(L tokens per block, NB blocks) for a window box that tiles the grid, or why not."""
-    box = _box(grid, window, halo)
-    if isinstance(box, str):
-        return box
-    big = box[0] * box[1] * box[2]
-    return big, math.prod(int(e) for e in grid) // big
+def _blocks(grid: Sequence[int], box: Sequence[int]) -> tuple[int, int]:
+    """(L slots per block, NB blocks): the box's tokens, and the boxes that cover the grid (edge
+    boxes clipped where a side does not divide its axis, their missing slots padding)."""
+    n = [-(-int(e) // int(w)) for e, w in zip(grid, box)]
+    return _volume(box), n[0] * n[1] * n[2]
 
 
 def _permutes(grid: Sequence[int], box: Sequence[int]) -> bool:
-    """Whether the box's tokens are not consecutive in grid order (any box but whole frames)."""
-    return any(w != int(e) for e, w in zip(grid[1:], box[1:]))
+    """Whether the kernels need the tokens reordered: any box but whole frames that divide the grid."""
+    return int(box[1]) != int(grid[1]) or int(box[2]) != int(grid[2]) or int(grid[0]) % int(box[0]) != 0
+
+
+@lru_cache(maxsize=64)
+def _index_cpu(grid: tuple[int, int, int], box: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    axes = []
+    for e, w in zip(grid, box):
+        pos = torch.arange(-(-e // w))[:, None] * w + torch.arange(w)[None, :]  # [boxes, w] positions on the axis
+        axes.append((pos, pos < e))
+    (pt, vt), (ph, vh), (pw, vw) = axes
+    # block-major: (box t, box h, box w, then t, h, w inside the box)
+    idx = (pt[:, None, None, :, None, None] * grid[1] + ph[None, :, None, None, :, None]) * grid[2] + pw[None, None, :, None, None, :]
+    ok = vt[:, None, None, :, None, None] & vh[None, :, None, None, :, None] & vw[None, None, :, None, None, :]
+    idx, ok = idx.reshape(-1), ok.reshape(-1)
+    slot_of = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.long)
+    slot_of[idx[ok]] = ok.nonzero().squeeze(-1)
+    return idx.masked_fill(~ok, 0), ok, slot_of
+
+
+@lru_cache(maxsize=64)
+def _index(grid: tuple[int, int, int], box: tuple[int, int, int], device: torch.device):
+    return tuple(t.to(device) for t in _index_cpu(grid, box))
+
+
+def block_index(grid: Sequence[int], box: Sequence[int], device: torch.device | str = "cpu"):
+    """The block-major order of the video tokens for window boxes `box` on `grid`.
+
+    Returns idx [NB * L] (the video token in each slot; 0 in padding slots), ok [NB * L] (False in
+    padding slots: the clipped part of an edge box) and slot_of [T * Hg * Wg] (each token's slot).
+    """
+    return _cached_index(tuple(int(e) for e in grid), tuple(int(w) for w in box), torch.device(device))
+
+
+# torch.compile: the order is a pure function of its (int) arguments, built eagerly once at trace time
+# and baked into the graph (its nonzero and boolean indexing would break graphs); the marker sits on
+# a plain function, as dynamo sees through an lru_cache wrapper (hla_convert.ops.hybrid does the same)
+@torch.compiler.assume_constant_result
+def _cached_index(grid: tuple[int, int, int], box: tuple[int, int, int], device: torch.device):
+    return _index(grid, box, device)
 
 
 def to_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, dim: int = 2) -> torch.Tensor:
     """x with its video tokens (`dim`, after or before text_len text tokens) in block-major order:
-    block by block (blocks in grid order), each block's tokens in grid order."""
-    return _reorder(x, grid, box, text_len, text_first, dim, inverse=False)
+    block by block, each block's L slots in grid order, padding slots (copies of the first video
+    token: mask them) where an edge box is clipped. Length text_len + NB * L."""
+    idx, _, _ = block_index(grid, box, x.device)
+    v0 = text_len if text_first else 0
+    vid = x.narrow(dim, v0, _volume(grid)).index_select(dim, idx)
+    if not text_len:
+        return vid
+    text = x.narrow(dim, 0 if text_first else x.shape[dim] - text_len, text_len)
+    return torch.cat([text, vid] if text_first else [vid, text], dim=dim)
 
 
 def from_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, dim: int = 2) -> torch.Tensor:
-    """The inverse of to_blocks."""
-    return _reorder(x, grid, box, text_len, text_first, dim, inverse=True)
-
-
-def _reorder(x, grid, box, text_len, text_first, dim, inverse):
-    t, hg, wg = (int(e) for e in grid)
-    wt, wh, ww = (int(w) for w in box)
-    nv = t * hg * wg
+    """The inverse of to_blocks (padding slots dropped)."""
+    _, ok, slot_of = block_index(grid, box, x.device)
     v0 = text_len if text_first else 0
-    vid = x.narrow(dim, v0, nv)
-    lead, tail = vid.shape[:dim], vid.shape[dim + 1 :]
-    nd = len(lead)
-    # grid order: (t/wt, wt, hg/wh, wh, wg/ww, ww); block-major: (t/wt, hg/wh, wg/ww, wt, wh, ww)
-    grid_sides, block_sides = (t // wt, wt, hg // wh, wh, wg // ww, ww), (t // wt, hg // wh, wg // ww, wt, wh, ww)
-    to_block = (0, 2, 4, 1, 3, 5)  # block-major axis i is grid-order axis to_block[i]
-    from_block = (0, 3, 1, 4, 2, 5)
-    sides, order = (block_sides, from_block) if inverse else (grid_sides, to_block)
-    perm = [*range(nd), *(nd + a for a in order), *range(nd + 6, nd + 6 + len(tail))]
-    out = vid.reshape(*lead, *sides, *tail).permute(perm).reshape(vid.shape)
+    vid = x.narrow(dim, v0, ok.numel()).index_select(dim, slot_of)
     if not text_len:
-        return out
-    text = x.narrow(dim, 0 if text_first else nv, text_len)
-    return torch.cat([text, out] if text_first else [out, text], dim=dim)
+        return vid
+    text = x.narrow(dim, 0 if text_first else ok.numel(), text_len)
+    return torch.cat([text, vid] if text_first else [vid, text], dim=dim)
+
+
+def block_mask(key_mask: torch.Tensor | None, b: int, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, device) -> torch.Tensor | None:
+    """The key mask [B, text_len + NB * L] of the block-major order: the user's (True = keep)
+    moved with its tokens, padding slots False; None when there is neither."""
+    _, ok, _ = block_index(grid, box, device)
+    if key_mask is None:
+        if all(int(e) % int(w) == 0 for e, w in zip(grid, box)):  # no edge box clipped: no padding
+            return None
+        key_mask = torch.ones(b, text_len + _volume(grid), dtype=torch.bool, device=device)
+    moved = to_blocks(key_mask.to(device), grid, box, text_len, text_first, dim=1)
+    v0 = text_len if text_first else 0
+    moved[:, v0 : v0 + ok.numel()] &= ok
+    return moved
 
 
 def unsupported_reason(
@@ -149,11 +194,10 @@ def unsupported_reason(
     lo = 2 if rt.interpreting() else 16
     if not (rt.pow2(d) and lo <= d <= 128):
         return f"head dim {d}: need a power of two in [{lo}, 128]"
-    tiles = _blocks(grid, window, halo)
-    if isinstance(tiles, str):
-        return tiles
-    big, nb = tiles
-    if big * nb + int(text_len) != q.shape[2]:
+    box = _box(grid, window, halo)
+    if isinstance(box, str):
+        return box
+    if _volume(grid) + int(text_len) != q.shape[2]:
         return f"grid {tuple(grid)} + {text_len} text tokens != N = {q.shape[2]}"
     return None
 
@@ -368,13 +412,14 @@ def hybrid_attention(
         raise ValueError(f"hla_kernels.hybrid_attention: {reason}")
     if log_beta.shape != (q.shape[1],):
         raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
-    big, nb = _blocks(grid, window, halo)
     box = _box(grid, window, halo)
-    if _permutes(grid, box):  # the kernels see each window as consecutive tokens (module docstring)
-        blocked = lambda x, d=2: to_blocks(x, grid, box, text_len, text_first, d)  # noqa: E731
+    big, nb = _blocks(grid, box)
+    permuted = _permutes(grid, box)
+    if permuted:  # the kernels see each window as consecutive tokens (module docstring)
+        key_mask = block_mask(key_mask, q.shape[0], grid, box, text_len, text_first, q.device)
+        blocked = lambda x: to_blocks(x, grid, box, text_len, text_first)  # noqa: E731
         q, k, v = blocked(q), blocked(k), blocked(v)
         q_feats, k_feats = [blocked(f) for f in q_feats], [blocked(f) for f in k_feats]
-        key_mask = None if key_mask is None else blocked(key_mask, 1)
     kmask = rt.mask_weights(key_mask, v)
     rm = rowmajor
     q1, q2 = (rm(t) for t in q_feats)
@@ -382,4 +427,4 @@ def hybrid_attention(
     out = _forward_op(
         rm(q), rm(k), rm(v), q1, q2, k1, k2, log_beta, kmask, float(scale), int(big), int(nb), int(text_len), bool(text_first), float(eps)
     )[0]
-    return from_blocks(out, grid, box, text_len, text_first) if _permutes(grid, box) else out
+    return from_blocks(out, grid, box, text_len, text_first) if permuted else out
