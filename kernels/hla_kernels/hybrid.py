@@ -400,7 +400,7 @@ def hybrid_attention(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Hybrid attention on Triton kernels, differentiable; the contract of
-    hla_convert.ops.hybrid_attention with far = hadamard, F = 2, windows that tile the grid.
+    hla_convert.ops.hybrid_attention with far = hadamard, F = 2, windows without a halo.
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; q_feats, k_feats: 2 tensors [B, H, N, r] each (feature
     maps applied, same dtype as v); log_beta: [H]; grid (T, Hg, Wg); text_len tokens before
@@ -416,6 +416,7 @@ def hybrid_attention(
     big, nb = _blocks(grid, box)
     permuted = _permutes(grid, box)
     if permuted:  # the kernels see each window as consecutive tokens (module docstring)
+        rt.mask_weights(key_mask, v)  # the user's mask checked against the tokens it was given for
         key_mask = block_mask(key_mask, q.shape[0], grid, box, text_len, text_first, q.device)
         blocked = lambda x: to_blocks(x, grid, box, text_len, text_first)  # noqa: E731
         q, k, v = blocked(q), blocked(k), blocked(v)
