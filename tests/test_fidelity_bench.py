@@ -260,7 +260,7 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     assert (rows["train"]["inputs"], rows["train"]["samples"], rows["heldout"]["samples"]) == (2, 2 * batch, 2 * batch)
     assert all(0 < d["output_rel_l2"] < 10 and d["buckets"] for d in rows.values())
     # --resume where the folder was saved whole but no record written (a time limit cut the measure):
-    # measured from the folder, not converted again; a row of another recipe is converted
+    # measured from the folder, not converted again; a folder saved by another recipe is not taken
     again = tmp_path / "again.json"
     assert run.main([*run_argv[: run_argv.index("--out")], "--out", str(again), *run_argv[run_argv.index("--out") + 2 :], "--resume"]) == 0
     (r2,) = map(json.loads, again.read_text().splitlines())
