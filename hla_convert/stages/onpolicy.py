@@ -69,8 +69,7 @@ def trajectory_draw(
     [0, stage3.sampling_steps), noise float32 of item["hidden_states"]'s shape [B, C, F, H, W], on
     its device. Seeded by (calibration.seed, step, position) alone, on a CPU generator, so a
     resumed run (and any device) draws the same."""
-    seed = ((recipe.calibration.seed * 1_000_003 + 33) * 2_147_483_647 + step) * 4_099 + position
-    g = torch.Generator().manual_seed(seed % (2**63))
+    g = _draw_generator(recipe, 33, step, position)
     k = int(torch.randint(recipe.stage3.sampling_steps, (1,), generator=g))
     hs = item["hidden_states"]
     noise = torch.randn(hs.shape if shape is None else shape, generator=g, dtype=torch.float32).to(hs.device)
@@ -84,8 +83,14 @@ def onpolicy_pick(recipe: Recipe, step: int, position: int) -> bool:
     share = recipe.stage3.onpolicy_share
     if share >= 1.0:
         return True
-    seed = ((recipe.calibration.seed * 1_000_003 + 77) * 2_147_483_647 + step) * 4_099 + position
-    return float(torch.rand((), generator=torch.Generator().manual_seed(seed % (2**63)))) < share
+    return float(torch.rand((), generator=_draw_generator(recipe, 77, step, position))) < share
+
+
+def _draw_generator(recipe: Recipe, stream: int, step: int, position: int) -> torch.Generator:
+    """A CPU generator seeded by (calibration.seed, stream, step, position) alone: one stream per
+    kind of draw (33 trajectory_draw, 77 onpolicy_pick), so that neither shifts the other."""
+    seed = ((recipe.calibration.seed * 1_000_003 + stream) * 2_147_483_647 + step) * 4_099 + position
+    return torch.Generator().manual_seed(seed % (2**63))
 
 
 @torch.no_grad()
