@@ -160,12 +160,12 @@ def from_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_l
 def block_mask(key_mask: torch.Tensor | None, b: int, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, device) -> torch.Tensor | None:
     """The key mask [B, text_len + NB * L] of the block-major order: the user's (True = keep)
     moved with its tokens, padding slots False; None when there is neither."""
-    _, ok, _ = block_index(grid, box, device)
     if key_mask is None:
         if all(int(e) % int(w) == 0 for e, w in zip(grid, box)):  # no edge box clipped: no padding
             return None
         key_mask = torch.ones(b, text_len + _volume(grid), dtype=torch.bool, device=device)
     moved = to_blocks(key_mask.to(device), grid, box, text_len, text_first, dim=1)
+    _, ok, _ = block_index(grid, box, device)
     v0 = text_len if text_first else 0
     moved[:, v0 : v0 + ok.numel()] &= ok
     return moved
