@@ -6,8 +6,10 @@ PyTorch block form (what the layer ran before the kernels) and the plain HLA ker
     python benchmarks/bench_hybrid.py results.json --rs 64 --grids 21x30x52 --no-check
 
 Shape: Wan2.1-1.3B's self-attention: B = 1, H = 12, head dim 128, bf16; latent grids 21x30x52
-(480p/81 frames, N = 32,760) and 21x45x80 (720p/81 frames, N = 75,600); the default window, the
-token's own latent frame (1,560 / 3,600 keys), Hadamard far part F = 2 with the recipe's taylor
+(480p/81 frames, N = 32,760) and 21x45x80 (720p/81 frames, N = 75,600); the window (--windows,
+frames x height x width in latent tokens, 0 = the whole axis) by default the token's own latent
+frame 1x0x0 (1,560 / 3,600 keys; whole frames skip the kernel's gather), e.g. 0x6x13 the 5 x 4
+spatial tiles through all frames (1,638 keys at 480p: the gathered, block-major path), Hadamard far part F = 2 with the recipe's taylor
 features [1, x P sqrt(scale / 2)], r = 32 and 64. Every time is the median of
 triton.testing.do_bench (CUDA events, L2 flushed) after warm-up; "fwd+bwd" is the forward plus
 torch.autograd.grad of q, k, v, both feature tensors and log_beta. "core" = the kernel on given
@@ -78,9 +80,14 @@ def taylor(x, proj, scale):
     return [phi, phi]
 
 
-def flops(grid, r, text=0, bwd=False):
+def window_keys(grid, window):
+    """Keys of one query's window (a full block; ragged edge blocks have fewer)."""
+    return math.prod(min(e, w or e) for e, w in zip(grid, window))
+
+
+def flops(grid, r, text=0, bwd=False, window=(1, 0, 0)):
     n = grid[0] * grid[1] * grid[2] + text
-    win = grid[1] * grid[2] + text
+    win = window_keys(grid, window) + text
     local = 4 * n * win * D
     far = 4 * n * r * r * D
     if bwd:
@@ -93,7 +100,7 @@ def sdpa_flops(n, bwd=False):
 
 
 # ------------------------------------------------------------------------------------------ check
-def check(grid, r, text=226, mask_frac=0.1):
+def check(grid, r, text=226, mask_frac=0.1, window=(1, 0, 0)):
     scale = D ** -0.5
     q, k, v, proj, log_beta, mask = make(grid, r, h=2, text=text, mask_frac=mask_frac, seed=1)
     log_beta = torch.randn(2, device=DEV) * 0.3
@@ -105,7 +112,7 @@ def check(grid, r, text=226, mask_frac=0.1):
         qf = [t.detach().requires_grad_() for t in taylor(ins[0].detach(), p, scale)[:1]] * 2
         kf = [t.detach().requires_grad_() for t in taylor(ins[1].detach(), p, scale)[:1]] * 2
         lb = log_beta.detach().clone().requires_grad_()
-        out = fn(ins[0], ins[1], ins[2], qf, kf, scale, lb, grid, (1, 0, 0), (0, 0, 0), text, True, mask)
+        out = fn(ins[0], ins[1], ins[2], qf, kf, scale, lb, grid, window, (0, 0, 0), text, True, mask)
         grads = torch.autograd.grad(out, [*ins, qf[0], kf[0], lb], do.to(dtype))
         return [out, *grads]
 
@@ -119,7 +126,7 @@ def check(grid, r, text=226, mask_frac=0.1):
 
 
 # ------------------------------------------------------------------------------------------ times
-def timings(grid, r, baselines=True, block=False):
+def timings(grid, r, baselines=True, block=False, window=(1, 0, 0)):
     scale = D ** -0.5
     q, k, v, proj, log_beta, _ = make(grid, r)
     n = q.shape[2]
@@ -129,11 +136,11 @@ def timings(grid, r, baselines=True, block=False):
         try:
             ms = bench(fn)
             mem = peak_extra_mb(fn)
-            rows.append({"grid": "x".join(map(str, grid)), "N": n, "r": r, "method": method, "mode": mode,
+            rows.append({"grid": "x".join(map(str, grid)), "window": "x".join(map(str, window)), "N": n, "r": r, "method": method, "mode": mode,
                          "ms": round(ms, 3), "tflops": round(fl / ms / 1e9, 1) if fl else None, "peak_extra_mb": mem})
-            log(f"  {method:28s} {mode:8s} N={n:6d} r={r:3d} {ms:9.3f} ms  {rows[-1]['tflops']} TFLOP/s  {mem} MB")
+            log(f"  {method:28s} {mode:8s} N={n:6d} r={r:3d} w={'x'.join(map(str, window))} {ms:9.3f} ms  {rows[-1]['tflops']} TFLOP/s  {mem} MB")
         except Exception as e:  # one failing row must not lose the rest
-            rows.append({"grid": "x".join(map(str, grid)), "N": n, "r": r, "method": method, "mode": mode, "error": repr(e)})
+            rows.append({"grid": "x".join(map(str, grid)), "window": "x".join(map(str, window)), "N": n, "r": r, "method": method, "mode": mode, "error": repr(e)})
             log(f"  {method} {mode}: FAILED {e!r}")
 
     qf, kf = taylor(q, proj, scale), taylor(k, proj, scale)
@@ -143,30 +150,30 @@ def timings(grid, r, baselines=True, block=False):
     do = torch.randn_like(v)
 
     def core_fwd():
-        return hla_kernels.hybrid_attention(q, k, v, qf, kf, scale, log_beta, grid, (1, 0, 0))
+        return hla_kernels.hybrid_attention(q, k, v, qf, kf, scale, log_beta, grid, window)
 
     def core_fb():
-        out = hla_kernels.hybrid_attention(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, lbg, grid, (1, 0, 0))
+        out = hla_kernels.hybrid_attention(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, lbg, grid, window)
         return torch.autograd.grad(out, [qg, kg, vg, *fg, lbg], do)
 
     pg = proj.detach().requires_grad_()
 
     def layer_fb():
-        out = hla_kernels.hybrid_attention(qg, kg, vg, taylor(qg, pg, scale), taylor(kg, pg, scale), scale, lbg, grid, (1, 0, 0))
+        out = hla_kernels.hybrid_attention(qg, kg, vg, taylor(qg, pg, scale), taylor(kg, pg, scale), scale, lbg, grid, window)
         return torch.autograd.grad(out, [qg, kg, vg, pg, lbg], do)
 
-    add("hybrid kernel (core)", "fwd", core_fwd, flops(grid, r))
-    add("hybrid kernel (core)", "fwd+bwd", core_fb, flops(grid, r, bwd=True))
-    add("hybrid kernel (layer)", "fwd", lambda: hla_kernels.hybrid_attention(q, k, v, taylor(q, proj, scale), taylor(k, proj, scale), scale, log_beta, grid, (1, 0, 0)), flops(grid, r))
-    add("hybrid kernel (layer)", "fwd+bwd", layer_fb, flops(grid, r, bwd=True))
+    add("hybrid kernel (core)", "fwd", core_fwd, flops(grid, r, window=window))
+    add("hybrid kernel (core)", "fwd+bwd", core_fb, flops(grid, r, bwd=True, window=window))
+    add("hybrid kernel (layer)", "fwd", lambda: hla_kernels.hybrid_attention(q, k, v, taylor(q, proj, scale), taylor(k, proj, scale), scale, log_beta, grid, window), flops(grid, r, window=window))
+    add("hybrid kernel (layer)", "fwd+bwd", layer_fb, flops(grid, r, bwd=True, window=window))
     if block:
-        add("hybrid block form (torch)", "fwd", lambda: block_form(q, k, v, qf, kf, scale, log_beta, grid, (1, 0, 0)), flops(grid, r))
+        add("hybrid block form (torch)", "fwd", lambda: block_form(q, k, v, qf, kf, scale, log_beta, grid, window), flops(grid, r, window=window))
 
         def block_fb():
-            out = block_form(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, lbg, grid, (1, 0, 0))
+            out = block_form(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, lbg, grid, window)
             return torch.autograd.grad(out, [qg, kg, vg, *fg, lbg], do)
 
-        add("hybrid block form (torch)", "fwd+bwd", block_fb, flops(grid, r, bwd=True))
+        add("hybrid block form (torch)", "fwd+bwd", block_fb, flops(grid, r, bwd=True, window=window))
     if baselines:
         add("plain HLA kernel", "fwd", lambda: hla_kernels.hadamard_attention(qf, kf, v), H * 4 * n * r * r * D)
 
@@ -201,7 +208,7 @@ SWEEP = {
 }
 
 
-def sweep(grid, r):
+def sweep(grid, r, window=(1, 0, 0)):
     """Times each launch config of each kernel (others at their defaults); returns the best per kernel."""
     scale = D ** -0.5
     q, k, v, proj, log_beta, _ = make(grid, r)
@@ -209,7 +216,7 @@ def sweep(grid, r):
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     fg = [t.detach().requires_grad_() for t in (qf[0], kf[0])]
     do = torch.randn_like(v)
-    out = hla_kernels.hybrid_attention(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, log_beta, grid, (1, 0, 0))
+    out = hla_kernels.hybrid_attention(qg, kg, vg, [fg[0]] * 2, [fg[1]] * 2, scale, log_beta, grid, window)
     rows, best = [], {}
     keep = {name: dict(cfg) for name, cfg in hy.GPU_CONFIG.items()}
     for name, cands in SWEEP.items():
@@ -218,7 +225,7 @@ def sweep(grid, r):
             hy.GPU_CONFIG[name] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
             try:
                 if name == "fwd":
-                    ms = bench(lambda: hla_kernels.hybrid_attention(q, k, v, qf, kf, scale, log_beta, grid, (1, 0, 0)))
+                    ms = bench(lambda: hla_kernels.hybrid_attention(q, k, v, qf, kf, scale, log_beta, grid, window))
                 else:
                     ms = bench(lambda: torch.autograd.grad(out, [qg, kg, vg, *fg], do, retain_graph=True))
             except Exception as e:
@@ -265,6 +272,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--grids", default="21x30x52,21x45x80")
     ap.add_argument("--rs", default="32,64")
+    ap.add_argument("--windows", default="1x0x0", help="hybrid windows FxHxW in latent tokens, 0 = whole axis (comma-separated)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true", help="time with the sweep's best configs")
     ap.add_argument("--no-check", action="store_true")
@@ -274,6 +282,7 @@ def main():
     args = ap.parse_args()
     grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")]
     rs = [int(x) for x in args.rs.split(",")]
+    windows = [tuple(int(x) for x in w.split("x")) for w in args.windows.split(",")]
     import triton
 
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,
@@ -291,7 +300,7 @@ def main():
     if args.sweep:
         for r in rs:
             log(f"sweep r={r} at {grids[0]}")
-            rows, best = sweep(grids[0], r)
+            rows, best = sweep(grids[0], r, windows[0])
             res["sweep"] += rows
             res["best"][str(r)] = best
             save()
@@ -302,21 +311,25 @@ def main():
                 if cfg_name == "best":
                     for n, (bm, bn, w, s) in res["best"][str(r)].items():
                         hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-                try:
-                    res["checks"][f"r{r}_{cfg_name}"] = check((3, 30, 52), r)
-                except Exception:
-                    res["checks"][f"r{r}_{cfg_name}"] = {"error": traceback.format_exc()[-2000:]}
+                for window in windows:
+                    key = f"r{r}_{cfg_name}" + ("" if window == (1, 0, 0) else "_w" + "x".join(map(str, window)))
+                    try:
+                        res["checks"][key] = check((3, 30, 52), r, window=window)
+                    except Exception:
+                        res["checks"][key] = {"error": traceback.format_exc()[-2000:]}
+                    log(f"check {key}: {json.dumps(res['checks'][key])[:600]}")
+                    save()
                 hy.GPU_CONFIG.update(saved)
-                log(f"check r={r} {cfg_name}: {json.dumps(res['checks'][f'r{r}_{cfg_name}'])[:600]}")
-                save()
     for grid in grids:
         for i, r in enumerate(rs):
             saved = {n: dict(c) for n, c in hy.GPU_CONFIG.items()}
             if args.apply_sweep and str(r) in res["best"]:
                 for n, (bm, bn, w, s) in res["best"][str(r)].items():
                     hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-            log(f"timings {grid} r={r} configs {hy.GPU_CONFIG}")
-            res["rows"] += timings(grid, r, baselines=not args.no_baselines and i == 0, block=(grid == grids[0] and i == 0))
+            for j, window in enumerate(windows):
+                log(f"timings {grid} window {window} r={r} configs {hy.GPU_CONFIG}")
+                first = i == 0 and j == 0
+                res["rows"] += timings(grid, r, baselines=not args.no_baselines and first, block=(grid == grids[0] and first), window=window)
             hy.GPU_CONFIG.update(saved)
             save()
     save()

@@ -100,6 +100,8 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     "shipped-chunk1-halo1": {"attention.halo": [1, 0, 0]},  # own frame + 1 frame each side (768 keys)
     # the own frame's size as a spatial tile: 4 x 4 tokens through all 16 frames = 256 keys
     "shipped-tile": {"attention.window": [0, 4, 4]},
+    # twice its keys (4 x 8 tokens through all frames = 512, what chunk2 sees): what more keys buy as a tile
+    "shipped-tile2x": {"attention.window": [0, 4, 8]},
     # the next ones after the first deep run (docs/comparison.md "Fifth run"): the stage-2 schedule
     # (the fast tier's base trains 5x the shipped lr; 4x the steps took it 0.112 -> 0.085) and the
     # two levers that helped, together
