@@ -163,8 +163,8 @@ def convert(
         typer.Option(
             "--attention",
             help="Override the recipe's attention kind: hadamard, linear (same state size), higher_order, hybrid "
-            "(exact softmax in a local window of the latent grid + HLA outside; the recipe's attention.window, "
-            "halo, far) or softmax (identity conversion). For comparisons.",
+            "(exact softmax in a local window of the latent grid + HLA outside; the recipe's attention.window "
+            "or tiles, halo, far) or softmax (identity conversion). For comparisons.",
             show_default=False,
         ),
     ] = None,

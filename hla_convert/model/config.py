@@ -29,14 +29,14 @@ _KIND_FEATURE_MAPS = {
 MAX_GRID = 2048  # a window / halo in latent tokens per axis: no axis of a video's latent grid is longer
 
 
-def _grid_triple(name: str, value: Any) -> tuple[int, int, int]:
-    """(frames, height, width) of non-negative integers, at most MAX_GRID each (past it a window
-    or halo would only size allocations: 10^9 asked for 128 GB); lists (JSON) become tuples."""
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
+def _grid_triple(name: str, value: Any, minimum: int = 0, words: str = "frames, height, width in latent tokens") -> tuple[int, int, int]:
+    """(frames, height, width) of integers >= minimum, at most MAX_GRID each (past it a window or
+    halo would only size allocations: 10^9 asked for 128 GB); lists (JSON) become tuples."""
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= minimum for x in value):
         if max(value) > MAX_GRID:
             raise ConfigError(f"{name}: must be at most {MAX_GRID:,} (latent tokens per axis; no axis of a clip is longer), got {value!r}")
         return tuple(value)  # type: ignore[return-value]
-    raise ConfigError(f"{name}: must be 3 integers >= 0 (frames, height, width in latent tokens), got {value!r}")
+    raise ConfigError(f"{name}: must be 3 integers >= {minimum} ({words}), got {value!r}")
 
 
 def _positive_number(value: Any) -> bool:
@@ -74,6 +74,13 @@ class HLAConfig:
     window:       hybrid only: the query block in (frames, height, width) latent tokens after
                   patching; 0 = the whole extent. (1, 0, 0) = the token's own latent frame,
                   (0, 8, 8) = an 8x8 tube through all frames, (2, 0, 0) = chunks of 2 frames.
+    tiles:        hybrid only: the window as a count of blocks per axis of the latent grid
+                  (frames, height, width), so that it keeps its share of the video at every
+                  resolution: each side is ceil(extent / tiles) tokens, 1 = the whole axis
+                  (`window_on`). (1, 5, 4) = 5 x 4 spatial tiles through all frames: (0, 6, 13)
+                  at Wan 480p (grid 21 x 30 x 52), (0, 9, 20) at 720p (21 x 45 x 80), (0, 4, 4)
+                  on a 16 x 16 x 16 grid. None: `window` in tokens. Set one of the two: with
+                  tiles, window stays at its default.
     halo:         hybrid only: widens each block's key window by that many tokens on each side.
     learn_temperature: every kind but softmax: a learnable per-head log_temp [H] (init 0) scaling
                   the queries that enter the feature maps, i.e. the similarity the linear/HLA part
@@ -93,6 +100,7 @@ class HLAConfig:
     normalize: bool = True
     far: str = "hadamard"
     window: tuple[int, int, int] = (1, 0, 0)
+    tiles: tuple[int, int, int] | None = None
     halo: tuple[int, int, int] = (0, 0, 0)
     learn_temperature: bool = False
     causal_block_frames: int | None = None
@@ -104,6 +112,13 @@ class HLAConfig:
             raise ConfigError(f"far: {self.far!r} is not one of {', '.join(FAR_KINDS)}")
         object.__setattr__(self, "window", _grid_triple("window", self.window))
         object.__setattr__(self, "halo", _grid_triple("halo", self.halo))
+        if self.tiles is not None:
+            tiles = _grid_triple("tiles", self.tiles, 1, "blocks per axis: frames, height, width; 1 = the whole axis")
+            if self.window != HLAConfig.window:
+                raise ConfigError(
+                    f"tiles: set window (in tokens) or tiles (blocks per axis), not both; got window {list(self.window)} and tiles {list(tiles)}"
+                )
+            object.__setattr__(self, "tiles", tiles)
         if not isinstance(self.learn_temperature, bool):
             raise ConfigError(f"learn_temperature: must be true or false, got {self.learn_temperature!r}")
         if not isinstance(self.normalize, bool):
@@ -153,8 +168,25 @@ class HLAConfig:
             return self.feature_dim
         return 0
 
+    def window_on(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The window in latent tokens (frames, height, width; 0 = the whole axis) on `grid`, the
+        (T, Hg, Wg) video tokens of a forward: `window`, or with `tiles` each extent split into that
+        many blocks (ceil(extent / tiles) tokens a side; fewer blocks where that divides unevenly)."""
+        if self.tiles is None:
+            return self.window
+        return tuple(0 if t == 1 else -(-e // t) for e, t in zip(grid, self.tiles))  # type: ignore[return-value]
+
+    def window_words(self) -> str:
+        """How the window was asked for, for describing a layer: "window=(1, 0, 0)" or "tiles=(1, 5, 4)"."""
+        return f"window={self.window}" if self.tiles is None else f"tiles={self.tiles}"
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON mapping of adapters and fingerprints. `tiles` only where set: adapters and
+        stage checkpoints of windows in tokens stay as earlier versions wrote and read them."""
+        data = dataclasses.asdict(self)
+        if data["tiles"] is None:
+            del data["tiles"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -42,7 +42,7 @@ def _hybrid_flops(n: int, d: int, config: HLAConfig, grid: tuple[int, int, int] 
     from ..ops.hybrid import effective_window
 
     nv = grid[0] * grid[1] * grid[2]
-    win = effective_window(grid, config.window)
+    win = effective_window(grid, config.window_on(grid))
     blocks, keys = 1, 1
     for e, w, hl in zip(grid, win, config.halo):
         blocks *= -(-e // w)

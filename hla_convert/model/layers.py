@@ -71,14 +71,14 @@ def _hybrid_reference(layer, q, k, v, qf, kf, km, scale, block):
     c = layer.config
     # far linear: one [B, H, N, r**F] feature per side, which the op takes as a 1-factor product
     return ops.hybrid_attention(
-        q, k, v, qf, kf, scale, layer.log_beta, layer.grid, c.window, c.halo, layer.text_len, layer.text_first, km, c.eps
+        q, k, v, qf, kf, scale, layer.log_beta, layer.grid, c.window_on(layer.grid), c.halo, layer.text_len, layer.text_first, km, c.eps
     )
 
 
 def _hybrid_kernel(kern, layer, q, k, v, qk, kk, km, scale, block):
     c = layer.config
     return kern.hybrid_attention(
-        q, k, v, qk, kk, scale, layer.log_beta, layer.grid, c.window, c.halo, layer.text_len, layer.text_first, km, c.eps
+        q, k, v, qk, kk, scale, layer.log_beta, layer.grid, c.window_on(layer.grid), c.halo, layer.text_len, layer.text_first, km, c.eps
     )
 
 
@@ -126,7 +126,7 @@ BACKENDS: dict[tuple[str, bool], AttentionBackend] = {
         reference=_hybrid_reference,
         kernel=_hybrid_kernel,
         supports=lambda kern, layer, q, k, v, qk, kk, block: kern.hybrid_supports(
-            q, k, v, qk, kk, layer.grid, layer.config.window, layer.config.halo, layer.text_len
+            q, k, v, qk, kk, layer.grid, layer.config.window_on(layer.grid), layer.config.halo, layer.text_len
         ),
         applies=lambda config: config.far == "hadamard",
     ),
@@ -187,7 +187,7 @@ class HLAAttention(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         if c.kind == "hybrid":
-            return f"kind=hybrid, far={c.far}, window={c.window}, halo={c.halo}, factors={c.factors}, feature_dim={c.feature_dim}, feature_map={c.feature_map}, heads={self.num_heads}, head_dim={self.head_dim}"
+            return f"kind=hybrid, far={c.far}, {c.window_words()}, halo={c.halo}, factors={c.factors}, feature_dim={c.feature_dim}, feature_map={c.feature_map}, heads={self.num_heads}, head_dim={self.head_dim}"
         return f"kind={c.kind}, factors={c.factors}, feature_dim={c.feature_dim}, feature_map={c.feature_map}, heads={self.num_heads}, head_dim={self.head_dim}"
 
     # -- feature maps ---------------------------------------------------------------------------

@@ -12,8 +12,9 @@ out with the reasoning for their values):
                   in the original layout), a local pipeline or transformer folder (relative to the
                   current folder) or a Hub ID in the local cache; --config replaces it, and it
                   is not used for a folder or Hub ID MODEL (hla_convert.model.single_file)
-    attention:    kind, factors, feature_dim, feature_map, eps, normalize, far, window, halo,
-                  learn_temperature, causal_block_frames (HLAConfig fields; the last: latent
+    attention:    kind, factors, feature_dim, feature_map, eps, normalize, far, window, tiles
+                  (the window as blocks per axis of the latent grid; null = window, in tokens),
+                  halo, learn_temperature, causal_block_frames (HLAConfig fields; the last: latent
                   frames per causal block of a SkyReels-V2 diffusion-forcing model, null = as
                   its config says; must divide the calibration's latent frames),
                   include (glob list or null: the architecture's default), exclude (kept softmax),

@@ -79,6 +79,7 @@ def _with(path: str, value):
         ("attention.feature_dim", 1, "attention.feature_dim: must be an integer in 2..256, got 1"),
         ("attention.eps", float("inf"), "attention.eps: must be a positive number, got inf"),
         ("attention.causal_block_frames", 0, "attention.causal_block_frames: must be a positive integer or null, got 0"),
+        ("attention.tiles", [1, 0, 4], "attention.tiles: must be 3 integers >= 1 (blocks per axis"),
     ],
 )
 def test_bad_field_is_named(path, value, message):
