@@ -179,15 +179,22 @@ def test_shipped_base_changes_only_the_model_and_data_fields(arch, tmp_path):
     assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) - {"stage2.train"} == {"stage2.lora_rank"}
     assert rec["stage2"]["train"] == "lora"
     rec = recipes.recipe_for(arch, "shipped-tile", 0, tmp_path, spec, _args(steps_scale=0.5), bench_layers=15).to_dict()
-    assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) == {"attention.window", "stage1.steps", "stage2.steps"}
+    # (the shipped recipes give their window as tiles; the row gives the same window in tokens)
+    assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) == {"attention.window", "attention.tiles", "stage1.steps", "stage2.steps"}
     assert rec["stage2"]["steps"] == round(shipped["stage2"]["steps"] / 2)
     assert recipes.input_plan(arch, "shipped-cal512", _args()) == (512, shipped["calibration"]["batch_size"])
 
 
 def test_window_rows_compare_equal_sized_windows():
-    """The tile row's window holds as many tokens as the own frame at the benchmark's 16 x 16 x 16 grid."""
+    """The tile row's window holds as many tokens as the own frame at the benchmark's 16 x 16 x 16 grid,
+    and is the window the shipped Wan and CogVideoX recipes' tiles give there (so the rows that
+    measured it before it shipped measured the shipped window)."""
+    from hla_convert.recipe import load_recipe
+
     recipes = _module("bench_recipes")
     frames, side = 16, 16
+    for arch, (name, _) in recipes.SHIPPED.items():
+        assert load_recipe(name).hla_config().window_on((frames, side, side)) == (0, 4, 4), arch
 
     def keys(window, halo=(0, 0, 0)):
         n = 1
@@ -195,7 +202,8 @@ def test_window_rows_compare_equal_sized_windows():
             n *= min(extent, (w or extent) + 2 * h)
         return n
 
-    own = keys([1, 0, 0])
+    own = keys(recipes.CONFIGS["shipped-frame"]["attention.window"])
+    assert own == keys([1, 0, 0])
     assert keys(recipes.CONFIGS["shipped-tile"]["attention.window"]) == own == 256
     assert keys(recipes.CONFIGS["shipped-chunk2"]["attention.window"]) == 2 * own
     assert keys([1, 0, 0], recipes.CONFIGS["shipped-chunk1-halo1"]["attention.halo"]) == 3 * own

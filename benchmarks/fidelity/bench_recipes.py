@@ -95,13 +95,17 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     "shipped-select-output": {"attention.softmax_select": "output"},  # kept layers by their effect on the output
     # wan2.1-t2v-1.3b chooses by output since 2026-12-06 (where "shipped" now is the row above): the old choice
     "shipped-select-attention": {"attention.softmax_select": "attention"},
-    # windows of 2 and 3 latent frames against the own frame (1 frame = 16 x 16 = 256 keys of 4,096):
-    "shipped-chunk2": {"attention.window": [2, 0, 0]},  # query chunks of 2 frames, keys the same 2 (512)
-    "shipped-chunk1-halo1": {"attention.halo": [1, 0, 0]},  # own frame + 1 frame each side (768 keys)
-    # the own frame's size as a spatial tile: 4 x 4 tokens through all 16 frames = 256 keys
-    "shipped-tile": {"attention.window": [0, 4, 4]},
+    # windows against the own frame (1 frame = 16 x 16 = 256 keys of 4,096). The shipped Wan and
+    # CogVideoX recipes use tiles since 2026-12-07 ([0, 4, 4] on this grid), so each window row
+    # clears `tiles` and gives its window in tokens:
+    "shipped-frame": {"attention.tiles": None, "attention.window": [1, 0, 0]},  # the own frame (the old default)
+    "shipped-chunk2": {"attention.tiles": None, "attention.window": [2, 0, 0]},  # query chunks of 2 frames, keys the same 2 (512)
+    "shipped-chunk1-halo1": {"attention.tiles": None, "attention.window": [1, 0, 0], "attention.halo": [1, 0, 0]},  # own frame + 1 frame each side (768 keys)
+    # the own frame's size as a spatial tile: 4 x 4 tokens through all 16 frames = 256 keys (what the
+    # shipped tiles give on this grid, in tokens: the rows that measured it before it shipped)
+    "shipped-tile": {"attention.tiles": None, "attention.window": [0, 4, 4]},
     # twice its keys (4 x 8 tokens through all frames = 512, what chunk2 sees): what more keys buy as a tile
-    "shipped-tile2x": {"attention.window": [0, 4, 8]},
+    "shipped-tile2x": {"attention.tiles": None, "attention.window": [0, 4, 8]},
     # the next ones after the first deep run (docs/comparison.md "Fifth run"): the stage-2 schedule
     # (the fast tier's base trains 5x the shipped lr; 4x the steps took it 0.112 -> 0.085) and the
     # two levers that helped, together

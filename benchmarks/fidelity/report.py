@@ -155,9 +155,12 @@ LEVERS = {
     "shipped-keep2": ("layer choice", "2 layers kept softmax"),
     "shipped-chunk2": ("window", "chunks of 2 frames (512 keys)"),
     "shipped-chunk1-halo1": ("window", "own frame + 1 frame each side (768 keys)"),
-    "shipped-tile": ("window", "4 x 4 spatial tube through all frames (256 keys, as the own frame)"),
+    "shipped-tile": ("window", "4 x 4 spatial tube through all frames (256 keys, as the own frame; the shipped tiles in tokens)"),
+    "shipped-tile2x": ("window", "4 x 8 spatial tube through all frames (512 keys)"),
+    "shipped-frame": ("window", "the token's own latent frame (256 keys; the default until 2026-12-07)"),
 }
-WINDOWS = ("shipped", "shipped-chunk2", "shipped-chunk1-halo1", "shipped-tile")  # own frame first
+# the shipped recipe's window first (tiles since 2026-12-07; the own frame in records before)
+WINDOWS = ("shipped", "shipped-frame", "shipped-chunk2", "shipped-chunk1-halo1", "shipped-tile", "shipped-tile2x")
 
 
 def _seconds(r: dict) -> float | None:
