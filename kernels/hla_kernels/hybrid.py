@@ -11,8 +11,9 @@ The kernels see each window as L consecutive tokens. Whole frames that divide th
 that already; any other box is made so by reordering the video tokens block by block (each block's
 L slots in grid order, the clipped slots of an edge box as masked padding), undone on the output:
 the window softmax and the far part's sums over keys do not depend on the order of tokens, so the
-result is the same. The reorder costs one gather of q, k, v and the features and one of the output
-a call (and their gradients); whole frames skip it.
+result is the same. The reorder costs one gather of q, k, v and the features (a feature tensor
+given for both factors once) and one of the output a call, and gathers again in the backward (not
+autograd's scatter-add); whole frames skip it.
 
 Forward: the Hadamard module's state kernels with one split per window block give T_window(blk)
 and Z_window(blk) in one launch each; T_rest = T_all - T_window (torch, fp32, then the dot dtype);
@@ -133,28 +134,90 @@ def _cached_index(grid: tuple[int, int, int], box: tuple[int, int, int], device:
     return _index(grid, box, device)
 
 
+@lru_cache(maxsize=64)
+def _seq_index_cpu(grid: tuple[int, int, int], box: tuple[int, int, int], text_len: int, text_first: bool):
+    """block_index over the whole sequence (text tokens where they are): gather [text_len + NB * L]
+    (the sequence position in each blocked slot), scatter [text_len + T * Hg * Wg] (each position's
+    blocked slot), pad [P] (the blocked slots of clipped padding) and src (the sequence position
+    the padding slots copy: the first video token)."""
+    idx, ok, slot_of = _index_cpu(grid, box)
+    text = torch.arange(text_len)
+    if text_first:
+        gather, scatter = torch.cat([text, text_len + idx]), torch.cat([text, text_len + slot_of])
+        pad, src = text_len + (~ok).nonzero().squeeze(-1), text_len
+    else:
+        gather, scatter = torch.cat([idx, slot_of.numel() + text]), torch.cat([slot_of, idx.numel() + text])
+        pad, src = (~ok).nonzero().squeeze(-1), 0
+    return gather, scatter, pad, src
+
+
+@lru_cache(maxsize=64)
+def _seq_index_on(grid, box, text_len, text_first, device):
+    gather, scatter, pad, src = _seq_index_cpu(grid, box, text_len, text_first)
+    return gather.to(device), scatter.to(device), pad.to(device), src
+
+
+# torch.compile: each index is a constant of the graph, as _cached_index
+@torch.compiler.assume_constant_result
+def _seq_gather(grid, box, text_len, text_first, device):
+    return _seq_index_on(grid, box, text_len, text_first, device)[0]
+
+
+@torch.compiler.assume_constant_result
+def _seq_scatter(grid, box, text_len, text_first, device):
+    return _seq_index_on(grid, box, text_len, text_first, device)[1]
+
+
+@torch.compiler.assume_constant_result
+def _seq_pad(grid, box, text_len, text_first, device):
+    return _seq_index_on(grid, box, text_len, text_first, device)[2]
+
+
+class _Reorder(torch.autograd.Function):
+    """x.index_select(dim, fwd) for a permutation of the sequence (plus padding slots that copy
+    position `src`, when `pad_in_out`), whose backward is a gather too: g.index_select(dim, back)
+    instead of autograd's scatter-add (index_add into zeros, atomics over the whole tensor).
+    to_blocks: the padding slots' gradients are added to `src`; from_blocks: the dropped padding
+    slots get zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x, fwd, back, pad, src: int, dim: int, pad_in_out: bool):
+        ctx.save_for_backward(back, pad)
+        ctx.src, ctx.dim, ctx.pad_in_out = src, dim, pad_in_out
+        return x.index_select(dim, fwd)
+
+    @staticmethod
+    def backward(ctx, g):
+        back, pad = ctx.saved_tensors
+        dim = ctx.dim
+        gx = g.index_select(dim, back)
+        if pad.numel():
+            if ctx.pad_in_out:  # the forward copied `src` into the padding slots
+                gx.narrow(dim, ctx.src, 1).add_(g.index_select(dim, pad).sum(dim, keepdim=True))
+            else:  # the forward dropped the padding slots: the gather put src's gradient there
+                gx.index_fill_(dim, pad, 0)
+        return gx, None, None, None, None, None, None
+
+
+def _keys(grid, box, text_len, text_first, device):
+    return tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), torch.device(device)
+
+
 def to_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, dim: int = 2) -> torch.Tensor:
     """x with its video tokens (`dim`, after or before text_len text tokens) in block-major order:
     block by block, each block's L slots in grid order, padding slots (copies of the first video
-    token: mask them) where an edge box is clipped. Length text_len + NB * L."""
-    idx, _, _ = block_index(grid, box, x.device)
-    v0 = text_len if text_first else 0
-    vid = x.narrow(dim, v0, _volume(grid)).index_select(dim, idx)
-    if not text_len:
-        return vid
-    text = x.narrow(dim, 0 if text_first else x.shape[dim] - text_len, text_len)
-    return torch.cat([text, vid] if text_first else [vid, text], dim=dim)
+    token: mask them) where an edge box is clipped. Length text_len + NB * L. One gather, and one
+    in the backward (_Reorder)."""
+    key = _keys(grid, box, text_len, text_first, x.device)
+    src = key[2] if key[3] else 0
+    return _Reorder.apply(x, _seq_gather(*key), _seq_scatter(*key), _seq_pad(*key), src, dim, True)
 
 
 def from_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, dim: int = 2) -> torch.Tensor:
     """The inverse of to_blocks (padding slots dropped)."""
-    _, ok, slot_of = block_index(grid, box, x.device)
-    v0 = text_len if text_first else 0
-    vid = x.narrow(dim, v0, ok.numel()).index_select(dim, slot_of)
-    if not text_len:
-        return vid
-    text = x.narrow(dim, 0 if text_first else ok.numel(), text_len)
-    return torch.cat([text, vid] if text_first else [vid, text], dim=dim)
+    key = _keys(grid, box, text_len, text_first, x.device)
+    src = key[2] if key[3] else 0
+    return _Reorder.apply(x, _seq_scatter(*key), _seq_gather(*key), _seq_pad(*key), src, dim, False)
 
 
 def block_mask(key_mask: torch.Tensor | None, b: int, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, device) -> torch.Tensor | None:
@@ -383,6 +446,16 @@ def _backward_formula(ctx, do, *_unused):
 _forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
+def _blocked_once(feats: Sequence[torch.Tensor], blocked) -> list[torch.Tensor]:
+    """The features in block-major order, a tensor given twice gathered once (the taylor map's
+    factors are one tensor: [phi, phi])."""
+    out: list[torch.Tensor] = []
+    for i, f in enumerate(feats):
+        same = [out[j] for j in range(i) if feats[j] is f]
+        out.append(same[0] if same else blocked(f))
+    return out
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -420,7 +493,7 @@ def hybrid_attention(
         key_mask = block_mask(key_mask, q.shape[0], grid, box, text_len, text_first, q.device)
         blocked = lambda x: to_blocks(x, grid, box, text_len, text_first)  # noqa: E731
         q, k, v = blocked(q), blocked(k), blocked(v)
-        q_feats, k_feats = [blocked(f) for f in q_feats], [blocked(f) for f in k_feats]
+        q_feats, k_feats = _blocked_once(q_feats, blocked), _blocked_once(k_feats, blocked)
     kmask = rt.mask_weights(key_mask, v)
     rm = rowmajor
     q1, q2 = (rm(t) for t in q_feats)

@@ -119,6 +119,65 @@ def test_masked_window_and_large_negative_logits_use_the_shift_floor(interp):
     assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
 
 
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("grid, box", [((2, 4, 6), (2, 2, 3)), ((2, 5, 6), (1, 4, 4))])  # exact tiles; clipped edge boxes (padding)
+def test_block_order_gradients_are_the_reorders_own(grid, box, text_first):
+    """to_blocks / from_blocks differentiate by gathers (not autograd's scatter-add): their
+    gradients equal those of the plain index_select they compute, padding slots included (to_blocks
+    copies the first video token there; from_blocks drops them), in float64."""
+    text = 3
+    idx, ok, slot_of = hy.block_index(grid, box)
+    v0 = text if text_first else 0
+    nv = grid[0] * grid[1] * grid[2]
+    seq = torch.arange(text + nv)
+    vid = seq[v0 : v0 + nv]
+    txt = seq[:text] if text_first else seq[nv:]
+    gather = torch.cat([txt, vid[idx]]) if text_first else torch.cat([vid[idx], txt])
+    slots = torch.arange(text + idx.numel())
+    svid = slots[v0 : v0 + idx.numel()]
+    stxt = slots[:text] if text_first else slots[idx.numel():]
+    scatter = torch.cat([stxt, svid[slot_of]]) if text_first else torch.cat([svid[slot_of], stxt])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, text + nv, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randn(2, 3, text + idx.numel(), 4, dtype=torch.float64, generator=g, requires_grad=True)
+    for fn, ref, inp in ((hy.to_blocks, gather, x), (hy.from_blocks, scatter, y)):
+        out = fn(inp, grid, box, text, text_first)
+        assert torch.equal(out, inp.index_select(2, ref))
+        do = torch.randn_like(out)
+        (got,) = torch.autograd.grad(out, inp, do)
+        (want,) = torch.autograd.grad(inp.index_select(2, ref), inp, do)
+        assert torch.equal(got, want) if ok.all() else torch.allclose(got, want, rtol=0, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda t: fn(t, grid, box, text, text_first), (inp,))
+
+
+def test_a_feature_tensor_given_for_both_factors_is_gathered_once_with_both_gradients(interp, monkeypatch):
+    """The taylor map hands the kernel [phi, phi] (one tensor): on reordered tokens it is gathered
+    once, and its gradient is the sum of both factors' (as with two separate tensors)."""
+    grid, window, text = (3, 4, 4), (0, 2, 2), 2
+    tensors, do, _ = _inputs(grid, text, seed=3)
+    q, k, v, phi_q, _, phi_k, _, log_beta = tensors
+    scale = q.shape[-1] ** -0.5
+
+    def run(shared: bool):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, phi_q, phi_k)]
+        fq, fk = leaves[3], leaves[4]
+        qf = [fq, fq] if shared else [fq, fq.clone()]
+        kf = [fk, fk] if shared else [fk, fk.clone()]
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(hy, "to_blocks", lambda x, *a, **kw: calls.append(x) or real(x, *a, **kw))
+            out = hy.hybrid_attention(*leaves[:3], qf, kf, scale, log_beta, grid, window, (0, 0, 0), text)
+        return out, torch.autograd.grad(out, leaves, do), len(calls)
+
+    real = hy.to_blocks
+    out_s, grads_s, n_shared = run(True)
+    out_c, grads_c, n_copies = run(False)
+    assert (n_shared, n_copies) == (5, 7)  # q, k, v and one gather per distinct feature tensor
+    assert torch.allclose(out_s, out_c, rtol=0, atol=1e-6)
+    for a, b in zip(grads_s, grads_c):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_block_order_is_a_permutation_undone_by_its_inverse():
     """to_blocks puts each window's tokens next to each other (text tokens stay where they are);
     from_blocks undoes it exactly; a clipped edge box's missing slots are masked padding."""
