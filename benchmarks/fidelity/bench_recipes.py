@@ -106,6 +106,14 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     "shipped-tile": {"attention.tiles": None, "attention.window": [0, 4, 4]},
     # twice its keys (4 x 8 tokens through all frames = 512, what chunk2 sees): what more keys buy as a tile
     "shipped-tile2x": {"attention.tiles": None, "attention.window": [0, 4, 8]},
+    # the levers on the tile (not yet run), with its window in tokens so that they start from the
+    # ninth run's stage-1 checkpoints of shipped-tile (results/2026-12-07_h100_deep4_stage1): the
+    # stage-1 fingerprint covers the attention config as written, and tiles [1, 5, 4] is another
+    # writing of the same window
+    "shipped-tile-s2x2": {"attention.tiles": None, "attention.window": [0, 4, 4], "stage2.steps": 800},
+    "shipped-tile-onpolicy-mix": {
+        "attention.tiles": None, "attention.window": [0, 4, 4], "stage3.steps": HalfOf("stage2.steps"), "stage3.onpolicy_share": 0.5,
+    },
     # the next ones after the first deep run (docs/comparison.md "Fifth run"): the stage-2 schedule
     # (the fast tier's base trains 5x the shipped lr; 4x the steps took it 0.112 -> 0.085) and the
     # two levers that helped, together

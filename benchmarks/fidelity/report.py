@@ -158,6 +158,8 @@ LEVERS = {
     "shipped-tile": ("window", "4 x 4 spatial tube through all frames (256 keys, as the own frame; the shipped tiles in tokens)"),
     "shipped-tile2x": ("window", "4 x 8 spatial tube through all frames (512 keys)"),
     "shipped-frame": ("window", "the token's own latent frame (256 keys; the default until 2026-12-07)"),
+    "shipped-tile-s2x2": ("schedule", "the tile (in tokens) with 2x the stage-2 steps (800)"),
+    "shipped-tile-onpolicy-mix": ("on-policy", "the tile (in tokens) with the on-policy stage, half its inputs calibration ones"),
 }
 # the shipped recipe's window first (tiles since 2026-12-07; the own frame in records before)
 WINDOWS = ("shipped", "shipped-frame", "shipped-chunk2", "shipped-chunk1-halo1", "shipped-tile", "shipped-tile2x")
