@@ -138,39 +138,22 @@ def _cached_index(grid: tuple[int, int, int], box: tuple[int, int, int], device:
 def _seq_index_cpu(grid: tuple[int, int, int], box: tuple[int, int, int], text_len: int, text_first: bool):
     """block_index over the whole sequence (text tokens where they are): gather [text_len + NB * L]
     (the sequence position in each blocked slot), scatter [text_len + T * Hg * Wg] (each position's
-    blocked slot), pad [P] (the blocked slots of clipped padding) and src (the sequence position
-    the padding slots copy: the first video token)."""
+    blocked slot) and pad [P] (the blocked slots of clipped padding, which copy the first video token)."""
     idx, ok, slot_of = _index_cpu(grid, box)
     text = torch.arange(text_len)
     if text_first:
-        gather, scatter = torch.cat([text, text_len + idx]), torch.cat([text, text_len + slot_of])
-        pad, src = text_len + (~ok).nonzero().squeeze(-1), text_len
-    else:
-        gather, scatter = torch.cat([idx, slot_of.numel() + text]), torch.cat([slot_of, idx.numel() + text])
-        pad, src = (~ok).nonzero().squeeze(-1), 0
-    return gather, scatter, pad, src
+        return torch.cat([text, text_len + idx]), torch.cat([text, text_len + slot_of]), text_len + (~ok).nonzero().squeeze(-1)
+    return torch.cat([idx, slot_of.numel() + text]), torch.cat([slot_of, idx.numel() + text]), (~ok).nonzero().squeeze(-1)
 
 
 @lru_cache(maxsize=64)
-def _seq_index_on(grid, box, text_len, text_first, device):
-    gather, scatter, pad, src = _seq_index_cpu(grid, box, text_len, text_first)
-    return gather.to(device), scatter.to(device), pad.to(device), src
+def _seq_index(grid, box, text_len, text_first, device):
+    return tuple(t.to(device) for t in _seq_index_cpu(grid, box, text_len, text_first))
 
 
-# torch.compile: each index is a constant of the graph, as _cached_index
-@torch.compiler.assume_constant_result
-def _seq_gather(grid, box, text_len, text_first, device):
-    return _seq_index_on(grid, box, text_len, text_first, device)[0]
-
-
-@torch.compiler.assume_constant_result
-def _seq_scatter(grid, box, text_len, text_first, device):
-    return _seq_index_on(grid, box, text_len, text_first, device)[1]
-
-
-@torch.compiler.assume_constant_result
-def _seq_pad(grid, box, text_len, text_first, device):
-    return _seq_index_on(grid, box, text_len, text_first, device)[2]
+@torch.compiler.assume_constant_result  # a constant of the graph, as _cached_index
+def _cached_seq_index(grid, box, text_len, text_first, device):
+    return _seq_index(grid, box, text_len, text_first, device)
 
 
 class _Reorder(torch.autograd.Function):
@@ -199,8 +182,13 @@ class _Reorder(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
-def _keys(grid, box, text_len, text_first, device):
-    return tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), torch.device(device)
+def _reorder(x: torch.Tensor, grid, box, text_len: int, text_first: bool, dim: int, into_blocks: bool) -> torch.Tensor:
+    gather, scatter, pad = _cached_seq_index(
+        tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), x.device
+    )
+    src = int(text_len) if text_first else 0  # the first video token: what the padding slots copy
+    fwd, back = (gather, scatter) if into_blocks else (scatter, gather)
+    return _Reorder.apply(x, fwd, back, pad, src, dim, into_blocks)
 
 
 def to_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, dim: int = 2) -> torch.Tensor:
@@ -208,16 +196,12 @@ def to_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len
     block by block, each block's L slots in grid order, padding slots (copies of the first video
     token: mask them) where an edge box is clipped. Length text_len + NB * L. One gather, and one
     in the backward (_Reorder)."""
-    key = _keys(grid, box, text_len, text_first, x.device)
-    src = key[2] if key[3] else 0
-    return _Reorder.apply(x, _seq_gather(*key), _seq_scatter(*key), _seq_pad(*key), src, dim, True)
+    return _reorder(x, grid, box, text_len, text_first, dim, True)
 
 
 def from_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, dim: int = 2) -> torch.Tensor:
     """The inverse of to_blocks (padding slots dropped)."""
-    key = _keys(grid, box, text_len, text_first, x.device)
-    src = key[2] if key[3] else 0
-    return _Reorder.apply(x, _seq_scatter(*key), _seq_gather(*key), _seq_pad(*key), src, dim, False)
+    return _reorder(x, grid, box, text_len, text_first, dim, False)
 
 
 def block_mask(key_mask: torch.Tensor | None, b: int, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, device) -> torch.Tensor | None:

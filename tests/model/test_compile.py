@@ -180,15 +180,16 @@ def _hybrid_inputs(seed=0, grid=(2, 2, 2), text=2, h=2, d=8, r=4):
     return q, k, v, feats, log_beta
 
 
-@pytest.mark.parametrize("window", [(1, 0, 0), (0, 1, 2)])  # whole frames; tiles through all frames (reordered tokens)
-def test_hybrid_kernel_is_one_op_under_compile(interp, window):
+# whole frames; tiles through all frames (reordered tokens); clipped 2 x 2 tiles of a 3 x 3 frame (padding)
+@pytest.mark.parametrize("grid, window", [((2, 2, 2), (1, 0, 0)), ((2, 2, 2), (0, 1, 2)), ((2, 3, 3), (0, 2, 2))])
+def test_hybrid_kernel_is_one_op_under_compile(interp, grid, window):
     import hla_kernels
 
-    q, k, v, feats, log_beta = _hybrid_inputs()
+    q, k, v, feats, log_beta = _hybrid_inputs(grid=grid)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, *feats, log_beta)]
 
     def attend(q, k, v, q1, q2, k1, k2, lb):
-        return hla_kernels.hybrid_attention(q, k, v, [q1, q2], [k1, k2], 0.35, lb, (2, 2, 2), window, text_len=2)
+        return hla_kernels.hybrid_attention(q, k, v, [q1, q2], [k1, k2], 0.35, lb, grid, window, text_len=2)
 
     _assert_compiled_equals_eager(attend, leaves)
     if window != (1, 0, 0):
