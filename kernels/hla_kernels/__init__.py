@@ -10,10 +10,11 @@
 
     hybrid_attention(q, k, v, q_feats, k_feats, scale, log_beta, grid, window, halo=(0, 0, 0),
                      text_len=0, text_first=True, key_mask=None, eps=1e-6)
-        hybrid attention (exact softmax in whole-latent-frame windows + Hadamard HLA F = 2 outside,
-        one normaliser), forward and backward; same contract as hla_convert.ops.hybrid_attention.
+        hybrid attention (exact softmax in window boxes of the latent grid: whole frames, spatial
+        tiles, clipped edge boxes; + Hadamard HLA F = 2 outside, one normaliser), forward and
+        backward; same contract as hla_convert.ops.hybrid_attention.
     hybrid_supports(...) / hybrid_unsupported_reason(...)
-        the same questions for hybrid_attention (other windows, halos, far kinds: the reference).
+        the same questions for hybrid_attention (halos, far kinds other than hadamard: the reference).
 
     causal_hadamard_attention(q_feats, k_feats, v, key_mask=None, eps=1e-6, block_size=1)
         (block-)causal Hadamard linear attention, F = 2, chunked, forward and backward; same
