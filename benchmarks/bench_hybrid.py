@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import gpu_timing
 import hla_kernels
 from hla_kernels import hybrid as hy
+from hla_convert.ops.hybrid import effective_window
 from hla_convert.ops.hybrid import hybrid_attention as block_form
 
 B, H, D = 1, 12, 128
@@ -82,7 +83,7 @@ def taylor(x, proj, scale):
 
 def window_keys(grid, window):
     """Keys of one query's window (a full block; ragged edge blocks have fewer)."""
-    return math.prod(min(e, w or e) for e, w in zip(grid, window))
+    return math.prod(effective_window(grid, window))
 
 
 def flops(grid, r, text=0, bwd=False, window=(1, 0, 0)):

@@ -58,26 +58,13 @@ def _index_cpu(grid: tuple[int, int, int], box: tuple[int, int, int]) -> tuple[t
     return idx.masked_fill(~ok, 0), ok, slot_of
 
 
-@lru_cache(maxsize=64)
-def _index(grid: tuple[int, int, int], box: tuple[int, int, int], device: torch.device):
-    return tuple(t.to(device) for t in _index_cpu(grid, box))
-
-
 def block_index(grid: Sequence[int], box: Sequence[int], device: torch.device | str = "cpu"):
     """The block-major order of the video tokens for window boxes `box` on `grid`.
 
     Returns idx [NB * L] (the video token in each slot; 0 in padding slots), ok [NB * L] (False in
     padding slots: the clipped part of an edge box) and slot_of [T * Hg * Wg] (each token's slot).
     """
-    return _cached_index(tuple(int(e) for e in grid), tuple(int(w) for w in box), torch.device(device))
-
-
-# torch.compile: the order is a pure function of its (int) arguments, built eagerly once at trace time
-# and baked into the graph (its nonzero and boolean indexing would break graphs); the marker sits on
-# a plain function, as dynamo sees through an lru_cache wrapper (hla_convert.ops.hybrid does the same)
-@torch.compiler.assume_constant_result
-def _cached_index(grid: tuple[int, int, int], box: tuple[int, int, int], device: torch.device):
-    return _index(grid, box, device)
+    return tuple(t.to(device) for t in _index_cpu(tuple(int(e) for e in grid), tuple(int(w) for w in box)))
 
 
 @lru_cache(maxsize=64)
@@ -97,9 +84,17 @@ def _seq_index(grid, box, text_len, text_first, device):
     return tuple(t.to(device) for t in _seq_index_cpu(grid, box, text_len, text_first))
 
 
-@torch.compiler.assume_constant_result  # a constant of the graph, as _cached_index
+# torch.compile: the order is a pure function of its (int) arguments, built eagerly once at trace time
+# and baked into the graph (its nonzero and boolean indexing would break graphs); the marker sits on
+# a plain function, as dynamo sees through an lru_cache wrapper (hla_convert.ops.hybrid does the same)
+@torch.compiler.assume_constant_result
 def _cached_seq_index(grid, box, text_len, text_first, device):
     return _seq_index(grid, box, text_len, text_first, device)
+
+
+def _seq_indices(grid, box, text_len, text_first, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gather, scatter, pad) of _seq_index_cpu on `device`, cached (a graph constant under compile)."""
+    return _cached_seq_index(tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), torch.device(device))
 
 
 class _Reorder(torch.autograd.Function):
@@ -129,9 +124,7 @@ class _Reorder(torch.autograd.Function):
 
 
 def _reorder(x: torch.Tensor, grid, box, text_len: int, text_first: bool, dim: int, into_blocks: bool) -> torch.Tensor:
-    gather, scatter, pad = _cached_seq_index(
-        tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), x.device
-    )
+    gather, scatter, pad = _seq_indices(grid, box, text_len, text_first, x.device)
     src = int(text_len) if text_first else 0  # the first video token: what the padding slots copy
     fwd, back = (gather, scatter) if into_blocks else (scatter, gather)
     return _Reorder.apply(x, fwd, back, pad, src, dim, into_blocks)
@@ -153,15 +146,12 @@ def from_blocks(x: torch.Tensor, grid: Sequence[int], box: Sequence[int], text_l
 def block_mask(key_mask: torch.Tensor | None, b: int, grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, device) -> torch.Tensor | None:
     """The key mask [B, text_len + NB * L] of the block-major order: the user's (True = keep)
     moved with its tokens, padding slots False; None when there is neither."""
+    pad = _seq_indices(grid, box, text_len, text_first, device)[2]
     if key_mask is None:
-        if all(int(e) % int(w) == 0 for e, w in zip(grid, box)):  # no edge box clipped: no padding
+        if not pad.numel():  # no edge box clipped: no padding
             return None
         key_mask = torch.ones(b, text_len + _volume(grid), dtype=torch.bool, device=device)
-    moved = to_blocks(key_mask.to(device), grid, box, text_len, text_first, dim=1)
-    _, ok, _ = block_index(grid, box, device)
-    v0 = text_len if text_first else 0
-    moved[:, v0 : v0 + ok.numel()] &= ok
-    return moved
+    return to_blocks(key_mask.to(device), grid, box, text_len, text_first, dim=1).index_fill(1, pad, False)
 
 
 def _blocked_once(feats: Sequence[torch.Tensor], blocked) -> list[torch.Tensor]:
