@@ -111,6 +111,8 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     # stage-1 fingerprint covers the attention config as written, and tiles [1, 5, 4] is another
     # writing of the same window
     "shipped-tile-s2x2": {"attention.tiles": None, "attention.window": [0, 4, 4], "stage2.steps": 800},
+    # the two levers that helped on the tile, together (stage 1 from shipped-tile2x's checkpoints)
+    "shipped-tile2x-s2x2": {"attention.tiles": None, "attention.window": [0, 4, 8], "stage2.steps": 800},
     "shipped-tile-onpolicy-mix": {
         "attention.tiles": None, "attention.window": [0, 4, 4], "stage3.steps": HalfOf("stage2.steps"), "stage3.onpolicy_share": 0.5,
     },

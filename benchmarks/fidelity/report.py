@@ -159,6 +159,7 @@ LEVERS = {
     "shipped-tile2x": ("window", "4 x 8 spatial tube through all frames (512 keys)"),
     "shipped-frame": ("window", "the token's own latent frame (256 keys; the default until 2026-12-07)"),
     "shipped-tile-s2x2": ("schedule", "the tile (in tokens) with 2x the stage-2 steps (800)"),
+    "shipped-tile2x-s2x2": ("schedule", "the 4 x 8 tile (512 keys) with 2x the stage-2 steps (800)"),
     "shipped-tile-onpolicy-mix": ("on-policy", "the tile (in tokens) with the on-policy stage, half its inputs calibration ones"),
 }
 # the shipped recipe's window first (tiles since 2026-12-07; the own frame in records before)
