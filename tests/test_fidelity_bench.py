@@ -187,14 +187,17 @@ def test_shipped_base_changes_only_the_model_and_data_fields(arch, tmp_path):
 
 def test_window_rows_compare_equal_sized_windows():
     """The tile row's window holds as many tokens as the own frame at the benchmark's 16 x 16 x 16 grid,
-    and is the window the shipped Wan and CogVideoX recipes' tiles give there (so the rows that
-    measured it before it shipped measured the shipped window)."""
+    tile2x twice that, and each shipped recipe's tiles give there the window of the row that measured
+    it before it shipped (Wan: shipped-tile2x; CogVideoX: shipped-tile)."""
     from hla_convert.recipe import load_recipe
 
     recipes = _module("bench_recipes")
     frames, side = 16, 16
+    measured_as = {"wan": "shipped-tile2x", "cogvideox": "shipped-tile"}
+    assert set(measured_as) == set(recipes.SHIPPED)
     for arch, (name, _) in recipes.SHIPPED.items():
-        assert load_recipe(name).hla_config().window_on((frames, side, side)) == (0, 4, 4), arch
+        window = load_recipe(name).hla_config().window_on((frames, side, side))
+        assert list(window) == recipes.CONFIGS[measured_as[arch]]["attention.window"], arch
 
     def keys(window, halo=(0, 0, 0)):
         n = 1
@@ -205,6 +208,8 @@ def test_window_rows_compare_equal_sized_windows():
     own = keys(recipes.CONFIGS["shipped-frame"]["attention.window"])
     assert own == keys([1, 0, 0])
     assert keys(recipes.CONFIGS["shipped-tile"]["attention.window"]) == own == 256
+    assert keys(recipes.CONFIGS["shipped-tile2x"]["attention.window"]) == 2 * own
+    assert recipes.CONFIGS["shipped-tile2x-s2x2"]["attention.window"] == recipes.CONFIGS["shipped-tile2x"]["attention.window"]
     assert keys(recipes.CONFIGS["shipped-chunk2"]["attention.window"]) == 2 * own
     assert keys([1, 0, 0], recipes.CONFIGS["shipped-chunk1-halo1"]["attention.halo"]) == 3 * own
     assert recipes.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
