@@ -9,7 +9,8 @@ Shape: Wan2.1-1.3B's self-attention: B = 1, H = 12, head dim 128, bf16; latent g
 (480p/81 frames, N = 32,760) and 21x45x80 (720p/81 frames, N = 75,600); the window (--windows,
 frames x height x width in latent tokens, 0 = the whole axis) by default the token's own latent
 frame 1x0x0 (1,560 / 3,600 keys; whole frames skip the kernel's gather), e.g. 0x6x13 the 5 x 4
-spatial tiles through all frames (1,638 keys at 480p: the gathered, block-major path), Hadamard far part F = 2 with the recipe's taylor
+spatial tiles through all frames (1,638 keys at 480p: the block-major path, its tokens read in place or,
+with --tile-reads gather, from reordered copies; both: --tile-reads index,gather), Hadamard far part F = 2 with the recipe's taylor
 features [1, x P sqrt(scale / 2)], r = 32 and 64. Every time is the median of
 triton.testing.do_bench (CUDA events, L2 flushed) after warm-up; "fwd+bwd" is the forward plus
 torch.autograd.grad of q, k, v, both feature tensors and log_beta. "core" = the kernel on given
@@ -274,6 +275,9 @@ def main():
     ap.add_argument("--grids", default="21x30x52,21x45x80")
     ap.add_argument("--rs", default="32,64")
     ap.add_argument("--windows", default="1x0x0", help="hybrid windows FxHxW in latent tokens, 0 = whole axis (comma-separated)")
+    ap.add_argument("--tile-reads", default="index",
+                    help="how the kernels reach a tiled window's tokens (hla_kernels.hybrid.TILE_READS), comma-separated: "
+                         "index (in place, the default) and/or gather (reordered copies); whole frames run once")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true", help="time with the sweep's best configs")
     ap.add_argument("--no-check", action="store_true")
@@ -284,6 +288,18 @@ def main():
     grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")]
     rs = [int(x) for x in args.rs.split(",")]
     windows = [tuple(int(x) for x in w.split("x")) for w in args.windows.split(",")]
+    reads = args.tile_reads.split(",")
+    if any(m not in ("index", "gather") for m in reads):
+        ap.error(f"--tile-reads: index and/or gather, got {args.tile_reads!r}")
+
+    def variants():
+        """(window, reads mode, suffix): each tiled window once per mode, whole frames once."""
+        for window in windows:
+            tiled = window != (1, 0, 0)  # (whole frames may skip the order on some grids: timed per mode anyway)
+            for m in (reads if tiled else reads[:1]):
+                hy.TILE_READS = m
+                yield window, m, ("" if not tiled or len(reads) == 1 else f"_{m}")
+        hy.TILE_READS = "index"
     import triton
 
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,
@@ -312,8 +328,8 @@ def main():
                 if cfg_name == "best":
                     for n, (bm, bn, w, s) in res["best"][str(r)].items():
                         hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-                for window in windows:
-                    key = f"r{r}_{cfg_name}" + ("" if window == (1, 0, 0) else "_w" + "x".join(map(str, window)))
+                for window, _mode, suffix in variants():
+                    key = f"r{r}_{cfg_name}" + ("" if window == (1, 0, 0) else "_w" + "x".join(map(str, window))) + suffix
                     try:
                         res["checks"][key] = check((3, 30, 52), r, window=window)
                     except Exception:
@@ -327,10 +343,11 @@ def main():
             if args.apply_sweep and str(r) in res["best"]:
                 for n, (bm, bn, w, s) in res["best"][str(r)].items():
                     hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-            for j, window in enumerate(windows):
-                log(f"timings {grid} window {window} r={r} configs {hy.GPU_CONFIG}")
+            for j, (window, mode, _suffix) in enumerate(variants()):
+                log(f"timings {grid} window {window} tile reads {mode} r={r} configs {hy.GPU_CONFIG}")
                 first = i == 0 and j == 0
-                res["rows"] += timings(grid, r, baselines=not args.no_baselines and first, block=(grid == grids[0] and first), window=window)
+                rows = timings(grid, r, baselines=not args.no_baselines and first, block=(grid == grids[0] and first), window=window)
+                res["rows"] += [dict(row, tile_reads=mode) for row in rows]
             hy.GPU_CONFIG.update(saved)
             save()
     save()

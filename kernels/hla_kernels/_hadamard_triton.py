@@ -43,20 +43,23 @@ _kron_readout = _c.kron_readout
 _z_rowsum = _c.z_rowsum
 _kron_dq_loop = _c.kron_dq_loop
 _kron_dkdv_loop = _c.kron_dkdv_loop
+_slot_rows = _c.slot_rows
 
 
 @triton.jit
 def _state_kernel(
-    P1, P2, X, W, Tpart,
+    P1, P2, X, W, Tpart, IDX,
     s1b, s1h, s1n, s2b, s2h, s2n, sxb, sxh, sxn, swb, swh, swn,
     H, N, n_per_split,
     R: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_W: tl.constexpr, TRANS_ACC: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_W: tl.constexpr, TRANS_ACC: tl.constexpr, PREFETCH: tl.constexpr, HAS_IDX: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     """Partial state of one (outer block, head, split): Tpart[split, bh, a, :].
 
     TRANS_ACC: accumulate T^T = X^T kk (kk as the shared-memory operand) instead of T = kk^T X.
+    HAS_IDX: the N summed positions are slots of a block-major order, row IDX[slot] of P1, P2, X,
+    W (-1: padding, nothing added); otherwise rows.
     """
     pid_a = tl.program_id(0)
     bh = tl.program_id(1)
@@ -85,35 +88,35 @@ def _state_kernel(
     # L2 latency hides behind this step's MMA; Triton pipelines only the loads that feed tl.dot
     # directly (X), and these go through the Kronecker product first.
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    nmask = offs_n < n_end
-    last = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
-    cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
+    rows, nmask = _slot_rows(IDX, offs_n, offs_n < n_end, HAS_IDX)
+    last = tl.load(p2 + rows[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+    cols = _outer_cols(p1, s1n, rows, nmask, o0, G)
     if HAS_W:
-        w = tl.load(w_ptr + offs_n * swn, mask=nmask, other=0.0)
+        w = tl.load(w_ptr + rows * swn, mask=nmask, other=0.0)
     else:
         w = tl.full((BLOCK_N,), 1.0, tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < n_end
+        rows, nmask = _slot_rows(IDX, offs_n, offs_n < n_end, HAS_IDX)
         if PREFETCH:
             nxt = offs_n + BLOCK_N
-            nmask_nxt = nxt < n_end
-            last_nxt = tl.load(p2 + nxt[:, None] * s2n + offs_r[None, :], mask=nmask_nxt[:, None], other=0.0)
-            cols_nxt = _outer_cols(p1, s1n, nxt, nmask_nxt, o0, G)
+            rows_nxt, nmask_nxt = _slot_rows(IDX, nxt, nxt < n_end, HAS_IDX)
+            last_nxt = tl.load(p2 + rows_nxt[:, None] * s2n + offs_r[None, :], mask=nmask_nxt[:, None], other=0.0)
+            cols_nxt = _outer_cols(p1, s1n, rows_nxt, nmask_nxt, o0, G)
             if HAS_W:
-                w_nxt = tl.load(w_ptr + nxt * swn, mask=nmask_nxt, other=0.0)
+                w_nxt = tl.load(w_ptr + rows_nxt * swn, mask=nmask_nxt, other=0.0)
             else:
                 w_nxt = w
         else:
-            last = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
-            cols = _outer_cols(p1, s1n, offs_n, nmask, o0, G)
+            last = tl.load(p2 + rows[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            cols = _outer_cols(p1, s1n, rows, nmask, o0, G)
             if HAS_W:
-                w = tl.load(w_ptr + offs_n * swn, mask=nmask, other=0.0)
+                w = tl.load(w_ptr + rows * swn, mask=nmask, other=0.0)
         if HAS_W:
             kk = _kron_dot(cols.to(tl.float32) * w[:, None], last, BLOCK_N, G, R, DOT_DT, EMU)
         else:
             kk = _kron_dot(cols, last, BLOCK_N, G, R, DOT_DT, EMU)
-        x = tl.load(x_ptr + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * sxn + offs_c[None, :], mask=nmask[:, None], other=0.0)
         if TRANS_ACC:
             acc = _mm(tl.trans(x), kk, acc, DOT_DT, PREC, EMU)
         else:
@@ -134,12 +137,13 @@ def _state_kernel(
 
 @triton.jit
 def _zstate_kernel(
-    P1, P2, W, Zpart,
+    P1, P2, W, Zpart, IDX,
     s1b, s1h, s1n, s2b, s2h, s2n, swb, swh, swn,
     H, N, n_per_split,
-    R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, EMU: tl.constexpr,
+    R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, HAS_IDX: tl.constexpr, EMU: tl.constexpr,
 ):
-    """Zpart[split, bh] = sum over the split's rows of w_n P1[n] P2[n]^T, [R, R] in fp32 (ieee)."""
+    """Zpart[split, bh] = sum over the split's rows of w_n P1[n] P2[n]^T, [R, R] in fp32 (ieee);
+    HAS_IDX: over slots, as _state_kernel."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     n_bh = tl.num_programs(0)
@@ -153,11 +157,11 @@ def _zstate_kernel(
     n_end = tl.minimum(n_start + n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < n_end
-        a = tl.load(p1 + offs_n[:, None] * s1n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-        c = tl.load(p2 + offs_n[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        rows, nmask = _slot_rows(IDX, offs_n, offs_n < n_end, HAS_IDX)
+        a = tl.load(p1 + rows[:, None] * s1n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        c = tl.load(p2 + rows[:, None] * s2n + offs_r[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
         if HAS_W:
-            w = tl.load(W + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0)
+            w = tl.load(W + b * swb + h * swh + rows * swn, mask=nmask, other=0.0)
             a = a * w[:, None]
         if EMU:
             acc = tl.dot(tl.trans(a), c, acc)

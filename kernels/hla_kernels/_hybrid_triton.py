@@ -5,11 +5,14 @@ it, one normaliser (HLA-MATH.md section 4; reference hla_convert.ops.hybrid).
 Loaded by `hla_kernels.hybrid` through importlib, once per mode (compiled or interpreted), after
 _triton_common.py of the same mode, whose @jit helpers (mm, kron_dot, kron_readout, ...) these reuse.
 
-Layout. Per head the N tokens are TL text tokens at t0 and NB * L video tokens at v0, where video
-block `blk` (the queries that share one key window) is the L tokens v0 + blk * L + [0, L). The
-window of a video query is its block's L keys plus every text key; a text query's window is all N
+Layout. Per head the NS slots are TL text slots at t0 and NB * L video slots at v0, where video
+block `blk` (the queries that share one key window) is the L slots v0 + blk * L + [0, L). The
+window of a video query is its block's L keys plus every text key; a text query's window is all NS
 keys (exact softmax, no far part). Programs run over (tile, blk, batch * head) with blk = NB for
-the text queries (or keys), so no tile straddles two windows.
+the text queries (or keys), so no tile straddles two windows. A slot is a row of the N-row
+tensors: itself (whole frames, NS = N), or with HAS_IDX the row IDX[slot] (tiles read in place;
+-1 = padding of a clipped edge box, masked: _triton_common.slot_rows). Row statistics (M, Dn,
+delta, the far part's row weights) are kept per row.
 
 The one-scale normaliser, in log2 units (s2 = q.k * scale * log2(e), the shift c2 = c * log2(e)):
 
@@ -56,6 +59,7 @@ _kron_readout = _c.kron_readout
 _z_rowsum = _c.z_rowsum
 _kron_dq_loop = _c.kron_dq_loop
 _kron_dkdv_loop = _c.kron_dkdv_loop
+_slot_rows = _c.slot_rows
 
 
 @triton.jit
@@ -87,19 +91,19 @@ def _pv(p, v, acc, EMU: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, lo, hi, sk, sv, qk_scale,
+def _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv, qk_scale,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
-                EMU: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax over keys lo..hi-1 (log2 units), continuing (acc, l_i, m_i)."""
+                HAS_IDX: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over the keys of slots lo..hi-1 (log2 units), continuing (acc, l_i, m_i)."""
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < hi
-        k = tl.load(k_ptr + offs_n[:, None] * sk + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
+        cols, nmask = _slot_rows(idx_ptr, offs_n, offs_n < hi, HAS_IDX)
+        k = tl.load(k_ptr + cols[:, None] * sk + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
         if HAS_KM:
-            nmask = nmask & (tl.load(km_ptr + offs_n, mask=nmask, other=0.0) > 0)
+            nmask = nmask & (tl.load(km_ptr + cols, mask=nmask, other=0.0) > 0)
         s = _qk(q, k, EMU, PREC) * qk_scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, _rmax(s, 1))
@@ -126,11 +130,11 @@ def _far_readout(q1_ptr, q2_ptr, s1n, s2n, offs_m, mmask, t_ptr, z_ptr,
 
 @triton.jit
 def _hyb_fwd_kernel(
-    Q, K, V, Q1, Q2, Trest, Zrest, KM, Beta, Out, Mst, Dst,
+    Q, K, V, Q1, Q2, Trest, Zrest, KM, Beta, Out, Mst, Dst, IDX,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sob, soh, son, skmb,
-    H, N, L, NB, v0, t0, TL, qk_scale, eps, floor2, far_init,
+    H, N, NS, L, NB, v0, t0, TL, qk_scale, eps, floor2, far_init,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
 ):
     """One tile of BLOCK_M queries of video block `blk` (or of the text queries, blk = NB)."""
@@ -146,8 +150,7 @@ def _hyb_fwd_kernel(
     if pid_m * BLOCK_M >= q_len:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < q_len
-    rows = q_lo + offs_m
+    rows, mmask = _slot_rows(IDX, q_lo + offs_m, offs_m < q_len, HAS_IDX)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=mmask[:, None], other=0.0)
@@ -165,15 +168,15 @@ def _hyb_fwd_kernel(
         g0 = tl.load(Beta + h) * far_init
         acc = acc * g0
         l_i = tl.maximum(fden, 0.0) * g0
-        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, q_lo, q_lo + L, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
-        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, t0, t0 + TL, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
     else:
         acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
         l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
-        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, 0, N, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
     den = l_i + eps
     out = acc / den[:, None]
     tl.store(Out + b * sob + h * soh + rows[:, None] * son + offs_c[None, :], _store_cast(out, Out.dtype.element_ty, EMU), mask=mmask[:, None])
@@ -182,19 +185,19 @@ def _hyb_fwd_kernel(
 
 
 @triton.jit
-def _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, lo, hi, sk, sv, qk_scale,
+def _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv, qk_scale,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
-               EMU: tl.constexpr, PREC: tl.constexpr):
-    """dq += sum_j ds_ij k_j over keys lo..hi-1, ds = p (dp - delta), p = 2^(s2 - m) / den."""
+               HAS_IDX: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
+    """dq += sum_j ds_ij k_j over the keys of slots lo..hi-1, ds = p (dp - delta), p = 2^(s2 - m) / den."""
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < hi
-        k = tl.load(k_ptr + offs_n[:, None] * sk + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
+        cols, nmask = _slot_rows(idx_ptr, offs_n, offs_n < hi, HAS_IDX)
+        k = tl.load(k_ptr + cols[:, None] * sk + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
         if HAS_KM:
-            nmask = nmask & (tl.load(km_ptr + offs_n, mask=nmask, other=0.0) > 0)
+            nmask = nmask & (tl.load(km_ptr + cols, mask=nmask, other=0.0) > 0)
         s = _qk(q, k, EMU, PREC) * qk_scale
         p = tl.where(nmask[None, :], tl.math.exp2(s - m_i[:, None]), 0.0) * rden[:, None]
         dp = _qk(do, v, EMU, PREC)
@@ -205,13 +208,13 @@ def _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, lo, hi, sk, sv
 
 @triton.jit
 def _hyb_dq_kernel(
-    Q, K, V, Q1, Q2, Trest, Zrest, KM, Beta, dO, Mst, Dst, Delta,
+    Q, K, V, Q1, Q2, Trest, Zrest, KM, Beta, dO, Mst, Dst, Delta, IDX,
     dQ, dQ1, dQ2, Wb, Dbeta,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sdob, sdoh, sdon,
     sdqb, sdqh, sdqn, sg2b, sg2h, sg2n, skmb,
-    H, N, L, NB, v0, t0, TL, qk_scale, sm_scale,
+    H, N, NS, L, NB, v0, t0, TL, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
 ):
     """Query gradients of one tile: dQ from the window's softmax, dQ1 / dQ2 from the far part.
@@ -233,8 +236,7 @@ def _hyb_dq_kernel(
     if pid_m * BLOCK_M >= q_len:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < q_len
-    rows = q_lo + offs_m
+    rows, mmask = _slot_rows(IDX, q_lo + offs_m, offs_m < q_len, HAS_IDX)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     offs_r = tl.arange(0, R)
@@ -250,10 +252,10 @@ def _hyb_dq_kernel(
     dq = tl.full((BLOCK_M, D), 0.0, tl.float32)
     e1_ptr = dQ1 + bh * N * R + rows[:, None] * R
     if is_video:
-        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, q_lo, q_lo + L, skn, svn, qk_scale,
-                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
-        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, t0, t0 + TL, skn, svn, qk_scale,
-                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = Trest + state * (R * R * DV)
@@ -287,8 +289,8 @@ def _hyb_dq_kernel(
         e1 = tl.load(e1_ptr + offs_r[None, :], mask=mmask[:, None], other=0.0)
         tl.store(e1_ptr + offs_r[None, :], w[:, None] * (e1 - delta_far[:, None] * zq1), mask=mmask[:, None])
     else:
-        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, 0, N, skn, svn, qk_scale,
-                        D, DV, BLOCK_N, HAS_KM, EMU, QK_PREC)
+        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
+                        D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
         zero_r = tl.full((BLOCK_M, R), 0.0, tl.float32)
         tl.store(e1_ptr + offs_r[None, :], zero_r, mask=mmask[:, None])
         tl.store(dQ2 + b * sg2b + h * sg2h + rows[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dQ2.dtype.element_ty, EMU), mask=mmask[:, None])
@@ -297,20 +299,21 @@ def _hyb_dq_kernel(
 
 
 @triton.jit
-def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, lo, hi, sq, sdo, qk_scale,
-                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
-    """dk, dv of one key tile from the queries lo..hi-1 whose window holds it (transposed tiles:
-    s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones."""
+def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, lo, hi, sq, sdo, qk_scale,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDX: tl.constexpr,
+                 EMU: tl.constexpr, PREC: tl.constexpr):
+    """dk, dv of one key tile from the queries of slots lo..hi-1 whose window holds it (transposed
+    tiles: s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones."""
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        mmask = offs_m < hi
-        q = tl.load(q_ptr + offs_m[:, None] * sq + offs_d[None, :], mask=mmask[:, None], other=0.0)
-        do = tl.load(do_ptr + offs_m[:, None] * sdo + offs_c[None, :], mask=mmask[:, None], other=0.0)
-        m_i = tl.load(m_ptr + offs_m, mask=mmask, other=0.0)
-        rden = 1.0 / tl.load(d_ptr + offs_m, mask=mmask, other=1.0)
-        delta = tl.load(delta_ptr + offs_m, mask=mmask, other=0.0)
+        qrows, mmask = _slot_rows(idx_ptr, offs_m, offs_m < hi, HAS_IDX)
+        q = tl.load(q_ptr + qrows[:, None] * sq + offs_d[None, :], mask=mmask[:, None], other=0.0)
+        do = tl.load(do_ptr + qrows[:, None] * sdo + offs_c[None, :], mask=mmask[:, None], other=0.0)
+        m_i = tl.load(m_ptr + qrows, mask=mmask, other=0.0)
+        rden = 1.0 / tl.load(d_ptr + qrows, mask=mmask, other=1.0)
+        delta = tl.load(delta_ptr + qrows, mask=mmask, other=0.0)
         st = _qk(k, q, EMU, PREC) * qk_scale
         pt = tl.math.exp2(st - m_i[None, :]) * rden[None, :]
         pt = tl.where(mmask[None, :], pt, 0.0) * km_w[:, None]
@@ -323,13 +326,13 @@ def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, lo,
 
 @triton.jit
 def _hyb_dkdv_kernel(
-    Q, K, V, K1, K2, dO, Mst, Dst, Delta, dTeff, dZeff, KM,
+    Q, K, V, K1, K2, dO, Mst, Dst, Delta, dTeff, dZeff, KM, IDX,
     dK, dV, dK1, dK2,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sdob, sdoh, sdon,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, skmb,
-    H, N, L, NB, v0, t0, TL, qk_scale, sm_scale,
+    H, N, NS, L, NB, v0, t0, TL, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
 ):
     """Key and value gradients of one tile of BLOCK_N keys of video block `blk` (or text, blk = NB).
@@ -350,8 +353,7 @@ def _hyb_dkdv_kernel(
     if pid_n * BLOCK_N >= k_len:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < k_len
-    cols_n = k_lo + offs_n
+    cols_n, nmask = _slot_rows(IDX, k_lo + offs_n, offs_n < k_len, HAS_IDX)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     offs_r = tl.arange(0, R)
@@ -370,10 +372,10 @@ def _hyb_dkdv_kernel(
     dk = tl.full((BLOCK_N, D), 0.0, tl.float32)
     dv = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     if is_video:
-        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, k_lo, k_lo + L, sqn, sdon,
-                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
-        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, t0, t0 + TL, sqn, sdon,
-                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, k_lo, k_lo + L, sqn, sdon,
+                              qk_scale, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC)
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, t0, t0 + TL, sqn, sdon,
+                              qk_scale, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = dTeff + state * (R * R * DV)
@@ -389,8 +391,8 @@ def _hyb_dkdv_kernel(
                                     R, DV, G, BLOCK_N, True, False, DOT_DT, PREC, EMU)
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * km_w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     else:
-        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, 0, N, sqn, sdon,
-                              qk_scale, D, DV, BLOCK_M, EMU, QK_PREC)
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, 0, NS, sqn, sdon,
+                              qk_scale, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC)
         zero_r = tl.full((BLOCK_N, R), 0.0, tl.float32)
         tl.store(dK1 + b * sg1b + h * sg1h + cols_n[:, None] * sg1n + offs_r[None, :], _store_cast(zero_r, dK1.dtype.element_ty, EMU), mask=nmask[:, None])
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dK2.dtype.element_ty, EMU), mask=nmask[:, None])

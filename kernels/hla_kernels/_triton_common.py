@@ -16,6 +16,18 @@ import triton.language as tl
 
 
 @triton.jit
+def slot_rows(IDX, slots, mask, HAS_IDX: tl.constexpr):
+    """(rows, mask) of `slots` of a block-major order read in place (hla_kernels.block_order): the
+    sequence row of each slot, IDX[slot], and the mask without padding slots (IDX = -1; their row
+    is 0, masked). Without HAS_IDX a slot is its row."""
+    if HAS_IDX:
+        r = tl.load(IDX + slots, mask=mask, other=-1)
+        return tl.maximum(r, 0), mask & (r >= 0)
+    else:
+        return slots, mask
+
+
+@triton.jit
 def rsum(x, axis: tl.constexpr):
     """tl.sum without triton.language.standard: its @jit helpers are compiled or interpreted
     according to TRITON_INTERPRET when triton itself was imported, and this module must run in

@@ -1,12 +1,15 @@
 """The block-major token order of the hybrid kernels' windows (used by hybrid.py).
 
-The kernels see each window as L consecutive tokens. A box `(wt, wh, ww)` of the latent grid
-(T, Hg, Wg) that is not whole frames dividing the frame count is made so by reordering the video
-tokens block by block: each block's L slots in grid order, the clipped slots of an edge box as
-padding (copies of the first video token, masked). `to_blocks` / `from_blocks` do and undo it,
-each one gather forward and one backward (the inverse permutation, not autograd's scatter-add);
-`block_mask` moves a key mask along. The orders are built once per (grid, box, text) on the host
-and cached; under torch.compile they are constants of the graph.
+The kernels see each window as L consecutive slots. A box `(wt, wh, ww)` of the latent grid
+(T, Hg, Wg) that is not whole frames dividing the frame count is made so by a block-major order of
+the video tokens: each block's L slots in grid order, the clipped slots of an edge box as padding.
+`slot_rows` gives each slot's sequence row (-1 for padding) and the kernels read and write the
+tokens in place through it (the default, hybrid.TILE_READS = "index"). The other way
+(TILE_READS = "gather") reorders the tensors themselves: `to_blocks` / `from_blocks` do and undo
+it, each one gather forward and one backward (the inverse permutation, not autograd's
+scatter-add), padding slots copies of the first video token, masked by `block_mask`. The orders
+are built once per (grid, box, text) on the host and cached; under torch.compile they are
+constants of the graph.
 """
 
 from __future__ import annotations
@@ -95,6 +98,29 @@ def _cached_seq_index(grid, box, text_len, text_first, device):
 def _seq_indices(grid, box, text_len, text_first, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gather, scatter, pad) of _seq_index_cpu on `device`, cached (a graph constant under compile)."""
     return _cached_seq_index(tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), torch.device(device))
+
+
+@lru_cache(maxsize=64)
+def _slot_rows_cpu(grid: tuple[int, int, int], box: tuple[int, int, int], text_len: int, text_first: bool) -> torch.Tensor:
+    gather, _, pad = _seq_index_cpu(grid, box, text_len, text_first)
+    return gather.index_fill(0, pad, -1).to(torch.int32)
+
+
+@lru_cache(maxsize=64)
+def _slot_rows_dev(grid, box, text_len, text_first, device):
+    return _slot_rows_cpu(grid, box, text_len, text_first).to(device)
+
+
+@torch.compiler.assume_constant_result  # as _cached_seq_index
+def _cached_slot_rows(grid, box, text_len, text_first, device):
+    return _slot_rows_dev(grid, box, text_len, text_first, device)
+
+
+def slot_rows(grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, device) -> torch.Tensor:
+    """int32 [text_len + NB * L]: the sequence row of each slot of the block-major order (text
+    slots: their own rows; padding slots of clipped edge boxes: -1), for the kernels to read the
+    tokens in place instead of gathered copies. Cached; a graph constant under torch.compile."""
+    return _cached_slot_rows(tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), torch.device(device))
 
 
 class _Reorder(torch.autograd.Function):

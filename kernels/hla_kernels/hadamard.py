@@ -169,15 +169,18 @@ def _state(mod, p1, p2, x, w, interp, dot, name="state"):
     return tpart[0] if tpart.shape[0] == 1 else tpart.sum(0)
 
 
-def state_parts(mod, p1, p2, x, w, interp, dot, name="state", per=None):
+def state_parts(mod, p1, p2, x, w, interp, dot, name="state", per=None, idx=None):
     """[splits, BH, R*R, DV] fp32: the state of each split of the rows.
 
     p1, p2: factors [B, H, N, R]; x: rows [B, H, N, DV]; w: None (all ones) or
     (tensor, (stride_b, stride_h, stride_n)). `name` picks the launch config ("state" for the
     forward, "dstate" for the backward's dT). per: rows per split (the hybrid's window blocks);
-    None: as many splits as fill the GPU (_splits).
+    None: as many splits as fill the GPU (_splits). idx: int32 [S] or None: sum over S slots,
+    slot s being row idx[s] of p1, p2, x, w (-1: padding, adds nothing) instead of over the N rows.
     """
     b, h, n, r = p1.shape
+    if idx is not None:
+        n = idx.numel()
     dv = x.shape[-1]
     cfg = kernel_config(name, r, interp, rt.is_fp32(dot))
     block_n, g = cfg["BLOCK_N"], cfg["G"]
@@ -190,11 +193,11 @@ def state_parts(mod, p1, p2, x, w, interp, dot, name="state", per=None):
     tpart = torch.empty((splits, bh, r * r, dv), dtype=torch.float32, device=x.device)
     wt, ws = w if w is not None else (x, (0, 0, 0))
     mod._state_kernel[(n_a, bh, splits)](
-        p1, p2, x, wt, tpart,
+        p1, p2, x, wt, tpart, idx if idx is not None else p1,
         *s3(p1), *s3(p2), *s3(x), *ws,
         h, n, per,
         R=r, DV=dv, G=g, BLOCK_N=block_n, HAS_W=w is not None, TRANS_ACC=cfg.get("TRANS_ACC", False),
-        PREFETCH=cfg.get("PREFETCH", True),
+        PREFETCH=cfg.get("PREFETCH", True), HAS_IDX=idx is not None,
         DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], **launch_extra(cfg, interp),
     )
     return tpart
@@ -206,9 +209,11 @@ def _zstate(mod, p1, p2, w, interp):
     return zpart[0] if zpart.shape[0] == 1 else zpart.sum(0)
 
 
-def zstate_parts(mod, p1, p2, w, interp, per=None):
-    """[splits, BH, R*R] fp32: Z of each split of the rows (per: as in state_parts)."""
+def zstate_parts(mod, p1, p2, w, interp, per=None, idx=None):
+    """[splits, BH, R*R] fp32: Z of each split of the rows (per, idx: as in state_parts)."""
     b, h, n, r = p1.shape
+    if idx is not None:
+        n = idx.numel()
     cfg = kernel_config("zstate", r, interp)
     block_n = cfg["BLOCK_N"]
     bh = b * h
@@ -219,10 +224,10 @@ def zstate_parts(mod, p1, p2, w, interp, per=None):
     zpart = torch.empty((splits, bh, r * r), dtype=torch.float32, device=p1.device)
     wt, ws = w if w is not None else (p1, (0, 0, 0))
     mod._zstate_kernel[(bh, splits)](
-        p1, p2, wt, zpart,
+        p1, p2, wt, zpart, idx if idx is not None else p1,
         *s3(p1), *s3(p2), *ws,
         h, n, per,
-        R=r, BLOCK_N=block_n, HAS_W=w is not None, EMU=interp, **launch_extra(cfg, interp),
+        R=r, BLOCK_N=block_n, HAS_W=w is not None, HAS_IDX=idx is not None, EMU=interp, **launch_extra(cfg, interp),
     )
     return zpart
 

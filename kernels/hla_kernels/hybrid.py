@@ -7,13 +7,15 @@ origin, edge boxes clipped where a side does not divide its axis — whole laten
 Hadamard far kind with F = 2, text tokens first or last, key padding masks. Anything else goes to
 the reference (`supports` says why not).
 
-The kernels see each window as L consecutive tokens. Whole frames that divide the frame count are
-that already; any other box is made so by reordering the video tokens block by block (each block's
-L slots in grid order, the clipped slots of an edge box as masked padding), undone on the output:
-the window softmax and the far part's sums over keys do not depend on the order of tokens, so the
-result is the same (block_order.py). The reorder costs one gather of q, k, v and the features (a
-feature tensor given for both factors once) and one of the output a call, and gathers again in
-the backward (not autograd's scatter-add); whole frames skip it.
+The kernels see each window as L consecutive slots. Whole frames that divide the frame count are
+that already (slot = row). Any other box is made so by a block-major order of the video tokens
+(each block's L slots in grid order, the clipped slots of an edge box as padding): the window
+softmax and the far part's sums over keys do not depend on the order of tokens, so the result is
+the same (block_order.py). By default (TILE_READS = "index") the kernels read and write every
+tensor in place through each slot's row (block_order.slot_rows; padding slots are -1, masked), so
+the order costs one int32 index load per tile and no copies. TILE_READS = "gather" reorders
+copies instead: one gather of q, k, v and the features (a feature tensor given for both factors
+once) and one of the output a call, and gathers again in the backward.
 
 Forward: the Hadamard module's state kernels with one split per window block give T_window(blk)
 and Z_window(blk) in one launch each; T_rest = T_all - T_window (torch, fp32, then the dot dtype);
@@ -38,8 +40,13 @@ import torch
 from . import _runtime as rt
 from . import hadamard as hk
 from ._runtime import cdiv, empty, rowmajor, s3
-from .block_order import _blocked_once, _blocks, _box, _permutes, _volume, block_index, block_mask, from_blocks, to_blocks  # noqa: F401 (block_index: API)
+from .block_order import _blocked_once, _blocks, _box, _permutes, _volume, block_index, block_mask, from_blocks, slot_rows, to_blocks  # noqa: F401 (block_index: API)
 
+# How the kernels reach the tokens of windows that are not whole frames (block_order.py): "index"
+# reads and writes them in place through each slot's row; "gather" reorders copies of q, k, v, the
+# features and the output (one gather each way). Both are tested against the reference;
+# benchmarks/bench_hybrid.py --tile-reads times them side by side.
+TILE_READS = "index"
 SHIFT_FLOOR = 30.0  # = hla_convert.ops.hybrid.SHIFT_FLOOR (kept equal by a test)
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -126,11 +133,28 @@ def _rest(parts: torch.Tensor) -> torch.Tensor:
 
 
 class _Layout:
-    def __init__(self, n: int, big: int, nb: int, text_len: int, text_first: bool):
-        self.n, self.big, self.nb, self.tl = n, big, nb, text_len
+    """The kernels' slots: text_len text slots and NB blocks of L = big video slots (v0, t0: where
+    the video and the text slots start; vid: the video slots). n: the sequence's rows. idx: None
+    (slot = row: whole frames) or int32 [ns], each slot's row (-1: padding; block_order.slot_rows)."""
+
+    def __init__(self, n: int, big: int, nb: int, text_len: int, text_first: bool, idx: torch.Tensor | None = None):
+        self.n, self.big, self.nb, self.tl, self.idx = n, big, nb, text_len, idx
+        self.ns = text_len + big * nb
         self.v0 = text_len if text_first else 0
         self.t0 = 0 if text_first else big * nb
         self.vid = slice(self.v0, self.v0 + big * nb)
+
+    def video(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """x's video rows in slot order for the state kernels: the slice (slot = row), or all of
+        x when the kernels read the slots through idx."""
+        return x if self.idx is not None else x.narrow(dim, self.v0, self.big * self.nb)
+
+    def video_idx(self) -> torch.Tensor | None:
+        return None if self.idx is None else self.idx[self.vid]
+
+    def kernel_args(self) -> tuple:
+        """(IDX, HAS_IDX) of the launches."""
+        return self.idx, self.idx is not None
 
 
 def _common(q, v, q1):
@@ -147,23 +171,24 @@ def _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, eps):
     hmod, mod = hk.kernels(interp), _kernels(interp)
     b, h, n, d = q.shape
     dv, r = v.shape[-1], q1.shape[-1]
-    vid = lay.vid
-    w = None if kmask is None else (kmask[:, vid], (kmask.stride(0), 0, kmask.stride(1)))
-    t_rest = rt.to_dot(_rest(hk.state_parts(hmod, k1[:, :, vid], k2[:, :, vid], v[:, :, vid], w, interp, dot, "state", per=lay.big)), dot)
-    z_rest = _rest(hk.zstate_parts(hmod, k1[:, :, vid], k2[:, :, vid], w, interp, per=lay.big))
+    vx, vi = lay.video, lay.video_idx()
+    w = None if kmask is None else (vx(kmask, 1), (kmask.stride(0), 0, kmask.stride(1)))
+    t_rest = rt.to_dot(_rest(hk.state_parts(hmod, vx(k1, 2), vx(k2, 2), vx(v, 2), w, interp, dot, "state", per=lay.big, idx=vi)), dot)
+    z_rest = _rest(hk.zstate_parts(hmod, vx(k1, 2), vx(k2, 2), w, interp, per=lay.big, idx=vi))
     out = empty((b, h, n, dv), v.dtype, v.device)
     mst = empty((b * h, n), torch.float32, v.device)
     dst = empty((b * h, n), torch.float32, v.device)
     cfg = _config("fwd", interp, fp32)
     km = kmask if kmask is not None else q
     grid = (cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), lay.nb + (1 if lay.tl else 0), b * h)
+    idx, has_idx = lay.kernel_args()
     mod._hyb_fwd_kernel[grid](
-        q, k, v, q1, q2, t_rest, z_rest, km, beta, out, mst, dst,
+        q, k, v, q1, q2, t_rest, z_rest, km, beta, out, mst, dst, idx if has_idx else q,
         *s3(q), *s3(k), *s3(v), *s3(q1), *s3(q2), *s3(out), n,
-        h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(eps),
+        h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(eps),
         float(-SHIFT_FLOOR * _LOG2E), float(math.exp(SHIFT_FLOOR)),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
+        HAS_KM=kmask is not None, HAS_IDX=has_idx, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
         **rt.launch_extra(cfg, interp),
     )
     return out, mst, dst, t_rest, z_rest
@@ -174,7 +199,6 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     hmod, mod = hk.kernels(interp), _kernels(interp)
     b, h, n, d = q.shape
     dv, r = v.shape[-1], q1.shape[-1]
-    vid = lay.vid
     do = rowmajor(do)
     delta = (do.float() * out.float()).sum(-1).reshape(b * h, n)
     dq = empty(q.shape, q.dtype, q.device)
@@ -185,33 +209,36 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     km = kmask if kmask is not None else q
     nblk = lay.nb + (1 if lay.tl else 0)
     cfg = _config("dq", interp, fp32)
+    idx, has_idx = lay.kernel_args()
+    idx = idx if has_idx else q
     mod._hyb_dq_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), nblk, b * h)](
-        q, k, v, q1, q2, t_rest, z_rest, km, beta, do, mst, dst, delta,
+        q, k, v, q1, q2, t_rest, z_rest, km, beta, do, mst, dst, delta, idx,
         dq, dq1, dq2, wb, dbeta,
         *s3(q), *s3(k), *s3(v), *s3(q1), *s3(q2), *s3(do), *s3(dq), *s3(dq2), n,
-        h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
+        h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
+        HAS_KM=kmask is not None, HAS_IDX=has_idx, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
         **rt.launch_extra(cfg, interp),
     )
     # dT_rest(blk) = sum over the block's queries of kk_q (x) w dO, dZ_rest with -w delta
     rows = (h * n, n, 1)
-    q1v, q2v = q1[:, :, vid], q2[:, :, vid]
-    dt_eff = rt.to_dot(_rest(hk.state_parts(hmod, q1v, q2v, do[:, :, vid], (wb[0][:, vid], rows), interp, dot, "dstate", per=lay.big)), dot)
-    dz_eff = _rest(hk.zstate_parts(hmod, q1v, q2v, (wb[1][:, vid], rows), interp, per=lay.big))
+    vx, vi = lay.video, lay.video_idx()
+    q1v, q2v = vx(q1, 2), vx(q2, 2)
+    dt_eff = rt.to_dot(_rest(hk.state_parts(hmod, q1v, q2v, vx(do, 2), (vx(wb[0], 1), rows), interp, dot, "dstate", per=lay.big, idx=vi)), dot)
+    dz_eff = _rest(hk.zstate_parts(hmod, q1v, q2v, (vx(wb[1], 1), rows), interp, per=lay.big, idx=vi))
     dk = empty(k.shape, k.dtype, k.device)
     dvv = empty(v.shape, v.dtype, v.device)
     dk1 = empty(k1.shape, k1.dtype, k.device)
     dk2 = empty(k2.shape, k2.dtype, k.device)
     cfg = _config("dkdv", interp, fp32)
     mod._hyb_dkdv_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_N"]), nblk, b * h)](
-        q, k, v, k1, k2, do, mst, dst, delta, dt_eff, dz_eff, km,
+        q, k, v, k1, k2, do, mst, dst, delta, dt_eff, dz_eff, km, idx,
         dk, dvv, dk1, dk2,
         *s3(q), *s3(k), *s3(v), *s3(k1), *s3(k2), *s3(do),
         *s3(dk), *s3(dvv), *s3(dk1), *s3(dk2), n,
-        h, n, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
+        h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_KM=kmask is not None, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
+        HAS_KM=kmask is not None, HAS_IDX=has_idx, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
         **rt.launch_extra(cfg, interp),
     )
     dlog_beta = dbeta.view(b, h, n).sum((0, 2))
@@ -219,20 +246,21 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
 
 
 # torch.compile: the kernels as torch.library custom ops (one opaque op each way, as in
-# hadamard.py). The layout travels as ints; the forward returns what the backward needs.
+# hadamard.py). The layout travels as ints and the slot index (None for whole frames); the forward
+# returns what the backward needs.
 @torch.library.custom_op("hla_kernels::hybrid_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor,
-    k2: torch.Tensor, log_beta: torch.Tensor, kmask: torch.Tensor | None, scale: float, big: int, nb: int,
-    text_len: int, text_first: bool, eps: float,
+    k2: torch.Tensor, log_beta: torch.Tensor, kmask: torch.Tensor | None, idx: torch.Tensor | None, scale: float,
+    big: int, nb: int, text_len: int, text_first: bool, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     beta = log_beta.detach().float().exp().contiguous()
-    lay = _Layout(q.shape[2], big, nb, text_len, text_first)
+    lay = _Layout(q.shape[2], big, nb, text_len, text_first, idx)
     return _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay, eps)
 
 
 @_forward_op.register_fake
-def _(q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_first, eps):
+def _(q, k, v, q1, q2, k1, k2, log_beta, kmask, idx, scale, big, nb, text_len, text_first, eps):
     b, h, n, _ = q.shape
     dv, r = v.shape[-1], q1.shape[-1]
     t_dtype = torch.bfloat16 if all(t.dtype in rt.HALF for t in (q1, v)) else torch.float32  # rt.dot_setup
@@ -249,35 +277,35 @@ def _(q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_f
 @torch.library.custom_op("hla_kernels::hybrid_backward", mutates_args=())
 def _backward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor,
-    k2: torch.Tensor, log_beta: torch.Tensor, kmask: torch.Tensor | None, scale: float, big: int, nb: int,
-    text_len: int, text_first: bool, out: torch.Tensor, mst: torch.Tensor, dst: torch.Tensor,
+    k2: torch.Tensor, log_beta: torch.Tensor, kmask: torch.Tensor | None, idx: torch.Tensor | None, scale: float,
+    big: int, nb: int, text_len: int, text_first: bool, out: torch.Tensor, mst: torch.Tensor, dst: torch.Tensor,
     t_rest: torch.Tensor, z_rest: torch.Tensor, do: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     beta = log_beta.detach().float().exp().contiguous()
-    lay = _Layout(q.shape[2], big, nb, text_len, text_first)
+    lay = _Layout(q.shape[2], big, nb, text_len, text_first, idx)
     grads = _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay, out, mst, dst, t_rest, z_rest, do)
     return (*grads[:7], grads[7].to(log_beta.dtype))
 
 
 @_backward_op.register_fake
-def _(q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_first, out, mst, dst, t_rest, z_rest, do):
+def _(q, k, v, q1, q2, k1, k2, log_beta, kmask, idx, scale, big, nb, text_len, text_first, out, mst, dst, t_rest, z_rest, do):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, q1, q2, k1, k2, log_beta))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q1, q2, k1, k2, log_beta, kmask, scale, big, nb, text_len, text_first, _eps = inputs
+    q, k, v, q1, q2, k1, k2, log_beta, kmask, idx, scale, big, nb, text_len, text_first, _eps = inputs
     out, mst, dst, t_rest, z_rest = output
     ctx.mark_non_differentiable(mst, dst, t_rest, z_rest)
     rt.no_zero_grads(ctx)
-    ctx.save_for_backward(q, k, v, q1, q2, k1, k2, log_beta, kmask, out, mst, dst, t_rest, z_rest)
+    ctx.save_for_backward(q, k, v, q1, q2, k1, k2, log_beta, kmask, idx, out, mst, dst, t_rest, z_rest)
     ctx.layout = (scale, big, nb, text_len, text_first)
 
 
 def _backward_formula(ctx, do, *_unused):
-    q, k, v, q1, q2, k1, k2, log_beta, kmask, out, mst, dst, t_rest, z_rest = ctx.saved_tensors
-    grads = _backward_op(q, k, v, q1, q2, k1, k2, log_beta, kmask, *ctx.layout, out, mst, dst, t_rest, z_rest, do.contiguous())
+    q, k, v, q1, q2, k1, k2, log_beta, kmask, idx, out, mst, dst, t_rest, z_rest = ctx.saved_tensors
+    grads = _backward_op(q, k, v, q1, q2, k1, k2, log_beta, kmask, idx, *ctx.layout, out, mst, dst, t_rest, z_rest, do.contiguous())
     need = ctx.needs_input_grad
-    return (*(g if need[i] else None for i, g in enumerate(grads)), *([None] * 7))
+    return (*(g if need[i] else None for i, g in enumerate(grads)), *([None] * 8))
 
 
 _forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -315,7 +343,11 @@ def hybrid_attention(
     box = _box(grid, window, halo)
     big, nb = _blocks(grid, box)
     permuted = _permutes(grid, box)
-    if permuted:  # the kernels see each window as consecutive tokens (module docstring)
+    if TILE_READS not in ("index", "gather"):
+        raise ValueError(f"hla_kernels.hybrid.TILE_READS must be 'index' or 'gather', got {TILE_READS!r}")
+    gathered = permuted and TILE_READS == "gather"
+    idx = slot_rows(grid, box, text_len, text_first, q.device) if permuted and not gathered else None
+    if gathered:  # the kernels see each window as consecutive tokens (module docstring)
         rt.mask_weights(key_mask, v)  # the user's mask checked against the tokens it was given for
         key_mask = block_mask(key_mask, q.shape[0], grid, box, text_len, text_first, q.device)
         blocked = lambda x: to_blocks(x, grid, box, text_len, text_first)  # noqa: E731
@@ -326,6 +358,6 @@ def hybrid_attention(
     q1, q2 = (rm(t) for t in q_feats)
     k1, k2 = (rm(t) for t in k_feats)
     out = _forward_op(
-        rm(q), rm(k), rm(v), q1, q2, k1, k2, log_beta, kmask, float(scale), int(big), int(nb), int(text_len), bool(text_first), float(eps)
+        rm(q), rm(k), rm(v), q1, q2, k1, k2, log_beta, kmask, idx, float(scale), int(big), int(nb), int(text_len), bool(text_first), float(eps)
     )[0]
-    return from_blocks(out, grid, box, text_len, text_first) if permuted else out
+    return from_blocks(out, grid, box, text_len, text_first) if gathered else out

@@ -85,6 +85,35 @@ def test_fp32_matches_float64_reference(interp, grid, window, text, first, maske
     assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
 
 
+@pytest.mark.parametrize("grid,window,text,first,masked", [CASES[4], CASES[6], CASES[8]])
+def test_gathered_tiles_match_float64_reference(interp, monkeypatch, grid, window, text, first, masked):
+    """The other way to reach the tiles (TILE_READS "gather": reordered copies instead of reads in
+    place) on boxes with text, masks and clipped edge boxes: the same contract."""
+    monkeypatch.setattr(hy, "TILE_READS", "gather")
+    tensors, do, mask = _inputs(grid, text, h=1, masked=masked)
+    errs = _compare(grid, window, text, first, mask, tensors, do, torch.float32)
+    assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
+
+
+def test_tiles_read_in_place_leave_the_inputs_and_write_every_row(interp):
+    """In place (the default), a tiled call reads q, k, v and the features where they are: no
+    reordered copy, the inputs unchanged, every output row written (poisoned rows would fail)."""
+    assert hy.TILE_READS == "index"
+    grid, window, text = (3, 5, 4), (0, 2, 3), 2  # clipped edge boxes: padding slots, text first
+    tensors, do, _ = _inputs(grid, text, h=1, seed=6)
+    before = [t.clone() for t in tensors]
+    scale = tensors[0].shape[-1] ** -0.5
+    out = hy.hybrid_attention(*tensors[:3], tensors[3:5], tensors[5:7], scale, tensors[7], grid, window, (0, 0, 0), text)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))
+    ref = hybrid_attention_naive(*[t.double() for t in tensors[:3]], [t.double() for t in tensors[3:5]],
+                                 [t.double() for t in tensors[5:7]], scale, tensors[7].double(), grid, window, (0, 0, 0), text, True, None)
+    assert _rel(out, ref) < 1e-5
+    idx = hy.slot_rows(grid, hy._box(grid, window, (0, 0, 0)), text, True, "cpu")
+    n_video = grid[0] * grid[1] * grid[2]
+    assert idx.dtype == torch.int32 and int((idx < 0).sum()) == idx.numel() - n_video - text
+    assert sorted(idx[idx >= 0].tolist()) == list(range(n_video + text))  # every row in one slot
+
+
 def test_bf16_matches_float64_reference(interp):
     grid = (3, 2, 3)
     tensors, do, mask = _inputs(grid, 5, h=1, masked=True, seed=1)
@@ -150,9 +179,12 @@ def test_block_order_gradients_are_the_reorders_own(grid, box, text_first):
         assert torch.autograd.gradcheck(lambda t: fn(t, grid, box, text, text_first), (inp,))
 
 
-def test_a_feature_tensor_given_for_both_factors_is_gathered_once_with_both_gradients(interp, monkeypatch):
-    """The taylor map hands the kernel [phi, phi] (one tensor): on reordered tokens it is gathered
-    once, and its gradient is the sum of both factors' (as with two separate tensors)."""
+@pytest.mark.parametrize("reads", ["index", "gather"])
+def test_a_feature_tensor_given_for_both_factors_is_gathered_once_with_both_gradients(interp, monkeypatch, reads):
+    """The taylor map hands the kernel [phi, phi] (one tensor): its gradient is the sum of both
+    factors' (as with two separate tensors). Read in place (TILE_READS "index") nothing is
+    gathered; on reordered copies ("gather") it is gathered once."""
+    monkeypatch.setattr(hy, "TILE_READS", reads)
     grid, window, text = (3, 4, 4), (0, 2, 2), 2
     tensors, do, _ = _inputs(grid, text, seed=3)
     q, k, v, phi_q, _, phi_k, _, log_beta = tensors
@@ -172,7 +204,8 @@ def test_a_feature_tensor_given_for_both_factors_is_gathered_once_with_both_grad
     real = hy.to_blocks
     out_s, grads_s, n_shared = run(True)
     out_c, grads_c, n_copies = run(False)
-    assert (n_shared, n_copies) == (5, 7)  # q, k, v and one gather per distinct feature tensor
+    # gathered: q, k, v and one gather per distinct feature tensor
+    assert (n_shared, n_copies) == ((5, 7) if reads == "gather" else (0, 0))
     assert torch.allclose(out_s, out_c, rtol=0, atol=1e-6)
     for a, b in zip(grads_s, grads_c):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -192,12 +192,14 @@ def test_hybrid_kernel_is_one_op_under_compile(interp, grid, window):
         return hla_kernels.hybrid_attention(q, k, v, [q1, q2], [k1, k2], 0.35, lb, grid, window, text_len=2)
 
     _assert_compiled_equals_eager(attend, leaves)
-    if window != (1, 0, 0):
-        return
     from hla_kernels import hybrid as hybrid_kernels
 
-    # schema, fake shapes and autograd registration agree with the kernels (layout: 2 frames of 4)
-    torch.library.opcheck(hybrid_kernels._forward_op, (q, k, v, *feats, log_beta, None, 0.35, 4, 2, 2, True, 1e-6))
+    # schema, fake shapes and autograd registration agree with the kernels: whole frames (slot =
+    # row, no index) and tiles read in place through the slot index (padding slots in the last case)
+    box = hybrid_kernels._box(grid, window, (0, 0, 0))
+    big, nb = hybrid_kernels._blocks(grid, box)
+    idx = hybrid_kernels.slot_rows(grid, box, 2, True, "cpu") if hybrid_kernels._permutes(grid, box) else None
+    torch.library.opcheck(hybrid_kernels._forward_op, (q, k, v, *feats, log_beta, None, idx, 0.35, big, nb, 2, True, 1e-6))
 
 
 def test_causal_kernel_is_one_op_under_compile(interp):
