@@ -9,8 +9,8 @@ Shape: Wan2.1-1.3B's self-attention: B = 1, H = 12, head dim 128, bf16; latent g
 (480p/81 frames, N = 32,760) and 21x45x80 (720p/81 frames, N = 75,600); the window (--windows,
 frames x height x width in latent tokens, 0 = the whole axis) by default the token's own latent
 frame 1x0x0 (1,560 / 3,600 keys; whole frames skip the kernel's gather), e.g. 0x6x13 the 5 x 4
-spatial tiles through all frames (1,638 keys at 480p: the block-major path, its tokens read in place or,
-with --tile-reads gather, from reordered copies; both: --tile-reads index,gather), Hadamard far part F = 2 with the recipe's taylor
+spatial tiles through all frames (1,638 keys at 480p: the block-major path, its tokens from reordered
+copies or read in place: --tile-reads gather / index, both side by side: index,gather), Hadamard far part F = 2 with the recipe's taylor
 features [1, x P sqrt(scale / 2)], r = 32 and 64. Every time is the median of
 triton.testing.do_bench (CUDA events, L2 flushed) after warm-up; "fwd+bwd" is the forward plus
 torch.autograd.grad of q, k, v, both feature tensors and log_beta. "core" = the kernel on given
@@ -275,9 +275,9 @@ def main():
     ap.add_argument("--grids", default="21x30x52,21x45x80")
     ap.add_argument("--rs", default="32,64")
     ap.add_argument("--windows", default="1x0x0", help="hybrid windows FxHxW in latent tokens, 0 = whole axis (comma-separated)")
-    ap.add_argument("--tile-reads", default="index",
+    ap.add_argument("--tile-reads", default=None,
                     help="how the kernels reach a tiled window's tokens (hla_kernels.hybrid.TILE_READS), comma-separated: "
-                         "index (in place, the default) and/or gather (reordered copies); whole frames run once")
+                         "index (in place) and/or gather (reordered copies); default: the library's; whole frames run once")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true", help="time with the sweep's best configs")
     ap.add_argument("--no-check", action="store_true")
@@ -288,7 +288,8 @@ def main():
     grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")]
     rs = [int(x) for x in args.rs.split(",")]
     windows = [tuple(int(x) for x in w.split("x")) for w in args.windows.split(",")]
-    reads = args.tile_reads.split(",")
+    default_reads = hy.TILE_READS
+    reads = (args.tile_reads or default_reads).split(",")
     if any(m not in ("index", "gather") for m in reads):
         ap.error(f"--tile-reads: index and/or gather, got {args.tile_reads!r}")
 
@@ -299,7 +300,7 @@ def main():
             for m in (reads if tiled else reads[:1]):
                 hy.TILE_READS = m
                 yield window, m, ("" if not tiled or len(reads) == 1 else f"_{m}")
-        hy.TILE_READS = "index"
+        hy.TILE_READS = default_reads
     import triton
 
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,

@@ -11,11 +11,12 @@ The kernels see each window as L consecutive slots. Whole frames that divide the
 that already (slot = row). Any other box is made so by a block-major order of the video tokens
 (each block's L slots in grid order, the clipped slots of an edge box as padding): the window
 softmax and the far part's sums over keys do not depend on the order of tokens, so the result is
-the same (block_order.py). By default (TILE_READS = "index") the kernels read and write every
-tensor in place through each slot's row (block_order.slot_rows; padding slots are -1, masked), so
-the order costs one int32 index load per tile and no copies. TILE_READS = "gather" reorders
-copies instead: one gather of q, k, v and the features (a feature tensor given for both factors
-once) and one of the output a call, and gathers again in the backward.
+the same (block_order.py). With TILE_READS = "index" the kernels read and write every tensor in
+place through each slot's row (block_order.slot_rows; padding slots are -1, masked), so the order
+costs one int32 index load per tile and no copies. TILE_READS = "gather" (the default until the
+index path is timed on a GPU) reorders copies instead: one gather of q, k, v and the features (a
+feature tensor given for both factors once) and one of the output a call, and gathers again in
+the backward.
 
 Forward: the Hadamard module's state kernels with one split per window block give T_window(blk)
 and Z_window(blk) in one launch each; T_rest = T_all - T_window (torch, fp32, then the dot dtype);
@@ -44,9 +45,11 @@ from .block_order import _blocked_once, _blocks, _box, _permutes, _volume, block
 
 # How the kernels reach the tokens of windows that are not whole frames (block_order.py): "index"
 # reads and writes them in place through each slot's row; "gather" reorders copies of q, k, v, the
-# features and the output (one gather each way). Both are tested against the reference;
-# benchmarks/bench_hybrid.py --tile-reads times them side by side.
-TILE_READS = "index"
+# features and the output (one gather each way). Both are tested against the float64 reference in
+# the interpreter; "gather" is the default because it is the one run and timed on a GPU
+# (benchmarks/RESULTS.md 2026-12-07): "index" becomes it once `pytest -m gpu` and
+# `benchmarks/bench_hybrid.py --tile-reads index,gather` (side by side) have passed and timed it.
+TILE_READS = "gather"
 SHIFT_FLOOR = 30.0  # = hla_convert.ops.hybrid.SHIFT_FLOOR (kept equal by a test)
 _LOG2E = 1.0 / math.log(2.0)
 

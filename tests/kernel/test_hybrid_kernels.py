@@ -76,8 +76,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("grid,window,text,first,masked", CASES)
-def test_fp32_matches_float64_reference(interp, grid, window, text, first, masked):
+# the boxes that are not whole frames run both ways the kernels reach their tokens (TILE_READS)
+READ_CASES = [pytest.param(*c, reads, id=f"{i}-{reads}") for i, c in enumerate(CASES)
+              for reads in (["index", "gather"] if c[1] != (1, 0, 0) else ["index"])]
+
+
+@pytest.mark.parametrize("grid,window,text,first,masked,reads", READ_CASES)
+def test_fp32_matches_float64_reference(interp, monkeypatch, grid, window, text, first, masked, reads):
+    monkeypatch.setattr(hy, "TILE_READS", reads)
     # two heads once (head indexing), one head elsewhere: the interpreter's time goes per program
     tensors, do, mask = _inputs(grid, text, h=2 if text == 0 else 1, masked=masked)
     errs = _compare(grid, window, text, first, mask, tensors, do, torch.float32)
@@ -85,20 +91,10 @@ def test_fp32_matches_float64_reference(interp, grid, window, text, first, maske
     assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
 
 
-@pytest.mark.parametrize("grid,window,text,first,masked", [CASES[4], CASES[6], CASES[8]])
-def test_gathered_tiles_match_float64_reference(interp, monkeypatch, grid, window, text, first, masked):
-    """The other way to reach the tiles (TILE_READS "gather": reordered copies instead of reads in
-    place) on boxes with text, masks and clipped edge boxes: the same contract."""
-    monkeypatch.setattr(hy, "TILE_READS", "gather")
-    tensors, do, mask = _inputs(grid, text, h=1, masked=masked)
-    errs = _compare(grid, window, text, first, mask, tensors, do, torch.float32)
-    assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
-
-
-def test_tiles_read_in_place_leave_the_inputs_and_write_every_row(interp):
-    """In place (the default), a tiled call reads q, k, v and the features where they are: no
-    reordered copy, the inputs unchanged, every output row written (poisoned rows would fail)."""
-    assert hy.TILE_READS == "index"
+def test_tiles_read_in_place_leave_the_inputs_and_write_every_row(interp, monkeypatch):
+    """In place (TILE_READS "index"), a tiled call reads q, k, v and the features where they are:
+    the inputs unchanged, every output row written, and the slot index covers each row once."""
+    monkeypatch.setattr(hy, "TILE_READS", "index")
     grid, window, text = (3, 5, 4), (0, 2, 3), 2  # clipped edge boxes: padding slots, text first
     tensors, do, _ = _inputs(grid, text, h=1, seed=6)
     before = [t.clone() for t in tensors]
@@ -294,14 +290,26 @@ def test_gpu_r64_matches_block_form(gpu):
 
 
 @pytest.mark.gpu
-def test_gpu_spatial_tiles_match_block_form(gpu):
-    """Spatial tiles through all frames (the permuted path) at a 480p-like frame, bf16, against the
-    block form in fp32: 6 x 13 tiles of the 30 x 52 grid through 3 frames, 234 keys a window."""
-    grid, window = (3, 30, 52), (0, 6, 13)
-    tensors, do, _ = _inputs(grid, 0, h=2, d=128, dv=128, r=32, seed=5, logit_scale=0.5)
+@pytest.mark.parametrize("reads", ["index", "gather"])
+@pytest.mark.parametrize("window, text", [((0, 6, 13), 0), ((0, 4, 7), 40)])
+def test_gpu_spatial_tiles_match_block_form(gpu, monkeypatch, reads, window, text):
+    """Spatial tiles through all frames (the permuted path, both ways of reaching the tokens) at a
+    480p-like frame, bf16, against the block form in fp32, output and gradients: 6 x 13 tiles of
+    the 30 x 52 grid through 3 frames (234 keys a window); 4 x 7 tiles, clipped at the edges
+    (padding slots), with 40 text tokens first and a key mask."""
+    monkeypatch.setattr(hy, "TILE_READS", reads)
+    grid = (3, 30, 52)
+    tensors, do, mask = _inputs(grid, text, h=2, d=128, dv=128, r=32, seed=5, logit_scale=0.5, masked=text > 0)
     dev = [t.cuda() for t in tensors]
+    do, mask = do.cuda(), (None if mask is None else mask.cuda())
     scale = 128 ** -0.5
-    ref = hybrid_attention(dev[0], dev[1], dev[2], dev[3:5], dev[5:7], scale, dev[7], grid, window)
-    half = [t.bfloat16() for t in dev[:7]]
-    out = hy.hybrid_attention(half[0], half[1], half[2], half[3:5], half[5:7], scale, dev[7], grid, window)
-    assert _rel(out.cpu(), ref.cpu()) < 2e-2
+    ref_in = [t.clone().requires_grad_() for t in dev]
+    ref = hybrid_attention(ref_in[0], ref_in[1], ref_in[2], ref_in[3:5], ref_in[5:7], scale, ref_in[7], grid, window,
+                           (0, 0, 0), text, True, mask)
+    ref.backward(do)
+    half = [(t.bfloat16() if i < 7 else t).detach().requires_grad_() for i, t in enumerate(dev)]
+    out = hy.hybrid_attention(half[0], half[1], half[2], half[3:5], half[5:7], scale, half[7], grid, window,
+                              (0, 0, 0), text, True, mask)
+    out.backward(do.bfloat16())
+    errs = [_rel(out.float().cpu(), ref.cpu())] + [_rel(a.grad.float().cpu(), r.grad.cpu()) for a, r in zip(half[:7], ref_in[:7])]
+    assert max(errs) < 2e-2, errs

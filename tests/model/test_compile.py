@@ -180,10 +180,18 @@ def _hybrid_inputs(seed=0, grid=(2, 2, 2), text=2, h=2, d=8, r=4):
     return q, k, v, feats, log_beta
 
 
-# whole frames; tiles through all frames (reordered tokens); clipped 2 x 2 tiles of a 3 x 3 frame (padding)
-@pytest.mark.parametrize("grid, window", [((2, 2, 2), (1, 0, 0)), ((2, 2, 2), (0, 1, 2)), ((2, 3, 3), (0, 2, 2))])
-def test_hybrid_kernel_is_one_op_under_compile(interp, grid, window):
+# whole frames; tiles through all frames (block-major slots); clipped 2 x 2 tiles of a 3 x 3 frame
+# (padding), the tiles both ways the kernels reach their tokens (read in place, reordered copies)
+@pytest.mark.parametrize("grid, window, reads", [
+    ((2, 2, 2), (1, 0, 0), "gather"),
+    ((2, 2, 2), (0, 1, 2), "gather"), ((2, 2, 2), (0, 1, 2), "index"),
+    ((2, 3, 3), (0, 2, 2), "gather"), ((2, 3, 3), (0, 2, 2), "index"),
+])
+def test_hybrid_kernel_is_one_op_under_compile(interp, monkeypatch, grid, window, reads):
     import hla_kernels
+    from hla_kernels import hybrid as hybrid_kernels
+
+    monkeypatch.setattr(hybrid_kernels, "TILE_READS", reads)
 
     q, k, v, feats, log_beta = _hybrid_inputs(grid=grid)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, *feats, log_beta)]
@@ -192,8 +200,6 @@ def test_hybrid_kernel_is_one_op_under_compile(interp, grid, window):
         return hla_kernels.hybrid_attention(q, k, v, [q1, q2], [k1, k2], 0.35, lb, grid, window, text_len=2)
 
     _assert_compiled_equals_eager(attend, leaves)
-    from hla_kernels import hybrid as hybrid_kernels
-
     # schema, fake shapes and autograd registration agree with the kernels: whole frames (slot =
     # row, no index) and tiles read in place through the slot index (padding slots in the last case)
     box = hybrid_kernels._box(grid, window, (0, 0, 0))
