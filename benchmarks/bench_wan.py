@@ -26,7 +26,9 @@ measures, one JSON record per measurement:
                  the records carry `train` and `teacher`.
 
 Softmax = torch's default SDPA backend (diffusers' native attention). Converted = the recipe's
-attention (wan2.1-t2v-1.3b: hybrid, far hadamard, taylor r=32, window [1,0,0]) with its
+attention (wan2.1-t2v-1.3b: hybrid, far hadamard, taylor r=32, the window as the recipe gives it:
+tiles [1, 5, 2] since 2026-12-07, [0, 6, 26] at 480p; `--attention tiles=null --attention
+window=1,0,0` is the own frame the records before then used) with its
 `softmax_layers` layers given back to softmax (the first ones: which layers does not change
 the time). GPU times are medians of CUDA events, peak memory is torch.cuda.max_memory_allocated.
 
