@@ -209,6 +209,10 @@ def test_window_rows_compare_equal_sized_windows():
     assert own == keys([1, 0, 0])
     assert keys(recipes.CONFIGS["shipped-tile"]["attention.window"]) == own == 256
     assert keys(recipes.CONFIGS["shipped-tile2x"]["attention.window"]) == 2 * own
+    assert keys(recipes.CONFIGS["shipped-cube"]["attention.window"]) == 2 * own  # the 4 x 8 tile's keys as a cube
+    assert keys(recipes.CONFIGS["shipped-tile4x"]["attention.window"]) == 4 * own
+    halo = recipes.CONFIGS["shipped-tile-halo1"]
+    assert keys(halo["attention.window"], halo["attention.halo"]) == 576  # 6 x 6 x 16: about tile2x's 512
     assert recipes.CONFIGS["shipped-tile2x-s2x2"]["attention.window"] == recipes.CONFIGS["shipped-tile2x"]["attention.window"]
     assert keys(recipes.CONFIGS["shipped-chunk2"]["attention.window"]) == 2 * own
     assert keys([1, 0, 0], recipes.CONFIGS["shipped-chunk1-halo1"]["attention.halo"]) == 3 * own

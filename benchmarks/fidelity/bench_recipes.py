@@ -111,6 +111,15 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     # stage-1 fingerprint covers the attention config as written, and tiles [1, 5, 4] is another
     # writing of the same window
     "shipped-tile-s2x2": {"attention.tiles": None, "attention.window": [0, 4, 4], "stage2.steps": 800},
+    # the window's shape and size past the tenth run (not yet run): 512 keys as a cube of half the
+    # frames instead of a tube through all of them; 4x the tile's keys (1,024, a quarter of the
+    # video); the far part at r = 64 under the 4 x 8 tile (r = 32 was chosen on the own frame)
+    "shipped-cube": {"attention.tiles": None, "attention.window": [8, 8, 8]},
+    "shipped-tile4x": {"attention.tiles": None, "attention.window": [0, 8, 8]},
+    "shipped-tile2x-r64": {"attention.tiles": None, "attention.window": [0, 4, 8], "attention.feature_dim": 64},
+    # the 4 x 4 tile widened by one token each side (6 x 6 x 16 = 576 keys, about the 4 x 8 tile's 512):
+    # whether overlapping windows beat a bigger tile (runs on the PyTorch reference: no halo kernel)
+    "shipped-tile-halo1": {"attention.tiles": None, "attention.window": [0, 4, 4], "attention.halo": [0, 1, 1]},
     # the two levers that helped on the tile, together (stage 1 from shipped-tile2x's checkpoints)
     "shipped-tile2x-s2x2": {"attention.tiles": None, "attention.window": [0, 4, 8], "stage2.steps": 800},
     "shipped-tile-onpolicy-mix": {

@@ -159,11 +159,15 @@ LEVERS = {
     "shipped-tile2x": ("window", "4 x 8 spatial tube through all frames (512 keys)"),
     "shipped-frame": ("window", "the token's own latent frame (256 keys; the default until 2026-12-07)"),
     "shipped-tile-s2x2": ("schedule", "the tile (in tokens) with 2x the stage-2 steps (800)"),
+    "shipped-cube": ("window", "8 x 8 x 8 cube, half the frames (512 keys, as the 4 x 8 tile)"),
+    "shipped-tile-halo1": ("window", "4 x 4 tile + 1 token each side, through all frames (576 keys; overlapping windows)"),
+    "shipped-tile4x": ("window", "8 x 8 spatial tube through all frames (1,024 keys)"),
+    "shipped-tile2x-r64": ("far part", "the 4 x 8 tile with r = 64 features (r^2 = 4,096 state features)"),
     "shipped-tile2x-s2x2": ("schedule", "the 4 x 8 tile (512 keys) with 2x the stage-2 steps (800)"),
     "shipped-tile-onpolicy-mix": ("on-policy", "the tile (in tokens) with the on-policy stage, half its inputs calibration ones"),
 }
 # the shipped recipe's window first (tiles since 2026-12-07; the own frame in records before)
-WINDOWS = ("shipped", "shipped-frame", "shipped-chunk2", "shipped-chunk1-halo1", "shipped-tile", "shipped-tile2x")
+WINDOWS = ("shipped", "shipped-frame", "shipped-chunk2", "shipped-chunk1-halo1", "shipped-tile", "shipped-tile2x", "shipped-cube", "shipped-tile-halo1", "shipped-tile4x")
 
 
 def _seconds(r: dict) -> float | None:
