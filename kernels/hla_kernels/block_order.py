@@ -5,11 +5,11 @@ The kernels see each window as L consecutive slots. A box `(wt, wh, ww)` of the 
 the video tokens: each block's L slots in grid order, the clipped slots of an edge box as padding.
 `slot_rows` gives each slot's sequence row (-1 for padding) and the kernels read and write the
 tokens in place through it (hybrid.TILE_READS = "index"). The other way (TILE_READS = "gather",
-the default until the first is timed on a GPU) reorders the tensors themselves: `to_blocks` / `from_blocks` do and undo
-it, each one gather forward and one backward (the inverse permutation, not autograd's
-scatter-add), padding slots copies of the first video token, masked by `block_mask`. The orders
-are built once per (grid, box, text) on the host and cached; under torch.compile they are
-constants of the graph.
+the default until the first is timed on a GPU) reorders the tensors themselves: `to_blocks` /
+`from_blocks` do and undo it, each one gather forward and one backward (the inverse permutation,
+not autograd's scatter-add), padding slots copies of the first video token, masked by
+`block_mask`. The orders are built once per (grid, box, text) on the host and cached; under
+torch.compile they are constants of the graph.
 """
 
 from __future__ import annotations
