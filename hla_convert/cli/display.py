@@ -177,6 +177,13 @@ def print_inspection(r: dict[str, Any]) -> None:
         f"-> {r['tokens']:,} tokens per self-attention"
         + (f" (+ {r['text_tokens']} text tokens in joint attention)" if r.get("text_tokens") else "")
     )
+    w = r.get("window")
+    if w:
+        halo = f" + halo {' x '.join(map(str, w['halo']))}" if any(w["halo"]) else ""
+        con.print(
+            f"softmax window: {w['asked'].replace('=', ' ')} -> {' x '.join(map(str, w['box']))} tokens (frames x height x width) of the "
+            f"{' x '.join(map(str, w['grid']))} latent grid{halo}: {w['keys']:,} video keys a query ({100 * w['share']:.1f} %)"
+        )
     table = Table(title="Attention modules", title_justify="left")
     table.add_column("module", no_wrap=True, min_width=max(len(m["name"]) for m in r["modules"]))
     for col, just in (("type", "left"), ("heads x dim", "right"), ("converts to", "left"), ("GFLOP before", "right"), ("GFLOP after", "right")):

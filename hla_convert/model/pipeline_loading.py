@@ -127,6 +127,7 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
         "class": type(net).__name__,
         "recipe": recipe.name,
         "attention": config.to_dict(),
+        "window": _window_at(config, grid, tokens),
         "video": {"frames": cal.frames, "height": cal.height, "width": cal.width, "latent": list(latent)},
         "patch_size": list(patch_sizes_of(net)),
         "tokens": tokens,
@@ -135,6 +136,23 @@ def inspect_model(model: str | None, recipe, revision: str | None = None, subfol
         "converted": sorted(chosen),
         "flops": {"before": before, "after": after, "speedup": before / after if after else None},
     }
+
+
+def _window_at(config, grid: tuple[int, int, int], tokens: int) -> dict[str, Any] | None:
+    """What the hybrid kind's window is at this video size: as the recipe asks for it (a window in
+    tokens or `tiles`), its box in tokens (frames, height, width) on the latent grid, and the video
+    keys a query of an unclipped block sees (box + halo, clipped to the grid) and their share of the
+    video tokens. None for kinds without a window."""
+    if config.kind != "hybrid":
+        return None
+    from ..ops.hybrid import effective_window
+
+    box = effective_window(grid, config.window_on(grid))
+    keys = 1
+    for side, halo, extent in zip(box, config.halo, grid):
+        keys *= min(extent, side + 2 * halo)
+    return {"asked": config.window_words(), "grid": list(grid), "box": list(box), "halo": list(config.halo),
+            "keys": keys, "share": keys / tokens if tokens else None}
 
 
 __all__ = ["inspect_model", "load_scheduler", "load_skeleton", "video_tokens"]

@@ -23,6 +23,24 @@ def test_inspect_the_demo_as_json():
     assert bigger["tokens"] == 8 * doc["tokens"]
 
 
+def test_inspect_says_what_the_tiles_are_at_each_video_size():
+    """A recipe's `tiles` resolve to a window in tokens at the video size asked for: wan2.1-t2v-1.3b's
+    [1, 5, 2] is 6 x 26 tokens through 21 frames at 480p (3,276 keys, 10 %), 9 x 40 at 720p."""
+    at_480 = json.loads(invoke("inspect", "--recipe", "wan2.1-t2v-1.3b", "--json").stdout)
+    w = at_480["window"]
+    assert w["asked"] == "tiles=(1, 5, 2)" and w["grid"] == [21, 30, 52] and w["box"] == [21, 6, 26]
+    assert w["keys"] == 3276 and abs(w["share"] - 0.1) < 1e-9
+    at_720 = json.loads(invoke("inspect", "--recipe", "wan2.1-t2v-1.3b", "--height", "720", "--width", "1280", "--json").stdout)
+    assert at_720["window"]["box"] == [21, 9, 40] and at_720["window"]["keys"] == 7560
+    shown = invoke("inspect", "--recipe", "wan2.1-t2v-1.3b")
+    text = " ".join(shown.stdout.split())  # rich wraps at the terminal width
+    assert "softmax window: tiles (1, 5, 2) -> 21 x 6 x 26 tokens" in text and "3,276 video keys a query (10.0 %)" in text
+    demo = json.loads(invoke("inspect", "--json").stdout)  # tiny-wan: the token's own latent frame
+    frame = demo["window"]
+    assert frame["asked"] == "window=(1, 0, 0)" and frame["box"] == [1, *frame["grid"][1:]]
+    assert frame["keys"] * frame["grid"][0] == demo["tokens"]
+
+
 def test_recipes_lists_and_prints():
     listing = invoke("recipes", "--json")
     assert listing.exit_code == 0
