@@ -34,19 +34,26 @@ def attention_flops(
     return h * (2 * 2 * n * d * r + 2.0 * n * (r * r * 2 + r * d * 2 + r * (d + 1)))
 
 
+def hybrid_window(config: HLAConfig, grid: tuple[int, int, int]) -> tuple[tuple[int, int, int], int, int]:
+    """The hybrid kind's window on the latent `grid` (T, Hg, Wg): (box in tokens per axis, the
+    blocks that tile the grid, the video keys of a full block's window: box + halo, clipped)."""
+    from ..ops.hybrid import effective_window
+
+    box = effective_window(grid, config.window_on(grid))
+    blocks, keys = 1, 1
+    for e, w, hl in zip(grid, box, config.halo):
+        blocks *= -(-e // w)
+        keys *= min(e, w + 2 * hl)
+    return box, blocks, keys
+
+
 def _hybrid_flops(n: int, d: int, config: HLAConfig, grid: tuple[int, int, int] | None, text: int) -> float:
     """Per head: window softmax (logits + weighted sum) plus the far part's features, global state,
     per-block window states and readout (HLA-MATH.md section 4)."""
     if grid is None:
         return 4.0 * n * n * d
-    from ..ops.hybrid import effective_window
-
     nv = grid[0] * grid[1] * grid[2]
-    win = effective_window(grid, config.window_on(grid))
-    blocks, keys = 1, 1
-    for e, w, hl in zip(grid, win, config.halo):
-        blocks *= -(-e // w)
-        keys *= min(e, w + 2 * hl)
+    _, blocks, keys = hybrid_window(config, grid)
     width = config.state_features
     maps = 2 * 2 * n * d * config.feature_dim * (config.factors if config.far == "hadamard" else 1)
     if config.far == "linear":
@@ -56,4 +63,4 @@ def _hybrid_flops(n: int, d: int, config: HLAConfig, grid: tuple[int, int, int] 
     return near + maps + far
 
 
-__all__ = ["attention_flops"]
+__all__ = ["attention_flops", "hybrid_window"]

@@ -145,12 +145,9 @@ def _window_at(config, grid: tuple[int, int, int], tokens: int) -> dict[str, Any
     video tokens. None for kinds without a window."""
     if config.kind != "hybrid":
         return None
-    from ..ops.hybrid import effective_window
+    from .flops import hybrid_window
 
-    box = effective_window(grid, config.window_on(grid))
-    keys = 1
-    for side, halo, extent in zip(box, config.halo, grid):
-        keys *= min(extent, side + 2 * halo)
+    box, _, keys = hybrid_window(config, grid)
     return {"asked": config.window_words(), "grid": list(grid), "box": list(box), "halo": list(config.halo),
             "keys": keys, "share": keys / tokens if tokens else None}
 
