@@ -155,9 +155,9 @@ class _Layout:
     def video_idx(self) -> torch.Tensor | None:
         return None if self.idx is None else self.idx[self.vid]
 
-    def kernel_args(self) -> tuple:
-        """(IDX, HAS_IDX) of the launches."""
-        return self.idx, self.idx is not None
+    def kernel_args(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(IDX, HAS_IDX) of the launches: the index, or `placeholder` (any tensor; unread) without one."""
+        return (self.idx, True) if self.idx is not None else (placeholder, False)
 
 
 def _common(q, v, q1):
@@ -184,9 +184,9 @@ def _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, eps):
     cfg = _config("fwd", interp, fp32)
     km = kmask if kmask is not None else q
     grid = (cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), lay.nb + (1 if lay.tl else 0), b * h)
-    idx, has_idx = lay.kernel_args()
+    idx, has_idx = lay.kernel_args(q)
     mod._hyb_fwd_kernel[grid](
-        q, k, v, q1, q2, t_rest, z_rest, km, beta, out, mst, dst, idx if has_idx else q,
+        q, k, v, q1, q2, t_rest, z_rest, km, beta, out, mst, dst, idx,
         *s3(q), *s3(k), *s3(v), *s3(q1), *s3(q2), *s3(out), n,
         h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(eps),
         float(-SHIFT_FLOOR * _LOG2E), float(math.exp(SHIFT_FLOOR)),
@@ -212,8 +212,7 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     km = kmask if kmask is not None else q
     nblk = lay.nb + (1 if lay.tl else 0)
     cfg = _config("dq", interp, fp32)
-    idx, has_idx = lay.kernel_args()
-    idx = idx if has_idx else q
+    idx, has_idx = lay.kernel_args(q)
     mod._hyb_dq_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_M"]), nblk, b * h)](
         q, k, v, q1, q2, t_rest, z_rest, km, beta, do, mst, dst, delta, idx,
         dq, dq1, dq2, wb, dbeta,
