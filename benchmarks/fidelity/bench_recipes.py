@@ -120,6 +120,14 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
     # the 4 x 4 tile widened by one token each side (6 x 6 x 16 = 576 keys, about the 4 x 8 tile's 512):
     # whether overlapping windows beat a bigger tile (runs on the PyTorch reference: no halo kernel)
     "shipped-tile-halo1": {"attention.tiles": None, "attention.window": [0, 4, 4], "attention.halo": [0, 1, 1]},
+    # stage-2 choices on the tiles, their window in tokens so that they start from the committed
+    # stage-1 checkpoints (a recipe's `tiles` fingerprint differently from the same window in tokens):
+    # CogVideoX with Wan's stage-2 choices (all weights, layers by output effect) on its 4 x 4 tile
+    # (results/2026-12-07_h100_deep4_stage1); LoRA r 64 against full on Wan's 4 x 8 tile (deep5_stage1)
+    "shipped-tile-select-output-full": {
+        "attention.tiles": None, "attention.window": [0, 4, 4], "attention.softmax_select": "output", "stage2.train": "full",
+    },
+    "shipped-tile2x-lora64": {"attention.tiles": None, "attention.window": [0, 4, 8], "stage2.train": "lora", "stage2.lora_rank": 64},
     # the two levers that helped on the tile, together (stage 1 from shipped-tile2x's checkpoints)
     "shipped-tile2x-s2x2": {"attention.tiles": None, "attention.window": [0, 4, 8], "stage2.steps": 800},
     "shipped-tile-onpolicy-mix": {
