@@ -141,6 +141,8 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         with stages.stage("save"), par.full_weights(net) if par is not None else contextlib.nullcontext():
             saved = writer(lambda: save_output(out, net, loaded, rec, report))
             files = saved.files if par is None else par.share_object(saved.files if saved is not None else None)
+    if par is not None:
+        par.finish()  # every process is done: the process group ends here, not at interpreter exit
     return ConversionResult(
         out_dir=out.absolute(),
         recipe=rec.name,

@@ -123,6 +123,15 @@ class Parallel:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def finish(self) -> None:
+        """End the run's process group once every process is done (accelerate's end_training, which
+        its documentation asks for at the end of a script). Left to interpreter exit, the group's
+        teardown can race the other process's exit (rank 0 holds the rendezvous store): once in CI a
+        second process that had finished its work aborted there ("terminate called without an active
+        exception", SIGABRT) and the launch failed."""
+        self.barrier()
+        self.accelerator.end_training()
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over processes of a (detached) tensor; every process gets it."""
         return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
