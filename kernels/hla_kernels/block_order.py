@@ -74,12 +74,15 @@ def block_index(grid: Sequence[int], box: Sequence[int], device: torch.device | 
 def _seq_index_cpu(grid: tuple[int, int, int], box: tuple[int, int, int], text_len: int, text_first: bool):
     """block_index over the whole sequence (text tokens where they are): gather [text_len + NB * L]
     (the sequence position in each blocked slot), scatter [text_len + T * Hg * Wg] (each position's
-    blocked slot) and pad [P] (the blocked slots of clipped padding, which copy the first video token)."""
+    blocked slot), pad [P] (the blocked slots of clipped padding, which copy the first video token)
+    and rows (gather as int32 with -1 in the padding slots: what the kernels read in place by)."""
     idx, ok, slot_of = _index_cpu(grid, box)
     text = torch.arange(text_len)
     if text_first:
-        return torch.cat([text, text_len + idx]), torch.cat([text, text_len + slot_of]), text_len + (~ok).nonzero().squeeze(-1)
-    return torch.cat([idx, slot_of.numel() + text]), torch.cat([slot_of, idx.numel() + text]), (~ok).nonzero().squeeze(-1)
+        gather, scatter, pad = torch.cat([text, text_len + idx]), torch.cat([text, text_len + slot_of]), text_len + (~ok).nonzero().squeeze(-1)
+    else:
+        gather, scatter, pad = torch.cat([idx, slot_of.numel() + text]), torch.cat([slot_of, idx.numel() + text]), (~ok).nonzero().squeeze(-1)
+    return gather, scatter, pad, gather.index_fill(0, pad, -1).to(torch.int32)
 
 
 @lru_cache(maxsize=64)
@@ -95,32 +98,16 @@ def _cached_seq_index(grid, box, text_len, text_first, device):
     return _seq_index(grid, box, text_len, text_first, device)
 
 
-def _seq_indices(grid, box, text_len, text_first, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gather, scatter, pad) of _seq_index_cpu on `device`, cached (a graph constant under compile)."""
+def _seq_indices(grid, box, text_len, text_first, device) -> tuple[torch.Tensor, ...]:
+    """(gather, scatter, pad, rows) of _seq_index_cpu on `device`, cached (a graph constant under compile)."""
     return _cached_seq_index(tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), torch.device(device))
-
-
-@lru_cache(maxsize=64)
-def _slot_rows_cpu(grid: tuple[int, int, int], box: tuple[int, int, int], text_len: int, text_first: bool) -> torch.Tensor:
-    gather, _, pad = _seq_index_cpu(grid, box, text_len, text_first)
-    return gather.index_fill(0, pad, -1).to(torch.int32)
-
-
-@lru_cache(maxsize=64)
-def _slot_rows_dev(grid, box, text_len, text_first, device):
-    return _slot_rows_cpu(grid, box, text_len, text_first).to(device)
-
-
-@torch.compiler.assume_constant_result  # as _cached_seq_index
-def _cached_slot_rows(grid, box, text_len, text_first, device):
-    return _slot_rows_dev(grid, box, text_len, text_first, device)
 
 
 def slot_rows(grid: Sequence[int], box: Sequence[int], text_len: int, text_first: bool, device) -> torch.Tensor:
     """int32 [text_len + NB * L]: the sequence row of each slot of the block-major order (text
     slots: their own rows; padding slots of clipped edge boxes: -1), for the kernels to read the
     tokens in place instead of gathered copies. Cached; a graph constant under torch.compile."""
-    return _cached_slot_rows(tuple(int(e) for e in grid), tuple(int(w) for w in box), int(text_len), bool(text_first), torch.device(device))
+    return _seq_indices(grid, box, text_len, text_first, device)[3]
 
 
 class _Reorder(torch.autograd.Function):
@@ -150,7 +137,7 @@ class _Reorder(torch.autograd.Function):
 
 
 def _reorder(x: torch.Tensor, grid, box, text_len: int, text_first: bool, dim: int, into_blocks: bool) -> torch.Tensor:
-    gather, scatter, pad = _seq_indices(grid, box, text_len, text_first, x.device)
+    gather, scatter, pad, _ = _seq_indices(grid, box, text_len, text_first, x.device)
     src = int(text_len) if text_first else 0  # the first video token: what the padding slots copy
     fwd, back = (gather, scatter) if into_blocks else (scatter, gather)
     return _Reorder.apply(x, fwd, back, pad, src, dim, into_blocks)
