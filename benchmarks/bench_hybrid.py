@@ -278,6 +278,9 @@ def main():
     ap.add_argument("--tile-reads", default=None,
                     help="how the kernels reach a tiled window's tokens (hla_kernels.hybrid.TILE_READS), comma-separated: "
                          "index (in place) and/or gather (reordered copies); default: the library's; whole frames run once")
+    ap.add_argument("--window-dq", default=None,
+                    help="where the backward takes the window's dq (hla_kernels.hybrid.WINDOW_DQ), comma-separated: "
+                         "pass (the dq kernel's own pass) and/or atomic (the dk/dv kernel's atomics); default: the library's")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true", help="time with the sweep's best configs")
     ap.add_argument("--no-check", action="store_true")
@@ -292,15 +295,21 @@ def main():
     reads = (args.tile_reads or default_reads).split(",")
     if any(m not in ("index", "gather") for m in reads):
         ap.error(f"--tile-reads: index and/or gather, got {args.tile_reads!r}")
+    default_dq = hy.WINDOW_DQ
+    dqs = (args.window_dq or default_dq).split(",")
+    if any(m not in ("pass", "atomic") for m in dqs):
+        ap.error(f"--window-dq: pass and/or atomic, got {args.window_dq!r}")
 
     def variants():
-        """(window, reads mode, suffix): each tiled window once per mode, whole frames once."""
+        """(window, reads mode, window dq mode, suffix): each tiled window once per reads mode, whole
+        frames once; each of those once per window dq mode."""
         for window in windows:
             tiled = window != (1, 0, 0)  # (whole frames may skip the order on some grids: timed per mode anyway)
             for m in (reads if tiled else reads[:1]):
-                hy.TILE_READS = m
-                yield window, m, ("" if not tiled or len(reads) == 1 else f"_{m}")
-        hy.TILE_READS = default_reads
+                for dq in dqs:
+                    hy.TILE_READS, hy.WINDOW_DQ = m, dq
+                    yield window, m, dq, ("" if not tiled or len(reads) == 1 else f"_{m}") + ("" if len(dqs) == 1 else f"_dq{dq}")
+        hy.TILE_READS, hy.WINDOW_DQ = default_reads, default_dq
     import triton
 
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,
@@ -316,12 +325,14 @@ def main():
         save()
         return 0
     if args.sweep:
+        hy.WINDOW_DQ = res["sweep_window_dq"] = dqs[0]  # the backward's configs are swept for the first mode
         for r in rs:
             log(f"sweep r={r} at {grids[0]}")
             rows, best = sweep(grids[0], r, windows[0])
             res["sweep"] += rows
             res["best"][str(r)] = best
             save()
+        hy.WINDOW_DQ = default_dq
     if not args.no_check:
         for r in rs:
             for cfg_name in (["default"] + (["best"] if args.apply_sweep and str(r) in res["best"] else [])):
@@ -329,7 +340,7 @@ def main():
                 if cfg_name == "best":
                     for n, (bm, bn, w, s) in res["best"][str(r)].items():
                         hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-                for window, _mode, suffix in variants():
+                for window, _mode, _dq, suffix in variants():
                     key = f"r{r}_{cfg_name}" + ("" if window == (1, 0, 0) else "_w" + "x".join(map(str, window))) + suffix
                     try:
                         res["checks"][key] = check((3, 30, 52), r, window=window)
@@ -344,11 +355,11 @@ def main():
             if args.apply_sweep and str(r) in res["best"]:
                 for n, (bm, bn, w, s) in res["best"][str(r)].items():
                     hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-            for j, (window, mode, _suffix) in enumerate(variants()):
-                log(f"timings {grid} window {window} tile reads {mode} r={r} configs {hy.GPU_CONFIG}")
+            for j, (window, mode, dq, _suffix) in enumerate(variants()):
+                log(f"timings {grid} window {window} tile reads {mode} window dq {dq} r={r} configs {hy.GPU_CONFIG}")
                 first = i == 0 and j == 0
                 rows = timings(grid, r, baselines=not args.no_baselines and first, block=(grid == grids[0] and first), window=window)
-                res["rows"] += [dict(row, tile_reads=mode) for row in rows]
+                res["rows"] += [dict(row, tile_reads=mode, window_dq=dq) for row in rows]
             hy.GPU_CONFIG.update(saved)
             save()
     save()

@@ -216,8 +216,10 @@ def _hyb_dq_kernel(
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
+    WINDOW_DQ: tl.constexpr,
 ):
     """Query gradients of one tile: dQ from the window's softmax, dQ1 / dQ2 from the far part.
+    Without WINDOW_DQ the window part is left to _hyb_dkdv_kernel (ATOMIC_DQ) and dQ is not written.
 
     The far part follows hla_kernels' _dq_kernel with the row weight w = beta 2^(-c2) / den in
     place of 1 / den: dkk_q = w (E - delta z^T), E = dO T_rest^T, and writes Wb[0] = w,
@@ -252,10 +254,11 @@ def _hyb_dq_kernel(
     dq = tl.full((BLOCK_M, D), 0.0, tl.float32)
     e1_ptr = dQ1 + bh * N * R + rows[:, None] * R
     if is_video:
-        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
-                        D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
-        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
-                        D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+        if WINDOW_DQ:
+            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = Trest + state * (R * R * DV)
@@ -289,21 +292,25 @@ def _hyb_dq_kernel(
         e1 = tl.load(e1_ptr + offs_r[None, :], mask=mmask[:, None], other=0.0)
         tl.store(e1_ptr + offs_r[None, :], w[:, None] * (e1 - delta_far[:, None] * zq1), mask=mmask[:, None])
     else:
-        dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
-                        D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+        if WINDOW_DQ:
+            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
         zero_r = tl.full((BLOCK_M, R), 0.0, tl.float32)
         tl.store(e1_ptr + offs_r[None, :], zero_r, mask=mmask[:, None])
         tl.store(dQ2 + b * sg2b + h * sg2h + rows[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dQ2.dtype.element_ty, EMU), mask=mmask[:, None])
         tl.store(Dbeta + bh * N + rows, tl.full((BLOCK_M,), 0.0, tl.float32), mask=mmask)
-    tl.store(dQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :], _store_cast(dq * sm_scale, dQ.dtype.element_ty, EMU), mask=mmask[:, None])
+    if WINDOW_DQ:
+        tl.store(dQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :], _store_cast(dq * sm_scale, dQ.dtype.element_ty, EMU), mask=mmask[:, None])
 
 
 @triton.jit
 def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, lo, hi, sq, sdo, qk_scale,
-                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDX: tl.constexpr,
-                 EMU: tl.constexpr, PREC: tl.constexpr):
+                 dqa_ptr, sdqa, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDX: tl.constexpr,
+                 EMU: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dk, dv of one key tile from the queries of slots lo..hi-1 whose window holds it (transposed
-    tiles: s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones."""
+    tiles: s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones. With
+    ATOMIC_DQ each query tile's share of dq (ds k, unscaled, fp32) is added to dqa_ptr's rows with
+    atomics, from the same logits (one recomputation instead of the dq kernel's second one)."""
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
     for m0 in range(lo, hi, BLOCK_M):
@@ -321,25 +328,30 @@ def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx
         dpt = _qk(v, do, EMU, PREC)
         dst = pt * (dpt - delta[None, :])
         dk = _pv(dst, q, dk, EMU, PREC)
+        if ATOMIC_DQ:
+            dq = _pv(tl.trans(dst), k, tl.full((BLOCK_M, D), 0.0, tl.float32), EMU, PREC)
+            tl.atomic_add(dqa_ptr + qrows[:, None] * sdqa + offs_d[None, :], dq, mask=mmask[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _hyb_dkdv_kernel(
     Q, K, V, K1, K2, dO, Mst, Dst, Delta, dTeff, dZeff, KM, IDX,
-    dK, dV, dK1, dK2,
+    dK, dV, dK1, dK2, dQa,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sdob, sdoh, sdon,
-    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, skmb,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, sqab, sqah, sqan, skmb,
     H, N, NS, L, NB, v0, t0, TL, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
-    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """Key and value gradients of one tile of BLOCK_N keys of video block `blk` (or text, blk = NB).
 
     Window part: a video key is in its block's queries' windows and in every text query's; a text
     key in every query's. Far part (video keys): dV += w kk dT_eff, dkk = w (V dT_eff^T + dz_eff),
-    w the key mask (hla_kernels' _dkdv_kernel, with the block's dT_eff).
+    w the key mask (hla_kernels' _dkdv_kernel, with the block's dT_eff). With ATOMIC_DQ the window
+    part of dQ is added into the fp32 dQa (unscaled) as well: every (query, key) pair of a window is
+    visited by exactly one key tile.
     """
     pid_n = tl.program_id(0)
     blk = tl.program_id(1)
@@ -368,14 +380,15 @@ def _hyb_dkdv_kernel(
     m_ptr = Mst + bh * N
     d_ptr = Dst + bh * N
     delta_ptr = Delta + bh * N
+    dqa_ptr = dQa + b * sqab + h * sqah
 
     dk = tl.full((BLOCK_N, D), 0.0, tl.float32)
     dv = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     if is_video:
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, k_lo, k_lo + L, sqn, sdon,
-                              qk_scale, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC, ATOMIC_DQ)
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, t0, t0 + TL, sqn, sdon,
-                              qk_scale, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC, ATOMIC_DQ)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = dTeff + state * (R * R * DV)
@@ -392,7 +405,7 @@ def _hyb_dkdv_kernel(
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * km_w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     else:
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, 0, NS, sqn, sdon,
-                              qk_scale, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC, ATOMIC_DQ)
         zero_r = tl.full((BLOCK_N, R), 0.0, tl.float32)
         tl.store(dK1 + b * sg1b + h * sg1h + cols_n[:, None] * sg1n + offs_r[None, :], _store_cast(zero_r, dK1.dtype.element_ty, EMU), mask=nmask[:, None])
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dK2.dtype.element_ty, EMU), mask=nmask[:, None])

@@ -50,6 +50,13 @@ from .block_order import _blocked_once, _blocks, _box, _permutes, _volume, block
 # (benchmarks/RESULTS.md 2026-12-07): "index" becomes it once `pytest -m gpu` and
 # `benchmarks/bench_hybrid.py --tile-reads index,gather` (side by side) have passed and timed it.
 TILE_READS = "gather"
+# Where the backward takes the window part of dq: "pass" — the dq kernel's own pass over each
+# query tile's keys (a second recomputation of the logits; deterministic); "atomic" — the dk/dv
+# kernel adds each (key tile, query tile) share into an fp32 buffer with atomics, from the logits
+# it recomputes anyway (FlashAttention-2's one pass: 5 matmuls a tile pair instead of 7; the sums'
+# order, and so the last bits of dq, vary from run to run). Both are tested against the float64
+# reference in the interpreter; "pass" stays the default until the two are timed on a GPU.
+WINDOW_DQ = "pass"
 SHIFT_FLOOR = 30.0  # = hla_convert.ops.hybrid.SHIFT_FLOOR (kept equal by a test)
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -202,9 +209,13 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     hmod, mod = hk.kernels(interp), _kernels(interp)
     b, h, n, d = q.shape
     dv, r = v.shape[-1], q1.shape[-1]
+    if WINDOW_DQ not in ("pass", "atomic"):
+        raise ValueError(f"hla_kernels.hybrid.WINDOW_DQ must be 'pass' or 'atomic', got {WINDOW_DQ!r}")
+    atomic = WINDOW_DQ == "atomic"
     do = rowmajor(do)
     delta = (do.float() * out.float()).sum(-1).reshape(b * h, n)
-    dq = empty(q.shape, q.dtype, q.device)
+    # atomic: the window part of dq is summed in fp32 by the dk/dv kernel (padding rows untouched)
+    dq = torch.zeros((b, h, n, d), dtype=torch.float32, device=q.device) if atomic else empty(q.shape, q.dtype, q.device)
     dq1 = empty((b, h, n, r), torch.float32, q.device)
     dq2 = empty(q2.shape, q2.dtype, q.device)
     wb = torch.zeros((2, b * h, n), dtype=torch.float32, device=q.device)
@@ -220,7 +231,7 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
         h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, HAS_IDX=has_idx, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
-        **rt.launch_extra(cfg, interp),
+        WINDOW_DQ=not atomic, **rt.launch_extra(cfg, interp),
     )
     # dT_rest(blk) = sum over the block's queries of kk_q (x) w dO, dZ_rest with -w delta
     rows = (h * n, n, 1)
@@ -235,14 +246,16 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     cfg = _config("dkdv", interp, fp32)
     mod._hyb_dkdv_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_N"]), nblk, b * h)](
         q, k, v, k1, k2, do, mst, dst, delta, dt_eff, dz_eff, km, idx,
-        dk, dvv, dk1, dk2,
+        dk, dvv, dk1, dk2, dq,
         *s3(q), *s3(k), *s3(v), *s3(k1), *s3(k2), *s3(do),
-        *s3(dk), *s3(dvv), *s3(dk1), *s3(dk2), n,
+        *s3(dk), *s3(dvv), *s3(dk1), *s3(dk2), *s3(dq), n,
         h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_KM=kmask is not None, HAS_IDX=has_idx, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
-        **rt.launch_extra(cfg, interp),
+        ATOMIC_DQ=atomic, **rt.launch_extra(cfg, interp),
     )
+    if atomic:
+        dq = dq.mul_(scale).to(q.dtype)
     dlog_beta = dbeta.view(b, h, n).sum((0, 2))
     return dq, dk, dvv, dq1.to(q1.dtype), dq2, dk1, dk2, dlog_beta
 

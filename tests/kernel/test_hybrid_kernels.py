@@ -91,6 +91,44 @@ def test_fp32_matches_float64_reference(interp, monkeypatch, grid, window, text,
     assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
 
 
+# the backward's window dq from the dk/dv kernel's atomics (WINDOW_DQ "atomic"): every case, tiles
+# read in place, and one tiled case gathered
+ATOMIC_CASES = [pytest.param(*c, "index", id=f"{i}") for i, c in enumerate(CASES)] + [pytest.param(*CASES[4], "gather", id="4-gather")]
+
+
+@pytest.mark.parametrize("grid,window,text,first,masked,reads", ATOMIC_CASES)
+def test_atomic_window_dq_matches_float64_reference(interp, monkeypatch, grid, window, text, first, masked, reads):
+    monkeypatch.setattr(hy, "TILE_READS", reads)
+    monkeypatch.setattr(hy, "WINDOW_DQ", "atomic")
+    tensors, do, mask = _inputs(grid, text, h=2 if text == 0 else 1, masked=masked, seed=3)
+    errs = _compare(grid, window, text, first, mask, tensors, do, torch.float32)
+    assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
+
+
+def test_window_dq_modes_agree_and_a_wrong_one_is_named(interp, monkeypatch):
+    """The two ways to the window's dq give the same gradients (to fp32 rounding: the atomics sum
+    in another order), in bf16 too; an unknown mode is one clear error."""
+    grid, window, text = (3, 4, 4), (0, 2, 2), 3
+    tensors, do, mask = _inputs(grid, text, h=1, masked=True, seed=4)
+    scale = tensors[0].shape[-1] ** -0.5
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        grads = {}
+        for mode in ("pass", "atomic"):
+            monkeypatch.setattr(hy, "WINDOW_DQ", mode)
+            leaves = [(t.to(dtype) if i < 7 else t).detach().requires_grad_() for i, t in enumerate(tensors)]
+            out = hy.hybrid_attention(*leaves[:3], leaves[3:5], leaves[5:7], scale, leaves[7], grid, window, (0, 0, 0), text, True, mask)
+            out.backward(do.to(dtype))
+            grads[mode] = [t.grad.float() for t in leaves]
+        assert all(g.dtype == torch.float32 for g in grads["atomic"])
+        for a, b in zip(grads["atomic"], grads["pass"]):
+            assert _rel(a, b) < tol
+    monkeypatch.setattr(hy, "WINDOW_DQ", "both")
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = hy.hybrid_attention(*leaves[:3], leaves[3:5], leaves[5:7], scale, leaves[7], grid, window, (0, 0, 0), text)
+    with pytest.raises(ValueError, match="WINDOW_DQ must be 'pass' or 'atomic'"):
+        out.sum().backward()
+
+
 def test_tiles_read_in_place_leave_the_inputs_and_write_every_row(interp, monkeypatch):
     """In place (TILE_READS "index"), a tiled call reads q, k, v and the features where they are:
     the inputs unchanged, every output row written, and the slot index covers each row once."""
@@ -263,8 +301,10 @@ def test_linear_far_kind_has_no_kernel(interp):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window_dq", ["pass", "atomic"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
-def test_gpu_real_head_sizes_match_float64(gpu, dtype, tol):
+def test_gpu_real_head_sizes_match_float64(gpu, monkeypatch, dtype, tol, window_dq):
+    monkeypatch.setattr(hy, "WINDOW_DQ", window_dq)
     grid = (4, 8, 12)  # 96-token frames: tiles end inside frames
     tensors, do, mask = _inputs(grid, 40, h=2, d=128, dv=128, r=32, masked=True, seed=3, logit_scale=0.5)
     errs = _compare(grid, (1, 0, 0), 40, True, mask, tensors, do, dtype, device="cuda")
@@ -290,14 +330,16 @@ def test_gpu_r64_matches_block_form(gpu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window_dq", ["pass", "atomic"])
 @pytest.mark.parametrize("reads", ["index", "gather"])
 @pytest.mark.parametrize("window, text", [((0, 6, 13), 0), ((0, 4, 7), 40)])
-def test_gpu_spatial_tiles_match_block_form(gpu, monkeypatch, reads, window, text):
+def test_gpu_spatial_tiles_match_block_form(gpu, monkeypatch, reads, window, text, window_dq):
     """Spatial tiles through all frames (the permuted path, both ways of reaching the tokens) at a
     480p-like frame, bf16, against the block form in fp32, output and gradients: 6 x 13 tiles of
     the 30 x 52 grid through 3 frames (234 keys a window); 4 x 7 tiles, clipped at the edges
     (padding slots), with 40 text tokens first and a key mask."""
     monkeypatch.setattr(hy, "TILE_READS", reads)
+    monkeypatch.setattr(hy, "WINDOW_DQ", window_dq)
     grid = (3, 30, 52)
     tensors, do, mask = _inputs(grid, text, h=2, d=128, dv=128, r=32, seed=5, logit_scale=0.5, masked=text > 0)
     dev = [t.cuda() for t in tensors]
