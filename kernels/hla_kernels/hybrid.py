@@ -24,7 +24,9 @@ one fused kernel per query tile reads the far part out of T_rest as the online s
 accumulator and runs flash attention over the block's keys and the text keys (_hybrid_triton.py
 has the algebra). Backward: a dq kernel (window softmax + far part, also the row weights and the
 per-row d log_beta), the state kernels again for dT_rest(blk) over each block's queries, and a
-dk/dv kernel (window softmax + far part with dT_eff = sum_b dT_rest(b) - dT_rest(blk)).
+dk/dv kernel (window softmax + far part with dT_eff = sum_b dT_rest(b) - dT_rest(blk)). With
+WINDOW_DQ = "atomic" the dq kernel does only the far part and the dk/dv kernel adds the window's
+dq with atomics from the logits it recomputes anyway.
 
 Extra memory per head: the per-block states T_rest, dT_rest (NB x R^2 x dv, fp32 while summed),
 O(N) row statistics; never an N x N matrix.
