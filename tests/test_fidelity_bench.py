@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import BENCHMARKS, load_script
 
@@ -217,6 +218,28 @@ def test_window_rows_compare_equal_sized_windows():
     assert keys(recipes.CONFIGS["shipped-chunk2"]["attention.window"]) == 2 * own
     assert keys([1, 0, 0], recipes.CONFIGS["shipped-chunk1-halo1"]["attention.halo"]) == 3 * own
     assert recipes.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
+
+
+@pytest.mark.parametrize("arch,row,stage1_of", [
+    ("cogvideox", "shipped-tile2x-select-output", "shipped-tile2x"),
+    ("cogvideox", "shipped-tile-select-output-full", "shipped-tile"),
+    ("wan", "shipped-tile2x-lora64", "shipped-tile2x"),
+    ("wan", "shipped-tile2x-s2x2", "shipped-tile2x"),
+])
+def test_stage2_rows_start_from_the_committed_stage1_of_their_window(arch, row, stage1_of, tmp_path):
+    """A row that changes only stage 2 or the kept-layer choice fingerprints stage 1 as the row whose
+    checkpoints it reuses (--stage1-from matches by fingerprint), so it trains no stage 1 of its own."""
+    recipes = _module("bench_recipes")
+    bd = _module("run").bd
+    from hla_convert.stages.distill_loop import stage_fingerprint
+
+    spec = bd.VideoSpec()
+    params = {"blocks.0.attn1.hla.proj": torch.empty(2, 64, 32)}
+    prints = {
+        name: stage_fingerprint("stage1", recipes.recipe_for(arch, name, 0, tmp_path, spec, _args(), bench_layers=15), params, 32)
+        for name in (row, stage1_of, "shipped-tile4x")
+    }
+    assert prints[row] == prints[stage1_of] != prints["shipped-tile4x"]
 
 
 def test_shipped_rows_need_the_shipped_base(tmp_path, monkeypatch, capsys):

@@ -165,6 +165,7 @@ LEVERS = {
     "shipped-tile2x-r64": ("far part", "the 4 x 8 tile with r = 64 features (r^2 = 4,096 state features)"),
     "shipped-tile-select-output-full": ("train", "the 4 x 4 tile (in tokens) with all weights trained and layers by output effect"),
     "shipped-tile2x-lora64": ("train", "the 4 x 8 tile (in tokens) with LoRA r 64 instead of all weights"),
+    "shipped-tile2x-select-output": ("layer choice", "the 4 x 8 tile (512 keys) with the kept layer chosen by its effect on the output"),
     "shipped-tile2x-s2x2": ("schedule", "the 4 x 8 tile (512 keys) with 2x the stage-2 steps (800)"),
     "shipped-tile-onpolicy-mix": ("on-policy", "the tile (in tokens) with the on-policy stage, half its inputs calibration ones"),
 }
