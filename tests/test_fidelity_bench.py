@@ -189,16 +189,21 @@ def test_shipped_base_changes_only_the_model_and_data_fields(arch, tmp_path):
 def test_window_rows_compare_equal_sized_windows():
     """The tile row's window holds as many tokens as the own frame at the benchmark's 16 x 16 x 16 grid,
     tile2x twice that, and each shipped recipe's tiles give there the window of the row that measured
-    it before it shipped (Wan: shipped-tile2x; CogVideoX: shipped-tile)."""
+    it before it shipped (Wan: shipped-tile2x; CogVideoX: shipped-tile2x-select-output), with that
+    row's other attention choices (CogVideoX: the kept layers by output effect)."""
     from hla_convert.recipe import load_recipe
 
     recipes = _module("bench_recipes")
     frames, side = 16, 16
-    measured_as = {"wan": "shipped-tile2x", "cogvideox": "shipped-tile"}
+    measured_as = {"wan": "shipped-tile2x", "cogvideox": "shipped-tile2x-select-output"}
     assert set(measured_as) == set(recipes.SHIPPED)
     for arch, (name, _) in recipes.SHIPPED.items():
-        window = load_recipe(name).hla_config().window_on((frames, side, side))
-        assert list(window) == recipes.CONFIGS[measured_as[arch]]["attention.window"], arch
+        shipped = load_recipe(name)
+        row = recipes.CONFIGS[measured_as[arch]]
+        assert list(shipped.hla_config().window_on((frames, side, side))) == row["attention.window"], arch
+        for path, value in row.items():
+            if path.startswith("attention.") and path not in ("attention.window", "attention.tiles"):
+                assert getattr(shipped.attention, path.split(".")[1]) == value, (arch, path)
 
     def keys(window, halo=(0, 0, 0)):
         n = 1
