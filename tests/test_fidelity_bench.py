@@ -230,6 +230,7 @@ def test_window_rows_compare_equal_sized_windows():
     ("cogvideox", "shipped-tile-select-output-full", "shipped-tile"),
     ("wan", "shipped-tile2x-lora64", "shipped-tile2x"),
     ("wan", "shipped-tile2x-s2x2", "shipped-tile2x"),
+    ("wan", "shipped-tile4x-s2x2", "shipped-tile4x"),
 ])
 def test_stage2_rows_start_from_the_committed_stage1_of_their_window(arch, row, stage1_of, tmp_path):
     """A row that changes only stage 2 or the kept-layer choice fingerprints stage 1 as the row whose
@@ -240,11 +241,12 @@ def test_stage2_rows_start_from_the_committed_stage1_of_their_window(arch, row, 
 
     spec = bd.VideoSpec()
     params = {"blocks.0.attn1.hla.proj": torch.empty(2, 64, 32)}
+    other = "shipped-tile" if stage1_of == "shipped-tile4x" else "shipped-tile4x"  # another window: another stage 1
     prints = {
         name: stage_fingerprint("stage1", recipes.recipe_for(arch, name, 0, tmp_path, spec, _args(), bench_layers=15), params, 32)
-        for name in (row, stage1_of, "shipped-tile4x")
+        for name in (row, stage1_of, other)
     }
-    assert prints[row] == prints[stage1_of] != prints["shipped-tile4x"]
+    assert prints[row] == prints[stage1_of] != prints[other]
 
 
 def test_shipped_rows_need_the_shipped_base(tmp_path, monkeypatch, capsys):

@@ -162,6 +162,7 @@ LEVERS = {
     "shipped-cube": ("window", "8 x 8 x 8 cube, half the frames (512 keys, as the 4 x 8 tile)"),
     "shipped-tile-halo1": ("window", "4 x 4 tile + 1 token each side, through all frames (576 keys; overlapping windows)"),
     "shipped-tile4x": ("window", "8 x 8 spatial tube through all frames (1,024 keys)"),
+    "shipped-tile4x-s2x2": ("schedule", "the 8 x 8 tile (1,024 keys) with 2x the stage-2 steps (800)"),
     "shipped-tile2x-r64": ("far part", "the 4 x 8 tile with r = 64 features (r^2 = 4,096 state features)"),
     "shipped-tile-select-output-full": ("train", "the 4 x 4 tile (in tokens) with all weights trained and layers by output effect"),
     "shipped-tile2x-lora64": ("train", "the 4 x 8 tile (in tokens) with LoRA r 64 instead of all weights"),
