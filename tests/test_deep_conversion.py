@@ -29,7 +29,7 @@ CUT = {  # the shipped recipe at tiny sizes: 5 frames x 32 x 32 pixels -> 2 x 4 
     "calibration.frames": 5,
     "calibration.height": 32,
     "calibration.width": 32,
-    "calibration.samples": 8,
+    "calibration.samples": 4,  # 2 batches: the output-effect selection runs 40 forwards of 20 blocks per batch
     "calibration.heldout": 4,
     "calibration.batch_size": 2,
     "calibration.text_len": 6,

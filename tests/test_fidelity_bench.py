@@ -46,16 +46,41 @@ def test_train_models_writes_a_loadable_teacher(tiny_teacher):
     assert 0 < ent["mean"] <= ent["uniform_log_n"] + 1e-6
 
 
-@pytest.mark.slow
-def test_run_records_every_measure_and_softmax_is_exact(tiny_teacher, tmp_path, monkeypatch, capsys):
+NO_SUCH_FIELD = {"attention.no_such_field": 1}  # a config naming a recipe field that does not exist
+
+
+def _grid_argv(teacher: Path, folder: Path, name: str, configs: list[str], *extra: str) -> list[str]:
+    """run.py over the tiny teacher: 1 % of the recipe's steps, 8 + 8 inputs, 2 sampling steps; the
+    inputs in folder/inputs, the records in folder/NAME.jsonl, the conversions in folder/conv-NAME."""
+    return ["--models-dir", str(teacher), "--models", "wan", "--configs", *configs, "--seeds", "0",
+            "--out", str(folder / f"{name}.jsonl"), "--steps-scale", "0.01", "--device", "cpu", "--train-samples", "8",
+            "--heldout-samples", "8", "--batch-size", "4", "--sampling-steps", "2", "--threads", "1",
+            "--inputs-dir", str(folder / "inputs"), "--conversions-dir", str(folder / f"conv-{name}"), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def grid_run(tiny_teacher, tmp_path_factory):
+    """One run.py --jobs 1 (in this process) over softmax, hla and no-such-field, made once for the
+    tests that read it: the records test, the --jobs 2 test (the --jobs 1 records it must give) and
+    the --stage1-from test (the hla row whose stage 1 a later row starts from). Read-only: a test
+    that appends to the records copies the file first. (folder, argv, the records file)"""
     run = _module("run")
-    monkeypatch.setitem(run.CONFIGS, "no-such-field", {"attention.no_such_field": 1})
-    results = tmp_path / "results.json"
-    argv = ["--models-dir", str(tiny_teacher), "--models", "wan", "--configs", "softmax", "hla", "no-such-field",
-            "--seeds", "0", "--out", str(results), "--steps-scale", "0.01", "--device", "cpu", "--train-samples", "8",
-            "--heldout-samples", "8", "--batch-size", "4", "--sampling-steps", "2", "--threads", "1", "--inputs-dir", str(tmp_path / "inputs"),
-            "--conversions-dir", str(tmp_path / "conversions")]  # fmt: skip
-    assert run.main(argv) == 0
+    folder = tmp_path_factory.mktemp("fidelity-grid")
+    argv = _grid_argv(tiny_teacher, folder, "one", ["softmax", "hla", "no-such-field"])
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(run.CONFIGS, "no-such-field", NO_SUCH_FIELD)
+        assert run.main(argv) == 0
+    return folder, argv, folder / "one.jsonl"
+
+
+@pytest.mark.slow
+def test_run_records_every_measure_and_softmax_is_exact(grid_run, tmp_path, monkeypatch, capsys):
+    run = _module("run")
+    monkeypatch.setitem(run.CONFIGS, "no-such-field", NO_SUCH_FIELD)
+    _, argv, made = grid_run
+    results = tmp_path / "results.json"  # the --resume below appends: a copy of the shared records
+    results.write_text(made.read_text())
+    argv = [*argv[: argv.index("--out")], "--out", str(results), *argv[argv.index("--out") + 2 :]]
     records = {r["config"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert set(records) == {"softmax", "hla", "no-such-field"}
 
@@ -416,20 +441,18 @@ def test_jobs_start_no_run_once_the_time_is_up(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_jobs_two_give_the_records_of_one_and_resume_skips_them(tiny_teacher, tmp_path, capsys):
+def test_jobs_two_give_the_records_of_one_and_resume_skips_them(tiny_teacher, grid_run, tmp_path, capsys):
     """--jobs 2 over two configs: the same records, bit for bit in every measure (one thread, the
-    same seeds), as --jobs 1, in the one --out file; --resume after it starts nothing."""
+    same seeds), as --jobs 1 (grid_run's, its inputs made by that run: here each worker makes its
+    own), in the one --out file; --resume after it starts nothing."""
     run = _module("run")
+    _, _, made = grid_run
 
-    def argv(name, jobs):
-        return ["--models-dir", str(tiny_teacher), "--models", "wan", "--configs", "softmax", "hla", "--seeds", "0",
-                "--out", str(tmp_path / f"{name}.jsonl"), "--steps-scale", "0.01", "--device", "cpu", "--train-samples", "8",
-                "--heldout-samples", "4", "--batch-size", "4", "--sampling-steps", "1", "--threads", "1",
-                "--inputs-dir", str(tmp_path / f"inputs-{name}"), "--conversions-dir", str(tmp_path / f"conv-{name}"), "--jobs", str(jobs)]  # fmt: skip
+    def argv():
+        return _grid_argv(tiny_teacher, tmp_path, "two", ["softmax", "hla"], "--jobs", "2")
 
-    assert run.main(argv("one", 1)) == 0
-    assert run.main(argv("two", 2)) == 0
-    one = {r["config"]: r for r in map(json.loads, (tmp_path / "one.jsonl").read_text().splitlines())}
+    assert run.main(argv()) == 0
+    one = {r["config"]: r for r in map(json.loads, made.read_text().splitlines()) if r["config"] != "no-such-field"}
     two = {r["config"]: r for r in map(json.loads, (tmp_path / "two.jsonl").read_text().splitlines())}
     assert set(one) == set(two) == {"softmax", "hla"}
     for config, a in one.items():
@@ -442,7 +465,7 @@ def test_jobs_two_give_the_records_of_one_and_resume_skips_them(tiny_teacher, tm
     assert one["hla"]["output"]["rel_l2"] > 0
 
     capsys.readouterr()
-    assert run.main([*argv("two", 2), "--resume"]) == 0
+    assert run.main([*argv(), "--resume"]) == 0
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 2
     assert capsys.readouterr().out.count("done already (--resume)") == 2
 
@@ -487,23 +510,22 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     assert "--jobs must be >= 1" in capsys.readouterr().err
 
 
-def test_stage1_from_starts_a_later_lever_from_the_same_stage1(tiny_teacher, tmp_path, capsys):
-    """--stage1-from: a row that differs only after stage 1 (hla-lora after hla) restores the kept
-    stage-1 checkpoint of the earlier row (same losses and per-layer values, no stage-1 step run)
-    and is measured as usual; a row with another stage 1 (another attention config) trains its own."""
+def test_stage1_from_starts_a_later_lever_from_the_same_stage1(tiny_teacher, grid_run, tmp_path, capsys):
+    """--stage1-from: a row that differs only after stage 1 (hla-lora after grid_run's hla, on the
+    same inputs) restores the kept stage-1 checkpoint of the earlier row (same losses and per-layer
+    values, no stage-1 step run) and is measured as usual; a row with another stage 1 (another
+    attention config) trains its own."""
     run = _module("run")
-
-    def argv(name, configs, *extra):
-        return ["--models-dir", str(tiny_teacher), "--models", "wan", "--configs", *configs, "--seeds", "0",
-                "--out", str(tmp_path / f"{name}.jsonl"), "--steps-scale", "0.01", "--device", "cpu", "--train-samples", "8",
-                "--heldout-samples", "4", "--batch-size", "4", "--sampling-steps", "1", "--threads", "1",
-                "--inputs-dir", str(tmp_path / "inputs"), "--conversions-dir", str(tmp_path / f"conv-{name}"), *extra]  # fmt: skip
-
-    assert run.main(argv("a", ["hla"])) == 0
-    kept = tmp_path / "conv-a" / "stage1-checkpoints" / "wan-hla-seed0.safetensors"
+    folder, _, made = grid_run
+    conv_a = folder / "conv-one"
+    kept = conv_a / "stage1-checkpoints" / "wan-hla-seed0.safetensors"
     assert kept.is_file()  # the finished conversion dropped its work folder; the copy stays
-    assert run.main(argv("b", ["hla-lora", "hybrid-lora"], "--stage1-from", str(tmp_path / "conv-a"))) == 0
-    (a,) = map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())
+    argv = _grid_argv(tiny_teacher, folder, "b", ["hla-lora", "hybrid-lora"], "--stage1-from", str(conv_a))
+    argv[argv.index("--out") + 1] = str(tmp_path / "b.jsonl")
+    argv[argv.index("--conversions-dir") + 1] = str(tmp_path / "conv-b")
+    capsys.readouterr()
+    assert run.main(argv) == 0
+    (a,) = [r for r in map(json.loads, made.read_text().splitlines()) if r["config"] == "hla"]
     b = {r["config"]: r for r in map(json.loads, (tmp_path / "b.jsonl").read_text().splitlines())}
     lora, hybrid = b["hla-lora"], b["hybrid-lora"]
     assert lora["status"] == hybrid["status"] == "ok", (lora.get("error"), hybrid.get("error"))
