@@ -46,6 +46,17 @@ def unfinished_work(out: Path) -> Path:
     return work
 
 
+@pytest.fixture(scope="module")
+def small_recipe(tmp_path_factory, fast_recipe) -> Path:
+    """conftest's fast recipe at half the demo's frames (4: 256 tokens), 2 held-out samples and 1
+    sampling step, for the tests here that run whole conversions to see what they leave in --out
+    (the folder, the lock, the manifest), not what they train or measure."""
+    path = tmp_path_factory.mktemp("small-recipe") / "small.yaml"
+    fields = {"calibration.frames": 4, "calibration.heldout": 2, "validation.sampling_steps": 1}
+    path.write_text(load_recipe(str(fast_recipe)).with_overrides(fields=fields).to_yaml())
+    return path
+
+
 # -- what --overwrite deletes -------------------------------------------------------------------
 
 
@@ -164,7 +175,7 @@ def test_resume_refuses_outputs_put_into_the_folder_while_it_was_stopped(tmp_pat
     assert (out / "recipe.yaml").read_text() == "mine"
 
 
-def test_a_readme_written_into_out_while_it_trains_is_kept_and_resume_finishes(tmp_path, fast_recipe, monkeypatch):
+def test_a_readme_written_into_out_while_it_trains_is_kept_and_resume_finishes(tmp_path, small_recipe, monkeypatch):
     from hla_convert.stages import distill
 
     out = tmp_path / "o"
@@ -175,14 +186,14 @@ def test_a_readme_written_into_out_while_it_trains_is_kept_and_resume_finishes(t
         return real(*args, **kwargs)
 
     monkeypatch.setattr(distill, "distil", user_writes_meanwhile)
-    result = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu")
+    result = invoke("convert", "--recipe", small_recipe, "--out", out, "--device", "cpu")
     assert result.exit_code == 2 and "Traceback" not in result.stderr  # after the progress lines: one error line
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("hla-convert: error: ") and "README.md (not written by hla-convert)" in line and "--resume" in line
     assert (out / "README.md").read_text() == "my notes" and not (out / "adapter_model.safetensors").exists()
     monkeypatch.setattr(distill, "distil", real)
     (out / "README.md").rename(tmp_path / "notes.md")
-    assert invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume").exit_code == 0
+    assert invoke("convert", "--recipe", small_recipe, "--out", out, "--device", "cpu", "--resume").exit_code == 0
     assert not (out / ".hla_work").exists() and read_output(out)
 
 
@@ -278,7 +289,7 @@ def test_a_second_run_cannot_take_the_folder_mid_run(tmp_path):
 # -- a save killed half-way ---------------------------------------------------------------------
 
 
-def test_a_killed_save_is_listed_resumable_and_validate_points_to_resume(tmp_path, fast_recipe, monkeypatch):
+def test_a_killed_save_is_listed_resumable_and_validate_points_to_resume(tmp_path, small_recipe, monkeypatch):
     import hla_convert.io.output as output
 
     out = tmp_path / "o"
@@ -292,7 +303,7 @@ def test_a_killed_save_is_listed_resumable_and_validate_points_to_resume(tmp_pat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(output, "write_manifest", killed_after_the_renames)
-    stopped = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu")
+    stopped = invoke("convert", "--recipe", small_recipe, "--out", out, "--device", "cpu")
     assert stopped.exit_code == 130, stopped.stderr
     monkeypatch.setattr(output, "write_manifest", real)
     assert (out / "adapter_model.safetensors").is_file() and (out / ".hla_work").is_dir()
@@ -300,7 +311,7 @@ def test_a_killed_save_is_listed_resumable_and_validate_points_to_resume(tmp_pat
     with pytest.raises(OutputError, match="--resume"):
         read_output(out)
     check_output(out, RUN, overwrite=True)  # every file there is listed: --overwrite may clear it
-    resumed = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume")
+    resumed = invoke("convert", "--recipe", small_recipe, "--out", out, "--device", "cpu", "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     assert not (out / ".hla_work").exists()
     assert invoke("validate", out, "--device", "cpu").exit_code == 0
@@ -334,12 +345,12 @@ def test_validate_waits_for_a_running_conversion(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_kill_9_leaves_a_stale_lock_that_resume_takes_over(tmp_path, fast_recipe):
+def test_a_kill_9_leaves_a_stale_lock_that_resume_takes_over(tmp_path, small_recipe):
     import signal
     import time
 
     out = tmp_path / "o"
-    proc = subprocess.Popen([console_script(), "convert", "--recipe", str(fast_recipe), "--out", str(out), "--device", "cpu"],
+    proc = subprocess.Popen([console_script(), "convert", "--recipe", str(small_recipe), "--out", str(out), "--device", "cpu"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
@@ -353,7 +364,7 @@ def test_a_kill_9_leaves_a_stale_lock_that_resume_takes_over(tmp_path, fast_reci
     if not (out / LOCK_FILE).exists():
         pytest.skip("the run finished before it could be killed")
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == proc.pid  # left behind by the kill
-    resumed = invoke("convert", "--recipe", fast_recipe, "--out", out, "--device", "cpu", "--resume")
+    resumed = invoke("convert", "--recipe", small_recipe, "--out", out, "--device", "cpu", "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     assert not (out / LOCK_FILE).exists() and not (out / ".hla_work").exists()
 

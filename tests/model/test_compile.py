@@ -181,19 +181,22 @@ def _hybrid_inputs(seed=0, grid=(2, 2, 2), text=2, h=2, d=8, r=4):
 
 
 # whole frames; tiles through all frames (block-major slots); clipped 2 x 2 tiles of a 3 x 3 frame
-# (padding), the tiles both ways the kernels reach their tokens (read in place, reordered copies)
-@pytest.mark.parametrize("grid, window, reads", [
-    ((2, 2, 2), (1, 0, 0), "gather"),
-    ((2, 2, 2), (0, 1, 2), "gather"), ((2, 2, 2), (0, 1, 2), "index"),
-    ((2, 3, 3), (0, 2, 2), "gather"), ((2, 3, 3), (0, 2, 2), "index"),
+# (padding), the tiles both ways the kernels reach their tokens (read in place, reordered copies).
+# One head except in one case that runs the opcheck (the interpreter runs one program per head, and
+# the heads are independent programs): that case's 2 heads against 1 batch sample still catch the
+# batch and head dims swapped in the fake shapes or the kernels' flattened (B * H) rows.
+@pytest.mark.parametrize("grid, window, reads, heads", [
+    ((2, 2, 2), (1, 0, 0), "gather", 1),
+    ((2, 2, 2), (0, 1, 2), "gather", 1), ((2, 2, 2), (0, 1, 2), "index", 2),
+    ((2, 3, 3), (0, 2, 2), "gather", 1), ((2, 3, 3), (0, 2, 2), "index", 1),
 ])
-def test_hybrid_kernel_is_one_op_under_compile(interp, monkeypatch, grid, window, reads):
+def test_hybrid_kernel_is_one_op_under_compile(interp, monkeypatch, grid, window, reads, heads):
     import hla_kernels
     from hla_kernels import hybrid as hybrid_kernels
 
     monkeypatch.setattr(hybrid_kernels, "TILE_READS", reads)
 
-    q, k, v, feats, log_beta = _hybrid_inputs(grid=grid)
+    q, k, v, feats, log_beta = _hybrid_inputs(grid=grid, h=heads)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, *feats, log_beta)]
 
     def attend(q, k, v, q1, q2, k1, k2, lb):

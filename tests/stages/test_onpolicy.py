@@ -26,8 +26,10 @@ from hla_convert.stages.distill import (
 from hla_convert.stages.distill_loop import _batch_indices
 from hla_convert.stages.onpolicy import onpolicy_distillation, onpolicy_pick, trajectory_draw
 
-# the demo recipe cut down: 2 inputs of 2 videos, one stage-2 step (adds the LoRA), stage 3 on
+# the demo recipe cut down: 2 inputs of 2 videos of 4 frames (256 tokens, half the demo's), one
+# stage-2 step (adds the LoRA), stage 3 on
 SMALL = {
+    "calibration.frames": 4,
     "calibration.samples": 4,
     "calibration.heldout": 2,
     "calibration.batch_size": 2,
