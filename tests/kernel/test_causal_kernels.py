@@ -68,7 +68,7 @@ def test_backward_memory_is_the_saved_state_alone(interp, block_size, slots):
     [slots, B*H, r*r]); the backward allocates nothing outside its kernel op. Before the fix autograd
     materialised zero gradients for den, T and Z (set_materialize_grads): one more copy of every
     per-slot state, +24 % fwd+bwd peak token-causal on the H100 (benchmarks/RESULTS.md)."""
-    b, h, n, r, dv = 1, 2, 64, 4, 8
+    b, h, n, r, dv = 1, 1, 64, 4, 8  # one head: the interpreter runs one program per head; the bytes scale by b * h
     g = torch.Generator().manual_seed(0)
     leaves = [torch.nn.functional.softplus(torch.randn(b, h, n, r, generator=g)).bfloat16().requires_grad_() for _ in range(4)]
     v = torch.randn(b, h, n, dv, generator=g).bfloat16().requires_grad_()
