@@ -286,6 +286,7 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--probe", action="store_true", help="only: which forward configs are right at r = 64 in bf16")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--no-block", action="store_true", help="skip the PyTorch block form (slow; the row before the kernels)")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", ""))
     args = ap.parse_args()
     grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")]
@@ -358,7 +359,7 @@ def main():
             for j, (window, mode, dq, _suffix) in enumerate(variants()):
                 log(f"timings {grid} window {window} tile reads {mode} window dq {dq} r={r} configs {hy.GPU_CONFIG}")
                 first = i == 0 and j == 0
-                rows = timings(grid, r, baselines=not args.no_baselines and first, block=(grid == grids[0] and first), window=window)
+                rows = timings(grid, r, baselines=not args.no_baselines and first, block=(grid == grids[0] and first and not args.no_block), window=window)
                 res["rows"] += [dict(row, tile_reads=mode, window_dq=dq) for row in rows]
             hy.GPU_CONFIG.update(saved)
             save()
