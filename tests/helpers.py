@@ -119,6 +119,11 @@ def load_script(path: Path, name: str):
     return mod
 
 
+def fidelity_module(name: str):
+    """A module of benchmarks/fidelity/ (run, bench_recipes, report, ...) loaded as load_script does."""
+    return load_script(BENCHMARKS / "fidelity" / f"{name}.py", f"fidelity_{name}")
+
+
 def console_script() -> str:
     """The path of the installed `hla-convert` script (next to this Python first, then on PATH)."""
     exe = shutil.which("hla-convert", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))

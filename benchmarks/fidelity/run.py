@@ -75,7 +75,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-import bench_data as bd  # noqa: E402, F401 - tests/test_fidelity_bench.py reads run.bd
+import bench_data as bd  # noqa: E402, F401 - tests/fidelity/test_fidelity_rows.py reads run.bd
 import bench_models as bm  # noqa: E402
 import jobs  # noqa: E402
 from bench_recipes import BASES, CONFIGS, DEFAULT_CONFIGS, SHIPPED_CONFIGS, TIERS  # noqa: E402

@@ -1,34 +1,28 @@
-"""The fidelity benchmark end to end on tiny shapes: train_models.py -> run.py -> report.py.
+"""The fidelity benchmark end to end on tiny shapes: train_models.py -> run.py (--jobs, --resume,
+--stage1-from) -> its records.
 
 Tiny teachers (2 blocks, 2 heads x 16, 4 x 8 x 8 pixels) are trained for two steps on the CPU, then
 run.py converts one of them with the identity conversion (kind softmax), a real HLA config and a
 config naming a recipe field that does not exist, for a few distillation steps. A 4-block tiny
-teacher runs the deep tier's rows on the shipped recipe (--base shipped).
+teacher runs the deep tier's rows on the shipped recipe (--base shipped). The rows' definitions and
+the report: test_fidelity_rows.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import BENCHMARKS, load_script
-
-FIDELITY = BENCHMARKS / "fidelity"
-
-
-def _module(name: str):
-    return load_script(FIDELITY / f"{name}.py", f"fidelity_{name}")
+from helpers import fidelity_module
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    train = _module("train_models")
+    train = fidelity_module("train_models")
     out = tmp_path_factory.mktemp("fidelity-models")
     argv = ["--out", str(out), "--tiny", "--steps", "2", "--models", "wan", "--heldout", "4", "--entropy-videos", "1",
             "--device", "cpu", "--threads", "1", "--log-every", "1000"]  # fmt: skip
@@ -37,7 +31,7 @@ def tiny_teacher(tmp_path_factory):
 
 
 def test_train_models_writes_a_loadable_teacher(tiny_teacher):
-    bm = _module("bench_models")
+    bm = fidelity_module("bench_models")
     arch, model, spec, info = bm.load_model(tiny_teacher / "wan")
     assert arch == "wan" and info["training"]["steps"] == 2 and info["tiny"]
     assert math.isfinite(info["heldout_loss"]["mean"]) and len(info["heldout_loss"]["buckets"]) == 4
@@ -64,7 +58,7 @@ def grid_run(tiny_teacher, tmp_path_factory):
     tests that read it: the records test, the --jobs 2 test (the --jobs 1 records it must give) and
     the --stage1-from test (the hla row whose stage 1 a later row starts from). Read-only: a test
     that appends to the records copies the file first. (folder, argv, the records file)"""
-    run = _module("run")
+    run = fidelity_module("run")
     folder = tmp_path_factory.mktemp("fidelity-grid")
     argv = _grid_argv(tiny_teacher, folder, "one", ["softmax", "hla", "no-such-field"])
     with pytest.MonkeyPatch.context() as m:
@@ -75,7 +69,7 @@ def grid_run(tiny_teacher, tmp_path_factory):
 
 @pytest.mark.slow
 def test_run_records_every_measure_and_softmax_is_exact(grid_run, tmp_path, monkeypatch, capsys):
-    run = _module("run")
+    run = fidelity_module("run")
     monkeypatch.setitem(run.CONFIGS, "no-such-field", NO_SUCH_FIELD)
     _, argv, made = grid_run
     results = tmp_path / "results.json"  # the --resume below appends: a copy of the shared records
@@ -121,7 +115,7 @@ def test_run_records_every_measure_and_softmax_is_exact(grid_run, tmp_path, monk
     lines = [json.loads(x) for x in results.read_text().splitlines()]
     assert [r["config"] for r in lines[3:]] == ["no-such-field"]
 
-    report = _module("report")
+    report = fidelity_module("report")
     capsys.readouterr()
     assert report.main([str(results)]) == 0
     text = capsys.readouterr().out
@@ -136,164 +130,13 @@ def test_run_records_every_measure_and_softmax_is_exact(grid_run, tmp_path, monk
     assert "| hla | 1 |" in written
 
 
-def test_report_targets_a_nan_seed_never_meets_them():
-    report = _module("report")
-
-    def record(seed, worst):
-        return {"model": "wan", "config": "hla", "seed": seed, "status": "ok", "loss": {"ratio": 1.0},
-                "output": {"rel_l2": 0.01, "worst_bucket_rel_l2": worst}}  # fmt: skip
-
-    assert report.targets([record(0, 0.05), record(1, 0.06)], "wan", ["hla"])  # both meet
-    assert report.targets([record(0, 0.05), record(1, math.nan)], "wan", ["hla"]) == []  # max() skipped the NaN
-    assert report.targets([record(0, math.inf)], "wan", ["hla"]) == []
-
-
-# -- the shipped recipe as the base (--base shipped, --tier deep) --------------------------------------
-
-
-def test_onpolicy_rows_train_half_the_stage2_steps_sampling_as_the_measure_does():
-    """stage 3 at half of stage 2's steps, on the sampler the measure uses (--sampling-steps), not
-    the sampling_steps the recipe resolved when it was loaded."""
-    recipes = _module("bench_recipes")
-    data = {"stage2": {"steps": 400}, "validation": {"sampling_steps": 20}}
-    assert recipes.resolved_overrides("shipped-onpolicy", data) == {"stage3.steps": 200, "stage3.sampling_steps": 20}
-    got = recipes.resolved_overrides("hybrid-lora-keep2-onpolicy", data)
-    assert got["stage3.steps"] == 200 and got["stage3.sampling_steps"] == 20
-    assert "stage3.sampling_steps" not in recipes.resolved_overrides("shipped", data)
-
-
-def test_shipped_softmax_layers_keep_the_same_fraction_of_the_blocks():
-    recipes = _module("bench_recipes")
-    assert recipes.SHIPPED["wan"] == ("wan2.1-t2v-1.3b", 30)
-    assert recipes.scaled_softmax_layers(2, 30, 15) == 1  # Wan2.1-1.3B's 2 of 30 -> 1 of the deep tier's 15
-    assert recipes.scaled_softmax_layers(2, 30, 30) == 2
-    assert recipes.scaled_softmax_layers(4, 30, 15) == 2
-    assert recipes.scaled_softmax_layers(2, 30, 6) == 1  # 0.4 rounds to 0: at least 1 when the shipped keeps any
-    assert recipes.scaled_softmax_layers(0, 30, 15) == 0
-
-
-def _args(**over):
-    base = {"base": "shipped", "train_samples": None, "heldout_samples": 64, "steps_scale": None, "sampling_steps": None, "batch_size": None}
-    return argparse.Namespace(**{**base, **over})
-
-
-@pytest.mark.parametrize("arch", ["wan", "cogvideox"])
-def test_shipped_base_changes_only_the_model_and_data_fields(arch, tmp_path):
-    """The resolved recipe differs from the shipped one only in the fields that name the benchmark's
-    model and inputs (bench_recipes.SHIPPED_CHANGES) and the row's own; lr, batch, steps, LoRA, stage 1 stay."""
-    recipes = _module("bench_recipes")
-    bd = _module("run").bd
-    from hla_convert.recipe import load_recipe
-
-    shipped = load_recipe(recipes.SHIPPED[arch][0]).to_dict()
-    spec = bd.VideoSpec()  # the benchmark's 16 x 32 x 32 pixels: 4,096 tokens
-    rec = recipes.recipe_for(arch, "shipped", 3, tmp_path, spec, _args(), bench_layers=15).to_dict()
-    changed = recipes.changed_fields(shipped, rec)
-    assert set(changed) <= set(recipes.SHIPPED_CHANGES), set(changed) - set(recipes.SHIPPED_CHANGES)
-    assert changed["attention.softmax_layers"] == [2, 1] and changed["model.hub_id"][1] is None
-    assert rec["calibration"]["samples"] == 64 == shipped["calibration"]["samples"]  # the real recipe's count
-    assert (rec["calibration"]["frames"], rec["calibration"]["seed"], rec["calibration"]["source"]) == (16, 3, "folder")
-    for section in ("stage1", "stage2", "validation"):
-        assert rec[section] == shipped[section]
-    assert {k: v for k, v in rec["attention"].items() if k != "softmax_layers"} == {k: v for k, v in shipped["attention"].items() if k != "softmax_layers"}
-
-    # a row changes its lever and nothing else; --steps-scale only when given
-    rec = recipes.recipe_for(arch, "shipped-cal512", 0, tmp_path, spec, _args(), bench_layers=15).to_dict()
-    assert set(recipes.changed_fields(shipped, rec)) <= set(recipes.SHIPPED_CHANGES) and rec["calibration"]["samples"] == 512
-    rec = recipes.recipe_for(arch, "shipped-lora64", 0, tmp_path, spec, _args(), bench_layers=15).to_dict()
-    # (and stage2.train where the shipped recipe trains full: wan2.1-t2v-1.3b)
-    assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) - {"stage2.train"} == {"stage2.lora_rank"}
-    assert rec["stage2"]["train"] == "lora"
-    rec = recipes.recipe_for(arch, "shipped-tile", 0, tmp_path, spec, _args(steps_scale=0.5), bench_layers=15).to_dict()
-    # (the shipped recipes give their window as tiles; the row gives the same window in tokens)
-    assert set(recipes.changed_fields(shipped, rec)) - set(recipes.SHIPPED_CHANGES) == {"attention.window", "attention.tiles", "stage1.steps", "stage2.steps"}
-    assert rec["stage2"]["steps"] == round(shipped["stage2"]["steps"] / 2)
-    assert recipes.input_plan(arch, "shipped-cal512", _args()) == (512, shipped["calibration"]["batch_size"])
-
-
-def test_window_rows_compare_equal_sized_windows():
-    """The tile row's window holds as many tokens as the own frame at the benchmark's 16 x 16 x 16 grid,
-    tile2x twice that, and each shipped recipe's tiles give there the window of the row that measured
-    it before it shipped (Wan: shipped-tile2x; CogVideoX: shipped-tile2x-select-output), with that
-    row's other attention choices (CogVideoX: the kept layers by output effect)."""
-    from hla_convert.recipe import load_recipe
-
-    recipes = _module("bench_recipes")
-    frames, side = 16, 16
-    measured_as = {"wan": "shipped-tile2x", "cogvideox": "shipped-tile2x-select-output"}
-    assert set(measured_as) == set(recipes.SHIPPED)
-    for arch, (name, _) in recipes.SHIPPED.items():
-        shipped = load_recipe(name)
-        row = recipes.CONFIGS[measured_as[arch]]
-        assert list(shipped.hla_config().window_on((frames, side, side))) == row["attention.window"], arch
-        for path, value in row.items():
-            if path.startswith("attention.") and path not in ("attention.window", "attention.tiles"):
-                assert getattr(shipped.attention, path.split(".")[1]) == value, (arch, path)
-
-    def keys(window, halo=(0, 0, 0)):
-        n = 1
-        for w, h, extent in zip(window, halo, (frames, side, side)):
-            n *= min(extent, (w or extent) + 2 * h)
-        return n
-
-    own = keys(recipes.CONFIGS["shipped-frame"]["attention.window"])
-    assert own == keys([1, 0, 0])
-    assert keys(recipes.CONFIGS["shipped-tile"]["attention.window"]) == own == 256
-    assert keys(recipes.CONFIGS["shipped-tile2x"]["attention.window"]) == 2 * own
-    assert keys(recipes.CONFIGS["shipped-cube"]["attention.window"]) == 2 * own  # the 4 x 8 tile's keys as a cube
-    assert keys(recipes.CONFIGS["shipped-tile4x"]["attention.window"]) == 4 * own
-    halo = recipes.CONFIGS["shipped-tile-halo1"]
-    assert keys(halo["attention.window"], halo["attention.halo"]) == 576  # 6 x 6 x 16: about tile2x's 512
-    assert recipes.CONFIGS["shipped-tile2x-s2x2"]["attention.window"] == recipes.CONFIGS["shipped-tile2x"]["attention.window"]
-    assert keys(recipes.CONFIGS["shipped-chunk2"]["attention.window"]) == 2 * own
-    assert keys([1, 0, 0], recipes.CONFIGS["shipped-chunk1-halo1"]["attention.halo"]) == 3 * own
-    assert recipes.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
-
-
-@pytest.mark.parametrize("arch,row,stage1_of", [
-    ("cogvideox", "shipped-tile2x-select-output", "shipped-tile2x"),
-    ("cogvideox", "shipped-tile-select-output-full", "shipped-tile"),
-    ("wan", "shipped-tile2x-lora64", "shipped-tile2x"),
-    ("wan", "shipped-tile2x-s2x2", "shipped-tile2x"),
-    ("wan", "shipped-tile4x-s2x2", "shipped-tile4x"),
-])
-def test_stage2_rows_start_from_the_committed_stage1_of_their_window(arch, row, stage1_of, tmp_path):
-    """A row that changes only stage 2 or the kept-layer choice fingerprints stage 1 as the row whose
-    checkpoints it reuses (--stage1-from matches by fingerprint), so it trains no stage 1 of its own."""
-    recipes = _module("bench_recipes")
-    bd = _module("run").bd
-    from hla_convert.stages.distill_loop import stage_fingerprint
-
-    spec = bd.VideoSpec()
-    params = {"blocks.0.attn1.hla.proj": torch.empty(2, 64, 32)}
-    other = "shipped-tile" if stage1_of == "shipped-tile4x" else "shipped-tile4x"  # another window: another stage 1
-    prints = {
-        name: stage_fingerprint("stage1", recipes.recipe_for(arch, name, 0, tmp_path, spec, _args(), bench_layers=15), params, 32)
-        for name in (row, stage1_of, other)
-    }
-    assert prints[row] == prints[stage1_of] != prints[other]
-
-
-def test_shipped_rows_need_the_shipped_base(tmp_path, monkeypatch, capsys):
-    run = _module("run")
-    common = ["--models", "wan", "--out", str(tmp_path / "r.json"), "--device", "cpu"]
-    assert run.main([*common, "--configs", "shipped"]) == 2
-    assert "--base shipped" in capsys.readouterr().err
-    assert run.main([*common, "--base", "shipped", "--configs", "hla"]) == 2
-    assert run.main([*common, "--base", "shipped", "--batch-size", "4"]) == 2
-    monkeypatch.setattr(run, "HERE", tmp_path)  # --tier picks the models folder
-    capsys.readouterr()
-    assert run.main([*common, "--base", "shipped", "--tier", "deep"]) == 2
-    assert str(tmp_path / "models-deep" / "wan") in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     """--base shipped end to end on a 4-block tiny teacher: the record says the tier, the base, the
     calibration count (the shipped 64), the scaled softmax budget, what changed from the shipped
     recipe, and the output-effect selection's measured per-layer effects (wan2.1-t2v-1.3b's
     softmax_select: output)."""
-    train, run = _module("train_models"), _module("run")
+    train, run = fidelity_module("train_models"), fidelity_module("run")
     models = tmp_path_factory.mktemp("fidelity-deep-models")
     argv = ["--out", str(models), "--tiny", "--layers", "4", "--steps", "1", "--models", "wan", "--heldout", "4",
             "--entropy-videos", "1", "--device", "cpu", "--threads", "1", "--log-every", "1000"]  # fmt: skip
@@ -307,11 +150,11 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     (r,) = map(json.loads, results.read_text().splitlines())
     assert r["status"] == "ok", r.get("error")
     assert (r["tier"], r["base"], r["blocks"], r["calibration_samples"], r["softmax_layers"]) == ("deep", "shipped", 4, 64, 1)
-    assert set(r["changed_from_shipped"]) - set(_module("bench_recipes").SHIPPED_CHANGES) == {
+    assert set(r["changed_from_shipped"]) - set(fidelity_module("bench_recipes").SHIPPED_CHANGES) == {
         "stage1.steps", "stage2.steps", "validation.sampling_steps", "validation.teacher_steps"
     }  # fmt: skip
     assert r["recipe"]["validation"]["teacher_steps"] == 0  # the shipped 2 of 10 at 1 step: none left to give
-    scaled = _module("bench_recipes").scaled_teacher_steps
+    scaled = fidelity_module("bench_recipes").scaled_teacher_steps
     assert (scaled(2, 10, 20), scaled(2, 10, 10), scaled(2, 10, 3), scaled(2, 10, 2), scaled(0, 10, 20)) == (4, 2, 1, 1, 0)
     assert r["recipe"]["stage2"]["train"] == "full"  # as shipped (wan2.1-t2v-1.3b since 2026-12-07)
     sel = r["selection_summary"]
@@ -319,13 +162,13 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     assert len(sel["output_effects"][0]["with_softmax"]) == 4
     assert {"stage1", "stage2", "stage3"} <= set(r["seconds"]) and math.isfinite(r["sampling"]["psnr_db"])
     # dense_steps.py on the saved folder: the student alone, the teacher's first step, its last step
-    dense, out = _module("dense_steps"), tmp_path / "dense.jsonl"
+    dense, out = fidelity_module("dense_steps"), tmp_path / "dense.jsonl"
     argv = [str(tmp_path / "conv" / "wan-shipped-seed0"), "--out", str(out), "--ks", "0", "1", "--steps", "2", "--items", "1", "--device", "cpu"]
     assert dense.main(argv) == 0
     rows = {(d["where"], d["teacher_steps"]): d for d in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {("none", 0), ("first", 1), ("last", 1)} and all(math.isfinite(d["psnr_db"]) for d in rows.values())
     # fit_gap.py on the same folder: drift on 2 of the 32 calibration forwards it trained on, and on the held-out ones
-    gap, out = _module("fit_gap"), tmp_path / "gap.jsonl"
+    gap, out = fidelity_module("fit_gap"), tmp_path / "gap.jsonl"
     assert gap.main([str(tmp_path / "conv" / "wan-shipped-seed0"), "--out", str(out), "--device", "cpu", "--limit", "2"]) == 0
     rows = {d["split"]: d for d in map(json.loads, out.read_text().splitlines())}
     batch = r["recipe"]["calibration"]["batch_size"]
@@ -338,47 +181,9 @@ def test_run_deep_tier_on_the_shipped_recipe(tmp_path_factory, tmp_path):
     (r2,) = map(json.loads, again.read_text().splitlines())
     assert r2["status"] == "ok" and r2.get("reused_saved_conversion") and not r.get("reused_saved_conversion")
     assert (r2["output"]["rel_l2"], r2["stage1"], r2["selection"]) == (r["output"]["rel_l2"], r["stage1"], r["selection"])
-    conversion = _module("conversion")
-    rec = _module("bench_recipes").shipped_recipe("wan")
+    conversion = fidelity_module("conversion")
+    rec = fidelity_module("bench_recipes").shipped_recipe("wan")
     assert conversion.finished_conversion(tmp_path / "conv" / "wan-shipped-seed0", rec) is None
-
-
-def test_report_shows_what_each_lever_buys_against_the_shipped_row(tmp_path):
-    report = _module("report")
-
-    def record(config, seed, rel, psnr, s1=10.0, **extra):
-        return {"model": "wan", "config": config, "seed": seed, "status": "ok", "tier": "deep", "base": "shipped", "blocks": 15,
-                "calibration_samples": 512 if config == "shipped-cal512" else 64, "softmax_layers": 1,
-                "output": {"rel_l2": rel}, "sampling": {"psnr_db": psnr}, "seconds": {"stage1": s1, "stage2": 20.0, "stage3": 0.0}, **extra}  # fmt: skip
-
-    effects = {"select": "output", "errors": {"blocks.0.attn1": 0.1, "blocks.1.attn1": 0.3},
-               "output_effects": [{"drift": 0.2, "with_softmax": {"blocks.0.attn1": 0.12, "blocks.1.attn1": 0.18}, "picked": "blocks.0.attn1"}]}  # fmt: skip
-    records = [
-        record("shipped", 0, 0.10, 30.0), record("shipped", 1, 0.12, 28.0),
-        record("shipped-cal512", 0, 0.08, 31.0, s1=14.0),
-        record("shipped-tile", 0, 0.09, 30.5), record("shipped-chunk2", 0, 0.13, 27.0),
-        record("shipped-select-output", 0, 0.095, 30.2, selection_summary=effects),
-        record("shipped-keep0", 0, 0.2, 25.0, s1=0.0, resumed=True),  # resumed: its stage times are not in the record
-        {"model": "wan", "config": "shipped-full", "seed": 0, "status": "error", "tier": "deep", "base": "shipped", "error": "recipe: stage2.train: ..."},
-    ]  # fmt: skip
-    text = report.render(records)
-    assert "### wan, deep tier (15 blocks), shipped recipe: what each lever buys" in text
-    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and "shipped" in line.split(" | ")[1]}
-    assert "| 2 | 64 | 1 | 0.1100 ± 0.0100 |  | 29.0 ± 1.0 |  | 30 ± 0 |" in rows["shipped"]
-    assert "| 1 | 512 | 1 | 0.0800 | -0.0300 | 31.0 | +2.0 | 34 | +4 |" in rows["shipped-cal512"]
-    assert "| 1 | 64 | 1 | 0.2000 | +0.0900 | 25.0 | -4.0 | – | – |" in rows["shipped-keep0"]  # not "20 s"
-    assert "shipped-tile has the lowest output rel L2" in text  # the window verdict
-    assert "given back alone blocks.0.attn1 -> 0.1200, blocks.1.attn1 -> 0.1800; picked blocks.0.attn1 (attention error would pick blocks.1.attn1)" in text
-    assert "- shipped-full failed: recipe: stage2.train: ..." in text
-
-    # --markers: the deep tier's section of the doc is written, the fast tier's kept
-    results = tmp_path / "deep.json"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    doc = tmp_path / "comparison.md"
-    doc.write_text(f"{report.START}\nfast table\n{report.END}\n<!-- fidelity-deep:start -->\nold\n<!-- fidelity-deep:end -->\n")
-    assert report.main([str(results), "--write", str(doc), "--markers", "fidelity-deep"]) == 0
-    written = doc.read_text()
-    assert "fast table" in written and "\nold\n" not in written and written.index("what each lever buys") > written.index(report.END)
 
 
 # -- run.py --jobs N: the runs N at a time, each by a worker process (jobs.py) -------------------------
@@ -402,7 +207,7 @@ def test_jobs_run_at_once_and_a_crashed_worker_is_an_error_record(tmp_path, caps
     """Two workers run at the same time (each waits to see the other start); the parent appends both
     records to --out, a worker that dies without a record gives a one-line error record, and each
     worker's lines are streamed prefixed and kept in its log file."""
-    run = _module("run")
+    run = fidelity_module("run")
     meet = tmp_path / "meet"
     meet.mkdir()
     out = tmp_path / "r.jsonl"
@@ -428,7 +233,7 @@ def test_jobs_run_at_once_and_a_crashed_worker_is_an_error_record(tmp_path, caps
 
 
 def test_jobs_start_no_run_once_the_time_is_up(tmp_path, capsys):
-    run = _module("run")
+    run = fidelity_module("run")
     out = tmp_path / "r.jsonl"
     script = "import json, sys, time; time.sleep(0.5); open(sys.argv[1], 'w').write(json.dumps({'config': sys.argv[2]}))"
     rc = run.jobs.run_grid(
@@ -445,7 +250,7 @@ def test_jobs_two_give_the_records_of_one_and_resume_skips_them(tiny_teacher, gr
     """--jobs 2 over two configs: the same records, bit for bit in every measure (one thread, the
     same seeds), as --jobs 1 (grid_run's, its inputs made by that run: here each worker makes its
     own), in the one --out file; --resume after it starts nothing."""
-    run = _module("run")
+    run = fidelity_module("run")
     _, _, made = grid_run
 
     def argv():
@@ -478,7 +283,7 @@ def test_jobs_sigterm_ends_the_workers_and_writes_no_record(tmp_path, capsys):
     import threading
     import time
 
-    run = _module("run")
+    run = fidelity_module("run")
     out = tmp_path / "r.jsonl"
     script = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
     pids = [tmp_path / f"pid{i}" for i in range(2)]
@@ -505,7 +310,7 @@ def test_jobs_sigterm_ends_the_workers_and_writes_no_record(tmp_path, capsys):
 
 
 def test_jobs_must_be_positive(tmp_path, capsys):
-    run = _module("run")
+    run = fidelity_module("run")
     assert run.main(["--models", "wan", "--out", str(tmp_path / "r.json"), "--device", "cpu", "--jobs", "0"]) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
 
@@ -515,7 +320,7 @@ def test_stage1_from_starts_a_later_lever_from_the_same_stage1(tiny_teacher, gri
     same inputs) restores the kept stage-1 checkpoint of the earlier row (same losses and per-layer
     values, no stage-1 step run) and is measured as usual; a row with another stage 1 (another
     attention config) trains its own."""
-    run = _module("run")
+    run = fidelity_module("run")
     folder, _, made = grid_run
     conv_a = folder / "conv-one"
     kept = conv_a / "stage1-checkpoints" / "wan-hla-seed0.safetensors"
@@ -537,5 +342,5 @@ def test_stage1_from_starts_a_later_lever_from_the_same_stage1(tiny_teacher, gri
     assert hybrid["attention"]["stage1_train"] != a["attention"]["stage1_train"]
     out = capsys.readouterr().out
     assert f"stage 1: from {kept}" in out and "no finished one of this fingerprint, trained here" in out
-    report = _module("report")
+    report = fidelity_module("report")
     assert report._seconds(lora) is None and report._seconds(hybrid) is not None  # its stage-1 time is not its own
