@@ -155,6 +155,28 @@ def test_stage2_rows_start_from_the_committed_stage1_of_their_window(arch, row, 
     assert prints[row] == prints[stage1_of] != prints[other]
 
 
+@pytest.mark.parametrize("arch,row,seed,results", [
+    ("wan", "shipped-tile4x-s2x2", 0, "2026-12-07_h100_deep6_stage1"),  # benchmarks/lent_gpu.sh `deep`
+    ("cogvideox", "shipped-tile2x-select-output", 2, "2026-12-07_h100_deep5_stage1"),
+    ("cogvideox", "shipped-tile-select-output-full", 0, "2026-12-07_h100_deep4_stage1"),
+])
+def test_committed_stage1_checkpoints_are_found_for_the_rows_that_reuse_them(arch, row, seed, results, tmp_path):
+    """--stage1-from finds a committed stage-1 checkpoint by its fingerprint, as run.py resolves the
+    row (shipped base, --calibration-batch 2, the deep tier's 15 blocks): a change to the recipe or
+    the fingerprint that no longer matches them would retrain stage 1 on the GPU, unannounced, and
+    the row would not share its stage 1 with the row it is compared against."""
+    recipes, run, reuse = (fidelity_module(m) for m in ("bench_recipes", "run", "stage1_reuse"))
+    args = argparse.Namespace(**{**vars(_args(sampling_steps=20)), "calibration_batch": 2})
+    rec = recipes.recipe_for(arch, row, seed, tmp_path, run.bd.VideoSpec(), args, bench_layers=15)
+    n, batch = recipes.input_plan(arch, row, args)
+    folder = run.HERE / "results" / results
+    found = reuse.finished_stage1([folder], arch, seed, rec, math.ceil(n / batch))
+    assert found is not None and found.parent == folder / reuse.KEPT_DIR, found
+    # and not by name or seed alone: the own-frame row's stage 1 is another one
+    frame = recipes.recipe_for(arch, "shipped-frame", seed, tmp_path, run.bd.VideoSpec(), args, bench_layers=15)
+    assert reuse.finished_stage1([folder], arch, seed, frame, math.ceil(n / batch)) is None
+
+
 def test_shipped_rows_need_the_shipped_base(tmp_path, monkeypatch, capsys):
     run = fidelity_module("run")
     common = ["--models", "wan", "--out", str(tmp_path / "r.json"), "--device", "cpu"]

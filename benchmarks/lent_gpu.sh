@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU work that is scripted but not yet run, as parts of one script for the lent GPU machine
+# (benchmarks/RESULTS.md, "How these ran on the lent machine"). A session's device time is short and
+# starts can be refused for long stretches: each part below is sized to fit one 10-minute call, and
+# every part writes what it has under $OUT as it goes.
+#
+# Here (once per checkout; .whl/ is ignored by git):
+#     bash benchmarks/lent_gpu.sh wheels          # Python 3.12 wheels of what the device lacks
+#     git log -1 --format=%h > .whl/commit        # the commit the records name
+# There (the device tool's run, carry [".whl"]):
+#     bash benchmarks/lent_gpu.sh PART [PART ...]
+#
+# Parts (seconds are estimates on one H100, from the runs RESULTS.md and docs/comparison.md record):
+#   kernels   ~420 s  issue 22: `pytest -m gpu tests/kernel` (the index tile reads and the atomic window
+#                     dq have never run on a GPU), then bench_hybrid.py at 480p with both tile reads and
+#                     both window-dq modes on the own frame, Wan's 5 x 2 tiles and the 8 x 8 tile
+#                     (0x15x26), and 720p; before any default is flipped
+#   profile   ~100 s  issue 22: profile_block.py, where one Wan block's time goes (never run on a GPU)
+#   deep      ~560 s  issue 20: Wan's 8 x 8 tile seeds 1 and 2 (own stage 1), the same tile with 2x the
+#                     stage-2 steps on seed 0 (stage 1 from the eleventh run's checkpoint); COG=1 adds
+#                     CogVideoX's 8 x 8 tile, HALO=1 the 4 x 4 tile with a 1-token halo
+#   wan_fwd   ~550 s  issue 22: the whole Wan-1.3B-shaped forward, both sides compiled, with the
+#                     recipe's tiles and with the 8 x 8 tile ([1, 2, 2]); WRES=480p for one resolution
+#   distill   ~500 s  issue 20/22: the 480p distillation steps (stage 2 `train: full` with the tiles)
+set -u
+cd "$(dirname "$0")/.."
+
+wheels() {
+  # names and versions as the CPU venv resolves them; the device has torch, triton, transformers,
+  # accelerate and huggingface_hub 1.x (too old for diffusers 0.42: carried too)
+  mkdir -p .whl
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    "diffusers==0.42.1" "huggingface_hub>=1.0,<1.34" peft typer rich "pydantic>=2.5.3" pydantic-core \
+    annotated-types typing-inspection annotated-doc shellingham click markdown-it-py mdurl pygments \
+    imageio ftfy wcwidth safetensors pyyaml pytest pluggy iniconfig
+  du -sh .whl  # under the call's 64 MiB with the tree (imageio-ffmpeg's 68 MB wheel is left out)
+}
+
+setup() {
+  if [ ! -e /tmp/proj/hla_convert ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/proj . 2>&1 | tail -2
+  fi
+  export PYTHONPATH=/tmp/proj:/tmp/site
+  export GIT_COMMIT
+  GIT_COMMIT=$(cat .whl/commit 2>/dev/null || echo unknown)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, diffusers, peft; print(torch.__version__, triton.__version__, diffusers.__version__, peft.__version__)"
+}
+
+kernels() {
+  timeout 150 python3 -m pytest -q -m gpu tests/kernel -p no:cacheprovider > "$OUT/gputests.log" 2>&1; tail -4 "$OUT/gputests.log"
+  timeout 220 python3 benchmarks/bench_hybrid.py "$OUT/h480.json" --grids 21x30x52 --rs 32 --windows 1x0x0,0x6x26,0x15x26 \
+    --tile-reads gather,index --window-dq pass,atomic --no-block > "$OUT/h480.log" 2>&1; tail -3 "$OUT/h480.log"
+  timeout 100 python3 benchmarks/bench_hybrid.py "$OUT/h720.json" --grids 21x45x80 --rs 32 --windows 1x0x0,0x9x40 \
+    --tile-reads gather,index --no-check --no-block > "$OUT/h720.log" 2>&1; tail -3 "$OUT/h720.log"
+}
+
+profile() {
+  timeout "${PROF_T:-110}" python3 benchmarks/profile_block.py "$OUT/profile_block.json" --warmup 3 --reps 5 > "$OUT/profile_block.md" 2>&1
+  tail -5 "$OUT/profile_block.md"
+}
+
+deep() {
+  local common=(--tier deep --base shipped --sampling-steps 20 --calibration-batch 2 --resume
+                --conversions-dir /tmp/conv --inputs-dir /tmp/inputs
+                --stage1-from benchmarks/fidelity/results/2026-12-07_h100_deep6_stage1 /tmp/conv)
+  local t=${DEEP_T:-560}
+  mkdir -p "$OUT/deep"
+  timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models wan --seeds 1 2 --jobs 2 --configs shipped-tile4x --out "$OUT/deep/a.jsonl" > "$OUT/deep/a.log" 2>&1 &
+  timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models wan --seeds 0 --configs shipped-tile4x-s2x2 --out "$OUT/deep/s.jsonl" > "$OUT/deep/s.log" 2>&1 &
+  if [ -n "${COG:-}" ]; then
+    timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models cogvideox --seeds 0 --configs shipped-tile4x --out "$OUT/deep/c.jsonl" > "$OUT/deep/c.log" 2>&1 &
+  fi
+  if [ -n "${HALO:-}" ]; then
+    timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models wan --seeds 0 --configs shipped-tile-halo1 --out "$OUT/deep/h.jsonl" > "$OUT/deep/h.log" 2>&1 &
+  fi
+  wait
+  tail -n 4 "$OUT"/deep/*.log
+  cp -r /tmp/conv/stage1-checkpoints "$OUT/deep/" 2>/dev/null
+  du -sh "$OUT/deep"
+}
+
+wan_fwd() {
+  timeout "${WT1:-300}" python3 benchmarks/bench_wan.py "$OUT/wan_fwd_tiles.json" --parts forward --resolutions "${WRES:-480p,720p}" --compile blocks > "$OUT/wan_fwd_tiles.log" 2>&1
+  tail -6 "$OUT/wan_fwd_tiles.log"
+  timeout "${WT2:-250}" python3 benchmarks/bench_wan.py "$OUT/wan_fwd_tile4x.json" --parts forward --resolutions "${WRES:-480p,720p}" --compile blocks --attention tiles=1,2,2 > "$OUT/wan_fwd_tile4x.log" 2>&1
+  tail -6 "$OUT/wan_fwd_tile4x.log"
+}
+
+distill() {
+  timeout 500 python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill > "$OUT/wan_distill.log" 2>&1; tail -8 "$OUT/wan_distill.log"
+}
+
+if [ "${1:-}" = wheels ]; then wheels; exit; fi
+[ -n "${OUT:-}" ] || { echo "lent_gpu.sh: \$OUT is not set (run it through the device tool, or set OUT=folder)" >&2; exit 2; }
+for part in "$@"; do
+  case $part in
+    kernels|profile|deep|wan_fwd|distill) ;;
+    *) echo "lent_gpu.sh: unknown part $part (kernels, profile, deep, wan_fwd, distill; or wheels, here)" >&2; exit 2 ;;
+  esac
+done
+setup
+for part in "$@"; do echo "=== $part $(date +%T)"; $part; done
+echo "=== end $(date +%T)"
