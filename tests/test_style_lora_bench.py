@@ -8,18 +8,14 @@ import json
 
 import pytest
 
-from helpers import BENCHMARKS, load_script
-
-
-def _style_module():
-    return load_script(BENCHMARKS / "fidelity" / "style_lora.py", "fidelity_style_lora")
+from helpers import fidelity_module
 
 
 @pytest.mark.slow  # a few seconds: it trains, loads and samples five models
 def test_style_lora_measures_the_effect_on_teacher_and_conversion(converted, tmp_path, capsys):
     from safetensors import safe_open
 
-    style = _style_module()
+    style = fidelity_module("style_lora")
     out, keep = tmp_path / "style.json", tmp_path / "style"
     argv = ["--demo", "--converted", str(converted[0]), "--train-steps", "2", "--samples", "2", "--sampling-steps", "2",
             "--threads", "1", "--save-style", str(keep), "--out", str(out)]  # fmt: skip

@@ -166,7 +166,7 @@ def test_committed_stage1_checkpoints_are_found_for_the_rows_that_reuse_them(arc
     the fingerprint that no longer matches them would retrain stage 1 on the GPU, unannounced, and
     the row would not share its stage 1 with the row it is compared against."""
     recipes, run, reuse = (fidelity_module(m) for m in ("bench_recipes", "run", "stage1_reuse"))
-    args = argparse.Namespace(**{**vars(_args(sampling_steps=20)), "calibration_batch": 2})
+    args = _args(sampling_steps=20, calibration_batch=2)
     rec = recipes.recipe_for(arch, row, seed, tmp_path, run.bd.VideoSpec(), args, bench_layers=15)
     n, batch = recipes.input_plan(arch, row, args)
     folder = run.HERE / "results" / results

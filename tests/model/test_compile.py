@@ -210,8 +210,8 @@ def test_hybrid_kernel_is_one_op_under_compile(interp, monkeypatch, grid, window
     permutes = hybrid_kernels._permutes(grid, box)
     if permutes and reads == "gather":
         # the op is called with the slot index explicitly (TILE_READS is read outside it): this
-        # opcheck would be the "index" case's, argument for argument (opcheck runs the interpreted
-        # kernel a dozen times)
+        # opcheck would repeat the "index" case's of the same grid and window, the same op with the
+        # same index (opcheck runs the interpreted kernel a dozen times)
         return
     idx = hybrid_kernels.slot_rows(grid, box, 2, True, "cpu") if permutes else None
     torch.library.opcheck(hybrid_kernels._forward_op, (q, k, v, *feats, log_beta, None, idx, 0.35, big, nb, 2, True, 1e-6))
