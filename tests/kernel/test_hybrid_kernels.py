@@ -42,8 +42,10 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def _compare(grid, window, text, first, mask, tensors, do, dtype, device="cpu"):
-    """Relative errors [out, dq, dk, dv, dq1, dq2, dk1, dk2, dlog_beta] of the kernel vs float64."""
+def _compare(grid, window, text, first, mask, tensors, do, dtype, device="cpu", dq_modes=None):
+    """Relative errors [out, dq, dk, dv, dq1, dq2, dk1, dk2, dlog_beta] of the kernel vs float64;
+    with dq_modes, {mode: those errors} for each way of the backward to the window's dq
+    (hy.WINDOW_DQ), all from one forward (the mode is read when the backward runs)."""
     scale = tensors[0].shape[-1] ** -0.5
     # both sides start from the same (dtype-rounded) values: the error is the kernel's own
     tensors = [t.to(dtype).float() if i < 7 else t for i, t in enumerate(tensors)]
@@ -56,8 +58,12 @@ def _compare(grid, window, text, first, mask, tensors, do, dtype, device="cpu"):
     out = hy.hybrid_attention(ker_in[0], ker_in[1], ker_in[2], ker_in[3:5], ker_in[5:7], scale, ker_in[7],
                               grid, window, (0, 0, 0), text, first, kmask)
     assert out.dtype == dtype and out.shape == ref.shape
-    out.backward(do.to(device, dtype))
-    return [_rel(out.cpu(), ref)] + [_rel(a.grad.cpu(), r.grad) for a, r in zip(ker_in, ref_in)]
+    modes, errs = dq_modes or [hy.WINDOW_DQ], {}
+    for i, mode in enumerate(modes):
+        hy.WINDOW_DQ = mode  # the callers' monkeypatch restores it
+        grads = torch.autograd.grad(out, ker_in, do.to(device, dtype), retain_graph=i + 1 < len(modes))
+        errs[mode] = [_rel(out.cpu(), ref)] + [_rel(g.cpu(), r.grad) for g, r in zip(grads, ref_in)]
+    return errs if dq_modes else errs[modes[0]]
 
 
 CASES = [
@@ -98,25 +104,14 @@ def _heads(grid, window) -> int:
 
 @pytest.mark.parametrize("grid,window,text,first,masked,reads", READ_CASES)
 def test_fp32_matches_float64_reference(interp, monkeypatch, grid, window, text, first, masked, reads):
+    """Forward and every gradient, with the window's dq from its own pass ("pass", the default)
+    and from the dk/dv kernel's atomics ("atomic"): both backwards of one forward."""
     monkeypatch.setattr(hy, "TILE_READS", reads)
+    monkeypatch.setattr(hy, "WINDOW_DQ", "pass")
     tensors, do, mask = _inputs(grid, text, h=_heads(grid, window), masked=masked)
-    errs = _compare(grid, window, text, first, mask, tensors, do, torch.float32)
-    # log_beta's gradient sums terms of both signs over all queries: looser
-    assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
-
-
-# the backward's window dq from the dk/dv kernel's atomics (WINDOW_DQ "atomic"): every case, tiles
-# read in place, and one tiled case gathered
-ATOMIC_CASES = [pytest.param(*c, "index", id=f"{i}") for i, c in enumerate(CASES)] + [pytest.param(*CASES[4], "gather", id="4-gather")]
-
-
-@pytest.mark.parametrize("grid,window,text,first,masked,reads", ATOMIC_CASES)
-def test_atomic_window_dq_matches_float64_reference(interp, monkeypatch, grid, window, text, first, masked, reads):
-    monkeypatch.setattr(hy, "TILE_READS", reads)
-    monkeypatch.setattr(hy, "WINDOW_DQ", "atomic")
-    tensors, do, mask = _inputs(grid, text, h=_heads(grid, window), masked=masked, seed=3)
-    errs = _compare(grid, window, text, first, mask, tensors, do, torch.float32)
-    assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, errs
+    for mode, errs in _compare(grid, window, text, first, mask, tensors, do, torch.float32, dq_modes=["pass", "atomic"]).items():
+        # log_beta's gradient sums terms of both signs over all queries: looser
+        assert max(errs[:-1]) < 1e-4 and errs[-1] < 1e-3, (mode, errs)
 
 
 def test_window_dq_modes_agree_and_a_wrong_one_is_named(interp, monkeypatch):
