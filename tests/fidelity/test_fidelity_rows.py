@@ -131,6 +131,23 @@ def test_window_rows_compare_equal_sized_windows():
     assert recipes.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
 
 
+def test_the_fidelity_first_wan_recipe_is_the_row_that_measured_it():
+    """wan2.1-t2v-1.3b-hq is wan2.1-t2v-1.3b with the two fields of the row that reached the drift
+    target (shipped-tile4x-s2x2: the 8 x 8 tile on the deep benchmark's grid, 800 stage-2 steps) and
+    nothing else changed."""
+    from hla_convert.recipe import load_recipe
+
+    recipes = fidelity_module("bench_recipes")
+    base, hq = (load_recipe(n).to_dict() for n in ("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-hq"))
+    row = recipes.CONFIGS["shipped-tile4x-s2x2"]
+    assert list(load_recipe("wan2.1-t2v-1.3b-hq").hla_config().window_on((16, 16, 16))) == row["attention.window"]
+    assert hq["stage2"]["steps"] == row["stage2.steps"] == 2 * base["stage2"]["steps"]
+    changed = {(section, key) for section in base for key in base[section] if isinstance(base[section], dict)
+               and base[section][key] != hq[section][key]}
+    assert changed == {("attention", "tiles"), ("stage2", "steps")}, changed
+    assert {k for k in base if not isinstance(base[k], dict) and base[k] != hq[k]} <= {"name", "description"}
+
+
 @pytest.mark.parametrize("arch,row,stage1_of", [
     ("cogvideox", "shipped-tile2x-select-output", "shipped-tile2x"),
     ("cogvideox", "shipped-tile-select-output-full", "shipped-tile"),
