@@ -210,8 +210,24 @@ SWEEP = {
 }
 
 
+CHECK_GRID = (3, 30, 52)  # check(): 3 frames of a 480p frame, with text tokens and masked keys
+
+
+def candidate_ok(errs: dict) -> tuple[bool, float]:
+    """A launch config is right when check() finds the fp32 kernel within 1e-3 of the fp32 block form
+    on the output and every gradient, and the bf16 kernel within 2e-2 (log_beta's gradient, a sum of
+    terms of both signs over every query, excepted in bf16). (ok, the largest of those errors)."""
+    fp32 = list(errs["fp32"].values())
+    bf16 = [v for k, v in errs["bf16"].items() if k != "dlog_beta"]
+    ok = all(e < 1e-3 for e in fp32) and all(e < 2e-2 for e in bf16)  # a NaN is not below anything
+    worst = [e for e in fp32 + bf16 if e != e] or fp32 + bf16  # max() skips a NaN that is not first
+    return ok, max(worst)
+
+
 def sweep(grid, r, window=(1, 0, 0)):
-    """Times each launch config of each kernel (others at their defaults); returns the best per kernel."""
+    """Times each launch config of each kernel (others at their defaults), each first checked against
+    the fp32 block form (check() at CHECK_GRID with the same window, candidate_ok); returns the rows and
+    the fastest right config per kernel (a kernel whose candidates all fail keeps its default)."""
     scale = D ** -0.5
     q, k, v, proj, log_beta, _ = make(grid, r)
     qf, kf = taylor(q, proj, scale), taylor(k, proj, scale)
@@ -225,19 +241,25 @@ def sweep(grid, r, window=(1, 0, 0)):
         results = []
         for bm, bn, warps, stages in cands:
             hy.GPU_CONFIG[name] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+            row = {"kernel": name, "r": r, "grid": "x".join(map(str, grid)), "config": [bm, bn, warps, stages]}
             try:
-                if name == "fwd":
+                row["ok"], row["max_rel_err"] = candidate_ok(check(CHECK_GRID, r, window=window))
+                if not row["ok"]:
+                    ms = float("inf")
+                elif name == "fwd":
                     ms = bench(lambda: hla_kernels.hybrid_attention(q, k, v, qf, kf, scale, log_beta, grid, window))
                 else:
                     ms = bench(lambda: torch.autograd.grad(out, [qg, kg, vg, *fg], do, retain_graph=True))
             except Exception as e:
-                ms = float("inf")
+                ms, row["ok"], row["error"] = float("inf"), False, f"{type(e).__name__}: {e}"[:300]
                 log(f"  sweep {name} {bm},{bn},{warps},{stages}: FAILED {e!r}"[:300])
             results.append((ms, (bm, bn, warps, stages)))
-            rows.append({"kernel": name, "r": r, "grid": "x".join(map(str, grid)), "config": [bm, bn, warps, stages], "ms": round(ms, 3)})
-            log(f"  sweep {name:5s} r={r} BM={bm:3d} BN={bn:3d} w={warps} s={stages}: {ms:.3f} ms")
+            rows.append(dict(row, ms=round(ms, 3)))
+            log(f"  sweep {name:5s} r={r} BM={bm:3d} BN={bn:3d} w={warps} s={stages}: {ms:.3f} ms"
+                + ("" if row["ok"] else f"  WRONG (max rel err {row.get('max_rel_err', float('nan')):.2e})"))
         ms, cfg = min(results)
-        best[name] = cfg
+        if ms < float("inf"):
+            best[name] = cfg
         hy.GPU_CONFIG[name] = keep[name]
     return rows, best
 

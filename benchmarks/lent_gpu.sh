@@ -16,6 +16,10 @@
 #                     passed: now 260 s, -v), then bench_hybrid.py at 480p with both tile reads and
 #                     both window-dq modes on the own frame, Wan's 5 x 2 tiles and the 8 x 8 tile
 #                     (0x15x26), and 720p: to re-verify and re-time a kernel change
+#   sweep     ~250 s  issue 22: bench_hybrid.py --sweep --apply-sweep on Wan's 5 x 2 tiles at 480p: each
+#                     launch config of the forward, dq and dk/dv kernels checked against the fp32 block
+#                     form, then timed; the fastest right ones checked and timed together (the defaults:
+#                     part kernels; never run: the check per candidate is new)
 #   profile    ~40 s  issue 22: profile_block.py, where one Wan block's time goes
 #   deep      ~520 s  issue 20: wan2.1-t2v-1.3b-hq's row (shipped-tile4x-s2x2: the 8 x 8 tile, 800
 #                     stage-2 steps) on seeds 1 and 2, each with its own stage 1 (seed 0 ran on
@@ -60,6 +64,11 @@ kernels() {
     --tile-reads gather,index --no-check --no-block > "$OUT/h720.log" 2>&1; tail -3 "$OUT/h720.log"
 }
 
+sweep() {
+  timeout "${SWEEP_T:-300}" python3 benchmarks/bench_hybrid.py "$OUT/sweep480.json" --grids 21x30x52 --rs 32 --windows 0x6x26 \
+    --sweep --apply-sweep --no-baselines --no-block > "$OUT/sweep480.log" 2>&1; tail -8 "$OUT/sweep480.log"
+}
+
 profile() {
   timeout "${PROF_T:-110}" python3 benchmarks/profile_block.py "$OUT/profile_block.json" --warmup 3 --reps 5 > "$OUT/profile_block.md" 2>&1
   tail -5 "$OUT/profile_block.md"
@@ -101,8 +110,8 @@ if [ "${1:-}" = wheels ]; then wheels; exit; fi
 [ -n "${OUT:-}" ] || { echo "lent_gpu.sh: \$OUT is not set (run it through the device tool, or set OUT=folder)" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    kernels|profile|deep|wan_fwd|distill) ;;
-    *) echo "lent_gpu.sh: unknown part $part (kernels, profile, deep, wan_fwd, distill; or wheels, here)" >&2; exit 2 ;;
+    kernels|sweep|profile|deep|wan_fwd|distill) ;;
+    *) echo "lent_gpu.sh: unknown part $part (kernels, sweep, profile, deep, wan_fwd, distill; or wheels, here)" >&2; exit 2 ;;
   esac
 done
 setup
