@@ -74,6 +74,29 @@ def windows(grid: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, p: tor
     return out
 
 
+def record_attention(model, arch: str, item: dict, grid: tuple[int, int, int]) -> list[tuple[torch.Tensor, ...]]:
+    """One forward of the teacher on a run.py inputs item; its video self-attention calls' (q, k, v),
+    [B, H, N, d] float32 each, in layer order (torch's scaled_dot_product_attention, which diffusers'
+    native backend calls, recorded while the forward runs)."""
+    n = grid[0] * grid[1] * grid[2]
+    calls: list[tuple[torch.Tensor, ...]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def record(*a, **kw):
+        q, k, v = (kw[name] if name in kw else a[i] for i, name in enumerate(("query", "key", "value")))
+        if q.shape[-2] == n and k.shape[-2] == n:  # self-attention over the video (Wan: no text in it)
+            calls.append((q.detach().float(), k.detach().float(), v.detach().float()))
+        return sdpa(*a, **kw)
+
+    F.scaled_dot_product_attention = record
+    try:
+        with torch.no_grad():
+            model(**bm.model_inputs(arch, item["hidden_states"], item["timestep"], item["encoder_hidden_states"]))
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return calls
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", type=Path, help="a run.py input set's heldout/ folder")
@@ -87,31 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     arch, model, spec, _ = bm.load_model(args.model)
     grid = (spec.frames, spec.height // 2, spec.width // 2)
-    n = grid[0] * grid[1] * grid[2]
     files = sorted(args.inputs.glob("*.safetensors"))[: args.files]
     if not files:
         print(f"window_mass.py: no *.safetensors inputs in {args.inputs}", file=sys.stderr)
         return 2
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    sdpa = F.scaled_dot_product_attention
-
-    def record(*a, **kw):
-        q, k, v = (kw[name] if name in kw else a[i] for i, name in enumerate(("query", "key", "value")))
-        if q.shape[-2] == n and k.shape[-2] == n:  # self-attention over the video (Wan: no text in it)
-            calls.append((q.detach().float(), k.detach().float(), v.detach().float()))
-        return sdpa(*a, **kw)
-
     sums: dict[str, dict] = {}
     start = time.time()
     for f in files:
-        item = load_file(str(f))
-        calls.clear()
-        F.scaled_dot_product_attention = record
-        try:
-            with torch.no_grad():
-                model(**bm.model_inputs(arch, item["hidden_states"], item["timestep"], item["encoder_hidden_states"]))
-        finally:
-            F.scaled_dot_product_attention = sdpa
+        calls = record_attention(model, arch, load_file(str(f)), grid)
         for layer, (q, k, v) in enumerate(calls):
             for b in range(q.shape[0]):
                 for h in range(q.shape[1]):

@@ -27,3 +27,21 @@ def test_windows_hold_their_keys_and_the_oracle_holds_the_most_mass():
             assert (w.sum(-1) == 64 * top).all()
         mass = {how: (p * w).sum() for how, w in chosen.items()}
         assert mass["oracle"] >= mass["pooled score"] - 1e-5
+
+
+def test_far_part_stand_ins_are_exact_where_they_must_be():
+    """far_part.errors on an 8 x 16 x 16 grid: with every 64-token key block's values alike, the
+    block's true mass with its mean value is the exact softmax; HLA with beta -> 0 is the window alone;
+    dropping the far part costs something."""
+    fp = fidelity_module("far_part")
+    wm = fidelity_module("window_mass")
+    grid, n, d = (8, 16, 16), 2048, 16
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 1, n, d, generator=g), torch.randn(1, 1, n, d, generator=g)
+    blocks = wm.block_ids(grid, fp.KEY_BLOCK)
+    v = torch.randn(int(blocks.max()) + 1, 8, generator=g)[blocks][None, None]  # [1, 1, N, 8], alike within a block
+    proj = torch.randn(1, d, 7, generator=g) * 0.1
+    errs = fp.errors(q, k, v, proj, torch.full((1,), -60.0), grid)
+    assert errs["exact block mass, pooled values"] < 1e-5
+    assert abs(errs["hla"] - errs["window only"]) < 1e-5
+    assert errs["window only"] > 1e-2
