@@ -1,4 +1,5 @@
-"""benchmarks/fidelity/window_mass.py: the windows it compares hold what they say."""
+"""benchmarks/fidelity/window_mass.py and far_part.py: the windows and far-part stand-ins they
+compare are what they say."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from helpers import fidelity_module
 
 
 def test_windows_hold_their_keys_and_the_oracle_holds_the_most_mass():
-    """On an 8 x 16 x 16 grid (2,048 tokens, 32 key blocks): each static window is the library's (every query sees its
-    own token, and the window's size in keys); each top-n block choice gives every query n x 64
-    keys; the oracle choice (top blocks by true mass) holds at least the pooled-score choice's mass."""
+    """On an 8 x 16 x 16 grid (2,048 tokens, 32 key blocks): each static window is the library's
+    (every query sees its own token, and the window's size in keys); each top-n block choice gives
+    every query n x 64 keys; the oracle choice (top blocks by true mass) holds at least the
+    pooled-score choice's mass."""
     wm = fidelity_module("window_mass")
     grid, n = (8, 16, 16), 2048
     g = torch.Generator().manual_seed(0)
