@@ -25,7 +25,6 @@ self-attention recorded; then for each layer, against the exact softmax output o
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -39,8 +38,7 @@ sys.path.insert(1, str(HERE.parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import bench_models as bm  # noqa: E402
-from window_mass import block_ids, record_attention  # noqa: E402
+from window_mass import block_ids, load_teacher, record_attention, teacher_args  # noqa: E402
 
 WINDOW = (0, 4, 8)  # the 4 x 8 tile: the checkpoint's window on the 16 x 16 x 16 grid
 KEY_BLOCK = (2, 4, 8)  # 64 tokens; 8 of them make one tile's tube
@@ -89,24 +87,14 @@ def errors(q, k, v, proj, log_beta, grid) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("inputs", type=Path, help="a run.py input set's heldout/ folder")
-    ap.add_argument("stage1", type=Path, help="a 4 x 8-tile Wan stage-1 checkpoint of the same model")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", type=Path, default=HERE / "models-deep" / "wan")
-    ap.add_argument("--files", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    args = teacher_args(__doc__, ("stage1", "a 4 x 8-tile Wan stage-1 checkpoint of the same model")).parse_args(argv)
     from safetensors.torch import load_file
 
-    torch.set_num_threads(args.threads)
-    arch, model, spec, _ = bm.load_model(args.model)
-    grid = (spec.frames, spec.height // 2, spec.width // 2)
-    params = load_file(str(args.stage1))
-    files = sorted(args.inputs.glob("*.safetensors"))[: args.files]
-    if not files:
-        print(f"far_part.py: no *.safetensors inputs in {args.inputs}", file=sys.stderr)
+    loaded = load_teacher(args, "far_part.py")
+    if loaded is None:
         return 2
+    arch, model, grid, files = loaded
+    params = load_file(str(args.stage1))
     per: dict[str, dict[int, list[float]]] = {}
     start = time.time()
     for f in files:

@@ -97,23 +97,41 @@ def record_attention(model, arch: str, item: dict, grid: tuple[int, int, int]) -
     return calls
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def teacher_args(doc: str, *positional: tuple[str, str]) -> argparse.ArgumentParser:
+    """The arguments of the scripts that read a teacher's own attention (this one and far_part.py):
+    INPUTS (a run.py input set's held-out folder), any further positional ones, --out, --model,
+    --files, --threads."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("inputs", type=Path, help="a run.py input set's heldout/ folder")
+    for name, help_text in positional:
+        ap.add_argument(name, type=Path, help=help_text)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=HERE / "models-deep" / "wan")
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    from safetensors.torch import load_file
+    return ap
 
+
+def load_teacher(args: argparse.Namespace, script: str) -> tuple | None:
+    """(arch, model, latent grid, the first --files input files) for teacher_args' arguments; None,
+    with the reason on stderr, when INPUTS holds no inputs."""
     torch.set_num_threads(args.threads)
-    arch, model, spec, _ = bm.load_model(args.model)
-    grid = (spec.frames, spec.height // 2, spec.width // 2)
     files = sorted(args.inputs.glob("*.safetensors"))[: args.files]
     if not files:
-        print(f"window_mass.py: no *.safetensors inputs in {args.inputs}", file=sys.stderr)
+        print(f"{script}: no *.safetensors inputs in {args.inputs}", file=sys.stderr)
+        return None
+    arch, model, spec, _ = bm.load_model(args.model)
+    return arch, model, (spec.frames, spec.height // 2, spec.width // 2), files
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = teacher_args(__doc__).parse_args(argv)
+    from safetensors.torch import load_file
+
+    loaded = load_teacher(args, "window_mass.py")
+    if loaded is None:
         return 2
+    arch, model, grid, files = loaded
     sums: dict[str, dict] = {}
     start = time.time()
     for f in files:
