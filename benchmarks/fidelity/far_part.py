@@ -38,10 +38,9 @@ sys.path.insert(1, str(HERE.parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from window_mass import block_ids, load_teacher, record_attention, teacher_args  # noqa: E402
+from window_mass import KEY_BLOCK, block_ids, load_teacher, record_attention, teacher_args  # noqa: E402
 
-WINDOW = (0, 4, 8)  # the 4 x 8 tile: the checkpoint's window on the 16 x 16 x 16 grid
-KEY_BLOCK = (2, 4, 8)  # 64 tokens; 8 of them make one tile's tube
+WINDOW = (0, 4, 8)  # the 4 x 8 tile: the checkpoint's window on the 16 x 16 x 16 grid (8 KEY_BLOCKs make its tube)
 
 
 def errors(q, k, v, proj, log_beta, grid) -> dict[str, float]:

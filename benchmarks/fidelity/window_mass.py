@@ -25,6 +25,7 @@ size can do). Mean over every (layer, sample, head); "worst layer" is the lowest
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -58,11 +59,17 @@ def block_ids(grid: tuple[int, int, int], box: tuple[int, int, int]) -> torch.Te
     return ((t // bt) * nh * nw + (h // bh) * nw + w // bw).reshape(-1)
 
 
-def windows(grid: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each window's [N, N] membership (query i sees key j exactly) for one head: q, k [N, d], p [N, N]."""
+@functools.lru_cache(maxsize=4)
+def static_windows(grid: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """STATIC's [N, N] memberships on a grid (the library's window_mask), built once per grid."""
     from hla_convert.ops.hybrid import window_mask
 
-    out = {name: window_mask(grid, box, (0, 0, 0), 0, True) for name, box in STATIC.items()}
+    return {name: window_mask(grid, box, (0, 0, 0), 0, True) for name, box in STATIC.items()}
+
+
+def windows(grid: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each window's [N, N] membership (query i sees key j exactly) for one head: q, k [N, d], p [N, N]."""
+    out = dict(static_windows(grid))
     qb, kb = block_ids(grid, QUERY_BLOCK), block_ids(grid, KEY_BLOCK)
     oq, ok = F.one_hot(qb).to(p.dtype), F.one_hot(kb).to(p.dtype)  # [N, nqb], [N, nkb]
     pooled = ((oq.T @ q) / oq.sum(0)[:, None]) @ ((ok.T @ k) / ok.sum(0)[:, None]).T  # [nqb, nkb]
