@@ -34,7 +34,9 @@ cd "$(dirname "$0")/.."
 wheels() {
   # names and versions as the CPU venv resolves them; the device has torch, triton, transformers,
   # accelerate and huggingface_hub 1.x (too old for diffusers 0.42: carried too)
-  mkdir -p .whl
+  # a fresh set: wheels of an older run beside the new (two peft, two typer wheels on 2026-12-07) are two
+  # versions of one package for the device's `pip install --no-deps`
+  mkdir -p .whl && rm -f .whl/*.whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "diffusers==0.42.1" "huggingface_hub>=1.0,<1.34" peft typer rich "pydantic>=2.5.3" pydantic-core \
