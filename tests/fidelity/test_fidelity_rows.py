@@ -173,7 +173,7 @@ def test_stage2_rows_start_from_the_committed_stage1_of_their_window(arch, row, 
 
 
 @pytest.mark.parametrize("arch,row,seed,results", [
-    ("wan", "shipped-tile4x-s2x2", 0, "2026-12-07_h100_deep6_stage1"),  # benchmarks/lent_gpu.sh `deep`
+    ("wan", "shipped-tile4x-s2x2", 0, "2026-12-07_h100_deep6_stage1"),  # as the twelfth run reused it (wan2.1-t2v-1.3b-hq)
     ("cogvideox", "shipped-tile2x-select-output", 2, "2026-12-07_h100_deep5_stage1"),
     ("cogvideox", "shipped-tile-select-output-full", 0, "2026-12-07_h100_deep4_stage1"),
 ])
