@@ -11,8 +11,8 @@ log_beta of every layer after 600 steps of attention transfer). The teacher runs
 self-attention recorded; then for each layer, against the exact softmax output o = softmax(s) v
 (s = q k^T / sqrt(d)), the relative error ||o' - o|| / ||o|| of:
 
-- hla: the hybrid as the conversion computes it (`ops.hybrid.hybrid_attention`, the 4 x 8 tile
-  through all frames exact, HLA with the checkpoint's features outside, one normaliser);
+- hla: the hybrid as a converted layer computes it (`model.layers.HLAAttention.student` with the
+  checkpoint's features: the 4 x 8 tile through all frames exact, HLA outside, one normaliser);
 - window only: the far part dropped (the tile's softmax renormalised);
 - pooled blocks: the far keys summarised per 64-token block (2 x 4 x 8) by their mean key and value,
   each block weighted n_b exp(q . k_mean / sqrt(d)) in the same normaliser (training-free, as the
@@ -26,7 +26,6 @@ self-attention recorded; then for each layer, against the exact softmax output o
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -38,31 +37,37 @@ sys.path.insert(1, str(HERE.parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from window_mass import KEY_BLOCK, block_ids, load_teacher, record_attention, teacher_args  # noqa: E402
+from window_mass import KEY_BLOCK, block_ids, load_teacher, membership, record_attention, teacher_args  # noqa: E402
 
 WINDOW = (0, 4, 8)  # the 4 x 8 tile: the checkpoint's window on the 16 x 16 x 16 grid (8 KEY_BLOCKs make its tube)
 
 
+def hla_layer(proj: torch.Tensor, log_beta: torch.Tensor, grid: tuple[int, int, int]):
+    """The library's hybrid attention layer (model.layers.HLAAttention: taylor map, F = 2, r = proj's
+    width + 1, the WINDOW tile) with a stage-1 checkpoint's proj [H, d, r-1] and log_beta [H], on grid."""
+    from hla_convert.model.config import HLAConfig
+    from hla_convert.model.layers import HLAAttention
+
+    heads, d, r1 = proj.shape
+    config = HLAConfig(kind="hybrid", far="hadamard", factors=2, feature_dim=r1 + 1, feature_map="taylor", window=list(WINDOW))
+    layer = HLAAttention(config, heads, d)
+    layer.load_state_dict({"proj": proj, "log_beta": log_beta})
+    layer.grid = grid
+    return layer
+
+
 def errors(q, k, v, proj, log_beta, grid) -> dict[str, float]:
     """Each stand-in's relative error against the exact softmax: q, k, v [B, H, N, d], proj [H, d, r-1]."""
-    from hla_convert.ops.hybrid import hybrid_attention, window_mask
-
     scale = q.shape[-1] ** -0.5
-    w = F.pad(proj * math.sqrt(scale / 2), (1, 0))  # the taylor map as model.layers builds it, F = 2
-
-    def phi(x):
-        y = torch.matmul(x, w)
-        y[..., 0] = 1.0
-        return y
-
     s = (q @ k.transpose(-1, -2)) * scale
     o = torch.softmax(s, -1) @ v
 
     def rel(x):
         return float((x - o).norm() / o.norm())
 
-    out = {"hla": rel(hybrid_attention(q, k, v, [phi(q)] * 2, [phi(k)] * 2, scale, log_beta, grid, WINDOW))}
-    inside = window_mask(grid, WINDOW, (0, 0, 0), 0, True)
+    with torch.no_grad():
+        out = {"hla": rel(hla_layer(proj, log_beta, grid).student(q, k, v, None, scale))}
+    inside = membership(grid, WINDOW)
     sw = s.masked_fill(~inside, float("-inf"))
     c = sw.amax(-1, keepdim=True)
     pw = torch.exp(sw - c)

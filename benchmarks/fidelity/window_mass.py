@@ -59,17 +59,18 @@ def block_ids(grid: tuple[int, int, int], box: tuple[int, int, int]) -> torch.Te
     return ((t // bt) * nh * nw + (h // bh) * nw + w // bw).reshape(-1)
 
 
-@functools.lru_cache(maxsize=4)
-def static_windows(grid: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-    """STATIC's [N, N] memberships on a grid (the library's window_mask), built once per grid."""
+@functools.lru_cache(maxsize=8)
+def membership(grid: tuple[int, int, int], box: tuple[int, int, int]) -> torch.Tensor:
+    """bool [N, N]: key j in query i's window of `box` tokens (the library's window_mask, no halo, no
+    text), built once per (grid, box) rather than per layer and head."""
     from hla_convert.ops.hybrid import window_mask
 
-    return {name: window_mask(grid, box, (0, 0, 0), 0, True) for name, box in STATIC.items()}
+    return window_mask(grid, box, (0, 0, 0), 0, True)
 
 
 def windows(grid: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each window's [N, N] membership (query i sees key j exactly) for one head: q, k [N, d], p [N, N]."""
-    out = dict(static_windows(grid))
+    out = {name: membership(grid, box) for name, box in STATIC.items()}
     qb, kb = block_ids(grid, QUERY_BLOCK), block_ids(grid, KEY_BLOCK)
     oq, ok = F.one_hot(qb).to(p.dtype), F.one_hot(kb).to(p.dtype)  # [N, nqb], [N, nkb]
     pooled = ((oq.T @ q) / oq.sum(0)[:, None]) @ ((ok.T @ k) / ok.sum(0)[:, None]).T  # [nqb, nkb]
