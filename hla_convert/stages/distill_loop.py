@@ -3,7 +3,9 @@ learning-rate schedule, the batch order, checkpoints and resume, the one-process
 multi-process one (hla_convert.stages.parallel).
 
 Checkpoints: `<work_dir>/stage1.checkpoint.safetensors` (resp. stage2, stage3), one file written
-atomically (temp file + os.replace) every `checkpoint_every` steps and at the end: the trained
+atomically (temp file + os.replace) every `checkpoint_every` steps and at the end, on a background
+thread while the next steps train (stages.checkpoints.CheckpointWriter; the stage ends when the last
+write is on disk): the trained
 parameters, the AdamW state, the torch RNG state, the step and the loss history, and a
 fingerprint of what is trained (recipe fields, parameter shapes, input count: not the process
 count, so a run resumes under any number of processes). The batch order is a pure function of
@@ -30,7 +32,7 @@ from ..json_docs import same_json
 from ..model.layers import hla_parameters
 from ..model.modes import attention_mode, forward, set_attention_mode
 from ..recipe import Recipe
-from .checkpoints import CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, save_checkpoint, selection_path
+from .checkpoints import CheckpointError, CheckpointWriter, checkpoint_path, load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint, selection_path
 from .master_weights import MasterWeights
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
@@ -194,6 +196,20 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@contextlib.contextmanager
+def _writes_finished(writer: CheckpointWriter) -> Iterator[None]:
+    """The stage's last checkpoint write is on disk when the stage ends, however it ends: a run that
+    stops on an error or Ctrl-C keeps the checkpoint it was writing (its error, if the body raised
+    one, is the one that surfaces)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.wait()
+        raise
+    writer.wait()
+
+
 def stage_fingerprint(stage: str, recipe: Recipe, params: Mapping[str, Any], n_inputs: int) -> str:
     """What a stage checkpoint must have been written for to be resumed: the stage's recipe fields
     (not checkpoint_every or teacher), the attention config, the calibration batch and seed, the
@@ -281,6 +297,8 @@ def _run_stage(
         parallel.broadcast_([opt[n] for n in names])
     masters.to_model()  # a restored or broadcast master's value into the model
 
+    writer = CheckpointWriter()
+
     def save(step: int) -> None:
         opt_tensors, opt_meta = optimizer_to_checkpoint(optimizer)
         tensors = {f"param.{n}": opt[n] for n in names} | opt_tensors | {"rng.torch": torch.get_rng_state()}
@@ -294,15 +312,15 @@ def _run_stage(
             "history": history,
             "layers": last_layers,
         }
-        if main:
-            save_checkpoint(ckpt, tensors, state)
+        if main:  # the write goes on while the next steps train (CheckpointWriter)
+            writer.submit(ckpt, tensors, state)
         if parallel is not None:
             parallel.barrier()
 
     last_saved = start if summary["resumed_from"] is not None else None
     t0 = mark = time.perf_counter()
     step_seconds: list[float] = []  # wall time of each step run here, its checkpoint write included
-    with _only_trainable(model, params), attention_mode(model):
+    with _only_trainable(model, params), attention_mode(model), _writes_finished(writer):
         for step in range(start, spec.steps):
             lr = _lr_at(step, spec.steps, spec.lr)
             for group, base_lr in zip(optimizer.param_groups, base_lrs):

@@ -1,4 +1,5 @@
-"""Atomic writes: readers see the old or the new complete file, with ordinary permissions."""
+"""Atomic writes: readers see the old or the new complete file, with ordinary permissions; training
+checkpoints written in the background hold the values of the moment they were taken."""
 
 from __future__ import annotations
 
@@ -37,3 +38,68 @@ def test_mode_follows_umask_not_owner_only(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_checkpoint_holds_the_values_it_was_submitted_with_while_training_goes_on(tmp_path, monkeypatch):
+    """The background write (CheckpointWriter) returns before the file is written, and the file holds
+    the tensors as they were at submit(), not as the optimizer's next step left them."""
+    import threading
+
+    import torch
+
+    from hla_convert.stages import checkpoints
+
+    path = tmp_path / "stage2.checkpoint.safetensors"
+    release, started = threading.Event(), threading.Event()
+    real = checkpoints.save_checkpoint
+
+    def slow(*args, **kwargs):
+        started.set()
+        assert release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", slow)
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    writer = checkpoints.CheckpointWriter()
+    writer.submit(path, {"param.w": w}, {"step": 25})
+    assert started.wait(10) and not path.exists()  # submit() came back with the write in flight
+    w.add_(100.0)  # the next optimizer step, in place
+    release.set()
+    writer.wait()
+    tensors, state = checkpoints.load_checkpoint(path)
+    assert torch.equal(tensors["param.w"], torch.arange(6, dtype=torch.float32).reshape(2, 3)) and state == {"step": 25}
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_a_failed_background_write_is_the_run_s_error_and_keeps_the_last_checkpoint(tmp_path):
+    import torch
+
+    from hla_convert.stages.checkpoints import CheckpointWriter, load_checkpoint
+
+    path = tmp_path / "stage1.checkpoint.safetensors"
+    writer = CheckpointWriter()
+    writer.submit(path, {"param.w": torch.ones(3)}, {"step": 50})
+    writer.wait()
+    with pytest.raises(ValueError):  # not JSON: raised by the writing thread, surfaced here
+        writer.submit(path, {"param.w": torch.zeros(3)}, {"step": float("nan")})
+        writer.wait()
+    tensors, state = load_checkpoint(path)
+    assert state == {"step": 50} and torch.equal(tensors["param.w"], torch.ones(3))
+    writer.wait()  # the error was raised once; the writer is usable again
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_the_temporary_file_of_a_killed_write_goes_with_the_next_write(tmp_path):
+    import torch
+
+    from hla_convert.atomic_files import stale_temporaries
+    from hla_convert.stages.checkpoints import CheckpointWriter
+
+    path = tmp_path / "stage2.checkpoint.safetensors"
+    (tmp_path / f".{path.name}.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".other.safetensors.abc.tmp").write_bytes(b"not ours")
+    assert stale_temporaries(path) == [tmp_path / f".{path.name}.k1ll3d.tmp"]
+    writer = CheckpointWriter()
+    writer.submit(path, {"param.w": torch.ones(2)}, {"step": 1})
+    writer.wait()
+    assert sorted(os.listdir(tmp_path)) == [".other.safetensors.abc.tmp", path.name]
