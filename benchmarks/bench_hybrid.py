@@ -255,8 +255,9 @@ def sweep(grid, r, window=(1, 0, 0)):
                 log(f"  sweep {name} {bm},{bn},{warps},{stages}: FAILED {e!r}"[:300])
             results.append((ms, (bm, bn, warps, stages)))
             rows.append(dict(row, ms=round(ms, 3)))
-            log(f"  sweep {name:5s} r={r} BM={bm:3d} BN={bn:3d} w={warps} s={stages}: {ms:.3f} ms"
-                + ("" if row["ok"] else f"  WRONG (max rel err {row.get('max_rel_err', float('nan')):.2e})"))
+            verdict = ("" if row["ok"] else "  did not launch" if "error" in row  # the FAILED line above says why
+                       else f"  WRONG (max rel err {row['max_rel_err']:.2e})")
+            log(f"  sweep {name:5s} r={r} BM={bm:3d} BN={bn:3d} w={warps} s={stages}: {ms:.3f} ms{verdict}")
         ms, cfg = min(results)
         if ms < float("inf"):
             best[name] = cfg

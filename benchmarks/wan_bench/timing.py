@@ -200,6 +200,10 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> lis
             "steps": len(step_s),
             "seconds_per_step": statistics.median(step_s[1:] or step_s),
             "step_s": [round(s, 4) for s in step_s],
+            # the stage's clock after its last step: the final checkpoint write, which the stage waits for
+            # (the loop's other writes run in the background since 2026-12-07 evening; before, each was
+            # in the step it ended, and the last one in the last step)
+            "after_steps_s": round(summary["seconds"] - sum(summary["step_seconds"]), 4),
             "forwards_per_step": spec.batch_size // recipe.calibration.batch_size,
             "gradient_checkpointing": bool(stage == "stage2" and recipe.stage2.gradient_checkpointing),
             "lora": summary.get("lora"),
