@@ -131,20 +131,24 @@ def test_window_rows_compare_equal_sized_windows():
     assert recipes.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
 
 
-def test_the_fidelity_first_wan_recipe_is_the_row_that_measured_it():
-    """wan2.1-t2v-1.3b-hq is wan2.1-t2v-1.3b with the two fields of the row that reached the drift
-    target (shipped-tile4x-s2x2: the 8 x 8 tile on the deep benchmark's grid, 800 stage-2 steps) and
-    nothing else changed."""
+@pytest.mark.parametrize("name,base_name,row_name,fields", [
+    ("wan2.1-t2v-1.3b-hq", "wan2.1-t2v-1.3b", "shipped-tile4x-s2x2", {("attention", "tiles"), ("stage2", "steps")}),
+    ("cogvideox-2b-hq", "cogvideox-2b", "shipped-tile4x", {("attention", "tiles")}),
+])
+def test_the_fidelity_first_recipes_are_the_rows_that_measured_them(name, base_name, row_name, fields):
+    """Each -hq recipe is its base recipe with the fields of the row that reached the drift target
+    (the 8 x 8 tile on the deep benchmark's grid; on Wan with 800 stage-2 steps) and nothing else
+    changed."""
     from hla_convert.recipe import load_recipe
 
     recipes = fidelity_module("bench_recipes")
-    base, hq = (load_recipe(n).to_dict() for n in ("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-hq"))
-    row = recipes.CONFIGS["shipped-tile4x-s2x2"]
-    assert list(load_recipe("wan2.1-t2v-1.3b-hq").hla_config().window_on((16, 16, 16))) == row["attention.window"]
-    assert hq["stage2"]["steps"] == row["stage2.steps"] == 2 * base["stage2"]["steps"]
+    base, hq = (load_recipe(n).to_dict() for n in (base_name, name))
+    row = recipes.CONFIGS[row_name]
+    assert list(load_recipe(name).hla_config().window_on((16, 16, 16))) == row["attention.window"]
+    assert hq["stage2"]["steps"] == row.get("stage2.steps", base["stage2"]["steps"])
     changed = {(section, key) for section in base for key in base[section] if isinstance(base[section], dict)
                and base[section][key] != hq[section][key]}
-    assert changed == {("attention", "tiles"), ("stage2", "steps")}, changed
+    assert changed == fields, changed
     assert {k for k in base if not isinstance(base[k], dict) and base[k] != hq[k]} <= {"name", "description"}
 
 
