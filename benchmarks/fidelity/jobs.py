@@ -167,6 +167,12 @@ def run_grid(
                         print(f"  {finished}/{len(runs)} runs in {time.time() - t_start:.0f}s, {len(running)} running, {left} left", flush=True)
         return 0
     except KeyboardInterrupt:
+        # a second signal while the workers are stopped (2026-12-07: `timeout` signals the whole process
+        # group, and the handler above raised again inside terminate()) would cut this cleanup short
+        # with a traceback and leave workers running: the cleanup finishes first
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for w in running:
             if w.proc.poll() is None:
                 w.proc.terminate()
@@ -178,6 +184,8 @@ def run_grid(
                 w.proc.wait()
         names = ", ".join(run_name(w.run) for w in running) or "none"
         print(f"interrupted: cut off {names}; --resume continues them from their checkpoints", file=sys.stderr, flush=True)
+        if in_main:
+            signal.signal(signal.SIGINT, old_int)
         return 130
     finally:
         if in_main:

@@ -275,9 +275,12 @@ def test_jobs_two_give_the_records_of_one_and_resume_skips_them(tiny_teacher, gr
     assert capsys.readouterr().out.count("done already (--resume)") == 2
 
 
-def test_jobs_sigterm_ends_the_workers_and_writes_no_record(tmp_path, capsys):
+@pytest.mark.parametrize("signals", [1, 2])
+def test_jobs_sigterm_ends_the_workers_and_writes_no_record(tmp_path, capsys, signals):
     """A caller's time limit (SIGTERM to run.py) ends every worker with it, not orphaned to run on;
-    no record is written for a run cut off (--resume continues its conversion), and run.py says 130."""
+    no record is written for a run cut off (--resume continues its conversion), and run.py says 130.
+    A second SIGTERM while the workers are being stopped (`timeout` signals the whole process group;
+    on 2026-12-07 it ended the cleanup in a traceback) does not cut the cleanup short."""
     import os
     import signal
     import threading
@@ -285,16 +288,20 @@ def test_jobs_sigterm_ends_the_workers_and_writes_no_record(tmp_path, capsys):
 
     run = fidelity_module("run")
     out = tmp_path / "r.jsonl"
-    script = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+    # a worker takes 0.5 s to stop, as a conversion finishing a checkpoint write does
+    script = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.5), sys.exit(143))); "
+              "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
     pids = [tmp_path / f"pid{i}" for i in range(2)]
 
     def limit():  # the caller's limit: SIGTERM once both workers run
         t0 = time.time()
         while not all(p.is_file() and p.read_text() for p in pids) and time.time() - t0 < 30:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
 
-    before = signal.getsignal(signal.SIGTERM)
+    before, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     threading.Thread(target=limit, daemon=True).start()
     t0 = time.time()
     rc = run.jobs.run_grid(
@@ -306,7 +313,7 @@ def test_jobs_sigterm_ends_the_workers_and_writes_no_record(tmp_path, capsys):
         with pytest.raises(ProcessLookupError):
             os.kill(int(p.read_text()), 0)
     assert "interrupted: cut off wan-a-seed0, wan-b-seed0; --resume continues them" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+    assert signal.getsignal(signal.SIGTERM) == before and signal.getsignal(signal.SIGINT) == before_int  # the caller's handlers are back
 
 
 def test_jobs_must_be_positive(tmp_path, capsys):
