@@ -21,13 +21,14 @@
 #                     form, then timed; the fastest right ones checked and timed together (the defaults:
 #                     part kernels; never run: the check per candidate is new)
 #   profile    ~40 s  issue 22: profile_block.py, where one Wan block's time goes
-#   deep      ~520 s  issue 20: wan2.1-t2v-1.3b-hq's row (shipped-tile4x-s2x2: the 8 x 8 tile, 800
-#                     stage-2 steps) on seeds 1 and 2, each with its own stage 1 (seed 0 ran on
-#                     2026-12-07: 0.0486); COG=1 adds CogVideoX's 8 x 8 tile (seed 0, own stage 1),
-#                     HALO=1 the 4 x 4 tile with a 1-token halo
+#   deep      ~360 s  issue 20: cogvideox-2b-hq's row (shipped-tile4x: the 8 x 8 tile) on CogVideoX seeds
+#                     1 and 2, each with its own stage 1 (seed 0 ran on 2026-12-07, evening: 0.0470;
+#                     wan2.1-t2v-1.3b-hq's three seeds are done: docs/comparison.md "Thirteenth run");
+#                     HALO=1 adds the 4 x 4 tile with a 1-token halo on Wan
 #   wan_fwd   ~330 s  issue 22: the whole Wan-1.3B-shaped forward, both sides compiled, with the
 #                     recipe's tiles and with the 8 x 8 tile ([1, 2, 2]); WRES=480p for one resolution
-#   distill   ~500 s  issue 20/22: the 480p distillation steps (stage 2 `train: full` with the tiles)
+#   distill   ~180 s  issue 20/22: the 480p distillation steps (ran 2026-12-07 evening on an H200, before
+#                     the background checkpoint writes: again to time them, after_steps_s)
 set -u
 cd "$(dirname "$0")/.."
 
@@ -79,13 +80,10 @@ profile() {
 deep() {
   local common=(--tier deep --base shipped --sampling-steps 20 --calibration-batch 2 --resume
                 --conversions-dir /tmp/conv --inputs-dir /tmp/inputs
-                --stage1-from benchmarks/fidelity/results/2026-12-07_h100_deep6_stage1 /tmp/conv)
+                --stage1-from benchmarks/fidelity/results/2026-12-07_h100_deep6_stage1 benchmarks/fidelity/results/2026-12-07_h200_deep8_stage1 /tmp/conv)
   local t=${DEEP_T:-540}
   mkdir -p "$OUT/deep"
-  timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models wan --seeds 1 2 --jobs 2 --configs shipped-tile4x-s2x2 --out "$OUT/deep/s.jsonl" > "$OUT/deep/s.log" 2>&1 &
-  if [ -n "${COG:-}" ]; then
-    timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models cogvideox --seeds 0 --configs shipped-tile4x --out "$OUT/deep/c.jsonl" > "$OUT/deep/c.log" 2>&1 &
-  fi
+  timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models cogvideox --seeds 1 2 --jobs 2 --configs shipped-tile4x --out "$OUT/deep/c.jsonl" > "$OUT/deep/c.log" 2>&1 &
   if [ -n "${HALO:-}" ]; then
     timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models wan --seeds 0 --configs shipped-tile-halo1 --out "$OUT/deep/h.jsonl" > "$OUT/deep/h.log" 2>&1 &
   fi
@@ -105,7 +103,7 @@ wan_fwd() {
 }
 
 distill() {
-  timeout 500 python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill > "$OUT/wan_distill.log" 2>&1; tail -8 "$OUT/wan_distill.log"
+  timeout 300 python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill > "$OUT/wan_distill.log" 2>&1; tail -8 "$OUT/wan_distill.log"
 }
 
 if [ "${1:-}" = wheels ]; then wheels; exit; fi
