@@ -88,9 +88,13 @@ def _permuted(grid, window) -> bool:
 
 # the boxes the kernels reorder (not whole frames that divide the grid) run both ways the kernels
 # reach their tokens (TILE_READS); whole frames have no reordering, so TILE_READS is not read there
-# (the 2-frame windows of 4 frames ran the same code twice)
+# (the 2-frame windows of 4 frames ran the same code twice). The in-place reads ("index", opt-in and
+# slower on the GPU: benchmarks/RESULTS.md) leave out case 6, 14 s of the suite: its clipped edge
+# boxes are case 8's (forward and backward) and the in-place test's below; the default ("gather")
+# runs every case
+INDEX_SKIPPED = {6}
 READ_CASES = [pytest.param(*c, reads, id=f"{i}-{reads}") for i, c in enumerate(CASES)
-              for reads in (["index", "gather"] if _permuted(c[0], c[1]) else ["index"])]
+              for reads in (["gather"] if i in INDEX_SKIPPED else ["index", "gather"] if _permuted(c[0], c[1]) else ["index"])]
 
 # two heads (head indexing) on whole frames and on tiles through all frames, both reads and both
 # window-dq modes; one head elsewhere: the interpreter's time goes per program (the clipped 5 x 4
