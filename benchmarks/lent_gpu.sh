@@ -27,6 +27,9 @@
 #                     HALO=1 adds the 4 x 4 tile with a 1-token halo on Wan
 #   wan_fwd   ~330 s  issue 22: the whole Wan-1.3B-shaped forward, both sides compiled, with the
 #                     recipe's tiles and with the 8 x 8 tile ([1, 2, 2]); WRES=480p for one resolution
+#   sampling  ~550 s  issue 22: WanPipeline sampling, teacher (softmax) and converted in one run, compiled
+#                     (blocks), a warm-up and a timed video a side: 480p (1.63x eager on 2026-11-25) and
+#                     720p (never run); SRES=720p for one resolution (~330 s)
 #   distill   ~180 s  issue 20/22: the 480p distillation steps (ran 2026-12-07 evening on an H200, before
 #                     the background checkpoint writes: again to time them, after_steps_s)
 set -u
@@ -102,6 +105,15 @@ wan_fwd() {
   tail -6 "$OUT/wan_fwd_tile4x.log"
 }
 
+sampling() {
+  local r
+  for r in ${SRES:-480p 720p}; do
+    timeout "$([ "$r" = 720p ] && echo 330 || echo 220)" python3 benchmarks/bench_wan.py "$OUT/wan_sample_$r.json" --parts sampling \
+      --resolutions "$r" --compile blocks > "$OUT/wan_sample_$r.log" 2>&1
+    tail -4 "$OUT/wan_sample_$r.log"
+  done
+}
+
 distill() {
   timeout 300 python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill > "$OUT/wan_distill.log" 2>&1; tail -8 "$OUT/wan_distill.log"
 }
@@ -110,8 +122,8 @@ if [ "${1:-}" = wheels ]; then wheels; exit; fi
 [ -n "${OUT:-}" ] || { echo "lent_gpu.sh: \$OUT is not set (run it through the device tool, or set OUT=folder)" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    kernels|sweep|profile|deep|wan_fwd|distill) ;;
-    *) echo "lent_gpu.sh: unknown part $part (kernels, sweep, profile, deep, wan_fwd, distill; or wheels, here)" >&2; exit 2 ;;
+    kernels|sweep|profile|deep|wan_fwd|sampling|distill) ;;
+    *) echo "lent_gpu.sh: unknown part $part (kernels, sweep, profile, deep, wan_fwd, sampling, distill; or wheels, here)" >&2; exit 2 ;;
   esac
 done
 setup
