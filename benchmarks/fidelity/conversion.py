@@ -191,6 +191,7 @@ def run_one(arch: str, config: str, seed: int, model_dir: Path, cache: Path, arg
                 "final_max": report["attention"]["max"],
             },
             sampling=report["sampling"],
+            sampled_batches=measured.get("sampled_batches"),  # the same, over more held-out batches (measure.SAMPLED_BATCHES)
             in_process={"output_rel_l2": report_saved["output"]["rel_l2"], "passed": passed},
             stage1={k: s1.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped", "resumed_from") if k in s1},
             stage2={k: s2.get(k) for k in ("steps", "initial_loss", "final_loss", "skipped") if k in s2},

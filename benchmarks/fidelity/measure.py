@@ -13,6 +13,44 @@ import bench_data as bd
 import bench_models as bm
 
 SAMPLING_SHIFT = 1.0  # the teachers are trained with t ~ U(0, 1): no shift
+# Sampled videos over this many held-out batches (2 inputs each at --calibration-batch 2), not only the
+# drift report's first: that one batch is 2 videos, and on the deep tier it put one seed's rows 3-4 dB
+# below the others' at the same drift (docs/comparison.md "Twelfth run"). Batch 0 is the report's own
+# (same inputs, same noise).
+SAMPLED_BATCHES = 8
+
+
+@torch.no_grad()
+def sampled_batches(model, heldout: list[dict], rec, scheduler, batches: int = SAMPLED_BATCHES) -> dict:
+    """Teacher and student sampled from the same seeded noise on each of the first `batches` held-out
+    batches (drift.sample_latents, the recipe's validation.sampling_steps); PSNR per batch as the drift
+    report computes it (peak = that batch's teacher latent range), and their mean and median."""
+    import statistics
+
+    from hla_convert.model.modes import set_attention_mode
+    from hla_convert.stages import drift
+
+    steps = rec.validation.sampling_steps
+    each, samples = [], 0
+    try:
+        for b, item in enumerate(heldout[:batches]):
+            hs = item["hidden_states"]
+            # batch 0's seed is measure_drift's: the same noise, so its PSNR is the report's
+            g = torch.Generator().manual_seed(rec.calibration.seed * 1_000_003 + 99 + b)
+            noise = torch.randn(drift.noise_shape(model, hs), generator=g, dtype=torch.float32).to(hs.device)
+            finals = {}
+            for mode in ("teacher", "student"):
+                set_attention_mode(model, mode)
+                finals[mode] = drift.sample_latents(model, item, scheduler, steps, noise).float()
+            t, s = finals["teacher"], finals["student"]
+            each.append(drift.psnr_db(float((s - t).pow(2).mean()), float(t.max() - t.min())))
+            samples += int(hs.shape[0])
+    finally:
+        set_attention_mode(model, "student")
+    return {
+        "steps": steps, "batches": len(each), "samples": samples, "psnr_db_each": [round(x, 3) for x in each],
+        "psnr_db_mean": statistics.fmean(each) if each else None, "psnr_db_median": statistics.median(each) if each else None,
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -65,9 +103,11 @@ def measure(conv_dir: Path, arch: str, inputs: Path, device: torch.device, dtype
     report = drift.measure_drift(model, heldout, rec, scheduler=scheduler).to_dict()
     tgt = load_file(str(inputs / "heldout_targets.safetensors"))
     loss = true_target_losses(arch, model, heldout, tgt["target"], tgt["t"], rec.validation.timestep_buckets)
+    wide = sampled_batches(model, heldout, rec, scheduler) if rec.validation.sampling_steps > 0 else None
     return {
         "report": report,
         "loss": loss,
+        "sampled_batches": wide,
         "trainable": {
             "hla": sum(p.numel() for n, p in model.named_parameters() if ".hla." in f".{n}"),
             "lora": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n),

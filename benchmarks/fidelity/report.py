@@ -38,6 +38,8 @@ COLUMNS = (
     ("attn rel L2 end", lambda r: r["attention"]["final_mean"], 3),
     ("sampled PSNR dB", lambda r: (r.get("sampling") or {}).get("psnr_db"), 1),
     ("sampled rel L2", lambda r: (r.get("sampling") or {}).get("rel_l2"), 4),
+    # over more held-out batches (measure.SAMPLED_BATCHES; records since 2026-12-07 evening)
+    ("sampled PSNR dB, all batches", lambda r: (r.get("sampled_batches") or {}).get("psnr_db_mean"), 1),
     ("s stage 1 + 2", lambda r: r["seconds"].get("stage1", 0) + r["seconds"].get("stage2", 0), 0),
 )
 

@@ -289,6 +289,7 @@ def summary(record: dict) -> str:
         f"(worst bucket {record['output']['worst_bucket_rel_l2']:.4f}), loss x{record['loss']['ratio']:.3f}, "
         f"attn s1 {_fmt(record['attention']['stage1_mean'])} end {record['attention']['final_mean']:.3f}, "
         + (f"PSNR {record['sampling']['psnr_db']:.1f} dB, " if record.get("sampling") else "")
+        + (f"over {wide['batches']} batches {wide['psnr_db_mean']:.1f} dB, " if (wide := record.get("sampled_batches")) else "")
         + f"{s['total']:.1f}s (stage1 {s['stage1']:.1f}, stage2 {s['stage2']:.1f}, stage3 {s['stage3']:.1f}, measured in a fresh process {s['measure_fresh_process']:.1f})"
     )
 

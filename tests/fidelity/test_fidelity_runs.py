@@ -92,6 +92,10 @@ def test_run_records_every_measure_and_softmax_is_exact(grid_run, tmp_path, monk
         for key in ("teacher", "student", "ratio"):
             assert math.isfinite(r["loss"][key])
         assert set(r["sampling"]) >= {"steps", "rel_l2", "psnr_db"} and r["sampling"]["steps"] == 2
+        # the sampled videos over every held-out batch (2 of 4 here), the first the report's own
+        wide = r["sampled_batches"]
+        assert (wide["steps"], wide["batches"], wide["samples"]) == (2, 2, 8) and len(wide["psnr_db_each"]) == 2
+        assert wide["psnr_db_each"][0] == pytest.approx(r["sampling"]["psnr_db"], abs=1e-3)
         assert set(r["seconds"]) >= {"convert_distil", "stage1", "stage2", "measure_fresh_process", "total"}
         # measured from the saved folder in a fresh process: the folder is there, and what it gives
         # is what the conversion measured in memory on the same held-out inputs
@@ -104,11 +108,14 @@ def test_run_records_every_measure_and_softmax_is_exact(grid_run, tmp_path, monk
     assert sm["output"]["rel_l2"] == 0.0 and sm["output"]["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert sm["loss"]["ratio"] == 1.0 and all(b["ratio"] == 1.0 for b in sm["loss"]["buckets"])
     assert sm["sampling"]["rel_l2"] == 0.0 and sm["attention"]["final_mean"] == 0.0
+    assert sm["sampled_batches"]["psnr_db_each"] == [200.0, 200.0]  # identical latents (drift.psnr_db)
 
     h = records["hla"]  # a real conversion: trained, measurably different from the teacher
     assert h["stage1"]["steps"] >= 1 and h["stage2"]["steps"] >= 1 and h["trainable"]["hla"] > 0
     assert set(h["attention"]["stage1_train"]) == {"blocks.0.attn1", "blocks.1.attn1"}
     assert 0 < h["output"]["rel_l2"] < 1 and h["loss"]["ratio"] != 1.0
+    each = h["sampled_batches"]["psnr_db_each"]  # other inputs and noise: another video, another PSNR
+    assert each[0] != each[1] and h["sampled_batches"]["psnr_db_mean"] == pytest.approx(sum(each) / 2, abs=1e-3)
 
     # --resume skips what finished and retries what failed
     assert run.main([*argv, "--resume"]) == 0
@@ -263,7 +270,7 @@ def test_jobs_two_give_the_records_of_one_and_resume_skips_them(tiny_teacher, gr
     for config, a in one.items():
         b = two[config]
         assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
-        for key in ("output", "loss", "attention", "sampling", "stage1", "stage2", "trainable", "heldout_samples", "overrides"):
+        for key in ("output", "loss", "attention", "sampling", "sampled_batches", "stage1", "stage2", "trainable", "heldout_samples", "overrides"):
             assert a[key] == b[key], (config, key)
         assert b["output_dir"] == str(tmp_path / "conv-two" / f"wan-{config}-seed0")  # the --jobs 1 folder: either mode resumes it
         assert b["env"]["command"].endswith("--jobs 2") and "worker" not in a
