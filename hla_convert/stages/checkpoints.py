@@ -45,16 +45,22 @@ def snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.detach().to("cpu") if v.device.type != "cpu" else v.detach().clone()).contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any], *, copied: bool = False) -> Path:
-    """Write tensors + a JSON-able state dict as one safetensors file, atomically. The file is streamed
-    from the tensors (safetensors' save_file), not built in memory first: a full-weight stage-2
-    checkpoint of Wan2.1-1.3B is ~16 GB (fp32 masters and two AdamW moments). copied: `tensors` is
-    already a snapshot() of its own."""
+def _state_text(state: dict[str, Any]) -> str:
+    return json.dumps(state, allow_nan=False)
+
+
+def _write(path: str | os.PathLike, flat: dict[str, torch.Tensor], state_text: str) -> Path:
+    """Stream host tensors and the serialised state into one safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    flat = tensors if copied else snapshot(tensors)
-    meta = {_STATE_KEY: json.dumps(state, allow_nan=False)}
-    return atomic_write_with(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
+    return atomic_write_with(path, lambda tmp: save_file(flat, str(tmp), metadata={_STATE_KEY: state_text}))
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write tensors + a JSON-able state dict as one safetensors file, atomically. The file is streamed
+    from the tensors (safetensors' save_file), not built in memory first: a full-weight stage-2
+    checkpoint of Wan2.1-1.3B is ~16 GB (fp32 masters and two AdamW moments)."""
+    return _write(path, snapshot(tensors), _state_text(state))
 
 
 class CheckpointWriter:
@@ -63,8 +69,9 @@ class CheckpointWriter:
     checkpoint of Wan2.1-1.3B's `train: full` held the training loop ~50 s, against ~3.4 s a stage-2
     step: every 25 steps, ~60 % on top of the steps between checkpoints.
 
-    submit() takes the snapshot (the device-to-host copy) in the caller's thread, so the file holds
-    the values of that moment, then returns; the write runs while the next steps train. At most one
+    submit() takes the snapshot (the device-to-host copy) and serialises the state in the caller's
+    thread, so the file holds the values of that moment (the loss history the loop goes on appending
+    to included), then returns; the write runs while the next steps train. At most one
     write is in flight: submit() and wait() first finish the previous one, and raise what it raised
     (a full disk is an error of the run, not of a thread nobody reads). Each write is atomic, so a run
     killed mid-write resumes from the checkpoint before; the temporary file such a kill leaves is
@@ -76,13 +83,13 @@ class CheckpointWriter:
 
     def submit(self, path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         self.wait()
-        flat = snapshot(tensors)
+        flat, text = snapshot(tensors), _state_text(state)
         for stale in stale_temporaries(path):
             stale.unlink(missing_ok=True)
 
         def write() -> None:
             try:
-                save_checkpoint(path, flat, state, copied=True)
+                _write(path, flat, text)
             except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
                 self._error = e
 

@@ -319,7 +319,7 @@ def _run_stage(
 
     last_saved = start if summary["resumed_from"] is not None else None
     t0 = mark = time.perf_counter()
-    step_seconds: list[float] = []  # wall time of each step run here, its checkpoint write included
+    step_seconds: list[float] = []  # wall time of each step run here, its checkpoint's snapshot included (the write runs on)
     with _only_trainable(model, params), attention_mode(model), _writes_finished(writer):
         for step in range(start, spec.steps):
             lr = _lr_at(step, spec.steps, spec.lr)

@@ -51,23 +51,26 @@ def test_a_checkpoint_holds_the_values_it_was_submitted_with_while_training_goes
 
     path = tmp_path / "stage2.checkpoint.safetensors"
     release, started = threading.Event(), threading.Event()
-    real = checkpoints.save_checkpoint
+    real = checkpoints._write
 
     def slow(*args, **kwargs):
         started.set()
         assert release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoints, "save_checkpoint", slow)
+    monkeypatch.setattr(checkpoints, "_write", slow)
     w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    history = [0.5, 0.4]
     writer = checkpoints.CheckpointWriter()
-    writer.submit(path, {"param.w": w}, {"step": 25})
+    writer.submit(path, {"param.w": w}, {"step": 2, "history": history})
     assert started.wait(10) and not path.exists()  # submit() came back with the write in flight
     w.add_(100.0)  # the next optimizer step, in place
+    history.append(0.3)  # and the loop's next loss
     release.set()
     writer.wait()
     tensors, state = checkpoints.load_checkpoint(path)
-    assert torch.equal(tensors["param.w"], torch.arange(6, dtype=torch.float32).reshape(2, 3)) and state == {"step": 25}
+    assert torch.equal(tensors["param.w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert state == {"step": 2, "history": [0.5, 0.4]}
     assert os.listdir(tmp_path) == [path.name]
 
 
@@ -80,13 +83,16 @@ def test_a_failed_background_write_is_the_run_s_error_and_keeps_the_last_checkpo
     writer = CheckpointWriter()
     writer.submit(path, {"param.w": torch.ones(3)}, {"step": 50})
     writer.wait()
-    with pytest.raises(ValueError):  # not JSON: raised by the writing thread, surfaced here
+    with pytest.raises(ValueError):  # a state that is not JSON: refused before anything is written
         writer.submit(path, {"param.w": torch.zeros(3)}, {"step": float("nan")})
+    (tmp_path / "blocker").mkdir()
+    writer.submit(tmp_path / "blocker", {"param.w": torch.zeros(3)}, {"step": 75})  # a folder there: the write fails
+    with pytest.raises(OSError):  # raised by the writing thread, surfaced here
         writer.wait()
     tensors, state = load_checkpoint(path)
     assert state == {"step": 50} and torch.equal(tensors["param.w"], torch.ones(3))
     writer.wait()  # the error was raised once; the writer is usable again
-    assert os.listdir(tmp_path) == [path.name]
+    assert sorted(os.listdir(tmp_path)) == ["blocker", path.name]
 
 
 def test_the_temporary_file_of_a_killed_write_goes_with_the_next_write(tmp_path):
