@@ -2,7 +2,7 @@
 against block-pooled summaries of the same far keys, on a teacher's own attention, per layer.
 
     python benchmarks/fidelity/far_part.py INPUTS_DIR STAGE1_CHECKPOINT --out far_part.json \
-        [--model benchmarks/fidelity/models-deep/wan] [--files 4] [--threads 2]
+        [--model benchmarks/fidelity/models-deep/wan] [--files 4] [--threads 2] [--split]
 
 INPUTS_DIR: a run.py input set's held-out folder (as window_mass.py takes). STAGE1_CHECKPOINT: a
 stage-1 checkpoint of a 4 x 8-tile Wan conversion of that model (`stage1-checkpoints/wan-shipped-
@@ -21,6 +21,18 @@ self-attention recorded; then for each layer, against the exact softmax output o
   the second cumulant, computed from the exact logits);
 - exact block mass, pooled values: each block's true softmax mass, its keys' mean value (the best
   any block-pooled value can do).
+
+And where the HLA far part's own error is (--split; the HLA weights made explicit, [N, N] a head):
+- hla, exact far mass: its far weights rescaled per query to the true far softmax mass (what is
+  left is the distribution of its weight over the far keys);
+- hla, exact mass per far block: rescaled per query and 64-token block to each block's true mass
+  (what is left is the distribution within blocks);
+- exact far weights, hla's far mass: the true far softmax weights scaled to the mass HLA gives
+  them (what is left is HLA's far mass alone);
+- hla, best balance per query: the far part's weight beta scaled per query by the best of 2^(-4..4)
+  (an oracle: what a query-dependent balance could buy at most);
+- hla, balance linear in q: that scale as exp(w . q + b), w and b fitted per head by least squares
+  to the oracle's log scales (d + 1 numbers a head: a learnable query-dependent balance).
 """
 
 from __future__ import annotations
@@ -56,8 +68,9 @@ def hla_layer(proj: torch.Tensor, log_beta: torch.Tensor, grid: tuple[int, int, 
     return layer
 
 
-def errors(q, k, v, proj, log_beta, grid) -> dict[str, float]:
-    """Each stand-in's relative error against the exact softmax: q, k, v [B, H, N, d], proj [H, d, r-1]."""
+def errors(q, k, v, proj, log_beta, grid, split: bool = False) -> dict[str, float]:
+    """Each stand-in's relative error against the exact softmax: q, k, v [B, H, N, d], proj [H, d, r-1];
+    split: also the HLA far part's error taken apart (module docstring)."""
     scale = q.shape[-1] ** -0.5
     s = (q @ k.transpose(-1, -2)) * scale
     o = torch.softmax(s, -1) @ v
@@ -65,8 +78,9 @@ def errors(q, k, v, proj, log_beta, grid) -> dict[str, float]:
     def rel(x):
         return float((x - o).norm() / o.norm())
 
+    layer = hla_layer(proj, log_beta, grid)
     with torch.no_grad():
-        out = {"hla": rel(hla_layer(proj, log_beta, grid).student(q, k, v, None, scale))}
+        out = {"hla": rel(layer.student(q, k, v, None, scale))}
     inside = membership(grid, WINDOW)
     sw = s.masked_fill(~inside, float("-inf"))
     c = sw.amax(-1, keepdim=True)
@@ -87,11 +101,56 @@ def errors(q, k, v, proj, log_beta, grid) -> dict[str, float]:
     ):
         wf = weight * far
         out[name] = rel((num + wf @ vbar) / (den + wf.sum(-1, keepdim=True)))
+    if split:
+        out.update(_hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel))
+    return out
+
+
+def _hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel) -> dict[str, float]:
+    """The HLA far part's error taken apart: its explicit far weights beta e^-c a_ij (as
+    ops.hybrid.hybrid_attention_naive forms them, c the window's max clamped as there) against the
+    exact ones e^(s_ij - c), outside the tile."""
+    from hla_convert.ops._common import hadamard_weights
+    from hla_convert.ops.hybrid import SHIFT_FLOOR
+
+    with torch.no_grad():
+        cc = c.clamp_min(-SHIFT_FLOOR)  # the shift the layer uses (c is the window max)
+        shift = torch.exp(cc - c)  # num, den were formed with c: bring them to cc
+        num_c, den_c = num / shift, den / shift
+        a = hadamard_weights(layer.features(q, scale), layer.features(k, scale))
+        far = ~inside
+        w_hla = (layer.log_beta.exp()[None, :, None, None] * torch.exp(-cc)) * a.masked_fill(~far, 0.0)
+        w_ex = torch.exp(s - cc).masked_fill(~far, 0.0)
+        m_hla, m_ex = w_hla.sum(-1, keepdim=True), w_ex.sum(-1, keepdim=True)
+        out = {"hla (its weights made explicit)": rel((num_c + w_hla @ v) / (den_c + m_hla + layer.config.eps))}
+
+        def with_far(w):
+            return rel((num_c + w @ v) / (den_c + w.sum(-1, keepdim=True)))
+
+        out["hla, exact far mass"] = with_far(w_hla * (m_ex / m_hla.clamp_min(1e-30)))
+        b_hla, b_ex = w_hla @ onehot, w_ex @ onehot  # [B, H, N, nb] mass per key block
+        out["hla, exact mass per far block"] = with_far(w_hla * ((b_ex / b_hla.clamp_min(1e-30)) @ onehot.T))
+        out["exact far weights, hla's far mass"] = with_far(w_ex * (m_hla / m_ex.clamp_min(1e-30)))
+        # a balance per query instead of per head: beta_i = beta * lambda_i, the best lambda_i of each
+        # query (a grid of 2^(-4..4)), and lambda_i = exp(w . q_i + b) fitted per head to those by least
+        # squares (d + 1 numbers a head: what a learned query-dependent balance could reach here)
+        far_num = w_hla @ v
+        lams = torch.exp2(torch.linspace(-4, 4, 33, dtype=q.dtype))
+        errs = torch.stack([((num_c + lam * far_num) / (den_c + lam * m_hla) - o).norm(dim=-1) for lam in lams])
+        best = lams[errs.argmin(0)]  # [B, H, N]
+        out["hla, best balance per query"] = rel((num_c + best[..., None] * far_num) / (den_c + best[..., None] * m_hla))
+        x = torch.cat([q, torch.ones_like(q[..., :1])], -1)  # [B, H, N, d + 1]
+        xh, yh = x.transpose(0, 1).flatten(1, 2), best.log().transpose(0, 1).flatten(1)[..., None]  # per head
+        coef = torch.linalg.lstsq(xh, yh).solution  # [H, d + 1, 1]
+        fit = torch.exp((x.transpose(0, 1) @ coef).transpose(0, 1))  # [B, H, N, 1]
+        out["hla, balance linear in q"] = rel((num_c + fit * far_num) / (den_c + fit * m_hla))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = teacher_args(__doc__, ("stage1", "a 4 x 8-tile Wan stage-1 checkpoint of the same model")).parse_args(argv)
+    ap = teacher_args(__doc__, ("stage1", "a 4 x 8-tile Wan stage-1 checkpoint of the same model"))
+    ap.add_argument("--split", action="store_true", help="also take the HLA far part's error apart (explicit [N, N] weights: ~4x the time)")
+    args = ap.parse_args(argv)
     from safetensors.torch import load_file
 
     loaded = load_teacher(args, "far_part.py")
@@ -105,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for layer, (q, k, v) in enumerate(record_attention(model, arch, load_file(str(f)), grid)):
             proj = params[f"param.blocks.{layer}.attn1.hla.proj"].float()
             log_beta = params[f"param.blocks.{layer}.attn1.hla.log_beta"].float()
-            for name, e in errors(q, k, v, proj, log_beta, grid).items():
+            for name, e in errors(q, k, v, proj, log_beta, grid, split=args.split).items():
                 per.setdefault(name, {}).setdefault(layer, []).append(e)
         print(f"{f.name}: {time.time() - start:.0f} s", file=sys.stderr)
     rows = []

@@ -47,3 +47,22 @@ def test_far_part_stand_ins_are_exact_where_they_must_be():
     assert errs["exact block mass, pooled values"] < 1e-5
     assert abs(errs["hla"] - errs["window only"]) < 1e-5
     assert errs["window only"] > 1e-2
+
+
+def test_far_part_split_rows_are_the_layer_and_exact_where_they_must_be():
+    """far_part.errors(split=True): the HLA weights made explicit give the layer's own output; with
+    values alike within each 64-token key block, HLA's weights rescaled to every far block's true
+    mass are exact (only the mass per block matters); the best balance per query is never worse
+    than the head's one (a balance of 1 is among those tried)."""
+    fp = fidelity_module("far_part")
+    wm = fidelity_module("window_mass")
+    grid, n, d = (8, 16, 16), 2048, 16
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 1, n, d, generator=g), torch.randn(1, 1, n, d, generator=g)
+    blocks = wm.block_ids(grid, fp.KEY_BLOCK)
+    v = torch.randn(int(blocks.max()) + 1, 8, generator=g)[blocks][None, None]
+    proj = torch.randn(1, d, 7, generator=g) * 0.1
+    errs = fp.errors(q, k, v, proj, torch.zeros(1), grid, split=True)
+    assert abs(errs["hla (its weights made explicit)"] - errs["hla"]) < 1e-5
+    assert errs["hla, exact mass per far block"] < 1e-5 < errs["hla"]
+    assert errs["hla, best balance per query"] <= errs["hla"] + 1e-7
