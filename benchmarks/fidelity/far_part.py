@@ -2,7 +2,7 @@
 against block-pooled summaries of the same far keys, on a teacher's own attention, per layer.
 
     python benchmarks/fidelity/far_part.py INPUTS_DIR STAGE1_CHECKPOINT --out far_part.json \
-        [--model benchmarks/fidelity/models-deep/wan] [--files 4] [--threads 2] [--split]
+        [--model benchmarks/fidelity/models-deep/wan] [--files 4] [--threads 2] [--split [--train-balance]]
 
 INPUTS_DIR: a run.py input set's held-out folder (as window_mass.py takes). STAGE1_CHECKPOINT: a
 stage-1 checkpoint of a 4 x 8-tile Wan conversion of that model (`stage1-checkpoints/wan-shipped-
@@ -33,6 +33,11 @@ And where the HLA far part's own error is (--split; the HLA weights made explici
   (an oracle: what a query-dependent balance could buy at most);
 - hla, balance linear in q: that scale as exp(w . q + b), w and b fitted per head by least squares
   to the oracle's log scales (d + 1 numbers a head: a learnable query-dependent balance).
+
+--train-balance: per-query balances trained against the exact output (Adam on the layer's squared
+error, as stage 1 trains, the features fixed) on the first half of the files and measured on the
+rest: b alone (a refit of beta), exp(w . q + b), and exp(w . [q, log(HLA far mass / window mass)] + b),
+beside HLA as trained and the oracle on the same held-out files.
 """
 
 from __future__ import annotations
@@ -68,9 +73,10 @@ def hla_layer(proj: torch.Tensor, log_beta: torch.Tensor, grid: tuple[int, int, 
     return layer
 
 
-def errors(q, k, v, proj, log_beta, grid, split: bool = False) -> dict[str, float]:
+def errors(q, k, v, proj, log_beta, grid, split: bool = False, parts: dict | None = None) -> dict[str, float]:
     """Each stand-in's relative error against the exact softmax: q, k, v [B, H, N, d], proj [H, d, r-1];
-    split: also the HLA far part's error taken apart (module docstring)."""
+    split: also the HLA far part's error taken apart (module docstring); parts (with split): filled
+    with what a per-query balance acts on (balance_rows)."""
     scale = q.shape[-1] ** -0.5
     s = (q @ k.transpose(-1, -2)) * scale
     o = torch.softmax(s, -1) @ v
@@ -102,11 +108,11 @@ def errors(q, k, v, proj, log_beta, grid, split: bool = False) -> dict[str, floa
         wf = weight * far
         out[name] = rel((num + wf @ vbar) / (den + wf.sum(-1, keepdim=True)))
     if split:
-        out.update(_hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel))
+        out.update(_hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel, parts))
     return out
 
 
-def _hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel) -> dict[str, float]:
+def _hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel, parts=None) -> dict[str, float]:
     """The HLA far part's error taken apart: its explicit far weights beta e^-c a_ij (as
     ops.hybrid.hybrid_attention_naive forms them, c the window's max clamped as there) against the
     exact ones e^(s_ij - c), outside the tile."""
@@ -144,13 +150,62 @@ def _hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel) ->
         coef = torch.linalg.lstsq(xh, yh).solution  # [H, d + 1, 1]
         fit = torch.exp((x.transpose(0, 1) @ coef).transpose(0, 1))  # [B, H, N, 1]
         out["hla, balance linear in q"] = rel((num_c + fit * far_num) / (den_c + fit * m_hla))
+    if parts is not None:  # [B, H, N, .] each: the window's part, HLA's far part, the exact output
+        parts.update(q=q, num=num_c, den=den_c, far=far_num, mass=m_hla, o=o)
+    return out
+
+
+BALANCES = {  # the inputs x of a per-query balance beta_i = beta * exp(w . x_i + b), w and b per head
+    "balance refit per head (b only)": lambda p: p["q"][..., :0],
+    "balance linear in q, trained": lambda p: p["q"],
+    "balance linear in q and log(HLA far mass / window mass), trained": lambda p: torch.cat([p["q"], (p["mass"] / p["den"]).log()], -1),
+}
+
+
+def _with_balance(p, lam):
+    return (p["num"] + lam * p["far"]) / (p["den"] + lam * p["mass"])
+
+
+def _rel(x, o) -> float:
+    return float((x - o).norm() / o.norm())
+
+
+def balance_rows(train: list[dict], held: list[dict], steps: int = 200) -> dict[str, float]:
+    """Per-query balances trained (Adam, full batch, the summed squared error of the layer's
+    attention output, as stage 1 trains) on `train`'s parts and measured on `held`'s (other inputs);
+    beside them HLA as trained and the per-query oracle on the same held-out parts."""
+    out = {"held-out inputs: hla as trained": sum(_rel(_with_balance(p, 1.0), p["o"]) for p in held) / len(held)}
+    lams = torch.exp2(torch.linspace(-4, 4, 33))
+    oracle = []
+    for p in held:
+        errs = torch.stack([(_with_balance(p, lam) - p["o"]).norm(dim=-1) for lam in lams])
+        oracle.append(_rel(_with_balance(p, lams[errs.argmin(0)][..., None]), p["o"]))
+    out["held-out inputs: best balance per query (oracle)"] = sum(oracle) / len(oracle)
+    norm = sum(float(p["o"].pow(2).sum()) for p in train)
+    for name, inputs in BALANCES.items():
+        xs = [inputs(p) for p in train]
+        heads, width = xs[0].shape[1], xs[0].shape[-1]
+        w = torch.zeros(heads, width, 1, requires_grad=True)
+        b = torch.zeros(heads, 1, 1, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=0.02)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = sum((_with_balance(p, torch.exp(x @ w + b)) - p["o"]).pow(2).sum() for p, x in zip(train, xs)) / norm
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out[f"held-out inputs: {name}"] = sum(_rel(_with_balance(p, torch.exp(inputs(p) @ w + b)), p["o"]) for p in held) / len(held)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = teacher_args(__doc__, ("stage1", "a 4 x 8-tile Wan stage-1 checkpoint of the same model"))
     ap.add_argument("--split", action="store_true", help="also take the HLA far part's error apart (explicit [N, N] weights: ~4x the time)")
+    ap.add_argument("--train-balance", action="store_true",
+                    help="with --split: per-query balances trained on the first half of the files, measured on the rest")
     args = ap.parse_args(argv)
+    if args.train_balance and not args.split:
+        ap.error("--train-balance needs --split")
     from safetensors.torch import load_file
 
     loaded = load_teacher(args, "far_part.py")
@@ -158,20 +213,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     arch, model, grid, files = loaded
     params = load_file(str(args.stage1))
+    if args.train_balance and len(files) < 2:
+        print("far_part.py: --train-balance needs --files 2 or more (half to train on, half to measure)", file=sys.stderr)
+        return 2
     per: dict[str, dict[int, list[float]]] = {}
+    kept: dict[int, list[dict]] = {}
     start = time.time()
     for f in files:
         for layer, (q, k, v) in enumerate(record_attention(model, arch, load_file(str(f)), grid)):
             proj = params[f"param.blocks.{layer}.attn1.hla.proj"].float()
             log_beta = params[f"param.blocks.{layer}.attn1.hla.log_beta"].float()
-            for name, e in errors(q, k, v, proj, log_beta, grid, split=args.split).items():
+            parts = {} if args.train_balance else None
+            for name, e in errors(q, k, v, proj, log_beta, grid, split=args.split, parts=parts).items():
                 per.setdefault(name, {}).setdefault(layer, []).append(e)
+            if parts is not None:
+                kept.setdefault(layer, []).append(parts)
         print(f"{f.name}: {time.time() - start:.0f} s", file=sys.stderr)
+    for layer, parts in kept.items():
+        half = len(parts) // 2
+        for name, e in balance_rows(parts[:half], parts[half:]).items():
+            per.setdefault(name, {})[layer] = [e]
+    if kept:
+        print(f"balances trained: {time.time() - start:.0f} s", file=sys.stderr)
     rows = []
     for name, layers in per.items():
         means = {layer: sum(v) / len(v) for layer, v in layers.items()}
         rows.append({"far part": name, "mean": sum(means.values()) / len(means), "worst_layer": max(means.values()), "layers": means})
-        print(f"{name:34s} attention rel err {rows[-1]['mean']:.4f}  worst layer {rows[-1]['worst_layer']:.4f}")
+        print(f"{name:66s} attention rel err {rows[-1]['mean']:.4f}  worst layer {rows[-1]['worst_layer']:.4f}")
     doc = {"model": str(args.model), "stage1": str(args.stage1), "inputs": [str(f) for f in files], "rows": rows}
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

@@ -66,3 +66,25 @@ def test_far_part_split_rows_are_the_layer_and_exact_where_they_must_be():
     assert abs(errs["hla (its weights made explicit)"] - errs["hla"]) < 1e-5
     assert errs["hla, exact mass per far block"] < 1e-5 < errs["hla"]
     assert errs["hla, best balance per query"] <= errs["hla"] + 1e-7
+
+
+def test_a_trained_per_query_balance_finds_one_that_is_linear_in_q():
+    """far_part.balance_rows: where the exact output is the window part plus HLA's far part at a
+    balance exp(w . q + b), the balance trained on some inputs finds it on others; one balance a
+    head (b only) cannot, and the oracle per query is never worse than HLA as trained."""
+    fp = fidelity_module("far_part")
+    g = torch.Generator().manual_seed(3)
+    w0, b0 = torch.tensor([[0.8], [-0.5], [0.3], [0.0]]), 0.4
+
+    def parts():
+        q = torch.randn(1, 2, 256, 4, generator=g)
+        p = {"q": q, "num": torch.randn(1, 2, 256, 8, generator=g), "far": torch.randn(1, 2, 256, 8, generator=g),
+             "den": torch.rand(1, 2, 256, 1, generator=g) + 0.5, "mass": torch.rand(1, 2, 256, 1, generator=g) + 0.5}
+        p["o"] = fp._with_balance(p, torch.exp(q @ w0 + b0))
+        return p
+
+    rows = fp.balance_rows([parts(), parts()], [parts()], steps=300)
+    hla = rows["held-out inputs: hla as trained"]
+    assert rows["held-out inputs: balance linear in q, trained"] < 0.1 * hla
+    assert rows["held-out inputs: balance refit per head (b only)"] > 0.3 * hla
+    assert rows["held-out inputs: best balance per query (oracle)"] <= hla
