@@ -31,19 +31,24 @@ def test_windows_hold_their_keys_and_the_oracle_holds_the_most_mass():
         assert mass["oracle"] >= mass["pooled score"] - 1e-5
 
 
-def test_far_part_stand_ins_are_exact_where_they_must_be():
-    """far_part.errors on an 8 x 16 x 16 grid: with every 64-token key block's values alike, the
-    block's true mass with its mean value is the exact softmax; HLA with beta -> 0 is the window alone;
-    dropping the far part costs something."""
+def _far_part_errors(seed: int, log_beta: float, split: bool = False) -> dict[str, float]:
+    """far_part.errors on an 8 x 16 x 16 grid, one head of 16 dims, values alike within each
+    64-token key block, random taylor projections."""
     fp = fidelity_module("far_part")
     wm = fidelity_module("window_mass")
     grid, n, d = (8, 16, 16), 2048, 16
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(1, 1, n, d, generator=g), torch.randn(1, 1, n, d, generator=g)
     blocks = wm.block_ids(grid, fp.KEY_BLOCK)
     v = torch.randn(int(blocks.max()) + 1, 8, generator=g)[blocks][None, None]  # [1, 1, N, 8], alike within a block
     proj = torch.randn(1, d, 7, generator=g) * 0.1
-    errs = fp.errors(q, k, v, proj, torch.full((1,), -60.0), grid)
+    return fp.errors(q, k, v, proj, torch.full((1,), log_beta), grid, split=split)
+
+
+def test_far_part_stand_ins_are_exact_where_they_must_be():
+    """With every 64-token key block's values alike, the block's true mass with its mean value is the
+    exact softmax; HLA with beta -> 0 is the window alone; dropping the far part costs something."""
+    errs = _far_part_errors(1, -60.0)
     assert errs["exact block mass, pooled values"] < 1e-5
     assert abs(errs["hla"] - errs["window only"]) < 1e-5
     assert errs["window only"] > 1e-2
@@ -54,15 +59,7 @@ def test_far_part_split_rows_are_the_layer_and_exact_where_they_must_be():
     values alike within each 64-token key block, HLA's weights rescaled to every far block's true
     mass are exact (only the mass per block matters); the best balance per query is never worse
     than the head's one (a balance of 1 is among those tried)."""
-    fp = fidelity_module("far_part")
-    wm = fidelity_module("window_mass")
-    grid, n, d = (8, 16, 16), 2048, 16
-    g = torch.Generator().manual_seed(2)
-    q, k = torch.randn(1, 1, n, d, generator=g), torch.randn(1, 1, n, d, generator=g)
-    blocks = wm.block_ids(grid, fp.KEY_BLOCK)
-    v = torch.randn(int(blocks.max()) + 1, 8, generator=g)[blocks][None, None]
-    proj = torch.randn(1, d, 7, generator=g) * 0.1
-    errs = fp.errors(q, k, v, proj, torch.zeros(1), grid, split=True)
+    errs = _far_part_errors(2, 0.0, split=True)
     assert abs(errs["hla (its weights made explicit)"] - errs["hla"]) < 1e-5
     assert errs["hla, exact mass per far block"] < 1e-5 < errs["hla"]
     assert errs["hla, best balance per query"] <= errs["hla"] + 1e-7
