@@ -130,7 +130,7 @@ def _hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel, pa
         m_hla, m_ex = w_hla.sum(-1, keepdim=True), w_ex.sum(-1, keepdim=True)
         out = {"hla (its weights made explicit)": rel((num_c + w_hla @ v) / (den_c + m_hla + layer.config.eps))}
 
-        def with_far(w):
+        def with_far(w):  # the far part given as explicit weights
             return rel((num_c + w @ v) / (den_c + w.sum(-1, keepdim=True)))
 
         out["hla, exact far mass"] = with_far(w_hla * (m_ex / m_hla.clamp_min(1e-30)))
@@ -138,21 +138,34 @@ def _hla_split(layer, q, k, v, o, s, inside, c, num, den, onehot, scale, rel, pa
         out["hla, exact mass per far block"] = with_far(w_hla * ((b_ex / b_hla.clamp_min(1e-30)) @ onehot.T))
         out["exact far weights, hla's far mass"] = with_far(w_ex * (m_hla / m_ex.clamp_min(1e-30)))
         # a balance per query instead of per head: beta_i = beta * lambda_i, the best lambda_i of each
-        # query (a grid of 2^(-4..4)), and lambda_i = exp(w . q_i + b) fitted per head to those by least
+        # query (_best_balance), and lambda_i = exp(w . q_i + b) fitted per head to those by least
         # squares (d + 1 numbers a head: what a learned query-dependent balance could reach here)
-        far_num = w_hla @ v
-        lams = torch.exp2(torch.linspace(-4, 4, 33, dtype=q.dtype))
-        errs = torch.stack([((num_c + lam * far_num) / (den_c + lam * m_hla) - o).norm(dim=-1) for lam in lams])
-        best = lams[errs.argmin(0)]  # [B, H, N]
-        out["hla, best balance per query"] = rel((num_c + best[..., None] * far_num) / (den_c + best[..., None] * m_hla))
+        p = {"q": q, "num": num_c, "den": den_c, "far": w_hla @ v, "mass": m_hla, "o": o}
+        best = _best_balance(p)  # [B, H, N, 1]
+        out["hla, best balance per query"] = rel(_with_balance(p, best))
         x = torch.cat([q, torch.ones_like(q[..., :1])], -1)  # [B, H, N, d + 1]
-        xh, yh = x.transpose(0, 1).flatten(1, 2), best.log().transpose(0, 1).flatten(1)[..., None]  # per head
+        xh, yh = x.transpose(0, 1).flatten(1, 2), best.log().transpose(0, 1).flatten(1, 2)  # per head
         coef = torch.linalg.lstsq(xh, yh).solution  # [H, d + 1, 1]
-        fit = torch.exp((x.transpose(0, 1) @ coef).transpose(0, 1))  # [B, H, N, 1]
-        out["hla, balance linear in q"] = rel((num_c + fit * far_num) / (den_c + fit * m_hla))
+        out["hla, balance linear in q"] = rel(_with_balance(p, torch.exp((x.transpose(0, 1) @ coef[:, None]).transpose(0, 1))))
     if parts is not None:  # [B, H, N, .] each: the window's part, HLA's far part, the exact output
-        parts.update(q=q, num=num_c, den=den_c, far=far_num, mass=m_hla, o=o)
+        parts.update(p)
     return out
+
+
+def _with_balance(p, lam):
+    """The hybrid's output with HLA's far part weighted lam (a number, or [B, H, N, 1] per query)."""
+    return (p["num"] + lam * p["far"]) / (p["den"] + lam * p["mass"])
+
+
+def _best_balance(p) -> torch.Tensor:
+    """Each query's best far-part weight among 2^(-4..4) against the exact output: [B, H, N, 1]."""
+    lams = torch.exp2(torch.linspace(-4, 4, 33, dtype=p["o"].dtype))
+    errs = torch.stack([(_with_balance(p, lam) - p["o"]).norm(dim=-1) for lam in lams])
+    return lams[errs.argmin(0)][..., None]
+
+
+def _rel(x, o) -> float:
+    return float((x - o).norm() / o.norm())
 
 
 BALANCES = {  # the inputs x of a per-query balance beta_i = beta * exp(w . x_i + b), w and b per head
@@ -162,25 +175,12 @@ BALANCES = {  # the inputs x of a per-query balance beta_i = beta * exp(w . x_i 
 }
 
 
-def _with_balance(p, lam):
-    return (p["num"] + lam * p["far"]) / (p["den"] + lam * p["mass"])
-
-
-def _rel(x, o) -> float:
-    return float((x - o).norm() / o.norm())
-
-
 def balance_rows(train: list[dict], held: list[dict], steps: int = 200) -> dict[str, float]:
     """Per-query balances trained (Adam, full batch, the summed squared error of the layer's
     attention output, as stage 1 trains) on `train`'s parts and measured on `held`'s (other inputs);
     beside them HLA as trained and the per-query oracle on the same held-out parts."""
     out = {"held-out inputs: hla as trained": sum(_rel(_with_balance(p, 1.0), p["o"]) for p in held) / len(held)}
-    lams = torch.exp2(torch.linspace(-4, 4, 33))
-    oracle = []
-    for p in held:
-        errs = torch.stack([(_with_balance(p, lam) - p["o"]).norm(dim=-1) for lam in lams])
-        oracle.append(_rel(_with_balance(p, lams[errs.argmin(0)][..., None]), p["o"]))
-    out["held-out inputs: best balance per query (oracle)"] = sum(oracle) / len(oracle)
+    out["held-out inputs: best balance per query (oracle)"] = sum(_rel(_with_balance(p, _best_balance(p)), p["o"]) for p in held) / len(held)
     norm = sum(float(p["o"].pow(2).sum()) for p in train)
     for name, inputs in BALANCES.items():
         xs = [inputs(p) for p in train]
