@@ -85,3 +85,16 @@ def test_a_trained_per_query_balance_finds_one_that_is_linear_in_q():
     assert rows["held-out inputs: balance linear in q, trained"] < 0.1 * hla
     assert rows["held-out inputs: balance refit per head (b only)"] > 0.3 * hla
     assert rows["held-out inputs: best balance per query (oracle)"] <= hla
+
+
+def test_far_part_split_rows_do_not_depend_on_the_order_of_the_inputs():
+    """Two heads, two inputs: every row is the same with the inputs swapped (each head's balance
+    fitted and applied to that head; the least-squares fit once broadcast its heads against the batch)."""
+    fp = fidelity_module("far_part")
+    grid, n, d = (8, 16, 16), 2048, 16
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, n, d, generator=g) for _ in range(3))
+    proj, log_beta = torch.randn(2, d, 7, generator=g) * 0.1, torch.tensor([0.3, -0.5])
+    a = fp.errors(q, k, v, proj, log_beta, grid, split=True)
+    b = fp.errors(q.flip(0), k.flip(0), v.flip(0), proj, log_beta, grid, split=True)
+    assert a.keys() == b.keys() and all(abs(a[key] - b[key]) < 1e-5 for key in a), {key: (a[key], b[key]) for key in a}
