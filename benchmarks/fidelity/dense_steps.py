@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hla_convert import load_converted
     from hla_convert.model.modes import attention_mode, set_attention_mode
-    from hla_convert.stages.drift import sample_latents
+    from hla_convert.stages.drift import sample_latents, sampling_noise
     from hla_convert.recipe import load_recipe
     from hla_convert.stages import calibration
 
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[tuple[str, int], list[tuple[float, float]]] = {}
         with attention_mode(model), torch.no_grad():
             for n, item in enumerate(items):
-                g = torch.Generator().manual_seed(rec.calibration.seed * 1_000_003 + 99 + n)
-                hs = item["hidden_states"]
-                noise = torch.randn(hs.shape, generator=g, dtype=torch.float32).to(hs.device)
+                noise = sampling_noise(model, item["hidden_states"], rec.calibration.seed, n)
                 teacher = sample(model, item, scheduler, args.steps, noise, set(range(args.steps)))
                 for k in args.ks:
                     for where in ("first", "last") if k else ("first",):

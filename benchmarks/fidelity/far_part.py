@@ -82,7 +82,7 @@ def errors(q, k, v, proj, log_beta, grid, split: bool = False, parts: dict | Non
     o = torch.softmax(s, -1) @ v
 
     def rel(x):
-        return float((x - o).norm() / o.norm())
+        return _rel(x, o)
 
     layer = hla_layer(proj, log_beta, grid)
     with torch.no_grad():

@@ -35,9 +35,7 @@ def sampled_batches(model, heldout: list[dict], rec, scheduler, batches: int = S
     try:
         for b, item in enumerate(heldout[:batches]):
             hs = item["hidden_states"]
-            # batch 0's seed is measure_drift's: the same noise, so its PSNR is the report's
-            g = torch.Generator().manual_seed(rec.calibration.seed * 1_000_003 + 99 + b)
-            noise = torch.randn(drift.noise_shape(model, hs), generator=g, dtype=torch.float32).to(hs.device)
+            noise = drift.sampling_noise(model, hs, rec.calibration.seed, b)  # batch 0: the report's noise
             finals = {}
             for mode in ("teacher", "student"):
                 set_attention_mode(model, mode)

@@ -50,17 +50,12 @@ def _state_text(state: dict[str, Any]) -> str:
 
 
 def _write(path: str | os.PathLike, flat: dict[str, torch.Tensor], state_text: str) -> Path:
-    """Stream host tensors and the serialised state into one safetensors file, atomically."""
+    """Stream host tensors and the serialised state into one safetensors file, atomically. Streamed
+    (safetensors' save_file), not built in memory first: a full-weight stage-2 checkpoint of
+    Wan2.1-1.3B is ~16 GB (fp32 masters and two AdamW moments)."""
     from safetensors.torch import save_file
 
     return atomic_write_with(path, lambda tmp: save_file(flat, str(tmp), metadata={_STATE_KEY: state_text}))
-
-
-def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Write tensors + a JSON-able state dict as one safetensors file, atomically. The file is streamed
-    from the tensors (safetensors' save_file), not built in memory first: a full-weight stage-2
-    checkpoint of Wan2.1-1.3B is ~16 GB (fp32 masters and two AdamW moments)."""
-    return _write(path, snapshot(tensors), _state_text(state))
 
 
 class CheckpointWriter:
@@ -108,7 +103,7 @@ class CheckpointWriter:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by save_checkpoint: (tensors on the CPU, state: a dict; its fields are
+    """Read a file written by CheckpointWriter: (tensors on the CPU, state: a dict; its fields are
     checked by the reader that knows them, distill_loop._restore)."""
     from safetensors import safe_open
 
@@ -167,7 +162,6 @@ __all__ = [
     "load_checkpoint",
     "optimizer_from_checkpoint",
     "optimizer_to_checkpoint",
-    "save_checkpoint",
     "selection_path",
     "snapshot",
 ]

@@ -225,6 +225,14 @@ def noise_shape(model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, ...
     return tuple(hs.shape)
 
 
+def sampling_noise(model: nn.Module, hidden_states: torch.Tensor, seed: int, batch: int = 0) -> torch.Tensor:
+    """The seeded noise the sampling check starts from (float32, noise_shape, on hidden_states' device)
+    for calibration seed `seed`; batch = n for the n-th held-out batch (the check samples batch 0;
+    benchmarks sample more with the same stream)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 99 + batch)
+    return torch.randn(noise_shape(model, hidden_states), generator=g, dtype=torch.float32).to(hidden_states.device)
+
+
 def sampler_points(
     model: nn.Module, item: dict[str, Any], scheduler: Any, steps: int, noise: torch.Tensor, teacher_steps: int = 0
 ) -> Iterator[tuple[torch.Tensor, dict[str, Any] | None]]:
@@ -321,8 +329,7 @@ def measure_drift(
         if with_sampling:
             item = heldout_inputs[0]
             hs = item["hidden_states"]
-            g = torch.Generator().manual_seed(recipe.calibration.seed * 1_000_003 + 99)
-            noise = torch.randn(noise_shape(model, hs), generator=g, dtype=torch.float32).to(hs.device)
+            noise = sampling_noise(model, hs, recipe.calibration.seed)
             finals = {}
             for j, run in enumerate(runs):
                 set_attention_mode(model, "student" if run == "teacher_steps" else run)
@@ -379,4 +386,4 @@ def measure_drift(
     return report
 
 
-__all__ = ["DriftReport", "PSNR_IDENTICAL", "check_thresholds", "measure_drift", "noise_shape", "psnr_db", "sample_latents", "sampler_points", "within"]
+__all__ = ["DriftReport", "PSNR_IDENTICAL", "check_thresholds", "measure_drift", "noise_shape", "psnr_db", "sample_latents", "sampler_points", "sampling_noise", "within"]
