@@ -86,7 +86,11 @@ deep() {
                 --stage1-from benchmarks/fidelity/results/2026-12-07_h100_deep6_stage1 benchmarks/fidelity/results/2026-12-07_h200_deep8_stage1 /tmp/conv)
   local t=${DEEP_T:-540}
   mkdir -p "$OUT/deep"
-  timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models cogvideox --seeds 1 2 --jobs 2 --configs shipped-tile4x --out "$OUT/deep/c.jsonl" > "$OUT/deep/c.log" 2>&1 &
+  # DEEP_MODEL / DEEP_CONFIG / DEEP_SEEDS: another row (2026-12-07 (night): wan shipped-tile4x-s2x2, seeds 0 1 2,
+  # for wan2.1-t2v-1.3b-hq's PSNR over 8 sampled batches; their stage 1s are in the --stage1-from folders)
+  local seeds=(${DEEP_SEEDS:-1 2})
+  timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models "${DEEP_MODEL:-cogvideox}" --seeds "${seeds[@]}" --jobs "${#seeds[@]}" \
+    --configs "${DEEP_CONFIG:-shipped-tile4x}" --out "$OUT/deep/c.jsonl" > "$OUT/deep/c.log" 2>&1 &
   if [ -n "${HALO:-}" ]; then
     timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models wan --seeds 0 --configs shipped-tile-halo1 --out "$OUT/deep/h.jsonl" > "$OUT/deep/h.log" 2>&1 &
   fi
@@ -115,6 +119,8 @@ sampling() {
 }
 
 distill() {
+  # the background checkpoint's snapshot (pinned, asynchronous since 2026-12-07 (night)) on the device first
+  timeout 60 python3 -m pytest -q -m gpu tests/stages/test_checkpoints.py -p no:cacheprovider 2>&1 | tail -2
   timeout 300 python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill > "$OUT/wan_distill.log" 2>&1; tail -8 "$OUT/wan_distill.log"
 }
 

@@ -109,3 +109,45 @@ def test_the_temporary_file_of_a_killed_write_goes_with_the_next_write(tmp_path)
     writer.submit(path, {"param.w": torch.ones(2)}, {"step": 1})
     writer.wait()
     assert sorted(os.listdir(tmp_path)) == [".other.safetensors.abc.tmp", path.name]
+
+
+@pytest.mark.gpu
+def test_a_checkpoint_of_device_tensors_holds_the_moment_while_the_next_steps_run_on_the_device(tmp_path, monkeypatch):
+    """On CUDA the snapshot is an asynchronous copy into reused pinned host buffers: the optimizer's
+    in-place steps queued right after submit() must not reach the file, and the second checkpoint
+    reuses the first one's buffers (no fresh 16 GB a checkpoint)."""
+    import threading
+
+    import torch
+
+    from hla_convert.stages import checkpoints
+
+    path = tmp_path / "stage2.checkpoint.safetensors"
+    release = threading.Event()
+    real = checkpoints._write
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def slow(p, flat, text):
+        seen.append(flat)
+        assert release.wait(30)
+        return real(p, flat, text)
+
+    monkeypatch.setattr(checkpoints, "_write", slow)
+    w = torch.arange(4 << 20, dtype=torch.float32, device="cuda")  # 16 MB: the copy takes a while
+    moment = w.cpu()
+    writer = checkpoints.CheckpointWriter()
+    writer.submit(path, {"param.w": w, "rng.torch": torch.get_rng_state()}, {"step": 1})
+    for _ in range(20):  # the next steps, queued behind the copy on the same stream
+        w.add_(1.0)
+    release.set()
+    writer.wait()
+    tensors, _ = checkpoints.load_checkpoint(path)
+    assert torch.equal(tensors["param.w"], moment)
+    assert seen[0]["param.w"].is_pinned()
+    moment = w.cpu()
+    writer.submit(path, {"param.w": w, "rng.torch": torch.get_rng_state()}, {"step": 2})
+    w.zero_()
+    writer.wait()
+    assert seen[1]["param.w"].data_ptr() == seen[0]["param.w"].data_ptr()  # the buffer reused
+    tensors, state = checkpoints.load_checkpoint(path)
+    assert torch.equal(tensors["param.w"], moment) and state == {"step": 2}
