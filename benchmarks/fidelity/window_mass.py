@@ -44,8 +44,8 @@ import bench_models as bm  # noqa: E402
 STATIC = {
     "own frame (256 keys)": (1, 0, 0),
     "4 x 4 tile through all frames (256)": (0, 4, 4),
-    "4 x 8 tile (512): wan2.1-t2v-1.3b there": (0, 4, 8),
-    "8 x 8 tile (1024): wan2.1-t2v-1.3b-hq there": (0, 8, 8),
+    "4 x 8 tile (512): wan2.1-t2v-1.3b-fast there": (0, 4, 8),
+    "8 x 8 tile (1024): wan2.1-t2v-1.3b there": (0, 8, 8),
 }
 QUERY_BLOCK = (0, 4, 8)
 KEY_BLOCK = (2, 4, 8)  # 64 tokens

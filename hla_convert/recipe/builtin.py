@@ -56,15 +56,25 @@ def _builtin_root() -> Any:
         return checkout
 
 
+# Names that were built-in recipes and now load another one, so that a script that names them goes
+# on working: the fidelity-first -hq recipes became the defaults on 2026-12-07 (night), and the
+# defaults before them are the -fast recipes.
+RENAMED = {"wan2.1-t2v-1.3b-hq": "wan2.1-t2v-1.3b", "cogvideox-2b-hq": "cogvideox-2b"}
+
+
 def _builtin_files() -> dict[str, Any]:
+    """Built-in recipe name -> its file; a RENAMED name -> the file it loads now."""
     root = _builtin_root()
-    return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
+    files = {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
+    return files | {old: files[new] for old, new in RENAMED.items() if new in files and old not in files}
 
 
 def builtin_recipes() -> dict[str, str]:
     """Built-in recipe name -> its one-line description, sorted by name."""
     out = {}
     for name, res in sorted(_builtin_files().items()):
+        if name in RENAMED:
+            continue
         data = yaml.safe_load(res.read_text(encoding="utf-8")) or {}
         out[name] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
     return out
@@ -90,7 +100,8 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _unknown_message(name: str, files: dict[str, Any]) -> str:
-    return f"unknown recipe {_r(name)}; built-in recipes: {', '.join(sorted(files))} (or give the path of a YAML file)"
+    names = sorted(n for n in files if n not in RENAMED)
+    return f"unknown recipe {_r(name)}; built-in recipes: {', '.join(names)} (or give the path of a YAML file)"
 
 
 def load_recipe(name_or_path: str) -> Recipe:

@@ -24,15 +24,21 @@ def test_inspect_the_demo_as_json():
 
 
 def test_inspect_says_what_the_tiles_are_at_each_video_size():
-    """A recipe's `tiles` resolve to a window in tokens at the video size asked for: wan2.1-t2v-1.3b's
-    [1, 5, 2] is 6 x 26 tokens through 21 frames at 480p (3,276 keys, 10 %), 9 x 40 at 720p."""
-    at_480 = json.loads(invoke("inspect", "--recipe", "wan2.1-t2v-1.3b", "--json").stdout)
+    """A recipe's `tiles` resolve to a window in tokens at the video size asked for: wan2.1-t2v-1.3b-fast's
+    [1, 5, 2] is 6 x 26 tokens through 21 frames at 480p (3,276 keys, 10 %), 9 x 40 at 720p; the
+    default wan2.1-t2v-1.3b's [1, 2, 2] 15 x 26 (8,190 keys, 25 %), and 23 x 40 at 720p (45 rows in 2
+    tiles: the first 23)."""
+    at_480 = json.loads(invoke("inspect", "--recipe", "wan2.1-t2v-1.3b-fast", "--json").stdout)
     w = at_480["window"]
     assert w["asked"] == "tiles=(1, 5, 2)" and w["grid"] == [21, 30, 52] and w["box"] == [21, 6, 26]
     assert w["keys"] == 3276 and abs(w["share"] - 0.1) < 1e-9
-    at_720 = json.loads(invoke("inspect", "--recipe", "wan2.1-t2v-1.3b", "--height", "720", "--width", "1280", "--json").stdout)
+    at_720 = json.loads(invoke("inspect", "--recipe", "wan2.1-t2v-1.3b-fast", "--height", "720", "--width", "1280", "--json").stdout)
     assert at_720["window"]["box"] == [21, 9, 40] and at_720["window"]["keys"] == 7560
-    shown = invoke("inspect", "--recipe", "wan2.1-t2v-1.3b")
+    default = json.loads(invoke("inspect", "--recipe", "wan2.1-t2v-1.3b", "--json").stdout)["window"]
+    assert default["asked"] == "tiles=(1, 2, 2)" and default["box"] == [21, 15, 26] and default["keys"] == 8190
+    default = json.loads(invoke("inspect", "--recipe", "wan2.1-t2v-1.3b", "--height", "720", "--width", "1280", "--json").stdout)
+    assert default["window"]["box"] == [21, 23, 40] and default["window"]["keys"] == 19320
+    shown = invoke("inspect", "--recipe", "wan2.1-t2v-1.3b-fast")
     text = " ".join(shown.stdout.split())  # rich wraps at the terminal width
     assert "softmax window: tiles (1, 5, 2) -> 21 x 6 x 26 tokens" in text and "3,276 video keys a query (10.0 %)" in text
     demo = json.loads(invoke("inspect", "--json").stdout)  # tiny-wan: the token's own latent frame

@@ -45,7 +45,7 @@ def test_onpolicy_rows_train_half_the_stage2_steps_sampling_as_the_measure_does(
 
 def test_shipped_softmax_layers_keep_the_same_fraction_of_the_blocks():
     recipes = fidelity_module("bench_recipes")
-    assert recipes.SHIPPED["wan"] == ("wan2.1-t2v-1.3b", 30)
+    assert recipes.SHIPPED["wan"] == ("wan2.1-t2v-1.3b-fast", 30)  # Wan2.1-1.3B's 30 blocks
     assert recipes.scaled_softmax_layers(2, 30, 15) == 1  # Wan2.1-1.3B's 2 of 30 -> 1 of the deep tier's 15
     assert recipes.scaled_softmax_layers(2, 30, 30) == 2
     assert recipes.scaled_softmax_layers(4, 30, 15) == 2
@@ -131,17 +131,18 @@ def test_window_rows_compare_equal_sized_windows():
     assert recipes.HalfOf("stage2.steps").resolve({"stage2": {"steps": 400}}) == 200
 
 
-@pytest.mark.parametrize("name,base_name,row_name,fields", [
-    ("wan2.1-t2v-1.3b-hq", "wan2.1-t2v-1.3b", "shipped-tile4x-s2x2", {("attention", "tiles"), ("stage2", "steps")}),
-    ("cogvideox-2b-hq", "cogvideox-2b", "shipped-tile4x", {("attention", "tiles")}),
+@pytest.mark.parametrize("arch,name,base_name,row_name,fields", [
+    ("wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-fast", "shipped-tile4x-s2x2", {("attention", "tiles"), ("stage2", "steps")}),
+    ("cogvideox", "cogvideox-2b", "cogvideox-2b-fast", "shipped-tile4x", {("attention", "tiles")}),
 ])
-def test_the_fidelity_first_recipes_are_the_rows_that_measured_them(name, base_name, row_name, fields):
-    """Each -hq recipe is its base recipe with the fields of the row that reached the drift target
-    (the 8 x 8 tile on the deep benchmark's grid; on Wan with 800 stage-2 steps) and nothing else
-    changed."""
+def test_the_default_recipes_are_the_rows_that_measured_them(arch, name, base_name, row_name, fields):
+    """Each default (fidelity-first) recipe is the benchmark's base recipe, the speed-first -fast one,
+    with the fields of the row that reached the drift target (the 8 x 8 tile on the deep benchmark's
+    grid; on Wan with 800 stage-2 steps) and nothing else changed."""
     from hla_convert.recipe import load_recipe
 
     recipes = fidelity_module("bench_recipes")
+    assert recipes.SHIPPED[arch][0] == base_name  # the shipped* rows are changes to the -fast recipe
     base, hq = (load_recipe(n).to_dict() for n in (base_name, name))
     row = recipes.CONFIGS[row_name]
     assert list(load_recipe(name).hla_config().window_on((16, 16, 16))) == row["attention.window"]
@@ -177,7 +178,7 @@ def test_stage2_rows_start_from_the_committed_stage1_of_their_window(arch, row, 
 
 
 @pytest.mark.parametrize("arch,row,seed,results", [
-    ("wan", "shipped-tile4x-s2x2", 0, "2026-12-07_h100_deep6_stage1"),  # as the twelfth run reused it (wan2.1-t2v-1.3b-hq)
+    ("wan", "shipped-tile4x-s2x2", 0, "2026-12-07_h100_deep6_stage1"),  # as the twelfth run reused it (wan2.1-t2v-1.3b's row)
     ("cogvideox", "shipped-tile2x-select-output", 2, "2026-12-07_h100_deep5_stage1"),
     ("cogvideox", "shipped-tile-select-output-full", 0, "2026-12-07_h100_deep4_stage1"),
 ])

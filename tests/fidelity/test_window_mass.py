@@ -20,7 +20,7 @@ def test_windows_hold_their_keys_and_the_oracle_holds_the_most_mass():
     p = torch.softmax(q @ k.T, -1)
     wins = wm.windows(grid, q, k, p)
     sizes = {"own frame (256 keys)": 256, "4 x 4 tile through all frames (256)": 128,
-             "4 x 8 tile (512): wan2.1-t2v-1.3b there": 256, "8 x 8 tile (1024): wan2.1-t2v-1.3b-hq there": 512}  # fmt: skip
+             "4 x 8 tile (512): wan2.1-t2v-1.3b-fast there": 256, "8 x 8 tile (1024): wan2.1-t2v-1.3b there": 512}  # fmt: skip
     for name, keys in sizes.items():
         assert wins[name].diagonal().all() and (wins[name].sum(-1) == keys).all(), name
     for top in (8, 16):

@@ -27,6 +27,24 @@ def test_builtin_recipes_load_and_give_valid_configs():
         assert "#" in recipe_text(name)  # the reasoning is in comments
 
 
+def test_the_fidelity_first_recipes_old_names_load_the_defaults_and_are_not_listed_twice():
+    """wan2.1-t2v-1.3b-hq and cogvideox-2b-hq became the defaults (2026-12-07 (night)); a script that
+    names them gets the same recipe, and the speed-first recipes of before are the -fast ones, made
+    for the same model (the default is the one chosen by model ID)."""
+    from hla_convert.conversion.common import resolve_recipe
+
+    names = builtin_recipes()
+    for old, new in (("wan2.1-t2v-1.3b-hq", "wan2.1-t2v-1.3b"), ("cogvideox-2b-hq", "cogvideox-2b")):
+        assert old not in names and f"{new}-fast" in names
+        assert load_recipe(old) == load_recipe(new) and recipe_text(old) == recipe_text(new)
+        fast, default = load_recipe(f"{new}-fast"), load_recipe(new)
+        assert fast.model.hub_id == default.model.hub_id
+        assert resolve_recipe(None, default.model.hub_id).name == new
+    with pytest.raises(RecipeError) as e:
+        load_recipe("no-such-recipe")
+    assert "wan2.1-t2v-1.3b-fast" in str(e.value) and "-hq" not in str(e.value)
+
+
 def test_recipe_from_path(tmp_path):
     p = tmp_path / "mine.yaml"
     p.write_text(recipe_text("tiny-wan").replace("name: tiny-wan", "name: mine"))
