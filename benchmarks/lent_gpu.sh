@@ -21,17 +21,18 @@
 #                     form, then timed; the fastest right ones checked and timed together (the defaults:
 #                     part kernels; never run: the check per candidate is new)
 #   profile    ~40 s  issue 22: profile_block.py, where one Wan block's time goes
-#   deep      ~360 s  issue 20: cogvideox-2b-hq's row (shipped-tile4x: the 8 x 8 tile) on CogVideoX seeds
-#                     1 and 2, each with its own stage 1 (seed 0 ran on 2026-12-07, evening: 0.0470;
-#                     wan2.1-t2v-1.3b-hq's three seeds are done: docs/comparison.md "Thirteenth run");
+#   deep      ~360 s  issue 20: a row on the deep tier, by default cogvideox-2b's (shipped-tile4x: the 8 x 8 tile) on
+#                     CogVideoX seeds 1 and 2 (ran 2026-12-07 (night): docs/comparison.md "Fourteenth run");
+#                     next: DEEP_MODEL=wan DEEP_CONFIG=shipped-tile4x-s2x2 DEEP_SEEDS="0 1 2" DEEP_T=540, the
+#                     default wan2.1-t2v-1.3b's three seeds again for the PSNR over 8 sampled batches (~400 s);
 #                     HALO=1 adds the 4 x 4 tile with a 1-token halo on Wan
 #   wan_fwd   ~330 s  issue 22: the whole Wan-1.3B-shaped forward, both sides compiled, with the
-#                     recipe's tiles and with the 8 x 8 tile ([1, 2, 2]); WRES=480p for one resolution
+#                     default recipe's 8 x 8 tile ([1, 2, 2]) and the -fast recipe's 5 x 2 tiles; WRES=480p for one
 #   sampling  ~550 s  issue 22: WanPipeline sampling, teacher (softmax) and converted in one run, compiled
 #                     (blocks), a warm-up and a timed video a side: 480p (1.63x eager on 2026-11-25) and
 #                     720p (never run); SRES=720p for one resolution (~330 s)
-#   distill   ~180 s  issue 20/22: the 480p distillation steps (ran 2026-12-07 evening on an H200, before
-#                     the background checkpoint writes: again to time them, after_steps_s)
+#   distill   ~180 s  issue 20/22: the 480p distillation steps of the default recipe (bench_wan.RECIPE), after
+#                     the GPU test of the checkpoint snapshot
 set -u
 cd "$(dirname "$0")/.."
 
@@ -87,7 +88,7 @@ deep() {
   local t=${DEEP_T:-540}
   mkdir -p "$OUT/deep"
   # DEEP_MODEL / DEEP_CONFIG / DEEP_SEEDS: another row (2026-12-07 (night): wan shipped-tile4x-s2x2, seeds 0 1 2,
-  # for wan2.1-t2v-1.3b-hq's PSNR over 8 sampled batches; their stage 1s are in the --stage1-from folders)
+  # for wan2.1-t2v-1.3b's PSNR over 8 sampled batches; their stage 1s are in the --stage1-from folders)
   local seeds=(${DEEP_SEEDS:-1 2})
   timeout "$t" python3 benchmarks/fidelity/run.py "${common[@]}" --models "${DEEP_MODEL:-cogvideox}" --seeds "${seeds[@]}" --jobs "${#seeds[@]}" \
     --configs "${DEEP_CONFIG:-shipped-tile4x}" --out "$OUT/deep/c.jsonl" > "$OUT/deep/c.log" 2>&1 &
@@ -105,8 +106,9 @@ deep() {
 wan_fwd() {
   timeout "${WT1:-300}" python3 benchmarks/bench_wan.py "$OUT/wan_fwd_tiles.json" --parts forward --resolutions "${WRES:-480p,720p}" --compile blocks > "$OUT/wan_fwd_tiles.log" 2>&1
   tail -6 "$OUT/wan_fwd_tiles.log"
-  timeout "${WT2:-250}" python3 benchmarks/bench_wan.py "$OUT/wan_fwd_tile4x.json" --parts forward --resolutions "${WRES:-480p,720p}" --compile blocks --attention tiles=1,2,2 > "$OUT/wan_fwd_tile4x.log" 2>&1
-  tail -6 "$OUT/wan_fwd_tile4x.log"
+  # the -fast recipe's window (the default's until 2026-12-07 (night), when the default became the 8 x 8 tile)
+  timeout "${WT2:-250}" python3 benchmarks/bench_wan.py "$OUT/wan_fwd_fast.json" --parts forward --resolutions "${WRES:-480p,720p}" --compile blocks --attention tiles=1,5,2 > "$OUT/wan_fwd_fast.log" 2>&1
+  tail -6 "$OUT/wan_fwd_fast.log"
 }
 
 sampling() {

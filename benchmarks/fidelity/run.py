@@ -7,8 +7,10 @@
         --configs shipped shipped-select-output --seeds 0 1 --jobs 8 --out deep.json --resume
     python benchmarks/fidelity/report.py results.json
 
-Two bases (--base): `bench` (default), the benchmark's own recipes/<model>.yaml, and `shipped`, the
-built-in recipe a user runs on the real model (bench_recipes.SHIPPED) with only the fields that name the
+Two bases (--base): `bench` (default), the benchmark's own recipes/<model>.yaml, and `shipped`, a
+built-in recipe for the real model (bench_recipes.SHIPPED: the speed-first -fast recipes, the defaults
+until 2026-12-07 (night); the defaults now are the rows shipped-tile4x-s2x2 on wan and shipped-tile4x
+on cogvideox) with only the fields that name the
 benchmark's model and its data changed (SHIPPED_CHANGES) and attention.softmax_layers kept as the
 same fraction of the blocks; its lr, batch sizes, steps, LoRA and stage 1 stay as shipped. The
 `shipped*` configs are the rows on that base. Two tiers (--tier): `fast`, the 6-block teachers of
