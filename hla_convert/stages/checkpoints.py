@@ -143,6 +143,18 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise error
 
+    def close(self) -> None:
+        """wait(), then let the host buffers go: the pinned ones back to the system where this torch
+        can (its host allocator caches freed pinned blocks otherwise, for the process's life)."""
+        try:
+            self.wait()
+        finally:
+            pinned = any(b.is_pinned() for b in self._buffers.values())
+            self._buffers.clear()
+            empty_cache = getattr(torch._C, "_host_emptyCache", None)
+            if pinned and empty_cache is not None:
+                empty_cache()
+
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by CheckpointWriter: (tensors on the CPU, state: a dict; its fields are

@@ -205,9 +205,9 @@ def _writes_finished(writer: CheckpointWriter) -> Iterator[None]:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            writer.wait()
+            writer.close()
         raise
-    writer.wait()
+    writer.close()
 
 
 def stage_fingerprint(stage: str, recipe: Recipe, params: Mapping[str, Any], n_inputs: int) -> str:

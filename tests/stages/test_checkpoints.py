@@ -151,3 +151,5 @@ def test_a_checkpoint_of_device_tensors_holds_the_moment_while_the_next_steps_ru
     assert seen[1]["param.w"].data_ptr() == seen[0]["param.w"].data_ptr()  # the buffer reused
     tensors, state = checkpoints.load_checkpoint(path)
     assert torch.equal(tensors["param.w"], moment) and state == {"step": 2}
+    writer.close()  # the stage's end: the buffers go
+    assert not writer._buffers
