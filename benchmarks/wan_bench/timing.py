@@ -157,12 +157,15 @@ def time_sampling(pipe, res, steps, device) -> dict[str, Any]:
     }
 
 
-def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> list[dict[str, Any]]:
+def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compile_model=None) -> list[dict[str, Any]]:
     """Stage 1, then stage 2 with its teacher live and cached, and cached with `train: full` (every
     weight of the converted blocks, not LoRA), as the library runs them: `steps` steps each on
     synthetic inputs. The cached runs' first step also holds the targets' cache (`cache_s`), which
     the median after the first step leaves out. A run that fails (full's optimizer out of memory)
-    is a record with "error"; full runs last, as it changes the weights it trains."""
+    is a record with "error"; full runs after the LoRA runs, as it changes the weights it trains.
+    compile_model: a callable that compiles the model in place and returns how ("blocks"); given,
+    stage 2 cached with LoRA runs once more, compiled (the lever for a faster stage-2 step that the
+    library does not use yet: its record has "compile"), and the model stays compiled."""
     from hla_convert.stages.distill import attention_transfer, output_distillation
 
     items = [model_inputs(model, res, text_len, device, dtype, seed=10 + i) for i in range(4)]
@@ -173,8 +176,13 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> lis
     runs = [("stage1", attention_transfer, recipe, None)] + [
         ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how, "stage2.train": "lora"}), how) for how in ("live", "cached")
     ] + [("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", "stage2.train": "full"}), "cached")]
+    if compile_model is not None:
+        runs.append(("stage2", output_distillation, runs[2][2], "cached-compiled"))
     out = []
+    compiled_how = None
     for stage, run, recipe, how in runs:
+        if how == "cached-compiled":
+            how, compiled_how = "cached", compile_model()
         marks: list[float] = []
 
         def progress(_stage, _done, _total, _info):
@@ -211,6 +219,8 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int) -> lis
             "final_loss": summary.get("final_loss"),
             "peak_mem_gb": peak_gb(device),
         })  # fmt: skip
+        if compiled_how is not None:
+            out[-1]["compile"] = compiled_how
         if how is not None:  # stage 2: how the targets came, and the teacher forwards a step costs
             teacher = summary.get("teacher") or {}
             out[-1].update({
