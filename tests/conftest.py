@@ -9,7 +9,8 @@ run made by the console script can be compared bit for bit with one made in proc
 - `interp`: the Triton kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1 for the
   requesting test only: the kernels read it when called, and leaving it set would send other
   tests' CPU tensors through the slow interpreter), outputs poisoned with NaN first so an element
-  a kernel leaves unwritten fails.
+  a kernel leaves unwritten fails; Triton's interpreter patches triton.language once per kernel
+  launch rather than at every @jit helper call as well (`_patch_lang_once_per_launch`).
 - `gpu`: the compiled kernels on CUDA, outputs poisoned the same way. Tests that take it carry the
   `gpu` marker (`pytest -m gpu` selects them); without CUDA they are skipped at collection.
 - `fast_recipe`: the demo recipe cut down by helpers.FAST, written once per session (read-only:
@@ -60,11 +61,54 @@ def _poison_kernel_outputs(monkeypatch) -> None:
     monkeypatch.setattr(_runtime, "POISON_OUTPUTS", True)
 
 
+def _patch_lang_once_per_launch(monkeypatch) -> None:
+    """Triton's interpreter re-patches triton.language (inspect.getmembers over tl, tl.core,
+    tl.math, tl.tensor) at every call of a @jit helper inside a kernel, in every program; the
+    launch has patched those same modules already and restores them when it ends, so the repeat
+    changes nothing (already-patched members are no longer builtins) and took about a third of the
+    kernel tests' time. Within one launch, a helper whose language modules the launch patched skips
+    the repeat; any other call (the launch's own, a helper seeing another module) runs Triton's
+    own patching. Left as Triton has it where the interpreter lacks these internals."""
+    import inspect
+
+    try:
+        from triton.runtime import interpreter as it
+        import triton.language as tl
+
+        original, grid_call, empty_scope = it._patch_lang, it.GridExecutor.__call__, it._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    launch: dict[str, Any] = {"running": False, "patched": set()}
+
+    def langs(fn) -> set[int]:
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and (v is tl or v is tl.core)}
+
+    def patch_lang(fn):
+        mine = langs(fn)
+        if launch["running"] and launch["patched"] and mine and mine <= launch["patched"]:
+            return empty_scope()  # this launch's patches are in place
+        scope = original(fn)
+        if launch["running"] and not launch["patched"]:  # the launch's own call, the first of it
+            launch["patched"] = mine
+        return scope
+
+    def call(self, *args, **kwargs):
+        launch.update(running=True, patched=set())
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            launch.update(running=False, patched=set())
+
+    monkeypatch.setattr(it, "_patch_lang", patch_lang)
+    monkeypatch.setattr(it.GridExecutor, "__call__", call)
+
+
 @pytest.fixture
 def interp(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _poison_kernel_outputs(monkeypatch)
+    _patch_lang_once_per_launch(monkeypatch)
 
 
 @pytest.fixture
