@@ -40,8 +40,8 @@ def selection_path(work_dir: str | os.PathLike) -> Path:
 
 def _host_buffer(like: torch.Tensor) -> torch.Tensor:
     """An empty host tensor of `like`'s shape and dtype, page-locked where the allocator can (the
-    device-to-host copy then runs asynchronously at the link's rate); pageable where pinning fails
-    (a host short of lockable memory), which is slower, not wrong."""
+    device-to-host copy then runs at the link's rate); pageable where pinning fails (a host short of
+    lockable memory, a build without CUDA), which is slower, not wrong."""
     try:
         return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=True)
     except RuntimeError:
@@ -75,24 +75,23 @@ class CheckpointWriter:
     killed mid-write resumes from the checkpoint before; the temporary file such a kill leaves is
     removed by the next write of the same checkpoint.
 
-    Device tensors are copied into host buffers kept from one checkpoint to the next (page-locked
-    where the allocator can), asynchronously on each tensor's current stream: the optimizer's next
-    in-place step is queued after the copy on that stream, and the writing thread waits for the
-    copies (a CUDA event) before it reads them. The previous synchronous copy into fresh pageable
-    memory held the loop ~11 s a checkpoint for Wan2.1-1.3B's ~16 GB `train: full` state (one H100,
-    2026-12-07 (night)). The buffers cost host memory of the checkpoint's size for the stage's
-    length (the pinned allocator rounds each tensor up to a power of two: up to 2x)."""
+    Device tensors are copied into host buffers kept from one checkpoint to the next, page-locked
+    where the allocator can: the copy then runs at the link's rate into memory already faulted in.
+    The previous copy into freshly allocated pageable memory held the loop ~11 s a checkpoint for
+    Wan2.1-1.3B's ~16 GB `train: full` state (one H100, 2026-12-07 (night); ~1 s expected at ~20 GB/s,
+    not yet timed). The copy stays synchronous: the optimizer's next in-place step cannot race it.
+    The buffers cost host memory of the checkpoint's size until the stage ends (close(); the pinned
+    allocator rounds each tensor up to a power of two: up to 2x)."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def _snapshot(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[Any]]:
-        """(host tensors of this moment, the CUDA events to wait on before reading them). Only called
-        with no write in flight, so the reused buffers are free."""
+    def _snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host tensors holding this moment's values. Only called with no write in flight, so the
+        reused buffers are free."""
         flat: dict[str, torch.Tensor] = {}
-        devices: set[torch.device] = set()
         for name, value in tensors.items():
             value = value.detach()
             if value.device.type == "cpu":
@@ -101,31 +100,21 @@ class CheckpointWriter:
             buffer = self._buffers.get(name)
             if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
                 buffer = self._buffers[name] = _host_buffer(value)
-            buffer.copy_(value, non_blocking=buffer.is_pinned())
+            buffer.copy_(value)  # synchronous: the file holds this moment, whatever the loop queues next
             flat[name] = buffer
-            devices.add(value.device)
-        stale = set(self._buffers) - set(tensors)
-        for name in stale:  # a tensor no longer checkpointed: its buffer goes
+        for name in set(self._buffers) - set(tensors):  # a tensor no longer checkpointed: its buffer goes
             del self._buffers[name]
-        events = []
-        for device in devices:
-            if device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                events.append(event)
-        return flat, events
+        return flat
 
     def submit(self, path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         self.wait()
         text = _state_text(state)  # first: a state that is not JSON is refused before any copy
-        flat, events = self._snapshot(tensors)
+        flat = self._snapshot(tensors)
         for stale in stale_temporaries(path):
             stale.unlink(missing_ok=True)
 
         def write() -> None:
             try:
-                for event in events:
-                    event.synchronize()
                 _write(path, flat, text)
             except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
                 self._error = e

@@ -113,9 +113,9 @@ def test_the_temporary_file_of_a_killed_write_goes_with_the_next_write(tmp_path)
 
 @pytest.mark.gpu
 def test_a_checkpoint_of_device_tensors_holds_the_moment_while_the_next_steps_run_on_the_device(tmp_path, monkeypatch):
-    """On CUDA the snapshot is an asynchronous copy into reused pinned host buffers: the optimizer's
-    in-place steps queued right after submit() must not reach the file, and the second checkpoint
-    reuses the first one's buffers (no fresh 16 GB a checkpoint)."""
+    """On CUDA the snapshot is a copy into reused pinned host buffers: the optimizer's in-place steps
+    queued right after submit() must not reach the file, and the second checkpoint reuses the first
+    one's buffers (no fresh 16 GB a checkpoint)."""
     import threading
 
     import torch
