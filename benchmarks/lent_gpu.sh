@@ -31,8 +31,12 @@
 #   sampling  ~550 s  issue 22: WanPipeline sampling, teacher (softmax) and converted in one run, compiled
 #                     (blocks), a warm-up and a timed video a side: 480p (1.63x eager on 2026-11-25) and
 #                     720p (never run); SRES=720p for one resolution (~330 s)
-#   distill   ~180 s  issue 20/22: the 480p distillation steps of the default recipe (bench_wan.RECIPE), after
-#                     the GPU test of the checkpoint snapshot
+#   distill   ~280 s  issue 20/22: the 480p distillation steps of the default recipe (bench_wan.RECIPE), after
+#                     the GPU test of the checkpoint snapshot; stage 2 also without gradient checkpointing and
+#                     with the blocks compiled (the two levers for the stage-2 step; never run)
+#
+# Next session, in this order (2026-12-07 (night) ended in refused starts): distill, then
+# DEEP_MODEL=wan DEEP_CONFIG=shipped-tile4x-s2x2 DEEP_SEEDS="0 1 2" DEEP_T=540 deep, then wan_fwd, kernels.
 set -u
 cd "$(dirname "$0")/.."
 

@@ -160,9 +160,10 @@ def time_sampling(pipe, res, steps, device) -> dict[str, Any]:
 def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compile_model=None) -> list[dict[str, Any]]:
     """Stage 1, then stage 2 with its teacher live and cached, and cached with `train: full` (every
     weight of the converted blocks, not LoRA), as the library runs them: `steps` steps each on
-    synthetic inputs. The cached runs' first step also holds the targets' cache (`cache_s`), which
-    the median after the first step leaves out. A run that fails (full's optimizer out of memory)
-    is a record with "error"; full runs after the LoRA runs, as it changes the weights it trains.
+    synthetic inputs; the cached LoRA run once more without gradient checkpointing. The cached runs'
+    first step also holds the targets' cache (`cache_s`), which the median after the first step
+    leaves out. A run that fails (out of memory: full's optimizer, or every activation kept) is a
+    record with "error"; full runs after the LoRA runs, as it changes the weights it trains.
     compile_model: a callable that compiles the model in place and returns how ("blocks"); given,
     stage 2 cached with LoRA runs once more, compiled (the lever for a faster stage-2 step that the
     library does not use yet: its record has "compile"), and the model stays compiled."""
@@ -173,11 +174,17 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
         fields={"stage1.steps": steps, "stage2.steps": steps, "stage1.checkpoint_every": 10**6, "stage2.checkpoint_every": 10**6}
     )
     accumulate = recipe.stage2.batch_size // recipe.calibration.batch_size
+    lora = {"stage2.train": "lora"}
     runs = [("stage1", attention_transfer, recipe, None)] + [
-        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how, "stage2.train": "lora"}), how) for how in ("live", "cached")
-    ] + [("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", "stage2.train": "full"}), "cached")]
+        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how, **lora}), how) for how in ("live", "cached")
+    ] + [
+        # without gradient checkpointing (no recompute of each block's forward in the backward; every
+        # activation kept): what the recipe's `stage2.gradient_checkpointing: false` costs and buys
+        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", **lora, "stage2.gradient_checkpointing": False}), "cached"),
+        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", "stage2.train": "full"}), "cached"),
+    ]
     if compile_model is not None:
-        runs.append(("stage2", output_distillation, runs[2][2], "cached-compiled"))
+        runs.append(("stage2", output_distillation, runs[2][2], "cached-compiled"))  # as the cached LoRA run
     out = []
     compiled_how = None
     for stage, run, recipe, how in runs:
