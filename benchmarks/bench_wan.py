@@ -243,18 +243,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "distill" in parts:
         remove_lora(model)  # stage 2 adds its own
         try:
-            compile_model = None
-            if args.compile:  # stage 2 once more with the blocks compiled (last: the model stays compiled)
-
-                def compile_model():
-                    compiled(model, args.compile, args.compile_backend, in_place=True)
-                    counters.clear()
-                    return args.compile
-
-            stages = time_distill(model, recipe, table["480p"], text_len, device, dtype, args.distill_steps, compile_model)
-            if args.compile and stages[-1].get("compile"):  # what dynamo made of the training step
-                stages[-1]["dynamo_graphs"] = counters["stats"].get("unique_graphs", 0)
-                stages[-1]["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
+            # --compile: stage 2 once more as `stage2.compile: true` runs it (the library's compile)
+            backend = args.compile_backend if args.compile else None
+            stages = time_distill(model, recipe, table["480p"], text_len, device, dtype, args.distill_steps, backend)
         except Exception as exc:  # noqa: BLE001 - recorded, as attempt() does
             stages = [{"measurement": "distill", "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}]
         for rec in stages:

@@ -127,7 +127,7 @@ sampling() {
 distill() {
   # the background checkpoint's snapshot (into reused pinned buffers since 2026-12-07 (night)) on the device first
   timeout 60 python3 -m pytest -q -m gpu tests/stages/test_checkpoints.py -p no:cacheprovider 2>&1 | tail -2
-  # --compile blocks: stage 2 (cached, LoRA) once more with the blocks compiled, the lever for the stage-2 step
+  # --compile blocks: stage 2 (cached, LoRA) once more as `stage2.compile: true` runs it, the lever for the stage-2 step
   timeout "${DISTILL_T:-300}" python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill --compile blocks > "$OUT/wan_distill.log" 2>&1; tail -8 "$OUT/wan_distill.log"
 }
 

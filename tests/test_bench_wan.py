@@ -81,6 +81,7 @@ def test_smoke_sampling_at_both_resolutions_compiled_and_stage2_live_and_cached(
                       ("stage2", "lora", "cached", None, False), ("stage2", "full", "cached", None, True),
                       ("stage2", "lora", "cached", "blocks", True)]  # fmt: skip
     assert recs[-1]["seconds_per_step"] > 0 and recs[-1]["final_loss"] is not None and recs[-1]["dynamo_graphs"] >= 1
+    assert recs[-1]["compile_backend"] == "eager"  # the library's stage2.compile, with the backend asked for
     full = recs[[r["measurement"] for r in recs].index("stage2") + 3]
     assert full["seconds_per_step"] > 0 and full["lora"] is None and full["full"]["parameters"] > stage2["cached"]["lora"]["parameters"]
     # the final checkpoint write, which the steps no longer hold, has its own field

@@ -150,10 +150,11 @@ def compiled(model, how: str | None, backend: str = "inductor", in_place: bool =
 
 
 def uncompile_blocks(model) -> None:
-    """Undo compile_repeated_blocks (nn.Module.compile sets _compiled_call_impl)."""
-    for m in model.modules():
-        if getattr(m, "_compiled_call_impl", None) is not None:
-            m._compiled_call_impl = None
+    """Undo compile_repeated_blocks / an in-place model compile (the library's uncompile), and
+    clear dynamo's caches."""
+    from hla_convert.model.compiling import uncompile
+
+    uncompile(model)
     torch._dynamo.reset()
 
 

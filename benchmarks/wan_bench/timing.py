@@ -5,6 +5,7 @@ distillation steps.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import statistics
 import subprocess
@@ -157,16 +158,29 @@ def time_sampling(pipe, res, steps, device) -> dict[str, Any]:
     }
 
 
-def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compile_model=None) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _backend(name: str | None):
+    """hla_convert.model.compiling.COMPILE_BACKEND = name within (None: as it is)."""
+    from hla_convert.model import compiling
+
+    was = compiling.COMPILE_BACKEND
+    compiling.COMPILE_BACKEND = name or was
+    try:
+        yield
+    finally:
+        compiling.COMPILE_BACKEND = was
+
+
+def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compile_backend: str | None = None) -> list[dict[str, Any]]:
     """Stage 1, then stage 2 with its teacher live and cached, and cached with `train: full` (every
     weight of the converted blocks, not LoRA), as the library runs them: `steps` steps each on
     synthetic inputs; the cached LoRA run once more without gradient checkpointing. The cached runs'
     first step also holds the targets' cache (`cache_s`), which the median after the first step
     leaves out. A run that fails (out of memory: full's optimizer, or every activation kept) is a
     record with "error"; full runs after the LoRA runs, as it changes the weights it trains.
-    compile_model: a callable that compiles the model in place and returns how ("blocks"); given,
-    stage 2 cached with LoRA runs once more, compiled (the lever for a faster stage-2 step that the
-    library does not use yet: its record has "compile"), and the model stays compiled."""
+    compile_backend: given, stage 2 cached with LoRA runs once more with the recipe's
+    `stage2.compile: true` (the model's repeated blocks compiled for the steps, with this dynamo
+    backend: hla_convert.model.compiling), its record with "compile" and dynamo's graph count."""
     from hla_convert.stages.distill import attention_transfer, output_distillation
 
     items = [model_inputs(model, res, text_len, device, dtype, seed=10 + i) for i in range(4)]
@@ -183,13 +197,15 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
         ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", **lora, "stage2.gradient_checkpointing": False}), "cached"),
         ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", "stage2.train": "full"}), "cached"),
     ]
-    if compile_model is not None:
-        runs.append(("stage2", output_distillation, runs[2][2], "cached-compiled"))  # as the cached LoRA run
+    if compile_backend is not None:  # the cached LoRA run, compiled
+        runs.append(("stage2", output_distillation, runs[2][2].with_overrides(fields={"stage2.compile": True}), "cached"))
     out = []
-    compiled_how = None
     for stage, run, recipe, how in runs:
-        if how == "cached-compiled":
-            how, compiled_how = "cached", compile_model()
+        compiled = stage == "stage2" and recipe.stage2.compile
+        if compiled:
+            from torch._dynamo.utils import counters
+
+            counters.clear()
         marks: list[float] = []
 
         def progress(_stage, _done, _total, _info):
@@ -199,7 +215,7 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
         reset_peak(device)
         train = getattr(recipe, stage).train if stage == "stage2" else "hla"
         try:
-            with tempfile.TemporaryDirectory() as work:
+            with tempfile.TemporaryDirectory() as work, _backend(compile_backend if compiled else None):
                 t0 = time.perf_counter()
                 summary = run(model, items, recipe, work_dir=work, progress=progress)
         except Exception as exc:  # noqa: BLE001 - one run failing (memory) keeps the others' records
@@ -226,8 +242,10 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
             "final_loss": summary.get("final_loss"),
             "peak_mem_gb": peak_gb(device),
         })  # fmt: skip
-        if compiled_how is not None:
-            out[-1]["compile"] = compiled_how
+        if compiled:  # what dynamo made of the training step
+            out[-1].update(compile=summary.get("compile"), compile_backend=compile_backend,
+                           dynamo_graphs=counters["stats"].get("unique_graphs", 0),
+                           dynamo_graph_breaks=sum(counters["graph_break"].values()))  # fmt: skip
         if how is not None:  # stage 2: how the targets came, and the teacher forwards a step costs
             teacher = summary.get("teacher") or {}
             out[-1].update({

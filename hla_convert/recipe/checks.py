@@ -254,6 +254,7 @@ _STAGE2 = {
     "train": lambda p, v: _choice(p, v, STAGE2_TRAIN),
     "teacher": lambda p, v: _choice(p, v, STAGE2_TEACHER),
     "gradient_checkpointing": _bool,
+    "compile": _bool,
     "lora_rank": _at_most(MAX_LORA_RANK, "LoRA ranks are 4 to 128 in practice; it must also fit the targets' features"),
     "lora_alpha": _optional(lambda p, v: _number(p, v, positive=True)),
     "lora_targets": lambda p, v: _nonempty_list(p, v),

@@ -31,7 +31,8 @@ out with the reasoning for their values):
                   [0, 1]; model timestep = 1000 t), mean, std (logit_normal), shift}
     stage1:       steps, lr, batch_size, checkpoint_every, grad_clip
     stage2:       steps (0 = off), lr, batch_size, checkpoint_every, grad_clip, train (hla | lora
-                  | full), teacher (cached | live), gradient_checkpointing, lora_rank (8),
+                  | full), teacher (cached | live), gradient_checkpointing, compile (torch.compile of the
+                  model's repeated blocks for the student's steps: hla_convert.model.compiling), lora_rank (8),
                   lora_alpha (null = rank), lora_targets (module-name suffixes inside each
                   converted attention module; default to_q, to_k, to_v, to_out.0), lora_ffn (also
                   the feed-forward linears of the blocks holding converted modules), lora_lr
@@ -225,6 +226,7 @@ class Stage2Spec:
     train: str = "hla"
     teacher: str = "cached"
     gradient_checkpointing: bool = False
+    compile: bool = False
     lora_rank: int = 8
     lora_alpha: float | None = None  # null: lora_rank (LoRA scale 1)
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])

@@ -41,6 +41,7 @@ is hla_convert.stages.distill_loop; a killed process leaves the last complete ch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ import torch
 from torch import nn
 
 from .distill_loop import DistillError, Progress, _batch_indices, _only_trainable, _relative_sq_error, _run_stage, _shared_relative_sq_error, student_matches  # noqa: F401 - re-exported
+from ..model.compiling import compiled_blocks
 from ..model.full_tuning import attach_base_store, full_tuning_blocks, full_tuning_parameters
 from ..model.layers import hla_layers, hla_parameters
 from ..model.lora import LoraError, add_lora, has_lora, lora_config, lora_parameters, lora_target_modules, without_lora
@@ -177,7 +179,8 @@ def output_distillation(
     converted modules (train "full", at stage2.lr; their originals go to the model's host store,
     model.full_tuning, first). The teacher runs with the adapters disabled and the original
     weights. stage2.gradient_checkpointing turns on the model's own gradient checkpointing for the
-    student forward. Returns the same summary as attention_transfer (its "layers" is empty, "lora"
+    student forward; stage2.compile runs the steps with the model's repeated blocks compiled
+    (hla_convert.model.compiling; summary "compile": what was). Returns the same summary as attention_transfer (its "layers" is empty, "lora"
     lists the adapted modules, "full" the trained blocks, "teacher" how the targets came);
     steps 0 returns {"skipped": ...}. Raises RecipeError for train "full" under FSDP.
     """
@@ -214,7 +217,11 @@ def output_distillation(
         if spec.teacher == "cached" and active and inputs:
             inputs, teacher["targets"], teacher["seconds"] = _cache_targets(model, inputs, recipe)
         extra_lr = spec.lora_lr if spec.train == "lora" else None
-        summary = _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss, extra, extra_lr, parallel)
+        # compiled after the targets' cache (the teacher runs once, eager); eager again after the stage
+        with compiled_blocks(model) if spec.compile and active else contextlib.nullcontext() as compiled:
+            summary = _run_stage("stage2", model, inputs, recipe, work_dir, resume, progress, step_loss, extra, extra_lr, parallel)
+        if compiled:
+            summary["compile"] = compiled
     finally:
         if checkpointing and not was:
             model.disable_gradient_checkpointing()
@@ -252,7 +259,8 @@ def _cache_targets(model: nn.Module, inputs: Sequence[dict[str, Any]], recipe: R
 
 def check_stage2_parallel(recipe: Recipe, parallel: Any) -> None:
     """Refuse (RecipeError) what stage 2 cannot train under this launch: `train: full` under FSDP,
-    which shards the frozen base (stages.parallel.shard_frozen_base) that full training would train.
+    which shards the frozen base (stages.parallel.shard_frozen_base) that full training would train;
+    `compile` under several processes (not tried there).
     Run before the base is sharded (conversion) and when stage 2 starts."""
     if recipe.stage2.train == "full" and recipe.stage2.steps > 0 and getattr(parallel, "fsdp", False):
         raise RecipeError(
@@ -260,6 +268,8 @@ def check_stage2_parallel(recipe: Recipe, parallel: Any) -> None:
             "full is not supported under FSDP yet; FSDP shards the frozen base weights that full would train: "
             "use lora, or launch without an FSDP config",
         )
+    if recipe.stage2.compile and recipe.stage2.steps > 0 and parallel is not None:
+        raise RecipeError("stage2.compile", "is not supported under several processes yet: set it false, or launch one process")
 
 
 def check_lora_rank(model: nn.Module, recipe: Recipe) -> None:

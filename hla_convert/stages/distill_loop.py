@@ -212,12 +212,13 @@ def _writes_finished(writer: CheckpointWriter) -> Iterator[None]:
 
 def stage_fingerprint(stage: str, recipe: Recipe, params: Mapping[str, Any], n_inputs: int) -> str:
     """What a stage checkpoint must have been written for to be resumed: the stage's recipe fields
-    (not checkpoint_every or teacher), the attention config, the calibration batch and seed, the
+    (not checkpoint_every, teacher or compile), the attention config, the calibration batch and seed, the
     trained parameters' names and shapes (`params`: name -> anything with a .shape) and the number
     of inputs (calibration batches). A 16-hex-digit hash."""
     spec = getattr(recipe, stage)
-    # teacher (cached | live) gives the same targets: a checkpoint of either resumes under the other
-    fields = {k: v for k, v in vars(spec).items() if k not in ("checkpoint_every", "teacher")}
+    # teacher (cached | live) gives the same targets, compile the same steps: a checkpoint of either
+    # resumes under the other (and the fingerprints of checkpoints written before compile existed hold)
+    fields = {k: v for k, v in vars(spec).items() if k not in ("checkpoint_every", "teacher", "compile")}
     if getattr(spec, "train", None) in ("hla", "full"):  # unused LoRA settings: keep HLA-only fingerprints as they were
         fields = {k: v for k, v in fields.items() if not k.startswith("lora_")}
     doc = {

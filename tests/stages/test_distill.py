@@ -292,6 +292,46 @@ def test_full_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(v, theirs[k]), f"{k} differs after resume"
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_stage2_trains_as_the_eager_one_and_leaves_the_model_eager(tmp_path, monkeypatch, checkpointing):
+    """stage2.compile: the steps run through dynamo (the repeated blocks compiled in place; its
+    "eager" backend here: the graphs, not inductor's code), with the same losses and weights as the
+    eager run, with and without gradient checkpointing; after the stage the model is eager again
+    (a converted model is validated and saved as it was), and the stage-2 fingerprint ignores the
+    setting, so a run resumes under either."""
+    from torch._dynamo.utils import counters
+
+    from hla_convert.model import compiling
+    from hla_convert.stages.distill_loop import stage_fingerprint
+
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
+    runs = {}
+    for compiled in (False, True):
+        counters.clear()
+        rec = recipe(stage2__train="lora", stage2__steps=4, stage2__compile=compiled, stage2__gradient_checkpointing=checkpointing)
+        model, out = _stage2_run(rec, tmp_path / str(compiled))
+        assert out.get("compile") == ("blocks" if compiled else None)
+        assert (counters["stats"].get("unique_graphs", 0) > 0) == compiled
+        assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
+        runs[compiled] = (out["loss_history"], {k: v.detach().clone() for k, v in model.named_parameters()})
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5) and runs[True][0][-1] != runs[True][0][0]
+    for k, v in runs[False][1].items():
+        assert torch.allclose(v, runs[True][1][k], rtol=1e-4, atol=1e-6), k
+    params = {"p": torch.empty(2)}
+    assert stage_fingerprint("stage2", recipe(stage2__compile=True), params, 4) == stage_fingerprint("stage2", recipe(), params, 4)
+
+
+def test_compiled_stage2_is_refused_under_several_processes_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from hla_convert.recipe import RecipeError
+
+    rec = recipe(stage2__compile=True, stage2__steps=2)
+    model, inputs = converted(rec)
+    with pytest.raises(RecipeError, match=r"^stage2\.compile: is not supported under several processes yet"):
+        output_distillation(model, inputs, rec, tmp_path, parallel=SimpleNamespace(fsdp=False))
+
+
 def test_full_is_refused_under_fsdp_in_one_line(tmp_path):
     from types import SimpleNamespace
 
