@@ -134,12 +134,11 @@ def compiled(model, how: str | None, backend: str = "inductor", in_place: bool =
     undo either in-place form with uncompile_blocks."""
     if how is None:
         return model
+    from hla_convert.model.compiling import CHECKPOINT_FLAG
+
     torch._dynamo.reset()
-    # Under gradient checkpointing a converted block's forward has side effects dynamo will not
-    # replay in the recompute (the processor enters its routing TorchFunctionMode, the core counts
-    # its calls); without this the whole forward falls back to eager (tests/model/test_compile.py).
-    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # newer torch only
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if hasattr(torch._dynamo.config, CHECKPOINT_FLAG):  # why: hla_convert.model.compiling (newer torch only)
+        setattr(torch._dynamo.config, CHECKPOINT_FLAG, True)
     if how == "model" and not in_place:
         return torch.compile(model, backend=backend)
     if how == "model":

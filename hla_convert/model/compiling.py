@@ -23,7 +23,7 @@ COMPILE_BACKEND = "inductor"
 # Under gradient checkpointing a converted block's forward has side effects dynamo will not replay in
 # the recompute (the processor enters its routing TorchFunctionMode, the core counts its calls);
 # without this flag (newer torch only) the whole forward falls back to eager (tests/model/test_compile.py).
-_CHECKPOINT_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+CHECKPOINT_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
 def uncompile(model: nn.Module) -> None:
@@ -39,10 +39,10 @@ def compiled_blocks(model: nn.Module, backend: str | None = None) -> Iterator[st
     whole model where it has no `_repeated_blocks`; yields which ("blocks" or "model"). After, however
     the body ends: the model eager, dynamo's caches cleared and its checkpoint flag as it was."""
     config = torch._dynamo.config
-    had_flag = hasattr(config, _CHECKPOINT_FLAG)
-    flag = getattr(config, _CHECKPOINT_FLAG, None)
+    had_flag = hasattr(config, CHECKPOINT_FLAG)
+    flag = getattr(config, CHECKPOINT_FLAG, None)
     if had_flag:
-        setattr(config, _CHECKPOINT_FLAG, True)
+        setattr(config, CHECKPOINT_FLAG, True)
     torch._dynamo.reset()
     try:
         if getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
@@ -56,7 +56,7 @@ def compiled_blocks(model: nn.Module, backend: str | None = None) -> Iterator[st
         uncompile(model)
         torch._dynamo.reset()
         if had_flag:
-            setattr(config, _CHECKPOINT_FLAG, flag)
+            setattr(config, CHECKPOINT_FLAG, flag)
 
 
-__all__ = ["COMPILE_BACKEND", "compiled_blocks", "uncompile"]
+__all__ = ["CHECKPOINT_FLAG", "COMPILE_BACKEND", "compiled_blocks", "uncompile"]
