@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", nargs="?", const="model", choices=("model", "blocks"), help="also time compiled models")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (eager, aot_eager: tests)")
     ap.add_argument("--sample-steps", type=int, default=10, help="sampling steps per video")
-    ap.add_argument("--distill-steps", type=int, default=3, help="steps per distillation stage (the first is warm-up)")
+    ap.add_argument("--distill-steps", type=int, default=4, help="steps per distillation stage (the first is warm-up, the last holds the final checkpoint)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default=None, help="default: cuda when available")

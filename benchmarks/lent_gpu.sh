@@ -31,9 +31,10 @@
 #   sampling  ~550 s  issue 22: WanPipeline sampling, teacher (softmax) and converted in one run, compiled
 #                     (blocks), a warm-up and a timed video a side: 480p (1.63x eager on 2026-11-25) and
 #                     720p (never run); SRES=720p for one resolution (~330 s)
-#   distill   ~280 s  issue 20/22: the 480p distillation steps of the default recipe (bench_wan.RECIPE), after
-#                     the GPU test of the checkpoint snapshot; stage 2 also without gradient checkpointing and
-#                     with the blocks compiled (the two levers for the stage-2 step; never run)
+#   distill   ~400 s  issue 20/22: the checkpoint snapshot of train: full (bench_checkpoint.py), then the 480p
+#                     distillation steps of the default recipe (bench_wan.RECIPE): stage 1, stage 2 LoRA live and
+#                     cached, full cached (the default's), and LoRA and full with the blocks compiled
+#                     (stage2.compile), every stage-2 run from the same weights
 #
 # Next session, in this order (2026-12-07 (night) ended in refused starts): distill, then
 # DEEP_MODEL=wan DEEP_CONFIG=shipped-tile4x-s2x2 DEEP_SEEDS="0 1 2" DEEP_T=540 deep, then wan_fwd, kernels.
@@ -125,10 +126,15 @@ sampling() {
 }
 
 distill() {
-  # the background checkpoint's snapshot (into reused pinned buffers since 2026-12-07 (night)) on the device first
-  timeout 60 python3 -m pytest -q -m gpu tests/stages/test_checkpoints.py -p no:cacheprovider 2>&1 | tail -2
-  # --compile blocks: stage 2 (cached, LoRA) once more as `stage2.compile: true` runs it, the lever for the stage-2 step
-  timeout "${DISTILL_T:-300}" python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill --compile blocks > "$OUT/wan_distill.log" 2>&1; tail -8 "$OUT/wan_distill.log"
+  # the checkpoint snapshot of train: full's ~15.6 GB state: first and reused, pinned and pageable host buffers (~90 s)
+  timeout 150 python3 benchmarks/bench_checkpoint.py "$OUT/checkpoint.json" > "$OUT/checkpoint.log" 2>&1; tail -3 "$OUT/checkpoint.log"
+  # --compile blocks: stage 2 (cached, LoRA and full) once more as `stage2.compile: true` runs it, from the same weights
+  timeout "${DISTILL_T:-330}" python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill --compile blocks > "$OUT/wan_distill.log" 2>&1
+  python3 -c "
+import json, sys
+for r in json.load(open(sys.argv[1]))['records']:
+    print(r['measurement'], r.get('train'), r.get('teacher'), r.get('compile'), r.get('seconds_per_step'), r.get('step_s'), r.get('first_loss_rel_to_eager'), r.get('error', '')[:80])
+" "$OUT/wan_distill.json" 2>&1 | tail -8
 }
 
 if [ "${1:-}" = wheels ]; then wheels; exit; fi

@@ -172,15 +172,21 @@ def _backend(name: str | None):
 
 
 def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compile_backend: str | None = None) -> list[dict[str, Any]]:
-    """Stage 1, then stage 2 with its teacher live and cached, and cached with `train: full` (every
-    weight of the converted blocks, not LoRA), as the library runs them: `steps` steps each on
-    synthetic inputs; the cached LoRA run once more without gradient checkpointing. The cached runs'
-    first step also holds the targets' cache (`cache_s`), which the median after the first step
-    leaves out. A run that fails (out of memory: full's optimizer, or every activation kept) is a
-    record with "error"; full runs after the LoRA runs, as it changes the weights it trains.
-    compile_backend: given, stage 2 cached with LoRA runs once more with the recipe's
+    """Stage 1, then stage 2 as the library runs it, `steps` steps each on synthetic inputs: LoRA with
+    the teacher live and cached, and `train: full` (every weight of the converted blocks: the
+    default recipes' stage 2) cached. Every stage-2 run starts from the same weights (the model as
+    stage 1 left it, restored from a host copy before each run), so their losses compare: the
+    first step's loss is the same forward on the same weights. The cached runs' first step also
+    holds the targets' cache (`cache_s`), and the last step the stage's final checkpoint snapshot
+    (`last_step_s`): `seconds_per_step` is the median of the steps between (of the steps after the
+    first, with fewer than 4). A run that fails (out of memory) is a record with "error".
+    compile_backend: given, the cached LoRA and full runs each run once more with the recipe's
     `stage2.compile: true` (the model's repeated blocks compiled for the steps, with this dynamo
-    backend: hla_convert.model.compiling), its record with "compile" and dynamo's graph count."""
+    backend: hla_convert.model.compiling), the records with "compile", dynamo's graph count and
+    `first_loss_rel_to_eager`: the compiled first step's loss against the eager run's.
+    (Without gradient checkpointing, stage 2 at 480p ran out of the H100's 80 GB, 2026-12-08: not
+    run any more.)"""
+    from hla_convert.model.lora import remove_lora
     from hla_convert.stages.distill import attention_transfer, output_distillation
 
     items = [model_inputs(model, res, text_len, device, dtype, seed=10 + i) for i in range(4)]
@@ -188,20 +194,28 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
         fields={"stage1.steps": steps, "stage2.steps": steps, "stage1.checkpoint_every": 10**6, "stage2.checkpoint_every": 10**6}
     )
     accumulate = recipe.stage2.batch_size // recipe.calibration.batch_size
-    lora = {"stage2.train": "lora"}
-    runs = [("stage1", attention_transfer, recipe, None)] + [
-        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": how, **lora}), how) for how in ("live", "cached")
-    ] + [
-        # without gradient checkpointing (no recompute of each block's forward in the backward; every
-        # activation kept): what the recipe's `stage2.gradient_checkpointing: false` costs and buys
-        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", **lora, "stage2.gradient_checkpointing": False}), "cached"),
-        ("stage2", output_distillation, recipe.with_overrides(fields={"stage2.teacher": "cached", "stage2.train": "full"}), "cached"),
-    ]
-    if compile_backend is not None:  # the cached LoRA run, compiled
-        runs.append(("stage2", output_distillation, runs[2][2].with_overrides(fields={"stage2.compile": True}), "cached"))
+
+    def stage2(how: str, train: str, compiled: bool = False):
+        fields = {"stage2.teacher": how, "stage2.train": train, "stage2.compile": compiled}
+        return ("stage2", output_distillation, recipe.with_overrides(fields=fields), how)
+
+    runs = [("stage1", attention_transfer, recipe, None), stage2("live", "lora"), stage2("cached", "lora")]
+    if compile_backend is not None:
+        runs.append(stage2("cached", "lora", compiled=True))
+    runs.append(stage2("cached", "full"))
+    if compile_backend is not None:
+        runs.append(stage2("cached", "full", compiled=True))
     out = []
+    start: dict[str, torch.Tensor] | None = None  # the weights every stage-2 run starts from
+    eager_first: dict[str, float] = {}  # train mode -> the eager cached run's first loss
     for stage, run, recipe, how in runs:
         compiled = stage == "stage2" and recipe.stage2.compile
+        if stage == "stage2":
+            remove_lora(model)  # the LoRA runs add their adapter afresh (B = 0, the same seed)
+            if start is None:
+                start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                model.load_state_dict(start)
         if compiled:
             from torch._dynamo.utils import counters
 
@@ -219,29 +233,38 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
                 t0 = time.perf_counter()
                 summary = run(model, items, recipe, work_dir=work, progress=progress)
         except Exception as exc:  # noqa: BLE001 - one run failing (memory) keeps the others' records
-            out.append({"measurement": stage, "train": train, "teacher": how, "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"})
+            out.append({"measurement": stage, "train": train, "teacher": how, "compile": "blocks" if compiled else None,
+                        "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"})  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
         step_s = [b - a for a, b in zip([t0] + marks[:-1], marks)]
+        steady = step_s[1:-1] if len(step_s) >= 4 else (step_s[1:] or step_s)
         spec = getattr(recipe, stage)
+        history = summary.get("loss_history") or []
         out.append({
             "measurement": stage,
             "train": train,
             "steps": len(step_s),
-            "seconds_per_step": statistics.median(step_s[1:] or step_s),
+            "seconds_per_step": statistics.median(steady),
             "step_s": [round(s, 4) for s in step_s],
-            # the stage's clock after its last step: the final checkpoint write, which the stage waits for
-            # (the loop's other writes run in the background since 2026-12-07 evening; before, each was
-            # in the step it ended, and the last one in the last step)
+            # the last step ends with the stage's final checkpoint: its snapshot (device to host) is
+            # in the step; the write runs in the background and the stage waits for it after the steps
+            "last_step_s": round(step_s[-1], 4),
             "after_steps_s": round(summary["seconds"] - sum(summary["step_seconds"]), 4),
             "forwards_per_step": spec.batch_size // recipe.calibration.batch_size,
             "gradient_checkpointing": bool(stage == "stage2" and recipe.stage2.gradient_checkpointing),
             "lora": summary.get("lora"),
             "full": summary.get("full"),
+            "first_loss": history[0] if history else None,
             "final_loss": summary.get("final_loss"),
             "peak_mem_gb": peak_gb(device),
         })  # fmt: skip
+        if how == "cached" and history:
+            if not compiled:
+                eager_first[train] = history[0]
+            elif train in eager_first:
+                out[-1]["first_loss_rel_to_eager"] = abs(history[0] - eager_first[train]) / max(abs(eager_first[train]), 1e-30)
         if compiled:  # what dynamo made of the training step
             out[-1].update(compile=summary.get("compile"), compile_backend=compile_backend,
                            dynamo_graphs=counters["stats"].get("unique_graphs", 0),
@@ -254,4 +277,7 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
                 "cache_s": teacher.get("seconds"),
                 "cached_targets": teacher.get("targets"),
             })  # fmt: skip
+    if start is not None:
+        remove_lora(model)
+        model.load_state_dict(start)  # the model as stage 1 left it, for whatever runs next
     return out
