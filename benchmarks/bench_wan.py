@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             # --compile: stage 2 once more as `stage2.compile: true` runs it (the library's compile)
             backend = args.compile_backend if args.compile else None
-            stages = time_distill(model, recipe, table["480p"], text_len, device, dtype, args.distill_steps, backend)
+            stages = time_distill(model, recipe, table["480p"], text_len, device, dtype, args.distill_steps, backend, tuple(args.distill_skip))
         except Exception as exc:  # noqa: BLE001 - recorded, as attempt() does
             stages = [{"measurement": "distill", "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}]
         for rec in stages:
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (eager, aot_eager: tests)")
     ap.add_argument("--sample-steps", type=int, default=10, help="sampling steps per video")
     ap.add_argument("--distill-steps", type=int, default=4, help="steps per distillation stage (the first is warm-up, the last holds the final checkpoint)")
+    ap.add_argument("--distill-skip", nargs="*", default=[], choices=("stage1", "live"), help="distill runs to leave out")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default=None, help="default: cuda when available")

@@ -34,7 +34,8 @@
 #   distill   ~400 s  issue 20/22: the checkpoint snapshot of train: full (bench_checkpoint.py), then the 480p
 #                     distillation steps of the default recipe (bench_wan.RECIPE): stage 1, stage 2 LoRA live and
 #                     cached, full cached (the default's), and LoRA and full with the blocks compiled
-#                     (stage2.compile), every stage-2 run from the same weights
+#                     (stage2.compile), every stage-2 run from the same weights; DISTILL_SKIP="stage1 live"
+#                     leaves out what 2026-12-07 (night) measured at 1312b70 (~60 s less)
 #
 # Next session, in this order (2026-12-07 (night) ended in refused starts): distill, then
 # DEEP_MODEL=wan DEEP_CONFIG=shipped-tile4x-s2x2 DEEP_SEEDS="0 1 2" DEEP_T=540 deep, then wan_fwd, kernels.
@@ -129,7 +130,8 @@ distill() {
   # the checkpoint snapshot of train: full's ~15.6 GB state: first and reused, pinned and pageable host buffers (~90 s)
   timeout 150 python3 benchmarks/bench_checkpoint.py "$OUT/checkpoint.json" > "$OUT/checkpoint.log" 2>&1; tail -3 "$OUT/checkpoint.log"
   # --compile blocks: stage 2 (cached, LoRA and full) once more as `stage2.compile: true` runs it, from the same weights
-  timeout "${DISTILL_T:-330}" python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill --compile blocks > "$OUT/wan_distill.log" 2>&1
+  timeout "${DISTILL_T:-330}" python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill --compile blocks \
+    --distill-skip ${DISTILL_SKIP:-} > "$OUT/wan_distill.log" 2>&1
   python3 -c "
 import json, sys
 for r in json.load(open(sys.argv[1]))['records']:

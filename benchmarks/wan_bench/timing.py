@@ -171,7 +171,8 @@ def _backend(name: str | None):
         compiling.COMPILE_BACKEND = was
 
 
-def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compile_backend: str | None = None) -> list[dict[str, Any]]:
+def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compile_backend: str | None = None,
+                 skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Stage 1, then stage 2 as the library runs it, `steps` steps each on synthetic inputs: LoRA with
     the teacher live and cached, and `train: full` (every weight of the converted blocks: the
     default recipes' stage 2) cached. Every stage-2 run starts from the same weights (the model as
@@ -183,7 +184,9 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
     compile_backend: given, the cached LoRA and full runs each run once more with the recipe's
     `stage2.compile: true` (the model's repeated blocks compiled for the steps, with this dynamo
     backend: hla_convert.model.compiling), the records with "compile", dynamo's graph count and
-    `first_loss_rel_to_eager`: the compiled first step's loss against the eager run's.
+    `first_loss_rel_to_eager`: the compiled first step's loss against the eager run's. skip: "stage1"
+    and / or "live" leave those runs out (a short device call; stage 2 then starts from the
+    converted model as is).
     (Without gradient checkpointing, stage 2 at 480p ran out of the H100's 80 GB, 2026-12-08: not
     run any more.)"""
     from hla_convert.model.lora import remove_lora
@@ -200,6 +203,7 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
         return ("stage2", output_distillation, recipe.with_overrides(fields=fields), how)
 
     runs = [("stage1", attention_transfer, recipe, None), stage2("live", "lora"), stage2("cached", "lora")]
+    runs = [r for r in runs if r[0] not in skip and r[3] not in skip]
     if compile_backend is not None:
         runs.append(stage2("cached", "lora", compiled=True))
     runs.append(stage2("cached", "full"))
