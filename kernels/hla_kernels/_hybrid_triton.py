@@ -28,9 +28,11 @@ something else can drop one of its slots:
     block_order._index_cpu), so only a per-block test of the loaded IDX (a reduction and a branch
     in the loop) could tell a padding-free block; there is none: with HAS_IDX a range that holds
     video slots (a video block's window; all NS slots for the text queries) is masked in every
-    block (PAD = HAS_IDX at those calls). The text slots t0..t0+TL-1 never hold padding
+    block (PAD = PAD_V = HAS_IDX at those calls). The text slots t0..t0+TL-1 never hold padding
     (block_order._seq_index_cpu marks only clipped video slots): their full blocks run unmasked
-    with HAS_IDX too, rows read through IDX (PAD = False).
+    with HAS_IDX too, rows read through IDX (PAD = PAD_T = False).
+The launcher sets PAD_V and PAD_T (hla_kernels.hybrid.FULL_BLOCKS): "masked" makes both true, every
+block masked as before the unmasked path existed, to time one against the other.
 Without HAS_IDX there is no padding slot (the reordered copies of TILE_READS = "gather" mark theirs
 with the key mask).
 
@@ -188,7 +190,7 @@ def _hyb_fwd_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sob, soh, son, skmb,
     H, N, NS, L, NB, v0, t0, TL, qk_scale, eps, floor2, far_init,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr, PAD_V: tl.constexpr, PAD_T: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
 ):
     """One tile of BLOCK_M queries of video block `blk` (or of the text queries, blk = NB)."""
@@ -223,14 +225,14 @@ def _hyb_fwd_kernel(
         acc = acc * g0
         l_i = tl.maximum(fden, 0.0) * g0
         acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, HAS_IDX, EMU, QK_PREC)
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
         acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, False, EMU, QK_PREC)
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_T, EMU, QK_PREC)
     else:
         acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
         l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
         acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, HAS_IDX, EMU, QK_PREC)
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
     den = l_i + eps
     out = acc / den[:, None]
     tl.store(Out + b * sob + h * soh + rows[:, None] * son + offs_c[None, :], _store_cast(out, Out.dtype.element_ty, EMU), mask=mmask[:, None])
@@ -293,7 +295,7 @@ def _hyb_dq_kernel(
     sdqb, sdqh, sdqn, sg2b, sg2h, sg2n, skmb,
     H, N, NS, L, NB, v0, t0, TL, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr, PAD_V: tl.constexpr, PAD_T: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
     WINDOW_DQ: tl.constexpr,
 ):
@@ -335,9 +337,9 @@ def _hyb_dq_kernel(
     if is_video:
         if WINDOW_DQ:
             dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, HAS_IDX, EMU, QK_PREC)
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
             dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, False, EMU, QK_PREC)
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_T, EMU, QK_PREC)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = Trest + state * (R * R * DV)
@@ -373,7 +375,7 @@ def _hyb_dq_kernel(
     else:
         if WINDOW_DQ:
             dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, HAS_IDX, EMU, QK_PREC)
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
         zero_r = tl.full((BLOCK_M, R), 0.0, tl.float32)
         tl.store(e1_ptr + offs_r[None, :], zero_r, mask=mmask[:, None])
         tl.store(dQ2 + b * sg2b + h * sg2h + rows[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dQ2.dtype.element_ty, EMU), mask=mmask[:, None])
@@ -455,7 +457,7 @@ def _hyb_dkdv_kernel(
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, sqab, sqah, sqan, skmb,
     H, N, NS, L, NB, v0, t0, TL, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr, PAD_V: tl.constexpr, PAD_T: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """Key and value gradients of one tile of BLOCK_N keys of video block `blk` (or text, blk = NB).
@@ -499,9 +501,9 @@ def _hyb_dkdv_kernel(
     dv = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     if is_video:
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, k_lo, k_lo + L, sqn, sdon,
-                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, HAS_IDX, EMU, QK_PREC, ATOMIC_DQ)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_V, EMU, QK_PREC, ATOMIC_DQ)
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, t0, t0 + TL, sqn, sdon,
-                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, False, EMU, QK_PREC, ATOMIC_DQ)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_T, EMU, QK_PREC, ATOMIC_DQ)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = dTeff + state * (R * R * DV)
@@ -518,7 +520,7 @@ def _hyb_dkdv_kernel(
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * km_w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     else:
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, 0, NS, sqn, sdon,
-                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, HAS_IDX, EMU, QK_PREC, ATOMIC_DQ)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_V, EMU, QK_PREC, ATOMIC_DQ)
         zero_r = tl.full((BLOCK_N, R), 0.0, tl.float32)
         tl.store(dK1 + b * sg1b + h * sg1h + cols_n[:, None] * sg1n + offs_r[None, :], _store_cast(zero_r, dK1.dtype.element_ty, EMU), mask=nmask[:, None])
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dK2.dtype.element_ty, EMU), mask=nmask[:, None])
