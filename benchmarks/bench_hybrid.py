@@ -304,6 +304,9 @@ def main():
     ap.add_argument("--window-dq", default=None,
                     help="where the backward takes the window's dq (hla_kernels.hybrid.WINDOW_DQ), comma-separated: "
                          "pass (the dq kernel's own pass) and/or atomic (the dk/dv kernel's atomics); default: the library's")
+    ap.add_argument("--full-blocks", default=None,
+                    help="which window blocks the kernels mask (hla_kernels.hybrid.FULL_BLOCKS), comma-separated: "
+                         "unmasked (only those that need it) and/or masked (every block, as before 2026-12-08); default: the library's")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true", help="time with the sweep's best configs")
     ap.add_argument("--no-check", action="store_true")
@@ -323,17 +326,23 @@ def main():
     dqs = (args.window_dq or default_dq).split(",")
     if any(m not in ("pass", "atomic") for m in dqs):
         ap.error(f"--window-dq: pass and/or atomic, got {args.window_dq!r}")
+    default_fb = hy.FULL_BLOCKS
+    fbs = (args.full_blocks or default_fb).split(",")
+    if any(m not in ("unmasked", "masked") for m in fbs):
+        ap.error(f"--full-blocks: unmasked and/or masked, got {args.full_blocks!r}")
 
     def variants():
-        """(window, reads mode, window dq mode, suffix): each tiled window once per reads mode, whole
-        frames once; each of those once per window dq mode."""
+        """(window, reads mode, window dq mode, full-blocks mode, suffix): each tiled window once per
+        reads mode, whole frames once; each of those once per window dq mode and full-blocks mode."""
         for window in windows:
             tiled = window != (1, 0, 0)  # (whole frames may skip the order on some grids: timed per mode anyway)
             for m in (reads if tiled else reads[:1]):
                 for dq in dqs:
-                    hy.TILE_READS, hy.WINDOW_DQ = m, dq
-                    yield window, m, dq, ("" if not tiled or len(reads) == 1 else f"_{m}") + ("" if len(dqs) == 1 else f"_dq{dq}")
-        hy.TILE_READS, hy.WINDOW_DQ = default_reads, default_dq
+                    for fb in fbs:
+                        hy.TILE_READS, hy.WINDOW_DQ, hy.FULL_BLOCKS = m, dq, fb
+                        yield window, m, dq, fb, (("" if not tiled or len(reads) == 1 else f"_{m}") + ("" if len(dqs) == 1 else f"_dq{dq}")
+                                                  + ("" if len(fbs) == 1 else f"_{fb}"))
+        hy.TILE_READS, hy.WINDOW_DQ, hy.FULL_BLOCKS = default_reads, default_dq, default_fb
     import triton
 
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,
@@ -364,7 +373,7 @@ def main():
                 if cfg_name == "best":
                     for n, (bm, bn, w, s) in res["best"][str(r)].items():
                         hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-                for window, _mode, _dq, suffix in variants():
+                for window, _mode, _dq, _fb, suffix in variants():
                     key = f"r{r}_{cfg_name}" + ("" if window == (1, 0, 0) else "_w" + "x".join(map(str, window))) + suffix
                     try:
                         res["checks"][key] = check((3, 30, 52), r, window=window)
@@ -379,11 +388,11 @@ def main():
             if args.apply_sweep and str(r) in res["best"]:
                 for n, (bm, bn, w, s) in res["best"][str(r)].items():
                     hy.GPU_CONFIG[n] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-            for j, (window, mode, dq, _suffix) in enumerate(variants()):
-                log(f"timings {grid} window {window} tile reads {mode} window dq {dq} r={r} configs {hy.GPU_CONFIG}")
+            for j, (window, mode, dq, fb, _suffix) in enumerate(variants()):
+                log(f"timings {grid} window {window} tile reads {mode} window dq {dq} full blocks {fb} r={r} configs {hy.GPU_CONFIG}")
                 first = i == 0 and j == 0
                 rows = timings(grid, r, baselines=not args.no_baselines and first, block=(grid == grids[0] and first and not args.no_block), window=window)
-                res["rows"] += [dict(row, tile_reads=mode, window_dq=dq) for row in rows]
+                res["rows"] += [dict(row, tile_reads=mode, window_dq=dq, full_blocks=fb) for row in rows]
             hy.GPU_CONFIG.update(saved)
             save()
     save()

@@ -13,9 +13,10 @@
 # Parts (seconds are estimates on one H100, from the runs RESULTS.md and docs/comparison.md record;
 # the 2026-12-07 (late) runs of kernels, profile, deep and wan_fwd are there):
 #   kernels   ~450 s  issue 22: `pytest -m gpu tests/kernel` (cut at 150 s on 2026-12-07 after 16
-#                     passed: now 260 s, -v), then bench_hybrid.py at 480p with both tile reads and
-#                     both window-dq modes on the own frame, Wan's 5 x 2 tiles and the 8 x 8 tile
-#                     (0x15x26), and 720p: to re-verify and re-time a kernel change
+#                     passed: now 260 s, -v), then bench_hybrid.py at 480p with the full window blocks
+#                     unmasked and masked (hla_kernels.hybrid.FULL_BLOCKS, new 2026-12-08, never run on a
+#                     GPU) on the own frame, Wan's 5 x 2 tiles and the 8 x 8 tile (0x15x26), and 720p:
+#                     to re-verify and re-time a kernel change
 #   sweep     ~250 s  issue 22: bench_hybrid.py --sweep --apply-sweep on Wan's 5 x 2 tiles at 480p: each
 #                     launch config of the forward, dq and dk/dv kernels checked against the fp32 block
 #                     form, then timed; the fastest right ones checked and timed together (the defaults:
@@ -72,7 +73,7 @@ kernels() {
   # -v: a line per test as it ends, so a run cut by its timeout still says which passed (2026-12-07: 16 dots at 150 s)
   timeout 260 python3 -m pytest -v -m gpu tests/kernel -p no:cacheprovider > "$OUT/gputests.log" 2>&1; tail -4 "$OUT/gputests.log"
   timeout 220 python3 benchmarks/bench_hybrid.py "$OUT/h480.json" --grids 21x30x52 --rs 32 --windows 1x0x0,0x6x26,0x15x26 \
-    --tile-reads gather,index --window-dq pass,atomic --no-block > "$OUT/h480.log" 2>&1; tail -3 "$OUT/h480.log"
+    --full-blocks unmasked,masked --no-block > "$OUT/h480.log" 2>&1; tail -3 "$OUT/h480.log"
   timeout 100 python3 benchmarks/bench_hybrid.py "$OUT/h720.json" --grids 21x45x80 --rs 32 --windows 1x0x0,0x9x40 \
     --tile-reads gather,index --no-check --no-block > "$OUT/h720.log" 2>&1; tail -3 "$OUT/h720.log"
 }

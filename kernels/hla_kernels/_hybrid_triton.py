@@ -14,6 +14,28 @@ tensors: itself (whole frames, NS = N), or with HAS_IDX the row IDX[slot] (tiles
 -1 = padding of a clipped edge box, masked: _triton_common.slot_rows). Row statistics (M, Dn,
 delta, the far part's row weights) are kept per row.
 
+Masks. The window loops (_window_fwd and _window_dq over key blocks of BLOCK_N slots, _window_dkdv
+over query blocks of BLOCK_M) mask only the blocks that need it, as flash attention does. A range
+of slots lo..hi-1 is its full blocks (starting at lo, lo + BLOCK, ... below lo + ((hi - lo) //
+BLOCK) * BLOCK) and at most one partial last block, taken in that order (one loop's order over
+the range). The partial block is always masked (the bounds, padding and key masks). A full block
+lies inside the range, so it runs unmasked (plain loads, no tl.where on the logits) unless
+something else can drop one of its slots:
+  - a key mask (HAS_KM): the key loops mask every block; _window_dkdv's blocks are query blocks,
+    and the key mask there is the per-key weight km_w, applied to every block either way;
+  - padding slots (IDX = -1, only with HAS_IDX, only among the video slots). They can sit anywhere
+    in a block (an edge box clipped in its last axis leaves a gap in every row of the box:
+    block_order._index_cpu), so only a per-block test of the loaded IDX (a reduction and a branch
+    in the loop) could tell a padding-free block; there is none: with HAS_IDX a range that holds
+    video slots (a video block's window; all NS slots for the text queries) is masked in every
+    block (PAD = PAD_V = HAS_IDX at those calls). The text slots t0..t0+TL-1 never hold padding
+    (block_order._seq_index_cpu marks only clipped video slots): their full blocks run unmasked
+    with HAS_IDX too, rows read through IDX (PAD = PAD_T = False).
+The launcher sets PAD_V and PAD_T (hla_kernels.hybrid.FULL_BLOCKS): "masked" makes both true, every
+block masked as before the unmasked path existed, to time one against the other.
+Without HAS_IDX there is no padding slot (the reordered copies of TILE_READS = "gather" mark theirs
+with the key mask).
+
 The one-scale normaliser, in log2 units (s2 = q.k * scale * log2(e), the shift c2 = c * log2(e)):
 
     o_i = (sum_W 2^(s2_ij - c2_i) v_j + beta 2^(-c2_i) F_i) / (sum_W 2^(s2_ij - c2_i) + beta 2^(-c2_i) Fd_i + eps)
@@ -91,14 +113,25 @@ def _pv(p, v, acc, EMU: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv, qk_scale,
-                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
-                HAS_IDX: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax over the keys of slots lo..hi-1 (log2 units), continuing (acc, l_i, m_i)."""
+def _full_rows(idx_ptr, slots, HAS_IDX: tl.constexpr):
+    """The rows of `slots` of a full block without padding (in range, none is -1): IDX[slot] read
+    unmasked, or the slot itself (the unmasked twin of _triton_common.slot_rows)."""
+    if HAS_IDX:
+        return tl.load(idx_ptr + slots)
+    else:
+        return slots
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+               HAS_IDX: tl.constexpr, MASKED: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
+    """One key block (slots n0..n0+BLOCK_N-1) of _window_fwd's online softmax. MASKED: keys past
+    hi, padding slots and (HAS_KM) masked keys are dropped; else every key of the block counts."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
         cols, nmask = _slot_rows(idx_ptr, offs_n, offs_n < hi, HAS_IDX)
         k = tl.load(k_ptr + cols[:, None] * sk + offs_d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
@@ -106,12 +139,35 @@ def _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv,
             nmask = nmask & (tl.load(km_ptr + cols, mask=nmask, other=0.0) > 0)
         s = _qk(q, k, EMU, PREC) * qk_scale
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, _rmax(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + _rsum(p, 1)
-        acc = _pv(p, v, acc * alpha[:, None], EMU, PREC)
-        m_i = m_new
+    else:
+        cols = _full_rows(idx_ptr, offs_n, HAS_IDX)
+        k = tl.load(k_ptr + cols[:, None] * sk + offs_d[None, :])
+        v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :])
+        s = _qk(q, k, EMU, PREC) * qk_scale
+    m_new = tl.maximum(m_i, _rmax(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + _rsum(p, 1)
+    acc = _pv(p, v, acc * alpha[:, None], EMU, PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv, qk_scale,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+                HAS_IDX: tl.constexpr, PAD: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over the keys of slots lo..hi-1 (log2 units), continuing (acc, l_i, m_i).
+    PAD: these slots may hold padding (HAS_IDX and video slots). The full key blocks run unmasked
+    unless HAS_KM or PAD; the partial last block is masked (module doc, "Masks")."""
+    n_full = lo
+    if not (HAS_KM or PAD):  # the full blocks, unmasked
+        n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+        for n0 in range(lo, n_full, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+                                       D, DV, BLOCK_N, HAS_KM, HAS_IDX, False, EMU, PREC)
+    for n0 in range(n_full, hi, BLOCK_N):  # the partial last block (every block when masked)
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+                                   D, DV, BLOCK_N, HAS_KM, HAS_IDX, True, EMU, PREC)
     return acc, l_i, m_i
 
 
@@ -134,7 +190,7 @@ def _hyb_fwd_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sob, soh, son, skmb,
     H, N, NS, L, NB, v0, t0, TL, qk_scale, eps, floor2, far_init,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr, PAD_V: tl.constexpr, PAD_T: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
 ):
     """One tile of BLOCK_M queries of video block `blk` (or of the text queries, blk = NB)."""
@@ -169,14 +225,14 @@ def _hyb_fwd_kernel(
         acc = acc * g0
         l_i = tl.maximum(fden, 0.0) * g0
         acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
         acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_T, EMU, QK_PREC)
     else:
         acc = tl.full((BLOCK_M, DV), 0.0, tl.float32)
         l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
         acc, l_i, m_i = _window_fwd(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
-                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+                                    D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
     den = l_i + eps
     out = acc / den[:, None]
     tl.store(Out + b * sob + h * soh + rows[:, None] * son + offs_c[None, :], _store_cast(out, Out.dtype.element_ty, EMU), mask=mmask[:, None])
@@ -185,14 +241,15 @@ def _hyb_fwd_kernel(
 
 
 @triton.jit
-def _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv, qk_scale,
-               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
-               HAS_IDX: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
-    """dq += sum_j ds_ij k_j over the keys of slots lo..hi-1, ds = p (dp - delta), p = 2^(s2 - m) / den."""
+def _dq_block(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+              HAS_IDX: tl.constexpr, MASKED: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
+    """One key block (slots n0..n0+BLOCK_N-1) of _window_dq. MASKED: keys past hi, padding slots
+    and (HAS_KM) masked keys get p = 0; else every key of the block counts."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
         cols, nmask = _slot_rows(idx_ptr, offs_n, offs_n < hi, HAS_IDX)
         k = tl.load(k_ptr + cols[:, None] * sk + offs_d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
@@ -200,9 +257,33 @@ def _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, lo, h
             nmask = nmask & (tl.load(km_ptr + cols, mask=nmask, other=0.0) > 0)
         s = _qk(q, k, EMU, PREC) * qk_scale
         p = tl.where(nmask[None, :], tl.math.exp2(s - m_i[:, None]), 0.0) * rden[:, None]
-        dp = _qk(do, v, EMU, PREC)
-        ds = p * (dp - delta[:, None])
-        dq = _pv(ds, k, dq, EMU, PREC)
+    else:
+        cols = _full_rows(idx_ptr, offs_n, HAS_IDX)
+        k = tl.load(k_ptr + cols[:, None] * sk + offs_d[None, :])
+        v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :])
+        s = _qk(q, k, EMU, PREC) * qk_scale
+        p = tl.math.exp2(s - m_i[:, None]) * rden[:, None]
+    dp = _qk(do, v, EMU, PREC)
+    ds = p * (dp - delta[:, None])
+    return _pv(ds, k, dq, EMU, PREC)
+
+
+@triton.jit
+def _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv, qk_scale,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
+               HAS_IDX: tl.constexpr, PAD: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
+    """dq += sum_j ds_ij k_j over the keys of slots lo..hi-1, ds = p (dp - delta), p = 2^(s2 - m) / den.
+    Masks as in _window_fwd: the full key blocks unmasked unless HAS_KM or PAD, the partial last
+    block masked."""
+    n_full = lo
+    if not (HAS_KM or PAD):  # the full blocks, unmasked
+        n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+        for n0 in range(lo, n_full, BLOCK_N):
+            dq = _dq_block(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+                           D, DV, BLOCK_N, HAS_KM, HAS_IDX, False, EMU, PREC)
+    for n0 in range(n_full, hi, BLOCK_N):  # the partial last block (every block when masked)
+        dq = _dq_block(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+                       D, DV, BLOCK_N, HAS_KM, HAS_IDX, True, EMU, PREC)
     return dq
 
 
@@ -214,7 +295,7 @@ def _hyb_dq_kernel(
     sdqb, sdqh, sdqn, sg2b, sg2h, sg2n, skmb,
     H, N, NS, L, NB, v0, t0, TL, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr, PAD_V: tl.constexpr, PAD_T: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, SMALL_PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr,
     WINDOW_DQ: tl.constexpr,
 ):
@@ -256,9 +337,9 @@ def _hyb_dq_kernel(
     if is_video:
         if WINDOW_DQ:
             dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
             dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_T, EMU, QK_PREC)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = Trest + state * (R * R * DV)
@@ -294,7 +375,7 @@ def _hyb_dq_kernel(
     else:
         if WINDOW_DQ:
             dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
-                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, EMU, QK_PREC)
+                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
         zero_r = tl.full((BLOCK_M, R), 0.0, tl.float32)
         tl.store(e1_ptr + offs_r[None, :], zero_r, mask=mmask[:, None])
         tl.store(dQ2 + b * sg2b + h * sg2h + rows[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dQ2.dtype.element_ty, EMU), mask=mmask[:, None])
@@ -304,17 +385,16 @@ def _hyb_dq_kernel(
 
 
 @triton.jit
-def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, lo, hi, sq, sdo, qk_scale,
-                 dqa_ptr, sdqa, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDX: tl.constexpr,
-                 EMU: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """dk, dv of one key tile from the queries of slots lo..hi-1 whose window holds it (transposed
-    tiles: s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones. With
-    ATOMIC_DQ each query tile's share of dq (ds k, unscaled, fp32) is added to dqa_ptr's rows with
-    atomics, from the same logits (one recomputation instead of the dq kernel's second one)."""
+def _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo, qk_scale,
+                dqa_ptr, sdqa, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDX: tl.constexpr,
+                MASKED: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """One query block (slots m0..m0+BLOCK_M-1) of _window_dkdv. MASKED: queries past hi and
+    padding slots get p = 0 (and no dq); else every query of the block counts. km_w (per key)
+    applies either way."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
-    for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+    if MASKED:
         qrows, mmask = _slot_rows(idx_ptr, offs_m, offs_m < hi, HAS_IDX)
         q = tl.load(q_ptr + qrows[:, None] * sq + offs_d[None, :], mask=mmask[:, None], other=0.0)
         do = tl.load(do_ptr + qrows[:, None] * sdo + offs_c[None, :], mask=mmask[:, None], other=0.0)
@@ -324,13 +404,48 @@ def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx
         st = _qk(k, q, EMU, PREC) * qk_scale
         pt = tl.math.exp2(st - m_i[None, :]) * rden[None, :]
         pt = tl.where(mmask[None, :], pt, 0.0) * km_w[:, None]
-        dv = _pv(pt, do, dv, EMU, PREC)
-        dpt = _qk(v, do, EMU, PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk = _pv(dst, q, dk, EMU, PREC)
-        if ATOMIC_DQ:
-            dq = _pv(tl.trans(dst), k, tl.full((BLOCK_M, D), 0.0, tl.float32), EMU, PREC)
+    else:
+        qrows = _full_rows(idx_ptr, offs_m, HAS_IDX)
+        q = tl.load(q_ptr + qrows[:, None] * sq + offs_d[None, :])
+        do = tl.load(do_ptr + qrows[:, None] * sdo + offs_c[None, :])
+        m_i = tl.load(m_ptr + qrows)
+        rden = 1.0 / tl.load(d_ptr + qrows)
+        delta = tl.load(delta_ptr + qrows)
+        st = _qk(k, q, EMU, PREC) * qk_scale
+        pt = tl.math.exp2(st - m_i[None, :]) * rden[None, :] * km_w[:, None]
+    dv = _pv(pt, do, dv, EMU, PREC)
+    dpt = _qk(v, do, EMU, PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk = _pv(dst, q, dk, EMU, PREC)
+    if ATOMIC_DQ:
+        dq = _pv(tl.trans(dst), k, tl.full((BLOCK_M, D), 0.0, tl.float32), EMU, PREC)
+        if MASKED:
             tl.atomic_add(dqa_ptr + qrows[:, None] * sdqa + offs_d[None, :], dq, mask=mmask[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dqa_ptr + qrows[:, None] * sdqa + offs_d[None, :], dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, lo, hi, sq, sdo, qk_scale,
+                 dqa_ptr, sdqa, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDX: tl.constexpr,
+                 PAD: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dk, dv of one key tile from the queries of slots lo..hi-1 whose window holds it (transposed
+    tiles: s^T = k q^T [BLOCK_N, BLOCK_M]). km_w: 1 for kept keys, 0 for masked ones. With
+    ATOMIC_DQ each query tile's share of dq (ds k, unscaled, fp32) is added to dqa_ptr's rows with
+    atomics, from the same logits (one recomputation instead of the dq kernel's second one).
+    PAD: these query slots may hold padding (HAS_IDX and video slots). The full query blocks run
+    unmasked unless PAD (the key mask is km_w, per key, on every block); the partial last block is
+    masked."""
+    m_full = lo
+    if not PAD:  # the full blocks, unmasked
+        m_full = lo + ((hi - lo) // BLOCK_M) * BLOCK_M
+        for m0 in range(lo, m_full, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo,
+                                 qk_scale, dqa_ptr, sdqa, D, DV, BLOCK_M, HAS_IDX, False, EMU, PREC, ATOMIC_DQ)
+    for m0 in range(m_full, hi, BLOCK_M):  # the partial last block (every block when masked)
+        dk, dv = _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo,
+                             qk_scale, dqa_ptr, sdqa, D, DV, BLOCK_M, HAS_IDX, True, EMU, PREC, ATOMIC_DQ)
     return dk, dv
 
 
@@ -342,7 +457,7 @@ def _hyb_dkdv_kernel(
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, sqab, sqah, sqan, skmb,
     H, N, NS, L, NB, v0, t0, TL, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr, PAD_V: tl.constexpr, PAD_T: tl.constexpr,
     DOT_DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr, QK_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """Key and value gradients of one tile of BLOCK_N keys of video block `blk` (or text, blk = NB).
@@ -386,9 +501,9 @@ def _hyb_dkdv_kernel(
     dv = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     if is_video:
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, k_lo, k_lo + L, sqn, sdon,
-                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC, ATOMIC_DQ)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_V, EMU, QK_PREC, ATOMIC_DQ)
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, t0, t0 + TL, sqn, sdon,
-                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC, ATOMIC_DQ)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_T, EMU, QK_PREC, ATOMIC_DQ)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = dTeff + state * (R * R * DV)
@@ -405,7 +520,7 @@ def _hyb_dkdv_kernel(
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * km_w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     else:
         dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, 0, NS, sqn, sdon,
-                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, EMU, QK_PREC, ATOMIC_DQ)
+                              qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_V, EMU, QK_PREC, ATOMIC_DQ)
         zero_r = tl.full((BLOCK_N, R), 0.0, tl.float32)
         tl.store(dK1 + b * sg1b + h * sg1h + cols_n[:, None] * sg1n + offs_r[None, :], _store_cast(zero_r, dK1.dtype.element_ty, EMU), mask=nmask[:, None])
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dK2.dtype.element_ty, EMU), mask=nmask[:, None])

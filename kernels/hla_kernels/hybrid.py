@@ -59,6 +59,13 @@ TILE_READS = "gather"
 # order, and so the last bits of dq, vary from run to run). Both are tested against the float64
 # reference in the interpreter; "pass" stays the default until the two are timed on a GPU.
 WINDOW_DQ = "pass"
+# Which key (query) blocks of a window the kernels mask: "unmasked" — only those that need it (the
+# partial last block, and every block where a key mask or padding slots can drop a key;
+# _hybrid_triton.py, "Masks"), as flash attention does; "masked" — every block, as the kernels did
+# before 2026-12-08. Equal in the interpreter to the last bit (tests/kernel/test_hybrid_kernels.py).
+# "masked" stays the default until `pytest -m gpu` and `benchmarks/bench_hybrid.py --full-blocks
+# unmasked,masked` (side by side, lent_gpu.sh kernels) have passed and timed "unmasked" on a GPU.
+FULL_BLOCKS = "masked"
 SHIFT_FLOOR = 30.0  # = hla_convert.ops.hybrid.SHIFT_FLOOR (kept equal by a test)
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -200,10 +207,19 @@ def _forward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, eps):
         h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(eps),
         float(-SHIFT_FLOOR * _LOG2E), float(math.exp(SHIFT_FLOOR)),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_KM=kmask is not None, HAS_IDX=has_idx, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
+        HAS_KM=kmask is not None, HAS_IDX=has_idx, **_pads(has_idx), DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
         **rt.launch_extra(cfg, interp),
     )
     return out, mst, dst, t_rest, z_rest
+
+
+def _pads(has_idx: bool) -> dict[str, bool]:
+    """The kernels' PAD_V / PAD_T: may a video (text) slot range hold a slot to drop, beyond the key
+    mask (padding: only video slots, only read through the index) or mask every block anyway."""
+    if FULL_BLOCKS not in ("unmasked", "masked"):
+        raise ValueError(f"hla_kernels.hybrid.FULL_BLOCKS must be 'unmasked' or 'masked', got {FULL_BLOCKS!r}")
+    masked = FULL_BLOCKS == "masked"
+    return {"PAD_V": bool(has_idx) or masked, "PAD_T": masked}
 
 
 def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, mst, dst, t_rest, z_rest, do):
@@ -232,7 +248,7 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
         *s3(q), *s3(k), *s3(v), *s3(q1), *s3(q2), *s3(do), *s3(dq), *s3(dq2), n,
         h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_KM=kmask is not None, HAS_IDX=has_idx, DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
+        HAS_KM=kmask is not None, HAS_IDX=has_idx, **_pads(has_idx), DOT_DT=dot[0], PREC=dot[1], SMALL_PREC=small_prec, EMU=dot[2], QK_PREC=qk_prec,
         WINDOW_DQ=not atomic, **rt.launch_extra(cfg, interp),
     )
     # dT_rest(blk) = sum over the block's queries of kk_q (x) w dO, dZ_rest with -w delta
@@ -253,7 +269,7 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
         *s3(dk), *s3(dvv), *s3(dk1), *s3(dk2), *s3(dq), n,
         h, n, lay.ns, lay.big, lay.nb, lay.v0, lay.t0, lay.tl, float(scale * _LOG2E), float(scale),
         D=d, DV=dv, R=r, G=cfg.get("G", _g(r, fp32, interp)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_KM=kmask is not None, HAS_IDX=has_idx, DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
+        HAS_KM=kmask is not None, HAS_IDX=has_idx, **_pads(has_idx), DOT_DT=dot[0], PREC=dot[1], EMU=dot[2], QK_PREC=qk_prec,
         ATOMIC_DQ=atomic, **rt.launch_extra(cfg, interp),
     )
     if atomic:

@@ -3,9 +3,11 @@
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 for these tests only) on
 tiny grids whose blocks span several interpreter tiles, with text tokens first and last, key
 masks (a whole window masked included) and multi-frame windows; forward and every gradient,
-log_beta's included. Outputs are poisoned with NaN first, so an element a kernel leaves
-unwritten fails. On a CUDA machine the GPU tests run the compiled kernels at real head sizes and
-through a converted model.
+log_beta's included. The window loops' full blocks run unmasked where nothing can drop a key (no
+key mask, no padding slot) and the partial last block masked: the cases hold windows and text
+ranges of full blocks only, of full blocks and a partial one, and shorter than a block. Outputs
+are poisoned with NaN first, so an element a kernel leaves unwritten fails. On a CUDA machine the
+GPU tests run the compiled kernels at real head sizes and through a converted model.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ CASES = [
     ((3, 5, 4), (0, 2, 3), 0, True, False),  # 2 x 3 tiles of a 5 x 4 frame
     ((3, 2, 3), (2, 0, 0), 4, True, True),  # 2-frame windows of 3 frames, text first, masked
     ((2, 3, 5), (0, 2, 2), 3, False, False),  # text last
+    # the window loops' unmasked full blocks (the interpreter's blocks are 4 slots: INTERP_CONFIG),
+    # no key mask; cases 0 (6-slot windows: a full block and a partial one) and 3 (12: full blocks
+    # only) have no text
+    ((2, 1, 3), (1, 0, 0), 4, True, False),  # 3-slot windows (one partial block), 4 text keys (one full block)
+    # padding at every second slot of the edge boxes (masked blocks) and 5 text keys last: a full
+    # block read through the slot index (TILE_READS "index"), unmasked, and a partial one
+    ((2, 4, 3), (0, 2, 2), 5, False, False),
 ]
 
 
@@ -91,10 +100,13 @@ def _permuted(grid, window) -> bool:
 # (the 2-frame windows of 4 frames ran the same code twice). The in-place reads ("index", opt-in and
 # slower on the GPU: benchmarks/RESULTS.md) leave out case 6, 14 s of the suite: its clipped edge
 # boxes are case 8's (forward and backward) and the in-place test's below; the default ("gather")
-# runs every case
+# runs every case but 10, which is there for the in-place reads (gathered, its padding is a key
+# mask: every block masked, as in cases 6 to 8)
 INDEX_SKIPPED = {6}
+GATHER_SKIPPED = {10}
 READ_CASES = [pytest.param(*c, reads, id=f"{i}-{reads}") for i, c in enumerate(CASES)
-              for reads in (["gather"] if i in INDEX_SKIPPED else ["index", "gather"] if _permuted(c[0], c[1]) else ["index"])]
+              for reads in (["gather"] if i in INDEX_SKIPPED else ["index"] if i in GATHER_SKIPPED
+                            else ["index", "gather"] if _permuted(c[0], c[1]) else ["index"])]
 
 # two heads (head indexing) on whole frames and on tiles through all frames, both reads and both
 # window-dq modes; one head elsewhere: the interpreter's time goes per program (the clipped 5 x 4
@@ -112,6 +124,7 @@ def test_fp32_matches_float64_reference(interp, monkeypatch, grid, window, text,
     and from the dk/dv kernel's atomics ("atomic"): both backwards of one forward."""
     monkeypatch.setattr(hy, "TILE_READS", reads)
     monkeypatch.setattr(hy, "WINDOW_DQ", "pass")
+    monkeypatch.setattr(hy, "FULL_BLOCKS", "unmasked")  # the new path; "masked" equals it (the test below)
     tensors, do, mask = _inputs(grid, text, h=_heads(grid, window), masked=masked)
     for mode, errs in _compare(grid, window, text, first, mask, tensors, do, torch.float32, dq_modes=["pass", "atomic"]).items():
         # log_beta's gradient sums terms of both signs over all queries: looser
@@ -142,6 +155,27 @@ def test_window_dq_modes_agree_and_a_wrong_one_is_named(interp, monkeypatch):
     out = hy.hybrid_attention(*leaves[:3], leaves[3:5], leaves[5:7], scale, leaves[7], grid, window, (0, 0, 0), text)
     with pytest.raises(ValueError, match="WINDOW_DQ must be 'pass' or 'atomic'"):
         out.sum().backward()
+
+
+def test_full_blocks_unmasked_equal_every_block_masked_and_a_wrong_mode_is_named(interp, monkeypatch):
+    """FULL_BLOCKS "masked" (every window block masked, the kernels before 2026-12-08, kept to time
+    against) and "unmasked" (the default) give the same output and gradients to the last bit: the
+    mask of a full block changes nothing. 4-slot windows and 4 text keys first: one full block each
+    (the interpreter's blocks are 4 slots)."""
+    grid, window, text = (2, 1, 4), (1, 0, 0), 4
+    tensors, do, _ = _inputs(grid, text, h=1, seed=5)
+    scale = tensors[0].shape[-1] ** -0.5
+    results = {}
+    for mode in ("unmasked", "masked"):
+        monkeypatch.setattr(hy, "FULL_BLOCKS", mode)
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out = hy.hybrid_attention(*leaves[:3], leaves[3:5], leaves[5:7], scale, leaves[7], grid, window, (0, 0, 0), text, True)
+        results[mode] = [out.detach(), *torch.autograd.grad(out, leaves, do)]
+    for a, b in zip(results["unmasked"], results["masked"]):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(hy, "FULL_BLOCKS", "some")
+    with pytest.raises(ValueError, match="FULL_BLOCKS must be 'unmasked' or 'masked'"):
+        hy.hybrid_attention(*tensors[:3], tensors[3:5], tensors[5:7], scale, tensors[7], grid, window, (0, 0, 0), text, True)
 
 
 def test_tiles_read_in_place_leave_the_inputs_and_write_every_row(interp, monkeypatch):
@@ -333,6 +367,21 @@ def test_gpu_real_head_sizes_match_float64(gpu, monkeypatch, dtype, tol, window_
         # and delta comes from the bf16-rounded output (as in flash attention): in bf16 its relative
         # error here was 0.59 on a near-zero sum (0.004-0.006 at 4,906 tokens, bench_hybrid's check)
         assert errs[-1] < 5 * tol, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("full_blocks", ["unmasked", "masked"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
+def test_gpu_full_blocks_without_a_key_mask_match_float64(gpu, monkeypatch, dtype, tol, full_blocks):
+    """No key mask, so the full blocks of the 96-token frames and of the 40 text keys run unmasked
+    under FULL_BLOCKS "unmasked" (the text's last block partial, masked); 2 x 6 tiles read in place."""
+    monkeypatch.setattr(hy, "FULL_BLOCKS", full_blocks)
+    grid = (4, 8, 12)
+    tensors, do, _ = _inputs(grid, 40, h=2, d=128, dv=128, r=32, seed=6, logit_scale=0.5)
+    for window, reads in (((1, 0, 0), "gather"), ((0, 2, 6), "index")):
+        monkeypatch.setattr(hy, "TILE_READS", reads)
+        errs = _compare(grid, window, 40, False, None, tensors, do, dtype, device="cuda")
+        assert max(errs[:-1]) < tol, (window, errs)
 
 
 @pytest.mark.gpu
