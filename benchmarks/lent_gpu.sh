@@ -128,8 +128,8 @@ sampling() {
 }
 
 distill() {
-  # the checkpoint snapshot of train: full's ~15.6 GB state: first and reused, pinned and pageable host buffers (~90 s)
-  timeout 150 python3 benchmarks/bench_checkpoint.py "$OUT/checkpoint.json" > "$OUT/checkpoint.log" 2>&1; tail -3 "$OUT/checkpoint.log"
+  # the hybrid kernels' GPU tests of the full-block switch first (the distill runs use the default, "masked")
+  timeout "${KT:-100}" python3 -m pytest -q -m gpu tests/kernel/test_hybrid_kernels.py -k "full_blocks or real_head" -p no:cacheprovider 2>&1 | tail -2
   # --compile blocks: stage 2 (cached, LoRA and full) once more as `stage2.compile: true` runs it, from the same weights
   timeout "${DISTILL_T:-330}" python3 benchmarks/bench_wan.py "$OUT/wan_distill.json" --parts distill --compile blocks \
     --distill-skip ${DISTILL_SKIP:-} > "$OUT/wan_distill.log" 2>&1
@@ -138,6 +138,8 @@ import json, sys
 for r in json.load(open(sys.argv[1]))['records']:
     print(r['measurement'], r.get('train'), r.get('teacher'), r.get('compile'), r.get('seconds_per_step'), r.get('step_s'), r.get('first_loss_rel_to_eager'), r.get('error', '')[:80])
 " "$OUT/wan_distill.json" 2>&1 | tail -8
+  # the checkpoint snapshot of train: full's ~15.6 GB state: first and reused, pinned and pageable host buffers (~60 s)
+  timeout 150 python3 benchmarks/bench_checkpoint.py "$OUT/checkpoint.json" > "$OUT/checkpoint.log" 2>&1; tail -3 "$OUT/checkpoint.log"
 }
 
 if [ "${1:-}" = wheels ]; then wheels; exit; fi
