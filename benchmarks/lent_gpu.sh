@@ -17,6 +17,8 @@
 #                     unmasked and masked (hla_kernels.hybrid.FULL_BLOCKS, new 2026-12-08, never run on a
 #                     GPU) on the own frame, Wan's 5 x 2 tiles and the 8 x 8 tile (0x15x26), and 720p:
 #                     to re-verify and re-time a kernel change
+#   kquick    ~200 s  issue 22: the full-block switch (FULL_BLOCKS) on a short call: its GPU tests and both
+#                     modes timed at 480p on the 5 x 2 and 8 x 8 tiles (no checks, no baselines)
 #   sweep     ~250 s  issue 22: bench_hybrid.py --sweep --apply-sweep on Wan's 5 x 2 tiles at 480p: each
 #                     launch config of the forward, dq and dk/dv kernels checked against the fp32 block
 #                     form, then timed; the fastest right ones checked and timed together (the defaults:
@@ -76,6 +78,13 @@ kernels() {
     --full-blocks unmasked,masked --no-block > "$OUT/h480.log" 2>&1; tail -3 "$OUT/h480.log"
   timeout 100 python3 benchmarks/bench_hybrid.py "$OUT/h720.json" --grids 21x45x80 --rs 32 --windows 1x0x0,0x9x40 \
     --tile-reads gather,index --no-check --no-block > "$OUT/h720.log" 2>&1; tail -3 "$OUT/h720.log"
+}
+
+kquick() {
+  # the full-block switch on a short call: its GPU tests, then both modes timed at 480p on Wan's 5 x 2 tiles and the 8 x 8 tile
+  timeout "${KT:-80}" python3 -m pytest -q -m gpu tests/kernel/test_hybrid_kernels.py -k "full_blocks or real_head" -p no:cacheprovider 2>&1 | tail -2
+  timeout 130 python3 benchmarks/bench_hybrid.py "$OUT/hfb480.json" --grids 21x30x52 --rs 32 --windows 0x6x26,0x15x26 \
+    --full-blocks unmasked,masked --no-check --no-baselines --no-block > "$OUT/hfb480.log" 2>&1; tail -3 "$OUT/hfb480.log"
 }
 
 sweep() {
@@ -146,8 +155,8 @@ if [ "${1:-}" = wheels ]; then wheels; exit; fi
 [ -n "${OUT:-}" ] || { echo "lent_gpu.sh: \$OUT is not set (run it through the device tool, or set OUT=folder)" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    kernels|sweep|profile|deep|wan_fwd|sampling|distill) ;;
-    *) echo "lent_gpu.sh: unknown part $part (kernels, sweep, profile, deep, wan_fwd, sampling, distill; or wheels, here)" >&2; exit 2 ;;
+    kernels|kquick|sweep|profile|deep|wan_fwd|sampling|distill) ;;
+    *) echo "lent_gpu.sh: unknown part $part (kernels, kquick, sweep, profile, deep, wan_fwd, sampling, distill; or wheels, here)" >&2; exit 2 ;;
   esac
 done
 setup
