@@ -28,7 +28,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 BF, F32 = "*bf16", "*fp32"
 _BF16_PTRS = ("Q1", "Q2", "K1", "K2", "V", "dO", "Out", "T", "dT", "P1", "P2", "X", "Q", "K", "Trest", "dTeff", "dQ", "dK", "dV", "dQ2", "dK1", "dK2")
 _F32_PTRS = ("W", "WZ", "ZOut", "Z", "Den", "Wb", "dQ1a", "dQ1b", "dK1a", "dK1b", "dZ", "Tpart", "Zpart", "Zrest", "dZeff", "Beta", "Mst", "Dst", "Delta", "Dbeta", "KM", "dQ1")
-TYPES = {**{n: BF for n in _BF16_PTRS}, **{n: F32 for n in _F32_PTRS}, **{n: "fp32" for n in ("eps", "qk_scale", "floor2", "far_init", "sm_scale")}}
+TYPES = {**{n: BF for n in _BF16_PTRS}, **{n: F32 for n in _F32_PTRS}, **{n: "fp32" for n in ("eps", "qk_scale", "floor2", "far_init", "sm_scale")},
+         "IDX": "*i32"}
 CAUSAL_TYPES = dict(TYPES, dQ2=F32, dK2=F32, dV=F32)  # the causal kernels' gradient outputs are fp32
 
 
@@ -76,10 +77,20 @@ def jobs():
         )
     for name, kern, small in (("fwd", y._hyb_fwd_kernel, True), ("dq", y._hyb_dq_kernel, True), ("dkdv", y._hyb_dkdv_kernel, False)):
         k = hy.GPU_CONFIG[name]
-        consts = dict(base, D=d, DV=dv, R=r, G=max(1, 64 // r), BLOCK_M=k["BLOCK_M"], BLOCK_N=k["BLOCK_N"], HAS_KM=True, QK_PREC=None)
-        if small:
-            consts["SMALL_PREC"] = "tf32x3"
-        out[f"hybrid.{name}"] = (kern, TYPES, consts, *launch(k))
+        # with and without a key mask, tiles read in place (HAS_IDX) or not; the full blocks as
+        # hla_kernels.hybrid.FULL_BLOCKS has them (kernel_fingerprint.py runs at whatever it is)
+        for km, idx in ((True, False), (False, False), (True, True), (False, True)):
+            consts = dict(base, D=d, DV=dv, R=r, G=max(1, 64 // r), BLOCK_M=k["BLOCK_M"], BLOCK_N=k["BLOCK_N"], HAS_KM=km, HAS_IDX=idx, QK_PREC=None)
+            if hasattr(hy, "_pads"):  # the full-block switch (2026-12-08)
+                consts.update(hy._pads(idx))
+            if small:
+                consts["SMALL_PREC"] = "tf32x3"
+            consts.update({"dq": {"WINDOW_DQ": True}, "dkdv": {"ATOMIC_DQ": False}}.get(name, {}))
+            tag = ", ".join(t for t, on in (("no key mask", not km), ("in place", idx)) if on)
+            out[f"hybrid.{name}" + (f" ({tag})" if tag else "")] = (kern, TYPES, consts, *launch(k))
+    for fn, _types, consts, *_ in out.values():  # the slot index (tiles read in place): off where not asked for
+        if "HAS_IDX" in fn.arg_names:
+            consts.setdefault("HAS_IDX", False)
     return out
 
 
