@@ -40,8 +40,10 @@
 #                     (stage2.compile), every stage-2 run from the same weights; DISTILL_SKIP="stage1 live"
 #                     leaves out what 2026-12-07 (night) measured at 1312b70 (~60 s less)
 #
-# Next session, in this order (2026-12-07 (night) ended in refused starts): distill, then
-# DEEP_MODEL=wan DEEP_CONFIG=shipped-tile4x-s2x2 DEEP_SEEDS="0 1 2" DEEP_T=540 deep, then wan_fwd, kernels.
+# Next session, in this order (2026-12-07 (late night) ended in refused starts): DISTILL_SKIP="stage1 live"
+# distill (stage2.compile's loss against eager from the same weights, full compiled, the checkpoint
+# bench), then kquick (the full-block switch: GPU tests, both modes timed; if "unmasked" is right and
+# faster, make it the default, then kernels and wan_fwd for the new numbers).
 set -u
 cd "$(dirname "$0")/.."
 
