@@ -306,7 +306,7 @@ def main():
                          "pass (the dq kernel's own pass) and/or atomic (the dk/dv kernel's atomics); default: the library's")
     ap.add_argument("--full-blocks", default=None,
                     help="which window blocks the kernels mask (hla_kernels.hybrid.FULL_BLOCKS), comma-separated: "
-                         "unmasked (only those that need it) and/or masked (every block, as before 2026-12-08); default: the library's")
+                         "unmasked (only those that need it) and/or masked (every block, as before 2026-12-07, late night); default: the library's")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true", help="time with the sweep's best configs")
     ap.add_argument("--no-check", action="store_true")

@@ -81,7 +81,7 @@ def jobs():
         # hla_kernels.hybrid.FULL_BLOCKS has them (kernel_fingerprint.py runs at whatever it is)
         for km, idx in ((True, False), (False, False), (True, True), (False, True)):
             consts = dict(base, D=d, DV=dv, R=r, G=max(1, 64 // r), BLOCK_M=k["BLOCK_M"], BLOCK_N=k["BLOCK_N"], HAS_KM=km, HAS_IDX=idx, QK_PREC=None)
-            if hasattr(hy, "_pads"):  # the full-block switch (2026-12-08)
+            if hasattr(hy, "_pads"):  # the full-block switch (2026-12-07, late night)
                 consts.update(hy._pads(idx))
             if small:
                 consts["SMALL_PREC"] = "tf32x3"

@@ -14,7 +14,7 @@
 # the 2026-12-07 (late) runs of kernels, profile, deep and wan_fwd are there):
 #   kernels   ~450 s  issue 22: `pytest -m gpu tests/kernel` (cut at 150 s on 2026-12-07 after 16
 #                     passed: now 260 s, -v), then bench_hybrid.py at 480p with the full window blocks
-#                     unmasked and masked (hla_kernels.hybrid.FULL_BLOCKS, new 2026-12-08, never run on a
+#                     unmasked and masked (hla_kernels.hybrid.FULL_BLOCKS, new 2026-12-07 (late night), never run on a
 #                     GPU) on the own frame, Wan's 5 x 2 tiles and the 8 x 8 tile (0x15x26), and 720p:
 #                     to re-verify and re-time a kernel change
 #   kquick    ~200 s  issue 22: the full-block switch (FULL_BLOCKS) on a short call: its GPU tests and both

@@ -187,7 +187,7 @@ def time_distill(model, recipe, res, text_len, device, dtype, steps: int, compil
     `first_loss_rel_to_eager`: the compiled first step's loss against the eager run's. skip: "stage1"
     and / or "live" leave those runs out (a short device call; stage 2 then starts from the
     converted model as is).
-    (Without gradient checkpointing, stage 2 at 480p ran out of the H100's 80 GB, 2026-12-08: not
+    (Without gradient checkpointing, stage 2 at 480p ran out of the H100's 80 GB, 2026-12-07 (late night): not
     run any more.)"""
     from hla_convert.model.lora import remove_lora
     from hla_convert.stages.distill import attention_transfer, output_distillation

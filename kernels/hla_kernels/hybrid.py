@@ -62,7 +62,7 @@ WINDOW_DQ = "pass"
 # Which key (query) blocks of a window the kernels mask: "unmasked" — only those that need it (the
 # partial last block, and every block where a key mask or padding slots can drop a key;
 # _hybrid_triton.py, "Masks"), as flash attention does; "masked" — every block, as the kernels did
-# before 2026-12-08. Equal in the interpreter to the last bit (tests/kernel/test_hybrid_kernels.py).
+# before 2026-12-07 (late night). Equal in the interpreter to the last bit (tests/kernel/test_hybrid_kernels.py).
 # "masked" stays the default until `pytest -m gpu` and `benchmarks/bench_hybrid.py --full-blocks
 # unmasked,masked` (side by side, lent_gpu.sh kernels) have passed and timed "unmasked" on a GPU.
 FULL_BLOCKS = "masked"

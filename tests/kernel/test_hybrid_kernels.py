@@ -158,7 +158,7 @@ def test_window_dq_modes_agree_and_a_wrong_one_is_named(interp, monkeypatch):
 
 
 def test_full_blocks_unmasked_equal_every_block_masked_and_a_wrong_mode_is_named(interp, monkeypatch):
-    """FULL_BLOCKS "masked" (every window block masked, the kernels before 2026-12-08, kept to time
+    """FULL_BLOCKS "masked" (every window block masked, the kernels before 2026-12-07 (late night), kept to time
     against) and "unmasked" (the default) give the same output and gradients to the last bit: the
     mask of a full block changes nothing. 4-slot windows and 4 text keys first: one full block each
     (the interpreter's blocks are 4 slots)."""
