@@ -32,19 +32,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wan_bench.model import WAN_1_3B_CONFIG  # noqa: E402
+from wan_bench.model import WAN_1_3B_CONFIG, build_transformer  # noqa: E402
 from wan_bench.timing import environment  # noqa: E402
 
 
 def block_shapes(blocks: int) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter of `blocks` Wan2.1-1.3B blocks (built on the meta device)."""
-    from diffusers import WanTransformer3DModel
-
-    kwargs = {k: v for k, v in WAN_1_3B_CONFIG.items() if not k.startswith("_")}
-    kwargs["patch_size"] = tuple(kwargs["patch_size"])
-    kwargs["num_layers"] = blocks
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**kwargs)
+    model = build_transformer({**WAN_1_3B_CONFIG, "num_layers": blocks}, torch.device("meta"), torch.float32)
     return [(n, tuple(p.shape)) for n, p in model.named_parameters() if n.startswith("blocks.")]
 
 
@@ -72,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="JSON file to write")
     ap.add_argument("--blocks", type=int, default=28, help="Wan2.1-1.3B blocks trained (default 28: 30 less 2 kept softmax)")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the timed checkpoint file goes (removed after)")
+    ap.add_argument("--blocks-only", default=None, help="only the parameters whose name holds this (tests: a small state)")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", ""))
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tensors = state(block_shapes(args.blocks), device)
+    shapes = [(n, shape) for n, shape in block_shapes(args.blocks) if args.blocks_only is None or args.blocks_only in n]
+    tensors = state(shapes, device)
     gb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9
     print(f"{len(tensors)} tensors, {gb:.2f} GB on {device}", file=sys.stderr, flush=True)
     records: list[dict[str, Any]] = []
