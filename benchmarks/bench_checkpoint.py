@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wan_bench.model import WAN_1_3B_CONFIG, build_transformer  # noqa: E402
-from wan_bench.timing import environment  # noqa: E402
+from wan_bench.timing import _sync, environment  # noqa: E402
 
 
 def block_shapes(blocks: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -52,10 +52,10 @@ def state(shapes, device) -> dict[str, torch.Tensor]:
 
 
 def timed(fn, device) -> float:
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    _sync(device)
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    _sync(device)
     return time.perf_counter() - t0
 
 
