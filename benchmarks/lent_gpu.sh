@@ -19,6 +19,8 @@
 #                     to re-verify and re-time a kernel change
 #   kquick    ~200 s  issue 22: the full-block switch (FULL_BLOCKS) on a short call: its GPU tests and both
 #                     modes timed at 480p on the 5 x 2 and 8 x 8 tiles (no checks, no baselines)
+#   ab        ~450 s  issue 22: this tree's hybrid kernels against another tree's (.whl/ab_old.tar, see ab()),
+#                     GPU tests of this tree's, then both trees timed as kquick times them (this tree twice)
 #   sweep     ~250 s  issue 22: bench_hybrid.py --sweep --apply-sweep on Wan's 5 x 2 tiles at 480p: each
 #                     launch config of the forward, dq and dk/dv kernels checked against the fp32 block
 #                     form, then timed; the fastest right ones checked and timed together (the defaults:
@@ -89,6 +91,23 @@ kquick() {
     --full-blocks unmasked,masked --no-check --no-baselines --no-block > "$OUT/hfb480.log" 2>&1; tail -3 "$OUT/hfb480.log"
 }
 
+ab() {
+  # this tree's hybrid kernels against another tree's, in one call on one card: the GPU tests of this
+  # tree's (-k full_blocks or real_head), then kquick's timing for both trees. The other tree's
+  # hla_kernels, made here: git archive REF kernels/hla_kernels > .whl/ab_old.tar (and REF > .whl/ab_old.ref)
+  timeout "${KT:-90}" python3 -m pytest -q -m gpu tests/kernel/test_hybrid_kernels.py -k "full_blocks or real_head" -p no:cacheprovider 2>&1 | tail -2
+  rm -rf /tmp/ab_old && mkdir -p /tmp/ab_old && tar -x -C /tmp/ab_old -f .whl/ab_old.tar || return
+  local tag
+  for tag in new old new2; do  # this tree timed again last: a drift of the card shows as new != new2
+    local pp=$PYTHONPATH
+    [ $tag = old ] && pp=/tmp/ab_old/kernels:$PYTHONPATH
+    PYTHONPATH=$pp timeout 150 python3 benchmarks/bench_hybrid.py "$OUT/ab_$tag.json" --grids 21x30x52 --rs 32 \
+      --windows 0x6x26,0x15x26 --full-blocks unmasked,masked --no-check --no-baselines --no-block > "$OUT/ab_$tag.log" 2>&1
+    echo "-- $tag $(python3 -c "import sys; sys.path[:0] = sys.argv[1].split(':'); import hla_kernels; print(hla_kernels.__file__)" "$pp")"
+    grep -E "^timings| ms  " "$OUT/ab_$tag.log" | cut -c1-150 | tail -12
+  done
+}
+
 sweep() {
   timeout "${SWEEP_T:-300}" python3 benchmarks/bench_hybrid.py "$OUT/sweep480.json" --grids 21x30x52 --rs 32 --windows 0x6x26 \
     --sweep --apply-sweep --no-baselines --no-block > "$OUT/sweep480.log" 2>&1; tail -8 "$OUT/sweep480.log"
@@ -157,8 +176,8 @@ if [ "${1:-}" = wheels ]; then wheels; exit; fi
 [ -n "${OUT:-}" ] || { echo "lent_gpu.sh: \$OUT is not set (run it through the device tool, or set OUT=folder)" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    kernels|kquick|sweep|profile|deep|wan_fwd|sampling|distill) ;;
-    *) echo "lent_gpu.sh: unknown part $part (kernels, kquick, sweep, profile, deep, wan_fwd, sampling, distill; or wheels, here)" >&2; exit 2 ;;
+    kernels|kquick|ab|sweep|profile|deep|wan_fwd|sampling|distill) ;;
+    *) echo "lent_gpu.sh: unknown part $part (kernels, kquick, ab, sweep, profile, deep, wan_fwd, sampling, distill; or wheels, here)" >&2; exit 2 ;;
   esac
 done
 setup
