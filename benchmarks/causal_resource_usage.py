@@ -33,10 +33,15 @@ def _kernel_modules():
 
 def compile_kernel(fn, types: dict, consts: dict, warps: int, stages: int, target: GPUTarget):
     """fn compiled for `target` (no GPU needed): pointer/float argument types by name (others
-    i32), constexprs by name."""
+    i32), constexprs by name. Pointers and the strides (i32 arguments named s...) are marked
+    divisible by 16, as a launch specialises them for the aligned, contiguous tensors the kernels
+    get: without it the compiler cannot vectorise a row's loads, so issues no async copies and
+    pipelines nothing (what a compile without the marks showed on 2026-12-07, not the real code)."""
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    div16 = [["tt.divisibility", 16]]
+    attrs = {(i,): div16 for i, n in enumerate(names) if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("s"))}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
 
 

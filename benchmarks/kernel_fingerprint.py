@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 BF, F32 = "*bf16", "*fp32"
 _BF16_PTRS = ("Q1", "Q2", "K1", "K2", "V", "dO", "Out", "T", "dT", "P1", "P2", "X", "Q", "K", "Trest", "dTeff", "dQ", "dK", "dV", "dQ2", "dK1", "dK2")
-_F32_PTRS = ("W", "WZ", "ZOut", "Z", "Den", "Wb", "dQ1a", "dQ1b", "dK1a", "dK1b", "dZ", "Tpart", "Zpart", "Zrest", "dZeff", "Beta", "Mst", "Dst", "Delta", "Dbeta", "KM", "dQ1")
+_F32_PTRS = ("W", "WZ", "ZOut", "Z", "Den", "Wb", "dQ1a", "dQ1b", "dK1a", "dK1b", "dZ", "Tpart", "Zpart", "Zrest", "dZeff", "Beta", "Mst", "Dst", "LSE", "Delta", "Dbeta", "KM", "dQ1")
 TYPES = {**{n: BF for n in _BF16_PTRS}, **{n: F32 for n in _F32_PTRS}, **{n: "fp32" for n in ("eps", "qk_scale", "floor2", "far_init", "sm_scale")},
          "IDX": "*i32"}
 CAUSAL_TYPES = dict(TYPES, dQ2=F32, dK2=F32, dV=F32)  # the causal kernels' gradient outputs are fp32
