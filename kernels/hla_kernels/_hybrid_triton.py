@@ -36,14 +36,6 @@ block masked as before the unmasked path existed, to time one against the other.
 Without HAS_IDX there is no padding slot (the reordered copies of TILE_READS = "gather" mark theirs
 with the key mask).
 
-FP32 work. Besides the matmuls each logit costs an exp2 and a few fp32 operations, on units the
-tensor cores do not relieve (at D = 128 the exp2 alone is ~half a logit's matmul time on an H100),
-so the loops keep them few, as flash attention does: the forward scales the row max rather than
-every logit and forms s2 - c2 as one FMA (s * qk_scale - m; qk_scale > 0); the backward folds the
-normaliser into the exponent, p = 2^(s2 - lse) with lse = c2 + log2(Dn) per query, in place of
-2^(s2 - c2) * (1 / Dn); and _window_dkdv leaves the key mask, a factor of a key's whole row, to one
-multiply of dk and dv per key after the loops.
-
 The one-scale normaliser, in log2 units (s2 = q.k * scale * log2(e), the shift c2 = c * log2(e)):
 
     o_i = (sum_W 2^(s2_ij - c2_i) v_j + beta 2^(-c2_i) F_i) / (sum_W 2^(s2_ij - c2_i) + beta 2^(-c2_i) Fd_i + eps)
@@ -145,17 +137,16 @@ def _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, 
         v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
         if HAS_KM:
             nmask = nmask & (tl.load(km_ptr + cols, mask=nmask, other=0.0) > 0)
-        s = tl.where(nmask[None, :], _qk(q, k, EMU, PREC), float("-inf"))
+        s = _qk(q, k, EMU, PREC) * qk_scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
     else:
         cols = _full_rows(idx_ptr, offs_n, HAS_IDX)
         k = tl.load(k_ptr + cols[:, None] * sk + offs_d[None, :])
         v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :])
-        s = _qk(q, k, EMU, PREC)
-    # s is q.k unscaled: qk_scale > 0 (hybrid_attention checks), so the row max of s * qk_scale is
-    # qk_scale times the row max of s, and s * qk_scale - m one FMA an element (module doc, "FP32 work")
-    m_new = tl.maximum(m_i, _rmax(s, 1) * qk_scale)
+        s = _qk(q, k, EMU, PREC) * qk_scale
+    m_new = tl.maximum(m_i, _rmax(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + _rsum(p, 1)
     acc = _pv(p, v, acc * alpha[:, None], EMU, PREC)
     return acc, l_i, m_new
@@ -250,12 +241,11 @@ def _hyb_fwd_kernel(
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+def _dq_block(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
               HAS_IDX: tl.constexpr, MASKED: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
-    """One key block (slots n0..n0+BLOCK_N-1) of _window_dq, p = 2^(s2 - lse) with lse = c2 + log2(Dn)
-    per query (module doc, "FP32 work"). MASKED: keys past hi, padding slots and (HAS_KM) masked
-    keys get p = 0; else every key of the block counts."""
+    """One key block (slots n0..n0+BLOCK_N-1) of _window_dq. MASKED: keys past hi, padding slots
+    and (HAS_KM) masked keys get p = 0; else every key of the block counts."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
@@ -265,32 +255,34 @@ def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, 
         v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :], mask=nmask[:, None], other=0.0)
         if HAS_KM:
             nmask = nmask & (tl.load(km_ptr + cols, mask=nmask, other=0.0) > 0)
-        p = tl.where(nmask[None, :], tl.math.exp2(_qk(q, k, EMU, PREC) * qk_scale - lse[:, None]), 0.0)
+        s = _qk(q, k, EMU, PREC) * qk_scale
+        p = tl.where(nmask[None, :], tl.math.exp2(s - m_i[:, None]), 0.0) * rden[:, None]
     else:
         cols = _full_rows(idx_ptr, offs_n, HAS_IDX)
         k = tl.load(k_ptr + cols[:, None] * sk + offs_d[None, :])
         v = tl.load(v_ptr + cols[:, None] * sv + offs_c[None, :])
-        p = tl.math.exp2(_qk(q, k, EMU, PREC) * qk_scale - lse[:, None])
+        s = _qk(q, k, EMU, PREC) * qk_scale
+        p = tl.math.exp2(s - m_i[:, None]) * rden[:, None]
     dp = _qk(do, v, EMU, PREC)
     ds = p * (dp - delta[:, None])
     return _pv(ds, k, dq, EMU, PREC)
 
 
 @triton.jit
-def _window_dq(dq, q, do, lse, delta, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv, qk_scale,
+def _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, lo, hi, sk, sv, qk_scale,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KM: tl.constexpr,
                HAS_IDX: tl.constexpr, PAD: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr):
-    """dq += sum_j ds_ij k_j over the keys of slots lo..hi-1, ds = p (dp - delta), p = 2^(s2 - lse).
+    """dq += sum_j ds_ij k_j over the keys of slots lo..hi-1, ds = p (dp - delta), p = 2^(s2 - m) / den.
     Masks as in _window_fwd: the full key blocks unmasked unless HAS_KM or PAD, the partial last
     block masked."""
     n_full = lo
     if not (HAS_KM or PAD):  # the full blocks, unmasked
         n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
         for n0 in range(lo, n_full, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+            dq = _dq_block(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
                            D, DV, BLOCK_N, HAS_KM, HAS_IDX, False, EMU, PREC)
     for n0 in range(n_full, hi, BLOCK_N):  # the partial last block (every block when masked)
-        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
+        dq = _dq_block(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, idx_ptr, n0, hi, sk, sv, qk_scale,
                        D, DV, BLOCK_N, HAS_KM, HAS_IDX, True, EMU, PREC)
     return dq
 
@@ -334,9 +326,7 @@ def _hyb_dq_kernel(
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=mmask[:, None], other=0.0)
     do = tl.load(dO + b * sdob + h * sdoh + rows[:, None] * sdon + offs_c[None, :], mask=mmask[:, None], other=0.0)
     m_i = tl.load(Mst + bh * N + rows, mask=mmask, other=0.0)
-    den = tl.load(Dst + bh * N + rows, mask=mmask, other=1.0)
-    rden = 1.0 / den
-    lse = m_i + tl.math.log2(den)  # p = 2^(s2 - c2) / Dn = 2^(s2 - lse)
+    rden = 1.0 / tl.load(Dst + bh * N + rows, mask=mmask, other=1.0)
     delta = tl.load(Delta + bh * N + rows, mask=mmask, other=0.0)
     k_ptr = K + b * skb + h * skh
     v_ptr = V + b * svb + h * svh
@@ -346,9 +336,9 @@ def _hyb_dq_kernel(
     e1_ptr = dQ1 + bh * N * R + rows[:, None] * R
     if is_video:
         if WINDOW_DQ:
-            dq = _window_dq(dq, q, do, lse, delta, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
+            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, q_lo, q_lo + L, skn, svn, qk_scale,
                             D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
-            dq = _window_dq(dq, q, do, lse, delta, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
+            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, t0, t0 + TL, skn, svn, qk_scale,
                             D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_T, EMU, QK_PREC)
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
@@ -384,7 +374,7 @@ def _hyb_dq_kernel(
         tl.store(e1_ptr + offs_r[None, :], w[:, None] * (e1 - delta_far[:, None] * zq1), mask=mmask[:, None])
     else:
         if WINDOW_DQ:
-            dq = _window_dq(dq, q, do, lse, delta, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
+            dq = _window_dq(dq, q, do, m_i, rden, delta, k_ptr, v_ptr, km_ptr, IDX, 0, NS, skn, svn, qk_scale,
                             D, DV, BLOCK_N, HAS_KM, HAS_IDX, PAD_V, EMU, QK_PREC)
         zero_r = tl.full((BLOCK_M, R), 0.0, tl.float32)
         tl.store(e1_ptr + offs_r[None, :], zero_r, mask=mmask[:, None])
@@ -395,13 +385,12 @@ def _hyb_dq_kernel(
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo, qk_scale,
+def _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo, qk_scale,
                 dqa_ptr, sdqa, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDX: tl.constexpr,
                 MASKED: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """One query block (slots m0..m0+BLOCK_M-1) of _window_dkdv, p^T = 2^(s2^T - lse) (module doc,
-    "FP32 work"). MASKED: queries past hi and padding slots get p = 0 (and no dq); else every query
-    of the block counts. km_w (per key) is left to the caller for dk and dv (a factor of a key's
-    whole row: _hyb_dkdv_kernel applies it after the window loops) and applied here to dq."""
+    """One query block (slots m0..m0+BLOCK_M-1) of _window_dkdv. MASKED: queries past hi and
+    padding slots get p = 0 (and no dq); else every query of the block counts. km_w (per key)
+    applies either way."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, DV)
@@ -409,22 +398,27 @@ def _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, 
         qrows, mmask = _slot_rows(idx_ptr, offs_m, offs_m < hi, HAS_IDX)
         q = tl.load(q_ptr + qrows[:, None] * sq + offs_d[None, :], mask=mmask[:, None], other=0.0)
         do = tl.load(do_ptr + qrows[:, None] * sdo + offs_c[None, :], mask=mmask[:, None], other=0.0)
-        lse = tl.load(lse_ptr + qrows, mask=mmask, other=0.0)
+        m_i = tl.load(m_ptr + qrows, mask=mmask, other=0.0)
+        rden = 1.0 / tl.load(d_ptr + qrows, mask=mmask, other=1.0)
         delta = tl.load(delta_ptr + qrows, mask=mmask, other=0.0)
-        pt = tl.where(mmask[None, :], tl.math.exp2(_qk(k, q, EMU, PREC) * qk_scale - lse[None, :]), 0.0)
+        st = _qk(k, q, EMU, PREC) * qk_scale
+        pt = tl.math.exp2(st - m_i[None, :]) * rden[None, :]
+        pt = tl.where(mmask[None, :], pt, 0.0) * km_w[:, None]
     else:
         qrows = _full_rows(idx_ptr, offs_m, HAS_IDX)
         q = tl.load(q_ptr + qrows[:, None] * sq + offs_d[None, :])
         do = tl.load(do_ptr + qrows[:, None] * sdo + offs_c[None, :])
-        lse = tl.load(lse_ptr + qrows)
+        m_i = tl.load(m_ptr + qrows)
+        rden = 1.0 / tl.load(d_ptr + qrows)
         delta = tl.load(delta_ptr + qrows)
-        pt = tl.math.exp2(_qk(k, q, EMU, PREC) * qk_scale - lse[None, :])
+        st = _qk(k, q, EMU, PREC) * qk_scale
+        pt = tl.math.exp2(st - m_i[None, :]) * rden[None, :] * km_w[:, None]
     dv = _pv(pt, do, dv, EMU, PREC)
     dpt = _qk(v, do, EMU, PREC)
     dst = pt * (dpt - delta[None, :])
     dk = _pv(dst, q, dk, EMU, PREC)
-    if ATOMIC_DQ:  # this tile's keys weighted here (dk, dv take km_w once, after the window loops)
-        dq = _pv(tl.trans(dst * km_w[:, None]), k, tl.full((BLOCK_M, D), 0.0, tl.float32), EMU, PREC)
+    if ATOMIC_DQ:
+        dq = _pv(tl.trans(dst), k, tl.full((BLOCK_M, D), 0.0, tl.float32), EMU, PREC)
         if MASKED:
             tl.atomic_add(dqa_ptr + qrows[:, None] * sdqa + offs_d[None, :], dq, mask=mmask[:, None], sem="relaxed")
         else:
@@ -433,7 +427,7 @@ def _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, 
 
 
 @triton.jit
-def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, lo, hi, sq, sdo, qk_scale,
+def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, lo, hi, sq, sdo, qk_scale,
                  dqa_ptr, sdqa, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDX: tl.constexpr,
                  PAD: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dk, dv of one key tile from the queries of slots lo..hi-1 whose window holds it (transposed
@@ -447,17 +441,17 @@ def _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr,
     if not PAD:  # the full blocks, unmasked
         m_full = lo + ((hi - lo) // BLOCK_M) * BLOCK_M
         for m0 in range(lo, m_full, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo,
+            dk, dv = _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo,
                                  qk_scale, dqa_ptr, sdqa, D, DV, BLOCK_M, HAS_IDX, False, EMU, PREC, ATOMIC_DQ)
     for m0 in range(m_full, hi, BLOCK_M):  # the partial last block (every block when masked)
-        dk, dv = _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo,
+        dk, dv = _dkdv_block(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, idx_ptr, m0, hi, sq, sdo,
                              qk_scale, dqa_ptr, sdqa, D, DV, BLOCK_M, HAS_IDX, True, EMU, PREC, ATOMIC_DQ)
     return dk, dv
 
 
 @triton.jit
 def _hyb_dkdv_kernel(
-    Q, K, V, K1, K2, dO, LSE, Delta, dTeff, dZeff, KM, IDX,
+    Q, K, V, K1, K2, dO, Mst, Dst, Delta, dTeff, dZeff, KM, IDX,
     dK, dV, dK1, dK2, dQa,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, s1b, s1h, s1n, s2b, s2h, s2n, sdob, sdoh, sdon,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sg1b, sg1h, sg1n, sg2b, sg2h, sg2n, sqab, sqah, sqan, skmb,
@@ -498,19 +492,18 @@ def _hyb_dkdv_kernel(
         km_w = tl.where(nmask, 1.0, 0.0)
     q_ptr = Q + b * sqb + h * sqh
     do_ptr = dO + b * sdob + h * sdoh
-    lse_ptr = LSE + bh * N  # c2 + log2(Dn) a row, from the launcher
+    m_ptr = Mst + bh * N
+    d_ptr = Dst + bh * N
     delta_ptr = Delta + bh * N
     dqa_ptr = dQa + b * sqab + h * sqah
 
     dk = tl.full((BLOCK_N, D), 0.0, tl.float32)
     dv = tl.full((BLOCK_N, DV), 0.0, tl.float32)
     if is_video:
-        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, IDX, k_lo, k_lo + L, sqn, sdon,
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, k_lo, k_lo + L, sqn, sdon,
                               qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_V, EMU, QK_PREC, ATOMIC_DQ)
-        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, IDX, t0, t0 + TL, sqn, sdon,
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, t0, t0 + TL, sqn, sdon,
                               qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_T, EMU, QK_PREC, ATOMIC_DQ)
-        dk = dk * km_w[:, None]  # the key mask of the window part, once a key (_dkdv_block)
-        dv = dv * km_w[:, None]
         # -- far part
         state = (blk * n_bh + bh).to(tl.int64)
         t_ptr = dTeff + state * (R * R * DV)
@@ -526,10 +519,8 @@ def _hyb_dkdv_kernel(
                                     R, DV, G, BLOCK_N, True, False, DOT_DT, PREC, EMU)
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(dlast * km_w[:, None], dK2.dtype.element_ty, EMU), mask=nmask[:, None])
     else:
-        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, lse_ptr, delta_ptr, IDX, 0, NS, sqn, sdon,
+        dk, dv = _window_dkdv(dk, dv, k, v, km_w, q_ptr, do_ptr, m_ptr, d_ptr, delta_ptr, IDX, 0, NS, sqn, sdon,
                               qk_scale, dqa_ptr, sqan, D, DV, BLOCK_M, HAS_IDX, PAD_V, EMU, QK_PREC, ATOMIC_DQ)
-        dk = dk * km_w[:, None]
-        dv = dv * km_w[:, None]
         zero_r = tl.full((BLOCK_N, R), 0.0, tl.float32)
         tl.store(dK1 + b * sg1b + h * sg1h + cols_n[:, None] * sg1n + offs_r[None, :], _store_cast(zero_r, dK1.dtype.element_ty, EMU), mask=nmask[:, None])
         tl.store(dK2 + b * sg2b + h * sg2h + cols_n[:, None] * sg2n + offs_r[None, :], _store_cast(zero_r, dK2.dtype.element_ty, EMU), mask=nmask[:, None])

@@ -262,9 +262,8 @@ def _backward(q, k, v, q1, q2, k1, k2, beta, kmask, scale, lay: _Layout, out, ms
     dk1 = empty(k1.shape, k1.dtype, k.device)
     dk2 = empty(k2.shape, k2.dtype, k.device)
     cfg = _config("dkdv", interp, fp32)
-    lse = mst + torch.log2(dst)  # p = 2^(s2 - c2) / Dn = 2^(s2 - lse): one log2 a row, not one in each key tile
     mod._hyb_dkdv_kernel[(cdiv(max(lay.big, lay.tl), cfg["BLOCK_N"]), nblk, b * h)](
-        q, k, v, k1, k2, do, lse, delta, dt_eff, dz_eff, km, idx,
+        q, k, v, k1, k2, do, mst, dst, delta, dt_eff, dz_eff, km, idx,
         dk, dvv, dk1, dk2, dq,
         *s3(q), *s3(k), *s3(v), *s3(k1), *s3(k2), *s3(do),
         *s3(dk), *s3(dvv), *s3(dk1), *s3(dk2), *s3(dq), n,
@@ -372,8 +371,6 @@ def hybrid_attention(
     reason = unsupported_reason(q, k, v, q_feats, k_feats, grid, window, halo, text_len)
     if reason is not None:
         raise ValueError(f"hla_kernels.hybrid_attention: {reason}")
-    if not scale > 0:  # the kernels scale the row max, not each logit (_hybrid_triton, "FP32 work")
-        raise ValueError(f"hla_kernels.hybrid_attention: the attention scale must be > 0, got {scale}")
     if log_beta.shape != (q.shape[1],):
         raise ValueError(f"log_beta must be [H] = [{q.shape[1]}], got {list(log_beta.shape)}")
     box = _box(grid, window, halo)

@@ -344,16 +344,6 @@ def test_windows_without_a_kernel_are_refused_with_the_reason(interp, grid, wind
         hy.hybrid_attention(q, q, q, f, f, 0.3, torch.zeros(2), grid, window, halo, text)
 
 
-@pytest.mark.parametrize("scale", [0.0, -0.3, float("nan")])
-def test_a_scale_that_is_not_positive_is_refused(interp, scale):
-    # the kernels scale each row's max instead of every logit (_hybrid_triton, "FP32 work"): right for scale > 0 only
-    grid = (2, 4, 4)
-    q = torch.randn(1, 2, 32, 8)
-    f = [torch.rand(1, 2, 32, 4) for _ in range(2)]
-    with pytest.raises(ValueError, match="scale must be > 0"):
-        hy.hybrid_attention(q, q, q, f, f, scale, torch.zeros(2), grid, (1, 0, 0))
-
-
 def test_linear_far_kind_has_no_kernel(interp):
     grid = (2, 2, 2)
     q = torch.randn(1, 2, 8, 8)
