@@ -42,10 +42,17 @@
 #                     (stage2.compile), every stage-2 run from the same weights; DISTILL_SKIP="stage1 live"
 #                     leaves out what 2026-12-07 (night) measured at 1312b70 (~60 s less)
 #
-# Next session, in this order (2026-12-07 (late night) ended in refused starts): DISTILL_SKIP="stage1 live"
-# distill (stage2.compile's loss against eager from the same weights, full compiled, the checkpoint
-# bench), then kquick (the full-block switch: GPU tests, both modes timed; if "unmasked" is right and
-# faster, make it the default, then kernels and wan_fwd for the new numbers).
+# Next session, in this order (2026-12-07 (late night) and 2026-12-08 ended in refused starts, then a
+# paused pool: none of this has run):
+#   1. ab on the fp32 trims: here `git archive HEAD kernels/hla_kernels > .whl/ab_old.tar`, then
+#      `git apply benchmarks/pending/hybrid-fp32-trims.patch` (uncommitted), then the call `ab`: this
+#      tree's GPU tests and both trees timed in both full-block modes. Commit the patch (and delete it
+#      from pending/) if the tests pass and it is faster; make FULL_BLOCKS "unmasked" the default if
+#      that mode is right and faster.
+#   2. KT=1 DISTILL_SKIP="stage1 live" distill: stage2.compile's first loss against eager from the
+#      same weights, full compiled, the checkpoint bench. Before shipping stage2.compile: true in a
+#      recipe, note that several processes refuse it (stages.distill.check_stage2_parallel).
+#   3. kernels and wan_fwd for the new numbers.
 set -u
 cd "$(dirname "$0")/.."
 
