@@ -67,8 +67,8 @@ wheels() {
     "diffusers==0.42.1" "huggingface_hub>=1.0,<1.34" peft typer rich "pydantic>=2.5.3" pydantic-core \
     annotated-types typing-inspection annotated-doc shellingham click markdown-it-py mdurl pygments \
     imageio ftfy wcwidth pytest pluggy iniconfig
-  # not safetensors or pyyaml: transformers, on the device, requires both; the tree with these wheels
-  # passed the call's 64 MiB on 2026-12-08 (the fidelity records and models are ~37 MB of it)
+  # not safetensors or pyyaml: transformers, on the device, requires both; with them the tree went over
+  # the call's 64 MiB on 2026-12-08 (benchmarks/fidelity, its models and records, is 45 MB of the 51 MB tree)
   du -sh .whl  # under the call's 64 MiB with the tree (imageio-ffmpeg's 68 MB wheel is left out)
 }
 
